@@ -1,0 +1,211 @@
+"""The daemon's in-memory catalog of jobs, steps, shards and their state at every tier.
+
+The catalog is the one place that answers "where is step S of job J, and how durable is it".
+It is rebuilt at start-up from what the tiers hold (committed manifests on disk, verified shm
+slots), never from a saved pointer. All mutation happens on the event loop; waiters block on one
+condition that is notified after every state change.
+
+Invariants:
+- a step is committed in memory only when all ``world_size`` shards are checksummed in slots;
+- a shard's slot is never reused while its step is the newest committed-in-memory step of its
+  job, or newer than it (still being staged), or pinned by a reader;
+- tier states only move forward (PENDING -> IN_PROGRESS -> COMMITTED/FAILED/SKIPPED ->
+  REMOVED); a COMMITTED step is never reported otherwise until retention removes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptd.errors import NotFound, TierFailed, Timeout
+from ckptd.manifest import Manifest, ShardEntry, _shard_from_obj
+from ckptd.shm import Slot
+from ckptd.types import LEVEL_TIER, Level, TierName
+
+
+class TierState(enum.IntEnum):
+    """Per-step, per-tier state; values match the protobuf enum."""
+
+    PENDING = 1
+    IN_PROGRESS = 2
+    COMMITTED = 3
+    FAILED = 4
+    SKIPPED = 5
+    REMOVED = 6
+
+
+REACHED = (TierState.COMMITTED, TierState.REMOVED)
+FINAL = (TierState.COMMITTED, TierState.FAILED, TierState.SKIPPED, TierState.REMOVED)
+
+
+@dataclass
+class ShardRecord:
+    """One rank's shard of a step and its memory copy, if any."""
+
+    job: str
+    step: int
+    entry: ShardEntry
+    slot: Slot | None = None
+    checksummed: bool = True  # False between CommitShard and the daemon's crc32c pass
+
+
+@dataclass
+class StepState:
+    job: str
+    step: int
+    world_size: int
+    shards: dict[int, ShardRecord] = field(default_factory=dict)
+    tiers: dict[TierName, tuple[TierState, str]] = field(default_factory=dict)
+    created_unix_s: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state(self, tier: TierName) -> TierState:
+        return self.tiers.get(tier, (TierState.PENDING, ""))[0]
+
+    @property
+    def in_memory(self) -> bool:
+        return len(self.shards) == self.world_size and all(
+            r.checksummed and r.slot is not None and r.slot.content is r
+            for r in self.shards.values()
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.entry.nbytes for r in self.shards.values())
+
+    def manifest(self) -> Manifest:
+        return Manifest(
+            job=self.job,
+            step=self.step,
+            world_size=self.world_size,
+            shards=tuple(self.shards[r].entry for r in sorted(self.shards)),
+            created_unix_s=self.created_unix_s,
+            extra=self.extra,
+        )
+
+    def level(self) -> Level | None:
+        best: Level | None = None
+        for level in Level:
+            if self.state(LEVEL_TIER[level]) in REACHED:
+                best = level
+        return best
+
+
+class Catalog:
+    """Jobs -> steps -> shards, plus a condition for level waiters."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[int, StepState]] = {}
+        self._cond = asyncio.Condition()
+
+    def get(self, job: str, step: int) -> StepState | None:
+        return self.jobs.get(job, {}).get(step)
+
+    def require(self, job: str, step: int) -> StepState:
+        st = self.get(job, step)
+        if st is None:
+            if job not in self.jobs:
+                raise NotFound(f"unknown job {job!r}")
+            raise NotFound(f"step {step} of job {job!r} is not known to this daemon")
+        return st
+
+    def ensure(self, job: str, step: int, world_size: int) -> StepState:
+        steps = self.jobs.setdefault(job, {})
+        st = steps.get(step)
+        if st is None:
+            st = steps[step] = StepState(job, step, world_size)
+        return st
+
+    def steps(self, job: str) -> list[StepState]:
+        return [self.jobs[job][s] for s in sorted(self.jobs.get(job, {}))]
+
+    def committed(self, job: str, tier: TierName) -> list[int]:
+        return [s.step for s in self.steps(job) if s.state(tier) == TierState.COMMITTED]
+
+    def newest_in_memory(self, job: str) -> int | None:
+        steps = [s.step for s in self.steps(job) if s.in_memory]
+        return max(steps) if steps else None
+
+    def slot_reusable(self, slot: Slot) -> bool:
+        """May this slot's content be overwritten? (see module invariants)"""
+        rec = slot.content
+        if not isinstance(rec, ShardRecord):
+            return True
+        st = self.get(rec.job, rec.step)
+        if st is None or st.shards.get(rec.entry.rank) is not rec:
+            return True
+        newest = self.newest_in_memory(st.job)
+        return newest is not None and st.step < newest
+
+    def forget(self, job: str, step: int) -> None:
+        self.jobs.get(job, {}).pop(step, None)
+
+    async def set_tier(self, st: StepState, tier: TierName, state: TierState, msg: str = "") -> None:
+        st.tiers[tier] = (state, msg)
+        await self.notify()
+
+    async def notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def wait_level(self, job: str, step: int, level: Level, timeout_s: float) -> StepState:
+        """Wait until the step reaches ``level``; raise if the tier failed or skipped it."""
+        tier = LEVEL_TIER[level]
+        deadline = time.monotonic() + timeout_s
+        async with self._cond:
+            while True:
+                st = self.require(job, step)
+                state, msg = st.tiers.get(tier, (TierState.PENDING, ""))
+                if level == Level.STAGED and (st.in_memory or st.level() is not None):
+                    return st
+                if state in REACHED:
+                    return st
+                if state in (TierState.FAILED, TierState.SKIPPED):
+                    raise TierFailed(
+                        f"step {step} of {job!r} will not reach {level.name}: "
+                        f"{tier.value} tier {state.name.lower()}: {msg}"
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"step {step} of {job!r} did not reach {level.name} in {timeout_s}s")
+                try:
+                    await asyncio.wait_for(self._cond.wait(), timeout=remaining)
+                except TimeoutError:
+                    pass
+
+
+def gc_catalog(catalog: Catalog, job: str, keep_recent: int = 64) -> None:
+    """Forget steps that no tier holds any more (keeping the newest few for status queries)."""
+    steps = catalog.steps(job)
+    for st in steps[:-keep_recent] if keep_recent else steps:
+        live = any(r.slot is not None and r.slot.content is r for r in st.shards.values())
+        if not live and st.state(TierName.DISK) != TierState.COMMITTED:
+            catalog.forget(job, st.step)
+
+
+def sidecar_meta(st: StepState, rec: ShardRecord) -> dict[str, Any]:
+    """What a slot's sidecar records: enough to re-adopt the shard after a daemon restart."""
+    return {
+        "job": st.job,
+        "step": st.step,
+        "world_size": st.world_size,
+        "created_unix_s": st.created_unix_s,
+        "extra": st.extra,
+        "shard": rec.entry.to_json(),
+    }
+
+
+def entry_from_sidecar(meta: dict[str, Any]) -> tuple[str, int, int, float, ShardEntry]:
+    """Parse a sidecar (ValueError/KeyError/TypeError on anything malformed)."""
+    from ckptd.types import validate_job, validate_rank, validate_step
+
+    job = validate_job(meta["job"])
+    step = validate_step(meta["step"])
+    world_size = int(meta["world_size"])
+    entry = _shard_from_obj(meta["shard"])
+    validate_rank(entry.rank, world_size)
+    return job, step, world_size, float(meta.get("created_unix_s", 0.0)), entry

@@ -1,0 +1,227 @@
+"""Daemon configuration: a TOML file, overridden by ``CKPTD_<SECTION>_<KEY>`` env, then flags.
+
+Every value is validated here with a message that names the key and the source it came from;
+nothing downstream re-checks types. Sizes accept integers (bytes) or strings with a unit
+("512MiB", "8GiB"). Unknown keys are errors, not silently ignored. Example::
+
+    [daemon]
+    root = "/var/lib/ckptd"
+    socket = "/run/ckptd/ckptd.sock"
+    [memory]
+    budget_bytes = "16GiB"
+    backpressure = "wait"
+    [disk]
+    max_to_keep = 3
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+from ckptd.errors import InvalidArgument
+
+MAX_SOCKET_PATH: Final = 100
+_UNITS: Final = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+                 "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(value: Any, key: str) -> int:
+    """Parse an int or a "<number><unit>" string into bytes."""
+    if isinstance(value, bool):
+        raise InvalidArgument(f"{key}: expected a size, got a bool")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise InvalidArgument(f"{key}: cannot parse size {value!r} (try 512MiB or 8GiB)")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise InvalidArgument(f"{key}: expected a size, got {type(value).__name__}")
+    if n < 0:
+        raise InvalidArgument(f"{key}: size must not be negative")
+    return n
+
+
+@dataclass(frozen=True)
+class DaemonSection:
+    root: Path = Path("/var/lib/ckptd")
+    socket: Path | None = None  # default: {root}/run/ckptd.sock
+    shm_dir: Path | None = None  # default: /dev/shm/ckptd-{uid}-{hash(root)}
+    shutdown_timeout_s: float = 60.0
+    io_threads: int = 4
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class MemorySection:
+    budget_bytes: int = 8 * 2**30
+    slots_per_rank: int = 2
+    backpressure: str = "wait"  # wait | skip
+    wait_timeout_s: float = 30.0
+    chunk_bytes: int = 16 * 2**20
+    max_shard_bytes: int = 1 * 2**40
+    lease_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class DiskSection:
+    enabled: bool = True
+    max_to_keep: int = 3
+    keep_period: int = 0  # also keep every step divisible by this (0: off)
+    every_n_steps: int = 1
+    direct_io: bool = True  # O_DIRECT writes where the filesystem supports them
+    write_block_bytes: int = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    memory: MemorySection = field(default_factory=MemorySection)
+    disk: DiskSection = field(default_factory=DiskSection)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.daemon.socket or self.daemon.root / "run" / "ckptd.sock"
+
+    @property
+    def shm_path(self) -> Path:
+        if self.daemon.shm_dir is not None:
+            return self.daemon.shm_dir
+        digest = hashlib.sha256(str(self.daemon.root.resolve()).encode()).hexdigest()[:10]
+        return Path("/dev/shm") / f"ckptd-{os.getuid()}-{digest}"
+
+
+_SECTIONS: Final = {"daemon": DaemonSection, "memory": MemorySection, "disk": DiskSection}
+_SIZE_KEYS: Final = {"budget_bytes", "chunk_bytes", "max_shard_bytes", "write_block_bytes"}
+
+
+def _coerce(section: str, key: str, raw: Any, default: Any, source: str) -> Any:
+    name = f"{section}.{key} ({source})"
+    from_env = source.startswith("env")
+    if key in _SIZE_KEYS:
+        return parse_bytes(raw, name)
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if from_env and str(raw).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(raw).lower() in ("1", "true", "yes", "on")
+        raise InvalidArgument(f"{name}: expected true or false, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            if isinstance(raw, bool) or (not from_env and not isinstance(raw, int)):
+                raise ValueError
+            return int(raw)
+        except ValueError:
+            raise InvalidArgument(f"{name}: expected an integer, got {raw!r}") from None
+    if isinstance(default, float):
+        try:
+            if isinstance(raw, bool) or (not from_env and not isinstance(raw, (int, float))):
+                raise ValueError
+            return float(raw)
+        except ValueError:
+            raise InvalidArgument(f"{name}: expected a number, got {raw!r}") from None
+    if key in ("root", "socket", "shm_dir"):
+        if not isinstance(raw, str) or not raw:
+            raise InvalidArgument(f"{name}: expected a path string")
+        return Path(raw).expanduser()
+    if not isinstance(raw, str):
+        raise InvalidArgument(f"{name}: expected a string, got {raw!r}")
+    return raw
+
+
+def _apply(cfg: Config, values: Mapping[str, Mapping[str, Any]], source: str) -> Config:
+    for section, items in values.items():
+        cls = _SECTIONS.get(section)
+        if cls is None:
+            raise InvalidArgument(f"unknown config section [{section}] ({source})")
+        if not isinstance(items, Mapping):
+            raise InvalidArgument(f"[{section}] must be a table ({source})")
+        current = getattr(cfg, section)
+        known = {f.name: getattr(current, f.name) for f in fields(cls)}
+        updates: dict[str, Any] = {}
+        for key, raw in items.items():
+            if key not in known:
+                raise InvalidArgument(
+                    f"unknown config key {section}.{key} ({source}); known: {', '.join(known)}"
+                )
+            default = getattr(cls(), key)
+            updates[key] = _coerce(section, key, raw, default if default is not None else "", source)
+        cfg = replace(cfg, **{section: replace(current, **updates)})
+    return cfg
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Collect CKPTD_<SECTION>_<KEY> variables into {section: {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith("CKPTD_"):
+            continue
+        rest = name[len("CKPTD_") :].lower()
+        for section in _SECTIONS:
+            if rest.startswith(section + "_"):
+                out.setdefault(section, {})[rest[len(section) + 1 :]] = value
+                break
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; raise InvalidArgument naming the key."""
+    m, d, dm = cfg.memory, cfg.disk, cfg.daemon
+    if m.backpressure not in ("wait", "skip"):
+        raise InvalidArgument(f"memory.backpressure must be 'wait' or 'skip', got {m.backpressure!r}")
+    if m.slots_per_rank < 2:
+        raise InvalidArgument("memory.slots_per_rank must be at least 2 (N+1 stages while N drains)")
+    if m.budget_bytes <= 0:
+        raise InvalidArgument("memory.budget_bytes must be positive")
+    if not 4096 <= m.chunk_bytes <= 2**30 or m.chunk_bytes % 4096:
+        raise InvalidArgument("memory.chunk_bytes must be a multiple of 4096 in [4KiB, 1GiB]")
+    for key, val in (("memory.wait_timeout_s", m.wait_timeout_s),
+                     ("memory.lease_timeout_s", m.lease_timeout_s),
+                     ("daemon.shutdown_timeout_s", dm.shutdown_timeout_s)):
+        if not val >= 0 or val > 86400:
+            raise InvalidArgument(f"{key} must be in [0, 86400], got {val}")
+    if d.max_to_keep < 1:
+        raise InvalidArgument("disk.max_to_keep must be at least 1")
+    if d.keep_period < 0 or d.every_n_steps < 1:
+        raise InvalidArgument("disk.keep_period must be >= 0 and disk.every_n_steps >= 1")
+    if not 4096 <= d.write_block_bytes <= 2**30 or d.write_block_bytes % 4096:
+        raise InvalidArgument("disk.write_block_bytes must be a multiple of 4096 in [4KiB, 1GiB]")
+    if not 1 <= dm.io_threads <= 256:
+        raise InvalidArgument("daemon.io_threads must be in [1, 256]")
+    if dm.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise InvalidArgument("daemon.log_level must be DEBUG, INFO, WARNING or ERROR")
+    if len(str(cfg.socket_path)) > MAX_SOCKET_PATH:
+        raise InvalidArgument(
+            f"socket path {cfg.socket_path} is longer than {MAX_SOCKET_PATH} characters "
+            "(Unix socket limit); set daemon.socket to a shorter path"
+        )
+    return cfg
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the config: defaults < TOML file < CKPTD_* env < flags, then validate."""
+    cfg = Config()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InvalidArgument(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from None
+        cfg = _apply(cfg, data, f"file {path}")
+    cfg = _apply(cfg, env_overrides(os.environ if env is None else env), "env")
+    if flags:
+        cfg = _apply(cfg, flags, "flag")
+    return validate(cfg)

@@ -1,0 +1,421 @@
+"""The daemon core: owns the slot pool, the catalog, the tiers and every background task.
+
+``Daemon`` is transport-free: ``server.py`` adapts gRPC to these methods. Life cycle:
+``start()`` takes the single-instance lock, recovers the disk tier (temp and uncommitted step
+directories removed, committed manifests catalogued), re-adopts surviving shm slots whose
+checksums verify, and starts the drainer and the lease reaper. ``stop()`` refuses new saves,
+finishes pending disk commits within the shutdown deadline, stops the tasks and releases the lock.
+
+Save path invariants: a lease is handed out only for a valid (job, step, rank, world_size) that is
+not already staged, leased or committed; CommitShard validates the layout against the lease before
+recording the shard; the daemon checksums the slot after CommitShard returns and only a
+checksummed shard counts toward a committed step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd import __version__
+from ckptd.catalog import (
+    Catalog,
+    ShardRecord,
+    StepState,
+    TierState,
+    entry_from_sidecar,
+    gc_catalog,
+    sidecar_meta,
+)
+from ckptd.config import Config
+from ckptd.errors import (
+    AlreadyExists,
+    DaemonUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from ckptd.integrity import chunk_crcs, first_bad_chunk
+from ckptd.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
+from ckptd.manifest import Manifest, ShardEntry
+from ckptd.pipeline import DiskDrainer
+from ckptd.restore import Restorer, RestoreResult
+from ckptd.shm import Slot, SlotPool
+from ckptd.tiers.disk import DiskTier
+from ckptd.types import Level, TierName, validate_job, validate_rank, validate_step
+
+log = logging.getLogger("ckptd.daemon")
+
+
+@dataclass
+class SaveLease:
+    lease_id: str
+    job: str
+    step: int
+    rank: int
+    world_size: int
+    nbytes: int
+    slot: Slot
+    client_pid: int
+    deadline_s: float
+
+
+@dataclass
+class RestoreLease:
+    lease_id: str
+    slot: Slot
+    client_pid: int
+    deadline_s: float
+
+
+def _pid_alive(pid: int) -> bool:
+    return pid <= 0 or os.path.exists(f"/proc/{pid}")
+
+
+def _check_ids(job: str, step: int, rank: int, world_size: int) -> None:
+    try:
+        validate_job(job)
+        validate_step(step)
+        validate_rank(rank, world_size)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.executor = ThreadPoolExecutor(cfg.daemon.io_threads, thread_name_prefix="ckptd-io")
+        self.pool = SlotPool(cfg.shm_path, cfg.memory.budget_bytes)
+        self.catalog = Catalog()
+        self.disk = (
+            DiskTier(cfg.daemon.root / "data", cfg.disk.direct_io, cfg.disk.write_block_bytes)
+            if cfg.disk.enabled else None
+        )
+        self.drainer = DiskDrainer(self.catalog, self.pool, self.disk, cfg.disk, self.executor)
+        self.restorer = Restorer(self.catalog, self.pool, self.disk, self.executor,
+                                 cfg.memory.wait_timeout_s)
+        self.save_leases: dict[str, SaveLease] = {}
+        self.restore_leases: dict[str, RestoreLease] = {}
+        self.draining = False
+        self._lock_fd = -1
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+    def _lock(self) -> None:
+        root = self.cfg.daemon.root
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / "ckptd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FailedPrecondition(f"another ckptd is already serving root {root}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    async def start(self) -> None:
+        self._lock()
+        loop = asyncio.get_running_loop()
+        if self.disk is not None:
+            removed = await loop.run_in_executor(self.executor, self.disk.recover)
+            for path in removed:
+                log.info("recovery removed uncommitted %s", path)
+            await self._catalog_disk()
+        await self._adopt_slots()
+        self.drainer.start()
+        self._reaper = asyncio.create_task(self._reap_leases(), name="lease-reaper")
+
+    async def _catalog_disk(self) -> None:
+        assert self.disk is not None
+        loop = asyncio.get_running_loop()
+        for job in await loop.run_in_executor(self.executor, self.disk.list_jobs):
+            for step in await loop.run_in_executor(self.executor, self.disk.list_committed, job):
+                try:
+                    m: Manifest = await loop.run_in_executor(
+                        self.executor, self.disk.read_manifest, job, step)
+                except Exception as exc:  # noqa: BLE001 - a bad manifest is reported, not fatal
+                    log.error("ignoring %s@%d on disk: %s", job, step, exc)
+                    continue
+                st = self.catalog.ensure(job, step, m.world_size)
+                st.created_unix_s = m.created_unix_s
+                st.extra = dict(m.extra)
+                st.tiers[TierName.DISK] = (TierState.COMMITTED, "")
+
+    async def _adopt_slots(self) -> None:
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self.executor, self.pool.scan)
+        for slot, meta in found:
+            try:
+                job, step, world_size, created, entry = entry_from_sidecar(meta)
+                if entry.nbytes > slot.capacity:
+                    raise ValueError("shard larger than its slot")
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("removing slot %s: bad sidecar: %s", slot.path.name, exc)
+                await self.pool.free(slot)
+                continue
+            bad = await loop.run_in_executor(
+                self.executor, first_bad_chunk, slot.view(entry.nbytes), entry.chunk_bytes,
+                entry.chunk_crc32c)
+            st = self.catalog.ensure(job, step, world_size)
+            existing = st.shards.get(entry.rank)
+            if bad is not None or st.world_size != world_size or (
+                existing is not None and existing.slot is not None
+            ):
+                log.warning("removing slot %s of %s@%d rank %d (%s)", slot.path.name, job, step,
+                            entry.rank, "crc32c mismatch" if bad is not None else "conflict")
+                await self.pool.free(slot)
+                continue
+            st.created_unix_s = created
+            st.extra = dict(meta.get("extra") or {})
+            rec = ShardRecord(job, step, entry, slot)
+            slot.content = rec
+            slot.owner = (job, entry.rank)
+            st.shards[entry.rank] = rec
+            log.info("re-adopted slot of %s@%d rank %d from shared memory", job, step, entry.rank)
+        for steps in self.catalog.jobs.values():
+            for st in steps.values():
+                if st.in_memory:
+                    st.tiers[TierName.MEMORY] = (TierState.COMMITTED, "recovered from shm")
+        self.drainer.kick()
+
+    async def stop(self) -> bool:
+        """Graceful stop; True when every pending disk commit finished."""
+        self.draining = True
+        clean = await self.drainer.stop(self.cfg.daemon.shutdown_timeout_s)
+        for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
+            task.cancel()
+        for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        return clean
+
+    def close(self) -> None:
+        """Release resources after the server stopped (executor, mappings, lock)."""
+        self.executor.shutdown(wait=True)
+        self.pool.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reap_leases(self) -> None:
+        """Drop leases whose client died or whose deadline passed."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for lease in list(self.save_leases.values()):
+                if now > lease.deadline_s or not _pid_alive(lease.client_pid):
+                    log.warning("save lease of %s@%d rank %d expired (client gone); slot torn, "
+                                "not committed", lease.job, lease.step, lease.rank)
+                    await self._drop_save_lease(lease)
+            for rl in list(self.restore_leases.values()):
+                if now > rl.deadline_s or not _pid_alive(rl.client_pid):
+                    await self.release_restore(rl.lease_id)
+
+    async def _drop_save_lease(self, lease: SaveLease) -> None:
+        self.save_leases.pop(lease.lease_id, None)
+        lease.slot.content = None
+        await self.pool.release_write(lease.slot)
+
+    # -- save path --------------------------------------------------------------------------
+    async def begin_save(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
+                         wait: bool | None, wait_timeout_s: float | None, client_pid: int) -> SaveLease:
+        if self.draining:
+            raise DaemonUnavailable("daemon is draining for shutdown; not accepting saves")
+        _check_ids(job, step, rank, world_size)
+        if nbytes < 0 or nbytes > self.cfg.memory.max_shard_bytes:
+            raise InvalidArgument(
+                f"nbytes {nbytes} out of range [0, {self.cfg.memory.max_shard_bytes}] "
+                "(memory.max_shard_bytes)")
+        st = self.catalog.get(job, step)
+        if st is not None:
+            if st.world_size != world_size:
+                raise FailedPrecondition(
+                    f"step {step} of {job!r} has world_size {st.world_size}, not {world_size}")
+            if rank in st.shards or st.state(TierName.DISK) == TierState.COMMITTED:
+                raise AlreadyExists(f"step {step} rank {rank} of {job!r} is already saved")
+        for lease in self.save_leases.values():
+            if (lease.job, lease.step, lease.rank) == (job, step, rank):
+                raise AlreadyExists(f"step {step} rank {rank} of {job!r} is being saved by another writer")
+        if self.disk is not None and st is None:
+            loop = asyncio.get_running_loop()
+            if step in await loop.run_in_executor(self.executor, self.disk.list_committed, job):
+                raise AlreadyExists(f"step {step} of {job!r} is already committed on disk")
+        mem = self.cfg.memory
+        do_wait = (mem.backpressure == "wait") if wait is None else wait
+        timeout_s = mem.wait_timeout_s if wait_timeout_s is None else wait_timeout_s
+        slot = await self.pool.lease((job, rank), nbytes, self.catalog.slot_reusable, do_wait,
+                                     timeout_s, mem.slots_per_rank)
+        lease = SaveLease(uuid.uuid4().hex, job, step, rank, world_size, nbytes, slot,
+                          client_pid if client_pid > 0 and _pid_alive(client_pid) else 0,
+                          time.monotonic() + mem.lease_timeout_s)
+        self.save_leases[lease.lease_id] = lease
+        gc_catalog(self.catalog, job)
+        return lease
+
+    async def commit_shard(self, lease_id: str, job: str, step: int, rank: int, world_size: int,
+                           nbytes: int, tensors: list[TensorEntry], tree_json: str,
+                           chunk_bytes: int, client_crcs: list[int]) -> Level:
+        lease = self.save_leases.get(lease_id)
+        if lease is None:
+            raise NotFound(f"unknown or expired save lease {lease_id[:16]!r}")
+        if (lease.job, lease.step, lease.rank, lease.world_size, lease.nbytes) != (
+                job, step, rank, world_size, nbytes):
+            raise InvalidArgument("CommitShard does not match its BeginSave (job/step/rank/world_size/nbytes)")
+        expected_chunk = self.cfg.memory.chunk_bytes
+        if client_crcs and (chunk_bytes != expected_chunk
+                            or len(client_crcs) != chunk_count(nbytes, expected_chunk)):
+            raise InvalidArgument(f"chunk_crc32c must cover {nbytes} bytes in chunks of {expected_chunk}")
+        try:
+            validate_tensors(tensors, nbytes)
+            tree = parse_tree(tree_json, len(tensors))
+        except ValueError as exc:
+            raise InvalidArgument(f"bad shard layout: {exc}") from None
+        del self.save_leases[lease_id]
+        st = self.catalog.ensure(job, step, world_size)
+        entry = ShardEntry(rank, nbytes, expected_chunk, (), tuple(tensors), tree)
+        rec = ShardRecord(job, step, entry, lease.slot, checksummed=False)
+        st.shards[rank] = rec
+        lease.slot.content = rec
+        lease.slot.writing = False
+        await self.catalog.set_tier(st, TierName.MEMORY, TierState.IN_PROGRESS)
+        self._spawn(self._checksum(st, rec, client_crcs), f"crc-{job}-{step}-{rank}")
+        return Level.STAGED
+
+    async def _checksum(self, st: StepState, rec: ShardRecord, client_crcs: list[int]) -> None:
+        """Checksum a freshly staged slot off the hot path; verify the client's sums if sent."""
+        slot = rec.slot
+        assert slot is not None
+        loop = asyncio.get_running_loop()
+        slot.readers += 1
+        try:
+            entry = rec.entry
+            crcs = await loop.run_in_executor(
+                self.executor, chunk_crcs, slot.view(entry.nbytes), entry.chunk_bytes)
+            if client_crcs and crcs != list(client_crcs):
+                bad = next(i for i, (a, b) in enumerate(zip(crcs, client_crcs)) if a != b)
+                rec.slot = None
+                slot.content = None
+                del st.shards[entry.rank]
+                await self.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED,
+                                            f"rank {entry.rank}: crc32c of chunk {bad} differs from the client's")
+                return
+            entry = ShardEntry(entry.rank, entry.nbytes, entry.chunk_bytes, tuple(crcs),
+                               entry.tensors, entry.tree)
+            rec.entry = entry
+            await loop.run_in_executor(self.executor, self.pool.write_sidecar, slot, sidecar_meta(st, rec))
+            rec.checksummed = True
+        except Exception as exc:  # noqa: BLE001
+            log.error("checksumming %s@%d rank %d failed: %s", st.job, st.step, rec.entry.rank, exc)
+            await self.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED, str(exc))
+            return
+        finally:
+            await self.pool.unpin(slot)
+        if st.in_memory:
+            log.info("step %s@%d STAGED on all %d ranks", st.job, st.step, st.world_size)
+            await self.catalog.set_tier(st, TierName.MEMORY, TierState.COMMITTED)
+            await self.pool.notify()
+            self.drainer.kick()
+        else:
+            await self.catalog.notify()
+
+    async def abort_save(self, lease_id: str) -> None:
+        lease = self.save_leases.get(lease_id)
+        if lease is None:
+            raise NotFound(f"unknown or expired save lease {lease_id[:16]!r}")
+        await self._drop_save_lease(lease)
+
+    # -- queries ----------------------------------------------------------------------------
+    def step_status(self, job: str, step: int) -> StepState:
+        try:
+            validate_job(job)
+            validate_step(step)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return self.catalog.require(job, step)
+
+    async def wait_step(self, job: str, step: int, level: Level, timeout_s: float) -> StepState:
+        self.step_status(job, step)
+        return await self.catalog.wait_level(job, step, level, timeout_s)
+
+    def list_steps(self, job: str) -> list[StepState]:
+        try:
+            validate_job(job)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if job not in self.catalog.jobs:
+            raise NotFound(f"unknown job {job!r}")
+        return [s for s in self.catalog.steps(job) if s.shards or s.tiers]
+
+    def list_jobs(self) -> list[str]:
+        return sorted(j for j, steps in self.catalog.jobs.items() if steps)
+
+    async def get_manifest(self, job: str, step: int | None) -> tuple[Manifest, list[str]]:
+        if step is None:
+            step = await self.restorer.latest(job)
+        st = self.step_status(job, step)
+        tiers = [t.value for t in TierName if st.state(t) == TierState.COMMITTED]
+        if st.in_memory:
+            return st.manifest(), tiers
+        if self.disk is not None and st.state(TierName.DISK) == TierState.COMMITTED:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, self.disk.read_manifest, job, step), tiers
+        raise NotFound(f"step {step} of {job!r} is not committed at any tier")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "root": str(self.cfg.daemon.root),
+            "shm_dir": str(self.cfg.shm_path),
+            "budget_bytes": self.pool.budget_bytes,
+            "slot_bytes_in_use": self.pool.bytes_in_use,
+            "slots": len(self.pool.slots),
+            "draining": self.draining,
+            "tiers": ["memory"] + (["disk"] if self.disk is not None else []),
+        }
+
+    # -- restore ----------------------------------------------------------------------------
+    async def prepare_restore(self, job: str, rank: int, world_size: int, step: int | None,
+                              dry_run: bool, client_pid: int) -> tuple[RestoreResult, str]:
+        _check_ids(job, 0 if step is None else step, rank, world_size)
+        result = await self.restorer.plan(job, rank, world_size, step)
+        if dry_run:
+            return result, ""
+        result = await self.restorer.execute(job, rank, world_size, result)
+        assert result.slot is not None
+        lease = RestoreLease(uuid.uuid4().hex, result.slot,
+                             client_pid if client_pid > 0 and _pid_alive(client_pid) else 0,
+                             time.monotonic() + self.cfg.memory.lease_timeout_s)
+        self.restore_leases[lease.lease_id] = lease
+        return result, lease.lease_id
+
+    async def release_restore(self, lease_id: str) -> None:
+        lease = self.restore_leases.pop(lease_id, None)
+        if lease is None:
+            raise NotFound(f"unknown or expired restore lease {lease_id[:16]!r}")
+        await self.pool.unpin(lease.slot)
+        if lease.slot.content is None and lease.slot.readers == 0:
+            await self.pool.free(lease.slot)
+
+
+def socket_dir_ready(path: Path) -> None:
+    """Create the socket's directory (0700) and remove a stale socket file (we hold the lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.exists() or path.is_socket():
+        path.unlink()

@@ -1,0 +1,167 @@
+"""The background drain: memory -> disk, one step at a time per daemon, newest first.
+
+The drainer owns one task, started with the daemon and awaited on shutdown. It takes, per job,
+the newest step committed in memory that the disk tier has not handled; older pending steps are
+marked SKIPPED (superseded) so a disk slower than the save rate never builds a queue. While a step
+drains its slots are pinned (readers), so they cannot be reused under the writer. Disk writes run
+in the daemon's I/O thread pool. After a commit, disk retention runs; it never deletes the newest
+committed step. A failed write marks the step FAILED at the disk tier and is reported; the memory
+copy stays, so nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from typing import Any
+
+from ckptd.catalog import Catalog, StepState, TierState
+from ckptd.config import DiskSection
+from ckptd.errors import AlreadyExists
+from ckptd.retention import select_for_deletion
+from ckptd.shm import SlotPool
+from ckptd.tiers.disk import DiskTier
+from ckptd.types import TierName
+
+log = logging.getLogger("ckptd.pipeline")
+
+
+class DiskDrainer:
+    """Owner of the memory -> disk drain task."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        pool: SlotPool,
+        tier: DiskTier | None,
+        cfg: DiskSection,
+        executor: Executor,
+    ) -> None:
+        self.catalog = catalog
+        self.pool = pool
+        self.tier = tier
+        self.cfg = cfg
+        self.executor = executor
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.last_drain: dict[str, Any] = {}
+        self.pinned: dict[str, set[int]] = {}
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="disk-drainer")
+        self.kick()
+
+    def kick(self) -> None:
+        self._wakeup.set()
+
+    async def stop(self, timeout_s: float) -> bool:
+        """Finish in-flight and pending drains within timeout_s; True if nothing was abandoned."""
+        self._stopping = True
+        self.kick()
+        if self._task is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=timeout_s)
+            return True
+        except TimeoutError:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            return False
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while (st := await self._next()) is not None:
+                await self._drain(st)
+            if self._stopping:
+                return
+
+    async def _next(self) -> StepState | None:
+        """Newest pending in-memory step of any job; supersede older pending ones."""
+        best: StepState | None = None
+        for job in list(self.catalog.jobs):
+            pending = [
+                s for s in self.catalog.steps(job)
+                if s.in_memory and s.state(TierName.DISK) == TierState.PENDING
+            ]
+            if not pending:
+                continue
+            newest = pending[-1]
+            for old in pending[:-1]:
+                await self.catalog.set_tier(
+                    old, TierName.DISK, TierState.SKIPPED, f"superseded by step {newest.step}"
+                )
+            if self.tier is None:
+                await self.catalog.set_tier(newest, TierName.DISK, TierState.SKIPPED, "disk tier off")
+                continue
+            if newest.step % self.cfg.every_n_steps:
+                await self.catalog.set_tier(
+                    newest, TierName.DISK, TierState.SKIPPED,
+                    f"not a multiple of disk.every_n_steps={self.cfg.every_n_steps}",
+                )
+                continue
+            if best is None or newest.created_unix_s < best.created_unix_s:
+                best = newest
+        return best
+
+    async def _drain(self, st: StepState) -> None:
+        assert self.tier is not None
+        tier = self.tier
+        records = [st.shards[r] for r in sorted(st.shards)]
+        slots = [r.slot for r in records]
+        for slot in slots:
+            assert slot is not None
+            slot.readers += 1
+        await self.catalog.set_tier(st, TierName.DISK, TierState.IN_PROGRESS)
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        try:
+            await asyncio.gather(*(
+                loop.run_in_executor(
+                    self.executor, tier.put_shard, st.job, st.step, rec.entry,
+                    slot.view(rec.entry.nbytes),  # type: ignore[union-attr]
+                )
+                for rec, slot in zip(records, slots)
+            ))
+            await loop.run_in_executor(self.executor, tier.commit, st.manifest())
+        except AlreadyExists as exc:
+            await self.catalog.set_tier(st, TierName.DISK, TierState.COMMITTED, str(exc))
+        except Exception as exc:  # noqa: BLE001 - any failure degrades the level, never crashes
+            log.error("disk drain of %s@%d failed: %s", st.job, st.step, exc)
+            await self.catalog.set_tier(st, TierName.DISK, TierState.FAILED, str(exc))
+        else:
+            elapsed = time.monotonic() - t0
+            self.last_drain = {"job": st.job, "step": st.step, "bytes": st.nbytes, "seconds": elapsed}
+            log.info("step %s@%d LOCAL_DURABLE (%d bytes in %.3fs)", st.job, st.step, st.nbytes, elapsed)
+            await self.catalog.set_tier(st, TierName.DISK, TierState.COMMITTED)
+            await self._retain(st.job)
+        finally:
+            for slot in slots:
+                assert slot is not None
+                await self.pool.unpin(slot)
+
+    async def _retain(self, job: str) -> None:
+        assert self.tier is not None
+        loop = asyncio.get_running_loop()
+        committed = await loop.run_in_executor(self.executor, self.tier.list_committed, job)
+        doomed = select_for_deletion(
+            committed, self.cfg.max_to_keep, self.cfg.keep_period, self.pinned.get(job, set())
+        )
+        for step in doomed:
+            try:
+                await loop.run_in_executor(self.executor, self.tier.delete, job, step)
+            except OSError as exc:
+                log.warning("retention could not delete %s@%d on disk: %s", job, step, exc)
+                continue
+            st = self.catalog.get(job, step)
+            if st is not None:
+                await self.catalog.set_tier(st, TierName.DISK, TierState.REMOVED, "retention")
+                if not st.in_memory:
+                    self.catalog.forget(job, step)

@@ -1,0 +1,193 @@
+"""Thin gRPC servicers over ``Daemon``: validate the transport-level shape, call, convert.
+
+Every handler goes through ``_rpc``, the single place that maps errors: a ``CkptdError`` becomes
+its table's status code plus ``ckptd-error`` trailing metadata (the client rebuilds the type);
+anything unexpected is logged and returned as INTERNAL without a traceback. ``serve`` binds the
+Unix socket (0600 in a 0700 directory), registers grpc.health.v1, and handles SIGTERM/SIGINT by
+reporting NOT_SERVING, draining and exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
+from ckptd.config import Config
+from ckptd.convert import level_from_pb, step_status_to_pb, tensors_from_pb, tensors_to_pb, tier_statuses
+from ckptd.daemon import Daemon, socket_dir_ready
+from ckptd.errors import ERROR_METADATA_KEY, CkptdError, InvalidArgument
+from ckptd.manifest import canonical_json
+
+log = logging.getLogger("ckptd.server")
+SERVICE_NAME = "ckptd.v1.CheckpointService"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+R = TypeVar("R")
+
+
+def _rpc(fn: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
+        try:
+            return await fn(self, request, context)
+        except CkptdError as exc:
+            err: CkptdError = exc
+        except ValueError as exc:
+            err = InvalidArgument(str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("internal error in %s", fn.__name__)
+            err = CkptdError(f"internal error: {type(exc).__name__}: {exc}")
+        context.set_trailing_metadata(((ERROR_METADATA_KEY, type(err).__name__),))
+        await context.abort(err.code, str(err))
+        raise AssertionError("unreachable")
+    return wrapper
+
+
+def _step_arg(step: int) -> int | None:
+    if step == -1:
+        return None
+    if step < 0:
+        raise InvalidArgument(f"step {step} is negative (use -1 for latest)")
+    return step
+
+
+class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    @_rpc
+    async def BeginSave(self, request: pb.BeginSaveRequest, context: Any) -> pb.BeginSaveResponse:
+        wait = {pb.BACKPRESSURE_WAIT: True, pb.BACKPRESSURE_SKIP: False}.get(request.policy)
+        if request.policy not in (pb.BACKPRESSURE_DEFAULT, pb.BACKPRESSURE_WAIT, pb.BACKPRESSURE_SKIP):
+            raise InvalidArgument(f"unknown back-pressure policy {request.policy}")
+        timeout_s = request.wait_timeout_ms / 1000 if request.wait_timeout_ms else None
+        lease = await self.d.begin_save(request.job, request.step, request.rank, request.world_size,
+                                        request.nbytes, wait, timeout_s, request.client_pid)
+        return pb.BeginSaveResponse(
+            lease_id=lease.lease_id, slot_path=str(lease.slot.path),
+            slot_capacity_bytes=lease.slot.capacity, chunk_bytes=self.d.cfg.memory.chunk_bytes,
+        )
+
+    @_rpc
+    async def CommitShard(self, request: pb.CommitShardRequest, context: Any) -> pb.CommitShardResponse:
+        level = await self.d.commit_shard(
+            request.lease_id, request.job, request.step, request.rank, request.world_size,
+            request.nbytes, tensors_from_pb(request.layout), request.layout.tree_json,
+            request.chunk_bytes, list(request.chunk_crc32c),
+        )
+        return pb.CommitShardResponse(level=int(level))  # type: ignore[arg-type]
+
+    @_rpc
+    async def AbortSave(self, request: pb.AbortSaveRequest, context: Any) -> pb.AbortSaveResponse:
+        await self.d.abort_save(request.lease_id)
+        return pb.AbortSaveResponse()
+
+    @_rpc
+    async def GetStepStatus(self, request: pb.GetStepStatusRequest, context: Any) -> pb.StepStatus:
+        return step_status_to_pb(self.d.step_status(request.job, request.step))
+
+    @_rpc
+    async def WaitStep(self, request: pb.WaitStepRequest, context: Any) -> pb.StepStatus:
+        timeout_s = request.timeout_ms / 1000 if request.timeout_ms else 3600.0
+        st = await self.d.wait_step(request.job, request.step, level_from_pb(request.level), timeout_s)
+        return step_status_to_pb(st)
+
+    @_rpc
+    async def ListSteps(self, request: pb.ListStepsRequest, context: Any) -> pb.ListStepsResponse:
+        steps = self.d.list_steps(request.job)
+        return pb.ListStepsResponse(job=request.job, steps=[
+            pb.StepInfo(step=s.step, world_size=s.world_size, nbytes=s.nbytes,
+                        tiers=tier_statuses(s), committed=s.level() is not None or s.in_memory)
+            for s in steps
+        ])
+
+    @_rpc
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=self.d.list_jobs())
+
+    @_rpc
+    async def PrepareRestore(self, request: pb.PrepareRestoreRequest, context: Any) -> pb.PrepareRestoreResponse:
+        result, lease_id = await self.d.prepare_restore(
+            request.job, request.rank, request.world_size, _step_arg(request.step), request.dry_run,
+            request.client_pid)
+        resp = pb.PrepareRestoreResponse(
+            step=result.step,
+            plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan],
+            rejected=result.rejected, read_s=result.read_s,
+        )
+        if result.entry is not None and result.slot is not None:
+            resp.lease_id = lease_id
+            resp.slot_path = str(result.slot.path)
+            resp.nbytes = result.entry.nbytes
+            resp.layout.CopyFrom(tensors_to_pb(result.entry.tensors, json.dumps(result.entry.tree)))
+            resp.served_from = result.served_from.value if result.served_from else ""
+        return resp
+
+    @_rpc
+    async def ReleaseRestore(self, request: pb.ReleaseRestoreRequest, context: Any) -> pb.ReleaseRestoreResponse:
+        await self.d.release_restore(request.lease_id)
+        return pb.ReleaseRestoreResponse()
+
+    @_rpc
+    async def GetManifest(self, request: pb.GetManifestRequest, context: Any) -> pb.GetManifestResponse:
+        manifest, tiers = await self.d.get_manifest(request.job, _step_arg(request.step))
+        return pb.GetManifestResponse(manifest_json=manifest.to_json().decode(), tiers=tiers)
+
+    @_rpc
+    async def DaemonStatus(self, request: pb.DaemonStatusRequest, context: Any) -> pb.DaemonStatusResponse:
+        return pb.DaemonStatusResponse(**self.d.status())
+
+
+async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
+    daemon = Daemon(cfg)
+    await daemon.start()
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+    pb_grpc.add_CheckpointServiceServicer_to_server(CheckpointServicer(daemon), server)
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    sock = cfg.socket_path
+    socket_dir_ready(sock)
+    server.add_insecure_port(f"unix:{sock}")
+    await server.start()
+    os.chmod(sock, 0o600)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("ckptd %s serving on unix:%s (root %s, shm %s)", daemon.status()["version"], sock,
+             cfg.daemon.root, cfg.shm_path)
+    if ready is not None:
+        ready()
+    await stop.wait()
+    log.info("shutdown requested: draining")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    clean = await daemon.stop()
+    await server.stop(grace=2.0)
+    daemon.close()
+    sock.unlink(missing_ok=True)
+    log.info("stopped (%s)", "all disk commits finished" if clean else "some drains abandoned")
+    return 0
+
+
+def dump_status(daemon: Daemon) -> bytes:
+    return canonical_json(daemon.status())

@@ -1,0 +1,287 @@
+"""Daemon-owned shared-memory slots: the memory tier and the hand-off buffer of the save path.
+
+Each slot is a file ``slot-<uuid>.bin`` in a private directory (0700, files 0600), allocated once
+with posix_fallocate (so its pages exist before any copy), mapped by the daemon and by the client,
+and reused across steps. A slot holding a committed shard has a sidecar ``slot-<uuid>.meta.json``
+(written atomically after the daemon checksummed the bytes); leasing a slot for writing removes
+the sidecar first, so a slot torn by a trainer killed mid-copy is never taken for a committed
+shard, by this daemon or by the next one after a restart.
+
+The pool keeps ``sum(capacity) <= budget_bytes``. When no slot can be had, a lease waits on a
+condition (back-pressure) up to its timeout, or fails at once under the skip policy: never an
+unbounded allocation. Which slots may be reused is decided by the caller's ``reusable`` predicate
+(the catalog knows which steps must stay in memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import mmap
+import os
+import stat
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptd import failpoints
+from ckptd.errors import BudgetExhausted, CkptdError, InvalidArgument
+
+log = logging.getLogger("ckptd.shm")
+
+SLOT_ALIGN_BYTES = 2 * 2**20
+_SUFFIX = ".bin"
+_META_SUFFIX = ".meta.json"
+
+
+@dataclass
+class Slot:
+    """One mapped slot file. ``content`` is the shard it holds (opaque to the pool)."""
+
+    slot_id: str
+    path: Path
+    capacity: int
+    mm: mmap.mmap
+    owner: tuple[str, int] | None = None  # (job, rank) the slot serves
+    writing: bool = False  # leased to a client for a save
+    readers: int = 0  # pins by drains and restores
+    content: Any = None
+    last_used_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.with_name(self.path.name[: -len(_SUFFIX)] + _META_SUFFIX)
+
+    def view(self, nbytes: int) -> memoryview:
+        return memoryview(self.mm)[:nbytes]
+
+
+def prepare_dir(path: Path) -> None:
+    """Create the private slot directory, or check that an existing one is ours and private."""
+    try:
+        path.mkdir(mode=0o700, parents=False)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        raise InvalidArgument(f"shm directory parent {path.parent} does not exist") from None
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument(f"shm path {path} exists and is not a directory")
+    if st.st_uid != os.getuid():
+        raise InvalidArgument(f"shm directory {path} is owned by uid {st.st_uid}, not us")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+class SlotPool:
+    """All slots of this daemon, under one byte budget."""
+
+    def __init__(self, directory: Path, budget_bytes: int) -> None:
+        self.directory = directory
+        self.budget_bytes = budget_bytes
+        self.slots: dict[str, Slot] = {}
+        self._cond = asyncio.Condition()
+
+    @property
+    def bytes_in_use(self) -> int:
+        return sum(s.capacity for s in self.slots.values())
+
+    # -- start-up ---------------------------------------------------------------------------
+    def scan(self) -> list[tuple[Slot, dict[str, Any]]]:
+        """Map surviving slots that have a sidecar; delete every other file. Blocking.
+
+        Returns (slot, sidecar) pairs; the caller verifies checksums and adopts or frees them.
+        """
+        prepare_dir(self.directory)
+        found: list[tuple[Slot, dict[str, Any]]] = []
+        for entry in sorted(self.directory.iterdir()):
+            name = entry.name
+            if name.endswith(_META_SUFFIX):
+                if not entry.with_name(name[: -len(_META_SUFFIX)] + _SUFFIX).exists():
+                    entry.unlink(missing_ok=True)
+                continue
+            if not (name.startswith("slot-") and name.endswith(_SUFFIX)):
+                entry.unlink(missing_ok=True)  # temp sidecars and strangers
+                continue
+            slot_id = name[len("slot-") : -len(_SUFFIX)]
+            meta_path = entry.with_name(f"slot-{slot_id}{_META_SUFFIX}")
+            try:
+                meta = json.loads(meta_path.read_bytes())
+                size = entry.stat().st_size
+                if not isinstance(meta, dict) or size <= 0:
+                    raise ValueError("bad sidecar")
+            except (OSError, ValueError):
+                log.info("removing stale slot %s (no valid sidecar)", name)
+                entry.unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+                continue
+            if self.bytes_in_use + size > self.budget_bytes:
+                log.warning("slot %s does not fit the budget any more; removing it", name)
+                entry.unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+                continue
+            fd = os.open(entry, os.O_RDWR)
+            try:
+                mm = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            slot = Slot(slot_id, entry, size, mm)
+            self.slots[slot_id] = slot
+            found.append((slot, meta))
+        return found
+
+    # -- leasing ----------------------------------------------------------------------------
+    async def lease(
+        self,
+        owner: tuple[str, int],
+        nbytes: int,
+        reusable: Callable[[Slot], bool],
+        wait: bool,
+        timeout_s: float,
+        max_slots_per_owner: int,
+    ) -> Slot:
+        """Return a slot of at least nbytes for owner, marked ``writing``, its sidecar removed."""
+        need = max(SLOT_ALIGN_BYTES, (nbytes + SLOT_ALIGN_BYTES - 1) // SLOT_ALIGN_BYTES * SLOT_ALIGN_BYTES)
+        if need > self.budget_bytes:
+            raise BudgetExhausted(
+                f"a shard of {nbytes} bytes does not fit the shm budget of {self.budget_bytes} "
+                "bytes (memory.budget_bytes)"
+            )
+        deadline = time.monotonic() + timeout_s
+        async with self._cond:
+            while True:
+                slot = await self._try_lease(owner, nbytes, need, reusable, max_slots_per_owner)
+                if slot is not None:
+                    return slot
+                remaining = deadline - time.monotonic()
+                if not wait or remaining <= 0:
+                    raise BudgetExhausted(
+                        f"no shm slot free for {owner[0]} rank {owner[1]} within the budget of "
+                        f"{self.budget_bytes} bytes ({self.bytes_in_use} in use)"
+                        + ("; save skipped by policy" if not wait else f" after {timeout_s:.1f}s")
+                    )
+                try:
+                    await asyncio.wait_for(self._cond.wait(), timeout=min(remaining, 1.0))
+                except TimeoutError:
+                    pass
+
+    async def _try_lease(
+        self,
+        owner: tuple[str, int],
+        nbytes: int,
+        need: int,
+        reusable: Callable[[Slot], bool],
+        max_slots_per_owner: int,
+    ) -> Slot | None:
+        mine = [s for s in self.slots.values() if s.owner == owner]
+        free = [s for s in mine if not s.writing and s.readers == 0 and reusable(s)]
+        fitting = sorted((s for s in free if s.capacity >= nbytes), key=lambda s: s.last_used_s)
+        if fitting:
+            return await self._take(fitting[0], owner)
+        # Grow: free reusable slots (ours first, least recently used first) until a new slot
+        # of ``need`` bytes fits the budget and the per-owner slot cap.
+        others = sorted(
+            (s for s in self.slots.values()
+             if s.owner != owner and not s.writing and s.readers == 0 and reusable(s)),
+            key=lambda s: s.last_used_s,
+        )
+        candidates = [*sorted(free, key=lambda s: s.last_used_s), *others]
+        to_free: list[Slot] = []
+        if len(mine) >= max_slots_per_owner:
+            if not free:
+                return None
+            to_free.append(candidates.pop(0))
+        for cand in candidates:
+            if self.bytes_in_use - sum(s.capacity for s in to_free) + need <= self.budget_bytes:
+                break
+            to_free.append(cand)
+        if self.bytes_in_use - sum(s.capacity for s in to_free) + need > self.budget_bytes:
+            return None
+        for s in to_free:
+            await asyncio.to_thread(self._destroy, s)
+        slot = await asyncio.to_thread(self._create, need)
+        slot.owner = owner
+        slot.writing = True
+        self.slots[slot.slot_id] = slot
+        return slot
+
+    async def _take(self, slot: Slot, owner: tuple[str, int]) -> Slot:
+        slot.writing = True
+        slot.owner = owner
+        slot.content = None
+        slot.last_used_s = time.monotonic()
+        await asyncio.to_thread(slot.meta_path.unlink, True)
+        return slot
+
+    def _create(self, capacity: int) -> Slot:
+        slot_id = uuid.uuid4().hex
+        path = self.directory / f"slot-{slot_id}{_SUFFIX}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, capacity)  # pages exist before the first copy
+            except OSError as exc:
+                os.close(fd)
+                fd = -1
+                path.unlink(missing_ok=True)
+                raise BudgetExhausted(f"cannot allocate a {capacity}-byte shm slot: {exc}") from None
+            mm = mmap.mmap(fd, capacity)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return Slot(slot_id, path, capacity, mm)
+
+    def _destroy(self, slot: Slot) -> None:
+        self.slots.pop(slot.slot_id, None)
+        slot.meta_path.unlink(missing_ok=True)
+        slot.path.unlink(missing_ok=True)
+        try:
+            slot.mm.close()
+        except BufferError:
+            log.warning("slot %s still has exported views; leaving its mapping open", slot.slot_id)
+
+    async def free(self, slot: Slot) -> None:
+        """Delete a slot entirely (its bytes are no longer wanted)."""
+        await asyncio.to_thread(self._destroy, slot)
+        await self.notify()
+
+    async def release_write(self, slot: Slot) -> None:
+        slot.writing = False
+        slot.last_used_s = time.monotonic()
+        await self.notify()
+
+    async def unpin(self, slot: Slot) -> None:
+        slot.readers = max(0, slot.readers - 1)
+        await self.notify()
+
+    async def notify(self) -> None:
+        """Wake leases waiting for room (call after anything that may make a slot reusable)."""
+        async with self._cond:
+            self._cond.notify_all()
+
+    def write_sidecar(self, slot: Slot, meta: dict[str, Any]) -> None:
+        """Atomically record what a slot holds (blocking). Only checksummed shards get one."""
+        failpoints.hit("shm.sidecar.before_write")
+        tmp = slot.meta_path.with_name(slot.meta_path.name + ".tmp")
+        data = json.dumps(meta, separators=(",", ":")).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, slot.meta_path)
+
+    async def lease_scratch(self, nbytes: int, wait: bool, timeout_s: float) -> Slot:
+        """A slot for a restore read, owned by nobody; counts against the same budget."""
+        return await self.lease(("", -1), nbytes, lambda s: s.content is None, wait, timeout_s, 1 << 30)
+
+    def close(self) -> None:
+        for slot in list(self.slots.values()):
+            try:
+                slot.mm.close()
+            except (BufferError, ValueError, CkptdError):
+                pass

@@ -1,0 +1,1 @@
+"""Storage tiers behind one protocol (``ckptd.tiers.base.Tier``)."""

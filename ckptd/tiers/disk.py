@@ -1,0 +1,249 @@
+"""Disk tier: shards and manifests as files on local NVMe, made durable with fsync.
+
+Layout: ``{root}/{job}/step-{step:012d}/rank-{rank:06d}.shard`` and ``.../manifest.json``.
+Commit protocol (DESIGN.md section 3), each step's directory:
+1. write each shard into ``.tmp-<uuid>/`` (O_DIRECT for the aligned body where supported, a
+   buffered tail), fsync the file;
+2. publish it with link(2), which fails if the target exists, fsync the step directory;
+3. after every shard is published, write ``manifest.json`` the same way: that is the commit.
+An fsync error means the file is lost: the caller rewrites it, never retries the fsync.
+Start-up recovery removes ``.tmp-*`` directories and step directories without a manifest.
+Reads verify size and every chunk crc32c and name the file on a mismatch.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ckptd import failpoints
+from ckptd.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
+from ckptd.integrity import first_bad_chunk
+from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from ckptd.types import TierName, parse_step_dirname, step_dirname, validate_job
+
+log = logging.getLogger("ckptd.disk")
+
+DIRECT_ALIGN_BYTES = 4096
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes: int) -> None:
+    """Create ``path`` (must not exist) with src's bytes and fsync it."""
+    n = src.nbytes
+    body = n // DIRECT_ALIGN_BYTES * DIRECT_ALIGN_BYTES if direct_io else 0
+    written = 0
+    if body:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            body = 0  # the filesystem has no O_DIRECT
+        else:
+            try:
+                while written < body:
+                    end = min(written + block_bytes, body)
+                    written += os.pwrite(fd, src[written:end], written)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or written:
+                    raise
+                body = 0  # unaligned buffer or device: fall back to buffered writes
+            finally:
+                os.close(fd)
+    flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if not written else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        while written < n:
+            end = min(written + block_bytes, n)
+            written += os.pwrite(fd, src[written:end], written)
+        failpoints.hit("disk.file.before_fsync")
+        os.fsync(fd)
+        failpoints.hit("disk.file.after_fsync")
+    finally:
+        os.close(fd)
+
+
+class DiskTier:
+    """Blocking implementation of the Tier protocol on a local filesystem."""
+
+    name = TierName.DISK
+
+    def __init__(self, root: Path, direct_io: bool = True, block_bytes: int = 8 * 2**20) -> None:
+        self.root = root
+        self.direct_io = direct_io
+        self.block_bytes = block_bytes
+
+    # -- paths ------------------------------------------------------------------------------
+    def step_dir(self, job: str, step: int) -> Path:
+        return self.root / validate_job(job) / step_dirname(step)
+
+    def _ensure_step_dir(self, job: str, step: int) -> Path:
+        job_dir = self.root / validate_job(job)
+        if not job_dir.exists():
+            job_dir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(job_dir.parent)
+        step_dir = job_dir / step_dirname(step)
+        if not step_dir.exists():
+            step_dir.mkdir(exist_ok=True)
+            fsync_dir(job_dir)
+        return step_dir
+
+    def _publish(self, tmp_file: Path, target: Path, committed_check: bool) -> None:
+        try:
+            os.link(tmp_file, target)
+        except FileExistsError:
+            if committed_check and (target.parent / MANIFEST_NAME).exists():
+                raise AlreadyExists(f"{target.parent} is already committed") from None
+            if not committed_check:
+                raise AlreadyExists(f"{target} already exists") from None
+            target.unlink()  # a leftover of an earlier attempt at an uncommitted step
+            os.link(tmp_file, target)
+
+    def _write_published(self, job: str, step: int, name: str, src: memoryview, is_manifest: bool) -> None:
+        step_dir = self._ensure_step_dir(job, step)
+        tmp = step_dir / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            tmp_file = tmp / name
+            prefix = "disk.manifest" if is_manifest else "disk.shard"
+            failpoints.hit(f"{prefix}.before_write")
+            write_file_durable(tmp_file, src, self.direct_io and not is_manifest, self.block_bytes)
+            failpoints.hit(f"{prefix}.before_link")
+            self._publish(tmp_file, step_dir / name, committed_check=not is_manifest)
+            failpoints.hit(f"{prefix}.after_link")
+            fsync_dir(step_dir)
+            failpoints.hit(f"{prefix}.after_dir_fsync")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- Tier protocol ----------------------------------------------------------------------
+    def put_shard(self, job: str, step: int, entry: ShardEntry, src: memoryview) -> None:
+        if src.nbytes != entry.nbytes:
+            raise ValueError(f"shard {entry.rank}: {src.nbytes} bytes given, {entry.nbytes} expected")
+        try:
+            self._write_published(job, step, entry.key, src, is_manifest=False)
+        except (AlreadyExists, ValueError):
+            raise
+        except OSError as exc:
+            raise TierFailed(f"disk tier: writing {job}@{step} rank {entry.rank} failed: {exc}") from exc
+
+    def commit(self, manifest: Manifest) -> None:
+        step_dir = self.step_dir(manifest.job, manifest.step)
+        for s in manifest.shards:
+            if not (step_dir / s.key).exists():
+                raise TierFailed(f"disk tier: cannot commit {manifest.job}@{manifest.step}: {s.key} missing")
+        data = memoryview(manifest.to_json())
+        try:
+            self._write_published(manifest.job, manifest.step, MANIFEST_NAME, data, is_manifest=True)
+        except AlreadyExists:
+            raise AlreadyExists(f"{manifest.job}@{manifest.step} is already committed on disk") from None
+        except OSError as exc:
+            raise TierFailed(f"disk tier: committing {manifest.job}@{manifest.step} failed: {exc}") from exc
+
+    def list_jobs(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        out = []
+        for p in sorted(self.root.iterdir()):
+            try:
+                if p.is_dir():
+                    out.append(validate_job(p.name))
+            except ValueError:
+                continue
+        return out
+
+    def list_committed(self, job: str) -> list[int]:
+        job_dir = self.root / validate_job(job)
+        if not job_dir.is_dir():
+            return []
+        steps = []
+        for p in job_dir.iterdir():
+            step = parse_step_dirname(p.name)
+            if step is not None and (p / MANIFEST_NAME).is_file():
+                steps.append(step)
+        return sorted(steps)
+
+    def read_manifest(self, job: str, step: int) -> Manifest:
+        path = self.step_dir(job, step) / MANIFEST_NAME
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{job}@{step} is not committed on disk") from None
+        try:
+            manifest = Manifest.from_json(data)
+        except ValueError as exc:
+            raise IntegrityError(f"{path}: invalid manifest: {exc}") from None
+        if manifest.job != job or manifest.step != step:
+            raise IntegrityError(f"{path}: manifest names {manifest.job}@{manifest.step}")
+        return manifest
+
+    def shard_path(self, job: str, step: int, entry: ShardEntry) -> Path:
+        return self.step_dir(job, step) / entry.key
+
+    def read_shard_into(self, job: str, step: int, entry: ShardEntry, dst: memoryview) -> None:
+        path = self.shard_path(job, step, entry)
+        try:
+            size = path.stat().st_size
+            if size != entry.nbytes:
+                raise IntegrityError(f"{path}: size {size} != {entry.nbytes} recorded in the manifest")
+            view = dst[: entry.nbytes]
+            with open(path, "rb", buffering=0) as f:
+                got = 0
+                while got < entry.nbytes:
+                    n = f.readinto(view[got : got + self.block_bytes])
+                    if not n:
+                        raise IntegrityError(f"{path}: truncated at {got} of {entry.nbytes} bytes")
+                    got += n
+        except FileNotFoundError:
+            raise NotFound(f"{path} is missing") from None
+        except OSError as exc:
+            raise TierFailed(f"disk tier: reading {path} failed: {exc}") from exc
+        bad = first_bad_chunk(view, entry.chunk_bytes, entry.chunk_crc32c)
+        if bad is not None:
+            raise IntegrityError(f"{path}: crc32c mismatch in chunk {bad} (offset {bad * entry.chunk_bytes})")
+
+    def delete(self, job: str, step: int) -> None:
+        step_dir = self.step_dir(job, step)
+        manifest = step_dir / MANIFEST_NAME
+        if manifest.exists():
+            manifest.unlink()
+            fsync_dir(step_dir)
+        shutil.rmtree(step_dir, ignore_errors=True)
+        if step_dir.parent.exists():
+            fsync_dir(step_dir.parent)
+
+    # -- start-up ---------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Remove temp dirs and uncommitted step dirs; return what was removed."""
+        removed: list[str] = []
+        self.root.mkdir(parents=True, exist_ok=True)
+        for job in self.list_jobs():
+            job_dir = self.root / job
+            for p in job_dir.iterdir():
+                if p.name.startswith(".tmp-"):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(str(p))
+                    continue
+                if parse_step_dirname(p.name) is None or not p.is_dir():
+                    continue
+                for q in p.iterdir():
+                    if q.name.startswith(".tmp-"):
+                        shutil.rmtree(q, ignore_errors=True)
+                        removed.append(str(q))
+                if not (p / MANIFEST_NAME).exists():
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(str(p))
+            fsync_dir(job_dir)
+        return removed

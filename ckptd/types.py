@@ -1,0 +1,123 @@
+"""Shared vocabulary of ckptd: durability levels, tier names, dtypes and name validation.
+
+Invariants:
+- Job names and keys follow an allow-list grammar: no ``..``, no ``/``, no absolute paths,
+  no control characters, bounded length. Every name that reaches a file path or an object key
+  passes ``validate_job`` first.
+- dtypes are named by the strings in ``DTYPE_ITEMSIZE``; nothing else is accepted on the wire.
+This module is imported by the client: it must stay free of heavy dependencies.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final
+
+
+class Level(enum.IntEnum):
+    """Durability levels a step climbs; numeric values match the protobuf enum."""
+
+    STAGED = 1
+    REPLICATED = 2
+    LOCAL_DURABLE = 3
+    PERSISTED = 4
+
+
+class TierName(enum.StrEnum):
+    """Storage tiers, nearest first."""
+
+    MEMORY = "memory"
+    DISK = "disk"
+    PEER = "peer"
+    OBJECT = "object"
+
+
+#: Tier that reaching a level requires.
+LEVEL_TIER: Final[dict[Level, TierName]] = {
+    Level.STAGED: TierName.MEMORY,
+    Level.REPLICATED: TierName.PEER,
+    Level.LOCAL_DURABLE: TierName.DISK,
+    Level.PERSISTED: TierName.OBJECT,
+}
+
+#: Supported element types and their size in bytes.
+DTYPE_ITEMSIZE: Final[dict[str, int]] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "complex128": 16,
+    "complex64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
+    "uint8": 1,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+
+MAX_NAME_LEN: Final = 128
+MAX_TENSOR_NAME_LEN: Final = 1024
+MAX_STEP: Final = 10**12 - 1  # fits step-{step:012d}
+MAX_WORLD_SIZE: Final = 65536
+MAX_NDIM: Final = 32
+
+_JOB_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def validate_job(job: str) -> str:
+    """Return ``job`` if it is a valid job name, else raise ValueError saying why."""
+    if not isinstance(job, str) or not job:
+        raise ValueError("job name must be a non-empty string")
+    if len(job) > MAX_NAME_LEN:
+        raise ValueError(f"job name longer than {MAX_NAME_LEN} characters")
+    if ".." in job:
+        raise ValueError(f"job name {job!r} must not contain '..'")
+    if not _JOB_RE.match(job):
+        raise ValueError(
+            f"job name {job!r} may only use letters, digits, '.', '_' and '-' and must start "
+            "with a letter or digit"
+        )
+    return job
+
+
+def validate_step(step: int) -> int:
+    """Return ``step`` if 0 <= step <= MAX_STEP, else raise ValueError."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"step must be an integer, got {type(step).__name__}")
+    if step < 0 or step > MAX_STEP:
+        raise ValueError(f"step {step} out of range [0, {MAX_STEP}]")
+    return step
+
+
+def validate_rank(rank: int, world_size: int) -> None:
+    """Raise ValueError unless 1 <= world_size <= MAX_WORLD_SIZE and 0 <= rank < world_size."""
+    if world_size < 1 or world_size > MAX_WORLD_SIZE:
+        raise ValueError(f"world_size {world_size} out of range [1, {MAX_WORLD_SIZE}]")
+    if rank < 0 or rank >= world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+
+
+def shard_key(rank: int) -> str:
+    """File/object name of one rank's shard inside a step directory."""
+    return f"rank-{rank:06d}.shard"
+
+
+def step_dirname(step: int) -> str:
+    """Directory/prefix name of a step."""
+    return f"step-{step:012d}"
+
+
+_STEP_DIR_RE: Final = re.compile(r"^step-(\d{12})$")
+
+
+def parse_step_dirname(name: str) -> int | None:
+    """Inverse of step_dirname; None for names that are not step directories."""
+    m = _STEP_DIR_RE.match(name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,321 @@
+"""CheckpointManager: the training-side API of ckptd.
+
+``save(step, state)`` flattens the state, leases a daemon-owned shm slot, copies every tensor
+straight into it (the only stall), commits, and returns a ``SaveHandle``; the daemon does the
+rest in the background. ``restore(state)`` fills the state in place from the newest committed
+step (or a given one), served by the nearest valid tier. Blocking gRPC, no event loop, no thread
+of its own; never imports boto3 or the daemon's tiers.
+
+A save that cannot be taken (daemon down, no room in the byte budget under the skip policy, a
+timeout) does not raise by default: the handle records the error, a warning is logged, and
+training goes on (``on_error="raise"`` changes that).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import statistics
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd.errors import BudgetExhausted, CkptdError, NotFound, TierFailed
+from ckptd.integrity import chunk_crcs
+from ckptd.types import Level, validate_job, validate_step
+from ckptd_client.rpc import Connection
+from ckptd_client.tree import Restorer, copy_into, flatten
+
+log = logging.getLogger("ckptd_client")
+
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
+
+
+class _SlotMaps:
+    """Client-side mappings of the daemon's slots, kept and reused across saves (LRU)."""
+
+    def __init__(self, max_maps: int = 6) -> None:
+        self.maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self.max_maps = max_maps
+
+    def get(self, path: str, capacity: int) -> mmap.mmap:
+        mm = self.maps.get(path)
+        if mm is not None and len(mm) >= capacity:
+            self.maps.move_to_end(path)
+            return mm
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            mm.madvise(MADV_POPULATE_WRITE)  # fault the page tables in once, not on every save
+        except OSError:
+            pass
+        self.maps[path] = mm
+        while len(self.maps) > self.max_maps:
+            _, old = self.maps.popitem(last=False)
+            try:
+                old.close()
+            except BufferError:
+                pass
+        return mm
+
+    def close(self) -> None:
+        for mm in self.maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        self.maps.clear()
+
+
+@dataclass
+class SaveHandle:
+    """What a save returned. ``wait(level)`` blocks until the step reaches it."""
+
+    manager: CheckpointManager
+    step: int
+    stall_s: float = 0.0
+    waited_s: float = 0.0
+    nbytes: int = 0
+    skipped: bool = False
+    error: CkptdError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.skipped
+
+    def wait(self, level: Level = Level.STAGED, timeout_s: float | None = None) -> pb.StepStatus:
+        """Block until the whole step (every rank) reaches ``level``.
+
+        Raises the save's own error if it failed, TierFailed if the tier failed or skipped the
+        step (e.g. superseded by a newer one), Timeout past ``timeout_s``.
+        """
+        if self.error is not None:
+            raise self.error
+        if self.skipped:
+            raise BudgetExhausted(f"save of step {self.step} was skipped (no slot free in the budget)")
+        return self.manager._wait(self.step, level, timeout_s)
+
+    def status(self) -> pb.StepStatus:
+        m = self.manager
+        return m.conn.call(m.conn.stub.GetStepStatus, pb.GetStepStatusRequest(job=m.job, step=self.step))
+
+
+@dataclass
+class RestoreInfo:
+    step: int
+    served_from: str
+    seconds: float
+    daemon_read_s: float
+    rejected: list[str] = field(default_factory=list)
+
+
+def _default_rank() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist  # only when torch is present
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class CheckpointManager:
+    """Save and restore one job's sharded state through the node's ckptd daemon."""
+
+    def __init__(
+        self,
+        job: str,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        addr: str | os.PathLike[str] | None = None,
+        save_interval_steps: int = 1,
+        backpressure: str | None = None,
+        wait_timeout_s: float | None = None,
+        checksum: str = "daemon",
+        on_error: str = "warn",
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        validate_job(job)
+        if rank is None or world_size is None:
+            r, w = _default_rank()
+            rank = r if rank is None else rank
+            world_size = w if world_size is None else world_size
+        if not (1 <= world_size and 0 <= rank < world_size):
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if save_interval_steps < 1:
+            raise ValueError("save_interval_steps must be >= 1")
+        if backpressure not in (None, "wait", "skip"):
+            raise ValueError("backpressure must be 'wait', 'skip' or None (the daemon's default)")
+        if checksum not in ("daemon", "client"):
+            raise ValueError("checksum must be 'daemon' or 'client'")
+        if on_error not in ("warn", "raise"):
+            raise ValueError("on_error must be 'warn' or 'raise'")
+        self.job = job
+        self.rank = rank
+        self.world_size = world_size
+        self.save_interval_steps = save_interval_steps
+        self.backpressure = backpressure
+        self.wait_timeout_s = wait_timeout_s
+        self.checksum = checksum
+        self.on_error = on_error
+        self.conn = Connection(addr)
+        self.conn.wait_ready(connect_timeout_s)
+        self._maps = _SlotMaps()
+        self.handles: list[SaveHandle] = []
+        self.stalls_s: list[float] = []
+        self.last_restore: RestoreInfo | None = None
+
+    # -- save -------------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        return step % self.save_interval_steps == 0
+
+    def save(self, step: int, state: Any) -> SaveHandle:
+        """Stage this rank's state for ``step``; returns once the bytes are in the daemon's slot."""
+        validate_step(step)
+        t0 = time.perf_counter()
+        leaves, tensors, tree_json, nbytes = flatten(state)  # TypeError for unsupported values
+        policy = {None: pb.BACKPRESSURE_DEFAULT, "wait": pb.BACKPRESSURE_WAIT,
+                  "skip": pb.BACKPRESSURE_SKIP}[self.backpressure]
+        handle = SaveHandle(self, step, nbytes=nbytes)
+        try:
+            begin = self.conn.call(self.conn.stub.BeginSave, pb.BeginSaveRequest(
+                job=self.job, step=step, rank=self.rank, world_size=self.world_size, nbytes=nbytes,
+                policy=policy, client_pid=os.getpid(),
+                wait_timeout_ms=int(self.wait_timeout_s * 1000) if self.wait_timeout_s else 0,
+            ), timeout_s=(self.wait_timeout_s or 0) + 120)
+            handle.waited_s = time.perf_counter() - t0
+            try:
+                mm = self._maps.get(begin.slot_path, begin.slot_capacity_bytes)
+                copy_into(mm, leaves, tensors)
+                crcs = chunk_crcs(memoryview(mm)[:nbytes], begin.chunk_bytes) if self.checksum == "client" else []
+            except BaseException:
+                self.conn.call(self.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=begin.lease_id))
+                raise
+            from ckptd_client.convert import layout_pb
+
+            self.conn.call(self.conn.stub.CommitShard, pb.CommitShardRequest(
+                lease_id=begin.lease_id, job=self.job, step=step, rank=self.rank,
+                world_size=self.world_size, nbytes=nbytes, layout=layout_pb(tensors, tree_json),
+                chunk_bytes=begin.chunk_bytes, chunk_crc32c=crcs,
+            ))
+        except BudgetExhausted as exc:
+            handle.skipped = True
+            handle.error = exc
+            log.warning("ckptd: save of %s@%d skipped: %s", self.job, step, exc)
+            if self.on_error == "raise":
+                raise
+        except CkptdError as exc:
+            handle.error = exc
+            log.warning("ckptd: save of %s@%d failed: %s", self.job, step, exc)
+            if self.on_error == "raise":
+                raise
+        handle.stall_s = time.perf_counter() - t0
+        if handle.ok:
+            self.stalls_s.append(handle.stall_s)
+        self.handles.append(handle)
+        del self.handles[:-64]
+        return handle
+
+    def _wait(self, step: int, level: Level, timeout_s: float | None) -> pb.StepStatus:
+        timeout_s = 3600.0 if timeout_s is None else timeout_s
+        return self.conn.call(self.conn.stub.WaitStep, pb.WaitStepRequest(
+            job=self.job, step=step, level=int(level), timeout_ms=max(1, int(timeout_s * 1000)),  # type: ignore[arg-type]
+        ), timeout_s=timeout_s + 10)
+
+    def wait_until_finished(self, level: Level = Level.LOCAL_DURABLE, timeout_s: float | None = None) -> int | None:
+        """Wait until the newest successful save reached ``level``; return its step.
+
+        A step the tier skipped on purpose (superseded, interval) is not an error; a failed tier is.
+        """
+        for handle in reversed(self.handles):
+            if not handle.ok:
+                continue
+            try:
+                handle.wait(level, timeout_s)
+            except TierFailed as exc:
+                if "skipped" not in str(exc):
+                    raise
+            return handle.step
+        return None
+
+    def stall_median_s(self) -> float | None:
+        return statistics.median(self.stalls_s) if self.stalls_s else None
+
+    # -- queries ----------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Steps committed at some tier, ascending."""
+        try:
+            resp = self.conn.call(self.conn.stub.ListSteps, pb.ListStepsRequest(job=self.job))
+        except NotFound:
+            return []
+        return [s.step for s in resp.steps if s.committed]
+
+    def latest_step(self) -> int | None:
+        """Newest step committed at any tier the daemon can reach, or None."""
+        try:
+            resp = self.conn.call(self.conn.stub.PrepareRestore, pb.PrepareRestoreRequest(
+                job=self.job, rank=self.rank, world_size=self.world_size, step=-1, dry_run=True))
+        except NotFound:
+            return None
+        return int(resp.step)
+
+    # -- restore ----------------------------------------------------------------------------
+    def restore(self, state: Any, step: int | str = "latest") -> int | None:
+        """Fill ``state`` in place from a committed step; return the step, or None if none exists.
+
+        ``step="latest"`` with no checkpoint returns None (a fresh start); an explicit step that
+        does not exist raises NotFound.
+        """
+        t0 = time.perf_counter()
+        req_step = -1 if step == "latest" else validate_step(int(step))
+        try:
+            resp = self.conn.call(self.conn.stub.PrepareRestore, pb.PrepareRestoreRequest(
+                job=self.job, rank=self.rank, world_size=self.world_size, step=req_step,
+                client_pid=os.getpid()), timeout_s=600)
+        except NotFound:
+            if step == "latest":
+                return None
+            raise
+        try:
+            import json
+
+            from ckptd_client.convert import tensors_from_layout
+            fd = os.open(resp.slot_path, os.O_RDONLY)
+            try:
+                mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*not writable.*")
+                    Restorer(mm, tensors_from_layout(resp.layout)).apply(
+                        json.loads(resp.layout.tree_json), state)
+            finally:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+        finally:
+            self.conn.call(self.conn.stub.ReleaseRestore, pb.ReleaseRestoreRequest(lease_id=resp.lease_id))
+        self.last_restore = RestoreInfo(int(resp.step), resp.served_from, time.perf_counter() - t0,
+                                        resp.read_s, list(resp.rejected))
+        return int(resp.step)
+
+    def close(self) -> None:
+        self._maps.close()
+        self.conn.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

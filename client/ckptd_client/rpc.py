@@ -1,0 +1,61 @@
+"""Blocking gRPC connection from a training process (or ckptctl) to its node's daemon.
+
+Address resolution: explicit argument > ``CKPTD_ADDR`` (``unix:/path`` or a path) >
+``CKPTD_DAEMON_SOCKET`` > ``{CKPTD_DAEMON_ROOT or /var/lib/ckptd}/run/ckptd.sock``.
+Every call goes through ``call``, which rebuilds the daemon's typed error (``ckptd.errors``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
+from ckptd.errors import DaemonUnavailable, from_rpc_error
+
+T = TypeVar("T")
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def resolve_address(addr: str | os.PathLike[str] | None = None) -> str:
+    if addr is None:
+        addr = os.environ.get("CKPTD_ADDR") or os.environ.get("CKPTD_DAEMON_SOCKET")
+    if addr is None:
+        root = os.environ.get("CKPTD_DAEMON_ROOT", "/var/lib/ckptd")
+        addr = os.path.join(root, "run", "ckptd.sock")
+    addr = os.fspath(addr)
+    if addr.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return addr
+    return f"unix:{addr}"
+
+
+class Connection:
+    """One channel and stub; cheap to keep for the life of a trainer."""
+
+    def __init__(self, addr: str | os.PathLike[str] | None = None, timeout_s: float = 60.0) -> None:
+        self.address = resolve_address(addr)
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        self.stub = pb_grpc.CheckpointServiceStub(self.channel)
+
+    def call(self, method: Callable[..., T], request: Any, timeout_s: float | None = None) -> T:
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the daemon answers, or raise DaemonUnavailable."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise DaemonUnavailable(f"no ckptd daemon answers at {self.address}") from None
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,209 @@
+"""Flatten a training state into tensors + a typed JSON tree, and restore it in place.
+
+Accepted: nested dicts (str/int keys), lists, tuples; torch tensors (every dtype in
+``ckptd.types.DTYPE_ITEMSIZE``, non-contiguous, 0-d, empty, any device); numpy arrays;
+int/float/str/bool/None; and any object with ``state_dict()``/``load_state_dict()`` (model,
+optimizer, LR scheduler). Anything else raises TypeError naming its key. Nothing is pickled.
+
+Restore walks the caller's state beside the saved tree: tensors of matching shape and dtype are
+overwritten in place (``copy_``), containers are updated in place, stateful objects get
+``load_state_dict`` with their current state dict updated from the checkpoint, and anything the
+caller does not have yet (e.g. a fresh optimizer's empty state) is created as a copy, never as a
+view into shared memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ckptd.layout import TensorEntry, align_up
+from ckptd.types import DTYPE_ITEMSIZE
+
+
+@dataclass
+class Leaf:
+    """One tensor or array to copy into the slot."""
+
+    name: str
+    obj: Any
+    kind: str  # "t" torch, "a" numpy
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch")
+
+
+def _is_tensor(x: Any) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+class Flattener:
+    def __init__(self) -> None:
+        self.leaves: list[Leaf] = []
+        self._names: set[str] = set()
+
+    def _leaf(self, path: str, obj: Any, kind: str, dtype: str, shape: tuple[int, ...]) -> dict[str, int]:
+        itemsize = DTYPE_ITEMSIZE.get(dtype)
+        if itemsize is None:
+            raise TypeError(f"{path or '<root>'}: unsupported dtype {dtype}")
+        name = path or "<root>"
+        while name in self._names:
+            name += "#"
+        self._names.add(name)
+        self.leaves.append(Leaf(name, obj, kind, dtype, shape, math.prod(shape) * itemsize))
+        return {kind: len(self.leaves) - 1}
+
+    def node(self, obj: Any, path: str = "", depth: int = 0) -> dict[str, Any]:
+        if depth > 60:
+            raise TypeError(f"{path}: state nested too deeply")
+        if _is_tensor(obj):
+            if obj.is_sparse or obj.is_quantized or getattr(obj, "is_nested", False):
+                raise TypeError(f"{path or '<root>'}: sparse, quantized and nested tensors are not supported")
+            dtype = str(obj.dtype).removeprefix("torch.")
+            return self._leaf(path, obj, "t", dtype, tuple(obj.shape))
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.hasobject or obj.dtype.fields is not None:
+                raise TypeError(f"{path or '<root>'}: numpy dtype {obj.dtype} is not supported")
+            return self._leaf(path, obj, "a", obj.dtype.name, tuple(obj.shape))
+        if obj is None or isinstance(obj, (bool, str)):
+            return {"v": obj}
+        if isinstance(obj, int):
+            return {"v": int(obj)}
+        if isinstance(obj, float):
+            return {"f": float(obj).hex()}
+        if isinstance(obj, np.generic) and not isinstance(obj, np.void):
+            return self.node(obj.item(), path, depth)
+        if isinstance(obj, dict):
+            pairs = []
+            for k, v in obj.items():
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise TypeError(f"{_join(path, repr(k))}: dict keys must be str or int")
+                pairs.append([k, self.node(v, _join(path, k), depth + 1)])
+            return {"d": pairs}
+        if isinstance(obj, list):
+            return {"l": [self.node(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]}
+        if isinstance(obj, tuple):
+            return {"u": [self.node(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]}
+        if callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
+            return {"s": self.node(obj.state_dict(), path, depth + 1)}
+        raise TypeError(
+            f"{path or '<root>'}: cannot checkpoint a value of type {type(obj).__name__} "
+            "(use tensors, arrays, numbers, strings, containers or objects with state_dict())"
+        )
+
+
+def flatten(state: Any) -> tuple[list[Leaf], list[TensorEntry], str, int]:
+    """Return (leaves, layout tensors, tree JSON, shard nbytes) for a state."""
+    f = Flattener()
+    tree = f.node(state)
+    tensors: list[TensorEntry] = []
+    offset = 0
+    for leaf in f.leaves:
+        offset = align_up(offset)
+        tensors.append(TensorEntry(leaf.name, leaf.dtype, leaf.shape, offset, leaf.nbytes))
+        offset += leaf.nbytes
+    return f.leaves, tensors, json.dumps(tree, separators=(",", ":")), offset
+
+
+def copy_into(buf: Any, leaves: list[Leaf], tensors: list[TensorEntry]) -> None:
+    """Copy every leaf straight into buf at its offset: one copy, no intermediate buffer."""
+    torch = _torch()
+    for leaf, t in zip(leaves, tensors):
+        if not t.nbytes:
+            continue
+        numel = t.nbytes // DTYPE_ITEMSIZE[t.dtype]
+        if leaf.kind == "t":
+            assert torch is not None
+            dst = torch.frombuffer(buf, dtype=leaf.obj.dtype, count=numel, offset=t.offset)
+            with torch.no_grad():
+                dst.view(leaf.shape).copy_(leaf.obj.detach())
+            del dst
+        else:
+            dst_a = np.frombuffer(buf, dtype=leaf.obj.dtype.newbyteorder("="), count=numel, offset=t.offset)
+            np.copyto(dst_a.reshape(leaf.shape), leaf.obj, casting="equiv")
+            del dst_a
+
+
+def view_of(buf: Any, kind: str, t: TensorEntry) -> Any:
+    """A zero-copy tensor/array over buf for entry t."""
+    numel = t.nbytes // DTYPE_ITEMSIZE[t.dtype]
+    if kind == "t":
+        torch = _torch()
+        if torch is None:
+            import torch  # noqa: F811 - the state held tensors when it was saved
+        dtype = getattr(torch, t.dtype)
+        if numel == 0:
+            return torch.empty(t.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype, count=numel, offset=t.offset).view(t.shape)
+    if numel == 0:
+        return np.empty(t.shape, dtype=t.dtype)
+    return np.frombuffer(buf, dtype=t.dtype, count=numel, offset=t.offset).reshape(t.shape)
+
+
+class Restorer:
+    """Apply a saved tree onto a live state (see module docstring)."""
+
+    def __init__(self, buf: Any, tensors: list[TensorEntry]) -> None:
+        self.buf = buf
+        self.tensors = tensors
+
+    def apply(self, node: dict[str, Any], cur: Any, path: str = "") -> Any:
+        ((kind, val),) = node.items()
+        if kind in ("t", "a"):
+            src = view_of(self.buf, kind, self.tensors[val])
+            return self._tensor(src, cur, kind, path)
+        if kind == "v":
+            return val
+        if kind == "f":
+            return float.fromhex(val)
+        if kind == "d":
+            target = cur if isinstance(cur, dict) else {}
+            for k, child in val:
+                target[k] = self.apply(child, target.get(k), _join(path, k))
+            return target
+        if kind == "l":
+            items = cur if isinstance(cur, list) and len(cur) == len(val) else [None] * len(val)
+            for i, child in enumerate(val):
+                items[i] = self.apply(child, items[i], _join(path, i))
+            if isinstance(cur, list) and cur is not items:
+                cur[:] = items
+                return cur
+            return items
+        if kind == "u":
+            old = cur if isinstance(cur, tuple) and len(cur) == len(val) else (None,) * len(val)
+            return tuple(self.apply(c, o, _join(path, i)) for i, (c, o) in enumerate(zip(val, old)))
+        if kind == "s":
+            if cur is None or not callable(getattr(cur, "load_state_dict", None)):
+                return self.apply(val, None, path)
+            sd = self.apply(val, cur.state_dict(), path)
+            cur.load_state_dict(sd)
+            return cur
+        raise ValueError(f"{path}: unknown tree node {kind!r}")
+
+    def _tensor(self, src: Any, cur: Any, kind: str, path: str) -> Any:
+        if kind == "t":
+            torch = _torch()
+            assert torch is not None
+            if (isinstance(cur, torch.Tensor) and cur.shape == src.shape and cur.dtype == src.dtype):
+                with torch.no_grad():
+                    cur.copy_(src)
+                return cur
+            return src.clone()
+        if isinstance(cur, np.ndarray) and cur.shape == src.shape and cur.dtype == src.dtype and cur.flags.writeable:
+            np.copyto(cur, src)
+            return cur
+        return np.array(src, copy=True)
