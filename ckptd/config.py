@@ -82,10 +82,16 @@ class DiskSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    address: str = ""  # "host:port" for the Prometheus exporter; empty: off
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     memory: MemorySection = field(default_factory=MemorySection)
     disk: DiskSection = field(default_factory=DiskSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
     @property
     def socket_path(self) -> Path:
@@ -99,7 +105,9 @@ class Config:
         return Path("/dev/shm") / f"ckptd-{os.getuid()}-{digest}"
 
 
-_SECTIONS: Final = {"daemon": DaemonSection, "memory": MemorySection, "disk": DiskSection}
+_SECTIONS: Final = {
+    "daemon": DaemonSection, "memory": MemorySection, "disk": DiskSection, "metrics": MetricsSection,
+}
 _SIZE_KEYS: Final = {"budget_bytes", "chunk_bytes", "max_shard_bytes", "write_block_bytes"}
 
 
@@ -198,6 +206,10 @@ def validate(cfg: Config) -> Config:
         raise InvalidArgument("daemon.io_threads must be in [1, 256]")
     if dm.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise InvalidArgument("daemon.log_level must be DEBUG, INFO, WARNING or ERROR")
+    if cfg.metrics.address:
+        host, sep, port = cfg.metrics.address.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise InvalidArgument(f"metrics.address must be host:port, got {cfg.metrics.address!r}")
     if len(str(cfg.socket_path)) > MAX_SOCKET_PATH:
         raise InvalidArgument(
             f"socket path {cfg.socket_path} is longer than {MAX_SOCKET_PATH} characters "

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptd import __version__
+from ckptd import __version__, metrics
 from ckptd.catalog import (
     Catalog,
     ShardRecord,
@@ -108,6 +108,9 @@ class Daemon:
         self._lock_fd = -1
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        metrics.SHM_BUDGET_BYTES.set(cfg.memory.budget_bytes)
+        metrics.SHM_BYTES_IN_USE.set_function(lambda: self.pool.bytes_in_use)
+        metrics.INFLIGHT.labels("copying").set_function(lambda: len(self.save_leases))
 
     # -- life cycle -------------------------------------------------------------------------
     def _lock(self) -> None:
@@ -260,8 +263,14 @@ class Daemon:
         mem = self.cfg.memory
         do_wait = (mem.backpressure == "wait") if wait is None else wait
         timeout_s = mem.wait_timeout_s if wait_timeout_s is None else wait_timeout_s
-        slot = await self.pool.lease((job, rank), nbytes, self.catalog.slot_reusable, do_wait,
-                                     timeout_s, mem.slots_per_rank)
+        t0 = time.monotonic()
+        try:
+            slot = await self.pool.lease((job, rank), nbytes, self.catalog.slot_reusable, do_wait,
+                                         timeout_s, mem.slots_per_rank)
+        except Exception:
+            metrics.SAVES_TOTAL.labels("no_slot").inc()
+            raise
+        metrics.SLOT_WAIT_SECONDS.observe(time.monotonic() - t0)
         lease = SaveLease(uuid.uuid4().hex, job, step, rank, world_size, nbytes, slot,
                           client_pid if client_pid > 0 and _pid_alive(client_pid) else 0,
                           time.monotonic() + mem.lease_timeout_s)
@@ -271,7 +280,7 @@ class Daemon:
 
     async def commit_shard(self, lease_id: str, job: str, step: int, rank: int, world_size: int,
                            nbytes: int, tensors: list[TensorEntry], tree_json: str,
-                           chunk_bytes: int, client_crcs: list[int]) -> Level:
+                           chunk_bytes: int, client_crcs: list[int], client_stall_s: float = 0.0) -> Level:
         lease = self.save_leases.get(lease_id)
         if lease is None:
             raise NotFound(f"unknown or expired save lease {lease_id[:16]!r}")
@@ -295,6 +304,10 @@ class Daemon:
         lease.slot.content = rec
         lease.slot.writing = False
         await self.catalog.set_tier(st, TierName.MEMORY, TierState.IN_PROGRESS)
+        metrics.SAVES_TOTAL.labels("staged").inc()
+        metrics.TIER_WRITTEN_BYTES.labels("memory").inc(nbytes)
+        if 0 < client_stall_s < 86400:
+            metrics.SAVE_BLOCKING_SECONDS.observe(client_stall_s)
         self._spawn(self._checksum(st, rec, client_crcs), f"crc-{job}-{step}-{rank}")
         return Level.STAGED
 
@@ -310,6 +323,7 @@ class Daemon:
                 self.executor, chunk_crcs, slot.view(entry.nbytes), entry.chunk_bytes)
             if client_crcs and crcs != list(client_crcs):
                 bad = next(i for i, (a, b) in enumerate(zip(crcs, client_crcs)) if a != b)
+                metrics.CHECKSUM_FAILURES.labels("memory").inc()
                 rec.slot = None
                 slot.content = None
                 del st.shards[entry.rank]
@@ -330,6 +344,7 @@ class Daemon:
         if st.in_memory:
             log.info("step %s@%d STAGED on all %d ranks", st.job, st.step, st.world_size)
             await self.catalog.set_tier(st, TierName.MEMORY, TierState.COMMITTED)
+            metrics.LAST_COMMITTED_STEP.labels(st.job, "memory").set(st.step)
             await self.pool.notify()
             self.drainer.kick()
         else:

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
+from ckptd import metrics
 from ckptd.catalog import Catalog, StepState, TierState
 from ckptd.config import DiskSection
 from ckptd.errors import AlreadyExists
@@ -135,12 +136,16 @@ class DiskDrainer:
             await self.catalog.set_tier(st, TierName.DISK, TierState.COMMITTED, str(exc))
         except Exception as exc:  # noqa: BLE001 - any failure degrades the level, never crashes
             log.error("disk drain of %s@%d failed: %s", st.job, st.step, exc)
+            metrics.TIER_FAILURES.labels("disk", "drain").inc()
             await self.catalog.set_tier(st, TierName.DISK, TierState.FAILED, str(exc))
         else:
             elapsed = time.monotonic() - t0
             self.last_drain = {"job": st.job, "step": st.step, "bytes": st.nbytes, "seconds": elapsed}
             log.info("step %s@%d LOCAL_DURABLE (%d bytes in %.3fs)", st.job, st.step, st.nbytes, elapsed)
             await self.catalog.set_tier(st, TierName.DISK, TierState.COMMITTED)
+            metrics.TIER_WRITTEN_BYTES.labels("disk").inc(st.nbytes)
+            metrics.TIER_OP_SECONDS.labels("disk", "drain").observe(elapsed)
+            metrics.LAST_COMMITTED_STEP.labels(st.job, "disk").set(st.step)
             await self._retain(st.job)
         finally:
             for slot in slots:

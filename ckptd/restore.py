@@ -16,6 +16,7 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+from ckptd import metrics
 from ckptd.catalog import Catalog, ShardRecord, StepState, TierState, sidecar_meta
 from ckptd.errors import CkptdError, FailedPrecondition, IntegrityError, NotFound
 from ckptd.integrity import first_bad_chunk
@@ -107,9 +108,15 @@ class Restorer:
                 log.warning("restore %s@%d rank %d: %s copy rejected: %s",
                             job, result.step, rank, source.tier.value, exc)
                 result.rejected.append(f"{source.tier.value}: {exc}")
+                if isinstance(exc, IntegrityError):
+                    metrics.CHECKSUM_FAILURES.labels(source.tier.value).inc()
                 continue
             result.served_from = source.tier
             result.read_s = time.monotonic() - t0
+            metrics.RESTORES_TOTAL.labels(source.tier.value).inc()
+            if result.entry is not None:
+                metrics.TIER_READ_BYTES.labels(source.tier.value).inc(result.entry.nbytes)
+                metrics.TIER_OP_SECONDS.labels(source.tier.value, "restore").observe(result.read_s)
             del loop
             return result
         raise IntegrityError(

@@ -86,7 +86,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         level = await self.d.commit_shard(
             request.lease_id, request.job, request.step, request.rank, request.world_size,
             request.nbytes, tensors_from_pb(request.layout), request.layout.tree_json,
-            request.chunk_bytes, list(request.chunk_crc32c),
+            request.chunk_bytes, list(request.chunk_crc32c), request.client_stall_s,
         )
         return pb.CommitShardResponse(level=int(level))  # type: ignore[arg-type]
 
@@ -155,6 +155,10 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
     daemon = Daemon(cfg)
     await daemon.start()
+    if cfg.metrics.address:
+        from ckptd.metrics import serve_http
+
+        serve_http(cfg.metrics.address)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

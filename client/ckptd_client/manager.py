@@ -206,6 +206,7 @@ class CheckpointManager:
                 lease_id=begin.lease_id, job=self.job, step=step, rank=self.rank,
                 world_size=self.world_size, nbytes=nbytes, layout=layout_pb(tensors, tree_json),
                 chunk_bytes=begin.chunk_bytes, chunk_crc32c=crcs,
+                client_stall_s=time.perf_counter() - t0,
             ))
         except BudgetExhausted as exc:
             handle.skipped = True

@@ -259,6 +259,7 @@ class CommitShardRequest(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     CHUNK_CRC32C_FIELD_NUMBER: _builtins.int
+    CLIENT_STALL_S_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     job: _builtins.str
     step: _builtins.int
@@ -266,11 +267,13 @@ class CommitShardRequest(_message.Message):
     world_size: _builtins.int
     nbytes: _builtins.int
     chunk_bytes: _builtins.int
+    client_stall_s: _builtins.float
+    """time save() has blocked so far (for the metrics)"""
     @_builtins.property
     def layout(self) -> Global___ShardLayout: ...
     @_builtins.property
     def chunk_crc32c(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """crc32c of each chunk_bytes chunk of the shard"""
+        """optional: crc32c of each chunk (the daemon verifies them)"""
 
     def __init__(
         self,
@@ -284,10 +287,11 @@ class CommitShardRequest(_message.Message):
         layout: Global___ShardLayout | None = ...,
         chunk_bytes: _builtins.int = ...,
         chunk_crc32c: _abc.Iterable[_builtins.int] | None = ...,
+        client_stall_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "chunk_crc32c", b"chunk_crc32c", "job", b"job", "layout", b"layout", "lease_id", b"lease_id", "nbytes", b"nbytes", "rank", b"rank", "step", b"step", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "chunk_crc32c", b"chunk_crc32c", "client_stall_s", b"client_stall_s", "job", b"job", "layout", b"layout", "lease_id", b"lease_id", "nbytes", b"nbytes", "rank", b"rank", "step", b"step", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
