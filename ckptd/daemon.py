@@ -412,6 +412,7 @@ class Daemon:
         result = await self.restorer.plan(job, rank, world_size, step)
         if dry_run:
             return result, ""
+        await self._drop_partial_steps_after(job, result.step)
         result = await self.restorer.execute(job, rank, world_size, result)
         assert result.slot is not None
         lease = RestoreLease(uuid.uuid4().hex, result.slot,
@@ -419,6 +420,24 @@ class Daemon:
                              time.monotonic() + self.cfg.memory.lease_timeout_s)
         self.restore_leases[lease.lease_id] = lease
         return result, lease.lease_id
+
+    async def _drop_partial_steps_after(self, job: str, step: int) -> None:
+        """A restore to ``step`` starts a new incarnation of the job: shards of later steps that
+        never completed belong to the dead one and must not mix with the new run's shards."""
+        for st in self.catalog.steps(job):
+            if st.step <= step or st.in_memory or st.state(TierName.DISK) == TierState.COMMITTED:
+                continue
+            if any((lease.job, lease.step) == (job, st.step) for lease in self.save_leases.values()):
+                continue
+            for rec in st.shards.values():
+                if rec.slot is not None and rec.slot.content is rec:
+                    rec.slot.content = None
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.executor, rec.slot.meta_path.unlink, True)
+            log.info("dropping partial step %s@%d (%d of %d shards) left by an earlier run",
+                     job, st.step, len(st.shards), st.world_size)
+            self.catalog.forget(job, st.step)
+        await self.pool.notify()
 
     async def release_restore(self, lease_id: str) -> None:
         lease = self.restore_leases.pop(lease_id, None)
