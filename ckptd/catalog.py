@@ -164,6 +164,11 @@ class Catalog:
                     return st
                 if state in REACHED:
                     return st
+                mem_state, mem_msg = st.tiers.get(TierName.MEMORY, (TierState.PENDING, ""))
+                if mem_state in (TierState.FAILED, TierState.SKIPPED) and not st.in_memory \
+                        and state not in REACHED:
+                    raise TierFailed(f"step {step} of {job!r} will not reach {level.name}: "
+                                     f"memory tier {mem_state.name.lower()}: {mem_msg}")
                 if state in (TierState.FAILED, TierState.SKIPPED):
                     raise TierFailed(
                         f"step {step} of {job!r} will not reach {level.name}: "

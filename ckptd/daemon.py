@@ -38,6 +38,7 @@ from ckptd.catalog import (
 from ckptd.config import Config
 from ckptd.errors import (
     AlreadyExists,
+    BudgetExhausted,
     DaemonUnavailable,
     FailedPrecondition,
     InvalidArgument,
@@ -77,7 +78,15 @@ class RestoreLease:
 
 
 def _pid_alive(pid: int) -> bool:
-    return pid <= 0 or os.path.exists(f"/proc/{pid}")
+    """True unless the pid is gone or a zombie (a killed trainer its parent has not reaped)."""
+    if pid <= 0:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
 def _check_ids(job: str, step: int, rank: int, world_size: int) -> None:
@@ -108,6 +117,7 @@ class Daemon:
         self._lock_fd = -1
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._beginning: set[tuple[str, int, int]] = set()  # BeginSaves between check and lease
         metrics.SHM_BUDGET_BYTES.set(cfg.memory.budget_bytes)
         metrics.SHM_BYTES_IN_USE.set_function(lambda: self.pool.bytes_in_use)
         metrics.INFLIGHT.labels("copying").set_function(lambda: len(self.save_leases))
@@ -194,6 +204,10 @@ class Daemon:
     async def stop(self) -> bool:
         """Graceful stop; True when every pending disk commit finished."""
         self.draining = True
+        # Shards already acknowledged STAGED may still be checksumming: let them finish (sidecar
+        # written, step committed in memory, drainer kicked) so the drain below includes them.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.cfg.daemon.shutdown_timeout_s)
         clean = await self.drainer.stop(self.cfg.daemon.shutdown_timeout_s)
         for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
             task.cancel()
@@ -251,11 +265,28 @@ class Daemon:
             if st.world_size != world_size:
                 raise FailedPrecondition(
                     f"step {step} of {job!r} has world_size {st.world_size}, not {world_size}")
+            if st.state(TierName.MEMORY) == TierState.SKIPPED and not st.in_memory:
+                raise BudgetExhausted(f"step {step} of {job!r} was skipped: "
+                                      f"{st.tiers[TierName.MEMORY][1]}")
             if rank in st.shards or st.state(TierName.DISK) == TierState.COMMITTED:
                 raise AlreadyExists(f"step {step} rank {rank} of {job!r} is already saved")
         for lease in self.save_leases.values():
             if (lease.job, lease.step, lease.rank) == (job, step, rank):
                 raise AlreadyExists(f"step {step} rank {rank} of {job!r} is being saved by another writer")
+        # Claim (job, step, rank) before the first await: a concurrent BeginSave for the same
+        # shard must not pass the checks above while this one waits for the disk or a slot.
+        if (job, step, rank) in self._beginning:
+            raise AlreadyExists(f"step {step} rank {rank} of {job!r} is being saved by another writer")
+        self._beginning.add((job, step, rank))
+        try:
+            return await self._begin_save_claimed(job, step, rank, world_size, nbytes, wait,
+                                                  wait_timeout_s, client_pid, st)
+        finally:
+            self._beginning.discard((job, step, rank))
+
+    async def _begin_save_claimed(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
+                                  wait: bool | None, wait_timeout_s: float | None, client_pid: int,
+                                  st: StepState | None) -> SaveLease:
         if self.disk is not None and st is None:
             loop = asyncio.get_running_loop()
             if step in await loop.run_in_executor(self.executor, self.disk.list_committed, job):
@@ -267,8 +298,9 @@ class Daemon:
         try:
             slot = await self.pool.lease((job, rank), nbytes, self.catalog.slot_reusable, do_wait,
                                          timeout_s, mem.slots_per_rank)
-        except Exception:
+        except BudgetExhausted as exc:
             metrics.SAVES_TOTAL.labels("no_slot").inc()
+            await self._abandon_step(job, step, world_size, f"rank {rank} had no slot: {exc}")
             raise
         metrics.SLOT_WAIT_SECONDS.observe(time.monotonic() - t0)
         lease = SaveLease(uuid.uuid4().hex, job, step, rank, world_size, nbytes, slot,
@@ -298,6 +330,10 @@ class Daemon:
             raise InvalidArgument(f"bad shard layout: {exc}") from None
         del self.save_leases[lease_id]
         st = self.catalog.ensure(job, step, world_size)
+        if st.state(TierName.MEMORY) == TierState.SKIPPED and not st.in_memory:
+            lease.slot.content = None
+            await self.pool.release_write(lease.slot)
+            raise BudgetExhausted(f"step {step} of {job!r} was skipped: {st.tiers[TierName.MEMORY][1]}")
         entry = ShardEntry(rank, nbytes, expected_chunk, (), tuple(tensors), tree)
         rec = ShardRecord(job, step, entry, lease.slot, checksummed=False)
         st.shards[rank] = rec
@@ -330,6 +366,8 @@ class Daemon:
                 await self.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED,
                                             f"rank {entry.rank}: crc32c of chunk {bad} differs from the client's")
                 return
+            if slot.content is not rec:
+                return  # the step was abandoned meanwhile
             entry = ShardEntry(entry.rank, entry.nbytes, entry.chunk_bytes, tuple(crcs),
                                entry.tensors, entry.tree)
             rec.entry = entry
@@ -349,6 +387,22 @@ class Daemon:
             self.drainer.kick()
         else:
             await self.catalog.notify()
+
+    async def _abandon_step(self, job: str, step: int, world_size: int, reason: str) -> None:
+        """One rank could not stage this step, so it can never commit: free the shards the
+        other ranks staged and make their later BeginSave/CommitShard of it skip too."""
+        st = self.catalog.ensure(job, step, world_size)
+        if st.in_memory or st.world_size != world_size:
+            return
+        loop = asyncio.get_running_loop()
+        for rec in st.shards.values():
+            if rec.slot is not None and rec.slot.content is rec:
+                rec.slot.content = None
+                await loop.run_in_executor(self.executor, rec.slot.meta_path.unlink, True)
+        st.shards.clear()
+        log.warning("step %s@%d skipped on every rank: %s", job, step, reason)
+        await self.catalog.set_tier(st, TierName.MEMORY, TierState.SKIPPED, reason)
+        await self.pool.notify()
 
     async def abort_save(self, lease_id: str) -> None:
         lease = self.save_leases.get(lease_id)
