@@ -66,6 +66,16 @@ class StepState:
     def state(self, tier: TierName) -> TierState:
         return self.tiers.get(tier, (TierState.PENDING, ""))[0]
 
+    def effective(self, tier: TierName) -> tuple[TierState, str]:
+        """The state to report: for memory, what the slots hold now, not what they once held."""
+        state, msg = self.tiers.get(tier, (TierState.PENDING, ""))
+        if tier == TierName.MEMORY:
+            if self.in_memory:
+                return TierState.COMMITTED, ""
+            if state == TierState.COMMITTED:
+                return TierState.REMOVED, "slots reused"
+        return state, msg
+
     @property
     def in_memory(self) -> bool:
         return len(self.shards) == self.world_size and all(

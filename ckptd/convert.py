@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.catalog import StepState, TierState
+from ckptd.catalog import StepState
 from ckptd.errors import InvalidArgument
 from ckptd.layout import TensorEntry
 from ckptd.types import Level, TierName
@@ -32,11 +32,7 @@ def tensors_to_pb(tensors: tuple[TensorEntry, ...] | list[TensorEntry], tree_jso
 def tier_statuses(st: StepState) -> list[pb.TierStatus]:
     out = []
     for tier in (TierName.MEMORY, TierName.DISK):
-        state, msg = st.tiers.get(tier, (TierState.PENDING, ""))
-        if tier == TierName.MEMORY and st.in_memory:
-            state = TierState.COMMITTED
-        elif tier == TierName.MEMORY and state == TierState.COMMITTED:
-            state, msg = TierState.REMOVED, "slots reused"
+        state, msg = st.effective(tier)
         out.append(pb.TierStatus(tier=tier.value, state=int(state), message=msg))  # type: ignore[arg-type]
     return out
 

@@ -439,7 +439,7 @@ class Daemon:
         if step is None:
             step = await self.restorer.latest(job)
         st = self.step_status(job, step)
-        tiers = [t.value for t in TierName if st.state(t) == TierState.COMMITTED]
+        tiers = [t.value for t in TierName if st.effective(t)[0] == TierState.COMMITTED]
         if st.in_memory:
             return st.manifest(), tiers
         if self.disk is not None and st.state(TierName.DISK) == TierState.COMMITTED:

@@ -1,0 +1,183 @@
+"""``ckptctl``: inspect, restore and verify ckptd checkpoints (entry point and argument parsing).
+
+    ckptctl [--addr ADDR | --root DIR] [-o table|json] COMMAND ...
+    ckptctl version | status | ls [JOB] | show JOB@STEP [--tensors]
+    ckptctl restore JOB@STEP --to DIR [--format safetensors|torch] [--dry-run] [--rank R] [--force]
+    ckptctl verify JOB@STEP [--tier memory|disk] [--read-data]
+
+Targets a running daemon (``--addr``, else ``CKPTD_ADDR``, else the default socket; see
+``ckptd_client.rpc``) or, with ``--root``, a disk root read directly with no daemon. This module
+parses arguments, opens the source and maps every outcome to the fixed exit codes: 0 ok,
+1 failure, 2 usage, 3 partial, 4 not found, 5 integrity failure, 6 daemon unavailable, 7 timeout,
+130 interrupted. The commands live in ``ckptctl_inspect``, ``ckptctl_restore`` and
+``ckptctl_verify``; docs/cli.md is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ckptd import __version__
+from ckptd.errors import CkptdError
+from ckptd_client.ckptctl_output import message
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_NOT_FOUND = 4
+EXIT_INTEGRITY = 5
+EXIT_UNAVAILABLE = 6
+EXIT_TIMEOUT = 7
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit code 2 and the program's message style (argparse's default is 2 too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"ckptctl: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """Global options, accepted before or after the command (``ckptctl ls -o json`` works)."""
+
+    def d(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    g = p.add_argument_group("target and output")
+    g.add_argument("--addr", default=d(None), metavar="ADDR",
+                   help="daemon address: unix:/path or a socket path (default: $CKPTD_ADDR, "
+                        "$CKPTD_DAEMON_SOCKET, {$CKPTD_DAEMON_ROOT or /var/lib/ckptd}/run/ckptd.sock)")
+    g.add_argument("--root", default=d(None), metavar="DIR",
+                   help="read a disk root directly, no daemon (a daemon root or its data/ directory)")
+    g.add_argument("-o", "--output", choices=("table", "json"), default=d("table"), help="output format")
+    g.add_argument("--json", dest="output", action="store_const", const="json", default=d("table"),
+                   help="same as -o json")
+    g.add_argument("--timeout", type=_positive_float, default=d(None), metavar="SECONDS",
+                   help="deadline of each daemon call (default: 60, and 600 for calls that read a shard)")
+    g.add_argument("--no-progress", action="store_true", default=d(False),
+                   help="never draw a progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ckptctl", description="Inspect, restore and verify ckptd checkpoints.",
+                epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 partial, 4 not found, 5 integrity failure, "
+                       "6 daemon unavailable, 7 timeout, 130 interrupted. Reference: docs/cli.md")
+    p.add_argument("--version", action="version", version=f"ckptctl {__version__}")
+    _add_common(p, suppress=False)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(sp, suppress=True)
+        return sp
+
+    cmd("version", "print the client's (and the daemon's) version")
+    cmd("status", "daemon health, tier capacity and usage, in-flight saves, latest step per tier per job")
+    s = cmd("ls", "list steps with their state at each tier")
+    s.add_argument("job", nargs="?", metavar="JOB")
+    s = cmd("show", "describe a step from its manifest (never reads tensor bytes)")
+    s.add_argument("ident", metavar="JOB@STEP", help="JOB@STEP, JOB@latest or JOB (= latest)")
+    s.add_argument("--tensors", action="store_true", help="list every tensor (name, dtype, shape, bytes)")
+    s = cmd("restore", "write a step as safetensors (or torch) files plus manifest.json")
+    s.add_argument("ident", metavar="JOB@STEP", help="JOB@STEP, JOB@latest or JOB (= latest)")
+    s.add_argument("--to", type=Path, metavar="DIR", help="output directory (created if missing)")
+    s.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
+    s.add_argument("--dry-run", action="store_true", help="print which tier would serve each shard; read nothing")
+    s.add_argument("--rank", type=_rank, help="restore only this rank")
+    s.add_argument("--force", action="store_true", help="overwrite existing files in DIR")
+    s = cmd("verify", "check manifests and (with --read-data) every crc32c chunk of every copy")
+    s.add_argument("ident", metavar="JOB@STEP", help="JOB@STEP, JOB@latest or JOB (= latest)")
+    s.add_argument("--tier", choices=("memory", "disk"), help="check only this tier (default: every committed tier)")
+    s.add_argument("--read-data", action="store_true", help="re-read every byte and check crc32c")
+    return p
+
+
+def _run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ckptd_client import ckptctl_inspect as inspect
+    from ckptd_client.ckptctl_source import open_source, parse_identity
+
+    if ns.addr is not None and ns.root is not None:
+        parser.error("--addr and --root exclude each other")
+    as_json = ns.output == "json"
+    progress = not as_json and not ns.no_progress and sys.stderr.isatty()
+    if ns.cmd == "version":
+        return inspect.run_version(ns.addr, ns.timeout, as_json, use_daemon=ns.root is None)
+    ident = parse_identity(ns.ident) if hasattr(ns, "ident") else None
+    if ns.cmd == "ls" and ns.job is not None:
+        parse_identity(ns.job)  # validates the job name (exit 2 on a bad one)
+    if ns.cmd == "restore" and not ns.dry_run and ns.to is None:
+        parser.error("restore needs --to DIR (or --dry-run)")
+    source = open_source(ns.addr, ns.root, ns.timeout)
+    try:
+        if ns.cmd == "status":
+            return inspect.run_status(source, as_json)
+        if ns.cmd == "ls":
+            return inspect.run_ls(source, ns.job, as_json)
+        assert ident is not None
+        if ns.cmd == "show":
+            return inspect.run_show(source, ident, ns.tensors, as_json)
+        if ns.cmd == "restore":
+            from ckptd_client import ckptctl_restore as restore
+
+            if ns.dry_run:
+                return restore.run_dry_run(source, ident, ns.rank, as_json)
+            return restore.run_restore(source, ident, ns.to, ns.format, ns.rank, ns.force, as_json, progress)
+        if ns.cmd == "verify":
+            from ckptd_client.ckptctl_verify import run_verify
+
+            return run_verify(source, ident, ns.tier, ns.read_data, as_json, progress)
+        raise AssertionError(f"unhandled command {ns.cmd}")
+    finally:
+        source.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+        return _run(ns, parser)
+    except KeyboardInterrupt:
+        message("interrupted")
+        return EXIT_INTERRUPTED
+    except CkptdError as exc:
+        message(f"error: {exc}")
+        return exc.exit_code
+    except BrokenPipeError:
+        # the reader went away (e.g. `ckptctl ls | head`): stay quiet on the way out
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
+    except OSError as exc:
+        message(f"error: {exc}")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
