@@ -6,7 +6,8 @@ slots), never from a saved pointer. All mutation happens on the event loop; wait
 condition that is notified after every state change.
 
 Invariants:
-- a step is committed in memory only when all ``world_size`` shards are checksummed in slots;
+- a step is committed in memory only when the shards of all its ranks on this node (all
+  ``world_size`` ranks for a one-node job) are checksummed in slots;
 - a shard's slot is never reused while its step is the newest committed-in-memory step of its
   job, or newer than it (still being staged), or pinned by a reader;
 - tier states only move forward (PENDING -> IN_PROGRESS -> COMMITTED/FAILED/SKIPPED ->
@@ -62,6 +63,12 @@ class StepState:
     tiers: dict[TierName, tuple[TierState, str]] = field(default_factory=dict)
     created_unix_s: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ranks this daemon holds for the step (multi-node jobs); empty: all ranks (one node)
+    node_ranks: tuple[int, ...] = ()
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.node_ranks or tuple(range(self.world_size))
 
     def state(self, tier: TierName) -> TierState:
         return self.tiers.get(tier, (TierState.PENDING, ""))[0]
@@ -78,7 +85,7 @@ class StepState:
 
     @property
     def in_memory(self) -> bool:
-        return len(self.shards) == self.world_size and all(
+        return len(self.shards) == len(self.ranks) and all(
             r.checksummed and r.slot is not None and r.slot.content is r
             for r in self.shards.values()
         )
@@ -95,6 +102,7 @@ class StepState:
             shards=tuple(self.shards[r].entry for r in sorted(self.shards)),
             created_unix_s=self.created_unix_s,
             extra=self.extra,
+            node_ranks=self.node_ranks,
         )
 
     def level(self) -> Level | None:
@@ -210,17 +218,19 @@ def sidecar_meta(st: StepState, rec: ShardRecord) -> dict[str, Any]:
         "world_size": st.world_size,
         "created_unix_s": st.created_unix_s,
         "extra": st.extra,
+        "node_ranks": list(st.node_ranks),
         "shard": rec.entry.to_json(),
     }
 
 
 def entry_from_sidecar(meta: dict[str, Any]) -> tuple[str, int, int, float, ShardEntry]:
     """Parse a sidecar (ValueError/KeyError/TypeError on anything malformed)."""
-    from ckptd.types import validate_job, validate_rank, validate_step
+    from ckptd.types import validate_job, validate_node_ranks, validate_rank, validate_step
 
     job = validate_job(meta["job"])
     step = validate_step(meta["step"])
     world_size = int(meta["world_size"])
     entry = _shard_from_obj(meta["shard"])
     validate_rank(entry.rank, world_size)
+    validate_node_ranks(list(meta.get("node_ranks") or []), world_size, entry.rank)
     return job, step, world_size, float(meta.get("created_unix_s", 0.0)), entry

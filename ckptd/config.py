@@ -86,12 +86,47 @@ class MetricsSection:
     address: str = ""  # "host:port" for the Prometheus exporter; empty: off
 
 
+OBJECT_PRESETS: Final = ("aws", "minio", "oss")
+MIN_PART_SIZE_BYTES: Final = 5 * 2**20  # S3's minimum multipart part size (except the last part)
+MAX_PART_SIZE_BYTES: Final = 5 * 2**30
+
+
+@dataclass(frozen=True)
+class ObjectSection:
+    """[object]: the S3-compatible object tier (ckptd/tiers/object.py). Empty strings mean
+    "the preset's default"; credentials never appear here (standard AWS chain or ``profile``)."""
+
+    enabled: bool = False
+    preset: str = "aws"  # aws | minio (path-style) | oss (virtual-hosted, checksums when required)
+    endpoint_url: str = ""  # default: AWS's; oss: https://oss-{region}.aliyuncs.com
+    region: str = ""
+    bucket: str = ""
+    prefix: str = ""  # key prefix inside the bucket, e.g. "ckpt/cluster-a"
+    profile: str = ""  # named profile of the AWS config files; empty: the default chain
+    addressing_style: str = ""  # auto | virtual | path; empty: the preset's
+    request_checksum_calculation: str = ""  # when_supported | when_required; empty: the preset's
+    response_checksum_validation: str = ""  # when_supported | when_required; empty: the preset's
+    part_size_bytes: int = 16 * 2**20  # multipart part size and ranged-GET size
+    max_concurrency: int = 8  # parallel part uploads / ranged GETs per tier
+    max_attempts: int = 5  # attempts per request, the first included
+    retry_mode: str = "standard"  # standard | adaptive
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    total_timeout_s: float = 900.0  # bound on one put_shard / read_shard_into / commit
+    hashed_prefixes: int = 0  # spread shard objects over N hashed prefixes (0: next to the manifest)
+    conditional_put: str = "auto"  # auto (probe) | on | off (claim-object fallback)
+    max_to_keep: int = 3
+    keep_period: int = 0  # also keep every step divisible by this (0: off)
+    every_n_steps: int = 1
+
+
 @dataclass(frozen=True)
 class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     memory: MemorySection = field(default_factory=MemorySection)
     disk: DiskSection = field(default_factory=DiskSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    object: ObjectSection = field(default_factory=ObjectSection)
 
     @property
     def socket_path(self) -> Path:
@@ -107,8 +142,9 @@ class Config:
 
 _SECTIONS: Final = {
     "daemon": DaemonSection, "memory": MemorySection, "disk": DiskSection, "metrics": MetricsSection,
+    "object": ObjectSection,
 }
-_SIZE_KEYS: Final = {"budget_bytes", "chunk_bytes", "max_shard_bytes", "write_block_bytes"}
+_SIZE_KEYS: Final = {"budget_bytes", "chunk_bytes", "max_shard_bytes", "write_block_bytes", "part_size_bytes"}
 
 
 def _coerce(section: str, key: str, raw: Any, default: Any, source: str) -> Any:
@@ -210,12 +246,62 @@ def validate(cfg: Config) -> Config:
         host, sep, port = cfg.metrics.address.rpartition(":")
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise InvalidArgument(f"metrics.address must be host:port, got {cfg.metrics.address!r}")
+    validate_object(cfg.object)
     if len(str(cfg.socket_path)) > MAX_SOCKET_PATH:
         raise InvalidArgument(
             f"socket path {cfg.socket_path} is longer than {MAX_SOCKET_PATH} characters "
             "(Unix socket limit); set daemon.socket to a shorter path"
         )
     return cfg
+
+
+_BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+def validate_object(o: ObjectSection) -> None:
+    """Checks of [object]; raise InvalidArgument naming the key. Bucket/endpoint only when enabled."""
+    choices = (("preset", o.preset, OBJECT_PRESETS),
+               ("addressing_style", o.addressing_style, ("", "auto", "virtual", "path")),
+               ("request_checksum_calculation", o.request_checksum_calculation,
+                ("", "when_supported", "when_required")),
+               ("response_checksum_validation", o.response_checksum_validation,
+                ("", "when_supported", "when_required")),
+               ("retry_mode", o.retry_mode, ("standard", "adaptive")),
+               ("conditional_put", o.conditional_put, ("auto", "on", "off")))
+    for key, val, allowed in choices:
+        if val not in allowed:
+            shown = ", ".join(repr(a) for a in allowed if a)
+            raise InvalidArgument(f"object.{key} must be one of {shown}, got {val!r}")
+    if not MIN_PART_SIZE_BYTES <= o.part_size_bytes <= MAX_PART_SIZE_BYTES:
+        raise InvalidArgument(f"object.part_size_bytes must be in [5MiB, 5GiB], got {o.part_size_bytes}")
+    if not 1 <= o.max_concurrency <= 256:
+        raise InvalidArgument(f"object.max_concurrency must be in [1, 256], got {o.max_concurrency}")
+    if not 1 <= o.max_attempts <= 20:
+        raise InvalidArgument(f"object.max_attempts must be in [1, 20], got {o.max_attempts}")
+    for key, secs in (("connect_timeout_s", o.connect_timeout_s), ("read_timeout_s", o.read_timeout_s),
+                      ("total_timeout_s", o.total_timeout_s)):
+        if not 0 < secs <= 86400:
+            raise InvalidArgument(f"object.{key} must be in (0, 86400], got {secs}")
+    if not 0 <= o.hashed_prefixes <= 65536:
+        raise InvalidArgument(f"object.hashed_prefixes must be in [0, 65536], got {o.hashed_prefixes}")
+    if o.max_to_keep < 1 or o.keep_period < 0 or o.every_n_steps < 1:
+        raise InvalidArgument("object.max_to_keep and object.every_n_steps must be >= 1, object.keep_period >= 0")
+    if o.prefix and (".." in o.prefix or not _PREFIX_RE.match(o.prefix.strip("/"))):
+        raise InvalidArgument(
+            f"object.prefix {o.prefix!r} must be '/'-separated names of letters, digits, '.', '_', '-' "
+            "(no '..', no empty parts)"
+        )
+    if o.endpoint_url and not re.match(r"^https?://[^/\s]+/?$", o.endpoint_url):
+        raise InvalidArgument(f"object.endpoint_url must be http(s)://host[:port], got {o.endpoint_url!r}")
+    if o.enabled:
+        if not o.bucket:
+            raise InvalidArgument("object.bucket is required when object.enabled is true")
+        if not _BUCKET_RE.match(o.bucket) or ".." in o.bucket:
+            raise InvalidArgument(f"object.bucket {o.bucket!r} is not a valid bucket name")
+        if o.preset == "oss" and not (o.endpoint_url or o.region):
+            raise InvalidArgument("object.region (e.g. cn-hangzhou) or object.endpoint_url is required "
+                                  "for preset 'oss'")
 
 
 def load(

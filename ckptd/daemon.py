@@ -51,7 +51,7 @@ from ckptd.pipeline import DiskDrainer
 from ckptd.restore import Restorer, RestoreResult
 from ckptd.shm import Slot, SlotPool
 from ckptd.tiers.disk import DiskTier
-from ckptd.types import Level, TierName, validate_job, validate_rank, validate_step
+from ckptd.types import Level, TierName, validate_job, validate_node_ranks, validate_rank, validate_step
 
 log = logging.getLogger("ckptd.daemon")
 
@@ -67,6 +67,7 @@ class SaveLease:
     slot: Slot
     client_pid: int
     deadline_s: float
+    node_ranks: tuple[int, ...] = ()
 
 
 @dataclass
@@ -162,6 +163,7 @@ class Daemon:
                 st = self.catalog.ensure(job, step, m.world_size)
                 st.created_unix_s = m.created_unix_s
                 st.extra = dict(m.extra)
+                st.node_ranks = m.node_ranks
                 st.tiers[TierName.DISK] = (TierState.COMMITTED, "")
 
     async def _adopt_slots(self) -> None:
@@ -190,6 +192,7 @@ class Daemon:
                 continue
             st.created_unix_s = created
             st.extra = dict(meta.get("extra") or {})
+            st.node_ranks = validate_node_ranks(list(meta.get("node_ranks") or []), world_size)
             rec = ShardRecord(job, step, entry, slot)
             slot.content = rec
             slot.owner = (job, entry.rank)
@@ -252,10 +255,15 @@ class Daemon:
 
     # -- save path --------------------------------------------------------------------------
     async def begin_save(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
-                         wait: bool | None, wait_timeout_s: float | None, client_pid: int) -> SaveLease:
+                         wait: bool | None, wait_timeout_s: float | None, client_pid: int,
+                         node_ranks: tuple[int, ...] = ()) -> SaveLease:
         if self.draining:
             raise DaemonUnavailable("daemon is draining for shutdown; not accepting saves")
         _check_ids(job, step, rank, world_size)
+        try:
+            node_ranks = validate_node_ranks(node_ranks, world_size, rank)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         if nbytes < 0 or nbytes > self.cfg.memory.max_shard_bytes:
             raise InvalidArgument(
                 f"nbytes {nbytes} out of range [0, {self.cfg.memory.max_shard_bytes}] "
@@ -265,6 +273,10 @@ class Daemon:
             if st.world_size != world_size:
                 raise FailedPrecondition(
                     f"step {step} of {job!r} has world_size {st.world_size}, not {world_size}")
+            if st.shards and st.node_ranks != node_ranks:
+                raise FailedPrecondition(
+                    f"step {step} of {job!r} is held for node ranks {list(st.ranks)}, this save "
+                    f"names {list(node_ranks or range(world_size))}")
             if st.state(TierName.MEMORY) == TierState.SKIPPED and not st.in_memory:
                 raise BudgetExhausted(f"step {step} of {job!r} was skipped: "
                                       f"{st.tiers[TierName.MEMORY][1]}")
@@ -280,13 +292,13 @@ class Daemon:
         self._beginning.add((job, step, rank))
         try:
             return await self._begin_save_claimed(job, step, rank, world_size, nbytes, wait,
-                                                  wait_timeout_s, client_pid, st)
+                                                  wait_timeout_s, client_pid, st, node_ranks)
         finally:
             self._beginning.discard((job, step, rank))
 
     async def _begin_save_claimed(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
                                   wait: bool | None, wait_timeout_s: float | None, client_pid: int,
-                                  st: StepState | None) -> SaveLease:
+                                  st: StepState | None, node_ranks: tuple[int, ...]) -> SaveLease:
         if self.disk is not None and st is None:
             loop = asyncio.get_running_loop()
             if step in await loop.run_in_executor(self.executor, self.disk.list_committed, job):
@@ -305,7 +317,7 @@ class Daemon:
         metrics.SLOT_WAIT_SECONDS.observe(time.monotonic() - t0)
         lease = SaveLease(uuid.uuid4().hex, job, step, rank, world_size, nbytes, slot,
                           client_pid if client_pid > 0 and _pid_alive(client_pid) else 0,
-                          time.monotonic() + mem.lease_timeout_s)
+                          time.monotonic() + mem.lease_timeout_s, node_ranks)
         self.save_leases[lease.lease_id] = lease
         gc_catalog(self.catalog, job)
         return lease
@@ -330,6 +342,8 @@ class Daemon:
             raise InvalidArgument(f"bad shard layout: {exc}") from None
         del self.save_leases[lease_id]
         st = self.catalog.ensure(job, step, world_size)
+        if not st.shards:
+            st.node_ranks = lease.node_ranks
         if st.state(TierName.MEMORY) == TierState.SKIPPED and not st.in_memory:
             lease.slot.content = None
             await self.pool.release_write(lease.slot)

@@ -10,11 +10,13 @@ or in a bucket is input like any other.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ckptd.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
-from ckptd.types import shard_key, validate_job, validate_rank, validate_step
+from ckptd.types import MAX_WORLD_SIZE, shard_key, validate_job, validate_rank, validate_step
 
 SCHEMA_VERSION: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
@@ -32,13 +34,16 @@ class ShardEntry:
     tensors: tuple[TensorEntry, ...]
     tree: Any
     key: str = ""
+    #: Full object-store key of the shard (object tier only; empty elsewhere). Optional in the
+    #: JSON: written only when set, so manifests without it keep their exact bytes.
+    object_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.key:
             object.__setattr__(self, "key", shard_key(self.rank))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "rank": self.rank,
             "key": self.key,
             "nbytes": self.nbytes,
@@ -47,6 +52,9 @@ class ShardEntry:
             "tensors": [t.to_json() for t in self.tensors],
             "tree": self.tree,
         }
+        if self.object_key:
+            out["object_key"] = self.object_key
+        return out
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,12 @@ class Manifest:
     shards: tuple[ShardEntry, ...]
     created_unix_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: A node's part of a multi-node step (its local disk holds only its ranks); empty: every rank.
+    node_ranks: tuple[int, ...] = ()
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.node_ranks or tuple(range(self.world_size))
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +85,7 @@ class Manifest:
         raise KeyError(rank)
 
     def to_obj(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "job": self.job,
             "step": self.step,
@@ -81,6 +95,9 @@ class Manifest:
             "shards": [s.to_json() for s in sorted(self.shards, key=lambda s: s.rank)],
             "extra": self.extra,
         }
+        if self.node_ranks:
+            obj["node_ranks"] = list(self.node_ranks)
+        return obj
 
     def to_json(self) -> bytes:
         return canonical_json(self.to_obj())
@@ -91,7 +108,7 @@ class Manifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise ValueError("manifest too large")
         try:
-            obj = json.loads(data)
+            obj = json.loads(data, parse_float=_finite_float, parse_constant=_no_constant)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"manifest is not valid JSON: {exc}") from None
         return cls.from_obj(obj)
@@ -110,16 +127,39 @@ class Manifest:
             shards = tuple(_shard_from_obj(s) for s in obj["shards"])
             created = float(obj.get("created_unix_s", 0.0))
             extra = obj.get("extra", {})
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, OverflowError) as exc:
             raise ValueError(f"manifest field missing or of the wrong type: {exc}") from None
+        if not math.isfinite(created):
+            raise ValueError(f"manifest created_unix_s {created} is not a finite number")
         if not isinstance(extra, dict):
             raise ValueError("manifest 'extra' must be an object")
+        if not 1 <= world_size <= MAX_WORLD_SIZE:
+            raise ValueError(f"manifest world_size {world_size} out of range [1, {MAX_WORLD_SIZE}]")
+        node_ranks_raw = obj.get("node_ranks", [])
+        if not isinstance(node_ranks_raw, list):
+            raise ValueError("manifest node_ranks must be a list")
+        node_ranks = tuple(_int(r, "node_ranks") for r in node_ranks_raw)
+        if node_ranks and (list(node_ranks) != sorted(set(node_ranks))
+                           or not 0 <= node_ranks[0] <= node_ranks[-1] < world_size):
+            raise ValueError(f"manifest node_ranks must be sorted unique ranks < world_size {world_size}")
         ranks = sorted(s.rank for s in shards)
-        if ranks != list(range(world_size)):
+        if ranks != list(node_ranks or range(world_size)):
             raise ValueError(f"manifest lists ranks {ranks[:8]}... for world_size {world_size}")
         for s in shards:
             validate_rank(s.rank, world_size)
-        return cls(job, step, world_size, shards, created, extra)
+        return cls(job, step, world_size, shards, created, extra, node_ranks)
+
+
+def _finite_float(text: str) -> float:
+    """json.loads hook: canonical manifests never hold NaN or infinities, so a reader refuses them."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"manifest holds the non-finite number {text!r}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"manifest holds {name}, which canonical JSON never writes")
 
 
 def _int(v: Any, name: str) -> int:
@@ -155,7 +195,20 @@ def _shard_from_obj(obj: Any) -> ShardEntry:
     key = str(obj.get("key", shard_key(rank)))
     if key != shard_key(rank):
         raise ValueError(f"shard {rank}: unexpected key {key!r}")
-    return ShardEntry(rank, nbytes, chunk_bytes, crcs, tensors, tree, key)
+    object_key = obj.get("object_key", "")
+    if not isinstance(object_key, str) or (object_key and not _valid_object_key(object_key, key)):
+        raise ValueError(f"shard {rank}: invalid object_key {object_key!r}")
+    return ShardEntry(rank, nbytes, chunk_bytes, crcs, tensors, tree, key, object_key)
+
+
+_OBJECT_KEY_RE: Final = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+def _valid_object_key(object_key: str, key: str) -> bool:
+    """'/'-separated allow-listed names, no '..', ending in the shard's own key; the object tier
+    further checks that it lies inside its own prefix before using it."""
+    return (len(object_key) <= 1024 and ".." not in object_key and object_key.endswith("/" + key)
+            and _OBJECT_KEY_RE.match(object_key) is not None)
 
 
 def canonical_json(obj: Any) -> bytes:

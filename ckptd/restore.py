@@ -81,11 +81,17 @@ class Restorer:
                 plan.append(Source(TierName.MEMORY, str(rec.slot.path)))
         if step in await self._disk_steps(job):
             assert self.disk is not None
-            if known_ws is None:
+            try:
                 manifest = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.disk.read_manifest, job, step)
-                known_ws = manifest.world_size
-            plan.append(Source(TierName.DISK, str(self.disk.step_dir(job, step))))
+            except CkptdError as exc:
+                if not plan:
+                    raise
+                log.warning("restore plan of %s@%d: disk manifest unusable: %s", job, step, exc)
+            else:
+                known_ws = manifest.world_size if known_ws is None else known_ws
+                if rank in manifest.ranks:
+                    plan.append(Source(TierName.DISK, str(self.disk.step_dir(job, step))))
         if not plan:
             raise NotFound(f"step {step} of job {job!r} is not committed at any reachable tier")
         if known_ws is not None and known_ws != world_size:

@@ -75,7 +75,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             raise InvalidArgument(f"unknown back-pressure policy {request.policy}")
         timeout_s = request.wait_timeout_ms / 1000 if request.wait_timeout_ms else None
         lease = await self.d.begin_save(request.job, request.step, request.rank, request.world_size,
-                                        request.nbytes, wait, timeout_s, request.client_pid)
+                                        request.nbytes, wait, timeout_s, request.client_pid,
+                                        tuple(request.node_ranks))
         return pb.BeginSaveResponse(
             lease_id=lease.lease_id, slot_path=str(lease.slot.path),
             slot_capacity_bytes=lease.slot.capacity, chunk_bytes=self.d.cfg.memory.chunk_bytes,

@@ -104,6 +104,22 @@ def validate_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
 
 
+def validate_node_ranks(node_ranks: list[int] | tuple[int, ...], world_size: int,
+                        rank: int | None = None) -> tuple[int, ...]:
+    """Normalise the ranks one node holds: sorted, unique, < world_size, containing ``rank``.
+
+    An empty list, or one naming every rank, means a one-node job and normalises to ().
+    """
+    ranks = tuple(sorted({int(r) for r in node_ranks}))
+    if len(ranks) != len(node_ranks):
+        raise ValueError("node_ranks lists a rank twice")
+    if ranks and not 0 <= ranks[0] <= ranks[-1] < world_size:
+        raise ValueError(f"node_ranks must lie in [0, {world_size})")
+    if ranks and rank is not None and rank not in ranks:
+        raise ValueError(f"rank {rank} is not among node_ranks")
+    return () if len(ranks) == world_size else ranks
+
+
 def shard_key(rank: int) -> str:
     """File/object name of one rank's shard inside a step directory."""
     return f"rank-{rank:06d}.shard"

@@ -44,6 +44,7 @@ def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes
     n = src.nbytes
     body = n // DIRECT_ALIGN_BYTES * DIRECT_ALIGN_BYTES if direct_io else 0
     written = 0
+    created = False  # the O_DIRECT open created the file (even if no write went through it)
     if body:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
@@ -52,6 +53,7 @@ def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes
                 raise
             body = 0  # the filesystem has no O_DIRECT
         else:
+            created = True
             try:
                 while written < body:
                     end = min(written + block_bytes, body)
@@ -62,7 +64,7 @@ def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes
                 body = 0  # unaligned buffer or device: fall back to buffered writes
             finally:
                 os.close(fd)
-    flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if not written else 0)
+    flags = os.O_WRONLY | (0 if created else os.O_CREAT | os.O_EXCL)
     fd = os.open(path, flags, 0o600)
     try:
         while written < n:

@@ -127,6 +127,20 @@ def _default_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _default_node_ranks(rank: int, world_size: int) -> tuple[int, ...]:
+    """The ranks on this node, from torchrun's LOCAL_RANK/LOCAL_WORLD_SIZE (contiguous blocks)."""
+    try:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return ()
+    first = rank - local_rank
+    if local_world >= world_size or not 0 <= local_rank < local_world or first < 0 \
+            or first + local_world > world_size:
+        return ()
+    return tuple(range(first, first + local_world))
+
+
 class CheckpointManager:
     """Save and restore one job's sharded state through the node's ckptd daemon."""
 
@@ -143,6 +157,7 @@ class CheckpointManager:
         checksum: str = "daemon",
         on_error: str = "warn",
         connect_timeout_s: float = 10.0,
+        node_ranks: list[int] | tuple[int, ...] | None = None,
     ) -> None:
         validate_job(job)
         if rank is None or world_size is None:
@@ -162,6 +177,10 @@ class CheckpointManager:
         self.job = job
         self.rank = rank
         self.world_size = world_size
+        # ranks served by this node's daemon; () means every rank (a one-node job)
+        self.node_ranks = tuple(node_ranks) if node_ranks is not None else _default_node_ranks(rank, world_size)
+        if self.node_ranks and rank not in self.node_ranks:
+            raise ValueError(f"rank {rank} is not among node_ranks {list(self.node_ranks)}")
         self.save_interval_steps = save_interval_steps
         self.backpressure = backpressure
         self.wait_timeout_s = wait_timeout_s
@@ -189,7 +208,7 @@ class CheckpointManager:
         try:
             begin = self.conn.call(self.conn.stub.BeginSave, pb.BeginSaveRequest(
                 job=self.job, step=step, rank=self.rank, world_size=self.world_size, nbytes=nbytes,
-                policy=policy, client_pid=os.getpid(),
+                policy=policy, client_pid=os.getpid(), node_ranks=list(self.node_ranks),
                 wait_timeout_ms=int(self.wait_timeout_s * 1000) if self.wait_timeout_s else 0,
             ), timeout_s=(self.wait_timeout_s or 0) + 120)
             handle.waited_s = time.perf_counter() - t0

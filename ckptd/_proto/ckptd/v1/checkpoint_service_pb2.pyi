@@ -182,6 +182,7 @@ class BeginSaveRequest(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     WAIT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     CLIENT_PID_FIELD_NUMBER: _builtins.int
+    NODE_RANKS_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     step: _builtins.int
     rank: _builtins.int
@@ -192,6 +193,10 @@ class BeginSaveRequest(_message.Message):
     """0: the daemon's default"""
     client_pid: _builtins.int
     """lets the daemon drop the lease at once if the trainer dies"""
+    @_builtins.property
+    def node_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """ranks of the job this daemon serves (multi-node); empty: all"""
+
     def __init__(
         self,
         *,
@@ -203,10 +208,11 @@ class BeginSaveRequest(_message.Message):
         policy: Global___BackpressurePolicy.ValueType = ...,
         wait_timeout_ms: _builtins.int = ...,
         client_pid: _builtins.int = ...,
+        node_ranks: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "job", b"job", "nbytes", b"nbytes", "policy", b"policy", "rank", b"rank", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "job", b"job", "nbytes", b"nbytes", "node_ranks", b"node_ranks", "policy", b"policy", "rank", b"rank", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
