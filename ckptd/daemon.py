@@ -51,7 +51,7 @@ from ckptd.pipeline import DiskDrainer
 from ckptd.restore import Restorer, RestoreResult
 from ckptd.shm import Slot, SlotPool
 from ckptd.tiers.disk import DiskTier
-from ckptd.types import Level, TierName, validate_job, validate_node_ranks, validate_rank, validate_step
+from ckptd.types import LEVEL_TIER, Level, TierName, validate_job, validate_node_ranks, validate_rank, validate_step
 
 log = logging.getLogger("ckptd.daemon")
 
@@ -435,6 +435,9 @@ class Daemon:
 
     async def wait_step(self, job: str, step: int, level: Level, timeout_s: float) -> StepState:
         self.step_status(job, step)
+        if LEVEL_TIER[level].value not in self.status()["tiers"]:
+            raise FailedPrecondition(f"{level.name} needs the {LEVEL_TIER[level].value} tier, "
+                                     "which this daemon does not run")
         return await self.catalog.wait_level(job, step, level, timeout_s)
 
     def list_steps(self, job: str) -> list[StepState]:

@@ -92,13 +92,16 @@ class Restorer:
                 known_ws = manifest.world_size if known_ws is None else known_ws
                 if rank in manifest.ranks:
                     plan.append(Source(TierName.DISK, str(self.disk.step_dir(job, step))))
-        if not plan:
-            raise NotFound(f"step {step} of job {job!r} is not committed at any reachable tier")
+        # The world-size check comes first: a rank the saved step never had (rank >= the saved
+        # world size) must get this clear error, not NotFound (which restore("latest") reads as
+        # "no checkpoint yet" and silently starts fresh).
         if known_ws is not None and known_ws != world_size:
             raise FailedPrecondition(
                 f"step {step} of {job!r} was saved with world_size {known_ws}, restore asked for "
                 f"{world_size}; resharding is not supported yet"
             )
+        if not plan:
+            raise NotFound(f"step {step} of job {job!r} is not committed at any reachable tier")
         return RestoreResult(step=step, plan=plan)
 
     async def execute(self, job: str, rank: int, world_size: int, result: RestoreResult) -> RestoreResult:

@@ -8,8 +8,8 @@ import urllib.request
 from collections.abc import Callable
 
 import numpy as np
-
 from ckptd_client import CheckpointManager, Level
+
 from tests.conftest import DaemonProc
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.errors import BudgetExhausted, CkptdError, NotFound, TierFailed
+from ckptd.errors import BudgetExhausted, CkptdError, FailedPrecondition, NotFound, TierFailed
 from ckptd.integrity import chunk_crcs
 from ckptd.types import Level, validate_job, validate_step
 from ckptd_client.rpc import Connection
@@ -264,6 +264,8 @@ class CheckpointManager:
             except TierFailed as exc:
                 if "skipped" not in str(exc):
                     raise
+            except FailedPrecondition:  # the daemon does not run that tier: STAGED is the top
+                handle.wait(Level.STAGED, timeout_s)
             return handle.step
         return None
 

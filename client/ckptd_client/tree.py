@@ -139,7 +139,11 @@ def copy_into(buf: Any, leaves: list[Leaf], tensors: list[TensorEntry]) -> None:
 
 
 def view_of(buf: Any, kind: str, t: TensorEntry) -> Any:
-    """A zero-copy tensor/array over buf for entry t."""
+    """A zero-copy tensor/array over buf for entry t.
+
+    Built through a numpy array so the view holds a reference to the buffer export: the mapping
+    cannot be closed under a live view (a stray view in a traceback cannot read unmapped memory).
+    """
     numel = t.nbytes // DTYPE_ITEMSIZE[t.dtype]
     if kind == "t":
         torch = _torch()
@@ -148,7 +152,8 @@ def view_of(buf: Any, kind: str, t: TensorEntry) -> Any:
         dtype = getattr(torch, t.dtype)
         if numel == 0:
             return torch.empty(t.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype, count=numel, offset=t.offset).view(t.shape)
+        raw = np.frombuffer(buf, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        return torch.from_numpy(raw).view(dtype).view(t.shape)
     if numel == 0:
         return np.empty(t.shape, dtype=t.dtype)
     return np.frombuffer(buf, dtype=t.dtype, count=numel, offset=t.offset).reshape(t.shape)

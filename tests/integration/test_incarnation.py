@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-
 from ckptd_client import CheckpointManager, Level
+
 from tests.conftest import DaemonProc
 
 

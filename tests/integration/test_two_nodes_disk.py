@@ -8,9 +8,9 @@ import shutil
 from collections.abc import Callable
 
 import numpy as np
+from ckptd_client import CheckpointManager, Level
 
 from ckptd.manifest import Manifest
-from ckptd_client import CheckpointManager, Level
 from tests.conftest import DaemonProc
 
 

@@ -1,0 +1,125 @@
+"""Helpers shared by the test modules that start their own (module-scoped) ckptd daemons.
+
+``running_daemon`` starts a real ``ckptd serve`` subprocess on a short Unix socket path with a
+private root and /dev/shm directory, waits until it answers, and on exit kills it and removes its
+shm directory. Tests that need a fresh daemon per test use conftest's ``daemon_factory`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ without CKPTD_* variables (so the host cannot change a test's config)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Daemon:
+    root: Path
+    shm_dir: Path
+    socket: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def addr(self) -> str:
+        return str(self.socket)
+
+    @property
+    def target(self) -> str:
+        return f"unix:{self.socket}"
+
+    @property
+    def data_dir(self) -> Path:
+        """The disk tier's root inside the daemon root."""
+        return self.root / "data"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def _wait_ready(d: Daemon, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if d.proc.poll() is not None:
+            raise RuntimeError(f"ckptd exited with {d.proc.returncode}:\n{d.log()}")
+        if d.socket.exists():
+            with grpc.insecure_channel(d.target) as ch:
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                    return
+                except grpc.FutureTimeoutError:
+                    pass
+        time.sleep(0.05)
+    raise RuntimeError(f"ckptd did not start in {timeout_s}s:\n{d.log()}")
+
+
+@contextmanager
+def running_daemon(
+    workdir: Path,
+    *,
+    budget: str = "512MiB",
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    root: Path | None = None,
+) -> Iterator[Daemon]:
+    """Start ``ckptd serve`` under workdir; kill it and remove its shm dir on exit."""
+    root = root or workdir / f"root-{uuid.uuid4().hex[:6]}"
+    root.mkdir(parents=True, exist_ok=True)
+    shm_dir = Path("/dev/shm") / f"ckptd-test-{uuid.uuid4().hex[:10]}"
+    sock_dir = Path(tempfile.mkdtemp(prefix="ckt-", dir="/tmp"))
+    socket = sock_dir / "d.sock"
+    log_path = workdir / f"daemon-{uuid.uuid4().hex[:6]}.log"
+    args = [PYTHON, "-m", "ckptd.cli", "serve", "--root", str(root), "--socket", str(socket),
+            "--shm-dir", str(shm_dir), "--budget-bytes", budget, *extra_args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=clean_env(env))
+    d = Daemon(root, shm_dir, socket, proc, log_path)
+    try:
+        _wait_ready(d)
+        yield d
+    finally:
+        d.kill()
+        shutil.rmtree(shm_dir, ignore_errors=True)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def unique_job(prefix: str = "job") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def tensor_bytes(t: Any) -> bytes:
+    """The raw bytes of a torch tensor in logical (row-major) order, whatever its strides."""
+    import torch
+
+    flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return bytes(flat.view(torch.uint8).numpy().tobytes())

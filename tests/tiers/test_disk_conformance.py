@@ -1,0 +1,402 @@
+"""The Tier protocol contract (ckptd/tiers/base.py), checked on each tier implementation directly.
+
+Every test that takes the ``tier`` fixture is part of the contract and runs once per entry of
+``TIER_CASES``. To add a tier, write a ``TierCase`` factory for it: the tier itself plus the few
+hooks a test needs to damage or inspect what the tier stored (flip a byte, truncate, name the
+copy). Tests of one implementation's internals (disk start-up recovery) take ``disk_case``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ckptd.errors import AlreadyExists, CkptdError, IntegrityError, NotFound
+from ckptd.integrity import chunk_crcs
+from ckptd.layout import TensorEntry
+from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from ckptd.tiers.base import Tier
+from ckptd.tiers.disk import DiskTier
+
+CHUNK = 4096
+JOB = "conf-job"
+
+
+@dataclass
+class TierCase:
+    name: str
+    tier: Tier
+    flip_byte: Callable[[str, int, ShardEntry, int], None]  # (job, step, entry, offset)
+    truncate: Callable[[str, int, ShardEntry, int], None]  # (job, step, entry, new size)
+    remove_shard: Callable[[str, int, ShardEntry], None]
+    copy_name: Callable[[str, int, ShardEntry], str]  # what an IntegrityError must name
+    corrupt_manifest: Callable[[str, int, bytes], None]
+
+
+def disk_case(root: Path, direct_io: bool) -> TierCase:
+    tier = DiskTier(root, direct_io=direct_io, block_bytes=8192)  # small blocks: many writes per shard
+
+    def path(job: str, step: int, entry: ShardEntry) -> Path:
+        return tier.shard_path(job, step, entry)
+
+    def flip(job: str, step: int, entry: ShardEntry, offset: int) -> None:
+        with open(path(job, step, entry), "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ 0x01]))
+
+    def truncate(job: str, step: int, entry: ShardEntry, size: int) -> None:
+        os.truncate(path(job, step, entry), size)
+
+    def corrupt_manifest(job: str, step: int, data: bytes) -> None:
+        (tier.step_dir(job, step) / MANIFEST_NAME).write_bytes(data)
+
+    return TierCase(
+        name="disk", tier=tier, flip_byte=flip, truncate=truncate,
+        remove_shard=lambda job, step, entry: path(job, step, entry).unlink(),
+        copy_name=lambda job, step, entry: str(path(job, step, entry)),
+        corrupt_manifest=corrupt_manifest,
+    )
+
+
+TIER_CASES: dict[str, Callable[[Path], TierCase]] = {
+    "disk": lambda root: disk_case(root, direct_io=True),
+    "disk-buffered": lambda root: disk_case(root, direct_io=False),
+}
+
+
+@pytest.fixture(params=sorted(TIER_CASES))
+def tier_case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TierCase]:
+    yield TIER_CASES[request.param](tmp_path / "tier")
+
+
+@pytest.fixture
+def tier(tier_case: TierCase) -> Tier:
+    return tier_case.tier
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def payload(nbytes: int, seed: int) -> memoryview:
+    """nbytes of random data in a page-aligned anonymous mapping (like a shm slot)."""
+    mm = mmap.mmap(-1, max(nbytes, 1))
+    mm[:nbytes] = random.Random(seed).randbytes(nbytes)
+    return memoryview(mm)[:nbytes]
+
+
+def entry_for(rank: int, data: memoryview) -> ShardEntry:
+    n = data.nbytes
+    tensors = (TensorEntry("blob", "uint8", (n,), 0, n),) if n else ()
+    tree = {"d": [["blob", {"t": 0}]]} if n else {"d": []}
+    return ShardEntry(rank, n, CHUNK, tuple(chunk_crcs(data, CHUNK)), tensors, tree)
+
+
+def save_step(tier: Tier, job: str, step: int, sizes: list[int], commit: bool = True) -> tuple[Manifest, list[bytes]]:
+    """put_shard every rank (sizes[r] bytes) and commit; return the manifest and the bytes."""
+    entries, blobs = [], []
+    for rank, n in enumerate(sizes):
+        data = payload(n, seed=step * 1000 + rank)
+        entry = entry_for(rank, data)
+        tier.put_shard(job, step, entry, data)
+        entries.append(entry)
+        blobs.append(bytes(data))
+    m = Manifest(job, step, len(sizes), tuple(entries), created_unix_s=1234.5, extra={"k": "v"})
+    if commit:
+        tier.commit(m)
+    return m, blobs
+
+
+def read(tier: Tier, job: str, step: int, entry: ShardEntry) -> bytes:
+    dst = memoryview(bytearray(entry.nbytes + 100))  # larger than the shard, like a slot
+    tier.read_shard_into(job, step, entry, dst)
+    return bytes(dst[: entry.nbytes])
+
+
+# Sizes: several chunks with a short tail, exactly one chunk, tiny, and empty.
+SIZES = [3 * CHUNK + 123, CHUNK, 7, 0]
+
+
+# -- the contract ----------------------------------------------------------------------------------
+
+
+def test_commit_then_list_and_read_exact_bytes(tier: Tier) -> None:
+    m, blobs = save_step(tier, JOB, 5, SIZES)
+    assert tier.list_committed(JOB) == [5]
+    assert JOB in tier.list_jobs()
+    back = tier.read_manifest(JOB, 5)
+    assert back == m
+    assert back.to_json() == m.to_json()
+    for entry, blob in zip(back.shards, blobs):
+        assert read(tier, JOB, 5, entry) == blob
+
+
+def test_steps_are_listed_ascending_and_per_job(tier: Tier) -> None:
+    for step in (30, 4, 100000000000):
+        save_step(tier, JOB, step, [10])
+    save_step(tier, "other-job", 7, [10])
+    assert tier.list_committed(JOB) == [4, 30, 100000000000]
+    assert tier.list_committed("other-job") == [7]
+    assert tier.list_committed("no-such-job") == []
+    assert sorted(tier.list_jobs()) == ["conf-job", "other-job"]
+
+
+def test_without_a_manifest_a_step_does_not_exist(tier: Tier) -> None:
+    save_step(tier, JOB, 1, [100, 200], commit=False)
+    assert tier.list_committed(JOB) == []
+    with pytest.raises(NotFound):
+        tier.read_manifest(JOB, 1)
+    save_step(tier, JOB, 2, [100, 200])
+    assert tier.list_committed(JOB) == [2]
+
+
+def test_commit_twice_is_already_exists(tier: Tier) -> None:
+    m, blobs = save_step(tier, JOB, 3, [100, 5000])
+    with pytest.raises(AlreadyExists):
+        tier.commit(m)
+    other = Manifest(JOB, 3, 2, m.shards, created_unix_s=99.0, extra={"other": True})
+    with pytest.raises(AlreadyExists):
+        tier.commit(other)
+    assert tier.read_manifest(JOB, 3) == m  # the first commit stands
+    assert read(tier, JOB, 3, m.shards[1]) == blobs[1]
+
+
+def test_committed_shards_cannot_be_overwritten(tier: Tier) -> None:
+    m, blobs = save_step(tier, JOB, 3, [100])
+    with pytest.raises(AlreadyExists):
+        tier.put_shard(JOB, 3, m.shards[0], payload(100, seed=42))
+    assert read(tier, JOB, 3, m.shards[0]) == blobs[0]
+
+
+def test_uncommitted_shard_can_be_rewritten(tier: Tier) -> None:
+    """A failed write is rewritten, not retried: the second put_shard of a rank replaces the first."""
+    first = payload(300, seed=1)
+    tier.put_shard(JOB, 9, entry_for(0, first), first)
+    second = payload(500, seed=2)
+    entry = entry_for(0, second)
+    tier.put_shard(JOB, 9, entry, second)
+    tier.commit(Manifest(JOB, 9, 1, (entry,)))
+    assert read(tier, JOB, 9, entry) == bytes(second)
+
+
+def test_commit_refuses_missing_shards(tier: Tier) -> None:
+    data = payload(100, seed=3)
+    e0 = entry_for(0, data)
+    tier.put_shard(JOB, 4, e0, data)
+    e1 = entry_for(1, data)  # never put
+    with pytest.raises(CkptdError):
+        tier.commit(Manifest(JOB, 4, 2, (e0, e1)))
+    assert tier.list_committed(JOB) == []
+
+
+@pytest.mark.parametrize("source", ["unaligned", "bytes", "readonly-mmap-slice"])
+def test_any_source_buffer_is_stored_exactly(tier: Tier, source: str) -> None:
+    """put_shard takes any memoryview: not only page-aligned slots (O_DIRECT must fall back)."""
+    n = 5 * CHUNK + 17
+    blob = random.Random(7).randbytes(n)
+    if source == "unaligned":
+        src = memoryview(bytearray(b"\x00" + blob))[1:]
+    elif source == "bytes":
+        src = memoryview(blob)
+    else:
+        mm = mmap.mmap(-1, n + 4096 + 3)
+        mm[4096 + 3 : 4096 + 3 + n] = blob
+        src = memoryview(mm)[4096 + 3 : 4096 + 3 + n].toreadonly()
+    entry = entry_for(0, src)
+    tier.put_shard(JOB, 1, entry, src)
+    tier.commit(Manifest(JOB, 1, 1, (entry,)))
+    assert read(tier, JOB, 1, entry) == blob
+
+
+def test_put_shard_checks_the_size(tier: Tier) -> None:
+    data = payload(100, seed=4)
+    entry = entry_for(0, data)
+    with pytest.raises(ValueError):
+        tier.put_shard(JOB, 1, entry, data[:99])
+
+
+@pytest.mark.parametrize("offset", [0, CHUNK - 1, CHUNK, 3 * CHUNK + 122])
+def test_flipped_byte_is_an_integrity_error_naming_the_copy(tier_case: TierCase, offset: int) -> None:
+    tier = tier_case.tier
+    m, blobs = save_step(tier, JOB, 6, [3 * CHUNK + 123, 50])
+    entry = m.shards[0]
+    tier_case.flip_byte(JOB, 6, entry, offset)
+    with pytest.raises(IntegrityError) as info:
+        read(tier, JOB, 6, entry)
+    assert tier_case.copy_name(JOB, 6, entry) in str(info.value)
+    assert f"chunk {offset // CHUNK}" in str(info.value)
+    assert read(tier, JOB, 6, m.shards[1]) == blobs[1]  # the other rank's copy is still good
+
+
+@pytest.mark.parametrize("new_size", [0, 1, 3 * CHUNK, 3 * CHUNK + 122])
+def test_truncated_shard_is_an_integrity_error_naming_the_copy(tier_case: TierCase, new_size: int) -> None:
+    tier = tier_case.tier
+    m, _ = save_step(tier, JOB, 8, [3 * CHUNK + 123])
+    tier_case.truncate(JOB, 8, m.shards[0], new_size)
+    with pytest.raises(IntegrityError) as info:
+        read(tier, JOB, 8, m.shards[0])
+    assert tier_case.copy_name(JOB, 8, m.shards[0]) in str(info.value)
+
+
+def test_longer_shard_is_an_integrity_error(tier_case: TierCase) -> None:
+    tier = tier_case.tier
+    m, _ = save_step(tier, JOB, 8, [100])
+    tier_case.truncate(JOB, 8, m.shards[0], 101)  # extends with a zero byte
+    with pytest.raises(IntegrityError):
+        read(tier, JOB, 8, m.shards[0])
+
+
+def test_missing_shard_is_reported(tier_case: TierCase) -> None:
+    tier = tier_case.tier
+    m, _ = save_step(tier, JOB, 8, [100])
+    tier_case.remove_shard(JOB, 8, m.shards[0])
+    with pytest.raises(CkptdError) as info:
+        read(tier, JOB, 8, m.shards[0])
+    assert tier_case.copy_name(JOB, 8, m.shards[0]) in str(info.value)
+
+
+def test_read_against_wrong_checksums_is_rejected(tier: Tier) -> None:
+    m, _ = save_step(tier, JOB, 2, [2 * CHUNK])
+    entry = m.shards[0]
+    lying = ShardEntry(entry.rank, entry.nbytes, entry.chunk_bytes,
+                       (entry.chunk_crc32c[0], entry.chunk_crc32c[1] ^ 1), entry.tensors, entry.tree)
+    with pytest.raises(IntegrityError, match="chunk 1"):
+        read(tier, JOB, 2, lying)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{not json", b'{"schema_version": 99}', b"\x00" * 10])
+def test_corrupt_manifest_is_an_integrity_error(tier_case: TierCase, garbage: bytes) -> None:
+    save_step(tier_case.tier, JOB, 2, [10])
+    tier_case.corrupt_manifest(JOB, 2, garbage)
+    with pytest.raises(IntegrityError):
+        tier_case.tier.read_manifest(JOB, 2)
+
+
+def test_manifest_of_another_step_is_rejected(tier_case: TierCase) -> None:
+    tier = tier_case.tier
+    save_step(tier, JOB, 2, [10])
+    m3, _ = save_step(tier, JOB, 3, [10])
+    tier_case.corrupt_manifest(JOB, 2, m3.to_json())
+    with pytest.raises(IntegrityError, match="names"):
+        tier.read_manifest(JOB, 2)
+
+
+def test_delete(tier: Tier) -> None:
+    m1, b1 = save_step(tier, JOB, 1, [100, 200])
+    save_step(tier, JOB, 2, [100, 200])
+    tier.delete(JOB, 2)
+    assert tier.list_committed(JOB) == [1]
+    with pytest.raises(NotFound):
+        tier.read_manifest(JOB, 2)
+    assert read(tier, JOB, 1, m1.shards[1]) == b1[1]  # other steps untouched
+    tier.delete(JOB, 2)  # deleting twice is harmless
+    tier.delete(JOB, 77)  # so is deleting a step that never existed
+    assert tier.list_committed(JOB) == [1]
+    save_step(tier, JOB, 2, [100, 200])  # and the step can be saved again
+    assert tier.list_committed(JOB) == [1, 2]
+
+
+@pytest.mark.parametrize("job", ["..", "../escape", "a/b", "/abs", "", "x" * 200, "a..b", ".hidden"])
+def test_bad_job_names_never_touch_the_filesystem(tier: Tier, tmp_path: Path, job: str) -> None:
+    before = sorted(p for p in tmp_path.rglob("*"))
+    data = payload(10, seed=0)
+    entry = entry_for(0, data)
+    with pytest.raises(ValueError):
+        tier.put_shard(job, 1, entry, data)
+    with pytest.raises(ValueError):
+        tier.list_committed(job)
+    with pytest.raises(ValueError):
+        tier.read_manifest(job, 1)
+    with pytest.raises(ValueError):
+        tier.delete(job, 1)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+# -- disk-specific ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> DiskTier:
+    return DiskTier(tmp_path / "disk", direct_io=True, block_bytes=8192)
+
+
+def test_disk_layout_on_the_filesystem(disk: DiskTier) -> None:
+    m, blobs = save_step(disk, JOB, 12, [100, 0])
+    step_dir = disk.root / JOB / "step-000000000012"
+    assert sorted(p.name for p in step_dir.iterdir()) == ["manifest.json", "rank-000000.shard", "rank-000001.shard"]
+    assert (step_dir / "rank-000000.shard").read_bytes() == blobs[0]
+    assert (step_dir / "rank-000001.shard").stat().st_size == 0
+    assert (step_dir / "manifest.json").read_bytes() == m.to_json()
+    for p in step_dir.iterdir():
+        assert p.stat().st_mode & 0o077 == 0  # files 0600
+
+
+def test_disk_delete_uncommits_before_removing_data(disk: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while the data is being removed leaves no committed step behind."""
+    save_step(disk, JOB, 1, [100])
+    m2, _ = save_step(disk, JOB, 2, [100])
+    import ckptd.tiers.disk as disk_mod
+
+    def crash(path: object, ignore_errors: bool = False) -> None:
+        raise RuntimeError("crash while removing data")
+
+    monkeypatch.setattr(disk_mod.shutil, "rmtree", crash)
+    with pytest.raises(RuntimeError):
+        disk.delete(JOB, 2)
+    monkeypatch.undo()
+    assert disk.list_committed(JOB) == [1]  # the manifest went first
+    assert disk.shard_path(JOB, 2, m2.shards[0]).exists()  # data still there: removed second
+    assert str(disk.step_dir(JOB, 2)) in disk.recover()  # and start-up recovery cleans it
+    assert not disk.step_dir(JOB, 2).exists()
+
+
+def test_disk_recover_removes_temp_and_uncommitted(disk: DiskTier) -> None:
+    m1, b1 = save_step(disk, JOB, 1, [100, 300])
+    save_step(disk, JOB, 2, [100, 300], commit=False)  # shards but no manifest
+    job_dir = disk.root / JOB
+    tmp_in_job = job_dir / ".tmp-deadbeef"
+    tmp_in_job.mkdir()
+    (tmp_in_job / "rank-000000.shard").write_bytes(b"x")
+    tmp_in_step = disk.step_dir(JOB, 1) / ".tmp-cafe"
+    tmp_in_step.mkdir()
+    (tmp_in_step / "manifest.json").write_bytes(b"{}")
+    empty_step = job_dir / "step-000000000003"
+    empty_step.mkdir()
+    stranger = job_dir / "notes"  # not a step directory: left alone
+    stranger.mkdir()
+    removed = set(disk.recover())
+    assert removed == {str(tmp_in_job), str(tmp_in_step), str(disk.step_dir(JOB, 2)), str(empty_step)}
+    assert sorted(p.name for p in job_dir.iterdir()) == ["notes", "step-000000000001"]
+    assert sorted(p.name for p in disk.step_dir(JOB, 1).iterdir()) == [
+        "manifest.json", "rank-000000.shard", "rank-000001.shard"]
+    assert disk.list_committed(JOB) == [1]
+    assert read(disk, JOB, 1, m1.shards[1]) == b1[1]
+    assert disk.recover() == []  # idempotent
+
+
+def test_disk_recover_on_a_fresh_root(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path / "does" / "not" / "exist")
+    assert disk.recover() == []
+    assert disk.root.is_dir()
+    assert disk.list_jobs() == []
+
+
+def test_disk_list_jobs_ignores_strangers(disk: DiskTier) -> None:
+    save_step(disk, JOB, 1, [10])
+    (disk.root / "bad..name").mkdir()
+    (disk.root / ".hidden").mkdir()
+    (disk.root / "a-file").write_bytes(b"")
+    assert disk.list_jobs() == [JOB]
+
+
+def test_disk_leaves_no_temp_files(disk: DiskTier) -> None:
+    save_step(disk, JOB, 1, [5 * CHUNK + 1, 10])
+    leftovers = [p for p in disk.root.rglob(".tmp-*")]
+    assert leftovers == []
