@@ -63,7 +63,7 @@ class DaemonSection:
 @dataclass(frozen=True)
 class MemorySection:
     budget_bytes: int = 8 * 2**30
-    slots_per_rank: int = 2
+    slots_per_rank: int = 3  # >= 2; a third lets N+2 stage while N drains and N+1 is the newest
     backpressure: str = "wait"  # wait | skip
     wait_timeout_s: float = 30.0
     chunk_bytes: int = 16 * 2**20

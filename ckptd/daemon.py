@@ -282,9 +282,14 @@ class Daemon:
                                       f"{st.tiers[TierName.MEMORY][1]}")
             if rank in st.shards or st.state(TierName.DISK) == TierState.COMMITTED:
                 raise AlreadyExists(f"step {step} rank {rank} of {job!r} is already saved")
-        for lease in self.save_leases.values():
+        for lease in list(self.save_leases.values()):
             if (lease.job, lease.step, lease.rank) == (job, step, rank):
-                raise AlreadyExists(f"step {step} rank {rank} of {job!r} is being saved by another writer")
+                if time.monotonic() <= lease.deadline_s and _pid_alive(lease.client_pid):
+                    raise AlreadyExists(f"step {step} rank {rank} of {job!r} is being saved by another writer")
+                # the holder died mid-copy (a restarted trainer re-saves faster than the reaper)
+                log.warning("save lease of %s@%d rank %d expired (client gone); slot torn, not committed",
+                            job, step, rank)
+                await self._drop_save_lease(lease)
         # Claim (job, step, rank) before the first await: a concurrent BeginSave for the same
         # shard must not pass the checks above while this one waits for the disk or a slot.
         if (job, step, rank) in self._beginning:

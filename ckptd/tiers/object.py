@@ -65,14 +65,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
-import boto3  # type: ignore[import-untyped]
-import botocore.exceptions  # type: ignore[import-untyped]
-import botocore.loaders  # type: ignore[import-untyped]
-import botocore.session  # type: ignore[import-untyped]
-import s3transfer.exceptions  # type: ignore[import-untyped]
+import boto3
+import botocore.exceptions
+import botocore.loaders
+import botocore.session
+import s3transfer.exceptions
 import urllib3.exceptions
-from boto3.s3.transfer import TransferConfig, create_transfer_manager  # type: ignore[import-untyped]
-from botocore.config import Config as BotoConfig  # type: ignore[import-untyped]
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config as BotoConfig
 
 from ckptd.config import ObjectSection, validate_object
 from ckptd.errors import AlreadyExists, IntegrityError, NotFound, TierFailed

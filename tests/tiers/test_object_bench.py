@@ -1,0 +1,27 @@
+"""Smoke test of bench/object.py: a small run against its own moto child completes, checks both
+downloads bit-exact and prints the JSON line. Ratios are machine-dependent: not asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_object_bench_small_run_prints_json() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "object.py"), "--size-mib", "12", "--part-size-mib", "5",
+         "--reps", "1", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret"},
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["bytes"] == 12 * 2**20
+    for key in ("boto3_upload_s", "ckptd_upload_s", "boto3_download_s", "ckptd_restore_s", "upload_ratio",
+                "restore_ratio"):
+        assert res[key] > 0, key
