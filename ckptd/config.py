@@ -118,6 +118,7 @@ class ObjectSection:
     max_to_keep: int = 3
     keep_period: int = 0  # also keep every step divisible by this (0: off)
     every_n_steps: int = 1
+    commit_wait_s: float = 600.0  # how long a step's coordinator waits for other nodes' shards
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,7 @@ def validate_object(o: ObjectSection) -> None:
     if not 1 <= o.max_attempts <= 20:
         raise InvalidArgument(f"object.max_attempts must be in [1, 20], got {o.max_attempts}")
     for key, secs in (("connect_timeout_s", o.connect_timeout_s), ("read_timeout_s", o.read_timeout_s),
-                      ("total_timeout_s", o.total_timeout_s)):
+                      ("total_timeout_s", o.total_timeout_s), ("commit_wait_s", o.commit_wait_s)):
         if not 0 < secs <= 86400:
             raise InvalidArgument(f"object.{key} must be in (0, 86400], got {secs}")
     if not 0 <= o.hashed_prefixes <= 65536:

@@ -31,7 +31,8 @@ def tensors_to_pb(tensors: tuple[TensorEntry, ...] | list[TensorEntry], tree_jso
 
 def tier_statuses(st: StepState) -> list[pb.TierStatus]:
     out = []
-    for tier in (TierName.MEMORY, TierName.DISK):
+    tiers = [TierName.MEMORY, TierName.DISK] + ([TierName.OBJECT] if TierName.OBJECT in st.tiers else [])
+    for tier in tiers:
         state, msg = st.effective(tier)
         out.append(pb.TierStatus(tier=tier.value, state=int(state), message=msg))  # type: ignore[arg-type]
     return out

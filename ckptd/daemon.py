@@ -23,7 +23,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd import __version__, metrics
 from ckptd.catalog import (
@@ -39,6 +39,7 @@ from ckptd.config import Config
 from ckptd.errors import (
     AlreadyExists,
     BudgetExhausted,
+    CkptdError,
     DaemonUnavailable,
     FailedPrecondition,
     InvalidArgument,
@@ -46,11 +47,16 @@ from ckptd.errors import (
 )
 from ckptd.integrity import chunk_crcs, first_bad_chunk
 from ckptd.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
-from ckptd.manifest import Manifest, ShardEntry
+from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd.pipeline import DiskDrainer
 from ckptd.restore import Restorer, RestoreResult
 from ckptd.shm import Slot, SlotPool
 from ckptd.tiers.disk import DiskTier
+
+if TYPE_CHECKING:
+    from ckptd.tiers.object import ObjectTier
+    from ckptd.uploader import ObjectUploader
+
 from ckptd.types import LEVEL_TIER, Level, TierName, validate_job, validate_node_ranks, validate_rank, validate_step
 
 log = logging.getLogger("ckptd.daemon")
@@ -110,8 +116,19 @@ class Daemon:
             if cfg.disk.enabled else None
         )
         self.drainer = DiskDrainer(self.catalog, self.pool, self.disk, cfg.disk, self.executor)
+        self.object: ObjectTier | None = None
+        self.uploader: ObjectUploader | None = None
+        if cfg.object.enabled:
+            from ckptd.tiers.object import ObjectTier  # boto3 is heavy: only when configured
+            from ckptd.uploader import ObjectUploader
+
+            self.object = ObjectTier(cfg.object)
+            self.uploader = ObjectUploader(self.catalog, self.pool, self.disk, self.drainer, self.object,
+                                           cfg.object, self.executor)
+            self.drainer.on_commit = self.uploader.kick
         self.restorer = Restorer(self.catalog, self.pool, self.disk, self.executor,
-                                 cfg.memory.wait_timeout_s)
+                                 cfg.memory.wait_timeout_s, self.object)
+        self.restorer.on_adopt = self.drainer.kick
         self.save_leases: dict[str, SaveLease] = {}
         self.restore_leases: dict[str, RestoreLease] = {}
         self.draining = False
@@ -146,8 +163,26 @@ class Daemon:
                 log.info("recovery removed uncommitted %s", path)
             await self._catalog_disk()
         await self._adopt_slots()
+        if self.object is not None:
+            await self._prepare_object_tier()
         self.drainer.start()
+        if self.uploader is not None:
+            self.uploader.start()
         self._reaper = asyncio.create_task(self._reap_leases(), name="lease-reaper")
+
+    async def _prepare_object_tier(self) -> None:
+        """Abort stale multipart uploads and probe create-only puts; a store that is down at
+        start-up is reported, not fatal (uploads retry when it returns)."""
+        assert self.object is not None
+        loop = asyncio.get_running_loop()
+        try:
+            aborted = await loop.run_in_executor(
+                self.executor, self.object.cleanup_incomplete, self.object.stale_upload_age_s)
+            for key, _ in aborted:
+                log.info("aborted stale multipart upload of %s", key)
+            await loop.run_in_executor(self.executor, self.object.conditional_put_supported)
+        except CkptdError as exc:
+            log.error("object tier not reachable at start-up: %s", exc)
 
     async def _catalog_disk(self) -> None:
         assert self.disk is not None
@@ -212,6 +247,8 @@ class Daemon:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.cfg.daemon.shutdown_timeout_s)
         clean = await self.drainer.stop(self.cfg.daemon.shutdown_timeout_s)
+        if self.uploader is not None:
+            clean = await self.uploader.stop(self.cfg.daemon.shutdown_timeout_s) and clean
         for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
             task.cancel()
         for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
@@ -224,6 +261,8 @@ class Daemon:
     def close(self) -> None:
         """Release resources after the server stopped (executor, mappings, lock)."""
         self.executor.shutdown(wait=True)
+        if self.object is not None:
+            self.object.close()
         self.pool.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -304,10 +343,9 @@ class Daemon:
     async def _begin_save_claimed(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
                                   wait: bool | None, wait_timeout_s: float | None, client_pid: int,
                                   st: StepState | None, node_ranks: tuple[int, ...]) -> SaveLease:
-        if self.disk is not None and st is None:
-            loop = asyncio.get_running_loop()
-            if step in await loop.run_in_executor(self.executor, self.disk.list_committed, job):
-                raise AlreadyExists(f"step {step} of {job!r} is already committed on disk")
+        # the catalog knows every step committed on disk; one stat (no listing) guards the rest
+        if self.disk is not None and st is None and (self.disk.step_dir(job, step) / MANIFEST_NAME).exists():
+            raise AlreadyExists(f"step {step} of {job!r} is already committed on disk")
         mem = self.cfg.memory
         do_wait = (mem.backpressure == "wait") if wait is None else wait
         timeout_s = mem.wait_timeout_s if wait_timeout_s is None else wait_timeout_s
@@ -404,6 +442,8 @@ class Daemon:
             metrics.LAST_COMMITTED_STEP.labels(st.job, "memory").set(st.step)
             await self.pool.notify()
             self.drainer.kick()
+            if self.uploader is not None:
+                self.uploader.kick()
         else:
             await self.catalog.notify()
 
@@ -478,7 +518,8 @@ class Daemon:
             "slot_bytes_in_use": self.pool.bytes_in_use,
             "slots": len(self.pool.slots),
             "draining": self.draining,
-            "tiers": ["memory"] + (["disk"] if self.disk is not None else []),
+            "tiers": ["memory"] + (["disk"] if self.disk is not None else [])
+            + (["object"] if self.object is not None else []),
         }
 
     # -- restore ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -50,6 +51,7 @@ class DiskDrainer:
         self._stopping = False
         self.last_drain: dict[str, Any] = {}
         self.pinned: dict[str, set[int]] = {}
+        self.on_commit: Callable[[], None] | None = None  # e.g. wake the object uploader
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="disk-drainer")
@@ -143,6 +145,8 @@ class DiskDrainer:
             self.last_drain = {"job": st.job, "step": st.step, "bytes": st.nbytes, "seconds": elapsed}
             log.info("step %s@%d LOCAL_DURABLE (%d bytes in %.3fs)", st.job, st.step, st.nbytes, elapsed)
             await self.catalog.set_tier(st, TierName.DISK, TierState.COMMITTED)
+            if self.on_commit is not None:
+                self.on_commit()
             metrics.TIER_WRITTEN_BYTES.labels("disk").inc(st.nbytes)
             metrics.TIER_OP_SECONDS.labels("disk", "drain").observe(elapsed)
             metrics.LAST_COMMITTED_STEP.labels(st.job, "disk").set(st.step)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from ckptd.errors import CkptdError, FailedPrecondition, IntegrityError, NotFoun
 from ckptd.integrity import first_bad_chunk
 from ckptd.manifest import ShardEntry
 from ckptd.shm import Slot, SlotPool
+from ckptd.tiers.base import Tier
 from ckptd.tiers.disk import DiskTier
 from ckptd.types import TierName
 
@@ -47,23 +49,38 @@ class RestoreResult:
 
 class Restorer:
     def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, executor: Executor,
-                 wait_timeout_s: float) -> None:
+                 wait_timeout_s: float, object_tier: Tier | None = None) -> None:
         self.catalog = catalog
         self.pool = pool
         self.disk = disk
+        self.object = object_tier
         self.executor = executor
         self.wait_timeout_s = wait_timeout_s
+        self.on_adopt: Callable[[], None] | None = None  # e.g. wake the drainer to re-warm the disk
 
-    async def _disk_steps(self, job: str) -> list[int]:
-        if self.disk is None:
+    def _tier(self, name: TierName) -> Tier:
+        tier = self.disk if name == TierName.DISK else self.object
+        assert tier is not None
+        return tier
+
+    async def _steps(self, tier: Tier | None, job: str) -> list[int]:
+        if tier is None:
             return []
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.disk.list_committed, job)
+        try:
+            return await loop.run_in_executor(self.executor, tier.list_committed, job)
+        except CkptdError as exc:  # an unreachable store is a missing source, not a failed restore
+            log.warning("restore: cannot list %s tier: %s", tier.name.value, exc)
+            return []
+
+    async def _disk_steps(self, job: str) -> list[int]:
+        return await self._steps(self.disk, job)
 
     async def latest(self, job: str) -> int:
         """Newest step committed at any reachable tier."""
         candidates = [s.step for s in self.catalog.steps(job) if s.in_memory]
         candidates += await self._disk_steps(job)
+        candidates += await self._steps(self.object, job)
         if not candidates:
             raise NotFound(f"no committed step of job {job!r} at any tier")
         return max(candidates)
@@ -92,6 +109,19 @@ class Restorer:
                 known_ws = manifest.world_size if known_ws is None else known_ws
                 if rank in manifest.ranks:
                     plan.append(Source(TierName.DISK, str(self.disk.step_dir(job, step))))
+        if self.object is not None and step in await self._steps(self.object, job):
+            try:
+                manifest = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.object.read_manifest, job, step)
+            except CkptdError as exc:
+                if not plan:
+                    raise
+                log.warning("restore plan of %s@%d: object manifest unusable: %s", job, step, exc)
+            else:
+                known_ws = manifest.world_size if known_ws is None else known_ws
+                if rank in manifest.ranks:
+                    key = manifest.shard(rank).object_key
+                    plan.append(Source(TierName.OBJECT, key or f"{job}@{step} rank {rank}"))
         # The world-size check comes first: a rank the saved step never had (rank >= the saved
         # world size) must get this clear error, not NotFound (which restore("latest") reads as
         # "no checkpoint yet" and silently starts fresh).
@@ -112,7 +142,7 @@ class Restorer:
                 if source.tier == TierName.MEMORY:
                     await self._from_memory(job, rank, result)
                 else:
-                    await self._from_disk(job, rank, world_size, result)
+                    await self._from_tier(source.tier, job, rank, world_size, result)
             except CkptdError as exc:
                 log.warning("restore %s@%d rank %d: %s copy rejected: %s",
                             job, result.step, rank, source.tier.value, exc)
@@ -154,22 +184,24 @@ class Restorer:
             raise
         result.entry, result.slot = entry, slot
 
-    async def _from_disk(self, job: str, rank: int, world_size: int, result: RestoreResult) -> None:
-        assert self.disk is not None
+    async def _from_tier(self, name: TierName, job: str, rank: int, world_size: int,
+                         result: RestoreResult) -> None:
+        """Read a shard from a disk or object tier into a scratch slot, verified, then adopt it."""
+        tier = self._tier(name)
         loop = asyncio.get_running_loop()
-        manifest = await loop.run_in_executor(self.executor, self.disk.read_manifest, job, result.step)
+        manifest = await loop.run_in_executor(self.executor, tier.read_manifest, job, result.step)
         entry = manifest.shard(rank)
         slot = await self.pool.lease_scratch(entry.nbytes, True, self.wait_timeout_s)
         slot.readers += 1
         slot.writing = False
         try:
             await loop.run_in_executor(
-                self.executor, self.disk.read_shard_into, job, result.step, entry, slot.view(entry.nbytes))
+                self.executor, tier.read_shard_into, job, result.step, entry, slot.view(entry.nbytes))
         except BaseException:
             slot.readers -= 1
             await self.pool.free(slot)
             raise
-        st = manifest_step(self.catalog, manifest.job, manifest.step, world_size, manifest.extra)
+        st = manifest_step(self.catalog, manifest.job, manifest.step, world_size, manifest.extra, name)
         rec = self._adopt(st, entry, slot)
         if rec is not None:
             try:
@@ -177,6 +209,8 @@ class Restorer:
                                            sidecar_meta(st, rec))
             except OSError as exc:
                 log.warning("could not record re-warmed slot %s: %s", slot.path, exc)
+            if self.on_adopt is not None:
+                self.on_adopt()
         await self.pool.notify()
         result.entry, result.slot = entry, slot
 
@@ -192,9 +226,12 @@ class Restorer:
         return rec
 
 
-def manifest_step(catalog: Catalog, job: str, step: int, world_size: int, extra: dict[str, object]) -> StepState:
+def manifest_step(catalog: Catalog, job: str, step: int, world_size: int, extra: dict[str, object],
+                  source: TierName = TierName.DISK) -> StepState:
+    """The catalog entry of a step found committed at ``source``. A step restored from the object
+    store stays PENDING on disk: once its shards are back in memory the drainer re-warms the disk."""
     st = catalog.ensure(job, step, world_size)
-    if st.state(TierName.DISK) == TierState.PENDING:
-        st.tiers[TierName.DISK] = (TierState.COMMITTED, "")
+    if st.state(source) == TierState.PENDING:
+        st.tiers[source] = (TierState.COMMITTED, "")
     st.extra = dict(extra)
     return st

@@ -78,9 +78,17 @@ from ckptd.config import ObjectSection, validate_object
 from ckptd.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
 from ckptd.integrity import crc32c
 from ckptd.layout import chunk_count
-from ckptd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry
+from ckptd.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ShardEntry,
+    _shard_from_obj,
+    canonical_json,
+)
 from ckptd.types import TierName, parse_step_dirname, shard_key, step_dirname, validate_job, validate_step
 
+SHARD_META_SUFFIX: Final = ".meta.json"
 log = logging.getLogger("ckptd.object")
 
 CLAIM_NAME: Final = "manifest.claim"
@@ -639,6 +647,46 @@ class ObjectTier:
         for s in manifest.shards:
             self._entry_key(job, step, s)
         return manifest
+
+    # -- multi-node commit: one record per rank beside the (future) manifest ----------------
+    def shard_meta_key(self, job: str, step: int, rank: int) -> str:
+        return self.step_prefix(job, step) + shard_key(rank) + SHARD_META_SUFFIX
+
+    def put_shard_meta(self, job: str, step: int, entry: ShardEntry, world_size: int) -> None:
+        """Record that rank's shard is uploaded, with its layout and checksums. The step's
+        coordinator builds the manifest from these records once all ``world_size`` are there."""
+        key = self.shard_meta_key(job, step, entry.rank)
+        body = canonical_json({"world_size": world_size, "shard": entry.to_json()})
+        deadline = time.monotonic() + self.total_timeout_s
+        with self._deadline([key], deadline):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json")
+            except _STORE_ERRORS as exc:
+                raise self._failed(f"recording {job}@{step} rank {entry.rank} at {self.url(key)}", exc) from exc
+
+    def list_shard_metas(self, job: str, step: int, world_size: int) -> dict[int, ShardEntry]:
+        """The per-rank records of a step uploaded so far (rank -> entry); invalid ones raise."""
+        prefix = self.step_prefix(job, step)
+        try:
+            keys = [k for k in self._list_keys(prefix) if k.endswith(SHARD_META_SUFFIX)]
+            bodies = self._map(lambda k: self._get_small(k, MAX_MANIFEST_BYTES), keys)
+        except _STORE_ERRORS as exc:
+            raise self._failed(f"listing the shard records of {job}@{step}", exc) from exc
+        out: dict[int, ShardEntry] = {}
+        for key, body in zip(keys, bodies):
+            if body is None:
+                continue
+            try:
+                obj = json.loads(body)
+                if obj["world_size"] != world_size:
+                    raise ValueError(f"world_size {obj['world_size']} != {world_size}")
+                entry = _shard_from_obj(obj["shard"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise IntegrityError(f"{self.url(key)}: invalid shard record: {exc}") from None
+            if key != self.shard_meta_key(job, step, entry.rank) or not 0 <= entry.rank < world_size:
+                raise IntegrityError(f"{self.url(key)}: record names rank {entry.rank}")
+            out[entry.rank] = entry
+        return out
 
     def range_bytes(self, chunk_bytes: int) -> int:
         """Size of one ranged GET: a whole number of chunks, about part_size_bytes."""

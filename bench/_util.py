@@ -1,0 +1,215 @@
+"""Helpers shared by the benchmarks in ``bench/``: a GPT-like training state, shm files, cleanup.
+
+Nothing here is timed. ``gpt_state`` builds the state every save method is measured on (same
+seed and shapes in every process, so peers run in subprocesses see identical bytes);
+``ShmFile`` is a pre-faulted /dev/shm mapping (the memcpy floor's destination and the O_DIRECT
+source); ``Cleanup`` runs registered undo actions in reverse order even after an error or a
+SIGTERM/SIGHUP/SIGINT.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import signal
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 2**20
+GIB = 2**30
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
+ALIGN = 64  # ckptd's tensor alignment inside a shard (ckptd.layout.ALIGN_BYTES)
+
+N_LAYER = 6
+CTX = 1024
+BYTES_PER_PARAM = 2 + 3 * 4  # bf16 model weight + fp32 master weight, exp_avg, exp_avg_sq
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    """What ``gpt_state`` built."""
+
+    d_model: int
+    vocab: int
+    n_layer: int
+    n_params: int
+    n_tensors: int
+    nbytes: int  # sum of tensor bytes (no alignment padding)
+
+
+def _param_shapes(d: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    shapes: list[tuple[str, tuple[int, ...]]] = [("wte.weight", (vocab, d)), ("wpe.weight", (CTX, d))]
+    for i in range(N_LAYER):
+        p = f"h.{i}."
+        shapes += [
+            (p + "ln_1.weight", (d,)), (p + "ln_1.bias", (d,)),
+            (p + "attn.c_attn.weight", (3 * d, d)), (p + "attn.c_attn.bias", (3 * d,)),
+            (p + "attn.c_proj.weight", (d, d)), (p + "attn.c_proj.bias", (d,)),
+            (p + "ln_2.weight", (d,)), (p + "ln_2.bias", (d,)),
+            (p + "mlp.c_fc.weight", (4 * d, d)), (p + "mlp.c_fc.bias", (4 * d,)),
+            (p + "mlp.c_proj.weight", (d, 4 * d)), (p + "mlp.c_proj.bias", (d,)),
+        ]
+    shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+    return shapes
+
+
+def plan_shapes(size_bytes: int) -> tuple[int, int]:
+    """(d_model, vocab) so the state totals just under ``size_bytes`` (within 14*d bytes)."""
+    per_layer_d2 = 12 * BYTES_PER_PARAM  # 12 d^2 weights per block
+    d = int(math.sqrt(0.85 * size_bytes / (N_LAYER * per_layer_d2))) // 64 * 64
+    d = max(d, 64)
+    fixed = sum(math.prod(s) for n, s in _param_shapes(d, 0) if not n.startswith("wte")) * BYTES_PER_PARAM
+    vocab = (size_bytes - fixed) // (BYTES_PER_PARAM * d)
+    if vocab < 64:
+        raise ValueError(f"--size-mib {size_bytes / MIB:g} is too small for the GPT-like state (try >= 8)")
+    return d, int(vocab)
+
+
+def gpt_state(size_bytes: int, seed: int = 0) -> tuple[dict[str, Any], StateInfo]:
+    """A GPT-2-like mixed-precision training state of about ``size_bytes``.
+
+    ``model``: bf16 weights (what the forward pass uses); ``optimizer``: an AdamW-style state
+    dict with, per parameter, the fp32 master weight and the fp32 ``exp_avg``/``exp_avg_sq``
+    moments (int keys, like ``torch.optim`` produces), plus ``param_groups`` and plain values.
+    Six transformer blocks give 76 parameters, so 304 tensors.
+    """
+    import torch
+
+    d, vocab = plan_shapes(size_bytes)
+    gen = torch.Generator().manual_seed(seed)
+    model: dict[str, Any] = {}
+    opt_state: dict[int, dict[str, Any]] = {}
+    nbytes = 0
+    shapes = _param_shapes(d, vocab)
+    for i, (name, shape) in enumerate(shapes):
+        master = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen)
+        exp_avg = torch.empty(shape, dtype=torch.float32).normal_(0.0, 1e-3, generator=gen)
+        exp_avg_sq = torch.empty(shape, dtype=torch.float32).uniform_(0.0, 1e-6, generator=gen)
+        model[name] = master.to(torch.bfloat16)
+        opt_state[i] = {"master": master, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        nbytes += math.prod(shape) * BYTES_PER_PARAM
+    state: dict[str, Any] = {
+        "model": model,
+        "optimizer": {
+            "state": opt_state,
+            "param_groups": [{
+                "lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1,
+                "step": 1000, "params": list(range(len(shapes))),
+            }],
+        },
+        "step": 1000,
+        "rng_seed": seed,
+    }
+    info = StateInfo(d, vocab, N_LAYER, len(shapes), 4 * len(shapes), nbytes)
+    return state, info
+
+
+def tensors_of(state: Any) -> list[Any]:
+    """Every tensor of a nested state, depth-first in insertion order (dicts, lists, tuples)."""
+    import torch
+
+    out: list[Any] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(state)
+    return out
+
+
+def packed_offsets(tensors: Sequence[Any]) -> tuple[list[int], int]:
+    """Offsets of tensors packed back to back at ``ALIGN`` (ckptd's shard layout); total bytes."""
+    offsets: list[int] = []
+    off = 0
+    for t in tensors:
+        off = (off + ALIGN - 1) // ALIGN * ALIGN
+        offsets.append(off)
+        off += t.numel() * t.element_size()
+    return offsets, off
+
+
+class ShmFile:
+    """A file in /dev/shm, allocated with posix_fallocate, mapped and pre-faulted once."""
+
+    def __init__(self, path: Path, capacity: int) -> None:
+        self.path = path
+        self.capacity = max(capacity, mmap.PAGESIZE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self.capacity)
+            self.mm = mmap.mmap(fd, self.capacity)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        self.populated = True
+        try:
+            self.mm.madvise(MADV_POPULATE_WRITE)
+        except OSError:  # kernel < 5.14: touch every page instead
+            self.populated = False
+            for off in range(0, self.capacity, mmap.PAGESIZE):
+                self.mm[off] = 0
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a view is still exported; the unlink below still frees the file
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class Cleanup:
+    """Undo actions run last-in first-out; each one's failure is reported, not raised."""
+
+    actions: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+
+    def add(self, what: str, fn: Callable[[], None]) -> None:
+        self.actions.append((what, fn))
+
+    def run(self) -> None:
+        while self.actions:
+            what, fn = self.actions.pop()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - keep cleaning up the rest
+                print(f"cleanup: {what} failed: {exc}", file=sys.stderr)
+
+
+def raise_on_signals() -> None:
+    """Turn SIGTERM/SIGHUP into SystemExit so ``finally`` blocks (cleanup) run."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def median(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def gib_per_s(nbytes: int, seconds: float | None) -> float | None:
+    if not seconds or seconds <= 0:
+        return None
+    return nbytes / GIB / seconds
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
