@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--port", type=int, required=True, help="TCP port of the rendezvous store on 127.0.0.1")
+    p.add_argument("--port", type=int, required=True, help="TCP port of the rendezvous store")
+    p.add_argument("--master-addr", default="127.0.0.1", help="host of rank 0's rendezvous store")
+    p.add_argument("--node-ranks", default="",
+                   help="comma-separated ranks served by this rank's daemon (multi-node); empty: all")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--workdir", type=Path, required=True, help="where progress and result files go")
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://{a.master_addr}:{a.port}", rank=rank, world_size=world)
 
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
@@ -168,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         from ckptd_client import CheckpointManager
 
         # on_error="raise": the demo wants to see a failed save, not train on without it.
-        manager = CheckpointManager(a.job, rank=rank, world_size=world, addr=a.socket, on_error="raise")
+        node_ranks = [int(r) for r in a.node_ranks.split(",") if r] or None
+        manager = CheckpointManager(a.job, rank=rank, world_size=world, addr=a.socket, on_error="raise",
+                                    node_ranks=node_ranks)
         step = manager.restore(state)
         if step is not None:
             info = manager.last_restore
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(rank, "no checkpoint yet: fresh start")
 
+    a.workdir.mkdir(parents=True, exist_ok=True)
     progress = (a.workdir / f"progress-rank{rank}.jsonl").open("a", buffering=1)
     nbytes = 0
     loss_val = float("nan")
