@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63kptd/v1/peer_service.proto\x12\x08\x63kptd.v1\"\xf0\x01\n\rReplicaHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x12\n\nnode_ranks\x18\x05 \x03(\x05\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\r\x12\x14\n\x0c\x63hunk_crc32c\x18\x08 \x03(\r\x12\x12\n\nshard_json\x18\t \x01(\t\x12\x13\n\x0bsource_node\x18\n \x01(\t\x12\x16\n\x0e\x63reated_unix_s\x18\x0b \x01(\x01\x12\x12\n\nextra_json\x18\x0c \x01(\t\"<\n\x0cReplicaChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\r\"p\n\x12PushReplicaRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.ckptd.v1.ReplicaHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.ckptd.v1.ReplicaChunkH\x00\x42\x06\n\x04\x62ody\"c\n\x13PushReplicaResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x14\n\x0c\x61lready_held\x18\x03 \x01(\x08\x12\r\n\x05tiers\x18\x04 \x03(\t\"T\n\x11\x46\x65tchShardRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x16\n\x0erequester_node\x18\x04 \x01(\t\"~\n\x12\x46\x65tchShardResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.ckptd.v1.ReplicaHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.ckptd.v1.ReplicaChunkH\x00\x12\x0c\n\x04tier\x18\x03 \x01(\tB\x06\n\x04\x62ody\":\n\x13ListHoldingsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x16\n\x0erequester_node\x18\x02 \x01(\t\"\x91\x01\n\x07Holding\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\r\n\x05tiers\x18\x06 \x03(\t\x12\x15\n\rstep_complete\x18\x07 \x01(\x08\x12\x13\n\x0bsource_node\x18\x08 \x01(\t\"L\n\x14ListHoldingsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x08holdings\x18\x02 \x03(\x0b\x32\x11.ckptd.v1.Holding\"\x92\x01\n\x12ReportReadyRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\r\n\x05ranks\x18\x06 \x03(\x05\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x08\x12\x0f\n\x07message\x18\x08 \x01(\t\"\xa9\x01\n\x13ReportReadyResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x13\n\x0bready_ranks\x18\x05 \x03(\x05\x12\x14\n\x0c\x66\x61iled_ranks\x18\x06 \x03(\x05\x12\x10\n\x08\x63omplete\x18\x07 \x01(\x08\x12\x18\n\x10\x63oordinator_node\x18\x08 \x01(\t\"\x1e\n\x0bPingRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"]\n\x0cPingResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0bunix_time_s\x18\x04 \x01(\x01\x32\xf8\x02\n\x0bPeerService\x12L\n\x0bPushReplica\x12\x1c.ckptd.v1.PushReplicaRequest\x1a\x1d.ckptd.v1.PushReplicaResponse(\x01\x12I\n\nFetchShard\x12\x1b.ckptd.v1.FetchShardRequest\x1a\x1c.ckptd.v1.FetchShardResponse0\x01\x12M\n\x0cListHoldings\x12\x1d.ckptd.v1.ListHoldingsRequest\x1a\x1e.ckptd.v1.ListHoldingsResponse\x12J\n\x0bReportReady\x12\x1c.ckptd.v1.ReportReadyRequest\x1a\x1d.ckptd.v1.ReportReadyResponse\x12\x35\n\x04Ping\x12\x15.ckptd.v1.PingRequest\x1a\x16.ckptd.v1.PingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63kptd/v1/peer_service.proto\x12\x08\x63kptd.v1\"\xf0\x01\n\rReplicaHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x12\n\nnode_ranks\x18\x05 \x03(\x05\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\r\x12\x14\n\x0c\x63hunk_crc32c\x18\x08 \x03(\r\x12\x12\n\nshard_json\x18\t \x01(\t\x12\x13\n\x0bsource_node\x18\n \x01(\t\x12\x16\n\x0e\x63reated_unix_s\x18\x0b \x01(\x01\x12\x12\n\nextra_json\x18\x0c \x01(\t\"<\n\x0cReplicaChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\r\"*\n\nBulkTicket\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\"\x83\x01\n\x12PushReplicaRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.ckptd.v1.ReplicaHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.ckptd.v1.ReplicaChunkH\x00\x12\x11\n\twant_bulk\x18\x03 \x01(\x08\x42\x06\n\x04\x62ody\"c\n\x13PushReplicaResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x14\n\x0c\x61lready_held\x18\x03 \x01(\x08\x12\r\n\x05tiers\x18\x04 \x03(\t\"g\n\x11\x46\x65tchShardRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x16\n\x0erequester_node\x18\x04 \x01(\t\x12\x11\n\twant_bulk\x18\x05 \x01(\x08\"\xa2\x01\n\x12\x46\x65tchShardResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.ckptd.v1.ReplicaHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.ckptd.v1.ReplicaChunkH\x00\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\"\n\x04\x62ulk\x18\x04 \x01(\x0b\x32\x14.ckptd.v1.BulkTicketB\x06\n\x04\x62ody\":\n\x13ListHoldingsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x16\n\x0erequester_node\x18\x02 \x01(\t\"\x91\x01\n\x07Holding\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\r\n\x05tiers\x18\x06 \x03(\t\x12\x15\n\rstep_complete\x18\x07 \x01(\x08\x12\x13\n\x0bsource_node\x18\x08 \x01(\t\"L\n\x14ListHoldingsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x08holdings\x18\x02 \x03(\x0b\x32\x11.ckptd.v1.Holding\"\x92\x01\n\x12ReportReadyRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\r\n\x05ranks\x18\x06 \x03(\x05\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x08\x12\x0f\n\x07message\x18\x08 \x01(\t\"\xa9\x01\n\x13ReportReadyResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x13\n\x0bready_ranks\x18\x05 \x03(\x05\x12\x14\n\x0c\x66\x61iled_ranks\x18\x06 \x03(\x05\x12\x10\n\x08\x63omplete\x18\x07 \x01(\x08\x12\x18\n\x10\x63oordinator_node\x18\x08 \x01(\t\"\x1e\n\x0bPingRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"]\n\x0cPingResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0bunix_time_s\x18\x04 \x01(\x01\x32\xf8\x02\n\x0bPeerService\x12L\n\x0bPushReplica\x12\x1c.ckptd.v1.PushReplicaRequest\x1a\x1d.ckptd.v1.PushReplicaResponse(\x01\x12I\n\nFetchShard\x12\x1b.ckptd.v1.FetchShardRequest\x1a\x1c.ckptd.v1.FetchShardResponse0\x01\x12M\n\x0cListHoldings\x12\x1d.ckptd.v1.ListHoldingsRequest\x1a\x1e.ckptd.v1.ListHoldingsResponse\x12J\n\x0bReportReady\x12\x1c.ckptd.v1.ReportReadyRequest\x1a\x1d.ckptd.v1.ReportReadyResponse\x12\x35\n\x04Ping\x12\x15.ckptd.v1.PingRequest\x1a\x16.ckptd.v1.PingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICAHEADER']._serialized_end=282
   _globals['_REPLICACHUNK']._serialized_start=284
   _globals['_REPLICACHUNK']._serialized_end=344
-  _globals['_PUSHREPLICAREQUEST']._serialized_start=346
-  _globals['_PUSHREPLICAREQUEST']._serialized_end=458
-  _globals['_PUSHREPLICARESPONSE']._serialized_start=460
-  _globals['_PUSHREPLICARESPONSE']._serialized_end=559
-  _globals['_FETCHSHARDREQUEST']._serialized_start=561
-  _globals['_FETCHSHARDREQUEST']._serialized_end=645
-  _globals['_FETCHSHARDRESPONSE']._serialized_start=647
-  _globals['_FETCHSHARDRESPONSE']._serialized_end=773
-  _globals['_LISTHOLDINGSREQUEST']._serialized_start=775
-  _globals['_LISTHOLDINGSREQUEST']._serialized_end=833
-  _globals['_HOLDING']._serialized_start=836
-  _globals['_HOLDING']._serialized_end=981
-  _globals['_LISTHOLDINGSRESPONSE']._serialized_start=983
-  _globals['_LISTHOLDINGSRESPONSE']._serialized_end=1059
-  _globals['_REPORTREADYREQUEST']._serialized_start=1062
-  _globals['_REPORTREADYREQUEST']._serialized_end=1208
-  _globals['_REPORTREADYRESPONSE']._serialized_start=1211
-  _globals['_REPORTREADYRESPONSE']._serialized_end=1380
-  _globals['_PINGREQUEST']._serialized_start=1382
-  _globals['_PINGREQUEST']._serialized_end=1412
-  _globals['_PINGRESPONSE']._serialized_start=1414
-  _globals['_PINGRESPONSE']._serialized_end=1507
-  _globals['_PEERSERVICE']._serialized_start=1510
-  _globals['_PEERSERVICE']._serialized_end=1886
+  _globals['_BULKTICKET']._serialized_start=346
+  _globals['_BULKTICKET']._serialized_end=388
+  _globals['_PUSHREPLICAREQUEST']._serialized_start=391
+  _globals['_PUSHREPLICAREQUEST']._serialized_end=522
+  _globals['_PUSHREPLICARESPONSE']._serialized_start=524
+  _globals['_PUSHREPLICARESPONSE']._serialized_end=623
+  _globals['_FETCHSHARDREQUEST']._serialized_start=625
+  _globals['_FETCHSHARDREQUEST']._serialized_end=728
+  _globals['_FETCHSHARDRESPONSE']._serialized_start=731
+  _globals['_FETCHSHARDRESPONSE']._serialized_end=893
+  _globals['_LISTHOLDINGSREQUEST']._serialized_start=895
+  _globals['_LISTHOLDINGSREQUEST']._serialized_end=953
+  _globals['_HOLDING']._serialized_start=956
+  _globals['_HOLDING']._serialized_end=1101
+  _globals['_LISTHOLDINGSRESPONSE']._serialized_start=1103
+  _globals['_LISTHOLDINGSRESPONSE']._serialized_end=1179
+  _globals['_REPORTREADYREQUEST']._serialized_start=1182
+  _globals['_REPORTREADYREQUEST']._serialized_end=1328
+  _globals['_REPORTREADYRESPONSE']._serialized_start=1331
+  _globals['_REPORTREADYRESPONSE']._serialized_end=1500
+  _globals['_PINGREQUEST']._serialized_start=1502
+  _globals['_PINGREQUEST']._serialized_end=1532
+  _globals['_PINGRESPONSE']._serialized_start=1534
+  _globals['_PINGRESPONSE']._serialized_end=1627
+  _globals['_PEERSERVICE']._serialized_start=1630
+  _globals['_PEERSERVICE']._serialized_end=2006
 # @@protoc_insertion_point(module_scope)

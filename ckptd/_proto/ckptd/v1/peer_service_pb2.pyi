@@ -125,13 +125,45 @@ class ReplicaChunk(_message.Message):
 Global___ReplicaChunk: _TypeAlias = ReplicaChunk  # noqa: Y015
 
 @_typing.final
+class BulkTicket(_message.Message):
+    """A one-time authorization for a bulk data connection (see the top of this file)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    """TCP port of the peer's bulk listener (host: the gRPC target's)"""
+    ticket: _builtins.bytes
+    """16 random bytes, good for one connection, briefly"""
+    def __init__(
+        self,
+        *,
+        port: _builtins.int = ...,
+        ticket: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkTicket: _TypeAlias = BulkTicket  # noqa: Y015
+
+@_typing.final
 class PushReplicaRequest(_message.Message):
-    """PushReplica stream: exactly one header first, then the chunks covering [0, nbytes)."""
+    """PushReplica stream: exactly one header first, then the chunks covering [0, nbytes) (none when
+    the receiver accepted a bulk connection: it answers with initial metadata "ckptd-replica:
+    accept", plus "ckptd-bulk-bin" holding a serialized BulkTicket when it offers one).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    WANT_BULK_FIELD_NUMBER: _builtins.int
+    want_bulk: _builtins.bool
+    """on the header message: send the bytes over a bulk connection"""
     @_builtins.property
     def header(self) -> Global___ReplicaHeader: ...
     @_builtins.property
@@ -141,10 +173,11 @@ class PushReplicaRequest(_message.Message):
         *,
         header: Global___ReplicaHeader | None = ...,
         chunk: Global___ReplicaChunk | None = ...,
+        want_bulk: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header", "want_bulk", b"want_bulk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -193,10 +226,13 @@ class FetchShardRequest(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     REQUESTER_NODE_FIELD_NUMBER: _builtins.int
+    WANT_BULK_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     step: _builtins.int
     rank: _builtins.int
     requester_node: _builtins.str
+    want_bulk: _builtins.bool
+    """receive the bytes over a bulk connection when offered"""
     def __init__(
         self,
         *,
@@ -204,10 +240,11 @@ class FetchShardRequest(_message.Message):
         step: _builtins.int = ...,
         rank: _builtins.int = ...,
         requester_node: _builtins.str = ...,
+        want_bulk: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "rank", b"rank", "requester_node", b"requester_node", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "rank", b"rank", "requester_node", b"requester_node", "step", b"step", "want_bulk", b"want_bulk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -222,22 +259,28 @@ class FetchShardResponse(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
+    BULK_FIELD_NUMBER: _builtins.int
     tier: _builtins.str
     """on the header message: "memory" or "disk" """
     @_builtins.property
     def header(self) -> Global___ReplicaHeader: ...
     @_builtins.property
     def chunk(self) -> Global___ReplicaChunk: ...
+    @_builtins.property
+    def bulk(self) -> Global___BulkTicket:
+        """on the header message: the chunks come over this connection"""
+
     def __init__(
         self,
         *,
         header: Global___ReplicaHeader | None = ...,
         chunk: Global___ReplicaChunk | None = ...,
         tier: _builtins.str = ...,
+        bulk: Global___BulkTicket | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bulk", b"bulk", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bulk", b"bulk", "chunk", b"chunk", "header", b"header", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
