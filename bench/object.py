@@ -13,9 +13,32 @@ default checksum behaviour), ``--reps`` repetitions alternating which side goes 
   ckptd_restore_s    ``ObjectTier.read_manifest`` + ``read_shard_into`` a preallocated buffer:
                      parallel ranged GETs plus crc32c verification of every chunk
 
+The same bytes also go through real daemons (``ckptd serve`` subprocesses, ``--no-disk``, an
+``[object]`` section naming the same endpoint, bucket, part size and concurrency, their own
+prefix), so the figures include everything the pipeline adds around the tier:
+
+  ckptd_daemon_upload_s    ``CheckpointManager.save`` of the bytes (one uint8 array, so the shard
+                           is exactly ``bytes`` long) to a daemon with the disk tier off, then the
+                           time from ``save`` returning (STAGED) to ``wait(Level.PERSISTED)``
+                           returning: the daemon's crc32c pass over the slot, the uploader's
+                           verification of the slot, the multipart upload from shared memory, the
+                           per-rank record, the coordinator's record listing, shard HEAD and
+                           create-only manifest put. A fresh step per rep.
+  ckptd_daemon_restore_s   ``CheckpointManager.restore`` of that step on a second daemon started
+                           empty for this rep (its own root, socket and shm dir; same bucket and
+                           prefix): listing, manifest reads, a scratch slot, parallel ranged GETs
+                           with crc32c checks into it, then the client's copy into a preallocated
+                           array. ``served_from`` must be "object" and the bytes exact.
+
+Per daemon step the JSON also splits the upload at the daemon's own log lines ("STAGED on all",
+"PERSISTED"): ``daemon_checksum_s`` (save return to STAGED logged), ``daemon_upload_commit_s``
+(STAGED to PERSISTED logged), and gives the daemon's own ``daemon_restore_read_s``.
+
 Figures are medians over the reps (every sample is in the JSON); ratios are ckptd / boto3
-(lower is better; the contract is <= 1.25). Both downloads are checked bit-exact. The last
-line of stdout is one JSON object.
+(lower is better; the contract is <= 1.25). Every download and restore is checked bit-exact.
+Each rep runs the three sides in a rotated order. A table goes to stderr; the last line of
+stdout is one JSON object. Daemons, their shm dirs and temp dirs are removed on exit, also after
+an error or SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,9 +48,13 @@ import io
 import json
 import os
 import platform
+import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,8 +65,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import boto3  # noqa: E402
+import numpy as np  # noqa: E402
+from _util import Cleanup, raise_on_signals  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
 from botocore.config import Config as BotoConfig  # noqa: E402
+from ckptd_client import CheckpointManager, Level  # noqa: E402
 
 from ckptd.config import ObjectSection  # noqa: E402
 from ckptd.integrity import chunk_crcs  # noqa: E402
@@ -49,6 +79,10 @@ from ckptd.tiers.object import ObjectTier  # noqa: E402
 
 MIB = 2**20
 CHUNK_BYTES = 16 * MIB  # ckptd's default crc32c chunk (memory.chunk_bytes)
+SLOT_ALIGN = 2 * MIB  # ckptd.shm.SLOT_ALIGN_BYTES
+SLOTS_PER_RANK = 3  # ckptd's default memory.slots_per_rank
+JOB = "bench"
+_UPLOADED_RE = re.compile(r" in (?P<s>[0-9.]+)s$")
 MOTO_CHILD = """
 import logging, sys
 from moto.server import ThreadedMotoServer
@@ -86,6 +120,135 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
+# -- real daemons ---------------------------------------------------------------------------------
+def daemon_config(endpoint: str, bucket: str, prefix: str, part: int, concurrency: int) -> str:
+    """The ``[object]`` section of both daemons: the tier-level side's settings, its own prefix."""
+    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    return "\n".join([
+        "[memory]", f"chunk_bytes = {CHUNK_BYTES}",
+        "[object]", "enabled = true", 'preset = "minio"', f'endpoint_url = "{endpoint}"', f'region = "{region}"',
+        f'bucket = "{bucket}"', f'prefix = "{prefix}"', f"part_size_bytes = {part}",
+        f"max_concurrency = {concurrency}",
+        "max_to_keep = 1",  # retention keeps the newest step only: the store holds one copy at a time
+    ]) + "\n"
+
+
+class Daemon:
+    """``ckptd serve --no-disk`` as a subprocess in its own session, with its own root, socket
+    (short path under /tmp) and shm dir; ``stop`` ends it and removes all three."""
+
+    def __init__(self, name: str, workdir: Path, sockdir: Path, config: Path, budget: int) -> None:
+        self.name = name
+        self.root = workdir / f"root-{name}"
+        self.socket = sockdir / f"{name}.sock"
+        self.shm_dir = Path("/dev/shm") / f"ckptd-objbench-{uuid.uuid4().hex[:10]}"
+        self.log_path = workdir / f"{name}.log"
+        self.args = [sys.executable, "-m", "ckptd.cli", "serve", "--config", str(config), "--root", str(self.root),
+                     "--socket", str(self.socket), "--shm-dir", str(self.shm_dir), "--budget-bytes", str(budget),
+                     "--no-disk", "--log-level", "DEBUG"]  # DEBUG: the tier's "uploaded ... in Xs" line
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> str:
+        return str(self.socket)
+
+    def start(self, timeout_s: float = 60) -> None:
+        import grpc
+
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # tests/conftest.py wait_for_daemon
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ckptd {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.socket.exists():
+                with grpc.insecure_channel(f"unix:{self.socket}") as ch:
+                    try:
+                        grpc.channel_ready_future(ch).result(timeout=1)
+                        return
+                    except grpc.FutureTimeoutError:
+                        pass
+            time.sleep(0.05)
+        raise RuntimeError(f"ckptd {self.name} did not answer within {timeout_s}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def log_times(self, step: int) -> dict[str, float]:
+        """Wall-clock times of the daemon's "STAGED on all", "uploaded ... in Xs" (the end of
+        ``ObjectTier.put_shard``, and its duration) and "PERSISTED" lines for ``step``."""
+        out: dict[str, float] = {}
+        shard = f"/{JOB}/step-{step:012d}/rank-"
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                msg, ts = str(rec.get("msg", "")), float(rec["ts"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if msg.startswith(f"step {JOB}@{step} STAGED on all"):
+                out["staged"] = ts
+            elif msg == f"step {JOB}@{step} PERSISTED":
+                out["persisted"] = ts
+            elif msg.startswith("uploaded ") and shard in msg and (m := _UPLOADED_RE.search(msg)):
+                out["put_end"], out["put_s"] = ts, float(m["s"])
+        return out
+
+    def stop(self) -> None:
+        p = self.proc
+        try:
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    print(f"ckptd {self.name} did not stop within 60s of SIGTERM; killing it", file=sys.stderr)
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(10)
+        finally:
+            shutil.rmtree(self.shm_dir, ignore_errors=True)
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.socket.unlink(missing_ok=True)
+
+
+def print_table(res: dict[str, Any]) -> None:
+    n = res["bytes"]
+    rows = [
+        ("upload", "boto3 upload_fileobj", "boto3_upload_s", None),
+        ("", "ckptd ObjectTier put_shard+commit", "ckptd_upload_s", "upload_ratio"),
+        ("", "ckptd daemon STAGED->PERSISTED", "ckptd_daemon_upload_s", "daemon_upload_ratio"),
+        ("download", "boto3 download_fileobj", "boto3_download_s", None),
+        ("", "ckptd ObjectTier read_shard_into", "ckptd_restore_s", "restore_ratio"),
+        ("", "ckptd daemon restore (empty node)", "ckptd_daemon_restore_s", "daemon_restore_ratio"),
+    ]
+    out = [f"bench/object.py: {n / MIB:g} MiB, part {res['part_size_bytes'] / MIB:g} MiB, concurrency "
+           f"{res['max_concurrency']}, {res['reps']} reps, endpoint {res['endpoint']}",
+           f"{'':9} {'method':36} {'median s':>9} {'MB/s':>8} {'vs boto3':>9}"]
+    for what, label, key, ratio in rows:
+        v = res[key]
+        r = f"{res[ratio]:.3f}" if ratio else ""
+        out.append(f"{what:9} {label:36} {v:9.3f} {n / v / 1e6:8.1f} {r:>9}")
+    d = res["daemon_diagnostics"]
+    out.append(f"daemon upload, medians from its log: checksum {d['daemon_checksum_s']}s, verify+wake "
+               f"{d['daemon_verify_s']}s, put_shard {d['daemon_put_shard_s']}s, record+commit {d['daemon_commit_s']}s, "
+               f"PERSISTED logged to wait() return {d['daemon_wait_return_s']}s")
+    out.append(f"daemon restore, medians: daemon read (manifest, scratch slot, ranged GETs) "
+               f"{d['daemon_restore_read_s']}s, the rest (planning listings, client copy, RPCs) "
+               f"{d['daemon_restore_rest_s']}s")
+    print("\n".join(out), file=sys.stderr)
+
+
+def med(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 4) if xs else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=512)
@@ -94,42 +257,75 @@ def main() -> None:
     ap.add_argument("--part-size-mib", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", action="store_true", help="only the JSON line on stdout")
+    ap.add_argument("--json", action="store_true", help="only the JSON line on stdout (the table goes to stderr)")
     args = ap.parse_args()
+    raise_on_signals()
+    load_before = [round(x, 2) for x in os.getloadavg()]
 
-    moto: subprocess.Popen[str] | None = None
-    if args.endpoint:
-        endpoint = args.endpoint
-    else:
-        for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench-secret"),
-                     ("AWS_DEFAULT_REGION", "us-east-1")):
-            os.environ.setdefault(k, v)
-        moto, endpoint = start_moto()
+    cleanup = Cleanup()
+    workdir = Path(tempfile.mkdtemp(prefix="ckptd-objbench-"))
+    cleanup.add("work dir", lambda: shutil.rmtree(workdir, ignore_errors=True))
     part = args.part_size_mib * MIB
-    tier = ObjectTier(ObjectSection(
-        enabled=True, preset="minio", endpoint_url=endpoint, bucket=args.bucket,
-        prefix=f"bench-{uuid.uuid4().hex[:8]}", part_size_bytes=part, max_concurrency=args.concurrency,
-    ))
-    client = boto3.client("s3", endpoint_url=endpoint, config=BotoConfig(
-        s3={"addressing_style": "path"}, max_pool_connections=2 * args.concurrency + 4,
-        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-    ))
-    transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=args.concurrency,
-                              preferred_transfer_client="classic")
-    samples: dict[str, list[float]] = {k: [] for k in ("boto3_upload_s", "ckptd_upload_s", "boto3_download_s",
-                                                       "ckptd_restore_s")}
+    run_id = uuid.uuid4().hex[:8]
+    samples: dict[str, list[float]] = {k: [] for k in (
+        "boto3_upload_s", "ckptd_upload_s", "boto3_download_s", "ckptd_restore_s",
+        "ckptd_daemon_upload_s", "ckptd_daemon_restore_s")}
+    diag: dict[str, list[float]] = {k: [] for k in (
+        "daemon_checksum_s", "daemon_upload_commit_s", "daemon_verify_s", "daemon_put_shard_s", "daemon_commit_s",
+        "daemon_wait_return_s", "daemon_restore_read_s", "daemon_restore_rest_s", "daemon_save_stall_s")}
+    nbytes = args.size_mib * MIB
+    moto: subprocess.Popen[str] | None = None
     try:
+        sockdir = Path(tempfile.mkdtemp(prefix="ckob-", dir="/tmp"))  # Unix socket paths must be short
+        cleanup.add("socket dir", lambda: shutil.rmtree(sockdir, ignore_errors=True))
+        if args.endpoint:
+            endpoint = args.endpoint
+        else:
+            for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench-secret"),
+                         ("AWS_DEFAULT_REGION", "us-east-1")):
+                os.environ.setdefault(k, v)
+            moto, endpoint = start_moto()
+
+            def stop_moto(p: subprocess.Popen[str] = moto) -> None:
+                p.kill()
+                p.wait()
+
+            cleanup.add("moto server", stop_moto)
+        tier = ObjectTier(ObjectSection(
+            enabled=True, preset="minio", endpoint_url=endpoint, bucket=args.bucket,
+            prefix=f"bench-{run_id}", part_size_bytes=part, max_concurrency=args.concurrency,
+        ))
+        cleanup.add("object tier", tier.close)
+        client = boto3.client("s3", endpoint_url=endpoint, config=BotoConfig(
+            s3={"addressing_style": "path"}, max_pool_connections=2 * args.concurrency + 4,
+            region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        ))
+        transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=args.concurrency,
+                                  preferred_transfer_client="classic")
         if moto is not None:
             client.create_bucket(Bucket=args.bucket)
-        nbytes = args.size_mib * MIB
         data = os.urandom(nbytes)
         view = memoryview(data)
         entry = shard_entry(view)
         dst = bytearray(nbytes)
-        job = "bench"
         tier.conditional_put_supported()  # the daemon probes at start-up, not per save
 
-        def boto3_side(key: str) -> None:
+        # the daemons: A saves and uploads, a fresh empty B per rep restores
+        config = workdir / "ckptd.toml"
+        config.write_text(daemon_config(endpoint, args.bucket, f"bench-{run_id}-daemon", part, args.concurrency))
+        slot = -(-nbytes // SLOT_ALIGN) * SLOT_ALIGN
+        budget = (SLOTS_PER_RANK + 1) * slot
+        node_a = Daemon("a", workdir, sockdir, config, budget)
+        cleanup.add("daemon a", node_a.stop)
+        node_a.start()
+        saver = CheckpointManager(JOB, rank=0, world_size=1, addr=node_a.addr, on_error="raise")
+        cleanup.add("client of daemon a", saver.close)
+        src_state = {"w": np.frombuffer(data, dtype=np.uint8)}
+        want = np.frombuffer(data, dtype=np.uint8)
+        restored = np.zeros(nbytes, dtype=np.uint8)
+
+        def boto3_side(rep: int) -> None:
+            key = f"{tier.base}boto3/{rep}.bin"
             samples["boto3_upload_s"].append(timed(
                 lambda: client.upload_fileobj(io.BytesIO(data), args.bucket, key, Config=transfer)))
             out = io.BytesIO()
@@ -139,51 +335,102 @@ def main() -> None:
                 raise SystemExit("boto3 download differs")
             client.delete_object(Bucket=args.bucket, Key=key)
 
-        def ckptd_side(step: int) -> None:
+        def ckptd_side(rep: int) -> None:
+            step = rep + 1
+
             def upload() -> None:
-                tier.put_shard(job, step, entry, view)
-                tier.commit(Manifest(job, step, 1, (entry,), created_unix_s=time.time()))
+                tier.put_shard(JOB, step, entry, view)
+                tier.commit(Manifest(JOB, step, 1, (entry,), created_unix_s=time.time()))
 
             def restore() -> None:
-                m = tier.read_manifest(job, step)
-                tier.read_shard_into(job, step, m.shard(0), memoryview(dst))
+                m = tier.read_manifest(JOB, step)
+                tier.read_shard_into(JOB, step, m.shard(0), memoryview(dst))
 
             samples["ckptd_upload_s"].append(timed(upload))
             samples["ckptd_restore_s"].append(timed(restore))
             if memoryview(dst) != view:
                 raise SystemExit("ckptd restore differs")
-            tier.delete(job, step)
+            tier.delete(JOB, step)
 
+        def daemon_side(rep: int) -> None:
+            step = rep + 1
+            h = saver.save(step, src_state)
+            t_staged_wall, t0 = time.time(), time.perf_counter()
+            status = h.wait(Level.PERSISTED, timeout_s=1800)
+            t_wait = time.perf_counter() - t0
+            t_back_wall = time.time()
+            if status.level != Level.PERSISTED:
+                raise SystemExit(f"daemon step {step} reached {status.level}, not PERSISTED")
+            samples["ckptd_daemon_upload_s"].append(t_wait)
+            diag["daemon_save_stall_s"].append(h.stall_s)
+            times = node_a.log_times(step)
+            if "staged" in times and "persisted" in times:
+                diag["daemon_checksum_s"].append(times["staged"] - t_staged_wall)
+                diag["daemon_upload_commit_s"].append(times["persisted"] - times["staged"])
+                diag["daemon_wait_return_s"].append(t_back_wall - times["persisted"])
+                if "put_end" in times:
+                    put_start = times["put_end"] - times["put_s"]
+                    diag["daemon_verify_s"].append(put_start - times["staged"])
+                    diag["daemon_put_shard_s"].append(times["put_s"])
+                    diag["daemon_commit_s"].append(times["persisted"] - times["put_end"])
+
+            node_b = Daemon(f"b{rep}", workdir, sockdir, config, budget)  # an empty node
+            try:
+                node_b.start()
+                restored.fill(0)
+                state = {"w": restored}
+                with CheckpointManager(JOB, rank=0, world_size=1, addr=node_b.addr, on_error="raise") as m:
+                    t0 = time.perf_counter()
+                    got = m.restore(state)
+                    samples["ckptd_daemon_restore_s"].append(time.perf_counter() - t0)
+                    info = m.last_restore
+                if got != step or info is None or info.served_from != "object":
+                    raise SystemExit(f"daemon restore: step {got} served from "
+                                     f"{info.served_from if info else None}, expected step {step} from object")
+                if state["w"] is not restored or not np.array_equal(restored, want):
+                    raise SystemExit("daemon restore differs")
+                diag["daemon_restore_read_s"].append(info.daemon_read_s)
+                diag["daemon_restore_rest_s"].append(samples["ckptd_daemon_restore_s"][-1] - info.daemon_read_s)
+            finally:
+                node_b.stop()
+
+        sides = [boto3_side, ckptd_side, daemon_side]
         for rep in range(args.reps):
-            key = f"{tier.base}boto3/{rep}.bin"
-            if rep % 2 == 0:
-                boto3_side(key)
-                ckptd_side(rep + 1)
-            else:
-                ckptd_side(rep + 1)
-                boto3_side(key)
+            k = rep % len(sides)
+            for side in sides[k:] + sides[:k]:
+                side(rep)
             if not args.json:
                 print(f"rep {rep}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in samples.items()), file=sys.stderr)
+    except BaseException:
+        for path in sorted(workdir.glob("*.log")):
+            print(f"--- {path.name} (tail)\n{path.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+        raise
     finally:
-        tier.close()
-        if moto is not None:
-            moto.kill()
-            moto.wait()
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    result = {
+        cleanup.run()
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    result: dict[str, Any] = {
         "bytes": nbytes,
         "endpoint": "moto (loopback, child process)" if moto is not None else endpoint,
         "part_size_bytes": part,
         "max_concurrency": args.concurrency,
         "reps": args.reps,
-        **{k: round(v, 4) for k, v in med.items()},
-        "upload_ratio": round(med["ckptd_upload_s"] / med["boto3_upload_s"], 3),
-        "restore_ratio": round(med["ckptd_restore_s"] / med["boto3_download_s"], 3),
-        "ckptd_upload_MBps": round(nbytes / med["ckptd_upload_s"] / 1e6, 1),
-        "ckptd_restore_MBps": round(nbytes / med["ckptd_restore_s"] / 1e6, 1),
-        "samples": {k: [round(x, 4) for x in v] for k, v in samples.items()},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "boto3": boto3.__version__},
+        **{k: round(v, 4) for k, v in medians.items()},
+        "upload_ratio": round(medians["ckptd_upload_s"] / medians["boto3_upload_s"], 3),
+        "restore_ratio": round(medians["ckptd_restore_s"] / medians["boto3_download_s"], 3),
+        "daemon_upload_ratio": round(medians["ckptd_daemon_upload_s"] / medians["boto3_upload_s"], 3),
+        "daemon_restore_ratio": round(medians["ckptd_daemon_restore_s"] / medians["boto3_download_s"], 3),
+        "daemon_over_tier_upload": round(medians["ckptd_daemon_upload_s"] / medians["ckptd_upload_s"], 3),
+        "daemon_over_tier_restore": round(medians["ckptd_daemon_restore_s"] / medians["ckptd_restore_s"], 3),
+        "ckptd_upload_MBps": round(nbytes / medians["ckptd_upload_s"] / 1e6, 1),
+        "ckptd_restore_MBps": round(nbytes / medians["ckptd_restore_s"] / 1e6, 1),
+        "ckptd_daemon_upload_MBps": round(nbytes / medians["ckptd_daemon_upload_s"] / 1e6, 1),
+        "ckptd_daemon_restore_MBps": round(nbytes / medians["ckptd_daemon_restore_s"] / 1e6, 1),
+        "daemon_diagnostics": {k: med(v) for k, v in diag.items()},
+        "samples": {k: [round(x, 4) for x in v] for k, v in {**samples, **diag}.items()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "boto3": boto3.__version__,
+                    "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
     }
+    print_table(result)
     print(json.dumps(result))
 
 

@@ -1,5 +1,6 @@
 """Smoke test of bench/object.py: a small run against its own moto child completes, checks both
-downloads bit-exact and prints the JSON line. Ratios are machine-dependent: not asserted."""
+downloads and the empty-node daemon restore bit-exact, prints the JSON line and leaves no daemon
+shm dir behind. Ratios are machine-dependent: not asserted."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _bench_shm_dirs() -> set[Path]:
+    return set(Path("/dev/shm").glob("ckptd-objbench-*"))
+
+
 def test_object_bench_small_run_prints_json() -> None:
+    before = _bench_shm_dirs()
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "object.py"), "--size-mib", "12", "--part-size-mib", "5",
          "--reps", "1", "--json"],
@@ -23,5 +29,7 @@ def test_object_bench_small_run_prints_json() -> None:
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["bytes"] == 12 * 2**20
     for key in ("boto3_upload_s", "ckptd_upload_s", "boto3_download_s", "ckptd_restore_s", "upload_ratio",
-                "restore_ratio"):
+                "restore_ratio", "ckptd_daemon_upload_s", "ckptd_daemon_restore_s", "daemon_upload_ratio",
+                "daemon_restore_ratio"):
         assert res[key] > 0, key
+    assert _bench_shm_dirs() <= before  # both daemons' shm dirs were removed
