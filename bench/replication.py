@@ -1,0 +1,222 @@
+"""How fast does ckptd replicate a shard to a peer and fetch it back, against a bare TCP stream?
+
+One run, three processes on this machine's loopback, the same ``--size-mib`` bytes (default 512,
+random) held in this process's memory, ``--reps`` repetitions alternating which side goes first:
+
+  tcp_s              floor: a bare TCP stream to another process: ``socket.sendall`` from a
+                     memoryview into ``recv_into`` a preallocated buffer, until the receiver acks
+  ckptd_replicate_s  ``PeerClient.push`` of the shard (STAGED bytes with their crc32c list, as the
+                     daemon holds them) to a ``PeerServer`` with the in-memory replica store in
+                     another process, until the receiver verified every chunk and kept it
+  restore_peer_s     ``PeerClient.fetch_into`` of that replica back into a preallocated buffer,
+                     every chunk and integrity crc32c verified (checked bit-exact, untimed)
+  *_grpc_s           the same two with bulk connections off: the bytes inside the gRPC stream,
+                     4 MiB messages (the path used under TLS); ``--skip-grpc-path`` skips them
+
+Both ckptd paths move the bytes over a single connection; by default they use a one-time raw
+TCP "bulk" connection negotiated inside the authenticated gRPC call (ckptd/peer_bulk.py).
+
+The receiver reuses the buffer of the replica the previous repetition dropped, like the daemon
+reuses slots, so neither side pays first-touch page faults inside the timed region. Figures are
+medians over the reps (every sample is in the JSON); ratios are ckptd / tcp (lower is better; the
+contract is <= 2). The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from ckptd.integrity import chunk_crcs  # noqa: E402
+from ckptd.layout import TensorEntry  # noqa: E402
+from ckptd.manifest import ShardEntry  # noqa: E402
+from ckptd.peer_client import PeerClient  # noqa: E402
+from ckptd.peer_server import PeerServer, start_peer_server  # noqa: E402
+from ckptd.peer_store import MemoryReplicaStore  # noqa: E402
+from ckptd.peer_types import ReplicaHeader  # noqa: E402
+
+MIB = 2**20
+INTEGRITY_CHUNK_BYTES = 16 * MIB  # ckptd's default crc32c chunk (memory.chunk_bytes)
+TOKEN = os.environ.get("CKPTD_BENCH_TOKEN", "bench-peer-token-" + os.urandom(8).hex())
+
+
+# -- child processes --------------------------------------------------------------------------
+def tcp_sink(nbytes: int) -> None:
+    """Accept one connection per rep, recv_into one preallocated buffer, ack with one byte."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    srv = socket.create_server(("127.0.0.1", 0))
+    print(srv.getsockname()[1], flush=True)
+    while True:
+        conn, _ = srv.accept()
+        got = 0
+        while got < nbytes:
+            n = conn.recv_into(view[got:], min(nbytes - got, 4 * MIB))
+            if n == 0:
+                break
+            got += n
+        conn.sendall(b"k")
+        conn.close()
+
+
+async def peer_child() -> None:
+    """A PeerServer with an in-memory store; stdin lines "drop JOB STEP RANK" free a replica."""
+    store = MemoryReplicaStore("bench-receiver")
+    servicer = PeerServer("bench-receiver", store, store, store.holdings)
+    running = await start_peer_server(servicer, "127.0.0.1:0", TOKEN)
+    print(running.port, flush=True)
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        parts = line.split()
+        if parts[:1] == ["drop"]:
+            store.drop(parts[1], int(parts[2]), int(parts[3]))
+        print("ok", flush=True)
+    await running.stop(0)
+
+
+def spawn(mode: str, size_bytes: int) -> tuple[subprocess.Popen[str], int]:
+    env = {**os.environ, "CKPTD_BENCH_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, mode, "--size-mib", str(size_bytes / MIB)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+# -- timed sides ------------------------------------------------------------------------------
+def tcp_once(port: int, view: memoryview) -> float:
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        t0 = time.perf_counter()
+        conn.sendall(view)
+        if conn.recv(1) != b"k":
+            raise RuntimeError("tcp sink did not ack")
+        return time.perf_counter() - t0
+
+
+def header_for(data: memoryview, step: int) -> ReplicaHeader:
+    n = data.nbytes
+    entry = ShardEntry(0, n, INTEGRITY_CHUNK_BYTES, tuple(chunk_crcs(data, INTEGRITY_CHUNK_BYTES)),
+                       (TensorEntry("w", "uint8", (n,), 0, n),), {"d": [["w", {"a": 0}]]})
+    return ReplicaHeader("bench", step, 1, entry, "bench-sender")
+
+
+def control(proc: subprocess.Popen[str], line: str) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    if proc.stdout.readline().strip() != "ok":
+        raise RuntimeError("peer child did not answer")
+
+
+async def run(ns: argparse.Namespace) -> dict[str, Any]:
+    nbytes = int(ns.size_mib * MIB)
+    data = bytearray(np.random.default_rng(0).bytes(nbytes))
+    view = memoryview(data)
+    back = bytearray(nbytes)  # preallocated (and touched) destination of the fetch
+    tcp_proc, tcp_port = spawn("--tcp-sink", nbytes)
+    peer_proc, peer_port = spawn("--peer-child", nbytes)
+    target = f"127.0.0.1:{peer_port}"
+    chunk = int(ns.chunk_mib * MIB)
+    clients = {"": PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk)}
+    if not ns.skip_grpc_path:
+        clients["_grpc"] = PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk, bulk=False)
+    samples: dict[str, list[float]] = {"tcp_s": []}
+    for suffix in clients:
+        samples[f"ckptd_replicate{suffix}_s"] = []
+        samples[f"restore_peer{suffix}_s"] = []
+    step = 0
+
+    async def ckptd_once(suffix: str, client: PeerClient, timed: bool) -> None:
+        nonlocal step
+        step += 1
+        header = header_for(view, step)  # the crc32c list exists at STAGED: not timed
+        t0 = time.perf_counter()
+        res = await client.push(target, header, view, 600)
+        replicate_s = time.perf_counter() - t0
+        assert res.nbytes == nbytes and not res.already_held
+        t0 = time.perf_counter()
+        await client.fetch_into(target, "bench", step, 0, memoryview(back), 600)
+        restore_s = time.perf_counter() - t0
+        if back != data:
+            raise RuntimeError("fetched replica differs from the source bytes")
+        back[:1] = b"\0" if data[:1] != b"\0" else b"\1"  # the next check proves a new fetch
+        control(peer_proc, f"drop bench {step} 0")  # its buffer serves the next replica
+        if timed:
+            samples[f"ckptd_replicate{suffix}_s"].append(replicate_s)
+            samples[f"restore_peer{suffix}_s"].append(restore_s)
+
+    try:
+        for suffix, client in clients.items():  # warm-up: connections, receiver buffer
+            await ckptd_once(suffix, client, False)
+        tcp_once(tcp_port, view)
+        for rep in range(1, ns.reps + 1):
+            order = ("tcp", *clients) if rep % 2 else (*clients, "tcp")
+            for side in order:
+                if side == "tcp":
+                    samples["tcp_s"].append(tcp_once(tcp_port, view))
+                else:
+                    await ckptd_once(side, clients[side], True)
+    finally:
+        for client in clients.values():
+            await client.close()
+        for proc in (tcp_proc, peer_proc):
+            proc.kill()
+            proc.wait()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "bytes": nbytes,
+        "reps": ns.reps,
+        "transfer_chunk_bytes": int(ns.chunk_mib * MIB),
+        "integrity_chunk_bytes": INTEGRITY_CHUNK_BYTES,
+        **med,
+        **{f"{k[:-2]}_vs_tcp": v / med["tcp_s"] for k, v in med.items() if k != "tcp_s"},
+        "tcp_gbps": nbytes / med["tcp_s"] / 1e9,
+        "ckptd_replicate_gbps": nbytes / med["ckptd_replicate_s"] / 1e9,
+        "restore_peer_gbps": nbytes / med["restore_peer_s"] / 1e9,
+        "samples": samples,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=float, default=512)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunk-mib", type=float, default=4, help="transfer chunk (<= 4)")
+    ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    ap.add_argument("--skip-grpc-path", action="store_true", help="measure only the bulk-connection path")
+    ap.add_argument("--tcp-sink", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
+    ns = ap.parse_args(argv)
+    if ns.tcp_sink:
+        tcp_sink(int(ns.size_mib * MIB))
+        return 0
+    if ns.peer_child:
+        asyncio.run(peer_child())
+        return 0
+    res = asyncio.run(run(ns))
+    if not ns.json:
+        for key, value in res.items():
+            if key.endswith(("_s", "_vs_tcp", "_gbps")):
+                print(f"{key:>28}: {value:.4f}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

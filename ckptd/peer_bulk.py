@@ -1,0 +1,207 @@
+"""Bulk data connections: shard bytes between daemons over a raw TCP socket, not gRPC messages.
+
+gRPC copies every message several times on each side; a raw socket lets the sender ``sendall``
+straight from the slot's memory and the receiver ``recv_into`` straight into the destination
+slot, so a replica costs the kernel's copies plus one crc32c pass on the receiver. The gRPC call
+(authenticated by the peer token, TLS when configured) still carries the header and the final
+status; it hands out a one-time ``BulkTicket`` for the data connection (format: the top of
+peer_service.proto). Frames are one integrity chunk each and carry that chunk's crc32c from the
+shard's checksum list, so the sender computes nothing; the receiver verifies every frame with
+``StreamVerifier`` before the bytes count.
+
+Invariants: a listener hands a connection only to the call that holds its ticket (16 random
+bytes, compared in constant time, single use, withdrawn when the call ends); a frame's offset and
+length are checked before a byte lands in the destination; a blocking transfer runs in a worker
+thread, and a cancelled call shuts the socket down and waits for that thread before the caller
+may release the destination buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Final, TypeVar
+
+from ckptd.errors import InvalidArgument, TierFailed, Timeout
+from ckptd.peer_wire import StreamVerifier
+
+log = logging.getLogger("ckptd.peer")
+MAGIC: Final = b"CKB1"
+TICKET_BYTES: Final = 16
+FRAME_HEAD: Final = struct.Struct("<QII")  # offset, length, crc32c
+HANDSHAKE_TIMEOUT_S: Final = 5.0
+T = TypeVar("T")
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port) with IPv6 brackets removed."""
+    host, _, port = target.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class BulkListener:
+    """The accepting side of bulk connections; one per PeerServer, next to its gRPC port."""
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.host = host.strip("[]") or "0.0.0.0"
+        self.port = port
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending: dict[bytes, asyncio.Future[socket.socket]] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        dualstack = self.host == "::" and socket.has_dualstack_ipv6()  # like gRPC's "[::]:port"
+        self._sock = socket.create_server((self.host, self.port), family=family, backlog=64,
+                                          dualstack_ipv6=dualstack)
+        self._sock.setblocking(False)
+        self.port = self._sock.getsockname()[1]
+        self._task = asyncio.create_task(self._accept_loop(), name="peer-bulk-accept")
+        return self.port
+
+    def offer(self) -> tuple[bytes, asyncio.Future[socket.socket]]:
+        """A fresh ticket and the future its connection will resolve; ``withdraw`` it when done."""
+        ticket = secrets.token_bytes(TICKET_BYTES)
+        fut: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
+        self._pending[ticket] = fut
+        return ticket, fut
+
+    def withdraw(self, ticket: bytes) -> None:
+        fut = self._pending.pop(ticket, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, *self._handshakes, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+        for ticket in list(self._pending):
+            self.withdraw(ticket)
+
+    async def _accept_loop(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and friends: log, back off, keep serving
+                log.warning("bulk listener accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        try:
+            hello = bytearray()
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                while len(hello) < len(MAGIC) + TICKET_BYTES:
+                    part = await loop.sock_recv(conn, len(MAGIC) + TICKET_BYTES - len(hello))
+                    if not part:
+                        raise ConnectionError("closed during the handshake")
+                    hello += part
+            got = bytes(hello[len(MAGIC):])
+            match = next((t for t in list(self._pending) if hmac.compare_digest(t, got)), None)
+            fut = self._pending.pop(match, None) if match is not None and hello.startswith(MAGIC) else None
+            if fut is None or fut.done():
+                raise ConnectionError("unknown or used ticket")
+            fut.set_result(conn)
+        except (OSError, TimeoutError) as exc:
+            log.warning("bulk connection refused: %s", exc)
+            conn.close()
+
+
+def connect(host: str, port: int, ticket: bytes, timeout_s: float) -> socket.socket:
+    """Dial a peer's bulk listener and present the ticket (blocking; run in a thread)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=max(timeout_s, 0.001))
+        sock.sendall(MAGIC + ticket)
+    except TimeoutError:
+        raise Timeout(f"bulk connection to {host}:{port} timed out") from None
+    except OSError as exc:
+        raise TierFailed(f"bulk connection to {host}:{port} failed: {exc}") from None
+    return sock
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise TierFailed(f"bulk connection closed by the peer ({got} of {view.nbytes} bytes of a frame)")
+        got += n
+
+
+def send_frames(sock: socket.socket, view: memoryview, chunk_bytes: int, crcs: Sequence[int],
+                idle_timeout_s: float, start_offset: int = 0) -> None:
+    """Send ``view`` (shard bytes from ``start_offset``) as frames of one integrity chunk each,
+    with their known crc32c ``crcs[i]`` (blocking)."""
+    try:
+        sock.settimeout(idle_timeout_s)
+        for i, off in enumerate(range(0, view.nbytes, chunk_bytes)):
+            piece = view[off : off + chunk_bytes]
+            sock.sendall(FRAME_HEAD.pack(start_offset + off, piece.nbytes, crcs[i]))
+            sock.sendall(piece)
+    except TimeoutError:
+        raise Timeout(f"bulk send stalled for {idle_timeout_s}s (peer not reading)") from None
+    except OSError as exc:
+        raise TierFailed(f"bulk send failed: {exc}") from None
+
+
+def recv_frames(sock: socket.socket, dst: memoryview, verifier: StreamVerifier, idle_timeout_s: float) -> None:
+    """Receive frames into ``dst`` and verify each; raise on anything malformed (blocking)."""
+    head = bytearray(FRAME_HEAD.size)
+    head_view = memoryview(head)
+    try:
+        sock.settimeout(idle_timeout_s)
+        while verifier.received < verifier.nbytes:
+            _recv_exact(sock, head_view)
+            off, n, crc = FRAME_HEAD.unpack(head)
+            verifier.check_next(off, n)  # before a byte lands in dst
+            piece = dst[off : off + n]
+            _recv_exact(sock, piece)
+            verifier.feed(off, piece, crc)
+        verifier.finish()
+    except TimeoutError:
+        raise Timeout(f"bulk receive stalled for {idle_timeout_s}s (peer not sending)") from None
+    except OSError as exc:
+        raise TierFailed(f"bulk receive failed: {exc}") from None
+
+
+def verifier_for_frames(nbytes: int, chunk_bytes: int, crcs: Sequence[int]) -> StreamVerifier:
+    if chunk_bytes > 2**31:
+        raise InvalidArgument(f"chunk_bytes {chunk_bytes} too large for bulk frames")
+    return StreamVerifier(nbytes, chunk_bytes, crcs, max_chunk_bytes=max(chunk_bytes, 1))
+
+
+async def in_thread(executor: Executor, sock: socket.socket, fn: Callable[..., T], *args: object) -> T:
+    """Run a blocking transfer on ``sock`` in a worker; on cancel, shut the socket down and wait
+    for the worker to leave before re-raising (it may be writing into a caller's buffer)."""
+    afut = asyncio.wrap_future(executor.submit(fn, sock, *args))
+    try:
+        return await asyncio.shield(afut)
+    except asyncio.CancelledError:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        while not afut.done():
+            try:
+                await asyncio.wait([afut])
+            except asyncio.CancelledError:
+                continue  # the buffer must not be released under a running worker
+        if not afut.cancelled():
+            afut.exception()  # retrieved: the caller's cancel is what matters
+        raise

@@ -1,0 +1,119 @@
+"""Deterministic ring placement of replicas: which k peers hold a shard, and who comes next.
+
+Pure functions, no I/O: every daemon of the job (and the restore planner, and ckptctl) computes
+the same answer from the same membership. Rendezvous (highest-random-weight) hashing ranks every
+candidate node by ``blake2b(key, node_id)``; the order is then made failure-domain aware by three
+stable passes over that ranking:
+
+1. nodes whose domain is neither the source's nor one already chosen (one node per new domain);
+2. the remaining nodes outside the source's domain;
+3. everything else.
+
+``targets`` are the first k of that order and ``fallbacks`` the rest (tried, in order, when a
+target is dead). A node without a domain label counts as a domain of its own.
+
+Invariants (tested with hypothesis): the result depends only on the set of members, not their
+order; the source never places on itself; targets span as many distinct domains other than the
+source's as the membership allows; and removing a node only moves that node's share: every other
+target of every key stays a target (adding a node, symmetrically, displaces at most one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class Member:
+    node_id: str
+    failure_domain: str = ""
+
+    @property
+    def domain(self) -> str:
+        return self.failure_domain or f"\x00node:{self.node_id}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    key: str
+    source: str
+    targets: tuple[str, ...]
+    fallbacks: tuple[str, ...]
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return self.targets + self.fallbacks
+
+
+def shard_key(job: str, rank: int) -> str:
+    """The placement key of one rank's shards (stable across steps: replicas of the same rank keep
+    landing on the same peers, so their slots are reused there)."""
+    return f"{job}/rank-{rank}"
+
+
+def normalize(members: Iterable[Member]) -> tuple[Member, ...]:
+    """Sorted, de-duplicated membership; one node id with two different domains is an error."""
+    by_id: dict[str, Member] = {}
+    for m in members:
+        seen = by_id.get(m.node_id)
+        if seen is not None and seen != m:
+            raise ValueError(f"node {m.node_id!r} is listed with failure domains "
+                             f"{seen.failure_domain!r} and {m.failure_domain!r}")
+        by_id[m.node_id] = m
+    return tuple(by_id[n] for n in sorted(by_id))
+
+
+def score(key: str, node_id: str) -> int:
+    """The rendezvous weight of node_id for key (stable across processes and platforms)."""
+    digest = hashlib.blake2b(f"{key}\x00{node_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def preference(members: Iterable[Member], key: str, source: str, exclude: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every candidate (members minus the source and ``exclude``) in placement order."""
+    ms = normalize(members)
+    skip = set(exclude) | {source}
+    src = next((m for m in ms if m.node_id == source), Member(source))
+    ranked = sorted((m for m in ms if m.node_id not in skip), key=lambda m: (-score(key, m.node_id), m.node_id))
+    first: list[Member] = []
+    used = {src.domain}
+    for m in ranked:
+        if m.domain not in used:
+            first.append(m)
+            used.add(m.domain)
+    picked = {m.node_id for m in first}
+    second = [m for m in ranked if m.node_id not in picked and m.domain != src.domain]
+    picked.update(m.node_id for m in second)
+    third = [m for m in ranked if m.node_id not in picked]
+    return tuple(m.node_id for m in (*first, *second, *third))
+
+
+def place(members: Iterable[Member], k: int, key: str, source: str, exclude: Iterable[str] = ()) -> Placement:
+    """The k targets of ``key`` from ``source`` and the fallback order after them.
+
+    ``exclude`` removes nodes known dead; by the minimal-movement invariant the surviving targets
+    stay targets and the dead ones' places go to the next candidates.
+    """
+    if k < 0:
+        raise ValueError("k must not be negative")
+    order = preference(members, key, source, exclude)
+    return Placement(key, source, order[:k], order[k:])
+
+
+def coordinator_for(members: Iterable[Member], job: str) -> str:
+    """A node every member agrees on to collect readiness reports of ``job``'s steps, for when the
+    job's rank -> node map is unknown (static membership): the rendezvous winner for the job.
+    Where the map is known (membership gathered through torch.distributed), DESIGN.md's rule --
+    the daemon of rank 0 -- applies instead."""
+    order = preference(members, f"{job}/coordinator", source="")
+    if not order:
+        raise ValueError("no members to choose a coordinator from")
+    return order[0]
+
+
+def holders_of(members: Iterable[Member], k: int, job: str, rank: int, source: str) -> tuple[str, ...]:
+    """Where the restore planner looks for a lost node's shard first: its placement order (the k
+    targets, then the fallbacks a degraded replication may have used)."""
+    return place(members, k, shard_key(job, rank), source).order

@@ -1,0 +1,29 @@
+"""Smoke test of bench/replication.py: a small run completes, checks bit-exactness itself, prints
+its JSON with the contract's keys, and leaves no child process behind. Ratios are not asserted
+(machine-dependent); the 512 MiB figures go in the closing note."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.peer._kit import REPO
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_replication_bench_small_run_prints_json() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "replication.py"), "--size-mib", "16",
+                           "--reps", "1", "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=100,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["bytes"] == 16 * 2**20
+    for key in ("tcp_s", "ckptd_replicate_s", "restore_peer_s", "ckptd_replicate_grpc_s", "restore_peer_grpc_s"):
+        assert res[key] > 0, key
+    assert res["ckptd_replicate_vs_tcp"] > 0 and res["restore_peer_vs_tcp"] > 0
