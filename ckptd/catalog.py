@@ -24,6 +24,7 @@ from typing import Any
 
 from ckptd.errors import NotFound, TierFailed, Timeout
 from ckptd.manifest import Manifest, ShardEntry, _shard_from_obj
+from ckptd.peer_types import ReplicaHeader
 from ckptd.shm import Slot
 from ckptd.types import LEVEL_TIER, Level, TierName
 
@@ -113,12 +114,27 @@ class StepState:
         return best
 
 
+@dataclass
+class ReplicaRecord:
+    """A shard this daemon holds for another node (peer replication), in a slot."""
+
+    header: ReplicaHeader
+    slot: Slot | None = None
+
+
 class Catalog:
-    """Jobs -> steps -> shards, plus a condition for level waiters."""
+    """Jobs -> steps -> shards, plus a condition for level waiters, plus held replicas."""
 
     def __init__(self) -> None:
         self.jobs: dict[str, dict[int, StepState]] = {}
+        self.replicas: dict[tuple[str, int, int], ReplicaRecord] = {}  # (job, step, rank) -> replica
         self._cond = asyncio.Condition()
+
+    def live_replica(self, job: str, step: int, rank: int) -> ReplicaRecord | None:
+        rec = self.replicas.get((job, step, rank))
+        if rec is None or rec.slot is None or rec.slot.content is not rec:
+            return None
+        return rec
 
     def get(self, job: str, step: int) -> StepState | None:
         return self.jobs.get(job, {}).get(step)
@@ -151,6 +167,12 @@ class Catalog:
     def slot_reusable(self, slot: Slot) -> bool:
         """May this slot's content be overwritten? (see module invariants)"""
         rec = slot.content
+        if isinstance(rec, ReplicaRecord):  # keep the newest replica of each (job, rank)
+            job, step, rank = rec.header.key
+            if self.replicas.get((job, step, rank)) is not rec:
+                return True
+            return any(j == job and r == rank and s > step and self.live_replica(j, s, r) is not None
+                       for (j, s, r) in self.replicas)
         if not isinstance(rec, ShardRecord):
             return True
         st = self.get(rec.job, rec.step)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ckptd.errors import InvalidArgument
+from ckptd.peer_config import PeerSection, split_list, validate_peers
 
 MAX_SOCKET_PATH: Final = 100
 _UNITS: Final = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -128,6 +129,7 @@ class Config:
     disk: DiskSection = field(default_factory=DiskSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     object: ObjectSection = field(default_factory=ObjectSection)
+    peers: PeerSection = field(default_factory=PeerSection)
 
     @property
     def socket_path(self) -> Path:
@@ -143,9 +145,10 @@ class Config:
 
 _SECTIONS: Final = {
     "daemon": DaemonSection, "memory": MemorySection, "disk": DiskSection, "metrics": MetricsSection,
-    "object": ObjectSection,
+    "object": ObjectSection, "peers": PeerSection,
 }
-_SIZE_KEYS: Final = {"budget_bytes", "chunk_bytes", "max_shard_bytes", "write_block_bytes", "part_size_bytes"}
+_SIZE_KEYS: Final = {"budget_bytes", "chunk_bytes", "max_shard_bytes", "write_block_bytes", "part_size_bytes",
+                     "max_inflight_bytes", "replica_budget_bytes"}
 
 
 def _coerce(section: str, key: str, raw: Any, default: Any, source: str) -> Any:
@@ -153,6 +156,8 @@ def _coerce(section: str, key: str, raw: Any, default: Any, source: str) -> Any:
     from_env = source.startswith("env")
     if key in _SIZE_KEYS:
         return parse_bytes(raw, name)
+    if isinstance(default, tuple):
+        return split_list(raw, name)
     if isinstance(default, bool):
         if isinstance(raw, bool):
             return raw
@@ -248,6 +253,7 @@ def validate(cfg: Config) -> Config:
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise InvalidArgument(f"metrics.address must be host:port, got {cfg.metrics.address!r}")
     validate_object(cfg.object)
+    validate_peers(cfg.peers)
     if len(str(cfg.socket_path)) > MAX_SOCKET_PATH:
         raise InvalidArgument(
             f"socket path {cfg.socket_path} is longer than {MAX_SOCKET_PATH} characters "

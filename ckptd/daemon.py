@@ -54,6 +54,7 @@ from ckptd.shm import Slot, SlotPool
 from ckptd.tiers.disk import DiskTier
 
 if TYPE_CHECKING:
+    from ckptd.admin import AdminResult, StepAdmin
     from ckptd.tiers.object import ObjectTier
     from ckptd.uploader import ObjectUploader
 
@@ -139,6 +140,7 @@ class Daemon:
         metrics.SHM_BUDGET_BYTES.set(cfg.memory.budget_bytes)
         metrics.SHM_BYTES_IN_USE.set_function(lambda: self.pool.bytes_in_use)
         metrics.INFLIGHT.labels("copying").set_function(lambda: len(self.save_leases))
+        self.admin: StepAdmin = self._init_admin()  # ckptctl rm/pin/gc: loads pins, feeds retention
 
     # -- life cycle -------------------------------------------------------------------------
     def _lock(self) -> None:
@@ -563,6 +565,24 @@ class Daemon:
         await self.pool.unpin(lease.slot)
         if lease.slot.content is None and lease.slot.readers == 0:
             await self.pool.free(lease.slot)
+
+    # -- retention by hand: ckptctl rm, pin/unpin, gc (ckptd/admin.py) ----------------------
+    def _init_admin(self) -> StepAdmin:
+        from ckptd.admin import StepAdmin  # loads {root}/pins; hands them to disk/object retention
+
+        return StepAdmin(self)
+
+    def pinned_steps(self, job: str) -> set[int]:
+        return self.admin.pins.get(job)
+
+    async def delete_step(self, job: str, step: int, tier: str, force: bool, dry_run: bool) -> AdminResult:
+        return await self.admin.delete_step(job, step, tier, force, dry_run)
+
+    async def pin_step(self, job: str, step: int, pinned: bool) -> list[int]:
+        return await self.admin.pin_step(job, step, pinned)
+
+    async def run_retention(self, job: str, tier: str, dry_run: bool) -> AdminResult:
+        return await self.admin.run_retention(job, tier, dry_run)
 
 
 def socket_dir_ready(path: Path) -> None:

@@ -51,6 +51,7 @@ class DiskDrainer:
         self._stopping = False
         self.last_drain: dict[str, Any] = {}
         self.pinned: dict[str, set[int]] = {}
+        self.operator_pins: dict[str, set[int]] = {}  # ckptctl pin (the daemon's PinStore.pins)
         self.on_commit: Callable[[], None] | None = None  # e.g. wake the object uploader
 
     def start(self) -> None:
@@ -161,7 +162,8 @@ class DiskDrainer:
         loop = asyncio.get_running_loop()
         committed = await loop.run_in_executor(self.executor, self.tier.list_committed, job)
         doomed = select_for_deletion(
-            committed, self.cfg.max_to_keep, self.cfg.keep_period, self.pinned.get(job, set())
+            committed, self.cfg.max_to_keep, self.cfg.keep_period,
+            self.pinned.get(job, set()) | self.operator_pins.get(job, set()),
         )
         for step in doomed:
             try:

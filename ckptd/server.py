@@ -109,9 +109,11 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     @_rpc
     async def ListSteps(self, request: pb.ListStepsRequest, context: Any) -> pb.ListStepsResponse:
         steps = self.d.list_steps(request.job)
+        pins = self.d.pinned_steps(request.job)
         return pb.ListStepsResponse(job=request.job, steps=[
             pb.StepInfo(step=s.step, world_size=s.world_size, nbytes=s.nbytes,
-                        tiers=tier_statuses(s), committed=s.level() is not None or s.in_memory)
+                        tiers=tier_statuses(s), committed=s.level() is not None or s.in_memory,
+                        pinned=s.step in pins)
             for s in steps
         ])
 
@@ -150,6 +152,24 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     @_rpc
     async def DaemonStatus(self, request: pb.DaemonStatusRequest, context: Any) -> pb.DaemonStatusResponse:
         return pb.DaemonStatusResponse(**self.d.status())
+
+    @_rpc
+    async def DeleteStep(self, request: pb.DeleteStepRequest, context: Any) -> pb.DeleteStepResponse:
+        result = await self.d.delete_step(request.job, request.step, request.tier, request.force, request.dry_run)
+        return pb.DeleteStepResponse(deleted=[pb.DeletedCopy(job=r.job, step=r.step, tier=r.tier)
+                                              for r in result.deleted], refused=result.refused)
+
+    @_rpc
+    async def PinStep(self, request: pb.PinStepRequest, context: Any) -> pb.PinStepResponse:
+        return pb.PinStepResponse(pinned_steps=await self.d.pin_step(request.job, request.step, request.pinned))
+
+    @_rpc
+    async def RunRetention(self, request: pb.RunRetentionRequest, context: Any) -> pb.RunRetentionResponse:
+        result = await self.d.run_retention(request.job, request.tier, request.dry_run)
+        return pb.RunRetentionResponse(
+            deleted=[pb.DeletedCopy(job=r.job, step=r.step, tier=r.tier) for r in result.deleted],
+            errors=result.refused,
+            policies=[pb.RetentionPolicy(tier=t, max_to_keep=n, keep_period=p) for t, n, p in result.policies])
 
 
 async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:

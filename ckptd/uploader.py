@@ -67,6 +67,7 @@ class ObjectUploader:
         self._stopping = False
         self._awaiting: dict[tuple[str, int], _Awaiting] = {}
         self.last_upload: dict[str, Any] = {}
+        self.pinned: dict[str, set[int]] = {}  # steps retention keeps (the daemon's PinStore.pins)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="object-uploader")
@@ -268,7 +269,8 @@ class ObjectUploader:
         except CkptdError as exc:
             log.warning("object retention of %s skipped: %s", job, exc)
             return
-        for step in select_for_deletion(committed, self.cfg.max_to_keep, self.cfg.keep_period):
+        for step in select_for_deletion(committed, self.cfg.max_to_keep, self.cfg.keep_period,
+                                        self.pinned.get(job, set())):
             try:
                 await loop.run_in_executor(self.executor, self.tier.delete, job, step)
             except CkptdError as exc:

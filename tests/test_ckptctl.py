@@ -192,7 +192,7 @@ SOURCE = {"kind": {"daemon", "disk"}, "?address": str, "?root": str}
 LS_SCHEMA = {
     "schema": {"ckptctl.ls/v1"}, "source": SOURCE, "jobs": [str],
     "steps": [{"job": str, "step": INT, "world_size": INT, "nbytes": INT, "committed": bool,
-               "tiers": MapOf(TIERS, TIER_STATES)}],
+               "tiers": MapOf(TIERS, TIER_STATES), "pinned": bool}],
 }
 TENSOR = {"name": str, "dtype": str, "shape": [INT], "offset": INT, "nbytes": INT}
 SHOW_SCHEMA = {
@@ -304,7 +304,7 @@ def test_json_against_bare_root(saved: Saved) -> None:
     ls = ctl_json("ls", JOB, "--root", str(saved.data))
     conforms(ls, LS_SCHEMA)
     assert ls["steps"][-1] == {"job": JOB, "step": 30, "world_size": 0, "nbytes": 0, "committed": False,
-                               "tiers": {"disk": "uncommitted"}}
+                               "tiers": {"disk": "uncommitted"}, "pinned": False}
 
 
 def test_human_tables(saved: Saved) -> None:

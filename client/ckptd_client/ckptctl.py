@@ -1,16 +1,20 @@
-"""``ckptctl``: inspect, restore and verify ckptd checkpoints (entry point and argument parsing).
+"""``ckptctl``: inspect, restore, verify and clean ckptd checkpoints (entry point and arguments).
 
-    ckptctl [--addr ADDR | --root DIR] [-o table|json] COMMAND ...
+    ckptctl [--addr ADDR | --root DIR | --bucket B [--endpoint URL] [--preset P] [--prefix P]
+             [--region R]] [-o table|json] COMMAND ...
     ckptctl version | status | ls [JOB] | show JOB@STEP [--tensors]
     ckptctl restore JOB@STEP --to DIR [--format safetensors|torch] [--dry-run] [--rank R] [--force]
-    ckptctl verify JOB@STEP [--tier memory|disk] [--read-data]
+    ckptctl verify JOB@STEP [--tier memory|disk|object] [--read-data]
+    ckptctl gc [JOB] [--tier disk|object] [--dry-run] [--max-to-keep N] [--keep-period P]
+    ckptctl rm JOB@STEP [--tier memory|disk|object] --yes [--force] [--dry-run]
+    ckptctl pin JOB@STEP | unpin JOB@STEP
 
 Targets a running daemon (``--addr``, else ``CKPTD_ADDR``, else the default socket; see
-``ckptd_client.rpc``) or, with ``--root``, a disk root read directly with no daemon. This module
-parses arguments, opens the source and maps every outcome to the fixed exit codes: 0 ok,
-1 failure, 2 usage, 3 partial, 4 not found, 5 integrity failure, 6 daemon unavailable, 7 timeout,
-130 interrupted. The commands live in ``ckptctl_inspect``, ``ckptctl_restore`` and
-``ckptctl_verify``; docs/cli.md is the reference.
+``ckptd_client.rpc``), or with no daemon a disk root (``--root``) or an object store
+(``--bucket``). This module parses arguments, opens the source and maps every outcome to the
+fixed exit codes: 0 ok, 1 failure, 2 usage, 3 partial, 4 not found, 5 integrity failure, 6 daemon
+unavailable, 7 timeout, 130 interrupted. The commands live in ``ckptctl_inspect``,
+``ckptctl_restore``, ``ckptctl_verify`` and ``ckptctl_admin``; docs/cli.md is the reference.
 """
 
 from __future__ import annotations
@@ -64,6 +68,13 @@ def _rank(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = _rank(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
     """Global options, accepted before or after the command (``ckptctl ls -o json`` works)."""
 
@@ -76,6 +87,13 @@ def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
                         "$CKPTD_DAEMON_SOCKET, {$CKPTD_DAEMON_ROOT or /var/lib/ckptd}/run/ckptd.sock)")
     g.add_argument("--root", default=d(None), metavar="DIR",
                    help="read a disk root directly, no daemon (a daemon root or its data/ directory)")
+    g.add_argument("--bucket", default=d(None), metavar="BUCKET",
+                   help="read an object store directly, no daemon (credentials: the standard AWS chain)")
+    g.add_argument("--endpoint", default=d(None), metavar="URL", help="with --bucket: the S3 endpoint URL")
+    g.add_argument("--preset", choices=("aws", "minio", "oss"), default=d(None),
+                   help="with --bucket: the store's flavour (default: minio with --endpoint, else aws)")
+    g.add_argument("--prefix", default=d(None), metavar="PREFIX", help="with --bucket: the key prefix")
+    g.add_argument("--region", default=d(None), metavar="REGION", help="with --bucket: the region")
     g.add_argument("-o", "--output", choices=("table", "json"), default=d("table"), help="output format")
     g.add_argument("--json", dest="output", action="store_const", const="json", default=d("table"),
                    help="same as -o json")
@@ -86,7 +104,7 @@ def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ckptctl", description="Inspect, restore and verify ckptd checkpoints.",
+    p = _Parser(prog="ckptctl", description="Inspect, restore, verify and clean ckptd checkpoints.",
                 epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 partial, 4 not found, 5 integrity failure, "
                        "6 daemon unavailable, 7 timeout, 130 interrupted. Reference: docs/cli.md")
     p.add_argument("--version", action="version", version=f"ckptctl {__version__}")
@@ -114,33 +132,73 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite existing files in DIR")
     s = cmd("verify", "check manifests and (with --read-data) every crc32c chunk of every copy")
     s.add_argument("ident", metavar="JOB@STEP", help="JOB@STEP, JOB@latest or JOB (= latest)")
-    s.add_argument("--tier", choices=("memory", "disk"), help="check only this tier (default: every committed tier)")
+    s.add_argument("--tier", choices=("memory", "disk", "object"),
+                   help="check only this tier (default: every committed tier)")
     s.add_argument("--read-data", action="store_true", help="re-read every byte and check crc32c")
+    s = cmd("gc", "apply the retention policy now (pinned and latest steps are kept)")
+    s.add_argument("job", nargs="?", metavar="JOB")
+    s.add_argument("--tier", choices=("disk", "object"), help="only this tier (default: every tier with a policy)")
+    s.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    s.add_argument("--max-to-keep", type=_count, metavar="N",
+                   help="with --root/--bucket: keep the newest N committed steps (default 3)")
+    s.add_argument("--keep-period", type=_rank, metavar="P",
+                   help="with --root/--bucket: also keep every step divisible by P (default 0: off)")
+    s = cmd("rm", "remove a step at one tier, or at every tier that holds it")
+    s.add_argument("ident", metavar="JOB@STEP")
+    s.add_argument("--tier", choices=("memory", "disk", "object"), help="only this tier (default: every tier)")
+    s.add_argument("--yes", action="store_true", help="confirm the removal (required unless --dry-run)")
+    s.add_argument("--force", action="store_true",
+                   help="also remove the last committed copy of a pinned or the latest step")
+    s.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    for name, what in (("pin", "pin a step: retention never removes it"), ("unpin", "unpin a step")):
+        s = cmd(name, what)
+        s.add_argument("ident", metavar="JOB@STEP", help="JOB@STEP, JOB@latest or JOB (= latest)")
     return p
 
 
 def _run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ckptd_client import ckptctl_inspect as inspect
+    from ckptd_client.ckptctl_bucket import BucketTarget
     from ckptd_client.ckptctl_source import open_source, parse_identity
 
-    if ns.addr is not None and ns.root is not None:
-        parser.error("--addr and --root exclude each other")
+    if sum(t is not None for t in (ns.addr, ns.root, ns.bucket)) > 1:
+        parser.error("--addr, --root and --bucket exclude each other")
+    bucket_opts = [f"--{o}" for o in ("endpoint", "preset", "prefix", "region") if getattr(ns, o) is not None]
+    if bucket_opts and ns.bucket is None:
+        parser.error(f"{', '.join(bucket_opts)} need --bucket")
     as_json = ns.output == "json"
     progress = not as_json and not ns.no_progress and sys.stderr.isatty()
     if ns.cmd == "version":
-        return inspect.run_version(ns.addr, ns.timeout, as_json, use_daemon=ns.root is None)
+        return inspect.run_version(ns.addr, ns.timeout, as_json, use_daemon=ns.root is None and ns.bucket is None)
     ident = parse_identity(ns.ident) if hasattr(ns, "ident") else None
-    if ns.cmd == "ls" and ns.job is not None:
+    if ns.cmd in ("ls", "gc") and ns.job is not None:
         parse_identity(ns.job)  # validates the job name (exit 2 on a bad one)
     if ns.cmd == "restore" and not ns.dry_run and ns.to is None:
         parser.error("restore needs --to DIR (or --dry-run)")
-    source = open_source(ns.addr, ns.root, ns.timeout)
+    if ns.cmd == "rm" and ident is not None and ident.step is None:
+        parser.error(f"rm needs an explicit step ({ident.job}@STEP), not {ns.ident}")
+    if ns.cmd == "rm" and not ns.yes and not ns.dry_run:
+        parser.error("rm removes checkpoint data: confirm with --yes (or preview with --dry-run)")
+    bucket = None if ns.bucket is None else BucketTarget(ns.bucket, ns.endpoint, ns.preset, ns.prefix, ns.region)
+    source = open_source(ns.addr, ns.root, ns.timeout, bucket)
     try:
         if ns.cmd == "status":
             return inspect.run_status(source, as_json)
         if ns.cmd == "ls":
             return inspect.run_ls(source, ns.job, as_json)
+        if ns.cmd == "gc":
+            from ckptd_client.ckptctl_admin import run_gc
+
+            return run_gc(source, ns.job, ns.tier, ns.dry_run, ns.max_to_keep, ns.keep_period, as_json)
         assert ident is not None
+        if ns.cmd == "rm":
+            from ckptd_client.ckptctl_admin import run_rm
+
+            return run_rm(source, ident, ns.tier, ns.force, ns.dry_run, as_json)
+        if ns.cmd in ("pin", "unpin"):
+            from ckptd_client.ckptctl_admin import run_pin
+
+            return run_pin(source, ident, ns.cmd == "pin", as_json)
         if ns.cmd == "show":
             return inspect.run_show(source, ident, ns.tensors, as_json)
         if ns.cmd == "restore":

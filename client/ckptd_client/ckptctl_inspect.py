@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import struct
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd import __version__
 from ckptd.errors import CkptdError, DaemonUnavailable, NotFound
@@ -17,6 +17,9 @@ from ckptd.integrity import crc32c
 from ckptd.manifest import Manifest, ShardEntry
 from ckptd_client.ckptctl_output import emit_json, human_bytes, message, render_fields, render_table
 from ckptd_client.ckptctl_source import DaemonSource, DiskSource, Identity, StepRow
+
+if TYPE_CHECKING:
+    from ckptd_client.ckptctl_source import AnySource
 
 TIER_ORDER = ("memory", "disk", "peer", "object")
 
@@ -60,7 +63,7 @@ def run_version(addr: str | None, timeout_s: float | None, as_json: bool, use_da
 
 
 # -- ls -------------------------------------------------------------------------------------
-def collect_steps(source: DaemonSource | DiskSource, job: str | None) -> tuple[list[str], list[StepRow]]:
+def collect_steps(source: AnySource, job: str | None) -> tuple[list[str], list[StepRow]]:
     jobs = [job] if job is not None else source.list_jobs()
     rows: list[StepRow] = []
     for j in jobs:
@@ -72,25 +75,27 @@ def collect_steps(source: DaemonSource | DiskSource, job: str | None) -> tuple[l
     return jobs, rows
 
 
-def run_ls(source: DaemonSource | DiskSource, job: str | None, as_json: bool) -> int:
+def run_ls(source: AnySource, job: str | None, as_json: bool) -> int:
     jobs, rows = collect_steps(source, job)
     if as_json:
         emit_json({"schema": "ckptctl.ls/v1", "source": source.describe(), "jobs": jobs,
                    "steps": [r.to_json() for r in rows]})
         return 0
-    tiers = _sorted_tiers({t for r in rows for t in r.tiers} or ({"disk"} if source.kind == "disk" else
-                                                                  {"memory", "disk"}))
+    default = {"disk": {"disk"}, "object": {"object"}}.get(source.kind, {"memory", "disk"})
+    tiers = _sorted_tiers({t for r in rows for t in r.tiers} or default)
+    pins = any(r.pinned for r in rows)  # a PINNED column only when some step is pinned
     table = [[r.job, r.step, r.world_size or "-", human_bytes(r.nbytes) if r.committed else "-"]
-             + [r.tiers.get(t, "-") for t in tiers] + ["yes" if r.committed else "no"] for r in rows]
-    render_table(["JOB", "STEP", "WORLD", "SIZE"] + [t.upper() for t in tiers] + ["COMMITTED"], table,
-                 right=(1, 2, 3))
+             + [r.tiers.get(t, "-") for t in tiers] + ["yes" if r.committed else "no"]
+             + (["yes" if r.pinned else "-"] if pins else []) for r in rows]
+    render_table(["JOB", "STEP", "WORLD", "SIZE"] + [t.upper() for t in tiers] + ["COMMITTED"]
+                 + (["PINNED"] if pins else []), table, right=(1, 2, 3))
     if not rows:
         message("no checkpoints found" if job is None else f"job {job!r} has no steps")
     return 0
 
 
 # -- show -----------------------------------------------------------------------------------
-def shard_json(source: DaemonSource | DiskSource, manifest: Manifest, entry: ShardEntry,
+def shard_json(source: AnySource, manifest: Manifest, entry: ShardEntry,
                tensors: bool) -> dict[str, Any]:
     try:
         where = [{"tier": p.tier, "location": p.detail} for p in source.plan(manifest, entry.rank)]
@@ -107,7 +112,7 @@ def shard_json(source: DaemonSource | DiskSource, manifest: Manifest, entry: Sha
     return out
 
 
-def run_show(source: DaemonSource | DiskSource, ident: Identity, tensors: bool, as_json: bool) -> int:
+def run_show(source: AnySource, ident: Identity, tensors: bool, as_json: bool) -> int:
     manifest, committed = source.manifest(ident)
     shards = [shard_json(source, manifest, e, tensors) for e in sorted(manifest.shards, key=lambda s: s.rank)]
     if as_json:
@@ -144,7 +149,7 @@ def _job_summary(job: str, rows: list[StepRow], tiers: list[str]) -> dict[str, A
     return {"job": job, "steps": len(rows), "latest": latest, "in_flight": {"staging": staging, "disk": to_disk}}
 
 
-def run_status(source: DaemonSource | DiskSource, as_json: bool) -> int:
+def run_status(source: AnySource, as_json: bool) -> int:
     doc: dict[str, Any] = {"schema": "ckptctl.status/v1", "source": source.describe(), "daemon": None,
                            "memory": None, "disk": None, "peers": [], "jobs": []}
     if isinstance(source, DaemonSource):
@@ -157,9 +162,11 @@ def run_status(source: DaemonSource | DiskSource, as_json: bool) -> int:
         root = source.disk_root()
         if root is not None:
             doc["disk"] = {"root": str(root), **_usage(root)}
-    else:
+    elif isinstance(source, DiskSource):
         tiers = ["disk"]
         doc["disk"] = {"root": str(source.root), **source.usage()}
+    else:
+        tiers = ["object"]
     jobs, rows = collect_steps(source, None)
     for job in jobs:
         doc["jobs"].append(_job_summary(job, [r for r in rows if r.job == job], tiers))
@@ -176,7 +183,11 @@ def run_status(source: DaemonSource | DiskSource, as_json: bool) -> int:
                    ("memory", f"{human_bytes(m['bytes_in_use'])} of {human_bytes(m['budget_bytes'])} in "
                               f"{m['slots']} slots ({d['shm_dir']})")]
     else:
-        fields.append(("daemon", "- (reading the disk root directly)"))
+        fields.append(("daemon", f"- (reading the {'disk root' if source.kind == 'disk' else 'bucket'} directly)"))
+    if source.kind == "object":
+        d = source.describe()
+        at = f" at {d['endpoint']}" if d["endpoint"] else ""
+        fields.append(("object", f"s3://{d['bucket']}/{d['prefix']}{at}"))
     if doc["disk"] is not None:
         k = doc["disk"]
         fields.append(("disk", f"{k['root']}: {human_bytes(k['checkpoint_bytes'])} of checkpoints, "

@@ -21,14 +21,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ckptd.errors import AlreadyExists, CkptdError, InvalidArgument
 from ckptd.layout import TensorEntry
 from ckptd.manifest import Manifest, ShardEntry
 from ckptd.types import DTYPE_ITEMSIZE
 from ckptd_client.ckptctl_output import Progress, emit_json, human_bytes, render_fields, render_table
-from ckptd_client.ckptctl_source import DaemonSource, DiskSource, Identity
+from ckptd_client.ckptctl_source import Identity
+
+if TYPE_CHECKING:
+    from ckptd_client.ckptctl_source import AnySource
 
 #: ckptd dtype name -> safetensors dtype tag. complex128 has no safetensors tag.
 SAFETENSORS_DTYPES: dict[str, str] = {
@@ -167,7 +170,7 @@ def select_ranks(manifest: Manifest, rank: int | None) -> list[ShardEntry]:
     return [manifest.shard(rank)]
 
 
-def run_dry_run(source: DaemonSource | DiskSource, ident: Identity, rank: int | None, as_json: bool) -> int:
+def run_dry_run(source: AnySource, ident: Identity, rank: int | None, as_json: bool) -> int:
     manifest, tiers = source.manifest(ident)
     shards: list[dict[str, Any]] = []
     rows: list[list[object]] = []
@@ -187,7 +190,7 @@ def run_dry_run(source: DaemonSource | DiskSource, ident: Identity, rank: int | 
     return 0
 
 
-def run_restore(source: DaemonSource | DiskSource, ident: Identity, to: Path, fmt: str, rank: int | None,
+def run_restore(source: AnySource, ident: Identity, to: Path, fmt: str, rank: int | None,
                 force: bool, as_json: bool, progress_enabled: bool) -> int:
     t0 = time.monotonic()
     manifest, _ = source.manifest(ident)

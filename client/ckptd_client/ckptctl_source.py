@@ -1,16 +1,18 @@
-"""Where ``ckptctl`` reads checkpoints from: a running daemon, or a bare disk root.
+"""Where ``ckptctl`` reads checkpoints from: a running daemon, a bare disk root, or a bucket.
 
 ``DaemonSource`` talks to the node's daemon over its Unix socket (address as in
 ``ckptd_client.rpc``); ``DiskSource`` reads ``{root}/{job}/step-NNNNNNNNNNNN/`` directly
 through ``ckptd.tiers.disk.DiskTier`` (imported lazily, so ``import ckptd_client`` stays light),
-for an operator on a machine that runs no daemon. Both answer the same questions: jobs, steps
-with their per-tier state, a step's manifest, the per-shard source plan, and a shard's bytes
-(verified against its crc32c chunk sums before they are handed out). Identities
-``JOB@STEP``, ``JOB@latest`` and ``JOB`` are parsed here too.
+for an operator on a machine that runs no daemon; ``ckptctl_bucket.ObjectSource`` reads an
+object store. All answer the same questions: jobs, steps with their per-tier state, a step's
+manifest, the per-shard source plan, and a shard's bytes (verified against its crc32c chunk sums
+before they are handed out). Identities ``JOB@STEP``, ``JOB@latest`` and ``JOB`` are parsed here
+too.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
@@ -21,16 +23,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.errors import DaemonUnavailable, IntegrityError, InvalidArgument, NotFound
+from ckptd.errors import DaemonUnavailable, FailedPrecondition, IntegrityError, InvalidArgument, NotFound
 from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd.types import parse_step_dirname, validate_job, validate_step
 from ckptd_client.rpc import Connection
 
 if TYPE_CHECKING:
+    from ckptd.pins import PinStore
     from ckptd.tiers.disk import DiskTier
+    from ckptd_client.ckptctl_bucket import BucketTarget, ObjectSource
 
 CONNECT_TIMEOUT_S = 3.0
 RPC_TIMEOUT_S = 60.0
@@ -90,10 +94,11 @@ class StepRow:
     nbytes: int
     committed: bool
     tiers: dict[str, str] = field(default_factory=dict)
+    pinned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"job": self.job, "step": self.step, "world_size": self.world_size, "nbytes": self.nbytes,
-                "committed": self.committed, "tiers": dict(self.tiers)}
+                "committed": self.committed, "tiers": dict(self.tiers), "pinned": self.pinned}
 
 
 @dataclass
@@ -193,7 +198,7 @@ class DaemonSource:
     def list_steps(self, job: str) -> list[StepRow]:
         resp = self.conn.call(self.conn.stub.ListSteps, pb.ListStepsRequest(job=job))
         return [StepRow(job, int(s.step), int(s.world_size), int(s.nbytes), bool(s.committed),
-                        {t.tier: TIER_STATE_NAMES.get(int(t.state), "pending") for t in s.tiers})
+                        {t.tier: TIER_STATE_NAMES.get(int(t.state), "pending") for t in s.tiers}, bool(s.pinned))
                 for s in resp.steps]
 
     def manifest(self, ident: Identity) -> tuple[Manifest, list[str]]:
@@ -285,7 +290,35 @@ class DiskSource:
             raise NotFound(f"unknown job {job!r} under {self.root}")
         return job_dir
 
+    def pin_store(self) -> PinStore:
+        """The pins of this root (``{daemon root}/pins``, as the daemon keeps them)."""
+        from ckptd.pins import PinStore, pins_dir_for_data
+
+        store = PinStore(pins_dir_for_data(self.root))
+        store.load()
+        return store
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the daemon root's ``ckptd.lock`` while changing the root: no daemon may serve it
+        meanwhile (its catalog and pins would disagree with the files)."""
+        lock = self.root.parent / "ckptd.lock" if self.root.name == "data" else None
+        if lock is None or not lock.exists():
+            yield
+            return
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FailedPrecondition(f"a ckptd daemon is serving {self.root.parent} (it holds {lock}); "
+                                         "run this against the daemon (--addr) instead of --root") from None
+            yield
+        finally:
+            os.close(fd)
+
     def list_steps(self, job: str) -> list[StepRow]:
+        pins = self.pin_store().get(job)
         rows = []
         for p in self._job_dir(job).iterdir():
             step = parse_step_dirname(p.name)
@@ -300,7 +333,14 @@ class DiskSource:
                 rows.append(StepRow(job, step, 0, 0, False, {"disk": "invalid"}))
                 continue
             rows.append(StepRow(job, step, m.world_size, m.nbytes, True, {"disk": "committed"}))
+        for r in rows:
+            r.pinned = r.step in pins
         return sorted(rows, key=lambda r: r.step)
+
+    def committed(self, job: str) -> list[int]:
+        """Committed steps of job, oldest first; NotFound when the root has no such job."""
+        self._job_dir(job)
+        return self.tier.list_committed(job)
 
     def manifest(self, ident: Identity) -> tuple[Manifest, list[str]]:
         self._job_dir(ident.job)
@@ -339,7 +379,16 @@ class DiskSource:
         pass
 
 
-def open_source(addr: str | None, root: str | None, timeout_s: float | None) -> DaemonSource | DiskSource:
+if TYPE_CHECKING:
+    AnySource: TypeAlias = DaemonSource | DiskSource | ObjectSource
+
+
+def open_source(addr: str | None, root: str | None, timeout_s: float | None,
+                bucket: BucketTarget | None = None) -> AnySource:
+    if bucket is not None:
+        from ckptd_client.ckptctl_bucket import ObjectSource
+
+        return ObjectSource(bucket, timeout_s)
     if root is not None:
         return DiskSource(Path(root))
     return DaemonSource(addr, timeout_s)

@@ -6,7 +6,9 @@ memory: the daemon plans a memory slot for it). With ``--read-data`` it re-reads
 checks every crc32c chunk sum: disk files are streamed chunk by chunk from the disk root (``--root``,
 or the daemon's own root as DaemonStatus reports it) and every bad chunk is listed; a memory copy
 is leased through PrepareRestore (the daemon checks it and falls back to disk when it is bad,
-naming the rejected slot), then mapped read-only and checked again here.
+naming the rejected slot), then mapped read-only and checked again here. With ``--bucket``, shard
+objects are checked the same way (presence and size by HEAD; ``--read-data`` reads every object
+and checks every chunk), and a bad copy is named by its ``s3://bucket/key``.
 
 Statuses: ``ok``; ``bad`` (checksum, size or manifest mismatch) and ``missing`` (a shard of a
 committed step is gone) are integrity failures, exit 5; ``absent`` (a memory copy already
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.errors import CkptdError, IntegrityError, InvalidArgument, NotFound
@@ -26,6 +28,10 @@ from ckptd.integrity import crc32c
 from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd_client.ckptctl_output import Progress, emit_json, human_bytes, message, render_table
 from ckptd_client.ckptctl_source import DaemonSource, DiskSource, Identity, _map_readonly
+
+if TYPE_CHECKING:
+    from ckptd_client.ckptctl_bucket import ObjectSource
+    from ckptd_client.ckptctl_source import AnySource
 
 READ_BLOCK_BYTES = 8 * 2**20
 MAX_LISTED_CHUNKS = 16
@@ -222,14 +228,54 @@ def verify_memory(source: DaemonSource, manifest: Manifest, read_data: bool, bar
     return checks
 
 
-def run_verify(source: DaemonSource | DiskSource, ident: Identity, tier: str | None, read_data: bool,
+def verify_object(source: ObjectSource, manifest: Manifest, read_data: bool, bar: Progress) -> list[Check]:
+    checks = [Check("object", None, source.manifest_url(manifest), "ok", "manifest valid")]
+    for entry in sorted(manifest.shards, key=lambda s: s.rank):
+        bar.set_detail(f"object rank {entry.rank}")
+        try:
+            url = source.shard_url(manifest, entry)
+        except IntegrityError as exc:
+            checks.append(Check("object", entry.rank, "", "bad", str(exc)))
+            continue
+        if not read_data:
+            try:
+                size = source.head_size(manifest, entry)
+            except CkptdError as exc:
+                checks.append(Check("object", entry.rank, url, "error", str(exc)))
+                continue
+            if size is None:
+                checks.append(Check("object", entry.rank, url, "missing", "shard object is missing"))
+            elif size != entry.nbytes:
+                checks.append(Check("object", entry.rank, url, "bad", f"size {size} != {entry.nbytes} "
+                                                                       "recorded in the manifest"))
+            else:
+                checks.append(Check("object", entry.rank, url, "ok", "present, size matches (data not read)"))
+            continue
+        try:
+            with source.open_shard(manifest, entry):
+                checks.append(Check("object", entry.rank, url, "ok", _chunks_ok(entry), entry.nbytes))
+        except IntegrityError as exc:
+            checks.append(Check("object", entry.rank, url, "bad", str(exc)))
+        except NotFound as exc:
+            checks.append(Check("object", entry.rank, url, "missing", str(exc)))
+        except CkptdError as exc:
+            checks.append(Check("object", entry.rank, url, "error", str(exc)))
+        bar.advance(entry.nbytes)
+    return checks
+
+
+def run_verify(source: AnySource, ident: Identity, tier: str | None, read_data: bool,
                as_json: bool, progress_enabled: bool) -> int:
     if tier == "memory" and not isinstance(source, DaemonSource):
-        raise InvalidArgument("--tier memory needs a daemon (it cannot be used with --root)")
+        raise InvalidArgument("--tier memory needs a daemon (it cannot be used with --root or --bucket)")
+    if (tier == "object") != (source.kind == "object") and tier is not None:
+        raise InvalidArgument("--tier object needs --bucket" if tier == "object"
+                              else f"--tier {tier} cannot be used with --bucket")
     try:
         manifest, committed = source.manifest(ident)
     except IntegrityError as exc:  # a disk root whose manifest does not parse
-        manifest_checks = [Check("disk", None, str(exc).split(":")[0], "bad", str(exc))]
+        where = "object" if source.kind == "object" else "disk"
+        manifest_checks = [Check(where, None, str(exc).split(": ", 1)[0], "bad", str(exc))]
         return _report(ident.job, ident.step, source, read_data, manifest_checks, as_json)
     if tier is not None:
         if tier not in committed:
@@ -237,19 +283,22 @@ def run_verify(source: DaemonSource | DiskSource, ident: Identity, tier: str | N
                            f"(committed at: {', '.join(committed) or 'none'})")
         tiers = [tier]
     else:
-        tiers = [t for t in ("memory", "disk") if t in committed]
+        tiers = [t for t in ("memory", "disk", "object") if t in committed
+                 and (t == "object") == (source.kind == "object")]
     total = manifest.nbytes * len(tiers) if read_data else 0
     checks: list[Check] = []
     with Progress(f"verify {manifest.job}@{manifest.step}", total, progress_enabled and read_data) as bar:
         for t in tiers:
             if t == "memory" and isinstance(source, DaemonSource):
                 checks += verify_memory(source, manifest, read_data, bar)
-            elif t == "disk":
+            elif t == "disk" and isinstance(source, (DaemonSource, DiskSource)):
                 checks += verify_disk(source, manifest, read_data, bar)
+            elif t == "object" and not isinstance(source, (DaemonSource, DiskSource)):
+                checks += verify_object(source, manifest, read_data, bar)
     return _report(manifest.job, manifest.step, source, read_data, checks, as_json)
 
 
-def _report(job: str, step: int | None, source: DaemonSource | DiskSource, read_data: bool, checks: list[Check],
+def _report(job: str, step: int | None, source: AnySource, read_data: bool, checks: list[Check],
             as_json: bool) -> int:
     bad = [c for c in checks if c.status in BAD]
     partial = [c for c in checks if c.status in PARTIAL]

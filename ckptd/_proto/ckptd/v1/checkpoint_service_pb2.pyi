@@ -498,11 +498,14 @@ class StepInfo(_message.Message):
     NBYTES_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
     COMMITTED_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     world_size: _builtins.int
     nbytes: _builtins.int
     committed: _builtins.bool
     """committed at some tier"""
+    pinned: _builtins.bool
+    """pinned (PinStep): retention never removes it"""
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStatus]: ...
     def __init__(
@@ -513,10 +516,11 @@ class StepInfo(_message.Message):
         nbytes: _builtins.int = ...,
         tiers: _abc.Iterable[Global___TierStatus] | None = ...,
         committed: _builtins.bool = ...,
+        pinned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "nbytes", b"nbytes", "step", b"step", "tiers", b"tiers", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "nbytes", b"nbytes", "pinned", b"pinned", "step", b"step", "tiers", b"tiers", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -827,3 +831,232 @@ class DaemonStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DaemonStatusResponse: _TypeAlias = DaemonStatusResponse  # noqa: Y015
+
+@_typing.final
+class DeletedCopy(_message.Message):
+    """One copy of a step at one tier, removed (or, with dry_run, that would be removed)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    step: _builtins.int
+    tier: _builtins.str
+    """"memory", "disk", "object" """
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        step: _builtins.int = ...,
+        tier: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "step", b"step", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletedCopy: _TypeAlias = DeletedCopy  # noqa: Y015
+
+@_typing.final
+class DeleteStepRequest(_message.Message):
+    """Remove a step's copy at one tier, or at every tier that holds it. The last committed copy of
+    a pinned step or of the job's latest step is kept unless force is set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    step: _builtins.int
+    tier: _builtins.str
+    """"memory", "disk", "object"; "": every tier that holds the step"""
+    force: _builtins.bool
+    """also remove the last committed copy of a pinned or the latest step"""
+    dry_run: _builtins.bool
+    """report what would be removed; remove nothing"""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        step: _builtins.int = ...,
+        tier: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "force", b"force", "job", b"job", "step", b"step", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteStepRequest: _TypeAlias = DeleteStepRequest  # noqa: Y015
+
+@_typing.final
+class DeleteStepResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeletedCopy]: ...
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """why copies were kept (protection, a step in flight, a failure)"""
+
+    def __init__(
+        self,
+        *,
+        deleted: _abc.Iterable[Global___DeletedCopy] | None = ...,
+        refused: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "refused", b"refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteStepResponse: _TypeAlias = DeleteStepResponse  # noqa: Y015
+
+@_typing.final
+class PinStepRequest(_message.Message):
+    """Pin (or unpin) a step: retention never removes a pinned step. Pins persist across restarts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    step: _builtins.int
+    pinned: _builtins.bool
+    """false: unpin"""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        step: _builtins.int = ...,
+        pinned: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "pinned", b"pinned", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinStepRequest: _TypeAlias = PinStepRequest  # noqa: Y015
+
+@_typing.final
+class PinStepResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PINNED_STEPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pinned_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the job's pins after the change"""
+
+    def __init__(
+        self,
+        *,
+        pinned_steps: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pinned_steps", b"pinned_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinStepResponse: _TypeAlias = PinStepResponse  # noqa: Y015
+
+@_typing.final
+class RunRetentionRequest(_message.Message):
+    """Apply the retention policy now (what the daemon does after each commit)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """"": every job"""
+    tier: _builtins.str
+    """"disk", "object"; "": every tier with a retention policy"""
+    dry_run: _builtins.bool
+    """report what would be removed; remove nothing"""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        tier: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "job", b"job", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunRetentionRequest: _TypeAlias = RunRetentionRequest  # noqa: Y015
+
+@_typing.final
+class RetentionPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    MAX_TO_KEEP_FIELD_NUMBER: _builtins.int
+    KEEP_PERIOD_FIELD_NUMBER: _builtins.int
+    tier: _builtins.str
+    max_to_keep: _builtins.int
+    keep_period: _builtins.int
+    def __init__(
+        self,
+        *,
+        tier: _builtins.str = ...,
+        max_to_keep: _builtins.int = ...,
+        keep_period: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_period", b"keep_period", "max_to_keep", b"max_to_keep", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetentionPolicy: _TypeAlias = RetentionPolicy  # noqa: Y015
+
+@_typing.final
+class RunRetentionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    POLICIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeletedCopy]: ...
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """copies selected but not removed, with the reason"""
+
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetentionPolicy]:
+        """the policy applied per tier"""
+
+    def __init__(
+        self,
+        *,
+        deleted: _abc.Iterable[Global___DeletedCopy] | None = ...,
+        errors: _abc.Iterable[_builtins.str] | None = ...,
+        policies: _abc.Iterable[Global___RetentionPolicy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "errors", b"errors", "policies", b"policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunRetentionResponse: _TypeAlias = RunRetentionResponse  # noqa: Y015

@@ -89,6 +89,21 @@ class CheckpointServiceStub:
                 request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.DaemonStatusRequest.SerializeToString,
                 response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.DaemonStatusResponse.FromString,
                 _registered_method=True)
+        self.DeleteStep = channel.unary_unary(
+                '/ckptd.v1.CheckpointService/DeleteStep',
+                request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.DeleteStepRequest.SerializeToString,
+                response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.DeleteStepResponse.FromString,
+                _registered_method=True)
+        self.PinStep = channel.unary_unary(
+                '/ckptd.v1.CheckpointService/PinStep',
+                request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PinStepRequest.SerializeToString,
+                response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PinStepResponse.FromString,
+                _registered_method=True)
+        self.RunRetention = channel.unary_unary(
+                '/ckptd.v1.CheckpointService/RunRetention',
+                request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionRequest.SerializeToString,
+                response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionResponse.FromString,
+                _registered_method=True)
 
 
 class CheckpointServiceServicer:
@@ -160,6 +175,24 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunRetention(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckpointServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +250,21 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.DaemonStatus,
                     request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.DaemonStatusRequest.FromString,
                     response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.DaemonStatusResponse.SerializeToString,
+            ),
+            'DeleteStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteStep,
+                    request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.DeleteStepRequest.FromString,
+                    response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.DeleteStepResponse.SerializeToString,
+            ),
+            'PinStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinStep,
+                    request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PinStepRequest.FromString,
+                    response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PinStepResponse.SerializeToString,
+            ),
+            'RunRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunRetention,
+                    request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionRequest.FromString,
+                    response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +564,87 @@ class CheckpointService:
             '/ckptd.v1.CheckpointService/DaemonStatus',
             ckptd_dot_v1_dot_checkpoint__service__pb2.DaemonStatusRequest.SerializeToString,
             ckptd_dot_v1_dot_checkpoint__service__pb2.DaemonStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.v1.CheckpointService/DeleteStep',
+            ckptd_dot_v1_dot_checkpoint__service__pb2.DeleteStepRequest.SerializeToString,
+            ckptd_dot_v1_dot_checkpoint__service__pb2.DeleteStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.v1.CheckpointService/PinStep',
+            ckptd_dot_v1_dot_checkpoint__service__pb2.PinStepRequest.SerializeToString,
+            ckptd_dot_v1_dot_checkpoint__service__pb2.PinStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.v1.CheckpointService/RunRetention',
+            ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionRequest.SerializeToString,
+            ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionResponse.FromString,
             options,
             channel_credentials,
             insecure,

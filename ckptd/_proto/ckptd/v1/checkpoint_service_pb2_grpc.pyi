@@ -48,6 +48,9 @@ class CheckpointServiceStub:
     ReleaseRestore: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.ReleaseRestoreRequest, _checkpoint_service_pb2.ReleaseRestoreResponse]
     GetManifest: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.GetManifestRequest, _checkpoint_service_pb2.GetManifestResponse]
     DaemonStatus: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.DaemonStatusRequest, _checkpoint_service_pb2.DaemonStatusResponse]
+    DeleteStep: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.DeleteStepRequest, _checkpoint_service_pb2.DeleteStepResponse]
+    PinStep: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PinStepRequest, _checkpoint_service_pb2.PinStepResponse]
+    RunRetention: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.RunRetentionRequest, _checkpoint_service_pb2.RunRetentionResponse]
 
 @_typing.type_check_only
 class CheckpointServiceAsyncStub(CheckpointServiceStub):
@@ -63,6 +66,9 @@ class CheckpointServiceAsyncStub(CheckpointServiceStub):
     ReleaseRestore: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.ReleaseRestoreRequest, _checkpoint_service_pb2.ReleaseRestoreResponse]  # type: ignore[assignment]
     GetManifest: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.GetManifestRequest, _checkpoint_service_pb2.GetManifestResponse]  # type: ignore[assignment]
     DaemonStatus: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.DaemonStatusRequest, _checkpoint_service_pb2.DaemonStatusResponse]  # type: ignore[assignment]
+    DeleteStep: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.DeleteStepRequest, _checkpoint_service_pb2.DeleteStepResponse]  # type: ignore[assignment]
+    PinStep: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PinStepRequest, _checkpoint_service_pb2.PinStepResponse]  # type: ignore[assignment]
+    RunRetention: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.RunRetentionRequest, _checkpoint_service_pb2.RunRetentionResponse]  # type: ignore[assignment]
 
 class CheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -141,5 +147,26 @@ class CheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _checkpoint_service_pb2.DaemonStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_checkpoint_service_pb2.DaemonStatusResponse, _abc.Awaitable[_checkpoint_service_pb2.DaemonStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteStep(
+        self,
+        request: _checkpoint_service_pb2.DeleteStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_checkpoint_service_pb2.DeleteStepResponse, _abc.Awaitable[_checkpoint_service_pb2.DeleteStepResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PinStep(
+        self,
+        request: _checkpoint_service_pb2.PinStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_checkpoint_service_pb2.PinStepResponse, _abc.Awaitable[_checkpoint_service_pb2.PinStepResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RunRetention(
+        self,
+        request: _checkpoint_service_pb2.RunRetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_checkpoint_service_pb2.RunRetentionResponse, _abc.Awaitable[_checkpoint_service_pb2.RunRetentionResponse]]: ...
 
 def add_CheckpointServiceServicer_to_server(servicer: CheckpointServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

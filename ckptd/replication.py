@@ -1,0 +1,147 @@
+"""Peer replication: push each own shard to k peer daemons, and the peer view restore uses.
+
+``PeerDirectory`` is this node's view of the job's peers (static membership from config or
+``CKPTD_PEERS``), one ``PeerClient`` and the placement rule. ``Replicator`` is a background task
+owned by the daemon, like the disk drainer: per job it takes the newest step staged on this node
+and pushes every own shard (its slot pinned, so it cannot be reused under the push) along the
+shard's placement order (ckptd/placement.py): the first k candidates at once, each failure handing
+its place to the next candidate. Older pending steps are SKIPPED (superseded), so a slow peer
+delays replication but never queues work, and training never waits for it (save() returns at
+STAGED). A step reaches REPLICATED on this node when every own shard is acknowledged by k peers;
+fewer is reported as FAILED ("degraded") with the reason, and the next step tries the ring again,
+so replication resumes when a peer returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ckptd.catalog import Catalog, StepState, TierState
+from ckptd.peer_client import PeerClient
+from ckptd.peer_config import PeerAddr
+from ckptd.peer_ring import push_to_ring
+from ckptd.peer_types import Holding, ReplicaHeader
+from ckptd.placement import Member, preference, shard_key
+from ckptd.shm import SlotPool
+from ckptd.types import TierName
+
+log = logging.getLogger("ckptd.replication")
+
+
+class PeerDirectory:
+    """The job's peers as this node sees them."""
+
+    def __init__(self, node_id: str, members: tuple[PeerAddr, ...], client: PeerClient, k: int,
+                 push_timeout_s: float, fetch_timeout_s: float) -> None:
+        self.node_id = node_id
+        self.addrs = {m.node_id: m for m in members if m.node_id != node_id}
+        self.members = [Member(m.node_id, m.failure_domain) for m in members]
+        self.client = client
+        self.k = k
+        self.push_timeout_s = push_timeout_s
+        self.fetch_timeout_s = fetch_timeout_s
+
+    def order(self, job: str, rank: int, source: str) -> list[PeerAddr]:
+        """Placement order of (job, rank)'s replicas from ``source``: targets, then fallbacks."""
+        return [self.addrs[n] for n in preference(self.members, shard_key(job, rank), source) if n in self.addrs]
+
+    async def holdings(self, job: str, deadline_s: float = 2.0) -> dict[str, list[Holding]]:
+        """What each reachable peer holds of job; an unreachable peer is simply absent."""
+        nodes = list(self.addrs.values())
+        results = await asyncio.gather(*(self.client.list_holdings(p.target, job, deadline_s) for p in nodes),
+                                       return_exceptions=True)
+        out: dict[str, list[Holding]] = {}
+        for peer, res in zip(nodes, results):
+            if isinstance(res, BaseException):
+                log.info("peer %s not reachable for holdings: %s", peer.node_id, res)
+                continue
+            out[peer.node_id] = res
+        return out
+
+
+class Replicator:
+    """Owner of the replication task."""
+
+    def __init__(self, catalog: Catalog, pool: SlotPool, peers: PeerDirectory) -> None:
+        self.catalog = catalog
+        self.pool = pool
+        self.peers = peers
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="replicator")
+
+    def kick(self) -> None:
+        self._wakeup.set()
+
+    async def stop(self, timeout_s: float) -> None:
+        self._stopping = True
+        self.kick()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=timeout_s)
+        except TimeoutError:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while not self._stopping and (st := await self._next()) is not None:
+                await self._replicate(st)
+
+    async def _next(self) -> StepState | None:
+        for job in list(self.catalog.jobs):
+            pending = [s for s in self.catalog.steps(job)
+                       if s.in_memory and s.state(TierName.PEER) == TierState.PENDING]
+            if not pending:
+                continue
+            for old in pending[:-1]:
+                await self.catalog.set_tier(old, TierName.PEER, TierState.SKIPPED,
+                                            f"superseded by step {pending[-1].step}")
+            return pending[-1]
+        return None
+
+    async def _replicate(self, st: StepState) -> None:
+        recs = [st.shards[r] for r in sorted(st.shards)]
+        slots = [r.slot for r in recs]
+        if any(s is None for s in slots):
+            return
+        for s in slots:
+            assert s is not None
+            s.readers += 1
+        await self.catalog.set_tier(st, TierName.PEER, TierState.IN_PROGRESS)
+        k, d = self.peers.k, self.peers
+        t0 = time.monotonic()
+        try:
+            outcomes = await asyncio.gather(*(
+                push_to_ring(d.client, d.order(st.job, rec.entry.rank, d.node_id), k,
+                             ReplicaHeader(st.job, st.step, st.world_size, rec.entry, d.node_id, st.node_ranks,
+                                           st.created_unix_s, dict(st.extra)),
+                             rec.slot.view(rec.entry.nbytes),  # type: ignore[union-attr]
+                             deadline_s=d.push_timeout_s * 2, push_timeout_s=d.push_timeout_s)
+                for rec in recs))
+        finally:
+            for s in slots:
+                assert s is not None
+                await self.pool.unpin(s)
+        degraded = [(rec.entry.rank, o) for rec, o in zip(recs, outcomes) if o.degraded]
+        if degraded:
+            reason = "; ".join(f"rank {r}: held by {len(o.holders)} of {k} peers "
+                               f"({', '.join(f'{n}: {why}' for n, why in o.failures.items()) or 'no peers'})"
+                               for r, o in degraded)
+            log.warning("step %s@%d replication degraded: %s", st.job, st.step, reason)
+            await self.catalog.set_tier(st, TierName.PEER, TierState.FAILED, f"degraded: {reason}")
+            return
+        holders = sorted({n for o in outcomes for n in o.holders})
+        log.info("step %s@%d REPLICATED to %s in %.3fs", st.job, st.step, ",".join(holders), time.monotonic() - t0)
+        await self.catalog.set_tier(st, TierName.PEER, TierState.COMMITTED)
