@@ -55,6 +55,8 @@ from ckptd.tiers.disk import DiskTier
 
 if TYPE_CHECKING:
     from ckptd.admin import AdminResult, StepAdmin
+    from ckptd.replicas import SlotReplicaStore
+    from ckptd.replication import PeerDirectory, Replicator
     from ckptd.tiers.object import ObjectTier
     from ckptd.uploader import ObjectUploader
 
@@ -130,6 +132,11 @@ class Daemon:
         self.restorer = Restorer(self.catalog, self.pool, self.disk, self.executor,
                                  cfg.memory.wait_timeout_s, self.object)
         self.restorer.on_adopt = self.drainer.kick
+        self.peers: PeerDirectory | None = None
+        self.replicas: SlotReplicaStore | None = None
+        self.replicator: Replicator | None = None
+        if cfg.peers.listen:
+            self._init_peers()
         self.save_leases: dict[str, SaveLease] = {}
         self.restore_leases: dict[str, RestoreLease] = {}
         self.draining = False
@@ -170,7 +177,53 @@ class Daemon:
         self.drainer.start()
         if self.uploader is not None:
             self.uploader.start()
+        if self.replicator is not None:
+            self.replicator.start()
+            self.replicator.kick()
         self._reaper = asyncio.create_task(self._reap_leases(), name="lease-reaper")
+
+    def _init_peers(self) -> None:
+        """Peer replication: this node's directory of peers, the replica store, the replicator."""
+        from ckptd.peer_client import PeerClient
+        from ckptd.peer_config import load_token, members, node_id, tls_files
+        from ckptd.replicas import SlotReplicaStore
+        from ckptd.replication import PeerDirectory, Replicator
+
+        p = self.cfg.peers
+        me = node_id(p)
+        client = PeerClient(load_token(p), me, chunk_bytes=p.chunk_bytes, max_inflight_bytes=p.max_inflight_bytes,
+                            max_attempts=p.max_attempts, tls=tls_files(p))
+        self.peers = PeerDirectory(me, members(p, os.environ), client, p.replication_factor, p.push_timeout_s,
+                                   p.fetch_timeout_s)
+        self.replicas = SlotReplicaStore(self.catalog, self.pool, self.disk, self.executor, self.cfg, me)
+        if p.replication_factor > 0 and self.peers.addrs:
+            self.replicator = Replicator(self.catalog, self.pool, self.peers)
+            self.restorer.on_adopt = self._after_adopt
+        self.restorer.peers = self.peers
+
+    def _after_adopt(self) -> None:
+        self.drainer.kick()
+        if self.replicator is not None:
+            self.replicator.kick()  # top up replicas of a restored step
+
+    async def _adopt_replica(self, slot: Slot, meta: dict[str, Any], valid: bool) -> None:
+        """Re-adopt a replica held for another node, if its bytes verify and peers are on."""
+        from ckptd.peer_types import ReplicaHeader
+
+        try:
+            if not valid or self.replicas is None:
+                raise ValueError("crc32c mismatch" if not valid else "peer replication is off")
+            job, step, world_size, created, entry = entry_from_sidecar(meta)
+            header = ReplicaHeader(job, step, world_size, entry, str(meta["replica_of"]),
+                                   tuple(meta.get("node_ranks") or ()), created, dict(meta.get("extra") or {}))
+            header.validate()
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("removing replica slot %s: %s", slot.path.name, exc)
+            await self.pool.free(slot)
+            return
+        self.replicas.adopt_sidecar(slot, meta, header)
+        log.info("re-adopted replica of %s@%d rank %d (from %s)", header.job, header.step, header.rank,
+                 header.source_node)
 
     async def _prepare_object_tier(self) -> None:
         """Abort stale multipart uploads and probe create-only puts; a store that is down at
@@ -218,6 +271,9 @@ class Daemon:
             bad = await loop.run_in_executor(
                 self.executor, first_bad_chunk, slot.view(entry.nbytes), entry.chunk_bytes,
                 entry.chunk_crc32c)
+            if meta.get("replica_of"):
+                await self._adopt_replica(slot, meta, bad is None)
+                continue
             st = self.catalog.ensure(job, step, world_size)
             existing = st.shards.get(entry.rank)
             if bad is not None or st.world_size != world_size or (
@@ -248,6 +304,10 @@ class Daemon:
         # written, step committed in memory, drainer kicked) so the drain below includes them.
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.cfg.daemon.shutdown_timeout_s)
+        if self.replicator is not None:  # best effort at shutdown; disk durability is not
+            await self.replicator.stop(min(5.0, self.cfg.daemon.shutdown_timeout_s))
+        if self.peers is not None:
+            await self.peers.client.close()
         clean = await self.drainer.stop(self.cfg.daemon.shutdown_timeout_s)
         if self.uploader is not None:
             clean = await self.uploader.stop(self.cfg.daemon.shutdown_timeout_s) and clean
@@ -446,6 +506,8 @@ class Daemon:
             self.drainer.kick()
             if self.uploader is not None:
                 self.uploader.kick()
+            if self.replicator is not None:
+                self.replicator.kick()
         else:
             await self.catalog.notify()
 
@@ -521,7 +583,8 @@ class Daemon:
             "slots": len(self.pool.slots),
             "draining": self.draining,
             "tiers": ["memory"] + (["disk"] if self.disk is not None else [])
-            + (["object"] if self.object is not None else []),
+            + (["object"] if self.object is not None else [])
+            + (["peer"] if self.replicator is not None else []),
         }
 
     # -- restore ----------------------------------------------------------------------------

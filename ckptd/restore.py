@@ -22,6 +22,8 @@ from ckptd.catalog import Catalog, ShardRecord, StepState, TierState, sidecar_me
 from ckptd.errors import CkptdError, FailedPrecondition, IntegrityError, NotFound
 from ckptd.integrity import first_bad_chunk
 from ckptd.manifest import ShardEntry
+from ckptd.peer_types import Holding, ReplicaHeader
+from ckptd.replication import PeerDirectory
 from ckptd.shm import Slot, SlotPool
 from ckptd.tiers.base import Tier
 from ckptd.tiers.disk import DiskTier
@@ -57,6 +59,7 @@ class Restorer:
         self.executor = executor
         self.wait_timeout_s = wait_timeout_s
         self.on_adopt: Callable[[], None] | None = None  # e.g. wake the drainer to re-warm the disk
+        self.peers: PeerDirectory | None = None  # set when peer replication is configured
 
     def _tier(self, name: TierName) -> Tier:
         tier = self.disk if name == TierName.DISK else self.object
@@ -76,18 +79,33 @@ class Restorer:
     async def _disk_steps(self, job: str) -> list[int]:
         return await self._steps(self.disk, job)
 
-    async def latest(self, job: str) -> int:
-        """Newest step committed at any reachable tier."""
+    async def _peer_sources(self, job: str, rank: int) -> dict[int, list[tuple[str, Holding]]]:
+        """step -> [(node, holding)] of rank's copies on reachable peers, in placement order."""
+        if self.peers is None:
+            return {}
+        held = await self.peers.holdings(job)
+        order = [p.node_id for p in self.peers.order(job, rank, self.peers.node_id)]
+        out: dict[int, list[tuple[str, Holding]]] = {}
+        for node in sorted(held, key=lambda n: order.index(n) if n in order else len(order)):
+            for h in held[node]:
+                if h.rank == rank and h.step_complete:
+                    out.setdefault(h.step, []).append((node, h))
+        return out
+
+    async def latest(self, job: str, rank: int | None = None) -> int:
+        """Newest step committed at any reachable tier (for ``rank``'s copies on peers)."""
         candidates = [s.step for s in self.catalog.steps(job) if s.in_memory]
         candidates += await self._disk_steps(job)
         candidates += await self._steps(self.object, job)
+        if rank is not None:
+            candidates += list(await self._peer_sources(job, rank))
         if not candidates:
             raise NotFound(f"no committed step of job {job!r} at any tier")
         return max(candidates)
 
     async def plan(self, job: str, rank: int, world_size: int, step: int | None) -> RestoreResult:
         if step is None:
-            step = await self.latest(job)
+            step = await self.latest(job, rank)
         plan: list[Source] = []
         st = self.catalog.get(job, step)
         known_ws: int | None = None
@@ -109,7 +127,14 @@ class Restorer:
                 known_ws = manifest.world_size if known_ws is None else known_ws
                 if rank in manifest.ranks:
                     plan.append(Source(TierName.DISK, str(self.disk.step_dir(job, step))))
-        if self.object is not None and step in await self._steps(self.object, job):
+        for node, holding in (await self._peer_sources(job, rank)).get(step, []):
+            known_ws = holding.world_size if known_ws is None else known_ws
+            plan.append(Source(TierName.PEER, f"{node} {'/'.join(holding.tiers)}"))
+        if self.object is not None and plan and known_ws is not None \
+                and step in await self._steps(self.object, job):
+            # a nearer source exists: the store is the last resort, its manifest is read only if used
+            plan.append(Source(TierName.OBJECT, f"{job}@{step} rank {rank}"))
+        elif self.object is not None and step in await self._steps(self.object, job):
             try:
                 manifest = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.object.read_manifest, job, step)
@@ -141,6 +166,8 @@ class Restorer:
             try:
                 if source.tier == TierName.MEMORY:
                     await self._from_memory(job, rank, result)
+                elif source.tier == TierName.PEER:
+                    await self._from_peer(source.detail.split()[0], job, rank, result)
                 else:
                     await self._from_tier(source.tier, job, rank, world_size, result)
             except CkptdError as exc:
@@ -213,6 +240,45 @@ class Restorer:
                 self.on_adopt()
         await self.pool.notify()
         result.entry, result.slot = entry, slot
+
+    async def _from_peer(self, node: str, job: str, rank: int, result: RestoreResult) -> None:
+        """Fetch rank's shard from a peer into a scratch slot (verified by the client), adopt it."""
+        assert self.peers is not None
+        peer = self.peers.addrs[node]
+        slots: list[Slot] = []
+
+        async def lease(h: ReplicaHeader) -> memoryview:
+            slot = await self.pool.lease_scratch(h.nbytes, True, self.wait_timeout_s)
+            slot.readers += 1
+            slot.writing = False
+            slots.append(slot)
+            return slot.view(h.nbytes)
+
+        try:
+            res = await self.peers.client.fetch_into(peer.target, job, result.step, rank, lease,
+                                                     self.peers.fetch_timeout_s)
+        except BaseException:
+            for s in slots:
+                s.readers -= 1
+                await self.pool.free(s)
+            raise
+        h, slot = res.header, slots[0]
+        st = self.catalog.ensure(job, result.step, h.world_size)
+        st.extra = dict(h.extra)
+        st.created_unix_s = h.created_unix_s
+        if not st.shards:
+            st.node_ranks = h.node_ranks
+        rec = self._adopt(st, h.entry, slot)
+        if rec is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.executor, self.pool.write_sidecar, slot,
+                                                                 sidecar_meta(st, rec))
+            except OSError as exc:
+                log.warning("could not record re-warmed slot %s: %s", slot.path, exc)
+            if self.on_adopt is not None:
+                self.on_adopt()
+        await self.pool.notify()
+        result.entry, result.slot = h.entry, slot
 
     def _adopt(self, st: StepState, entry: ShardEntry, slot: Slot) -> ShardRecord | None:
         """Make a verified restore slot the memory copy of its shard (re-warm)."""

@@ -180,6 +180,16 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
         from ckptd.metrics import serve_http
 
         serve_http(cfg.metrics.address)
+    peer_server = None
+    if daemon.peers is not None and daemon.replicas is not None:
+        from ckptd.peer_config import load_token, tls_files
+        from ckptd.peer_server import PeerServer, start_peer_server
+
+        p = cfg.peers
+        servicer = PeerServer(daemon.peers.node_id, daemon.replicas, daemon.replicas, daemon.replicas.holdings,
+                              None, failure_domain=p.failure_domain, chunk_bytes=p.chunk_bytes,
+                              idle_timeout_s=p.push_timeout_s)
+        peer_server = await start_peer_server(servicer, p.listen, load_token(p), tls_files(p))
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -206,6 +216,8 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
     log.info("shutdown requested: draining")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if peer_server is not None:
+        await peer_server.stop(grace_s=2.0)
     clean = await daemon.stop()
     await server.stop(grace=2.0)
     daemon.close()

@@ -295,9 +295,17 @@ class CheckpointManager:
         """Fill ``state`` in place from a committed step; return the step, or None if none exists.
 
         ``step="latest"`` with no checkpoint returns None (a fresh start); an explicit step that
-        does not exist raises NotFound.
+        does not exist raises NotFound. With a torch.distributed process group of this job's
+        world size, "latest" is agreed by every rank first (see ``_agree_latest``), so ranks
+        never resume from different steps.
         """
         t0 = time.perf_counter()
+        if step == "latest":
+            agreed = self._agree_latest()
+            if agreed is not None:
+                step = agreed
+                if agreed < 0:
+                    return None
         req_step = -1 if step == "latest" else validate_step(int(step))
         try:
             resp = self.conn.call(self.conn.stub.PrepareRestore, pb.PrepareRestoreRequest(
@@ -331,6 +339,31 @@ class CheckpointManager:
         self.last_restore = RestoreInfo(int(resp.step), resp.served_from, time.perf_counter() - t0,
                                         resp.read_s, list(resp.rejected))
         return int(resp.step)
+
+    def _agree_latest(self) -> int | None:
+        """Every rank's newest restorable step, gathered; the job resumes from the oldest of them.
+
+        None when no process group spans this job (each rank then asks its daemon alone); -1 when
+        no rank has a checkpoint. Raises FailedPrecondition when some ranks have one and others
+        have none: resuming would mix a fresh start with restored ranks.
+        """
+        import sys
+
+        dist = sys.modules.get("torch.distributed")
+        if self.world_size < 2 or dist is None or not dist.is_available() or not dist.is_initialized() \
+                or dist.get_world_size() != self.world_size:
+            return None
+        mine = self.latest_step()
+        gathered: list[int | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        missing = [r for r, s in enumerate(gathered) if s is None]
+        if len(missing) == self.world_size:
+            return -1
+        if missing:
+            raise FailedPrecondition(
+                f"ranks {missing} of {self.job!r} have no restorable checkpoint while others do "
+                f"(newest per rank: {gathered}); restore an explicit step or start fresh")
+        return min(s for s in gathered if s is not None)
 
     def close(self) -> None:
         self._maps.close()
