@@ -116,7 +116,7 @@ def parse_peer(entry: str, key: str = "peers.peers") -> PeerAddr:
 def split_list(raw: Any, key: str) -> tuple[str, ...]:
     """A TOML list of strings or one comma-separated string -> tuple of non-empty stripped items.
 
-    config.py's ``_coerce`` can call this for tuple-typed keys (see docs/replication-integration.md).
+    config.py's ``_coerce`` calls this for tuple-typed keys.
     """
     if isinstance(raw, str):
         items: Sequence[Any] = raw.split(",")

@@ -12,7 +12,7 @@
 - a ``ReadyFn`` run on a step's coordinator when a node reports its shards ready at a tier.
 
 ckptd/peer_store.py has in-memory reference implementations of all four; the daemon wires its
-slot pool, catalog and disk tier behind the same protocols (docs/replication-integration.md).
+slot pool, catalog and disk tier behind the same protocols (ckptd/replicas.py).
 
 Invariants: a ``ReplicaHeader`` is internally consistent (``validate``): its ``entry`` is the
 shard of ``rank``, the chunk crc32c list covers ``nbytes``, ids follow ckptd's name grammar.
