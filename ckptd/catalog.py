@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ from ckptd.manifest import Manifest, ShardEntry, _shard_from_obj
 from ckptd.peer_types import ReplicaHeader
 from ckptd.shm import Slot
 from ckptd.types import LEVEL_TIER, Level, TierName
+
+log = logging.getLogger("ckptd.catalog")
 
 
 class TierState(enum.IntEnum):
@@ -185,6 +188,10 @@ class Catalog:
         self.jobs.get(job, {}).pop(step, None)
 
     async def set_tier(self, st: StepState, tier: TierName, state: TierState, msg: str = "") -> None:
+        if st.tiers.get(tier, (None, ""))[0] != state:  # one log line per state change of a step
+            level = logging.WARNING if state == TierState.FAILED else logging.INFO
+            log.log(level, "%s@%d %s tier: %s%s", st.job, st.step, tier.value, state.name,
+                    f" ({msg})" if msg else "", extra={"job": st.job, "step": st.step, "tier": tier.value})
         st.tiers[tier] = (state, msg)
         await self.notify()
 

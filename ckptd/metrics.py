@@ -38,6 +38,11 @@ LAST_COMMITTED_STEP = Gauge(
 INFLIGHT = Gauge("ckptd_inflight", "Saves in flight by stage", ["stage"], registry=REGISTRY)
 SHM_BYTES_IN_USE = Gauge("ckptd_shm_bytes_in_use", "Bytes of shared-memory slots allocated", registry=REGISTRY)
 SHM_BUDGET_BYTES = Gauge("ckptd_shm_budget_bytes", "Shared-memory byte budget", registry=REGISTRY)
+OBJECT_RETRIES = Counter(
+    "ckptd_object_retries_total", "Object-store requests retried (throttling, 5xx, connection errors)",
+    registry=REGISTRY)
+PEER_UP = Gauge("ckptd_peer_up", "1 if the peer acknowledged the last replica pushed to it, else 0", ["peer"],
+                registry=REGISTRY)
 RESTORES_TOTAL = Counter("ckptd_restores_total", "Shard restores by serving tier", ["tier"], registry=REGISTRY)
 
 

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 
+from ckptd import metrics
 from ckptd.catalog import Catalog, StepState, TierState
 from ckptd.peer_client import PeerClient
 from ckptd.peer_config import PeerAddr
@@ -134,6 +135,11 @@ class Replicator:
             for s in slots:
                 assert s is not None
                 await self.pool.unpin(s)
+        for o in outcomes:
+            for node in o.holders:
+                metrics.PEER_UP.labels(node).set(1)
+            for node in o.failures:
+                metrics.PEER_UP.labels(node).set(0)
         degraded = [(rec.entry.rank, o) for rec, o in zip(recs, outcomes) if o.degraded]
         if degraded:
             reason = "; ".join(f"rank {r}: held by {len(o.holders)} of {k} peers "

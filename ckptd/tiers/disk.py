@@ -23,6 +23,7 @@ from pathlib import Path
 from ckptd import failpoints
 from ckptd.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
 from ckptd.integrity import first_bad_chunk
+from ckptd.logs import ProgressLog
 from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd.types import TierName, parse_step_dirname, step_dirname, validate_job
 
@@ -42,6 +43,7 @@ def fsync_dir(path: Path) -> None:
 def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes: int) -> None:
     """Create ``path`` (must not exist) with src's bytes and fsync it."""
     n = src.nbytes
+    progress = ProgressLog(log, f"writing {path.name}", n, tier="disk")
     body = n // DIRECT_ALIGN_BYTES * DIRECT_ALIGN_BYTES if direct_io else 0
     written = 0
     created = False  # the O_DIRECT open created the file (even if no write went through it)
@@ -57,7 +59,9 @@ def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes
             try:
                 while written < body:
                     end = min(written + block_bytes, body)
-                    written += os.pwrite(fd, src[written:end], written)
+                    step = os.pwrite(fd, src[written:end], written)
+                    written += step
+                    progress.update(step)
             except OSError as exc:
                 if exc.errno != errno.EINVAL or written:
                     raise

@@ -74,10 +74,12 @@ import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config as BotoConfig
 
+from ckptd import metrics
 from ckptd.config import ObjectSection, validate_object
 from ckptd.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
 from ckptd.integrity import crc32c
 from ckptd.layout import chunk_count
+from ckptd.logs import ProgressLog
 from ckptd.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -162,10 +164,11 @@ class _MemoryReader(io.RawIOBase):
     whole buffer) and seeks back to retry a part.
     """
 
-    def __init__(self, view: memoryview) -> None:
+    def __init__(self, view: memoryview, progress: ProgressLog | None = None) -> None:
         super().__init__()
         self._view = view
         self._pos = 0
+        self._progress = progress
 
     def readable(self) -> bool:
         return True
@@ -185,6 +188,8 @@ class _MemoryReader(io.RawIOBase):
         end = self._view.nbytes if size is None or size < 0 else min(self._pos + size, self._view.nbytes)
         start = min(self._pos, end)
         self._pos = end
+        if self._progress is not None:
+            self._progress.update(end - start)
         return bytes(self._view[start:end])
 
     def readinto(self, buf: Any) -> int:
@@ -193,6 +198,8 @@ class _MemoryReader(io.RawIOBase):
         n = max(0, end - self._pos)
         out[:n] = self._view[self._pos : end]
         self._pos = end
+        if self._progress is not None:
+            self._progress.update(n)
         return n
 
 
@@ -380,12 +387,13 @@ class ObjectTier:
         """Runs after botocore's retry handler chose a back-off and before it sleeps: refuse a
         retry whose back-off could end past the deadline (botocore's standard/adaptive back-off
         after attempt n is below min(20, 2**(n-1)) seconds). So no sleep outlives the deadline."""
-        deadline = request_dict.get("context", {}).get(_DEADLINE_CTX)
-        if deadline is None:
-            return
         status = response[0].status_code if response is not None else 0
         if caught_exception is None and status < 500 and status != 429:
             return  # success or a final client error: nothing to retry
+        metrics.OBJECT_RETRIES.inc()
+        deadline = request_dict.get("context", {}).get(_DEADLINE_CTX)
+        if deadline is None:
+            return
         if time.monotonic() + min(MAX_BACKOFF_S, 2.0 ** (attempts - 1)) > deadline:
             raise _DeadlineExceeded(
                 f"not retrying after {caught_exception or status} (attempt {attempts}): the back-off "
@@ -490,8 +498,10 @@ class ObjectTier:
                 # Never overwrite a shard of a committed step (its manifest's checksums would lie).
                 if self._head(mkey) is not None:
                     raise AlreadyExists(f"{job}@{step} is already committed in {self.url(mkey)}")
+                progress = ProgressLog(log, f"uploading {self.url(key)}", view.nbytes, job=job, step=step,
+                                       rank=entry.rank, tier="object")
                 future = self._transfer.upload(
-                    _MemoryReader(view), self.bucket, key,
+                    _MemoryReader(view, progress), self.bucket, key,
                     extra_args={"ContentType": "application/octet-stream"},
                 )
                 future.result()
