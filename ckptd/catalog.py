@@ -56,6 +56,7 @@ class ShardRecord:
     entry: ShardEntry
     slot: Slot | None = None
     checksummed: bool = True  # False between CommitShard and the daemon's crc32c pass
+    recorded: bool = True  # False until the slot's sidecar (maybe "crc pending") is written
 
 
 @dataclass
@@ -86,6 +87,12 @@ class StepState:
             if state == TierState.COMMITTED:
                 return TierState.REMOVED, "slots reused"
         return state, msg
+
+    @property
+    def staged_in_slots(self) -> bool:
+        """Every shard of this node's ranks is in its slot (checksummed or not yet)."""
+        return len(self.shards) == len(self.ranks) and all(
+            r.recorded and r.slot is not None and r.slot.content is r for r in self.shards.values())
 
     @property
     def in_memory(self) -> bool:
@@ -241,15 +248,20 @@ def gc_catalog(catalog: Catalog, job: str, keep_recent: int = 64) -> None:
 
 def sidecar_meta(st: StepState, rec: ShardRecord) -> dict[str, Any]:
     """What a slot's sidecar records: enough to re-adopt the shard after a daemon restart."""
-    return {
+    shard = rec.entry.to_json()
+    meta = {
         "job": st.job,
         "step": st.step,
         "world_size": st.world_size,
         "created_unix_s": st.created_unix_s,
         "extra": st.extra,
         "node_ranks": list(st.node_ranks),
-        "shard": rec.entry.to_json(),
+        "shard": shard,
     }
+    if not rec.checksummed:  # written right after CommitShard: the bytes are complete, the sums not yet
+        shard["chunk_crc32c"] = []
+        meta["crc_pending"] = True
+    return meta
 
 
 def entry_from_sidecar(meta: dict[str, Any]) -> tuple[str, int, int, float, ShardEntry]:

@@ -260,6 +260,19 @@ class Daemon:
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self.executor, self.pool.scan)
         for slot, meta in found:
+            if meta.get("crc_pending"):  # committed, daemon died before its crc pass: do it now
+                try:
+                    n = int(meta["shard"]["nbytes"])
+                    if not 0 <= n <= slot.capacity:
+                        raise ValueError("bad size")
+                    meta["shard"]["chunk_crc32c"] = await loop.run_in_executor(
+                        self.executor, chunk_crcs, slot.view(n), int(meta["shard"]["chunk_bytes"]))
+                    await loop.run_in_executor(self.executor, self.pool.write_sidecar, slot,
+                                               {k: v for k, v in meta.items() if k != "crc_pending"})
+                except (ValueError, KeyError, TypeError, OSError) as exc:
+                    log.warning("removing slot %s: bad pending sidecar: %s", slot.path.name, exc)
+                    await self.pool.free(slot)
+                    continue
             try:
                 job, step, world_size, created, entry = entry_from_sidecar(meta)
                 if entry.nbytes > slot.capacity:
@@ -454,7 +467,7 @@ class Daemon:
             await self.pool.release_write(lease.slot)
             raise BudgetExhausted(f"step {step} of {job!r} was skipped: {st.tiers[TierName.MEMORY][1]}")
         entry = ShardEntry(rank, nbytes, expected_chunk, (), tuple(tensors), tree)
-        rec = ShardRecord(job, step, entry, lease.slot, checksummed=False)
+        rec = ShardRecord(job, step, entry, lease.slot, checksummed=False, recorded=False)
         st.shards[rank] = rec
         lease.slot.content = rec
         lease.slot.writing = False
@@ -473,6 +486,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         slot.readers += 1
         try:
+            # Record the committed slot first ("crc pending"): from here on a daemon crash keeps
+            # it (the next daemon checksums it at adoption), and the disk drain may start while
+            # the crc pass below runs. A slot that never got CommitShard never gets a sidecar.
+            await loop.run_in_executor(self.executor, self.pool.write_sidecar, slot, sidecar_meta(st, rec))
+            rec.recorded = True
+            if st.staged_in_slots:
+                self.drainer.kick()  # the disk write overlaps the checksum pass
             entry = rec.entry
             crcs = await loop.run_in_executor(
                 self.executor, chunk_crcs, slot.view(entry.nbytes), entry.chunk_bytes)
@@ -490,7 +510,10 @@ class Daemon:
             entry = ShardEntry(entry.rank, entry.nbytes, entry.chunk_bytes, tuple(crcs),
                                entry.tensors, entry.tree)
             rec.entry = entry
-            await loop.run_in_executor(self.executor, self.pool.write_sidecar, slot, sidecar_meta(st, rec))
+            meta = sidecar_meta(st, rec)
+            meta["shard"]["chunk_crc32c"] = list(crcs)
+            meta.pop("crc_pending", None)
+            await loop.run_in_executor(self.executor, self.pool.write_sidecar, slot, meta)
             rec.checksummed = True
         except Exception as exc:  # noqa: BLE001
             log.error("checksumming %s@%d rank %d failed: %s", st.job, st.step, rec.entry.rank, exc)

@@ -1,7 +1,8 @@
 """The background drain: memory -> disk, one step at a time per daemon, newest first.
 
 The drainer owns one task, started with the daemon and awaited on shutdown. It takes, per job,
-the newest step committed in memory that the disk tier has not handled; older pending steps are
+the newest step staged in memory that the disk tier has not handled (its shard files are
+written while the daemon still checksums the slots; the manifest waits for the checksums); older pending steps are
 marked SKIPPED (superseded) so a disk slower than the save rate never builds a queue. While a step
 drains its slots are pinned (readers), so they cannot be reused under the writer. Disk writes run
 in the daemon's I/O thread pool. After a commit, disk retention runs; it never deletes the newest
@@ -21,13 +22,15 @@ from typing import Any
 from ckptd import metrics
 from ckptd.catalog import Catalog, StepState, TierState
 from ckptd.config import DiskSection
-from ckptd.errors import AlreadyExists
+from ckptd.errors import AlreadyExists, CkptdError
 from ckptd.retention import select_for_deletion
 from ckptd.shm import SlotPool
 from ckptd.tiers.disk import DiskTier
-from ckptd.types import TierName
+from ckptd.types import Level, TierName
 
 log = logging.getLogger("ckptd.pipeline")
+
+CHECKSUM_WAIT_S = 600.0  # a step's slots are checksummed long before this
 
 
 class DiskDrainer:
@@ -93,7 +96,7 @@ class DiskDrainer:
         for job in list(self.catalog.jobs):
             pending = [
                 s for s in self.catalog.steps(job)
-                if s.in_memory and s.state(TierName.DISK) == TierState.PENDING
+                if s.staged_in_slots and s.state(TierName.DISK) == TierState.PENDING
             ]
             if not pending:
                 continue
@@ -127,6 +130,8 @@ class DiskDrainer:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
+            # The shard files are written while the daemon may still be checksumming the slots
+            # (the two passes overlap); the manifest, which records the checksums, waits for them.
             await asyncio.gather(*(
                 loop.run_in_executor(
                     self.executor, tier.put_shard, st.job, st.step, rec.entry,
@@ -134,6 +139,11 @@ class DiskDrainer:
                 )
                 for rec, slot in zip(records, slots)
             ))
+            try:
+                await self.catalog.wait_level(st.job, st.step, Level.STAGED, CHECKSUM_WAIT_S)
+            except CkptdError:
+                await loop.run_in_executor(self.executor, tier.delete, st.job, st.step)
+                raise
             await loop.run_in_executor(self.executor, tier.commit, st.manifest())
         except AlreadyExists as exc:
             await self.catalog.set_tier(st, TierName.DISK, TierState.COMMITTED, str(exc))

@@ -40,13 +40,27 @@ class _SlotMaps:
 
     def __init__(self, max_maps: int = 6) -> None:
         self.maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self.bases: dict[str, Any] = {}  # path -> uint8 torch tensor over the mapping (dropped first)
         self.max_maps = max_maps
+
+    def base(self, path: str) -> Any:
+        """A uint8 torch tensor over the whole mapping of path, made once (None without torch)."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None
+        t = self.bases.get(path)
+        if t is None:
+            t = self.bases[path] = torch.frombuffer(self.maps[path], dtype=torch.uint8)
+        return t
 
     def get(self, path: str, capacity: int) -> mmap.mmap:
         mm = self.maps.get(path)
         if mm is not None and len(mm) >= capacity:
             self.maps.move_to_end(path)
             return mm
+        self.bases.pop(path, None)
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
@@ -59,7 +73,8 @@ class _SlotMaps:
             pass
         self.maps[path] = mm
         while len(self.maps) > self.max_maps:
-            _, old = self.maps.popitem(last=False)
+            old_path, old = self.maps.popitem(last=False)
+            self.bases.pop(old_path, None)
             try:
                 old.close()
             except BufferError:
@@ -67,6 +82,7 @@ class _SlotMaps:
         return mm
 
     def close(self) -> None:
+        self.bases.clear()
         for mm in self.maps.values():
             try:
                 mm.close()
@@ -214,7 +230,7 @@ class CheckpointManager:
             handle.waited_s = time.perf_counter() - t0
             try:
                 mm = self._maps.get(begin.slot_path, begin.slot_capacity_bytes)
-                copy_into(mm, leaves, tensors)
+                copy_into(mm, leaves, tensors, self._maps.base(begin.slot_path))
                 crcs = chunk_crcs(memoryview(mm)[:nbytes], begin.chunk_bytes) if self.checksum == "client" else []
             except BaseException:
                 self.conn.call(self.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=begin.lease_id))

@@ -119,18 +119,33 @@ def flatten(state: Any) -> tuple[list[Leaf], list[TensorEntry], str, int]:
     return f.leaves, tensors, json.dumps(tree, separators=(",", ":")), offset
 
 
-def copy_into(buf: Any, leaves: list[Leaf], tensors: list[TensorEntry]) -> None:
-    """Copy every leaf straight into buf at its offset: one copy, no intermediate buffer."""
+def copy_into(buf: Any, leaves: list[Leaf], tensors: list[TensorEntry], base: Any = None) -> None:
+    """Copy every leaf straight into buf at its offset: one copy, no intermediate buffer.
+
+    ``base`` is an optional uint8 torch tensor over the whole of buf (made once per mapping and
+    reused): slicing it is much cheaper than a frombuffer per tensor.
+    """
     torch = _torch()
+    if torch is not None and base is None and any(leaf.kind == "t" for leaf in leaves):
+        base = torch.frombuffer(buf, dtype=torch.uint8)
+    grad_off = torch.no_grad() if torch is not None else None
+    if grad_off is not None:
+        grad_off.__enter__()
+    try:
+        _copy_leaves(buf, leaves, tensors, base)
+    finally:
+        if grad_off is not None:
+            grad_off.__exit__(None, None, None)
+
+
+def _copy_leaves(buf: Any, leaves: list[Leaf], tensors: list[TensorEntry], base: Any) -> None:
     for leaf, t in zip(leaves, tensors):
         if not t.nbytes:
             continue
         numel = t.nbytes // DTYPE_ITEMSIZE[t.dtype]
         if leaf.kind == "t":
-            assert torch is not None
-            dst = torch.frombuffer(buf, dtype=leaf.obj.dtype, count=numel, offset=t.offset)
-            with torch.no_grad():
-                dst.view(leaf.shape).copy_(leaf.obj.detach())
+            dst = base[t.offset : t.offset + t.nbytes].view(leaf.obj.dtype).view(leaf.shape)
+            dst.copy_(leaf.obj.detach())
             del dst
         else:
             dst_a = np.frombuffer(buf, dtype=leaf.obj.dtype.newbyteorder("="), count=numel, offset=t.offset)

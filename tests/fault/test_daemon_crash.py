@@ -162,12 +162,13 @@ def test_sigkill_before_sidecar_never_commits_the_step(daemon_factory, tmp_path)
     """Killed after CommitShard returned but before the checksummed slot was recorded: step 2
     never counts as committed after the restart, and the resumed trainer can save it again."""
     fp_log = tmp_path / "failpoints.log"
-    d = daemon_factory(env={"CKPTD_FAILPOINTS": f"shm.sidecar.before_write=kill@{W + 1}",
+    # two sidecar writes per shard: "crc pending" right after CommitShard, then with the checksums
+    d = daemon_factory(env={"CKPTD_FAILPOINTS": f"shm.sidecar.before_write=kill@{2 * W + 1}",
                             "CKPTD_FAILPOINTS_LOG": str(fp_log)})
     ms = open_ranks(d.addr)
     try:
         save_step(ms, 1)[0].wait(Level.LOCAL_DURABLE, timeout_s=60)
-        assert failpoint_hits(fp_log, "shm.sidecar.before_write") == W
+        assert failpoint_hits(fp_log, "shm.sidecar.before_write") == 2 * W
         save_step(ms, 2)  # a save the daemon dies under degrades, it never raises into training
         assert wait_dead(d) == -9
     finally:
@@ -255,3 +256,28 @@ def test_corrupted_slot_is_not_readopted(daemon_factory):
         restore_checked(m, "latest", make_state(2, 0, NBYTES), "disk")
         assert m.last_restore is not None and m.last_restore.rejected == []
         restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
+
+
+def test_sigkill_before_the_crc_pass_keeps_the_staged_step(daemon_factory, tmp_path):
+    """Killed after every shard of step 2 was recorded but before the last checksummed sidecar:
+    the next daemon checksums the "crc pending" slot itself, re-adopts it, and step 2 restores
+    bit-exact from memory (and reaches the disk)."""
+    fp_log = tmp_path / "failpoints.log"
+    d = daemon_factory(env={"CKPTD_FAILPOINTS": f"shm.sidecar.before_write=kill@{4 * W}",
+                            "CKPTD_FAILPOINTS_LOG": str(fp_log)})
+    ms = open_ranks(d.addr)
+    try:
+        save_step(ms, 1)[0].wait(Level.LOCAL_DURABLE, timeout_s=60)
+        save_step(ms, 2)
+        assert wait_dead(d) == -9
+    finally:
+        close_all(ms)
+    d2 = daemon_factory(root=d.root, shm_dir=d.shm_dir)
+    for rank in range(W):
+        assert f"re-adopted slot of {JOB}@2 rank {rank}" in d2.log()
+    ms = open_ranks(d2.addr)
+    try:
+        restore_all(ms, 2, "memory")
+        ms[0]._wait(2, Level.LOCAL_DURABLE, 60)
+    finally:
+        close_all(ms)
