@@ -7,9 +7,11 @@ and pushes every own shard (its slot pinned, so it cannot be reused under the pu
 shard's placement order (ckptd/placement.py): the first k candidates at once, each failure handing
 its place to the next candidate. Older pending steps are SKIPPED (superseded), so a slow peer
 delays replication but never queues work, and training never waits for it (save() returns at
-STAGED). A step reaches REPLICATED on this node when every own shard is acknowledged by k peers;
-fewer is reported as FAILED ("degraded") with the reason, and the next step tries the ring again,
-so replication resumes when a peer returns.
+STAGED). When every own shard is acknowledged by k peers the node reports its ranks to the job's
+coordinator (``placement.coordinator_for``, the same node for every member); the step reaches
+REPLICATED when the coordinator has every rank of the step (the global commit at the peer tier).
+Fewer than k acknowledgements are reported as FAILED ("degraded") with the reason, and the next
+step tries the ring again, so replication resumes when a peer returns.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from ckptd.catalog import Catalog, StepState, TierState
 from ckptd.peer_client import PeerClient
 from ckptd.peer_config import PeerAddr
 from ckptd.peer_ring import push_to_ring
-from ckptd.peer_types import Holding, ReplicaHeader
-from ckptd.placement import Member, preference, shard_key
+from ckptd.peer_store import ReadinessBoard
+from ckptd.peer_types import Holding, ReadyReport, ReadyState, ReplicaHeader
+from ckptd.placement import Member, coordinator_for, preference, shard_key
 from ckptd.shm import SlotPool
 from ckptd.types import TierName
 
@@ -43,6 +46,17 @@ class PeerDirectory:
         self.k = k
         self.push_timeout_s = push_timeout_s
         self.fetch_timeout_s = fetch_timeout_s
+        self.board = ReadinessBoard(node_id)  # used when this node coordinates a job
+        self.all_members = [Member(m.node_id, m.failure_domain) for m in members]
+        if node_id not in {m.node_id for m in self.all_members}:
+            self.all_members.append(Member(node_id))
+
+    async def report_ready(self, report: ReadyReport) -> ReadyState:
+        """Tell the job's coordinator (every node computes the same one) this node's part is ready."""
+        coordinator = coordinator_for(self.all_members, report.job)
+        if coordinator == self.node_id:
+            return await self.board.report(report)
+        return await self.client.report_ready(self.addrs[coordinator].target, report)
 
     def order(self, job: str, rank: int, source: str) -> list[PeerAddr]:
         """Placement order of (job, rank)'s replicas from ``source``: targets, then fallbacks."""
@@ -72,6 +86,7 @@ class Replicator:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._commits: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="replicator")
@@ -82,6 +97,9 @@ class Replicator:
     async def stop(self, timeout_s: float) -> None:
         self._stopping = True
         self.kick()
+        for task in list(self._commits):
+            task.cancel()
+        await asyncio.gather(*self._commits, return_exceptions=True)
         if self._task is None:
             return
         try:
@@ -147,7 +165,40 @@ class Replicator:
                                for r, o in degraded)
             log.warning("step %s@%d replication degraded: %s", st.job, st.step, reason)
             await self.catalog.set_tier(st, TierName.PEER, TierState.FAILED, f"degraded: {reason}")
+            try:  # tell the coordinator, so other nodes waiting for this step settle at once
+                await self.peers.report_ready(ReadyReport(st.job, st.step, st.world_size, "peer",
+                                                          self.peers.node_id, st.ranks, True, reason[:500]))
+            except Exception as exc:  # noqa: BLE001
+                log.info("could not report the degraded step to the coordinator: %s", exc)
             return
         holders = sorted({n for o in outcomes for n in o.holders})
-        log.info("step %s@%d REPLICATED to %s in %.3fs", st.job, st.step, ",".join(holders), time.monotonic() - t0)
-        await self.catalog.set_tier(st, TierName.PEER, TierState.COMMITTED)
+        log.info("step %s@%d: this node's shards held by %s in %.3fs", st.job, st.step, ",".join(holders),
+                 time.monotonic() - t0)
+        task = asyncio.create_task(self._global_commit(st), name=f"replicated-{st.job}-{st.step}")
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
+
+    async def _global_commit(self, st: StepState) -> None:
+        """REPLICATED is global: report this node's ranks to the coordinator and wait until every
+        rank of the step is reported (or one failed)."""
+        report = ReadyReport(st.job, st.step, st.world_size, "peer", self.peers.node_id, st.ranks)
+        deadline = time.monotonic() + self.peers.push_timeout_s * 10
+        while True:
+            try:
+                state = await self.peers.report_ready(report)  # idempotent: re-reporting polls
+            except Exception as exc:  # noqa: BLE001 - coordinator unreachable: degraded, reported
+                why = f"coordinator unreachable: {exc}"
+            else:
+                if state.complete:
+                    log.info("step %s@%d REPLICATED on all %d ranks", st.job, st.step, st.world_size)
+                    await self.catalog.set_tier(st, TierName.PEER, TierState.COMMITTED)
+                    return
+                if state.failed_ranks:
+                    await self.catalog.set_tier(st, TierName.PEER, TierState.FAILED,
+                                                f"degraded: ranks {list(state.failed_ranks)} not replicated")
+                    return
+                why = f"ranks {sorted(set(range(st.world_size)) - set(state.ready_ranks))} not reported"
+            if time.monotonic() > deadline:
+                await self.catalog.set_tier(st, TierName.PEER, TierState.FAILED, f"degraded: {why}")
+                return
+            await asyncio.sleep(0.2)

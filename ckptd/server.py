@@ -187,7 +187,7 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
 
         p = cfg.peers
         servicer = PeerServer(daemon.peers.node_id, daemon.replicas, daemon.replicas, daemon.replicas.holdings,
-                              None, failure_domain=p.failure_domain, chunk_bytes=p.chunk_bytes,
+                              daemon.peers.board.report, failure_domain=p.failure_domain, chunk_bytes=p.chunk_bytes,
                               idle_timeout_s=p.push_timeout_s)
         peer_server = await start_peer_server(servicer, p.listen, load_token(p), tls_files(p))
     server = grpc.aio.server(options=[

@@ -19,7 +19,8 @@ What it demonstrates, end to end on one machine (CPU only, 15-20 s on two cores)
 
 The last line of output is one JSON object: ``steps_lost`` (highest step completed on all ranks
 before the kill minus the step the restore returned: steps training has to redo),
-``identical``, ``stall_ms_median``, ``restore_ms``, ``restored_from`` and some context. The exit
+``identical``, ``stall_ms_median``, ``restore_ms``, ``restored_from`` (the tiers the ranks
+restored from, joined with "+"), ``restored_from_per_rank`` and some context. The exit
 code is 0 only if the resumed run is bit-identical and no step was lost.
 
 The training side lives in ``examples/demo_trainer.py``; this file orchestrates processes. It
@@ -28,8 +29,18 @@ from scratch, but skip re-importing torch), and it never talks gRPC itself. Each
 line to a progress file after every save that returned; the demo polls those files to know when
 to kill, and to count what was completed before the kill.
 
+Two nodes (``--nodes 2``): two daemons stand for two nodes on loopback, each with its own root
+(``ROOT/n1``, ``ROOT/n2``), socket, private shm directory and a ``[peers]`` section (free loopback
+ports, a random token, replication factor 1). Node n1 serves the first half of the ranks, n2 the
+second; the trainers pass ``--node-ranks``. Each rank reports step ``--kill-at`` only once it is
+REPLICATED (its node's shards are on the other node). At the kill, node n2 is lost too: its
+daemon is SIGKILLed and its root and shm directory deleted; a fresh n2 daemon starts with the same
+config and nothing in it. On the restart n1's ranks restore from memory, n2's from their replica
+on n1 ("peer"). The JSON line then also says ``nodes``, ``lost_node`` and
+``restored_from_per_rank``.
+
 Usage: ``python examples/demo.py [--root DIR] [--steps 60] [--kill-at N] [--seed 0]
-[--world-size 2] [--keep] [--no-hold]``. ``--no-hold`` kills the trainers wherever they happen
+[--world-size 2] [--nodes 1|2] [--keep] [--no-hold]``. ``--no-hold`` kills the trainers wherever they happen
 to be when the demo notices step N was saved (possibly in the middle of a later save) instead of
 making them linger inside step N+1.
 """
@@ -42,6 +53,7 @@ import ctypes
 import json
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -104,13 +116,18 @@ class Daemon:
     socket: Path
     shm_dir: Path
     log_path: Path
+    config: Path | None = None  # a TOML config file (the [peers] section of a multi-node run)
+    name: str = "ckptd"
     proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         ckptd = Path(sys.executable).with_name("ckptd")
         cmd = [str(ckptd)] if ckptd.exists() else [sys.executable, "-m", "ckptd.cli"]
         cmd += ["serve", "--root", str(self.root), "--socket", str(self.socket),
                 "--shm-dir", str(self.shm_dir), "--budget-bytes", "1GiB"]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=lambda: _die_with_parent(signal.SIGTERM))
@@ -137,6 +154,18 @@ class Daemon:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def lose(self) -> None:
+        """The node is lost: SIGKILL the daemon, then delete its root (disk tier) and shm (RAM)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.shm_dir, ignore_errors=True)
+
+    def fresh(self, log_path: Path) -> Daemon:
+        """A new daemon for the same node (same config, socket, root and shm paths), not started."""
+        return Daemon(self.root, self.socket, self.shm_dir, log_path, self.config, self.name)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (graceful drain), wait, SIGKILL if it hangs; then remove the shm directory."""
@@ -200,13 +229,14 @@ class Trainers:
     def log_path(self, rank: int) -> Path:
         return self.workdir / f"{self.name}-rank{rank}.log"
 
-    def start(self, common: Sequence[str]) -> None:
+    def start(self, common: Sequence[str], per_rank: Sequence[Sequence[str]] | None = None) -> None:
+        """Fork every rank with ``common`` arguments, plus ``per_rank[rank]`` when given."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         ctx = multiprocessing.get_context("fork")
         for rank in range(self.world_size):
             argv = ["--rank", str(rank), "--world-size", str(self.world_size), "--port", str(port),
-                    "--workdir", str(self.workdir), *common]
+                    "--workdir", str(self.workdir), *common, *(per_rank[rank] if per_rank else ())]
             proc = ctx.Process(target=_trainer_process, args=(argv, str(self.log_path(rank))),
                                name=f"{self.name}-rank{rank}", daemon=True)
             proc.start()
@@ -296,46 +326,126 @@ def compare(ref: list[dict[str, Any]], run: list[dict[str, Any]], key: str) -> t
     return not diffs, diffs
 
 
+NODE_NAMES = ("n1", "n2")
+LOST_NODE = "n2"
+
+
+def socket_path(base: Path, sock_dirs: list[Path]) -> Path:
+    """``base/run/ckptd.sock``, or one in a fresh short /tmp directory when that path is too long."""
+    sock = base / "run" / "ckptd.sock"
+    if len(str(sock)) > MAX_SOCKET_PATH:
+        sock_dirs.append(Path(tempfile.mkdtemp(prefix="ckptd-demo-", dir="/tmp")))
+        sock = sock_dirs[-1] / "ckptd.sock"
+    return sock
+
+
+def peers_config(node: str, ports: dict[str, int], token: str) -> str:
+    """The TOML config of one node of a multi-node run: only its ``[peers]`` section."""
+    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
+    return (f'[peers]\nlisten = "127.0.0.1:{ports[node]}"\nnode_id = "{node}"\ntoken = "{token}"\n'
+            f'peers = "{peers}"\nreplication_factor = 1\n')
+
+
+def make_daemons(args: argparse.Namespace, root: Path, scratch: Path, run_id: str,
+                 sock_dirs: list[Path]) -> tuple[list[Daemon], list[list[int]]]:
+    """The daemons of the run (one per node) and, per node, the ranks it serves.
+
+    One node: one daemon on ``root`` itself, serving every rank. Several: node ``n<i>`` gets its
+    own root ``root/n<i>``, socket, private shm directory and a ``[peers]`` section (loopback
+    peer ports, one random token, replication factor 1), and serves a contiguous block of ranks.
+    """
+    if args.nodes == 1:
+        sock = socket_path(root, sock_dirs)
+        return ([Daemon(root, sock, Path("/dev/shm") / f"ckptd-demo-{run_id}", scratch / "ckptd.log")],
+                [list(range(args.world_size))])
+    names = NODE_NAMES[: args.nodes]
+    ports = {n: free_port() for n in names}
+    token = secrets.token_hex(16)
+    per_node = args.world_size // args.nodes
+    daemons = []
+    for n in names:
+        config = scratch / f"ckptd-{n}.toml"
+        config.write_text(peers_config(n, ports, token))
+        daemons.append(Daemon(root / n, socket_path(root / n, sock_dirs),
+                              Path("/dev/shm") / f"ckptd-demo-{run_id}-{n}", scratch / f"ckptd-{n}.log",
+                              config=config, name=f"ckptd {n}"))
+    return daemons, [list(range(i * per_node, (i + 1) * per_node)) for i in range(args.nodes)]
+
+
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:8]
     job = f"demo-{run_id}"
     scratch = root / f".demo-{run_id}"  # not a valid job name, so the daemon leaves it alone
     scratch.mkdir(parents=True)
-    sock = root / "run" / "ckptd.sock"
-    sock_dir: Path | None = None
-    if len(str(sock)) > MAX_SOCKET_PATH:
-        sock_dir = Path(tempfile.mkdtemp(prefix="ckptd-demo-", dir="/tmp"))
-        sock = sock_dir / "ckptd.sock"
-    daemon = Daemon(root, sock, Path("/dev/shm") / f"ckptd-demo-{run_id}", scratch / "ckptd.log")
+    sock_dirs: list[Path] = []
+    daemons, node_ranks = make_daemons(args, root, scratch, run_id, sock_dirs)
+    every_daemon = list(daemons)  # every daemon ever started (a lost node's too), for clean-up
+    multi = args.nodes > 1
+    node_of = {rank: i for i, ranks in enumerate(node_ranks) for rank in ranks}
     launches: list[Trainers] = []
     t_start = time.monotonic()
     try:
-        say(f"starting ckptd on {root} (socket {sock}, shm {daemon.shm_dir})")
-        daemon.spawn()
-        preload_trainer()  # while the daemon starts
-        daemon.wait_ready()
-        say(f"ckptd is serving (pid {daemon.proc.pid if daemon.proc else '?'}); torch loaded")
+        for d in daemons:
+            say(f"starting {d.name} on {d.root} (socket {d.socket}, shm {d.shm_dir})")
+            d.spawn()
+        preload_trainer()  # while the daemons start
+        for d in daemons:
+            d.wait_ready()
+        pids = ", ".join(str(d.proc.pid if d.proc else "?") for d in daemons)
+        say(f"ckptd is serving ({'pids' if multi else 'pid'} {pids}); torch loaded")
 
         common = ["--steps", str(args.steps), "--seed", str(args.seed)]
-        ckpt = [*common, "--socket", str(sock), "--job", job]
+        ckpt = [*common, "--job", job]
 
-        say(f"run 1: {args.world_size} ranks, {args.steps} steps, a save every step; "
-            f"SIGKILL once step {args.kill_at} is saved everywhere")
+        def per_rank() -> list[list[str]]:
+            """Each rank's daemon socket (and, with several nodes, the ranks of its node)."""
+            out = []
+            for rank in range(args.world_size):
+                i = node_of[rank]
+                extra = ["--socket", str(daemons[i].socket)]
+                if multi:
+                    extra += ["--node-ranks", ",".join(map(str, node_ranks[i]))]
+                out.append(extra)
+            return out
+
+        where_saved = "replicated to a peer" if multi else "saved everywhere"
+        say(f"run 1: {args.world_size} ranks on {args.nodes} node(s), {args.steps} steps, a save every step; "
+            f"SIGKILL once step {args.kill_at} is {where_saved}")
         first = Trainers("run1", scratch / "run1", args.world_size)
         launches.append(first)
-        first.start([*ckpt] if args.no_hold else [*ckpt, "--hold-after", str(args.kill_at)])
+        run1 = [*ckpt] if args.no_hold else [*ckpt, "--hold-after", str(args.kill_at)]
+        if multi:  # the rank reports step kill_at only once its node's shards are on a peer
+            run1 += ["--wait-replicated-at", str(args.kill_at)]
+        first.start(run1, per_rank())
         kill_after(first, args.kill_at, poll_s=0.001 if args.no_hold else 0.02)
         last = first.last_steps()
         completed = min(last)
         where = "" if args.no_hold else f" in the middle of step {args.kill_at + 1}"
         say(f"SIGKILLed every rank{where} (last save returned per rank: {last}; on all ranks: {completed})")
-        if not daemon.alive():
-            raise DemoError(f"ckptd died with the trainers:\n{tail(daemon.log_path)}")
+        for d in daemons:
+            if not d.alive():
+                raise DemoError(f"{d.name} died with the trainers:\n{tail(d.log_path)}")
+
+        lost_node = None
+        if multi:
+            i = NODE_NAMES.index(LOST_NODE)
+            lost = daemons[i]
+            lost.lose()
+            lost_node = LOST_NODE
+            say(f"node {LOST_NODE} lost: SIGKILLed its daemon, deleted its root {lost.root} and shm {lost.shm_dir}")
+            replacement = lost.fresh(scratch / f"ckptd-{LOST_NODE}-replacement.log")
+            daemons[i] = replacement
+            every_daemon.append(replacement)
+            lost.name = f"{lost.name} (lost)"
+            replacement.spawn()
+            replacement.wait_ready()
+            say(f"a fresh {replacement.name} is serving (pid {replacement.proc.pid if replacement.proc else '?'}; "
+                "same config, empty root and shm)")
 
         say("run 1, restarted: the same trainers restore from the newest committed step and finish")
         second = Trainers("resumed", scratch / "resumed", args.world_size)
         launches.append(second)
-        second.start(ckpt)
+        second.start(ckpt, per_rank())
         second.wait(report_every=10)
         resumed = second.results()
         restores = [r["restored"] for r in resumed]
@@ -345,10 +455,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         if len(restored_steps) != 1:
             raise DemoError(f"ranks restored different steps: {sorted(restored_steps)}")
         restored_step = restored_steps.pop()
-        tiers = sorted({r["served_from"] for r in restores})
+        per_rank_tiers = [r["served_from"] for r in restores]
+        tiers = sorted(set(per_rank_tiers))
         restore_ms = [round(r["seconds"] * 1000, 3) for r in restores]
         say(f"restored step {restored_step} from {'/'.join(tiers)} in {max(restore_ms):.1f} ms "
-            f"(per rank: {restore_ms})")
+            f"(per rank: {restore_ms}; tier per rank: {per_rank_tiers})")
 
         say("run 2: the same job, uninterrupted, without ckptd (the reference)")
         ref = Trainers("reference", scratch / "reference", args.world_size)
@@ -360,8 +471,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         weights_ok, weight_diffs = compare(reference, resumed, "weights")
         optim_ok, optim_diffs = compare(reference, resumed, "optimizer")
         ranks_agree = all(r["weights"] == resumed[0]["weights"] for r in resumed)
-        for d in (weight_diffs + optim_diffs)[:10]:
-            say(f"  differs: {d}")
+        for diff in (weight_diffs + optim_diffs)[:10]:
+            say(f"  differs: {diff}")
         n_tensors = sum(len(r["weights"]) + len(r["optimizer"]) for r in resumed)
         say(f"compared {n_tensors} tensors (weights + optimizer state, all ranks): "
             f"{'bit-identical' if weights_ok and optim_ok else 'DIFFERENT'}")
@@ -374,6 +485,9 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "stall_ms_median": round(statistics.median(stalls) * 1000, 3) if stalls else None,
             "restore_ms": max(restore_ms),
             "restored_from": tiers[0] if len(tiers) == 1 else "+".join(tiers),
+            "restored_from_per_rank": per_rank_tiers,
+            "nodes": args.nodes,
+            "lost_node": lost_node,
             "steps": args.steps,
             "world_size": args.world_size,
             "kill_at": args.kill_at,
@@ -395,14 +509,20 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for t in launches:
             for rank in range(t.world_size):
                 print(f"--- {t.name} rank {rank} log (tail) ---\n{tail(t.log_path(rank))}", file=sys.stderr)
-        print(f"--- ckptd log (tail) ---\n{tail(daemon.log_path)}", file=sys.stderr)
+        for d in every_daemon:
+            print(f"--- {d.name} log {d.log_path.name} (tail) ---\n{tail(d.log_path)}", file=sys.stderr)
         raise
     finally:
         for t in launches:
             t.kill()
-        rc = daemon.stop()
-        say(f"ckptd stopped (exit code {rc})")
-        if sock_dir is not None:
+        for d in reversed(every_daemon):  # a lost node's replacement first: they share the shm path
+            try:
+                rc = d.stop()
+            except (OSError, subprocess.SubprocessError) as exc:  # keep going: every other daemon still has to stop
+                say(f"{d.name} did not stop cleanly: {exc!r}")
+                continue
+            say(f"{d.name} stopped (exit code {rc})")
+        for sock_dir in sock_dirs:
             shutil.rmtree(sock_dir, ignore_errors=True)
 
 
@@ -428,6 +548,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kill-at", type=int, help="SIGKILL the trainers after this step's save (default steps/2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-size", type=int, default=2, help="trainer processes (default 2)")
+    p.add_argument("--nodes", type=int, default=1, choices=(1, 2),
+                   help="daemons standing for nodes (default 1); with 2, node n2 is lost at the kill "
+                        "and its ranks restore from their replicas on n1")
     p.add_argument("--no-hold", action="store_true",
                    help="do not make the trainers linger in step kill-at+1: kill them wherever they are "
                         "when the demo notices (possibly in the middle of a later save)")
@@ -439,6 +562,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("need --steps >= 2 and 1 <= --kill-at < --steps")
     if not 1 <= args.world_size <= 8:
         p.error("--world-size must be in [1, 8]")
+    if args.world_size % args.nodes:
+        p.error("--world-size must be a multiple of --nodes")
+    if args.nodes > 1 and args.no_hold:
+        p.error("--no-hold needs --nodes 1 (a later step, saved but not yet replicated, would split the restore)")
     return args
 
 

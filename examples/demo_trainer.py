@@ -21,6 +21,9 @@ Side channels for the orchestrator, all under ``--workdir``:
 * ``result-rank{R}.json``: written at the end: sha256 of every parameter and optimizer-state
   tensor, the restore's step, tier and time, the median save stall.
 
+``--wait-replicated-at K`` makes the rank wait, after step K's save returned, until its node's
+shards of step K are on a peer (Level.REPLICATED) before it reports step K (multi-node demo).
+
 ``--hold-after K`` makes the rank linger inside step K+1 (forward done, backward pending) after
 step K's save returned, so that the orchestrator's SIGKILL lands at a known point of the run.
 Lingering is a sleep: it does not touch the RNG or the numbers.
@@ -54,6 +57,7 @@ DROPOUT = 0.1
 LR = 3e-3
 WARMUP = 5
 HOLD_LIMIT_S = 60.0  # a rank told to hold exits with an error if nobody kills it by then
+REPLICATED_TIMEOUT_S = 60.0  # bound on --wait-replicated-at's wait
 
 
 class TinyLM(nn.Module):
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", help="ckptd socket; without it, train with no checkpointing (reference run)")
     p.add_argument("--job", default="demo")
     p.add_argument("--hold-after", type=int, default=-1, help="linger in the step after this one (see docstring)")
+    p.add_argument("--wait-replicated-at", type=int, default=-1,
+                   help="after this step's save, wait until it is REPLICATED before reporting it")
     a = p.parse_args(argv)
     rank, world = a.rank, a.world_size
 
@@ -214,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             state["rng"] = torch.get_rng_state()
             handle = manager.save(step, state)
             stall, nbytes = handle.stall_s, handle.nbytes
+            if step == a.wait_replicated_at:  # multi-node demo: on a peer before the node is lost
+                from ckptd_client import Level
+
+                t0 = time.monotonic()
+                handle.wait(Level.REPLICATED, timeout_s=REPLICATED_TIMEOUT_S)
+                log(rank, f"step {step} is REPLICATED (waited {time.monotonic() - t0:.3f} s)")
         progress.write(json.dumps({"step": step, "loss": loss_val, "stall_s": stall}) + "\n")
 
     log(rank, f"step {a.steps} done, loss {loss_val:.4f}")

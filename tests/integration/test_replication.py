@@ -189,27 +189,33 @@ def test_stopped_peers_degrade_replication_then_it_resumes(daemon_factory: Calla
     c = _cluster(daemon_factory, None, "")
     c.save_all(1)
     c.wait(1, Level.REPLICATED)
-    # one peer stopped: node 1's replicas that targeted it move to the next node in the ring
+    # node 2 stopped: the other nodes' saves are not blocked, and their replicas that targeted
+    # node 2 move to the next node in the ring; once node 2 is back and its ranks saved, the
+    # step is REPLICATED on every rank (the coordinator has all six)
     c.nodes["n2"].proc.send_signal(signal.SIGSTOP)
+    try:
+        for rank in (0, 1, 4, 5):
+            with c.manager(rank) as m:
+                assert m.save(2, _state(2, rank)).ok
+    finally:
+        c.nodes["n2"].proc.send_signal(signal.SIGCONT)
+    for rank in (2, 3):
+        with c.manager(rank) as m:
+            assert m.save(2, _state(2, rank)).ok
+    c.wait(2, Level.REPLICATED)
+    # nodes 2 and 3 stopped: node 1 has no live peer, its level is reported degraded at once
+    for n in ("n2", "n3"):
+        c.nodes[n].proc.send_signal(signal.SIGSTOP)
     try:
         with c.manager(0) as m0, c.manager(1) as m1:
             for m in (m0, m1):
-                assert m.save(2, _state(2, m.rank)).ok  # training is not blocked by the stopped peer
-            status = m0._wait(2, Level.REPLICATED, 60)
-            assert status.level >= Level.STAGED
-        # every peer stopped: replication of node 1 is degraded, reported, never blocking
-        c.nodes["n3"].proc.send_signal(signal.SIGSTOP)
-        with c.manager(0) as m0, c.manager(1) as m1:
-            for m in (m0, m1):
-                assert m.save(3, _state(3, m.rank)).ok
+                assert m.save(3, _state(3, m.rank)).ok  # training is not blocked
             with pytest.raises(TierFailed, match="degraded"):
                 m0._wait(3, Level.REPLICATED, 60)
     finally:
         for n in ("n2", "n3"):
             c.nodes[n].proc.send_signal(signal.SIGCONT)
-    with c.manager(0) as m0, c.manager(1) as m1:  # the peers are back: replication resumes
-        for m in (m0, m1):
-            assert m.save(4, _state(4, m.rank)).ok
-        m0._wait(4, Level.REPLICATED, 60)
+    c.save_all(4)  # the peers are back: replication resumes
+    c.wait(4, Level.REPLICATED)
     for d in c.nodes.values():
         assert d.alive()
