@@ -11,7 +11,8 @@ Invariants:
 - a shard's slot is never reused while its step is the newest committed-in-memory step of its
   job, or newer than it (still being staged), or pinned by a reader;
 - tier states only move forward (PENDING -> IN_PROGRESS -> COMMITTED/FAILED/SKIPPED ->
-  REMOVED); a COMMITTED step is never reported otherwise until retention removes it.
+  REMOVED), except that a disk drain abandoned because a shard failed its checksum goes back to
+  PENDING; a COMMITTED step is never reported otherwise until retention removes it.
 """
 
 from __future__ import annotations

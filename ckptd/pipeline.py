@@ -141,9 +141,12 @@ class DiskDrainer:
             ))
             try:
                 await self.catalog.wait_level(st.job, st.step, Level.STAGED, CHECKSUM_WAIT_S)
-            except CkptdError:
+            except CkptdError as exc:
+                # a shard failed its checksum: the step is not staged any more; drop the files and
+                # go back to waiting, so an honest retry of the same step drains normally
                 await loop.run_in_executor(self.executor, tier.delete, st.job, st.step)
-                raise
+                await self.catalog.set_tier(st, TierName.DISK, TierState.PENDING, f"drain abandoned: {exc}")
+                return
             await loop.run_in_executor(self.executor, tier.commit, st.manifest())
         except AlreadyExists as exc:
             await self.catalog.set_tier(st, TierName.DISK, TierState.COMMITTED, str(exc))
