@@ -13,7 +13,23 @@ random) held in this process's memory, ``--reps`` repetitions alternating which 
   *_grpc_s           the same two with bulk connections off: the bytes inside the gRPC stream,
                      4 MiB messages (the path used under TLS); ``--skip-grpc-path`` skips them
 
-Both ckptd paths move the bytes over a single connection; by default they use a one-time raw
+Then the same through two real ``ckptd serve`` daemons (nodes n1, n2; [peers] with k=1 on
+loopback; rank 0's shard of the same size, a dict {"w": uint8 array}, saved on n1):
+
+  daemon_replicate_s     save() returned (STAGED) -> WaitStep(REPLICATED) returned: n1's daemon
+                         pushed the shard to n2 and the step's coordinator saw every rank held
+                         (rank 1, a 16-byte shard on n2, is saved first so the step is complete)
+  daemon_save_s          save() itself (the client's stall: copy into the shm slot), for context
+  restore_memory_s       restore() on n1, served from "memory"
+  restore_disk_s         restore() after n1's daemon was SIGKILLed and restarted with its shm dir
+                         wiped, served from "disk"
+  daemon_restore_peer_s  restore() on a fresh n1 (SIGKILLed, root and shm wiped, restarted with the
+                         same config), served from "peer" (the replica in n2's RAM)
+
+Every restore is timed around ``CheckpointManager.restore`` into a preallocated array, then checked
+bit-exact and for the tier that served it (``daemon_served_from`` lists them).
+
+Both ckptd component paths move the bytes over a single connection; by default they use a one-time raw
 TCP "bulk" connection negotiated inside the authenticated gRPC call (ckptd/peer_bulk.py).
 
 The receiver reuses the buffer of the replica the previous repetition dropped, like the daemon
@@ -29,11 +45,15 @@ import asyncio
 import json
 import os
 import platform
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +116,166 @@ def spawn(mode: str, size_bytes: int) -> tuple[subprocess.Popen[str], int]:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
+
+
+# -- through real daemons ---------------------------------------------------------------------
+DAEMON_NODES = ("n1", "n2")
+WAIT_S = 300.0  # bound on any one wait for a level
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemons:
+    """Two ``ckptd serve`` daemons on loopback standing for two nodes, one rank each: rank 0 (the
+    measured shard) on n1, its replica on n2; rank 1 (a tiny shard, so that the step is complete:
+    REPLICATED is global) on n2. close() stops every daemon started and removes every shm dir."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="ckbench-", dir="/tmp"))  # short: socket paths
+        self.tag = uuid.uuid4().hex[:10]
+        self.job = f"bench{uuid.uuid4().hex[:6]}"
+        self.token = "bench-daemon-" + os.urandom(12).hex()
+        self.budget = max(6 * nbytes, 256 * MIB)  # n1's slots, n2's replicas, restore slots
+        self.ports = {n: free_port() for n in DAEMON_NODES}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.shm_dirs: set[Path] = set()
+        self.starts = 0
+
+    def root(self, node: str) -> Path:
+        return self.base / f"{node}-root"
+
+    def shm(self, node: str) -> Path:
+        return Path("/dev/shm") / f"ckptd-bench-{self.tag}-{node}"
+
+    def sock(self, node: str) -> Path:
+        return self.base / f"{node}.sock"
+
+    def start(self, node: str) -> None:
+        peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in self.ports.items())
+        cfg = self.base / f"{node}.toml"
+        cfg.write_text(f'[memory]\n[peers]\nlisten = "127.0.0.1:{self.ports[node]}"\nnode_id = "{node}"\n'
+                       f'token = "{self.token}"\npeers = "{peers}"\nreplication_factor = 1\n')
+        self.root(node).mkdir(parents=True, exist_ok=True)
+        self.sock(node).unlink(missing_ok=True)
+        self.shm_dirs.add(self.shm(node))
+        self.starts += 1
+        log = open(self.base / f"{node}-{self.starts}.log", "wb")  # noqa: SIM115 - the child holds it
+        self.procs[node] = subprocess.Popen(
+            [sys.executable, "-m", "ckptd.cli", "serve", "--root", str(self.root(node)), "--socket",
+             str(self.sock(node)), "--shm-dir", str(self.shm(node)), "--budget-bytes", str(self.budget),
+             "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        log.close()
+        deadline = time.monotonic() + 60
+        while not self.sock(node).exists():
+            if self.procs[node].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ckptd {node} did not start:\n{self.log_tail(node)}")
+            time.sleep(0.05)
+
+    def log_tail(self, node: str) -> str:
+        return (self.base / f"{node}-{self.starts}.log").read_text(errors="replace")[-4000:] \
+            if (self.base / f"{node}-{self.starts}.log").exists() else ""
+
+    def kill(self, node: str) -> None:
+        proc = self.procs.pop(node, None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+
+    def lose(self, node: str, disk: bool) -> None:
+        """SIGKILL the node's daemon and wipe its shm dir (and its disk root when ``disk``)."""
+        self.kill(node)
+        shutil.rmtree(self.shm(node), ignore_errors=True)
+        if disk:
+            shutil.rmtree(self.root(node), ignore_errors=True)
+
+    def manager(self, node: str, rank: int = 0) -> Any:
+        from ckptd_client import CheckpointManager
+
+        return CheckpointManager(self.job, rank=rank, world_size=2, addr=str(self.sock(node)),
+                                 node_ranks=[rank], connect_timeout_s=60)
+
+    def close(self) -> None:
+        for node in list(self.procs):
+            self.kill(node)
+        for d in self.shm_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """STAGED -> REPLICATED through the daemons, then restores served from memory, disk, peer."""
+    from ckptd_client import Level
+
+    src = np.random.default_rng(1).integers(0, 256, nbytes, dtype=np.uint8)
+    dst = np.empty(nbytes, dtype=np.uint8)
+    dst.fill(0)  # touched, so no restore pays first-touch faults in this process
+    samples: dict[str, list[float]] = {k: [] for k in (
+        "daemon_replicate_s", "daemon_save_s", "restore_memory_s", "restore_disk_s", "daemon_restore_peer_s")}
+    served: dict[str, list[str]] = {}
+    d = Daemons(nbytes)
+
+    def restore(key: str, node: str, step: int, expect: str) -> None:
+        dst[:1] = src[:1] ^ 1  # the check below proves this restore wrote the bytes
+        with d.manager(node) as m:
+            state = {"w": dst}
+            t0 = time.perf_counter()
+            got = m.restore(state, step=step)
+            took = time.perf_counter() - t0
+            info = m.last_restore
+        assert info is not None
+        served.setdefault(key, []).append(info.served_from)
+        if got != step or info.served_from != expect:
+            raise RuntimeError(f"{key}: restored step {got} from {info.served_from!r}, expected step {step} "
+                               f"from {expect!r}")
+        if not np.array_equal(state["w"], src):
+            raise RuntimeError(f"{key}: restored bytes differ from the saved shard")
+        samples[key].append(took)
+
+    try:
+        for node in DAEMON_NODES:
+            d.start(node)
+        step = 0
+        with d.manager("n1") as m, d.manager("n2", rank=1) as other:
+            for rep in range(ns.reps + 1):  # the first is a warm-up (slots, peer connection)
+                step += 1
+                h1 = other.save(step, {"w": np.zeros(16, dtype=np.uint8)})  # rank 1 first: untimed
+                if not h1.ok:
+                    raise RuntimeError(f"save of rank 1 step {step} failed: {h1.error}")
+                t0 = time.perf_counter()
+                h = m.save(step, {"w": src})
+                t1 = time.perf_counter()
+                if not h.ok:
+                    raise RuntimeError(f"save of step {step} failed: {h.error}")
+                m._wait(step, Level.REPLICATED, WAIT_S)
+                t2 = time.perf_counter()
+                if rep:
+                    samples["daemon_save_s"].append(t1 - t0)
+                    samples["daemon_replicate_s"].append(t2 - t1)
+            m._wait(step, Level.LOCAL_DURABLE, WAIT_S)  # the disk copy the disk restore reads
+        restore("restore_memory_s", "n1", step, "memory")  # warm-up
+        samples["restore_memory_s"].clear()
+        for _ in range(ns.reps):
+            restore("restore_memory_s", "n1", step, "memory")
+        for _ in range(ns.reps):  # node restarted, RAM lost, disk kept
+            d.lose("n1", disk=False)
+            d.start("n1")
+            restore("restore_disk_s", "n1", step, "disk")
+        for _ in range(ns.reps):  # a fresh node n1: RAM and disk lost, the replica is on n2
+            d.lose("n1", disk=True)
+            d.start("n1")
+            restore("daemon_restore_peer_s", "n1", step, "peer")
+    except BaseException:
+        for node in DAEMON_NODES:
+            sys.stderr.write(f"--- ckptd {node} log tail ---\n{d.log_tail(node)}\n")
+        raise
+    finally:
+        d.close()
+    return samples, {"daemon_served_from": served, "daemon_budget_bytes": d.budget,
+                     "daemon_shm_dirs": sorted(str(p) for p in d.shm_dirs)}
 
 
 # -- timed sides ------------------------------------------------------------------------------
@@ -177,6 +357,8 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         for proc in (tcp_proc, peer_proc):
             proc.kill()
             proc.wait()
+    daemon_samples, daemon_info = daemon_run(ns, nbytes)
+    samples.update(daemon_samples)
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {
         "bytes": nbytes,
@@ -188,6 +370,9 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         "tcp_gbps": nbytes / med["tcp_s"] / 1e9,
         "ckptd_replicate_gbps": nbytes / med["ckptd_replicate_s"] / 1e9,
         "restore_peer_gbps": nbytes / med["restore_peer_s"] / 1e9,
+        "daemon_replicate_gbps": nbytes / med["daemon_replicate_s"] / 1e9,
+        "daemon_restore_peer_gbps": nbytes / med["daemon_restore_peer_s"] / 1e9,
+        **daemon_info,
         "samples": samples,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
@@ -209,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.peer_child:
         asyncio.run(peer_child())
         return 0
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally stops the daemons and removes shm dirs
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     res = asyncio.run(run(ns))
     if not ns.json:
         for key, value in res.items():

@@ -1,5 +1,6 @@
 """Smoke test of bench/replication.py: a small run completes, checks bit-exactness itself, prints
-its JSON with the contract's keys, and leaves no child process behind. Ratios are not asserted
+its JSON with the contract's keys (component paths and real daemons), and leaves no child process
+or shm dir behind. Ratios are not asserted
 (machine-dependent); the 512 MiB figures go in the closing note."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,12 @@ def test_replication_bench_small_run_prints_json() -> None:
     for key in ("tcp_s", "ckptd_replicate_s", "restore_peer_s", "ckptd_replicate_grpc_s", "restore_peer_grpc_s"):
         assert res[key] > 0, key
     assert res["ckptd_replicate_vs_tcp"] > 0 and res["restore_peer_vs_tcp"] > 0
+    # through real daemons: the bench itself checked bytes and serving tier; the JSON records them
+    for key in ("daemon_replicate_s", "restore_memory_s", "restore_disk_s", "daemon_restore_peer_s"):
+        assert res[key] > 0, key
+        assert res[f"{key[:-2]}_vs_tcp"] > 0, key
+    assert set(res["daemon_served_from"]["restore_memory_s"]) == {"memory"}
+    assert res["daemon_served_from"]["restore_disk_s"] == ["disk"]
+    assert res["daemon_served_from"]["daemon_restore_peer_s"] == ["peer"]
+    assert len(res["daemon_shm_dirs"]) == 2
+    assert not [d for d in res["daemon_shm_dirs"] if Path(d).exists()], "the bench left shm dirs behind"
