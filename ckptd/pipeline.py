@@ -27,14 +27,17 @@ from ckptd.retention import select_for_deletion
 from ckptd.shm import SlotPool
 from ckptd.tiers.disk import DiskTier
 from ckptd.types import Level, TierName
+from ckptd.worker import Worker
 
 log = logging.getLogger("ckptd.pipeline")
 
 CHECKSUM_WAIT_S = 600.0  # a step's slots are checksummed long before this
 
 
-class DiskDrainer:
+class DiskDrainer(Worker):
     """Owner of the memory -> disk drain task."""
+
+    name = "disk-drainer"
 
     def __init__(
         self,
@@ -44,47 +47,20 @@ class DiskDrainer:
         cfg: DiskSection,
         executor: Executor,
     ) -> None:
+        super().__init__()
         self.catalog = catalog
         self.pool = pool
         self.tier = tier
         self.cfg = cfg
         self.executor = executor
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self.last_drain: dict[str, Any] = {}
         self.pinned: dict[str, set[int]] = {}
         self.operator_pins: dict[str, set[int]] = {}  # ckptctl pin (the daemon's PinStore.pins)
         self.on_commit: Callable[[], None] | None = None  # e.g. wake the object uploader
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="disk-drainer")
-        self.kick()
-
-    def kick(self) -> None:
-        self._wakeup.set()
-
-    async def stop(self, timeout_s: float) -> bool:
-        """Finish in-flight and pending drains within timeout_s; True if nothing was abandoned."""
-        self._stopping = True
-        self.kick()
-        if self._task is None:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=timeout_s)
-            return True
-        except TimeoutError:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            return False
-
     async def _run(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await self._wait_kick()
             while (st := await self._next()) is not None:
                 await self._drain(st)
             if self._stopping:

@@ -30,6 +30,7 @@ from ckptd.peer_types import Holding, ReadyReport, ReadyState, ReplicaHeader
 from ckptd.placement import Member, coordinator_for, preference, shard_key
 from ckptd.shm import SlotPool
 from ckptd.types import TierName
+from ckptd.worker import Worker
 
 log = logging.getLogger("ckptd.replication")
 
@@ -76,45 +77,27 @@ class PeerDirectory:
         return out
 
 
-class Replicator:
+class Replicator(Worker):
     """Owner of the replication task."""
 
+    name = "replicator"
+
     def __init__(self, catalog: Catalog, pool: SlotPool, peers: PeerDirectory) -> None:
+        super().__init__()
         self.catalog = catalog
         self.pool = pool
         self.peers = peers
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._commits: set[asyncio.Task[None]] = set()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="replicator")
-
-    def kick(self) -> None:
-        self._wakeup.set()
-
-    async def stop(self, timeout_s: float) -> None:
-        self._stopping = True
-        self.kick()
+    async def stop(self, timeout_s: float) -> bool:
         for task in list(self._commits):
             task.cancel()
         await asyncio.gather(*self._commits, return_exceptions=True)
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=timeout_s)
-        except TimeoutError:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        return await super().stop(timeout_s)
 
     async def _run(self) -> None:
         while not self._stopping:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await self._wait_kick()
             while not self._stopping and (st := await self._next()) is not None:
                 await self._replicate(st)
 

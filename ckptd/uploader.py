@@ -37,6 +37,7 @@ from ckptd.shm import SlotPool
 from ckptd.tiers.disk import DiskTier
 from ckptd.tiers.object import ObjectTier
 from ckptd.types import TierName
+from ckptd.worker import Worker
 
 log = logging.getLogger("ckptd.uploader")
 
@@ -50,11 +51,14 @@ class _Awaiting:
     coordinator: bool
 
 
-class ObjectUploader:
+class ObjectUploader(Worker):
     """Owner of the upload task and of the pending global commits."""
+
+    name = "object-uploader"
 
     def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, drainer: DiskDrainer,
                  tier: ObjectTier, cfg: ObjectSection, executor: Executor) -> None:
+        super().__init__()
         self.catalog = catalog
         self.pool = pool
         self.disk = disk
@@ -62,43 +66,13 @@ class ObjectUploader:
         self.tier = tier
         self.cfg = cfg
         self.executor = executor
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._awaiting: dict[tuple[str, int], _Awaiting] = {}
         self.last_upload: dict[str, Any] = {}
         self.pinned: dict[str, set[int]] = {}  # steps retention keeps (the daemon's PinStore.pins)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="object-uploader")
-
-    def kick(self) -> None:
-        self._wakeup.set()
-
-    async def stop(self, timeout_s: float) -> bool:
-        """Stop after the upload in flight (within timeout_s); True if nothing was abandoned."""
-        self._stopping = True
-        self.kick()
-        if self._task is None:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=timeout_s)
-            return True
-        except TimeoutError:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            return False
-
     async def _run(self) -> None:
         while not self._stopping:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=POLL_S)
-            except TimeoutError:
-                pass
-            self._wakeup.clear()
+            await self._wait_kick(POLL_S)
             while not self._stopping and (st := await self._next()) is not None:
                 await self._upload(st)
             await self._check_commits()
