@@ -19,13 +19,12 @@ Errors map like server.py's ``_rpc``: a CkptdError becomes its status code plus 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -61,33 +60,13 @@ from ckptd.peer_wire import (
     header_to_pb,
     token_matches,
 )
+from ckptd.rpc_errors import rpc_handler
 from ckptd.types import validate_job, validate_step
 
 log = logging.getLogger("ckptd.peer")
-R = TypeVar("R")
 
 
-def _peer_rpc(
-    fn: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]],
-) -> Callable[..., Awaitable[R]]:
-    """Map errors like server.py's ``_rpc``: typed status + ``ckptd-error`` metadata."""
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
-        try:
-            return await fn(self, request, context)
-        except CkptdError as exc:
-            err: CkptdError = exc
-        except ValueError as exc:
-            err = InvalidArgument(str(exc))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            log.exception("internal error in %s", fn.__name__)
-            err = CkptdError(f"internal error: {type(exc).__name__}: {exc}")
-        context.set_trailing_metadata(((ERROR_METADATA_KEY, type(err).__name__),))
-        await context.abort(err.code, str(err))
-        raise AssertionError("unreachable")
-    return wrapper
+_peer_rpc = rpc_handler
 
 
 def _check_ids(job: str, step: int) -> None:

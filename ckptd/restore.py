@@ -21,7 +21,7 @@ from ckptd import metrics
 from ckptd.catalog import Catalog, ShardRecord, StepState, TierState, sidecar_meta
 from ckptd.errors import CkptdError, FailedPrecondition, IntegrityError, NotFound
 from ckptd.integrity import first_bad_chunk
-from ckptd.manifest import ShardEntry
+from ckptd.manifest import Manifest, ShardEntry
 from ckptd.peer_types import Holding, ReplicaHeader
 from ckptd.replication import PeerDirectory
 from ckptd.shm import Slot, SlotPool
@@ -114,39 +114,26 @@ class Restorer:
             rec = st.shards.get(rank)
             if rec is not None and rec.slot is not None:
                 plan.append(Source(TierName.MEMORY, str(rec.slot.path)))
-        if step in await self._disk_steps(job):
-            assert self.disk is not None
-            try:
-                manifest = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.disk.read_manifest, job, step)
-            except CkptdError as exc:
-                if not plan:
-                    raise
-                log.warning("restore plan of %s@%d: disk manifest unusable: %s", job, step, exc)
-            else:
+        if self.disk is not None and step in await self._disk_steps(job):
+            manifest = await self._plan_manifest(self.disk, job, step, bool(plan))
+            if manifest is not None:
                 known_ws = manifest.world_size if known_ws is None else known_ws
                 if rank in manifest.ranks:
                     plan.append(Source(TierName.DISK, str(self.disk.step_dir(job, step))))
         for node, holding in (await self._peer_sources(job, rank)).get(step, []):
             known_ws = holding.world_size if known_ws is None else known_ws
             plan.append(Source(TierName.PEER, f"{node} {'/'.join(holding.tiers)}"))
-        if self.object is not None and plan and known_ws is not None \
-                and step in await self._steps(self.object, job):
-            # a nearer source exists: the store is the last resort, its manifest is read only if used
-            plan.append(Source(TierName.OBJECT, f"{job}@{step} rank {rank}"))
-        elif self.object is not None and step in await self._steps(self.object, job):
-            try:
-                manifest = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.object.read_manifest, job, step)
-            except CkptdError as exc:
-                if not plan:
-                    raise
-                log.warning("restore plan of %s@%d: object manifest unusable: %s", job, step, exc)
+        if self.object is not None and step in await self._steps(self.object, job):
+            if plan and known_ws is not None:
+                # a nearer source exists: the store is the last resort, its manifest read only if used
+                plan.append(Source(TierName.OBJECT, f"{job}@{step} rank {rank}"))
             else:
-                known_ws = manifest.world_size if known_ws is None else known_ws
-                if rank in manifest.ranks:
-                    key = manifest.shard(rank).object_key
-                    plan.append(Source(TierName.OBJECT, key or f"{job}@{step} rank {rank}"))
+                manifest = await self._plan_manifest(self.object, job, step, bool(plan))
+                if manifest is not None:
+                    known_ws = manifest.world_size if known_ws is None else known_ws
+                    if rank in manifest.ranks:
+                        key = manifest.shard(rank).object_key
+                        plan.append(Source(TierName.OBJECT, key or f"{job}@{step} rank {rank}"))
         # The world-size check comes first: a rank the saved step never had (rank >= the saved
         # world size) must get this clear error, not NotFound (which restore("latest") reads as
         # "no checkpoint yet" and silently starts fresh).
@@ -158,6 +145,16 @@ class Restorer:
         if not plan:
             raise NotFound(f"step {step} of job {job!r} is not committed at any reachable tier")
         return RestoreResult(step=step, plan=plan)
+
+    async def _plan_manifest(self, tier: Tier, job: str, step: int, have_source: bool) -> Manifest | None:
+        """A tier's manifest of step for planning; an unusable one is fatal only with no other source."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, tier.read_manifest, job, step)
+        except CkptdError as exc:
+            if not have_source:
+                raise
+            log.warning("restore plan of %s@%d: %s manifest unusable: %s", job, step, tier.name.value, exc)
+            return None
 
     async def execute(self, job: str, rank: int, world_size: int, result: RestoreResult) -> RestoreResult:
         t0 = time.monotonic()

@@ -10,13 +10,12 @@ reporting NOT_SERVING, draining and exiting.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,34 +25,17 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
 from ckptd.config import Config
 from ckptd.convert import level_from_pb, step_status_to_pb, tensors_from_pb, tensors_to_pb, tier_statuses
 from ckptd.daemon import Daemon, socket_dir_ready
-from ckptd.errors import ERROR_METADATA_KEY, CkptdError, InvalidArgument
+from ckptd.errors import InvalidArgument
 from ckptd.manifest import canonical_json
+from ckptd.rpc_errors import rpc_handler
 
 log = logging.getLogger("ckptd.server")
 SERVICE_NAME = "ckptd.v1.CheckpointService"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
-R = TypeVar("R")
 
 
-def _rpc(fn: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
-        try:
-            return await fn(self, request, context)
-        except CkptdError as exc:
-            err: CkptdError = exc
-        except ValueError as exc:
-            err = InvalidArgument(str(exc))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            log.exception("internal error in %s", fn.__name__)
-            err = CkptdError(f"internal error: {type(exc).__name__}: {exc}")
-        context.set_trailing_metadata(((ERROR_METADATA_KEY, type(err).__name__),))
-        await context.abort(err.code, str(err))
-        raise AssertionError("unreachable")
-    return wrapper
+_rpc = rpc_handler
 
 
 def _step_arg(step: int) -> int | None:

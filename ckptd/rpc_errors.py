@@ -1,0 +1,44 @@
+"""The one place that turns a servicer's exception into a gRPC status (daemon and peer services).
+
+A ``CkptdError`` becomes its table code (ckptd/errors.py) plus ``ckptd-error`` trailing metadata
+naming the class, which the client rebuilds; a ValueError is an InvalidArgument; anything else is
+logged and answered INTERNAL without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ckptd.errors import ERROR_METADATA_KEY, CkptdError, InvalidArgument
+
+log = logging.getLogger("ckptd.rpc")
+
+R = TypeVar("R")
+
+
+def rpc_handler(
+    fn: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
+        try:
+            return await fn(self, request, context)
+        except CkptdError as exc:
+            err: CkptdError = exc
+        except ValueError as exc:
+            err = InvalidArgument(str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("internal error in %s", fn.__name__)
+            err = CkptdError(f"internal error: {type(exc).__name__}: {exc}")
+        context.set_trailing_metadata(((ERROR_METADATA_KEY, type(err).__name__),))
+        await context.abort(err.code, str(err))
+        raise AssertionError("unreachable")
+    return wrapper
