@@ -19,6 +19,7 @@ import logging
 from concurrent.futures import Executor
 from typing import Any
 
+from ckptd import failpoints
 from ckptd.catalog import Catalog, ReplicaRecord, TierState, sidecar_meta
 from ckptd.config import Config
 from ckptd.errors import NotFound
@@ -53,6 +54,7 @@ class SlotReplicaWriter:
 
     async def commit(self) -> tuple[str, ...]:
         s = self.store
+        failpoints.hit("peer.replica.before_commit")
         rec = ReplicaRecord(self.header, self.slot)
         s.catalog.replicas[self.header.key] = rec
         self.slot.content = rec

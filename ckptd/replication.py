@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 
-from ckptd import metrics
+from ckptd import failpoints, metrics
 from ckptd.catalog import Catalog, StepState, TierState
 from ckptd.peer_client import PeerClient
 from ckptd.peer_config import PeerAddr
@@ -122,6 +122,7 @@ class Replicator(Worker):
             assert s is not None
             s.readers += 1
         await self.catalog.set_tier(st, TierName.PEER, TierState.IN_PROGRESS)
+        failpoints.hit("peer.replicate.before_push")
         k, d = self.peers.k, self.peers
         t0 = time.monotonic()
         try:
@@ -154,6 +155,7 @@ class Replicator(Worker):
             except Exception as exc:  # noqa: BLE001
                 log.info("could not report the degraded step to the coordinator: %s", exc)
             return
+        failpoints.hit("peer.replicate.after_push")
         holders = sorted({n for o in outcomes for n in o.holders})
         log.info("step %s@%d: this node's shards held by %s in %.3fs", st.job, st.step, ",".join(holders),
                  time.monotonic() - t0)
