@@ -29,6 +29,8 @@ from ckptd.errors import InvalidArgument
 from ckptd.peer_config import PeerSection, split_list, validate_peers
 
 MAX_SOCKET_PATH: Final = 100
+REDACTED: Final = "<redacted>"
+_SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
 _UNITS: Final = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
                  "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
@@ -131,6 +133,13 @@ class Config:
     object: ObjectSection = field(default_factory=ObjectSection)
     peers: PeerSection = field(default_factory=PeerSection)
 
+    def __repr__(self) -> str:
+        """The whole config (``ckptd serve --check`` prints it) with every secret masked."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.peers.token:
+            shown["peers"] = replace(self.peers, token=REDACTED)
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
     @property
     def socket_path(self) -> Path:
         return self.daemon.socket or self.daemon.root / "run" / "ckptd.sock"
@@ -153,6 +162,8 @@ _SIZE_KEYS: Final = {"budget_bytes", "chunk_bytes", "max_shard_bytes", "write_bl
 
 def _coerce(section: str, key: str, raw: Any, default: Any, source: str) -> Any:
     name = f"{section}.{key} ({source})"
+    if key in _SECRET_KEYS and not isinstance(raw, str):
+        raise InvalidArgument(f"{name}: expected a string, got {type(raw).__name__} (value not shown)")
     from_env = source.startswith("env")
     if key in _SIZE_KEYS:
         return parse_bytes(raw, name)

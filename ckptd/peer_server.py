@@ -60,7 +60,7 @@ from ckptd.peer_wire import (
     header_to_pb,
     token_matches,
 )
-from ckptd.rpc_errors import rpc_handler
+from ckptd.rpc_errors import MalformedRequest, lenient, rpc_handler
 from ckptd.types import validate_job, validate_step
 
 log = logging.getLogger("ckptd.peer")
@@ -97,12 +97,14 @@ class PeerServer:
         self.served_bytes = 0
 
     @_peer_rpc
-    async def PushReplica(self, request_iterator: AsyncIterator[RawChunk | ppb.PushReplicaRequest],
+    async def PushReplica(self, request_iterator: AsyncIterator[RawChunk | ppb.PushReplicaRequest | MalformedRequest],
                           context: Any) -> ppb.PushReplicaResponse:
         it = aiter(request_iterator)
         try:
             async with asyncio.timeout(self.idle_timeout_s) as idle:
                 first = await anext(it, None)
+                if isinstance(first, MalformedRequest):
+                    raise first.error()
                 if not isinstance(first, ppb.PushReplicaRequest) or first.WhichOneof("body") != "header":
                     raise InvalidArgument("PushReplica must start with a header message")
                 header = header_from_pb(first.header)
@@ -121,7 +123,7 @@ class PeerServer:
         return ppb.PushReplicaResponse(node_id=self.node_id, bytes_received=header.nbytes, tiers=list(tiers))
 
     async def _receive(self, header: ReplicaHeader, writer: ReplicaWriter,
-                       it: AsyncIterator[RawChunk | ppb.PushReplicaRequest], context: Any,
+                       it: AsyncIterator[RawChunk | ppb.PushReplicaRequest | MalformedRequest], context: Any,
                        verifier: StreamVerifier, bulk: BulkListener | None, idle: asyncio.Timeout) -> tuple[str, ...]:
         """Fill the writer's buffer (gRPC chunks or a bulk connection), verify, commit; else abort."""
         loop = asyncio.get_running_loop()
@@ -147,7 +149,10 @@ class PeerServer:
                 finally:
                     sock.close()
                 idle.reschedule(loop.time() + self.idle_timeout_s)
-                if await anext(it, None) is not None:
+                extra = await anext(it, None)
+                if isinstance(extra, MalformedRequest):
+                    raise extra.error()
+                if extra is not None:
                     raise InvalidArgument("PushReplica sent chunks after a bulk transfer")
             else:
                 while True:
@@ -155,6 +160,8 @@ class PeerServer:
                     msg = await anext(it, None)
                     if msg is None:
                         break
+                    if isinstance(msg, MalformedRequest):
+                        raise msg.error()
                     if not isinstance(msg, RawChunk):
                         raise InvalidArgument("PushReplica carries a second header")
                     verifier.feed(msg.offset, msg.data, msg.crc32c)
@@ -248,22 +255,27 @@ class PeerServer:
 
 
 def peer_handler(servicer: PeerServer) -> grpc.GenericRpcHandler[Any, Any]:
-    """The method table; chunk streams use the zero-copy codec of peer_wire.py."""
+    """The method table; chunk streams use the zero-copy codec of peer_wire.py. Request bytes that do
+    not parse reach the handler as a MalformedRequest and are answered INVALID_ARGUMENT."""
     return grpc.method_handlers_generic_handler(SERVICE, {
         "PushReplica": grpc.stream_unary_rpc_method_handler(
-            servicer.PushReplica, request_deserializer=decode_push_request,
+            servicer.PushReplica, request_deserializer=lenient(decode_push_request, "PushReplicaRequest"),
             response_serializer=ppb.PushReplicaResponse.SerializeToString),
         "FetchShard": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchShard, request_deserializer=ppb.FetchShardRequest.FromString,
+            servicer.FetchShard,
+            request_deserializer=lenient(ppb.FetchShardRequest.FromString, "FetchShardRequest"),
             response_serializer=encode_stream_message),
         "ListHoldings": grpc.unary_unary_rpc_method_handler(
-            servicer.ListHoldings, request_deserializer=ppb.ListHoldingsRequest.FromString,
+            servicer.ListHoldings,
+            request_deserializer=lenient(ppb.ListHoldingsRequest.FromString, "ListHoldingsRequest"),
             response_serializer=ppb.ListHoldingsResponse.SerializeToString),
         "ReportReady": grpc.unary_unary_rpc_method_handler(
-            servicer.ReportReady, request_deserializer=ppb.ReportReadyRequest.FromString,
+            servicer.ReportReady,
+            request_deserializer=lenient(ppb.ReportReadyRequest.FromString, "ReportReadyRequest"),
             response_serializer=ppb.ReportReadyResponse.SerializeToString),
         "Ping": grpc.unary_unary_rpc_method_handler(
-            servicer.Ping, request_deserializer=ppb.PingRequest.FromString,
+            servicer.Ping,
+            request_deserializer=lenient(ppb.PingRequest.FromString, "PingRequest"),
             response_serializer=ppb.PingResponse.SerializeToString),
     })
 

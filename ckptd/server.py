@@ -25,9 +25,9 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
 from ckptd.config import Config
 from ckptd.convert import level_from_pb, step_status_to_pb, tensors_from_pb, tensors_to_pb, tier_statuses
 from ckptd.daemon import Daemon, socket_dir_ready
-from ckptd.errors import InvalidArgument
+from ckptd.errors import FailedPrecondition, InvalidArgument
 from ckptd.manifest import canonical_json
-from ckptd.rpc_errors import rpc_handler
+from ckptd.rpc_errors import lenient, rpc_handler
 
 log = logging.getLogger("ckptd.server")
 SERVICE_NAME = "ckptd.v1.CheckpointService"
@@ -154,8 +154,25 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             policies=[pb.RetentionPolicy(tier=t, max_to_keep=n, keep_period=p) for t, n, p in result.policies])
 
 
+def add_checkpoint_servicer(servicer: CheckpointServicer, server: grpc.aio.Server) -> None:
+    """Register the service like the generated ``add_CheckpointServiceServicer_to_server``, but with
+    lenient request deserializers: bytes that do not parse are answered INVALID_ARGUMENT by the
+    handler (ckptd/rpc_errors.py), not UNKNOWN with a traceback by grpc."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in pb.DESCRIPTOR.services_by_name["CheckpointService"].methods:
+        req, resp = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name), request_deserializer=lenient(req.FromString, method.input_type.name),
+            response_serializer=resp.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+
 async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
+    sock = cfg.socket_path
+    if sock.exists() and not sock.is_socket():  # a stale socket is replaced; any other file is not ours
+        raise FailedPrecondition(f"daemon.socket {sock} exists and is not a socket; refusing to replace it")
     daemon = Daemon(cfg)
     await daemon.start()
     if cfg.metrics.address:
@@ -176,12 +193,15 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
-    pb_grpc.add_CheckpointServiceServicer_to_server(CheckpointServicer(daemon), server)
+    add_checkpoint_servicer(CheckpointServicer(daemon), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    sock = cfg.socket_path
     socket_dir_ready(sock)
-    server.add_insecure_port(f"unix:{sock}")
+    old_umask = os.umask(0o077)  # the socket is born owner-only: no window before the chmod below
+    try:
+        server.add_insecure_port(f"unix:{sock}")
+    finally:
+        os.umask(old_umask)
     await server.start()
     os.chmod(sock, 0o600)
     for name in ("", SERVICE_NAME):
