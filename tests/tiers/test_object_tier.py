@@ -21,7 +21,8 @@ from ckptd import config
 from ckptd.config import ObjectSection
 from ckptd.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound, TierFailed
 from ckptd.manifest import Manifest
-from ckptd.tiers.object import ObjectTier, _MemoryReader
+from ckptd.tiers.object import ObjectTier
+from ckptd.tiers.object_io import MemoryReader as _MemoryReader
 from tests.tiers._moto import (
     ACCESS_KEY_ID,
     SECRET_ACCESS_KEY,
