@@ -23,7 +23,7 @@ from ckptd import metrics
 from ckptd.catalog import Catalog, StepState, TierState
 from ckptd.config import DiskSection
 from ckptd.errors import AlreadyExists, CkptdError
-from ckptd.retention import select_for_deletion
+from ckptd.retainer import apply_retention
 from ckptd.shm import SlotPool
 from ckptd.tiers.disk import DiskTier
 from ckptd.types import Level, TierName
@@ -148,20 +148,8 @@ class DiskDrainer(Worker):
 
     async def _retain(self, job: str) -> None:
         assert self.tier is not None
-        loop = asyncio.get_running_loop()
-        committed = await loop.run_in_executor(self.executor, self.tier.list_committed, job)
-        doomed = select_for_deletion(
-            committed, self.cfg.max_to_keep, self.cfg.keep_period,
-            self.pinned.get(job, set()) | self.operator_pins.get(job, set()),
+        await apply_retention(
+            job, self.tier, TierName.DISK, catalog=self.catalog, executor=self.executor,
+            max_to_keep=self.cfg.max_to_keep, keep_period=self.cfg.keep_period,
+            pins=(self.pinned, self.operator_pins), delete_errors=(OSError,), forget_unless_in_memory=True, log=log,
         )
-        for step in doomed:
-            try:
-                await loop.run_in_executor(self.executor, self.tier.delete, job, step)
-            except OSError as exc:
-                log.warning("retention could not delete %s@%d on disk: %s", job, step, exc)
-                continue
-            st = self.catalog.get(job, step)
-            if st is not None:
-                await self.catalog.set_tier(st, TierName.DISK, TierState.REMOVED, "retention")
-                if not st.in_memory:
-                    self.catalog.forget(job, step)

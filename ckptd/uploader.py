@@ -32,7 +32,7 @@ from ckptd.errors import AlreadyExists, CkptdError, IntegrityError, TierFailed
 from ckptd.integrity import first_bad_chunk
 from ckptd.manifest import Manifest, ShardEntry
 from ckptd.pipeline import DiskDrainer
-from ckptd.retention import select_for_deletion
+from ckptd.retainer import apply_retention
 from ckptd.shm import SlotPool
 from ckptd.tiers.disk import DiskTier
 from ckptd.tiers.object import ObjectTier
@@ -237,19 +237,8 @@ class ObjectUploader(Worker):
         return True
 
     async def _retain(self, job: str) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            committed = await loop.run_in_executor(self.executor, self.tier.list_committed, job)
-        except CkptdError as exc:
-            log.warning("object retention of %s skipped: %s", job, exc)
-            return
-        for step in select_for_deletion(committed, self.cfg.max_to_keep, self.cfg.keep_period,
-                                        self.pinned.get(job, set())):
-            try:
-                await loop.run_in_executor(self.executor, self.tier.delete, job, step)
-            except CkptdError as exc:
-                log.warning("object retention could not delete %s@%d: %s", job, step, exc)
-                continue
-            st = self.catalog.get(job, step)
-            if st is not None:
-                await self.catalog.set_tier(st, TierName.OBJECT, TierState.REMOVED, "retention")
+        await apply_retention(
+            job, self.tier, TierName.OBJECT, catalog=self.catalog, executor=self.executor,
+            max_to_keep=self.cfg.max_to_keep, keep_period=self.cfg.keep_period, pins=(self.pinned,),
+            delete_errors=(CkptdError,), list_errors=(CkptdError,), log=log,
+        )
