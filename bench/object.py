@@ -70,8 +70,10 @@ from _util import Cleanup, raise_on_signals  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
 from botocore.config import Config as BotoConfig  # noqa: E402
 from ckptd_client import CheckpointManager, Level  # noqa: E402
+from ckptd_client.rpc import wait_until_serving  # noqa: E402
 
 from ckptd.config import ObjectSection  # noqa: E402
+from ckptd.errors import DaemonUnavailable  # noqa: E402
 from ckptd.integrity import chunk_crcs  # noqa: E402
 from ckptd.layout import TensorEntry  # noqa: E402
 from ckptd.manifest import Manifest, ShardEntry  # noqa: E402
@@ -153,24 +155,13 @@ class Daemon:
         return str(self.socket)
 
     def start(self, timeout_s: float = 60) -> None:
-        import grpc
-
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
                                          start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:  # tests/conftest.py wait_for_daemon
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ckptd {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.socket.exists():
-                with grpc.insecure_channel(f"unix:{self.socket}") as ch:
-                    try:
-                        grpc.channel_ready_future(ch).result(timeout=1)
-                        return
-                    except grpc.FutureTimeoutError:
-                        pass
-            time.sleep(0.05)
-        raise RuntimeError(f"ckptd {self.name} did not answer within {timeout_s}s:\n{self.log_tail()}")
+        try:
+            wait_until_serving(self.socket, timeout_s, exit_code=self.proc.poll)
+        except DaemonUnavailable as exc:
+            raise RuntimeError(f"ckptd {self.name}: {exc}:\n{self.log_tail()}") from None
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -197,21 +197,14 @@ class Daemon:
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
                                          start_new_session=True)
-        import grpc
+        from ckptd_client.rpc import wait_until_serving
 
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ckptd exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.socket.exists():
-                with grpc.insecure_channel(f"unix:{self.socket}") as ch:
-                    try:
-                        grpc.channel_ready_future(ch).result(timeout=1)
-                        return
-                    except grpc.FutureTimeoutError:
-                        pass
-            time.sleep(0.05)
-        raise RuntimeError(f"ckptd did not answer within {timeout_s}s:\n{self.log_tail()}")
+        from ckptd.errors import DaemonUnavailable
+
+        try:
+            wait_until_serving(self.socket, timeout_s, exit_code=self.proc.poll)
+        except DaemonUnavailable as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
+from ckptd_client.rpc import wait_until_serving
+
+from ckptd.errors import DaemonUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -68,19 +69,10 @@ class Daemon:
 
 
 def _wait_ready(d: Daemon, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if d.proc.poll() is not None:
-            raise RuntimeError(f"ckptd exited with {d.proc.returncode}:\n{d.log()}")
-        if d.socket.exists():
-            with grpc.insecure_channel(d.target) as ch:
-                try:
-                    grpc.channel_ready_future(ch).result(timeout=1)
-                    return
-                except grpc.FutureTimeoutError:
-                    pass
-        time.sleep(0.05)
-    raise RuntimeError(f"ckptd did not start in {timeout_s}s:\n{d.log()}")
+    try:
+        wait_until_serving(d.socket, timeout_s, exit_code=d.proc.poll)
+    except DaemonUnavailable as exc:
+        raise RuntimeError(f"{exc}:\n{d.log()}") from None
 
 
 @contextmanager

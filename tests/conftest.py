@@ -13,14 +13,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
+from ckptd_client.rpc import wait_until_serving
+
+from ckptd.errors import DaemonUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,19 +58,10 @@ class DaemonProc:
 
 
 def wait_for_daemon(socket: Path, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ckptd exited with {proc.returncode}:\n{log_path.read_text()}")
-        if socket.exists():
-            with grpc.insecure_channel(f"unix:{socket}") as ch:
-                try:
-                    grpc.channel_ready_future(ch).result(timeout=1)
-                    return
-                except grpc.FutureTimeoutError:
-                    pass
-        time.sleep(0.05)
-    raise RuntimeError(f"ckptd did not start in {timeout_s}s:\n{log_path.read_text()}")
+    try:
+        wait_until_serving(socket, timeout_s, exit_code=proc.poll)
+    except DaemonUnavailable as exc:
+        raise RuntimeError(f"{exc}:\n{log_path.read_text()}") from None
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ Every call goes through ``call``, which rebuilds the daemon's typed error (``ckp
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,6 +31,34 @@ def resolve_address(addr: str | os.PathLike[str] | None = None) -> str:
     if addr.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
         return addr
     return f"unix:{addr}"
+
+
+def wait_until_serving(
+    addr: str | os.PathLike[str] | None, timeout_s: float, *, exit_code: Callable[[], int | None] | None = None
+) -> None:
+    """Block until the daemon at addr answers, or raise DaemonUnavailable after timeout_s.
+
+    For a daemon just started: a Unix socket that does not exist yet is waited for, and each
+    probe uses a fresh channel (one that failed to connect backs off for seconds before its next
+    try). ``exit_code`` (e.g. ``Popen.poll``) ends the wait as soon as it reports the daemon
+    process exited.
+    """
+    address = resolve_address(addr)
+    path = address.removeprefix("unix:") if address.startswith("unix:") else None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rc = exit_code() if exit_code is not None else None
+        if rc is not None:
+            raise DaemonUnavailable(f"ckptd exited with {rc}")
+        if path is None or os.path.exists(path):
+            with grpc.insecure_channel(address) as ch:
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                    return
+                except grpc.FutureTimeoutError:
+                    pass
+        time.sleep(0.05)
+    raise DaemonUnavailable(f"no ckptd daemon answers at {address} within {timeout_s:g}s")
 
 
 class Connection:
