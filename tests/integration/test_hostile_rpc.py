@@ -194,9 +194,10 @@ class Case:
 
 CKPT_RPCS = [m.name for m in pb.DESCRIPTOR.services_by_name["CheckpointService"].methods]
 PEER_RPCS = [m.name for m in ppb.DESCRIPTOR.services_by_name["PeerService"].methods]
-STRING_FIELD_1 = {"BeginSave", "CommitShard", "AbortSave", "GetStepStatus", "WaitStep", "ListSteps",
-                  "PrepareRestore", "ReleaseRestore", "GetManifest", "DeleteStep", "PinStep", "RunRetention",
-                  "FetchShard", "ListHoldings", "ReportReady", "Ping"}
+INPUTS = {m.name: m.input_type for d, svc in ((pb, "CheckpointService"), (ppb, "PeerService"))
+          for m in d.DESCRIPTOR.services_by_name[svc].methods}
+STRING_FIELD_1 = {rpc for rpc, msg in INPUTS.items()
+                  if 1 in msg.fields_by_number and msg.fields_by_number[1].type == msg.fields_by_number[1].TYPE_STRING}
 
 # bytes no protobuf parser accepts, whatever the message type
 MALFORMED: list[tuple[str, bytes]] = [
@@ -630,6 +631,7 @@ def test_every_rpc_has_cases() -> None:
             "RunRetention"} <= set(CKPT_RPCS)
     assert {"PushReplica", "FetchShard", "ListHoldings", "ReportReady", "Ping"} == set(PEER_RPCS)
     assert sum(c.code != C.OK for c in CASES) >= 250
+    assert {"BeginSave", "FetchShard", "Ping"} <= STRING_FIELD_1 and "ListJobs" not in STRING_FIELD_1
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.rpc}/{c.name}" for c in CASES])
