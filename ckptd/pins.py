@@ -9,6 +9,9 @@ change rewrites the file).
 
 ``PinStore.pins`` is one dict, mutated in place and never replaced, so retention code can hold a
 reference to it (``DiskDrainer.operator_pins``, ``ObjectUploader.pinned``).
+
+Every file mutation goes through the store's ``FsOps`` (ckptd/fsops.py), the seam crash-point
+tests record; the pins directory is made durably (its parent fsync'd when it is created).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import os
 import uuid
 from pathlib import Path
 
+from ckptd.fsops import DEFAULT as DEFAULT_FS
+from ckptd.fsops import FsOps
 from ckptd.types import validate_job, validate_step
 
 log = logging.getLogger("ckptd.pins")
@@ -38,8 +43,9 @@ def pins_dir_for_data(data_root: Path) -> Path:
 class PinStore:
     """The pinned steps of every job under one directory."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, fs: FsOps = DEFAULT_FS) -> None:
         self.dir = directory
+        self.fs = fs
         self.pins: dict[str, set[int]] = {}
 
     def path(self, job: str) -> Path:
@@ -86,29 +92,27 @@ class PinStore:
         target = self.path(job)
         if not steps:
             if target.exists():
-                target.unlink()
-                _fsync_dir(self.dir)
+                self.fs.unlink(target)
+                self.fs.fsync_dir(self.dir)
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.is_dir():
+            self.fs.makedirs(self.dir)
         tmp = self.dir / f".{job}.json.{uuid.uuid4().hex[:8]}.tmp"
         data = json.dumps({"job": job, "steps": sorted(steps)}, separators=(",", ":")).encode() + b"\n"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = self.fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, data)
-                os.fsync(fd)
+                written = 0
+                while written < len(data):
+                    written += self.fs.pwrite(fd, memoryview(data)[written:], written)
+                self.fs.fsync(fd)
             finally:
-                os.close(fd)
-            os.replace(tmp, target)
+                self.fs.close(fd)
+            self.fs.replace(tmp, target)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            try:
+                self.fs.unlink(tmp)
+            except FileNotFoundError:
+                pass
             raise
-        _fsync_dir(self.dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        self.fs.fsync_dir(self.dir)

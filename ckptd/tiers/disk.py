@@ -7,8 +7,13 @@ Commit protocol (DESIGN.md section 3), each step's directory:
 2. publish it with link(2), which fails if the target exists, fsync the step directory;
 3. after every shard is published, write ``manifest.json`` the same way: that is the commit.
 An fsync error means the file is lost: the caller rewrites it, never retries the fsync.
+Directories are made durably (``FsOps.makedirs``: each new directory's parent is fsync'd, the
+data root's included), so a power loss cannot drop a committed step with its parent directory.
+Delete un-commits first (unlink the manifest, fsync the step directory), then removes the data.
 Start-up recovery removes ``.tmp-*`` directories and step directories without a manifest.
 Reads verify size and every chunk crc32c and name the file on a mismatch.
+Every file-system mutation goes through the tier's ``FsOps`` (ckptd/fsops.py), the seam that
+crash-point tests record and that ``fs.mutation`` failpoints count.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
+import shutil  # noqa: F401 - the default FsOps.rmtree calls shutil.rmtree; tests patch it through here
+import threading
 import uuid
 from pathlib import Path
 
 from ckptd import failpoints
 from ckptd.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
+from ckptd.fsops import DEFAULT as DEFAULT_FS
+from ckptd.fsops import FsOps
 from ckptd.integrity import first_bad_chunk
 from ckptd.logs import ProgressLog
 from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
@@ -32,15 +40,9 @@ log = logging.getLogger("ckptd.disk")
 DIRECT_ALIGN_BYTES = 4096
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes: int) -> None:
+def write_file_durable(
+    path: Path, src: memoryview, direct_io: bool, block_bytes: int, fs: FsOps = DEFAULT_FS
+) -> None:
     """Create ``path`` (must not exist) with src's bytes and fsync it."""
     n = src.nbytes
     progress = ProgressLog(log, f"writing {path.name}", n, tier="disk")
@@ -49,7 +51,7 @@ def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes
     created = False  # the O_DIRECT open created the file (even if no write went through it)
     if body:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+            fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -59,7 +61,7 @@ def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes
             try:
                 while written < body:
                     end = min(written + block_bytes, body)
-                    step = os.pwrite(fd, src[written:end], written)
+                    step = fs.pwrite(fd, src[written:end], written)
                     written += step
                     progress.update(step)
             except OSError as exc:
@@ -67,18 +69,18 @@ def write_file_durable(path: Path, src: memoryview, direct_io: bool, block_bytes
                     raise
                 body = 0  # unaligned buffer or device: fall back to buffered writes
             finally:
-                os.close(fd)
+                fs.close(fd)
     flags = os.O_WRONLY | (0 if created else os.O_CREAT | os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
+    fd = fs.open(path, flags, 0o600)
     try:
         while written < n:
             end = min(written + block_bytes, n)
-            written += os.pwrite(fd, src[written:end], written)
+            written += fs.pwrite(fd, src[written:end], written)
         failpoints.hit("disk.file.before_fsync")
-        os.fsync(fd)
+        fs.fsync(fd)
         failpoints.hit("disk.file.after_fsync")
     finally:
-        os.close(fd)
+        fs.close(fd)
 
 
 class DiskTier:
@@ -86,10 +88,14 @@ class DiskTier:
 
     name = TierName.DISK
 
-    def __init__(self, root: Path, direct_io: bool = True, block_bytes: int = 8 * 2**20) -> None:
+    def __init__(
+        self, root: Path, direct_io: bool = True, block_bytes: int = 8 * 2**20, fs: FsOps = DEFAULT_FS
+    ) -> None:
         self.root = root
         self.direct_io = direct_io
         self.block_bytes = block_bytes
+        self.fs = fs
+        self._dirs_lock = threading.Lock()  # one maker per directory: shards are put concurrently
 
     # -- paths ------------------------------------------------------------------------------
     def step_dir(self, job: str, step: int) -> Path:
@@ -97,42 +103,39 @@ class DiskTier:
 
     def _ensure_step_dir(self, job: str, step: int) -> Path:
         job_dir = self.root / validate_job(job)
-        if not job_dir.exists():
-            job_dir.mkdir(parents=True, exist_ok=True)
-            fsync_dir(job_dir.parent)
         step_dir = job_dir / step_dirname(step)
-        if not step_dir.exists():
-            step_dir.mkdir(exist_ok=True)
-            fsync_dir(job_dir)
+        with self._dirs_lock:
+            if not step_dir.exists():
+                self.fs.makedirs(step_dir)
         return step_dir
 
     def _publish(self, tmp_file: Path, target: Path, committed_check: bool) -> None:
         try:
-            os.link(tmp_file, target)
+            self.fs.link(tmp_file, target)
         except FileExistsError:
             if committed_check and (target.parent / MANIFEST_NAME).exists():
                 raise AlreadyExists(f"{target.parent} is already committed") from None
             if not committed_check:
                 raise AlreadyExists(f"{target} already exists") from None
-            target.unlink()  # a leftover of an earlier attempt at an uncommitted step
-            os.link(tmp_file, target)
+            self.fs.unlink(target)  # a leftover of an earlier attempt at an uncommitted step
+            self.fs.link(tmp_file, target)
 
     def _write_published(self, job: str, step: int, name: str, src: memoryview, is_manifest: bool) -> None:
         step_dir = self._ensure_step_dir(job, step)
         tmp = step_dir / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        self.fs.mkdir(tmp)
         try:
             tmp_file = tmp / name
             prefix = "disk.manifest" if is_manifest else "disk.shard"
             failpoints.hit(f"{prefix}.before_write")
-            write_file_durable(tmp_file, src, self.direct_io and not is_manifest, self.block_bytes)
+            write_file_durable(tmp_file, src, self.direct_io and not is_manifest, self.block_bytes, self.fs)
             failpoints.hit(f"{prefix}.before_link")
             self._publish(tmp_file, step_dir / name, committed_check=not is_manifest)
             failpoints.hit(f"{prefix}.after_link")
-            fsync_dir(step_dir)
+            self.fs.fsync_dir(step_dir)
             failpoints.hit(f"{prefix}.after_dir_fsync")
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.fs.rmtree(tmp)
 
     # -- Tier protocol ----------------------------------------------------------------------
     def put_shard(self, job: str, step: int, entry: ShardEntry, src: memoryview) -> None:
@@ -224,32 +227,34 @@ class DiskTier:
         step_dir = self.step_dir(job, step)
         manifest = step_dir / MANIFEST_NAME
         if manifest.exists():
-            manifest.unlink()
-            fsync_dir(step_dir)
-        shutil.rmtree(step_dir, ignore_errors=True)
-        if step_dir.parent.exists():
-            fsync_dir(step_dir.parent)
+            self.fs.unlink(manifest)
+            self.fs.fsync_dir(step_dir)
+        if step_dir.exists():
+            self.fs.rmtree(step_dir)
+            self.fs.fsync_dir(step_dir.parent)
 
     # -- start-up ---------------------------------------------------------------------------
     def recover(self) -> list[str]:
         """Remove temp dirs and uncommitted step dirs; return what was removed."""
         removed: list[str] = []
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.fs.makedirs(self.root)
         for job in self.list_jobs():
             job_dir = self.root / job
-            for p in job_dir.iterdir():
+            job_removed = len(removed)
+            for p in sorted(job_dir.iterdir()):
                 if p.name.startswith(".tmp-"):
-                    shutil.rmtree(p, ignore_errors=True)
+                    self.fs.rmtree(p)
                     removed.append(str(p))
                     continue
                 if parse_step_dirname(p.name) is None or not p.is_dir():
                     continue
-                for q in p.iterdir():
+                for q in sorted(p.iterdir()):
                     if q.name.startswith(".tmp-"):
-                        shutil.rmtree(q, ignore_errors=True)
+                        self.fs.rmtree(q)
                         removed.append(str(q))
                 if not (p / MANIFEST_NAME).exists():
-                    shutil.rmtree(p, ignore_errors=True)
+                    self.fs.rmtree(p)
                     removed.append(str(p))
-            fsync_dir(job_dir)
+            if len(removed) > job_removed:
+                self.fs.fsync_dir(job_dir)
         return removed
