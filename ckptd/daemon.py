@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from ckptd.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
 from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd.pipeline import DiskDrainer
 from ckptd.restore import Restorer, RestoreResult
+from ckptd.restore_stream import RestoreEvent, RestoreProgress
 from ckptd.shm import Slot, SlotPool
 from ckptd.tiers.disk import DiskTier
 
@@ -604,6 +606,7 @@ class Daemon:
             "budget_bytes": self.pool.budget_bytes,
             "slot_bytes_in_use": self.pool.bytes_in_use,
             "slots": len(self.pool.slots),
+            "slots_busy": sum(1 for s in self.pool.slots.values() if s.writing or s.readers > 0),
             "draining": self.draining,
             "tiers": ["memory"] + (["disk"] if self.disk is not None else [])
             + (["object"] if self.object is not None else [])
@@ -619,12 +622,61 @@ class Daemon:
             return result, ""
         await self._drop_partial_steps_after(job, result.step)
         result = await self.restorer.execute(job, rank, world_size, result)
+        return result, self._lease_restore(result, client_pid)
+
+    def _lease_restore(self, result: RestoreResult, client_pid: int) -> str:
         assert result.slot is not None
         lease = RestoreLease(uuid.uuid4().hex, result.slot,
                              client_pid if client_pid > 0 and _pid_alive(client_pid) else 0,
                              time.monotonic() + self.cfg.memory.lease_timeout_s)
         self.restore_leases[lease.lease_id] = lease
-        return result, lease.lease_id
+        return lease.lease_id
+
+    async def restore_stream(self, job: str, rank: int, world_size: int, step: int | None,
+                             client_pid: int) -> AsyncIterator[tuple[RestoreEvent, RestoreResult, str]]:
+        """A restore whose progress is streamed (ckptd/restore_stream.py): yields each event with
+        the result so far; the last is "done" with the lease id, or an error is raised."""
+        _check_ids(job, 0 if step is None else step, rank, world_size)
+        result = await self.restorer.plan(job, rank, world_size, step)
+        await self._drop_partial_steps_after(job, result.step)
+        progress = RestoreProgress()
+        task = asyncio.create_task(self.restorer.execute(job, rank, world_size, result, progress),
+                                   name=f"restore-{job}-{rank}")
+
+        def finished(t: asyncio.Task[RestoreResult]) -> None:
+            if t.cancelled():
+                progress.fail(CkptdError("restore cancelled"))
+            elif (exc := t.exception()) is not None:
+                progress.fail(exc)
+            else:
+                progress.done()
+
+        task.add_done_callback(finished)
+        lease_id = ""
+        try:
+            while True:
+                ev = await progress.queue.get()
+                while ev.kind == "ready" and not progress.queue.empty():  # coalesce progress
+                    nxt = progress.queue.get_nowait()
+                    if nxt.kind != "ready":
+                        yield ev, result, ""
+                    ev = nxt
+                if ev.kind == "error":
+                    assert ev.error is not None
+                    raise ev.error
+                if ev.kind == "done":
+                    lease_id = self._lease_restore(await task, client_pid)
+                    yield ev, result, lease_id
+                    return
+                yield ev, result, ""
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            elif not lease_id and not task.cancelled() and task.exception() is None:
+                slot = task.result().slot  # filled, but the client left before it was leased
+                if slot is not None:
+                    await self._release_restore_slot(slot)
 
     async def _drop_partial_steps_after(self, job: str, step: int) -> None:
         """A restore to ``step`` starts a new incarnation of the job: shards of later steps that
@@ -648,9 +700,12 @@ class Daemon:
         lease = self.restore_leases.pop(lease_id, None)
         if lease is None:
             raise NotFound(f"unknown or expired restore lease {lease_id[:16]!r}")
-        await self.pool.unpin(lease.slot)
-        if lease.slot.content is None and lease.slot.readers == 0:
-            await self.pool.free(lease.slot)
+        await self._release_restore_slot(lease.slot)
+
+    async def _release_restore_slot(self, slot: Slot) -> None:
+        await self.pool.unpin(slot)
+        if slot.content is None and slot.readers == 0:
+            await self.pool.free(slot)
 
     # -- retention by hand: ckptctl rm, pin/unpin, gc (ckptd/admin.py) ----------------------
     def _init_admin(self) -> StepAdmin:

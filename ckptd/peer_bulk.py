@@ -160,8 +160,10 @@ def send_frames(sock: socket.socket, view: memoryview, chunk_bytes: int, crcs: S
         raise TierFailed(f"bulk send failed: {exc}") from None
 
 
-def recv_frames(sock: socket.socket, dst: memoryview, verifier: StreamVerifier, idle_timeout_s: float) -> None:
-    """Receive frames into ``dst`` and verify each; raise on anything malformed (blocking)."""
+def recv_frames(sock: socket.socket, dst: memoryview, verifier: StreamVerifier, idle_timeout_s: float,
+                on_verified: Callable[[int], None] | None = None) -> None:
+    """Receive frames into ``dst`` and verify each; raise on anything malformed (blocking).
+    ``on_verified(n)`` is called (from this thread) whenever the verified prefix grows to n bytes."""
     head = bytearray(FRAME_HEAD.size)
     head_view = memoryview(head)
     try:
@@ -173,6 +175,8 @@ def recv_frames(sock: socket.socket, dst: memoryview, verifier: StreamVerifier, 
             piece = dst[off : off + n]
             _recv_exact(sock, piece)
             verifier.feed(off, piece, crc)
+            if on_verified is not None:
+                on_verified(verifier.verified_bytes)
         verifier.finish()
     except TimeoutError:
         raise Timeout(f"bulk receive stalled for {idle_timeout_s}s (peer not sending)") from None

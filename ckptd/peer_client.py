@@ -252,10 +252,12 @@ class PeerClient:
 
     # -- fetch --------------------------------------------------------------------------------
     async def fetch_into(self, target: str, job: str, step: int, rank: int, dst: Destination,
-                         deadline_s: float) -> FetchResult:
+                         deadline_s: float, on_verified: Callable[[int], None] | None = None) -> FetchResult:
         """Fetch a shard into ``dst`` (a buffer of >= nbytes, or an async factory given the header).
 
         Returns the verified header (layout and checksums) and the peer tier that served it.
+        ``on_verified(n)`` (called from any thread) reports that the first n bytes of ``dst`` are
+        written and matched the shard's checksum list, so a reader may consume them already.
         """
         request = ppb.FetchShardRequest(job=job, step=step, rank=rank, requester_node=self.node_id,
                                         want_bulk=self.bulk)
@@ -268,7 +270,8 @@ class PeerClient:
                 response_deserializer=decode_fetch_response)
             call = method(request, timeout=remaining_s, metadata=self._md)
             try:
-                return await self._read_shard(target, call, (job, step, rank), dst, resolved, t0, remaining_s)
+                return await self._read_shard(target, call, (job, step, rank), dst, resolved, t0, remaining_s,
+                                              on_verified)
             except BaseException:
                 call.cancel()
                 raise
@@ -276,7 +279,8 @@ class PeerClient:
         return await self._call(target, deadline_s, f"fetch of {job}@{step} rank {rank}", once)
 
     async def _read_shard(self, target: str, call: Any, key: tuple[str, int, int], dst: Destination,
-                          resolved: list[memoryview], t0: float, remaining_s: float) -> FetchResult:
+                          resolved: list[memoryview], t0: float, remaining_s: float,
+                          on_verified: Callable[[int], None] | None = None) -> FetchResult:
         first = await call.read()
         if first is _EOF:
             raise IntegrityError(f"peer {target} ended the shard stream before its header")
@@ -297,7 +301,8 @@ class PeerClient:
                 verifier = verifier_for_frames(e.nbytes, e.chunk_bytes, e.chunk_crc32c)
                 sock = await self._connect_bulk(target, first.bulk, remaining_s)
                 try:
-                    await in_thread(self.executor, sock, recv_frames, buf[: e.nbytes], verifier, remaining_s)
+                    await in_thread(self.executor, sock, recv_frames, buf[: e.nbytes], verifier, remaining_s,
+                                    on_verified)
                 finally:
                     sock.close()
                 if await call.read() is not _EOF:
@@ -309,6 +314,8 @@ class PeerClient:
                         raise InvalidArgument("a second header inside the stream")
                     verifier.feed(msg.offset, msg.data, msg.crc32c)
                     buf[msg.offset : msg.offset + len(msg.data)] = msg.data
+                    if on_verified is not None:
+                        on_verified(verifier.verified_bytes)
             verifier.finish()
         except InvalidArgument as exc:
             raise IntegrityError(f"peer {target} sent an invalid shard stream: {exc}") from None

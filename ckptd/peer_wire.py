@@ -283,6 +283,11 @@ class StreamVerifier:
                 self._run_len = 0
         self.received += n
 
+    @property
+    def verified_bytes(self) -> int:
+        """Length of the prefix whose integrity chunks all matched the shard's checksum list."""
+        return min(self._index * self.chunk_bytes, self.nbytes)
+
     def finish(self) -> None:
         if self.received != self.nbytes or self._index != len(self.expected):
             raise InvalidArgument(f"stream ended after {self.received} of {self.nbytes} bytes")

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from ckptd import metrics
 from ckptd.catalog import Catalog, ShardRecord, StepState, TierState, sidecar_meta
 from ckptd.errors import CkptdError, FailedPrecondition, IntegrityError, NotFound
-from ckptd.integrity import first_bad_chunk
 from ckptd.manifest import Manifest, ShardEntry
 from ckptd.peer_types import Holding, ReplicaHeader
 from ckptd.replication import PeerDirectory
+from ckptd.restore_stream import RestoreProgress, read_verified, verify_chunks
 from ckptd.shm import Slot, SlotPool
 from ckptd.tiers.base import Tier
 from ckptd.tiers.disk import DiskTier
@@ -156,21 +156,26 @@ class Restorer:
             log.warning("restore plan of %s@%d: %s manifest unusable: %s", job, step, tier.name.value, exc)
             return None
 
-    async def execute(self, job: str, rank: int, world_size: int, result: RestoreResult) -> RestoreResult:
+    async def execute(self, job: str, rank: int, world_size: int, result: RestoreResult,
+                      progress: RestoreProgress | None = None) -> RestoreResult:
+        """Fill a slot from the first valid source of the plan; ``progress`` (streamed restores)
+        hears of each source started, each verified prefix and each source rejected."""
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         for source in result.plan:
             try:
                 if source.tier == TierName.MEMORY:
-                    await self._from_memory(job, rank, result)
+                    await self._from_memory(job, rank, result, progress)
                 elif source.tier == TierName.PEER:
-                    await self._from_peer(source.detail.split()[0], job, rank, result)
+                    await self._from_peer(source.detail.split()[0], job, rank, result, progress)
                 else:
-                    await self._from_tier(source.tier, job, rank, world_size, result)
+                    await self._from_tier(source.tier, job, rank, world_size, result, progress)
             except CkptdError as exc:
                 log.warning("restore %s@%d rank %d: %s copy rejected: %s",
                             job, result.step, rank, source.tier.value, exc)
                 result.rejected.append(f"{source.tier.value}: {exc}")
+                if progress is not None:
+                    progress.failed_source(result.rejected[-1])
                 if isinstance(exc, IntegrityError):
                     metrics.CHECKSUM_FAILURES.labels(source.tier.value).inc()
                 continue
@@ -186,7 +191,8 @@ class Restorer:
             f"no valid copy of {job}@{result.step} rank {rank}: " + "; ".join(result.rejected)
         )
 
-    async def _from_memory(self, job: str, rank: int, result: RestoreResult) -> None:
+    async def _from_memory(self, job: str, rank: int, result: RestoreResult,
+                           progress: RestoreProgress | None) -> None:
         st = self.catalog.require(job, result.step)
         rec = st.shards.get(rank)
         slot = rec.slot if rec is not None else None
@@ -195,9 +201,11 @@ class Restorer:
         slot.readers += 1
         try:
             entry = rec.entry
+            if progress is not None:
+                progress.start(TierName.MEMORY, slot, entry)
             bad = await asyncio.get_running_loop().run_in_executor(
-                self.executor, first_bad_chunk, slot.view(entry.nbytes), entry.chunk_bytes,
-                entry.chunk_crc32c)
+                self.executor, verify_chunks, slot.view(entry.nbytes), entry,
+                progress.ready_threadsafe if progress is not None else None)
             if bad is not None:
                 slot.content = None  # this copy is invalid: never serve it again
                 await self.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED,
@@ -209,7 +217,7 @@ class Restorer:
         result.entry, result.slot = entry, slot
 
     async def _from_tier(self, name: TierName, job: str, rank: int, world_size: int,
-                         result: RestoreResult) -> None:
+                         result: RestoreResult, progress: RestoreProgress | None) -> None:
         """Read a shard from a disk or object tier into a scratch slot, verified, then adopt it."""
         tier = self._tier(name)
         loop = asyncio.get_running_loop()
@@ -219,8 +227,17 @@ class Restorer:
         slot.readers += 1
         slot.writing = False
         try:
-            await loop.run_in_executor(
-                self.executor, tier.read_shard_into, job, result.step, entry, slot.view(entry.nbytes))
+            if progress is not None:
+                progress.start(name, slot, entry)
+            on_verified = progress.ready_threadsafe if progress is not None else None
+            if isinstance(tier, DiskTier):  # verified chunk by chunk, so a client can copy behind
+                await loop.run_in_executor(self.executor, read_verified, tier.shard_path(job, result.step, entry),
+                                           entry, slot.view(entry.nbytes), tier.block_bytes, on_verified)
+            else:
+                await loop.run_in_executor(
+                    self.executor, tier.read_shard_into, job, result.step, entry, slot.view(entry.nbytes))
+                if progress is not None:
+                    progress.ready(entry.nbytes)
         except BaseException:
             slot.readers -= 1
             await self.pool.free(slot)
@@ -238,7 +255,8 @@ class Restorer:
         await self.pool.notify()
         result.entry, result.slot = entry, slot
 
-    async def _from_peer(self, node: str, job: str, rank: int, result: RestoreResult) -> None:
+    async def _from_peer(self, node: str, job: str, rank: int, result: RestoreResult,
+                         progress: RestoreProgress | None) -> None:
         """Fetch rank's shard from a peer into a scratch slot (verified by the client), adopt it."""
         assert self.peers is not None
         peer = self.peers.addrs[node]
@@ -249,11 +267,14 @@ class Restorer:
             slot.readers += 1
             slot.writing = False
             slots.append(slot)
+            if progress is not None:
+                progress.start(TierName.PEER, slot, h.entry)
             return slot.view(h.nbytes)
 
         try:
             res = await self.peers.client.fetch_into(peer.target, job, result.step, rank, lease,
-                                                     self.peers.fetch_timeout_s)
+                                                     self.peers.fetch_timeout_s,
+                                                     progress.ready_threadsafe if progress is not None else None)
         except BaseException:
             for s in slots:
                 s.readers -= 1

@@ -122,6 +122,29 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         return resp
 
     @_rpc
+    async def Restore(self, request: pb.PrepareRestoreRequest, context: Any) -> None:  # type: ignore[override]
+        """PrepareRestore with progress: see RestoreEvent in the proto and ckptd/restore_stream.py."""
+        if request.dry_run:
+            raise InvalidArgument("Restore streams a real restore; plan with PrepareRestore(dry_run=true)")
+        async for ev, result, lease_id in self.d.restore_stream(
+                request.job, request.rank, request.world_size, _step_arg(request.step), request.client_pid):
+            if ev.kind == "ready":
+                await context.write(pb.RestoreEvent(ready_bytes=ev.ready_bytes))
+            elif ev.kind == "restart":
+                await context.write(pb.RestoreEvent(restart=ev.reason))
+            elif ev.kind == "start":
+                assert ev.slot is not None and ev.entry is not None and ev.tier is not None
+                start = pb.PrepareRestoreResponse(
+                    step=result.step, slot_path=str(ev.slot.path), nbytes=ev.entry.nbytes, served_from=ev.tier.value,
+                    plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan])
+                start.layout.CopyFrom(tensors_to_pb(ev.entry.tensors, json.dumps(ev.entry.tree)))
+                await context.write(pb.RestoreEvent(start=start))
+            else:  # done
+                await context.write(pb.RestoreEvent(done=pb.PrepareRestoreResponse(
+                    lease_id=lease_id, step=result.step, rejected=result.rejected, read_s=result.read_s,
+                    served_from=result.served_from.value if result.served_from else "")))
+
+    @_rpc
     async def ReleaseRestore(self, request: pb.ReleaseRestoreRequest, context: Any) -> pb.ReleaseRestoreResponse:
         await self.d.release_restore(request.lease_id)
         return pb.ReleaseRestoreResponse()
@@ -161,7 +184,8 @@ def add_checkpoint_servicer(servicer: CheckpointServicer, server: grpc.aio.Serve
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in pb.DESCRIPTOR.services_by_name["CheckpointService"].methods:
         req, resp = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
             getattr(servicer, method.name), request_deserializer=lenient(req.FromString, method.input_type.name),
             response_serializer=resp.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

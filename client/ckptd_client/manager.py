@@ -18,7 +18,6 @@ import mmap
 import os
 import statistics
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +26,9 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.errors import BudgetExhausted, CkptdError, FailedPrecondition, NotFound, TierFailed
 from ckptd.integrity import chunk_crcs
 from ckptd.types import Level, validate_job, validate_step
+from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
-from ckptd_client.tree import Restorer, copy_into, flatten
+from ckptd_client.tree import copy_into, flatten
 
 log = logging.getLogger("ckptd_client")
 
@@ -323,38 +323,17 @@ class CheckpointManager:
                 if agreed < 0:
                     return None
         req_step = -1 if step == "latest" else validate_step(int(step))
+        request = pb.PrepareRestoreRequest(job=self.job, rank=self.rank, world_size=self.world_size, step=req_step,
+                                           client_pid=os.getpid())
         try:
-            resp = self.conn.call(self.conn.stub.PrepareRestore, pb.PrepareRestoreRequest(
-                job=self.job, rank=self.rank, world_size=self.world_size, step=req_step,
-                client_pid=os.getpid()), timeout_s=600)
+            start, done = restore_streamed(self.conn, request, state, timeout_s=600)
         except NotFound:
             if step == "latest":
                 return None
             raise
-        try:
-            import json
-
-            from ckptd_client.convert import tensors_from_layout
-            fd = os.open(resp.slot_path, os.O_RDONLY)
-            try:
-                mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*not writable.*")
-                    Restorer(mm, tensors_from_layout(resp.layout)).apply(
-                        json.loads(resp.layout.tree_json), state)
-            finally:
-                try:
-                    mm.close()
-                except BufferError:
-                    pass
-        finally:
-            self.conn.call(self.conn.stub.ReleaseRestore, pb.ReleaseRestoreRequest(lease_id=resp.lease_id))
-        self.last_restore = RestoreInfo(int(resp.step), resp.served_from, time.perf_counter() - t0,
-                                        resp.read_s, list(resp.rejected))
-        return int(resp.step)
+        self.last_restore = RestoreInfo(int(done.step), done.served_from, time.perf_counter() - t0,
+                                        done.read_s, list(done.rejected))
+        return int(done.step)
 
     def _agree_latest(self) -> int | None:
         """Every rank's newest restorable step, gathered; the job resumes from the oldest of them.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,16 +176,28 @@ def view_of(buf: Any, kind: str, t: TensorEntry) -> Any:
 
 
 class Restorer:
-    """Apply a saved tree onto a live state (see module docstring)."""
+    """Apply a saved tree onto a live state (see module docstring).
 
-    def __init__(self, buf: Any, tensors: list[TensorEntry]) -> None:
+    With ``wait``, the buffer is still being filled: ``wait(n)`` returns once bytes [0, n) are
+    there, and a large tensor restored in place is copied piece by piece behind the fill.
+    """
+
+    def __init__(self, buf: Any, tensors: list[TensorEntry], wait: Callable[[int], None] | None = None,
+                 piece_bytes: int = 16 * 2**20) -> None:
         self.buf = buf
         self.tensors = tensors
+        self.wait = wait
+        self.piece_bytes = piece_bytes
 
     def apply(self, node: dict[str, Any], cur: Any, path: str = "") -> Any:
         ((kind, val),) = node.items()
         if kind in ("t", "a"):
-            src = view_of(self.buf, kind, self.tensors[val])
+            t = self.tensors[val]
+            src = view_of(self.buf, kind, t)
+            if self.wait is not None:
+                if t.nbytes > self.piece_bytes and self._in_pieces(t, cur, kind):
+                    return cur
+                self.wait(t.offset + t.nbytes)
             return self._tensor(src, cur, kind, path)
         if kind == "v":
             return val
@@ -213,6 +226,34 @@ class Restorer:
             cur.load_state_dict(sd)
             return cur
         raise ValueError(f"{path}: unknown tree node {kind!r}")
+
+    def _in_pieces(self, t: TensorEntry, cur: Any, kind: str) -> bool:
+        """Copy t into ``cur`` (same shape and dtype, contiguous) piece by piece as the bytes
+        arrive; False (nothing copied) when cur cannot take a flat byte copy."""
+        shape = tuple(t.shape)
+        if kind == "t":
+            torch = _torch()
+            if torch is None or not isinstance(cur, torch.Tensor) or tuple(cur.shape) != shape \
+                    or str(cur.dtype).removeprefix("torch.") != t.dtype or not cur.is_contiguous() \
+                    or cur.device.type != "cpu":
+                return False
+            dst = cur.detach().view(-1).view(torch.uint8)
+            src = torch.from_numpy(np.frombuffer(self.buf, dtype=np.uint8, count=t.nbytes, offset=t.offset))
+        else:
+            if not isinstance(cur, np.ndarray) or cur.shape != shape or cur.dtype != np.dtype(t.dtype) \
+                    or not cur.flags.c_contiguous or not cur.flags.writeable:
+                return False
+            dst = cur.reshape(-1).view(np.uint8)
+            src = np.frombuffer(self.buf, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        assert self.wait is not None
+        for a in range(0, t.nbytes, self.piece_bytes):
+            b = min(a + self.piece_bytes, t.nbytes)
+            self.wait(t.offset + b)
+            if kind == "t":
+                dst[a:b].copy_(src[a:b])
+            else:
+                np.copyto(dst[a:b], src[a:b])
+        return True
 
     def _tensor(self, src: Any, cur: Any, kind: str, path: str) -> Any:
         if kind == "t":

@@ -695,6 +695,50 @@ class PrepareRestoreResponse(_message.Message):
 Global___PrepareRestoreResponse: _TypeAlias = PrepareRestoreResponse  # noqa: Y015
 
 @_typing.final
+class RestoreEvent(_message.Message):
+    """One event of a streamed restore (rpc Restore). The first is `start`; the client maps
+    start.slot_path and may copy bytes [0, ready_bytes) into its tensors while the daemon keeps
+    reading: they are written and matched the shard's crc32c list. `restart` voids what was copied
+    from the current source (it failed); another `start` follows. The last is `done` (with the
+    lease to release through ReleaseRestore); errors end the stream with the typed status.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    READY_BYTES_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    ready_bytes: _builtins.int
+    restart: _builtins.str
+    """why the source was rejected"""
+    @_builtins.property
+    def start(self) -> Global___PrepareRestoreResponse:
+        """slot_path, nbytes, layout, step, plan, served_from = the source"""
+
+    @_builtins.property
+    def done(self) -> Global___PrepareRestoreResponse:
+        """lease_id, served_from, rejected, read_s"""
+
+    def __init__(
+        self,
+        *,
+        start: Global___PrepareRestoreResponse | None = ...,
+        ready_bytes: _builtins.int = ...,
+        restart: _builtins.str = ...,
+        done: Global___PrepareRestoreResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "ready_bytes", b"ready_bytes", "restart", b"restart", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "event", b"event", "ready_bytes", b"ready_bytes", "restart", b"restart", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "ready_bytes", "restart", "done"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___RestoreEvent: _TypeAlias = RestoreEvent  # noqa: Y015
+
+@_typing.final
 class ReleaseRestoreRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -803,6 +847,7 @@ class DaemonStatusResponse(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
+    SLOTS_BUSY_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     root: _builtins.str
     shm_dir: _builtins.str
@@ -810,6 +855,8 @@ class DaemonStatusResponse(_message.Message):
     slot_bytes_in_use: _builtins.int
     slots: _builtins.int
     draining: _builtins.bool
+    slots_busy: _builtins.int
+    """slots being written or read (a save, a restore, a drain) right now"""
     @_builtins.property
     def tiers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -823,10 +870,11 @@ class DaemonStatusResponse(_message.Message):
         slots: _builtins.int = ...,
         draining: _builtins.bool = ...,
         tiers: _abc.Iterable[_builtins.str] | None = ...,
+        slots_busy: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "root", b"root", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "root", b"root", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "slots_busy", b"slots_busy", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

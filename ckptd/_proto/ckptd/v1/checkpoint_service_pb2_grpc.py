@@ -74,6 +74,11 @@ class CheckpointServiceStub:
                 request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareRestoreRequest.SerializeToString,
                 response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareRestoreResponse.FromString,
                 _registered_method=True)
+        self.Restore = channel.unary_stream(
+                '/ckptd.v1.CheckpointService/Restore',
+                request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareRestoreRequest.SerializeToString,
+                response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RestoreEvent.FromString,
+                _registered_method=True)
         self.ReleaseRestore = channel.unary_unary(
                 '/ckptd.v1.CheckpointService/ReleaseRestore',
                 request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.ReleaseRestoreRequest.SerializeToString,
@@ -157,6 +162,13 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Restore(self, request, context):
+        """PrepareRestore, streamed
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseRestore(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -235,6 +247,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.PrepareRestore,
                     request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareRestoreRequest.FromString,
                     response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareRestoreResponse.SerializeToString,
+            ),
+            'Restore': grpc.unary_stream_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareRestoreRequest.FromString,
+                    response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RestoreEvent.SerializeToString,
             ),
             'ReleaseRestore': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseRestore,
@@ -483,6 +500,33 @@ class CheckpointService:
             '/ckptd.v1.CheckpointService/PrepareRestore',
             ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareRestoreRequest.SerializeToString,
             ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareRestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ckptd.v1.CheckpointService/Restore',
+            ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareRestoreRequest.SerializeToString,
+            ckptd_dot_v1_dot_checkpoint__service__pb2.RestoreEvent.FromString,
             options,
             channel_credentials,
             insecure,

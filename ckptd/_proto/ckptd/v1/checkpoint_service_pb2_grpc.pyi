@@ -45,6 +45,8 @@ class CheckpointServiceStub:
     ListSteps: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.ListStepsRequest, _checkpoint_service_pb2.ListStepsResponse]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.ListJobsRequest, _checkpoint_service_pb2.ListJobsResponse]
     PrepareRestore: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PrepareRestoreRequest, _checkpoint_service_pb2.PrepareRestoreResponse]
+    Restore: _grpc.UnaryStreamMultiCallable[_checkpoint_service_pb2.PrepareRestoreRequest, _checkpoint_service_pb2.RestoreEvent]
+    """PrepareRestore, streamed"""
     ReleaseRestore: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.ReleaseRestoreRequest, _checkpoint_service_pb2.ReleaseRestoreResponse]
     GetManifest: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.GetManifestRequest, _checkpoint_service_pb2.GetManifestResponse]
     DaemonStatus: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.DaemonStatusRequest, _checkpoint_service_pb2.DaemonStatusResponse]
@@ -63,6 +65,8 @@ class CheckpointServiceAsyncStub(CheckpointServiceStub):
     ListSteps: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.ListStepsRequest, _checkpoint_service_pb2.ListStepsResponse]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.ListJobsRequest, _checkpoint_service_pb2.ListJobsResponse]  # type: ignore[assignment]
     PrepareRestore: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PrepareRestoreRequest, _checkpoint_service_pb2.PrepareRestoreResponse]  # type: ignore[assignment]
+    Restore: _aio.UnaryStreamMultiCallable[_checkpoint_service_pb2.PrepareRestoreRequest, _checkpoint_service_pb2.RestoreEvent]  # type: ignore[assignment]
+    """PrepareRestore, streamed"""
     ReleaseRestore: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.ReleaseRestoreRequest, _checkpoint_service_pb2.ReleaseRestoreResponse]  # type: ignore[assignment]
     GetManifest: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.GetManifestRequest, _checkpoint_service_pb2.GetManifestResponse]  # type: ignore[assignment]
     DaemonStatus: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.DaemonStatusRequest, _checkpoint_service_pb2.DaemonStatusResponse]  # type: ignore[assignment]
@@ -126,6 +130,14 @@ class CheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _checkpoint_service_pb2.PrepareRestoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_checkpoint_service_pb2.PrepareRestoreResponse, _abc.Awaitable[_checkpoint_service_pb2.PrepareRestoreResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Restore(
+        self,
+        request: _checkpoint_service_pb2.PrepareRestoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_checkpoint_service_pb2.RestoreEvent], _abc.AsyncIterator[_checkpoint_service_pb2.RestoreEvent]]:
+        """PrepareRestore, streamed"""
 
     @_abc_1.abstractmethod
     def ReleaseRestore(

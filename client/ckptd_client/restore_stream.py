@@ -1,0 +1,113 @@
+"""Client side of the streamed restore (rpc Restore): copy into the state behind the daemon's read.
+
+The daemon announces the slot it is filling (``start``), then how much of it is verified
+(``ready_bytes``); this module maps the slot and lets ``Restorer`` copy each piece as soon as it
+is verified, so the copy into the caller's tensors overlaps the daemon's read from disk or a peer
+instead of following it. A ``restart`` (the source failed part-way) voids the copy: the state is
+restored again from the next source's slot. The lease in ``done`` is always released.
+
+Invariant: no byte is copied out of the slot before the daemon reported it verified; the call
+returns only after ``done``, so a restore that returns filled the state from one source alone.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd.errors import CkptdError, from_rpc_error
+from ckptd_client.convert import tensors_from_layout
+from ckptd_client.rpc import Connection
+from ckptd_client.tree import Restorer
+
+
+class _Restart(Exception):
+    """The daemon rejected the source being copied; start over from the next one."""
+
+
+class _Stream:
+    def __init__(self, events: Iterator[pb.RestoreEvent]) -> None:
+        self.events = events
+        self.start: pb.PrepareRestoreResponse | None = None
+        self.done: pb.PrepareRestoreResponse | None = None
+        self.ready_bytes = 0
+        self.mm: mmap.mmap | None = None
+
+    def next_event(self) -> None:
+        try:
+            ev = next(self.events)
+        except StopIteration:
+            raise CkptdError("the daemon ended the restore stream without finishing it") from None
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        kind = ev.WhichOneof("event")
+        if kind == "start":
+            self.unmap()
+            self.start, self.ready_bytes = ev.start, 0
+            try:
+                fd = os.open(ev.start.slot_path, os.O_RDONLY)
+            except FileNotFoundError:  # the daemon already rejected this source and freed its slot:
+                while True:  # its restart (raises _Restart) or the stream's error comes next
+                    self.next_event()
+            try:
+                self.mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ) if ev.start.nbytes else None
+            finally:
+                os.close(fd)
+        elif kind == "ready_bytes":
+            self.ready_bytes = ev.ready_bytes
+        elif kind == "restart":
+            self.start = None
+            raise _Restart(ev.restart)
+        elif kind == "done":
+            self.done = ev.done
+            self.ready_bytes = self.start.nbytes if self.start is not None else 0
+
+    def wait(self, end: int) -> None:
+        while self.ready_bytes < end:
+            if self.done is not None:
+                raise CkptdError(f"restore finished with {self.ready_bytes} bytes, {end} needed")
+            self.next_event()
+
+    def unmap(self) -> None:
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a view still alive (e.g. in a traceback): the GC unmaps it
+                pass
+            self.mm = None
+
+
+def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state: Any,
+                     timeout_s: float) -> tuple[pb.PrepareRestoreResponse, pb.PrepareRestoreResponse]:
+    """Fill ``state`` through rpc Restore; return (the start of the source used, done)."""
+    call: Any = conn.stub.Restore(request, timeout=timeout_s)
+    s = _Stream(call)
+    try:
+        while True:
+            try:
+                while s.start is None:
+                    s.next_event()
+                start = s.start
+                buf = s.mm if s.mm is not None else b""
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*not writable.*")
+                    Restorer(buf, tensors_from_layout(start.layout), wait=s.wait).apply(
+                        json.loads(start.layout.tree_json), state)
+                while s.done is None:
+                    s.next_event()
+                return start, s.done
+            except _Restart:
+                continue
+    finally:
+        s.unmap()
+        if s.done is not None and s.done.lease_id:
+            conn.call(conn.stub.ReleaseRestore, pb.ReleaseRestoreRequest(lease_id=s.done.lease_id))
+        else:
+            call.cancel()

@@ -1,0 +1,103 @@
+"""The streamed restore (rpc Restore): verified prefixes, a source failing part-way, a client leaving.
+
+A 40 MiB shard spans three 16 MiB integrity chunks, so the daemon reports progress more than once
+and the client copies the big tensor piece by piece behind it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd.types import Level
+from tests.fault.faultkit import JOB, MiB, Raw, flip_byte, make_state, manager, restore_checked, slot_of, wait_until
+
+NBYTES = 40 * MiB
+CHUNK = 16 * MiB
+
+
+def _request(step: int) -> pb.PrepareRestoreRequest:
+    return pb.PrepareRestoreRequest(job=JOB, rank=0, world_size=1, step=step, client_pid=os.getpid())
+
+
+def _events(raw: Raw, step: int) -> list[pb.RestoreEvent]:
+    evs = list(raw.stub.Restore(_request(step), timeout=60))
+    assert evs and evs[-1].WhichOneof("event") == "done", evs
+    raw.stub.ReleaseRestore(pb.ReleaseRestoreRequest(lease_id=evs[-1].done.lease_id), timeout=10)
+    return evs
+
+
+def _saved(daemon_factory, steps=(1,)):
+    d = daemon_factory()
+    with manager(d.addr) as m:
+        for step in steps:
+            assert m.save(step, make_state(step, 0, NBYTES)).wait(Level.LOCAL_DURABLE, timeout_s=60).step == step
+    return d
+
+
+def _without_shm(daemon_factory, d):
+    d.kill()
+    shutil.rmtree(d.shm_dir)
+    return daemon_factory(root=d.root, shm_dir=d.shm_dir)
+
+
+def test_disk_restore_streams_verified_prefixes(daemon_factory):
+    d = _without_shm(daemon_factory, _saved(daemon_factory))
+    with Raw(d.addr) as raw:
+        evs = _events(raw, 1)
+        kinds = [e.WhichOneof("event") for e in evs]
+        assert kinds[0] == "start" and evs[0].start.served_from == "disk", kinds
+        assert "restart" not in kinds
+        nbytes = evs[0].start.nbytes
+        ready = [e.ready_bytes for e in evs if e.WhichOneof("event") == "ready_bytes"]
+        assert ready and ready == sorted(set(ready)) and ready[-1] == nbytes, ready
+        assert all(r % CHUNK == 0 or r == nbytes for r in ready), ready  # whole verified chunks only
+        assert evs[-1].done.served_from == "disk" and evs[-1].done.step == 1
+    with manager(d.addr) as m:  # memory was re-warmed by the streamed read; drop it again
+        restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
+    d2 = _without_shm(daemon_factory, d)
+    with manager(d2.addr) as m:  # the client's piecewise copy of the 40 MiB tensor, behind the read
+        restore_checked(m, 1, make_state(1, 0, NBYTES), "disk")
+
+
+def test_memory_copy_failing_part_way_restarts_from_disk(daemon_factory):
+    d = _saved(daemon_factory, steps=(1, 2))
+    slot, _ = slot_of(d.shm_dir, 2)
+    flip_byte(slot, 2 * CHUNK + 5)  # chunks 0 and 1 verify, chunk 2 does not
+    with Raw(d.addr) as raw:
+        evs = _events(raw, 2)
+    kinds = [e.WhichOneof("event") for e in evs]
+    starts = [e.start.served_from for e in evs if e.WhichOneof("event") == "start"]
+    assert starts == ["memory", "disk"], kinds
+    restart = kinds.index("restart")
+    before = [e.ready_bytes for e in evs[:restart] if e.WhichOneof("event") == "ready_bytes"]
+    assert all(r <= 2 * CHUNK for r in before), before  # never past the bad chunk
+    assert "memory" in evs[restart].restart and "crc32c" in evs[restart].restart
+    assert evs[-1].done.served_from == "disk" and any("memory" in r for r in evs[-1].done.rejected)
+
+
+def test_client_restart_path_gives_exact_bytes(daemon_factory):
+    d = _saved(daemon_factory, steps=(1, 2))
+    slot, meta = slot_of(d.shm_dir, 2)
+    flip_byte(slot, meta["shard"]["nbytes"] - 3)  # the last chunk: the client has copied most of it already
+    with manager(d.addr) as m:
+        restore_checked(m, 2, make_state(2, 0, NBYTES), "disk")
+        assert m.last_restore is not None and any("memory" in r for r in m.last_restore.rejected)
+
+
+def test_client_leaving_mid_stream_leaks_nothing(daemon_factory):
+    d = _without_shm(daemon_factory, _saved(daemon_factory))
+    with Raw(d.addr) as raw:
+        assert raw.status().slots_busy == 0
+        call = raw.stub.Restore(_request(1), timeout=60)
+        first = next(call)
+        assert first.WhichOneof("event") == "start" and first.start.served_from == "disk"
+        assert raw.status().slots_busy >= 1  # the scratch slot being filled
+        call.cancel()
+        # the read is cancelled (its slot freed) or it finished and was never leased: no pin stays
+        wait_until(lambda: raw.status().slots_busy == 0, 20, "the cancelled restore released its slot")
+        _events(raw, 1)  # and the daemon serves the next restore
+        assert raw.status().slots_busy == 0
+    with manager(d.addr) as m:  # the last streamed read re-warmed memory
+        restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
