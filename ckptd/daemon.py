@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptd import __version__, metrics
+from ckptd import __version__, fsops, metrics
 from ckptd.catalog import (
     Catalog,
     ShardRecord,
@@ -154,7 +154,7 @@ class Daemon:
     # -- life cycle -------------------------------------------------------------------------
     def _lock(self) -> None:
         root = self.cfg.daemon.root
-        root.mkdir(parents=True, exist_ok=True)
+        fsops.DEFAULT.makedirs(root)  # durably: a power loss must not take a new root's first steps
         fd = os.open(root / "ckptd.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
