@@ -1,0 +1,444 @@
+"""The one invariant checker of the fault scenarios (DESIGN.md sections 2, 3 and 9).
+
+A scenario records every save in a ``Ledger`` (which variant of which (step, rank) it wrote, what
+the save() call returned and how long it blocked, which durability levels each step was
+acknowledged at), injects its fault, says in an ``Expect`` what the fault was allowed to destroy,
+and calls ``check``. The checker then verifies, against the live daemons and the object store:
+
+* ``acked``: no acknowledged checkpoint is lost at the level it was acknowledged: for every level
+  and rank, the newest step acknowledged at that level restores bit-exact, unless every copy the
+  level promises was destroyed by the declared fault;
+* ``committed``: every step any daemon (or the store) lists as committed restores bit-exact for
+  each of its ranks; nothing partial or mixed (tensors of another step or rank) is committed;
+* ``corruption``: no restore succeeds with bytes other than the ones saved; a destroyed copy is
+  reported as a clear error (IntegrityError / NotFound), never served;
+* ``serving``: every daemon expected up answers health and ListSteps;
+* ``leaks``: no ``.tmp-*`` file on disk, no manifest-less step directory after a restart, no shm
+  file the pool does not own, no more slots than the pool allows, no unfinished multipart upload;
+* ``deadline``: no save() call blocked training past the configured deadline.
+
+States are numpy trees derived from (seed, step, rank, variant), so any mix-up is detectable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+from ckptd_client import CheckpointManager, CkptdError, IntegrityError, Level, NotFound
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
+
+KiB = 1024
+CLEAR_ERRORS = (IntegrityError, NotFound)  # how a destroyed copy must be reported
+IN_FLIGHT = (1, 2)  # TierState PENDING, IN_PROGRESS
+
+
+# -- states ----------------------------------------------------------------------------------
+def make_state(seed: int, step: int, rank: int, variant: int = 0, nbytes: int = 192 * KiB) -> dict[str, Any]:
+    """A deterministic state of about ``nbytes`` for (seed, step, rank, variant)."""
+    rng = np.random.default_rng([seed, step, rank, variant])
+    n = max(16, (nbytes - 4 * KiB) // 4)
+    return {
+        "model": {"w": rng.standard_normal(n, dtype=np.float32),
+                  "b": rng.integers(-(2**15), 2**15, size=(31, 7), dtype=np.int16)},
+        "opt": [rng.integers(0, 2**62, size=97, dtype=np.int64), rng.random(13)],
+        "meta": {"step": step, "rank": rank, "variant": variant, "lr": float(rng.random())},
+    }
+
+
+def _blank(state: Any) -> Any:
+    if isinstance(state, dict):
+        return {k: _blank(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_blank(v) for v in state]
+    if isinstance(state, np.ndarray):
+        return np.zeros_like(state)
+    return type(state)(-1)
+
+
+def _leaves(state: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(state, dict):
+        return {k2: v2 for k, v in state.items() for k2, v2 in _leaves(v, f"{path}.{k}").items()}
+    if isinstance(state, list):
+        return {k2: v2 for i, v in enumerate(state) for k2, v2 in _leaves(v, f"{path}[{i}]").items()}
+    return {path: state}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(b, float):
+        return isinstance(a, float) and a.hex() == b.hex()
+    return type(a) is type(b) and a == b
+
+
+# -- the ledger of what was saved and acknowledged -------------------------------------------
+@dataclass
+class Save:
+    step: int
+    rank: int
+    variant: int
+    node: str
+    ok: bool
+    error: str
+    seconds: float
+    refused: bool = False  # refused before any byte was taken (AlreadyExists, skipped): never committed
+
+
+@dataclass
+class Ledger:
+    """Every save, and every level the daemons confirmed. A fault opens a new epoch and names what
+    it destroyed ("memory@n1", "disk@n1", "node@n1", "store"); a loss only excuses acks made
+    before it."""
+
+    seed: int
+    job: str
+    world_size: int
+    nbytes: int
+    deadline_s: float
+    saves: list[Save] = field(default_factory=list)
+    acks: dict[tuple[int, Level], tuple[set[int], int]] = field(default_factory=dict)  # -> (ranks, epoch)
+    epoch: int = 0
+    losses: list[tuple[int, frozenset[str]]] = field(default_factory=list)
+
+    def state(self, step: int, rank: int, variant: int = 0) -> dict[str, Any]:
+        return make_state(self.seed, step, rank, variant, self.nbytes)
+
+    def ack(self, step: int, level: Level, ranks: Iterable[int]) -> None:
+        old = self.acks.get((step, level), (set(), 0))[0]
+        self.acks[(step, level)] = (old | set(ranks), self.epoch)
+
+    def fault(self, lost: Iterable[str] = ()) -> None:
+        self.losses.append((self.epoch, frozenset(lost)))
+        self.epoch += 1
+
+    def lost_since(self, epoch: int) -> frozenset[str]:
+        return frozenset(x for e, lost in self.losses if e >= epoch for x in lost)
+
+    def attempted(self, step: int, rank: int) -> set[int]:
+        """Variants of (step, rank) a daemon may hold: every save not refused outright."""
+        return {s.variant for s in self.saves if (s.step, s.rank) == (step, rank) and not s.refused}
+
+    def newest_acked(self, level: Level, rank: int) -> tuple[int, int] | None:
+        got = [(s, e) for (s, lv), (ranks, e) in self.acks.items() if lv == level and rank in ranks]
+        return max(got) if got else None
+
+    def levels(self) -> list[str]:
+        return sorted({lv.name for (_, lv) in self.acks}, key=lambda n: Level[n].value)
+
+
+# -- what a scenario tells the checker -------------------------------------------------------
+class NodeView(Protocol):
+    name: str
+    addr: str
+    ranks: tuple[int, ...]  # () = every rank (a one-node job)
+    data_dir: Path
+    shm_dir: Path
+    budget_bytes: int
+
+    def alive(self) -> bool: ...
+
+    def pid(self) -> int: ...
+
+
+@dataclass
+class Expect:
+    """What the fault may destroy, and what must hold afterwards."""
+
+    # (step, rank) or (step, rank, node): no valid copy is left (on that node)
+    unrecoverable: frozenset[tuple[Any, ...]] = frozenset()
+    # (step, rank) or (step, rank, node) whose only copies may be damaged: exact bytes or a clear error
+    degraded: frozenset[tuple[Any, ...]] = frozenset()
+    # (step, rank) -> the tier that must serve its first restore in this check
+    served: dict[tuple[int, int], str] = field(default_factory=dict)
+    down: frozenset[str] = frozenset()  # nodes that are down on purpose
+    recovered: frozenset[str] = frozenset()  # nodes restarted since the fault (recovery has run)
+
+
+@dataclass
+class Store:
+    client: Any
+    bucket: str
+    prefix: str
+
+
+@dataclass
+class Report:
+    phase: str
+    failures: dict[str, list[str]] = field(default_factory=dict)
+    lost: int = 0
+    partial: int = 0
+    corrupt: int = 0
+    served: dict[str, int] = field(default_factory=dict)
+    settled: bool = True
+
+    def fail(self, check: str, msg: str) -> None:
+        self.failures.setdefault(check, []).append(msg)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not (self.lost or self.partial or self.corrupt)
+
+
+CHECKS = ("acked", "committed", "corruption", "serving", "leaks", "deadline")
+
+
+def _survives(level: Level, home: str, nodes: list[str], lost: frozenset[str]) -> bool:
+    gone = {n for n in nodes if f"node@{n}" in lost}
+    if level == Level.PERSISTED:
+        return "store" not in lost
+    if level == Level.STAGED:
+        return home not in gone and f"memory@{home}" not in lost
+    if level == Level.LOCAL_DURABLE:
+        return home not in gone and f"disk@{home}" not in lost
+    own = home not in gone and not {f"memory@{home}", f"disk@{home}"} <= lost
+    return own or any(n != home and n not in gone and f"memory@{n}" not in lost for n in nodes)
+
+
+class Checker:
+    def __init__(self, ledger: Ledger, nodes: list[NodeView], store: Store | None,
+                 reader: Callable[[], NodeView] | None) -> None:
+        self.ledger = ledger
+        self.nodes = nodes
+        self.store = store
+        self.reader = reader
+        self.restored: set[tuple[int, int]] = set()
+
+    def home(self, rank: int) -> NodeView:
+        return next(n for n in self.nodes if not n.ranks or rank in n.ranks)
+
+    def restore(self, node: NodeView, step: int, rank: int, rep: Report, where: str, exp: Expect) -> bool:
+        """Restore (step, rank) on node into a blank state and judge it; True when it passed."""
+        led = self.ledger
+        keys = {(step, rank), (step, rank, node.name)}
+        expect_error, may_fail = bool(keys & exp.unrecoverable), bool(keys & exp.degraded)
+        need_tier = exp.served.get((step, rank)) if (step, rank) not in self.restored else None
+        self.restored.add((step, rank))
+        want = led.state(step, rank)
+        state = _blank(want)
+        m = CheckpointManager(led.job, rank=rank, world_size=led.world_size, addr=node.addr,
+                              node_ranks=node.ranks or None, connect_timeout_s=10)
+        try:
+            try:
+                got_step = m.restore(state, step=step)
+            except CLEAR_ERRORS as exc:
+                if expect_error or may_fail:
+                    return True
+                rep.fail(where, f"{step}/{rank} on {node.name}: {type(exc).__name__}: {exc}")
+                return False
+            except CkptdError as exc:
+                rep.fail(where, f"{step}/{rank} on {node.name}: unclear error {type(exc).__name__}: {exc}")
+                return False
+            served = m.last_restore.served_from if m.last_restore else "?"
+        finally:
+            m.close()
+        rep.served[served] = rep.served.get(served, 0) + 1
+        verdict = self.judge(state, step, rank)
+        if got_step != step or verdict != "exact":
+            rep.corrupt += verdict == "corrupt" or got_step != step
+            rep.partial += verdict == "mixed"
+            rep.fail("corruption", f"{step}/{rank} on {node.name} served from {served}: {verdict} "
+                                   f"(restored step {got_step})")
+            return False
+        if expect_error:
+            rep.fail("corruption", f"{step}/{rank} on {node.name}: served from {served} although no "
+                                   "valid copy should be left (the checker's expectation or the fault is wrong)")
+            return False
+        if need_tier is not None and served != need_tier:
+            rep.fail(where, f"{step}/{rank} on {node.name}: served from {served}, expected {need_tier}")
+            return False
+        return True
+
+    def judge(self, got: Any, step: int, rank: int) -> str:
+        """'exact' (one variant saved for (step, rank)), 'mixed' (parts of other saves), 'corrupt'."""
+        led = self.ledger
+        got_leaves = _leaves(got)
+        for variant in sorted(led.attempted(step, rank)) or [0]:
+            want = _leaves(led.state(step, rank, variant))
+            if all(_same(got_leaves[k], w) for k, w in want.items()):
+                return "exact"
+        others = [_leaves(led.state(s.step, s.rank, s.variant)) for s in led.saves]
+        if others and all(any(_same(v, o[k]) for o in others) for k, v in got_leaves.items()):
+            return "mixed"
+        return "corrupt"
+
+    # -- the checks ------------------------------------------------------------------------
+    def check_acked(self, exp: Expect, rep: Report) -> None:
+        led, names = self.ledger, [n.name for n in self.nodes]
+        done: set[tuple[str, int, int]] = set()
+        for level in Level:
+            for rank in range(led.world_size):
+                acked = led.newest_acked(level, rank)
+                if acked is None:
+                    continue
+                step, epoch = acked
+                home = self.home(rank)
+                if not _survives(level, home.name, names, led.lost_since(epoch)):
+                    continue
+                if level == Level.PERSISTED and self.reader is not None:
+                    node = self.reader()
+                elif home.alive() and home.name not in exp.down:
+                    node = home
+                else:
+                    continue  # the rank's node is down on purpose; checked once it is back
+                if (node.name, step, rank) in done:
+                    continue
+                done.add((node.name, step, rank))
+                if not self.restore(node, step, rank, rep, "acked", exp):
+                    rep.lost += 1
+
+    def committed_lists(self, exp: Expect, rep: Report) -> list[tuple[NodeView, int]]:
+        out = []
+        for node in self.nodes:
+            if node.name in exp.down or not node.alive():
+                continue
+            with grpc.insecure_channel(f"unix:{node.addr}") as ch:
+                try:
+                    resp = pb_grpc.CheckpointServiceStub(ch).ListSteps(
+                        pb.ListStepsRequest(job=self.ledger.job), timeout=15)
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                        rep.fail("serving", f"ListSteps on {node.name}: {err}")
+                    continue
+            out += [(node, s.step) for s in resp.steps if s.committed]
+        return out
+
+    def check_committed(self, exp: Expect, rep: Report) -> None:
+        led = self.ledger
+        for node, step in self.committed_lists(exp, rep):
+            for rank in node.ranks or range(led.world_size):
+                if not led.attempted(step, rank):
+                    rep.partial += 1
+                    rep.fail("committed", f"{node.name} lists step {step} committed, rank {rank} never saved it")
+                elif not self.restore(node, step, rank, rep, "committed", exp):
+                    rep.partial += 1
+        if self.store is None or self.reader is None:
+            return
+        s = self.store
+        listed = s.client.list_objects_v2(Bucket=s.bucket, Prefix=f"{s.prefix}/{led.job}/").get("Contents", [])
+        for key in sorted(o["Key"] for o in listed if o["Key"].endswith("/manifest.json")):
+            step = int(key.rsplit("/", 2)[-2].removeprefix("step-"))
+            for rank in range(led.world_size):
+                if not self.restore(self.reader(), step, rank, rep, "committed", exp):
+                    rep.partial += 1
+
+    def check_serving(self, exp: Expect, rep: Report) -> None:
+        for node in self.nodes:
+            if node.name in exp.down:
+                continue
+            if not node.alive():
+                rep.fail("serving", f"{node.name} is not running")
+                continue
+            with grpc.insecure_channel(f"unix:{node.addr}") as ch:
+                try:
+                    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                except grpc.RpcError as err:
+                    rep.fail("serving", f"{node.name} health: {err}")
+                    continue
+                if resp.status != health_pb2.HealthCheckResponse.SERVING:
+                    rep.fail("serving", f"{node.name} health status {resp.status}")
+
+    def check_leaks(self, exp: Expect, rep: Report) -> None:
+        for node in self.nodes:
+            if node.name in exp.down or not node.alive():
+                continue
+            job_dir = node.data_dir / self.ledger.job
+            for p in sorted(job_dir.glob("**/.tmp-*")) if job_dir.exists() else []:
+                rep.fail("leaks", f"{node.name}: temp file left: {p}")
+            if node.name in exp.recovered and job_dir.exists():
+                for p in sorted(job_dir.iterdir()):
+                    if p.is_dir() and not (p / "manifest.json").exists() and not _failed_drain(node, p):
+                        rep.fail("leaks", f"{node.name}: uncommitted step dir survived recovery: {p}")
+            self._check_shm(node, rep)
+        if self.store is not None:
+            s = self.store
+            ups = s.client.list_multipart_uploads(Bucket=s.bucket, Prefix=f"{s.prefix}/{self.ledger.job}/")
+            for u in ups.get("Uploads", []):
+                rep.fail("leaks", f"multipart upload left unfinished: {u['Key']} ({u['UploadId'][:12]})")
+
+    def _check_shm(self, node: NodeView, rep: Report) -> None:
+        with grpc.insecure_channel(f"unix:{node.addr}") as ch:
+            status = pb_grpc.CheckpointServiceStub(ch).DaemonStatus(pb.DaemonStatusRequest(), timeout=10)
+        files = sorted(node.shm_dir.iterdir()) if node.shm_dir.exists() else []
+        bins = [p for p in files if p.name.startswith("slot-") and p.name.endswith(".bin")]
+        strangers = [p.name for p in files if p not in bins and not
+                     (p.name.endswith(".meta.json") and p.with_name(p.name[:-10] + ".bin").exists())]
+        if strangers:
+            rep.fail("leaks", f"{node.name}: files in shm the pool does not own: {strangers}")
+        if len(bins) != status.slots:
+            rep.fail("leaks", f"{node.name}: {len(bins)} slot files in shm, the pool has {status.slots}")
+        maps = Path(f"/proc/{node.pid()}/maps").read_text() if node.alive() else ""
+        dead = sorted({line.split()[-2] for line in maps.splitlines()
+                       if str(node.shm_dir) in line and line.endswith("(deleted)")})
+        if dead:
+            rep.fail("leaks", f"{node.name}: the daemon still maps {len(dead)} removed slot file(s) "
+                              f"(shm memory outside the pool): {[Path(p).name for p in dead]}")
+        size = sum(p.stat().st_size for p in bins)
+        if size > node.budget_bytes or status.slot_bytes_in_use > node.budget_bytes:
+            rep.fail("leaks", f"{node.name}: {size} bytes of slots over the budget of {node.budget_bytes}")
+
+    def check_deadline(self, rep: Report) -> None:
+        for s in self.ledger.saves:
+            if s.seconds > self.ledger.deadline_s:
+                rep.fail("deadline", f"save of {s.step}/{s.rank} blocked {s.seconds:.2f}s "
+                                     f"(deadline {self.ledger.deadline_s:.1f}s)")
+
+
+def _failed_drain(node: NodeView, step_dir: Path) -> bool:
+    """A manifest-less step dir is not a recovery leftover if it holds a drain that failed after
+    the restart (its files stay until the next recovery; the failure is reported) or one in flight."""
+    step = int(step_dir.name.removeprefix("step-"))
+    with grpc.insecure_channel(f"unix:{node.addr}") as ch:
+        try:
+            st = pb_grpc.CheckpointServiceStub(ch).GetStepStatus(
+                pb.GetStepStatusRequest(job=step_dir.parent.name, step=step), timeout=10)
+        except grpc.RpcError:
+            return False
+    return any(t.tier == "disk" and t.state in (2, 4) for t in st.tiers)
+
+
+def settle(ledger: Ledger, nodes: list[NodeView], down: frozenset[str], timeout_s: float = 20.0) -> bool:
+    """Wait until no daemon has tier work in flight for the job; False if it did not settle."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = False
+        for node in nodes:
+            if node.name in down or not node.alive():
+                continue
+            with grpc.insecure_channel(f"unix:{node.addr}") as ch:
+                try:
+                    resp = pb_grpc.CheckpointServiceStub(ch).ListSteps(pb.ListStepsRequest(job=ledger.job), timeout=10)
+                except grpc.RpcError:
+                    continue
+            for s in resp.steps:
+                states = {t.tier: t.state for t in s.tiers}
+                if states.get("memory") == 3 and any(v in IN_FLIGHT for t, v in states.items() if t != "memory"):
+                    busy = True
+                elif any(v == 2 for t, v in states.items() if t != "memory"):  # a partial step stays 2
+                    busy = True
+        if not busy:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def check(ledger: Ledger, nodes: list[NodeView], exp: Expect, phase: str, store: Store | None = None,
+          reader: Callable[[], NodeView] | None = None) -> Report:
+    """Run every invariant once the daemons settled; the Report lists each failure by check."""
+    rep = Report(phase)
+    rep.settled = settle(ledger, nodes, exp.down)
+    c = Checker(ledger, nodes, store, reader)
+    c.check_serving(exp, rep)
+    c.check_acked(exp, rep)
+    c.check_committed(exp, rep)
+    c.check_leaks(exp, rep)
+    c.check_deadline(rep)
+    return rep

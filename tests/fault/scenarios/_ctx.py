@@ -1,0 +1,187 @@
+"""The context one scenario run works through: seeded choices, nodes, saves, acks, checks.
+
+``Ctx`` owns the run's random generator (seeded by scenario name and seed: every choice a
+scenario makes goes through ``choose``/``randint``/``uniform`` and is recorded in ``params``),
+its job name, its ledger (tests/fault/invariants.py), the nodes it started and the client
+managers it opened. ``save`` times every save() call for the deadline check; ``ack`` waits for a
+level and records it only when the daemon confirmed it; ``check`` runs the invariant checker and
+keeps its report.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ckptd_client import (
+    AlreadyExists,
+    BudgetExhausted,
+    CheckpointManager,
+    CkptdError,
+    FailedPrecondition,
+    InvalidArgument,
+    Level,
+    SaveHandle,
+)
+
+from tests.fault.invariants import Expect, Ledger, Report, check
+from tests.fault.scenarios._env import SAVE_DEADLINE_S, WAIT_TIMEOUT_S, Env, Node
+
+KiB = 1024
+GLOBAL_LEVELS = (Level.REPLICATED, Level.PERSISTED)  # reported for the whole step by every node
+REFUSALS = (AlreadyExists, BudgetExhausted, FailedPrecondition, InvalidArgument)  # nothing was written
+
+
+class Ctx:
+    def __init__(self, env: Env, name: str, seed: int, workdir: Path, world_size: int = 2,
+                 nbytes: int = 192 * KiB) -> None:
+        self.env = env
+        self.name = name
+        self.seed = seed
+        self.dir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.rng = random.Random(f"{name}:{seed}")
+        self.job = f"{name.replace('_', '-')}-{seed}-{uuid.uuid4().hex[:6]}"
+        self.ledger = Ledger(seed, self.job, world_size, nbytes, SAVE_DEADLINE_S)
+        self.nodes: list[Node] = []
+        self.params: dict[str, Any] = {}
+        self.story: list[str] = []
+        self.notes: list[str] = []
+        self.reports: list[Report] = []
+        self.uses_store = False
+        self.mounts: list[Path] = []
+        self._managers: dict[tuple[str, int], CheckpointManager] = {}
+
+    # -- seeded choices -----------------------------------------------------------------------
+    def choose(self, key: str, options: Iterable[Any]) -> Any:
+        v = self.rng.choice(list(options))
+        self.params[key] = v
+        return v
+
+    def randint(self, key: str, lo: int, hi: int) -> int:
+        v = self.rng.randint(lo, hi)
+        self.params[key] = v
+        return v
+
+    def uniform(self, key: str, lo: float, hi: float) -> float:
+        v = round(self.rng.uniform(lo, hi), 3)
+        self.params[key] = v
+        return v
+
+    def say(self, text: str) -> None:
+        self.story.append(text)
+
+    # -- nodes and clients ------------------------------------------------------------------
+    def node(self, name: str = "n1", **kw: Any) -> Node:
+        if kw.get("object"):
+            self.uses_store = True
+        n = self.env.node(name, self.dir, **kw)
+        self.nodes.append(n)
+        return n
+
+    def cluster(self, names: tuple[str, ...] = ("n1", "n2"), **kw: Any) -> list[Node]:
+        if kw.get("object"):
+            self.uses_store = True
+        nodes = self.env.cluster(self.dir, names, self.ledger.world_size, **kw)
+        self.nodes += nodes
+        return nodes
+
+    def home(self, rank: int) -> Node:
+        return next(n for n in self.nodes if not n.ranks or rank in n.ranks)
+
+    def manager(self, rank: int, node: Node | None = None) -> CheckpointManager:
+        node = node or self.home(rank)
+        key = (node.addr, rank)
+        m = self._managers.get(key)
+        if m is None:
+            m = self._managers[key] = CheckpointManager(
+                self.job, rank=rank, world_size=self.ledger.world_size, addr=node.addr,
+                node_ranks=node.ranks or None, wait_timeout_s=WAIT_TIMEOUT_S, connect_timeout_s=10)
+        return m
+
+    def forget_managers(self, node: Node) -> None:
+        for key in [k for k in self._managers if k[0] == node.addr]:
+            self._managers.pop(key).close()
+
+    # -- saves and acknowledgements ---------------------------------------------------------------
+    def save(self, step: int, ranks: Iterable[int] | None = None, variant: int = 0) -> dict[int, SaveHandle]:
+        """save() each rank's state through its home node; the ledger records it, timed."""
+        from tests.fault.invariants import Save
+
+        out = {}
+        for rank in range(self.ledger.world_size) if ranks is None else ranks:
+            node = self.home(rank)
+            m = self.manager(rank, node)
+            t0 = time.perf_counter()
+            h = m.save(step, self.ledger.state(step, rank, variant))
+            dt = time.perf_counter() - t0
+            refused = h.skipped or isinstance(h.error, REFUSALS)
+            self.ledger.saves.append(Save(step, rank, variant, node.name, h.ok, str(h.error or ""), dt, refused))
+            out[rank] = h
+        return out
+
+    def ack(self, step: int, level: Level, node: Node | None = None, timeout_s: float = 30.0) -> str:
+        """Wait for ``level`` of ``step`` as seen by node; record the ack. Returns '' or the error."""
+        node = node or self.nodes[0]
+        rank = node.ranks[0] if node.ranks else 0
+        try:
+            self.manager(rank, node)._wait(step, level, timeout_s)
+        except CkptdError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        everyone = level in GLOBAL_LEVELS or not node.ranks
+        self.ledger.ack(step, level, range(self.ledger.world_size) if everyone else node.ranks)
+        return ""
+
+    def must_ack(self, step: int, level: Level, node: Node | None = None, timeout_s: float = 30.0) -> None:
+        err = self.ack(step, level, node, timeout_s)
+        if err:
+            raise AssertionError(f"step {step} did not reach {level.name}: {err}")
+
+    def fault(self, what: str, *lost: str) -> None:
+        """Mark the fault: a new epoch; ``lost`` names what it destroyed (excuses older acks only)."""
+        self.ledger.fault(lost)
+        self.say(what + (f" (lost: {', '.join(lost)})" if lost else ""))
+
+    def restart(self, node: Node, **kw: Any) -> Node:
+        self.forget_managers(node)
+        return node.restart(**kw)
+
+    def restore(self, rank: int, step: int | str = "latest", node: Node | None = None) -> tuple[int | None, str]:
+        """Restore rank as a resuming trainer would; assert the bytes; return (step, served tier)."""
+        from tests.fault.invariants import Checker, _blank
+
+        m = self.manager(rank, node)
+        state = _blank(self.ledger.state(1, rank))
+        got = m.restore(state, step=step)
+        if got is None:
+            return None, ""
+        verdict = Checker(self.ledger, [], None, None).judge(state, got, rank)
+        assert verdict == "exact", f"resume of rank {rank} from step {got}: {verdict} bytes"
+        return got, m.last_restore.served_from if m.last_restore else "?"
+
+    def saved_ok(self, step: int) -> bool:
+        return all(s.ok for s in self.ledger.saves if s.step == step)
+
+    # -- checks -----------------------------------------------------------------------------
+    def check(self, phase: str, **expect: Any) -> Report:
+        exp = Expect(**{k: frozenset(v) if isinstance(v, (set, list, tuple)) else v for k, v in expect.items()})
+        store = self.env.store() if self.uses_store else None
+        reader = self.env.reader if self.uses_store else None
+        rep = check(self.ledger, list(self.nodes), exp, phase, store, reader)
+        self.reports.append(rep)
+        return rep
+
+    def close(self) -> None:
+        for m in self._managers.values():
+            m.close()
+        self._managers.clear()
+        for n in self.nodes:
+            n.kill()
+            shutil.rmtree(n.shm_dir, ignore_errors=True)
+        for path in self.mounts:
+            self.env.umount(path)
