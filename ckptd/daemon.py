@@ -114,6 +114,8 @@ class Daemon:
                 log.info("recovery removed uncommitted %s", path)
             await adoption.catalog_disk(self)
         await adoption.adopt_slots(self)
+        if self.replicas is not None:
+            await self.replicas.load_disk()
         if self.object is not None:
             await adoption.prepare_object_tier(self)
         self.drainer.start()
@@ -157,6 +159,8 @@ class Daemon:
             await asyncio.wait(list(self._tasks), timeout=self.cfg.daemon.shutdown_timeout_s)
         if self.replicator is not None:  # best effort at shutdown; disk durability is not
             await self.replicator.stop(min(5.0, self.cfg.daemon.shutdown_timeout_s))
+        if self.replicas is not None:  # replicas being written to disk (peers.store_on_disk)
+            await self.replicas.stop(self.cfg.daemon.shutdown_timeout_s)
         if self.peers is not None:
             await self.peers.client.close()
         clean = await self.drainer.stop(self.cfg.daemon.shutdown_timeout_s)

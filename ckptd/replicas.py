@@ -9,6 +9,9 @@ daemon's slot pool and catalog:
 - ``open_shard`` serves a replica or an own shard from its slot (pinned while it streams), or an
   own step committed on disk through a verified scratch slot.
 - ``holdings`` lists what this node can serve, for restore planning on other nodes.
+- with ``peers.store_on_disk`` each replica received is also written to this node's disk in the
+  background (ckptd/replica_disk.py, the slot pinned meanwhile), adopted again at start-up, and
+  served from there once its slot is gone (a reboot, a wiped shm dir).
 Only the newest replica of each (job, rank) is protected from slot reuse (catalog.slot_reusable).
 """
 
@@ -22,8 +25,9 @@ from typing import Any
 from ckptd import failpoints
 from ckptd.catalog import Catalog, ReplicaRecord, TierState, sidecar_meta
 from ckptd.config import Config
-from ckptd.errors import NotFound
+from ckptd.errors import InvalidArgument, NotFound
 from ckptd.peer_types import Holding, OpenShard, ReplicaHeader
+from ckptd.replica_disk import DiskReplicas
 from ckptd.shm import Slot, SlotPool
 from ckptd.tiers.disk import DiskTier
 from ckptd.types import TierName
@@ -62,6 +66,7 @@ class SlotReplicaWriter:
         await asyncio.get_running_loop().run_in_executor(s.executor, s.pool.write_sidecar, self.slot,
                                                          replica_sidecar(rec))
         await s.pool.notify()
+        s.store_on_disk(rec)
         return ("memory",)
 
     async def abort(self, reason: str) -> None:
@@ -80,6 +85,81 @@ class SlotReplicaStore:
         self.executor = executor
         self.cfg = cfg
         self.node_id = node_id
+        self.disk_replicas: DiskReplicas | None = None
+        self.on_disk: dict[tuple[str, int, int], ReplicaHeader] = {}  # replicas committed on disk
+        self._writes: set[asyncio.Task[None]] = set()
+        if cfg.peers.store_on_disk:
+            if disk is None:
+                raise InvalidArgument("peers.store_on_disk needs the disk tier (disk.enabled = true)")
+            self.disk_replicas = DiskReplicas(disk.root, disk.direct_io, disk.block_bytes)
+
+    # -- replicas on disk (peers.store_on_disk) ---------------------------------------------
+    async def load_disk(self) -> None:
+        """Start-up: adopt the replicas committed on disk (removing incomplete ones)."""
+        if self.disk_replicas is None:
+            return
+        found = await asyncio.get_running_loop().run_in_executor(self.executor, self.disk_replicas.scan)
+        self.on_disk = {h.key: h for h in found}
+        if found:
+            log.info("%d replicas held for other nodes found on disk", len(found))
+
+    def store_on_disk(self, rec: ReplicaRecord) -> None:
+        """Write a replica just received to disk too, in the background (the slot stays pinned)."""
+        if self.disk_replicas is None or rec.header.key in self.on_disk or rec.slot is None:
+            return
+        rec.slot.readers += 1
+        task = asyncio.create_task(self._store(rec, rec.slot), name=f"replica-disk-{rec.header.key}")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _store(self, rec: ReplicaRecord, slot: Slot) -> None:
+        assert self.disk_replicas is not None
+        h, loop = rec.header, asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.executor, self.disk_replicas.put, h, slot.view(h.nbytes))
+        except Exception as exc:  # noqa: BLE001 - the RAM copy stands; the disk copy is best effort, logged
+            log.warning("replica of %s@%d rank %d not stored on disk: %s", h.job, h.step, h.rank, exc)
+            return
+        finally:
+            await self.pool.unpin(slot)
+        self.on_disk[h.key] = h
+        try:
+            doomed = await loop.run_in_executor(self.executor, self.disk_replicas.retain,
+                                                list(self.on_disk.values()), h)
+        except OSError as exc:
+            log.warning("could not remove older replicas on disk: %s", exc)
+            return
+        for old in doomed:
+            self.on_disk.pop(old.key, None)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Let replica writes to disk finish (they are cancelled after ``timeout_s``)."""
+        if self._writes:
+            _, pending = await asyncio.wait(set(self._writes), timeout=timeout_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _open_disk_replica(self, h: ReplicaHeader) -> OpenShard:
+        assert self.disk_replicas is not None
+        slot = await self.pool.lease_scratch(h.nbytes, True, self.cfg.memory.wait_timeout_s)
+        slot.writing = False
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.disk_replicas.read_into, h,
+                                                             slot.view(h.nbytes))
+        except BaseException:
+            await self.pool.free(slot)
+            raise
+        view = slot.view(h.nbytes)
+
+        async def read(offset: int, nbytes: int) -> memoryview:
+            return view[offset : offset + nbytes]
+
+        async def release() -> None:
+            view.release()
+            await self.pool.free(slot)
+
+        return OpenShard(h, "disk", read, release, view)
 
     # -- ReplicaSink ------------------------------------------------------------------------
     async def begin_replica(self, header: ReplicaHeader) -> SlotReplicaWriter | None:
@@ -104,6 +184,9 @@ class SlotReplicaStore:
             header = ReplicaHeader(job, step, st.world_size, own.entry, self.node_id, st.node_ranks,
                                    st.created_unix_s, dict(st.extra))
             return await self._open_slot(header, own.slot)
+        on_disk = self.on_disk.get((job, step, rank))
+        if on_disk is not None:
+            return await self._open_disk_replica(on_disk)
         if self.disk is not None and st is not None and st.state(TierName.DISK) == TierState.COMMITTED:
             return await self._open_disk(job, step, rank)
         raise NotFound(f"node {self.node_id} holds no copy of {job}@{step} rank {rank}")
@@ -155,7 +238,11 @@ class SlotReplicaStore:
         for (j, step, rank), rep in list(self.catalog.replicas.items()):
             if (not job or j == job) and self.catalog.live_replica(j, step, rank) is rep:
                 h = rep.header
-                out.append(Holding(j, step, rank, h.world_size, h.nbytes, ("memory",), True, h.source_node))
+                held: tuple[str, ...] = ("memory", "disk") if h.key in self.on_disk else ("memory",)
+                out.append(Holding(j, step, rank, h.world_size, h.nbytes, held, True, h.source_node))
+        for key, h in list(self.on_disk.items()):
+            if (not job or h.job == job) and self.catalog.live_replica(*key) is None:
+                out.append(Holding(h.job, h.step, h.rank, h.world_size, h.nbytes, ("disk",), True, h.source_node))
         for j in [job] if job else list(self.catalog.jobs):
             for st in self.catalog.steps(j):
                 on_disk = st.state(TierName.DISK) == TierState.COMMITTED

@@ -148,6 +148,12 @@ class DiskTier:
         except OSError as exc:
             raise TierFailed(f"disk tier: writing {job}@{step} rank {entry.rank} failed: {exc}") from exc
 
+    def put_file(self, job: str, step: int, name: str, src: memoryview, direct_io: bool) -> None:
+        """Publish one file in the step's directory with the shard protocol (temp file, fsync,
+        link that fails if the name exists, directory fsync); for stores kept beside the tier's
+        own steps (ckptd/replica_disk.py). Raises AlreadyExists if ``name`` is already there."""
+        self._write_published(job, step, name, src, is_manifest=not direct_io)
+
     def commit(self, manifest: Manifest) -> None:
         step_dir = self.step_dir(manifest.job, manifest.step)
         for s in manifest.shards:
