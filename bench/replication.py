@@ -5,6 +5,8 @@ random) held in this process's memory, ``--reps`` repetitions alternating which 
 
   tcp_s              floor: a bare TCP stream to another process: ``socket.sendall`` from a
                      memoryview into ``recv_into`` a preallocated buffer, until the receiver acks
+  tcp_fresh_s        the same into new shared memory each time (fallocate + mmap of a tmpfs file
+                     after the accept): what a node that lost its RAM pays before any byte lands
   ckptd_replicate_s  ``PeerClient.push`` of the shard (STAGED bytes with their crc32c list, as the
                      daemon holds them) to a ``PeerServer`` with the in-memory replica store in
                      another process, until the receiver verified every chunk and kept it
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -77,14 +80,25 @@ TOKEN = os.environ.get("CKPTD_BENCH_TOKEN", "bench-peer-token-" + os.urandom(8).
 
 
 # -- child processes --------------------------------------------------------------------------
-def tcp_sink(nbytes: int) -> None:
-    """Accept one connection per rep, recv_into one preallocated buffer, ack with one byte."""
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
+def tcp_sink(nbytes: int, fresh: bool = False) -> None:
+    """Accept one connection per rep, recv_into one preallocated buffer, ack with one byte. With
+    ``fresh``, every rep receives into new shared memory (a tmpfs file, fallocate'd and mapped
+    after the accept), as a node that lost its RAM must: the floor of a fresh node's restore."""
     srv = socket.create_server(("127.0.0.1", 0))
     print(srv.getsockname()[1], flush=True)
+    view = memoryview(bytearray(nbytes))
+    path = f"/dev/shm/ckbench-fresh-{os.getpid()}"
     while True:
         conn, _ = srv.accept()
+        mm = None
+        if fresh:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+                mm = mmap.mmap(fd, nbytes)
+            finally:
+                os.close(fd)
+            view = memoryview(mm)
         got = 0
         while got < nbytes:
             n = conn.recv_into(view[got:], min(nbytes - got, 4 * MIB))
@@ -93,6 +107,10 @@ def tcp_sink(nbytes: int) -> None:
             got += n
         conn.sendall(b"k")
         conn.close()
+        if mm is not None:
+            view.release()
+            mm.close()
+            os.unlink(path)
 
 
 async def peer_child() -> None:
@@ -309,13 +327,14 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     view = memoryview(data)
     back = bytearray(nbytes)  # preallocated (and touched) destination of the fetch
     tcp_proc, tcp_port = spawn("--tcp-sink", nbytes)
+    fresh_proc, fresh_port = spawn("--tcp-sink-fresh", nbytes)
     peer_proc, peer_port = spawn("--peer-child", nbytes)
     target = f"127.0.0.1:{peer_port}"
     chunk = int(ns.chunk_mib * MIB)
     clients = {"": PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk)}
     if not ns.skip_grpc_path:
         clients["_grpc"] = PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk, bulk=False)
-    samples: dict[str, list[float]] = {"tcp_s": []}
+    samples: dict[str, list[float]] = {"tcp_s": [], "tcp_fresh_s": []}
     for suffix in clients:
         samples[f"ckptd_replicate{suffix}_s"] = []
         samples[f"restore_peer{suffix}_s"] = []
@@ -349,12 +368,13 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
             for side in order:
                 if side == "tcp":
                     samples["tcp_s"].append(tcp_once(tcp_port, view))
+                    samples["tcp_fresh_s"].append(tcp_once(fresh_port, view))
                 else:
                     await ckptd_once(side, clients[side], True)
     finally:
         for client in clients.values():
             await client.close()
-        for proc in (tcp_proc, peer_proc):
+        for proc in (tcp_proc, fresh_proc, peer_proc):
             proc.kill()
             proc.wait()
     daemon_samples, daemon_info = daemon_run(ns, nbytes)
@@ -367,6 +387,7 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         "integrity_chunk_bytes": INTEGRITY_CHUNK_BYTES,
         **med,
         **{f"{k[:-2]}_vs_tcp": v / med["tcp_s"] for k, v in med.items() if k != "tcp_s"},
+        "daemon_restore_peer_vs_tcp_fresh": med["daemon_restore_peer_s"] / med["tcp_fresh_s"],
         "tcp_gbps": nbytes / med["tcp_s"] / 1e9,
         "ckptd_replicate_gbps": nbytes / med["ckptd_replicate_s"] / 1e9,
         "restore_peer_gbps": nbytes / med["restore_peer_s"] / 1e9,
@@ -386,10 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     ap.add_argument("--skip-grpc-path", action="store_true", help="measure only the bulk-connection path")
     ap.add_argument("--tcp-sink", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tcp-sink-fresh", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
-    if ns.tcp_sink:
-        tcp_sink(int(ns.size_mib * MIB))
+    if ns.tcp_sink or ns.tcp_sink_fresh:
+        tcp_sink(int(ns.size_mib * MIB), fresh=ns.tcp_sink_fresh)
         return 0
     if ns.peer_child:
         asyncio.run(peer_child())
