@@ -76,6 +76,7 @@ class Daemon:
                                  cfg.memory.wait_timeout_s, self.object)
         self.restorer.on_adopt = self.drainer.kick
         self.peers: PeerDirectory | None = None
+        self.static_membership = False
         self.replicas: SlotReplicaStore | None = None
         self.replicator: Replicator | None = None
         if cfg.peers.listen:
@@ -137,13 +138,45 @@ class Daemon:
         me = node_id(p)
         client = PeerClient(load_token(p), me, chunk_bytes=p.chunk_bytes, max_inflight_bytes=p.max_inflight_bytes,
                             max_attempts=p.max_attempts, tls=tls_files(p))
-        self.peers = PeerDirectory(me, members(p, os.environ), client, p.replication_factor, p.push_timeout_s,
-                                   p.fetch_timeout_s)
+        static = members(p, os.environ)
+        self.static_membership = bool(static)  # then SetPeers (membership from the job) is refused
+        self.peers = PeerDirectory(me, static, client, p.replication_factor, p.push_timeout_s, p.fetch_timeout_s)
         self.replicas = SlotReplicaStore(self.catalog, self.pool, self.disk, self.executor, self.cfg, me)
         if p.replication_factor > 0 and self.peers.addrs:
             self.replicator = Replicator(self.catalog, self.pool, self.peers)
             self.restorer.on_adopt = self._after_adopt
         self.restorer.peers = self.peers
+
+    def set_peers(self, entries: list[str]) -> list[str]:
+        """The job's membership from its clients (SetPeers); replication starts if it had no peers."""
+        from ckptd.peer_config import parse_peers
+        from ckptd.replication import Replicator
+
+        if self.peers is None:
+            raise FailedPrecondition("peer replication is off on this daemon (set peers.listen and a token)")
+        if self.static_membership:
+            raise FailedPrecondition("this daemon's peers are configured statically (peers.peers or CKPTD_PEERS)")
+        addrs = parse_peers(list(entries), "SetPeers.peers")
+        if self.peers.node_id not in {a.node_id for a in addrs}:
+            raise InvalidArgument(f"SetPeers: the list does not name this node ({self.peers.node_id!r})")
+        self.peers.set_members(addrs)
+        log.info("peer membership set by the job: %s", ", ".join(f"{a.node_id}={a.target}" for a in addrs))
+        if self.replicator is None and self.cfg.peers.replication_factor > 0 and self.peers.addrs:
+            self.replicator = Replicator(self.catalog, self.pool, self.peers)
+            self.restorer.on_adopt = self._after_adopt
+            self.replicator.start()
+        if self.replicator is not None:
+            self.replicator.kick()
+        return sorted(a.node_id for a in addrs)
+
+    def peer_identity(self) -> tuple[str, str]:
+        """(node id, address peers dial) of this daemon, or ("", "") when replication is off."""
+        if self.peers is None:
+            return "", ""
+        from ckptd.peer_config import split_target_host
+
+        p = self.cfg.peers
+        return self.peers.node_id, split_target_host(p.advertise or p.listen)
 
     def _after_adopt(self) -> None:
         self.drainer.kick()
@@ -259,6 +292,9 @@ class Daemon:
             "slot_bytes_in_use": self.pool.bytes_in_use,
             "slots": len(self.pool.slots),
             "slots_busy": sum(1 for s in self.pool.slots.values() if s.writing or s.readers > 0),
+            "node_id": self.peer_identity()[0],
+            "peer_address": self.peer_identity()[1],
+            "failure_domain": self.cfg.peers.failure_domain if self.peers is not None else "",
             "draining": self.draining,
             "tiers": ["memory"] + (["disk"] if self.disk is not None else [])
             + (["object"] if self.object is not None else [])

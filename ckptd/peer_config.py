@@ -147,6 +147,15 @@ def members(section: PeerSection, env: Mapping[str, str]) -> tuple[PeerAddr, ...
     return parse_peers(section.peers)
 
 
+def split_target_host(target: str) -> str:
+    """The address other nodes dial for a listen/advertise ``host:port``: a wildcard or empty
+    host becomes this machine's host name."""
+    host, _, port = target.rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
 def node_id(section: PeerSection) -> str:
     """This node's id: the configured one, else the host name made grammar-safe."""
     if section.node_id:

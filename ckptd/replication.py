@@ -41,16 +41,20 @@ class PeerDirectory:
     def __init__(self, node_id: str, members: tuple[PeerAddr, ...], client: PeerClient, k: int,
                  push_timeout_s: float, fetch_timeout_s: float) -> None:
         self.node_id = node_id
-        self.addrs = {m.node_id: m for m in members if m.node_id != node_id}
-        self.members = [Member(m.node_id, m.failure_domain) for m in members]
         self.client = client
         self.k = k
         self.push_timeout_s = push_timeout_s
         self.fetch_timeout_s = fetch_timeout_s
         self.board = ReadinessBoard(node_id)  # used when this node coordinates a job
+        self.set_members(members)
+
+    def set_members(self, members: tuple[PeerAddr, ...]) -> None:
+        """(Re)place the membership: static config at start, or the job's list (SetPeers)."""
+        self.addrs = {m.node_id: m for m in members if m.node_id != self.node_id}
+        self.members = [Member(m.node_id, m.failure_domain) for m in members]
         self.all_members = [Member(m.node_id, m.failure_domain) for m in members]
-        if node_id not in {m.node_id for m in self.all_members}:
-            self.all_members.append(Member(node_id))
+        if self.node_id not in {m.node_id for m in self.all_members}:
+            self.all_members.append(Member(self.node_id))
 
     async def report_ready(self, report: ReadyReport) -> ReadyState:
         """Tell the job's coordinator (every node computes the same one) this node's part is ready."""

@@ -145,6 +145,12 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                     served_from=result.served_from.value if result.served_from else "")))
 
     @_rpc
+    async def SetPeers(self, request: pb.SetPeersRequest, context: Any) -> pb.SetPeersResponse:
+        if len(request.peers) > 100_000:
+            raise InvalidArgument(f"SetPeers: {len(request.peers)} entries (at most 100000)")
+        return pb.SetPeersResponse(members=self.d.set_peers(list(request.peers)))
+
+    @_rpc
     async def ReleaseRestore(self, request: pb.ReleaseRestoreRequest, context: Any) -> pb.ReleaseRestoreResponse:
         await self.d.release_restore(request.lease_id)
         return pb.ReleaseRestoreResponse()

@@ -174,6 +174,7 @@ class CheckpointManager:
         on_error: str = "warn",
         connect_timeout_s: float = 10.0,
         node_ranks: list[int] | tuple[int, ...] | None = None,
+        gather_peers: bool = True,
     ) -> None:
         validate_job(job)
         if rank is None or world_size is None:
@@ -208,6 +209,7 @@ class CheckpointManager:
         self.handles: list[SaveHandle] = []
         self.stalls_s: list[float] = []
         self.last_restore: RestoreInfo | None = None
+        self.peer_members = self._join_peers() if gather_peers else []
 
     # -- save -------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -335,6 +337,38 @@ class CheckpointManager:
                                         done.read_s, list(done.rejected))
         return int(done.step)
 
+    def _job_group(self) -> Any:
+        """torch.distributed when an initialized process group spans this job, else None."""
+        import sys
+
+        dist = sys.modules.get("torch.distributed")
+        if self.world_size < 2 or dist is None or not dist.is_available() or not dist.is_initialized() \
+                or dist.get_world_size() != self.world_size:
+            return None
+        return dist
+
+    def _join_peers(self) -> list[str]:
+        """Membership from the job: gather every rank's daemon identity through the process
+        group and hand the job's list to this rank's daemon (SetPeers). Collective: every rank
+        constructs its manager. A no-op without a group or when the daemon replicates nothing."""
+        dist = self._job_group()
+        if dist is None:
+            return []
+        st = self.conn.call(self.conn.stub.DaemonStatus, pb.DaemonStatusRequest())
+        mine = f"{st.node_id}={st.peer_address}" if st.node_id and st.peer_address else ""
+        if mine and st.failure_domain:
+            mine += f"@{st.failure_domain}"
+        gathered: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        entries = sorted({e for e in gathered if e})
+        if not mine or len(entries) < 2:
+            return []
+        try:
+            return list(self.conn.call(self.conn.stub.SetPeers, pb.SetPeersRequest(peers=entries)).members)
+        except FailedPrecondition as exc:  # static membership configured: the daemon keeps it
+            log.debug("daemon keeps its own peer list: %s", exc)
+            return []
+
     def _agree_latest(self) -> int | None:
         """Every rank's newest restorable step, gathered; the job resumes from the oldest of them.
 
@@ -342,11 +376,8 @@ class CheckpointManager:
         no rank has a checkpoint. Raises FailedPrecondition when some ranks have one and others
         have none: resuming would mix a fresh start with restored ranks.
         """
-        import sys
-
-        dist = sys.modules.get("torch.distributed")
-        if self.world_size < 2 or dist is None or not dist.is_available() or not dist.is_initialized() \
-                or dist.get_world_size() != self.world_size:
+        dist = self._job_group()
+        if dist is None:
             return None
         mine = self.latest_step()
         gathered: list[int | None] = [None] * self.world_size

@@ -848,6 +848,9 @@ class DaemonStatusResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
     SLOTS_BUSY_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESS_FIELD_NUMBER: _builtins.int
+    FAILURE_DOMAIN_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     root: _builtins.str
     shm_dir: _builtins.str
@@ -857,6 +860,11 @@ class DaemonStatusResponse(_message.Message):
     draining: _builtins.bool
     slots_busy: _builtins.int
     """slots being written or read (a save, a restore, a drain) right now"""
+    node_id: _builtins.str
+    """this node's peer id ("" when peer replication is off)"""
+    peer_address: _builtins.str
+    """host:port other daemons dial to reach this one ("" when off)"""
+    failure_domain: _builtins.str
     @_builtins.property
     def tiers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -871,14 +879,64 @@ class DaemonStatusResponse(_message.Message):
         draining: _builtins.bool = ...,
         tiers: _abc.Iterable[_builtins.str] | None = ...,
         slots_busy: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        peer_address: _builtins.str = ...,
+        failure_domain: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "root", b"root", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "slots_busy", b"slots_busy", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "failure_domain", b"failure_domain", "node_id", b"node_id", "peer_address", b"peer_address", "root", b"root", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "slots_busy", b"slots_busy", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DaemonStatusResponse: _TypeAlias = DaemonStatusResponse  # noqa: Y015
+
+@_typing.final
+class SetPeersRequest(_message.Message):
+    """The job's membership, gathered by the clients (torch.distributed) and handed to each daemon:
+    entries "node_id=host:port[@failure_domain]", this node's own among them. Replaces the static
+    list (peers.peers / CKPTD_PEERS) until the daemon restarts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPeersRequest: _TypeAlias = SetPeersRequest  # noqa: Y015
+
+@_typing.final
+class SetPeersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """node ids now known, sorted"""
+
+    def __init__(
+        self,
+        *,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPeersResponse: _TypeAlias = SetPeersResponse  # noqa: Y015
 
 @_typing.final
 class DeletedCopy(_message.Message):

@@ -109,6 +109,11 @@ class CheckpointServiceStub:
                 request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionRequest.SerializeToString,
                 response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionResponse.FromString,
                 _registered_method=True)
+        self.SetPeers = channel.unary_unary(
+                '/ckptd.v1.CheckpointService/SetPeers',
+                request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersRequest.SerializeToString,
+                response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersResponse.FromString,
+                _registered_method=True)
 
 
 class CheckpointServiceServicer:
@@ -205,6 +210,12 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPeers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckpointServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -282,6 +293,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.RunRetention,
                     request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionRequest.FromString,
                     response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionResponse.SerializeToString,
+            ),
+            'SetPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPeers,
+                    request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersRequest.FromString,
+                    response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -689,6 +705,33 @@ class CheckpointService:
             '/ckptd.v1.CheckpointService/RunRetention',
             ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionRequest.SerializeToString,
             ckptd_dot_v1_dot_checkpoint__service__pb2.RunRetentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.v1.CheckpointService/SetPeers',
+            ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersRequest.SerializeToString,
+            ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,7 @@ class CheckpointServiceStub:
     DeleteStep: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.DeleteStepRequest, _checkpoint_service_pb2.DeleteStepResponse]
     PinStep: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PinStepRequest, _checkpoint_service_pb2.PinStepResponse]
     RunRetention: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.RunRetentionRequest, _checkpoint_service_pb2.RunRetentionResponse]
+    SetPeers: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.SetPeersRequest, _checkpoint_service_pb2.SetPeersResponse]
 
 @_typing.type_check_only
 class CheckpointServiceAsyncStub(CheckpointServiceStub):
@@ -73,6 +74,7 @@ class CheckpointServiceAsyncStub(CheckpointServiceStub):
     DeleteStep: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.DeleteStepRequest, _checkpoint_service_pb2.DeleteStepResponse]  # type: ignore[assignment]
     PinStep: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PinStepRequest, _checkpoint_service_pb2.PinStepResponse]  # type: ignore[assignment]
     RunRetention: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.RunRetentionRequest, _checkpoint_service_pb2.RunRetentionResponse]  # type: ignore[assignment]
+    SetPeers: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.SetPeersRequest, _checkpoint_service_pb2.SetPeersResponse]  # type: ignore[assignment]
 
 class CheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -180,5 +182,12 @@ class CheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _checkpoint_service_pb2.RunRetentionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_checkpoint_service_pb2.RunRetentionResponse, _abc.Awaitable[_checkpoint_service_pb2.RunRetentionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPeers(
+        self,
+        request: _checkpoint_service_pb2.SetPeersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_checkpoint_service_pb2.SetPeersResponse, _abc.Awaitable[_checkpoint_service_pb2.SetPeersResponse]]: ...
 
 def add_CheckpointServiceServicer_to_server(servicer: CheckpointServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
