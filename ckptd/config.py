@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -45,7 +46,10 @@ def parse_bytes(value: Any, key: str) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
             raise InvalidArgument(f"{key}: cannot parse size {value!r} (try 512MiB or 8GiB)")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        try:
+            n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        except OverflowError:  # "1000...0MiB" with hundreds of digits is infinite as a float
+            raise InvalidArgument(f"{key}: size {value[:40]!r} is out of range") from None
     else:
         raise InvalidArgument(f"{key}: expected a size, got {type(value).__name__}")
     if n < 0:
@@ -164,6 +168,8 @@ def _coerce(section: str, key: str, raw: Any, default: Any, source: str) -> Any:
     name = f"{section}.{key} ({source})"
     if key in _SECRET_KEYS and not isinstance(raw, str):
         raise InvalidArgument(f"{name}: expected a string, got {type(raw).__name__} (value not shown)")
+    if isinstance(raw, str) and "\x00" in raw:  # no path, name or token may hold one
+        raise InvalidArgument(f"{name}: must not contain a NUL character")
     from_env = source.startswith("env")
     if key in _SIZE_KEYS:
         return parse_bytes(raw, name)
@@ -263,8 +269,12 @@ def validate(cfg: Config) -> Config:
         host, sep, port = cfg.metrics.address.rpartition(":")
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise InvalidArgument(f"metrics.address must be host:port, got {cfg.metrics.address!r}")
+    if dm.shm_dir is not None:
+        check_shm_dir(dm.shm_dir, cfg)
     validate_object(cfg.object)
     validate_peers(cfg.peers)
+    if cfg.peers.token and not _PRINTABLE_ASCII.fullmatch(cfg.peers.token):
+        raise InvalidArgument("peers.token must be printable ASCII (it travels in gRPC metadata; value not shown)")
     if len(str(cfg.socket_path)) > MAX_SOCKET_PATH:
         raise InvalidArgument(
             f"socket path {cfg.socket_path} is longer than {MAX_SOCKET_PATH} characters "
@@ -273,6 +283,28 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def check_shm_dir(shm: Path, cfg: Config) -> None:
+    """daemon.shm_dir is made 0700 and emptied of every file that is not a slot at start-up, so it
+    must be a directory of ckptd's own: never a shared one (sticky or world-writable, like /tmp or
+    /dev/shm), "/", the home directory, or one holding the daemon's root or socket."""
+    p = Path(os.path.abspath(shm))
+    home = Path(os.path.abspath(os.path.expanduser("~")))
+    root, sock = Path(os.path.abspath(cfg.daemon.root)), Path(os.path.abspath(cfg.socket_path))
+    if p in (Path("/"), home) or root.is_relative_to(p) or sock.is_relative_to(p):
+        raise InvalidArgument(f"daemon.shm_dir {shm} must be a directory of ckptd's own (it removes every "
+                              "file there that is not a slot), not /, the home directory or one holding "
+                              "daemon.root or daemon.socket")
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return  # created at start-up (or reported there)
+    if mode & (stat.S_ISVTX | stat.S_IWOTH):
+        raise InvalidArgument(f"daemon.shm_dir {shm} is a shared directory (mode {stat.S_IMODE(mode):o}); ckptd "
+                              f"makes it private and removes every file there that is not a slot: use a directory "
+                              f"of its own, e.g. {p / 'ckptd'}")
+
+
+_PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]+")
 _BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
@@ -336,6 +368,10 @@ def load(
             raise InvalidArgument(f"config file {path} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise InvalidArgument(f"config file {path} is not valid TOML: nested too deeply") from None
+        except OSError as exc:  # a directory, no permission, an I/O error
+            raise InvalidArgument(f"cannot read config file {path}: {exc.strerror or exc}") from None
         cfg = _apply(cfg, data, f"file {path}")
     cfg = _apply(cfg, env_overrides(os.environ if env is None else env), "env")
     if flags:
