@@ -286,6 +286,44 @@ def test_refused_calls_ran_no_handler(node: Node) -> None:
     assert f"{job}-push" not in log and f"{job}-rr" not in log  # no handler logged anything about them
 
 
+def test_bulk_port_serves_no_one_without_a_live_ticket(node: Node) -> None:
+    """The plain-TCP bulk port (next to the peer port) takes a connection only with a ticket the
+    authenticated gRPC call just handed out; guessed, replayed and garbage hellos are cut off."""
+    import asyncio
+    import re
+
+    from ckptd.peer_bulk import MAGIC, TICKET_BYTES
+    from ckptd.peer_client import PeerClient
+
+    m = re.search(r"bulk port (\d+)", node.log())
+    assert m, node.log()[-2000:]
+    port = int(m.group(1))
+    hellos = (b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", MAGIC + secrets.token_bytes(TICKET_BYTES),
+              MAGIC + b"\0" * TICKET_BYTES, b"XXXX" + secrets.token_bytes(TICKET_BYTES))
+    for hello in hellos:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(hello)
+            try:
+                got = s.recv(1)
+            except ConnectionResetError:  # closed with our extra bytes unread
+                got = b""
+            assert got == b""  # closed by the daemon, nothing served
+    data = os.urandom(300_000)
+
+    async def bulk_roundtrip() -> bytes:
+        client = PeerClient(TOKEN, "n2", bulk=True)
+        try:
+            h = ReplicaHeader("bulk-ok", 1, 1, _entry(0, data), "n2")
+            await client.push(node.peer_target, h, memoryview(data), 10)
+            out = bytearray(len(data))
+            await client.fetch_into(node.peer_target, "bulk-ok", 1, 0, memoryview(out), 10)
+            return bytes(out)
+        finally:
+            await client.close()
+
+    assert asyncio.run(bulk_roundtrip()) == data  # the listener still serves real transfers
+
+
 # -- no secret in any log ------------------------------------------------------------------------
 
 
