@@ -7,7 +7,11 @@ uses the CPU's CRC32C instruction and releases the GIL; callers run these off th
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Sequence
+from concurrent.futures import Executor
+from typing import Final
 
 import crc32c as _crc32c
 
@@ -24,6 +28,21 @@ def chunk_crcs(buf: memoryview | bytes | bytearray, chunk_bytes: int) -> list[in
     view = memoryview(buf).cast("B")
     n = view.nbytes
     return [crc32c(view[off : min(off + chunk_bytes, n)]) for off in range(0, n, chunk_bytes)]
+
+
+CRC_PARTS: Final = max(1, min(4, os.cpu_count() or 1))
+
+
+async def parallel_chunk_crcs(loop: asyncio.AbstractEventLoop, executor: Executor, buf: memoryview,
+                              chunk_bytes: int, parts: int = CRC_PARTS) -> list[int]:
+    """``chunk_crcs`` of buf split at chunk boundaries over up to ``parts`` executor threads."""
+    view = buf.cast("B") if buf.format != "B" else buf
+    n = view.nbytes
+    per = -(-chunk_count(n, chunk_bytes) // max(1, parts)) * chunk_bytes if n else chunk_bytes
+    spans = [(a, min(a + per, n)) for a in range(0, n, per)] or [(0, 0)]
+    results = await asyncio.gather(*(loop.run_in_executor(executor, chunk_crcs, view[a:b], chunk_bytes)
+                                     for a, b in spans))
+    return [c for part in results for c in part]
 
 
 def first_bad_chunk(

@@ -24,8 +24,9 @@ import logging
 import secrets
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Final, TypeVar
 
 from ckptd.errors import InvalidArgument, TierFailed, Timeout
@@ -163,25 +164,51 @@ def send_frames(sock: socket.socket, view: memoryview, chunk_bytes: int, crcs: S
 def recv_frames(sock: socket.socket, dst: memoryview, verifier: StreamVerifier, idle_timeout_s: float,
                 on_verified: Callable[[int], None] | None = None) -> None:
     """Receive frames into ``dst`` and verify each; raise on anything malformed (blocking).
-    ``on_verified(n)`` is called (from this thread) whenever the verified prefix grows to n bytes."""
+
+    A frame's place is checked before a byte of it lands in ``dst``; its crc32c is then computed
+    by a second thread while this one receives the next frame, so the verification overlaps the
+    transfer. ``on_verified(n)`` is called whenever the verified prefix grows to n bytes.
+    """
     head = bytearray(FRAME_HEAD.size)
     head_view = memoryview(head)
-    try:
-        sock.settimeout(idle_timeout_s)
-        while verifier.received < verifier.nbytes:
-            _recv_exact(sock, head_view)
-            off, n, crc = FRAME_HEAD.unpack(head)
-            verifier.check_next(off, n)  # before a byte lands in dst
-            piece = dst[off : off + n]
-            _recv_exact(sock, piece)
-            verifier.feed(off, piece, crc)
+    pending: deque[Future[None]] = deque()
+    checker = ThreadPoolExecutor(1, thread_name_prefix="ckptd-bulk-crc")
+
+    def settle(block: bool) -> None:
+        while pending and (block or pending[0].done()):
+            pending.popleft().result()  # IntegrityError / InvalidArgument surface here
             if on_verified is not None:
                 on_verified(verifier.verified_bytes)
-        verifier.finish()
-    except TimeoutError:
-        raise Timeout(f"bulk receive stalled for {idle_timeout_s}s (peer not sending)") from None
-    except OSError as exc:
-        raise TierFailed(f"bulk receive failed: {exc}") from None
+
+    try:
+        try:
+            sock.settimeout(idle_timeout_s)
+            expected = verifier.received
+            while expected < verifier.nbytes:
+                _recv_exact(sock, head_view)
+                off, n, crc = FRAME_HEAD.unpack(head)
+                verifier.check_place(off, n, expected)  # before a byte lands in dst
+                piece = dst[off : off + n]
+                _recv_exact(sock, piece)
+                expected = off + n
+                pending.append(checker.submit(verifier.feed, off, piece, crc))
+                settle(block=len(pending) > 2)  # at most two frames received ahead of their check
+            settle(block=True)
+            verifier.finish()
+        except TimeoutError:
+            raise Timeout(f"bulk receive stalled for {idle_timeout_s}s (peer not sending)") from None
+        except OSError as exc:
+            raise TierFailed(f"bulk receive failed: {exc}") from None
+    except Exception:
+        # A frame that failed its check explains whatever followed (e.g. the sender hanging up).
+        for fut in pending:
+            if (err := fut.exception()) is not None:
+                raise err from None
+        raise
+    finally:
+        for fut in pending:
+            fut.cancel()
+        checker.shutdown(wait=True)
 
 
 def verifier_for_frames(nbytes: int, chunk_bytes: int, crcs: Sequence[int]) -> StreamVerifier:

@@ -245,8 +245,12 @@ class StreamVerifier:
 
     def check_next(self, offset: int, n: int) -> None:
         """Raise InvalidArgument unless [offset, offset + n) may come next (check before storing)."""
-        if offset != self.received:
-            raise InvalidArgument(f"chunk at offset {offset}, expected {self.received} (chunks must be "
+        self.check_place(offset, n, self.received)
+
+    def check_place(self, offset: int, n: int, expected: int) -> None:
+        """``check_next`` against a receiver's own position (it may run ahead of ``feed``)."""
+        if offset != expected:
+            raise InvalidArgument(f"chunk at offset {offset}, expected {expected} (chunks must be "
                                   "contiguous and in order)")
         if n == 0 or n > self.max_chunk_bytes:
             raise InvalidArgument(f"chunk of {n} bytes at offset {offset} (1..{self.max_chunk_bytes} allowed)")

@@ -32,7 +32,7 @@ from ckptd.errors import (
     InvalidArgument,
     NotFound,
 )
-from ckptd.integrity import chunk_crcs
+from ckptd.integrity import parallel_chunk_crcs
 from ckptd.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
 from ckptd.manifest import MANIFEST_NAME, ShardEntry
 from ckptd.shm import Slot
@@ -213,8 +213,7 @@ class SavePath:
             if st.staged_in_slots:
                 self.d.drainer.kick()  # the disk write overlaps the checksum pass
             entry = rec.entry
-            crcs = await loop.run_in_executor(
-                self.d.executor, chunk_crcs, slot.view(entry.nbytes), entry.chunk_bytes)
+            crcs = await parallel_chunk_crcs(loop, self.d.executor, slot.view(entry.nbytes), entry.chunk_bytes)
             if client_crcs and crcs != list(client_crcs):
                 bad = next(i for i, (a, b) in enumerate(zip(crcs, client_crcs)) if a != b)
                 metrics.CHECKSUM_FAILURES.labels("memory").inc()
