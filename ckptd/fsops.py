@@ -33,6 +33,9 @@ MUTATION: Final = "fs.mutation"
 StrPath = str | os.PathLike[str]
 
 
+DIR_MODE: Final = 0o700  # every directory ckptd makes under its root
+
+
 class FsOps:
     """Plain ``os`` calls, each mutation announced to the failpoints first."""
 
@@ -61,9 +64,10 @@ class FsOps:
         finally:
             os.close(fd)
 
-    def mkdir(self, path: StrPath, mode: int = 0o777) -> None:
+    def mkdir(self, path: StrPath, mode: int = DIR_MODE) -> None:
         failpoints.hit(MUTATION)
         os.mkdir(path, mode)
+        os.chmod(path, mode)  # whatever the umask: checkpoints are the daemon's alone
 
     def link(self, src: StrPath, dst: StrPath) -> None:
         """Hard-link ``src`` as ``dst``; FileExistsError if ``dst`` exists (never replaces)."""

@@ -166,9 +166,6 @@ def test_a_file_at_the_socket_path_is_never_replaced(tmp_path: Path, kind: str) 
     assert precious.read_text() == "keep me" and target.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the disk tier's directories take their mode from the umask: under umask 0 "
-                   "{root}, data/, job and step directories are 0777, so any local user may delete or plant "
-                   "files in them (ckptd/daemon.py, ckptd/tiers/disk.py, ckptd/fsops.py mkdir)")
 def test_no_directory_of_the_root_is_writable_by_others_under_umask_0(node: Node) -> None:
     root = node.root
     job = unique_job("perm")
