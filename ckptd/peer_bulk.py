@@ -24,6 +24,7 @@ import logging
 import secrets
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -37,6 +38,7 @@ MAGIC: Final = b"CKB1"
 TICKET_BYTES: Final = 16
 FRAME_HEAD: Final = struct.Struct("<QII")  # offset, length, crc32c
 HANDSHAKE_TIMEOUT_S: Final = 5.0
+REFUSAL_LOG_INTERVAL_S: Final = 10.0
 T = TypeVar("T")
 
 
@@ -56,6 +58,8 @@ class BulkListener:
         self._task: asyncio.Task[None] | None = None
         self._pending: dict[bytes, asyncio.Future[socket.socket]] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._refused = 0
+        self._last_refusal_log_s = -REFUSAL_LOG_INTERVAL_S
 
     async def start(self) -> int:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -120,7 +124,11 @@ class BulkListener:
                 raise ConnectionError("unknown or used ticket")
             fut.set_result(conn)
         except (OSError, TimeoutError) as exc:
-            log.warning("bulk connection refused: %s", exc)
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._last_refusal_log_s >= REFUSAL_LOG_INTERVAL_S:  # a flood logs one line per interval
+                log.warning("bulk connection refused: %s (%d refused since the last report)", exc, self._refused)
+                self._last_refusal_log_s, self._refused = now, 0
             conn.close()
 
 

@@ -174,6 +174,9 @@ def load_token(section: PeerSection) -> str:
         token = text.splitlines()[0].strip() if text.strip() else ""
         if len(token) < MIN_TOKEN_CHARS:
             raise InvalidArgument(f"peers.token_file: the token must be at least {MIN_TOKEN_CHARS} characters")
+        if not (token.isascii() and token.isprintable()):
+            raise InvalidArgument("peers.token_file: the token must be printable ASCII (it travels in gRPC "
+                                  "metadata; value not shown)")
         return token
     return section.token
 

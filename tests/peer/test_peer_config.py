@@ -114,6 +114,11 @@ def test_valid_full_section(tmp_path: Path) -> None:
         load_token(PeerSection(token_file=str(tmp_path / "weak")))
     with pytest.raises(InvalidArgument, match="peers.token_file: cannot read"):
         load_token(PeerSection(token_file=str(tmp_path / "missing")))
+    for bad in ("token-with-\u00e9-0123456789abcdef", "token\twith-a-tab-0123456789"):
+        (tmp_path / "odd").write_text(bad + "\n")
+        with pytest.raises(InvalidArgument, match="printable ASCII") as info:
+            load_token(PeerSection(token_file=str(tmp_path / "odd")))
+        assert bad not in str(info.value)  # the value is never shown
 
 
 def test_node_id_defaults_to_a_grammar_safe_host_name() -> None:
