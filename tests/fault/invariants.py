@@ -17,7 +17,8 @@ and calls ``check``. The checker then verifies, against the live daemons and the
   file the pool does not own, no more slots than the pool allows, no unfinished multipart upload;
 * ``deadline``: no save() call blocked training past the configured deadline.
 
-States are numpy trees derived from (seed, step, rank, variant), so any mix-up is detectable.
+States are numpy trees derived from (seed, step, rank, variant) (tests/fault/scenarios/_ledger.py),
+so any mix-up is detectable.
 """
 
 from __future__ import annotations
@@ -29,110 +30,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-import numpy as np
 from ckptd_client import CheckpointManager, CkptdError, IntegrityError, Level, NotFound
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
+from tests.fault.scenarios._ledger import Ledger, Save, blank, leaves, make_state, same
 
-KiB = 1024
+__all__ = ["CHECKS", "Checker", "Expect", "Ledger", "Report", "Save", "Store", "check", "make_state"]
+
 CLEAR_ERRORS = (IntegrityError, NotFound)  # how a destroyed copy must be reported
 IN_FLIGHT = (1, 2)  # TierState PENDING, IN_PROGRESS
-
-
-# -- states ----------------------------------------------------------------------------------
-def make_state(seed: int, step: int, rank: int, variant: int = 0, nbytes: int = 192 * KiB) -> dict[str, Any]:
-    """A deterministic state of about ``nbytes`` for (seed, step, rank, variant)."""
-    rng = np.random.default_rng([seed, step, rank, variant])
-    n = max(16, (nbytes - 4 * KiB) // 4)
-    return {
-        "model": {"w": rng.standard_normal(n, dtype=np.float32),
-                  "b": rng.integers(-(2**15), 2**15, size=(31, 7), dtype=np.int16)},
-        "opt": [rng.integers(0, 2**62, size=97, dtype=np.int64), rng.random(13)],
-        "meta": {"step": step, "rank": rank, "variant": variant, "lr": float(rng.random())},
-    }
-
-
-def _blank(state: Any) -> Any:
-    if isinstance(state, dict):
-        return {k: _blank(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_blank(v) for v in state]
-    if isinstance(state, np.ndarray):
-        return np.zeros_like(state)
-    return type(state)(-1)
-
-
-def _leaves(state: Any, path: str = "") -> dict[str, Any]:
-    if isinstance(state, dict):
-        return {k2: v2 for k, v in state.items() for k2, v2 in _leaves(v, f"{path}.{k}").items()}
-    if isinstance(state, list):
-        return {k2: v2 for i, v in enumerate(state) for k2, v2 in _leaves(v, f"{path}[{i}]").items()}
-    return {path: state}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(b, np.ndarray):
-        return isinstance(a, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    if isinstance(b, float):
-        return isinstance(a, float) and a.hex() == b.hex()
-    return type(a) is type(b) and a == b
-
-
-# -- the ledger of what was saved and acknowledged -------------------------------------------
-@dataclass
-class Save:
-    step: int
-    rank: int
-    variant: int
-    node: str
-    ok: bool
-    error: str
-    seconds: float
-    refused: bool = False  # refused before any byte was taken (AlreadyExists, skipped): never committed
-
-
-@dataclass
-class Ledger:
-    """Every save, and every level the daemons confirmed. A fault opens a new epoch and names what
-    it destroyed ("memory@n1", "disk@n1", "node@n1", "store"); a loss only excuses acks made
-    before it."""
-
-    seed: int
-    job: str
-    world_size: int
-    nbytes: int
-    deadline_s: float
-    saves: list[Save] = field(default_factory=list)
-    acks: dict[tuple[int, Level], tuple[set[int], int]] = field(default_factory=dict)  # -> (ranks, epoch)
-    epoch: int = 0
-    losses: list[tuple[int, frozenset[str]]] = field(default_factory=list)
-
-    def state(self, step: int, rank: int, variant: int = 0) -> dict[str, Any]:
-        return make_state(self.seed, step, rank, variant, self.nbytes)
-
-    def ack(self, step: int, level: Level, ranks: Iterable[int]) -> None:
-        old = self.acks.get((step, level), (set(), 0))[0]
-        self.acks[(step, level)] = (old | set(ranks), self.epoch)
-
-    def fault(self, lost: Iterable[str] = ()) -> None:
-        self.losses.append((self.epoch, frozenset(lost)))
-        self.epoch += 1
-
-    def lost_since(self, epoch: int) -> frozenset[str]:
-        return frozenset(x for e, lost in self.losses if e >= epoch for x in lost)
-
-    def attempted(self, step: int, rank: int) -> set[int]:
-        """Variants of (step, rank) a daemon may hold: every save not refused outright."""
-        return {s.variant for s in self.saves if (s.step, s.rank) == (step, rank) and not s.refused}
-
-    def newest_acked(self, level: Level, rank: int) -> tuple[int, int] | None:
-        got = [(s, e) for (s, lv), (ranks, e) in self.acks.items() if lv == level and rank in ranks]
-        return max(got) if got else None
-
-    def levels(self) -> list[str]:
-        return sorted({lv.name for (_, lv) in self.acks}, key=lambda n: Level[n].value)
 
 
 # -- what a scenario tells the checker -------------------------------------------------------
@@ -161,6 +69,7 @@ class Expect:
     served: dict[tuple[int, int], str] = field(default_factory=dict)
     down: frozenset[str] = frozenset()  # nodes that are down on purpose
     recovered: frozenset[str] = frozenset()  # nodes restarted since the fault (recovery has run)
+    store_reachable: bool = True  # False while the nodes cannot reach the store: no upload can be cleaned
 
 
 @dataclass
@@ -195,17 +104,21 @@ def _survives(level: Level, home: str, nodes: list[str], lost: frozenset[str]) -
     gone = {n for n in nodes if f"node@{n}" in lost}
     if level == Level.PERSISTED:
         return "store" not in lost
-    if level == Level.STAGED:
-        return home not in gone and f"memory@{home}" not in lost
+    if level == Level.STAGED:  # survives a trainer crash; not a daemon crash (DESIGN.md section 2)
+        return home not in gone and not {f"memory@{home}", f"daemon@{home}"} & lost
     if level == Level.LOCAL_DURABLE:
         return home not in gone and f"disk@{home}" not in lost
     own = home not in gone and not {f"memory@{home}", f"disk@{home}"} <= lost
     return own or any(n != home and n not in gone and f"memory@{n}" not in lost for n in nodes)
 
 
+Client = Callable[[int, NodeView], CheckpointManager]  # (rank, node) -> a client of that node
+
+
 class Checker:
     def __init__(self, ledger: Ledger, nodes: list[NodeView], store: Store | None,
-                 reader: Callable[[], NodeView] | None) -> None:
+                 reader: Callable[[], NodeView] | None, client: Client) -> None:
+        self.client = client
         self.ledger = ledger
         self.nodes = nodes
         self.store = store
@@ -223,23 +136,19 @@ class Checker:
         need_tier = exp.served.get((step, rank)) if (step, rank) not in self.restored else None
         self.restored.add((step, rank))
         want = led.state(step, rank)
-        state = _blank(want)
-        m = CheckpointManager(led.job, rank=rank, world_size=led.world_size, addr=node.addr,
-                              node_ranks=node.ranks or None, connect_timeout_s=10)
+        state = blank(want)
+        m = self.client(rank, node)
         try:
-            try:
-                got_step = m.restore(state, step=step)
-            except CLEAR_ERRORS as exc:
-                if expect_error or may_fail:
-                    return True
-                rep.fail(where, f"{step}/{rank} on {node.name}: {type(exc).__name__}: {exc}")
-                return False
-            except CkptdError as exc:
-                rep.fail(where, f"{step}/{rank} on {node.name}: unclear error {type(exc).__name__}: {exc}")
-                return False
-            served = m.last_restore.served_from if m.last_restore else "?"
-        finally:
-            m.close()
+            got_step = m.restore(state, step=step)
+        except CLEAR_ERRORS as exc:
+            if expect_error or may_fail:
+                return True
+            rep.fail(where, f"{step}/{rank} on {node.name}: {type(exc).__name__}: {exc}{_tiers(node, led.job, step)}")
+            return False
+        except CkptdError as exc:
+            rep.fail(where, f"{step}/{rank} on {node.name}: unclear error {type(exc).__name__}: {exc}")
+            return False
+        served = m.last_restore.served_from if m.last_restore else "?"
         rep.served[served] = rep.served.get(served, 0) + 1
         verdict = self.judge(state, step, rank)
         if got_step != step or verdict != "exact":
@@ -260,13 +169,13 @@ class Checker:
     def judge(self, got: Any, step: int, rank: int) -> str:
         """'exact' (one variant saved for (step, rank)), 'mixed' (parts of other saves), 'corrupt'."""
         led = self.ledger
-        got_leaves = _leaves(got)
+        got_leaves = leaves(got)
         for variant in sorted(led.attempted(step, rank)) or [0]:
-            want = _leaves(led.state(step, rank, variant))
-            if all(_same(got_leaves[k], w) for k, w in want.items()):
+            want = leaves(led.state(step, rank, variant))
+            if all(same(got_leaves[k], w) for k, w in want.items()):
                 return "exact"
-        others = [_leaves(led.state(s.step, s.rank, s.variant)) for s in led.saves]
-        if others and all(any(_same(v, o[k]) for o in others) for k, v in got_leaves.items()):
+        others = [leaves(led.state(s.step, s.rank, s.variant)) for s in led.saves]
+        if others and all(any(same(v, o[k]) for o in others) for k, v in got_leaves.items()):
             return "mixed"
         return "corrupt"
 
@@ -295,7 +204,8 @@ class Checker:
                 if not self.restore(node, step, rank, rep, "acked", exp):
                     rep.lost += 1
 
-    def committed_lists(self, exp: Expect, rep: Report) -> list[tuple[NodeView, int]]:
+    def committed_lists(self, exp: Expect, rep: Report) -> list[tuple[NodeView, int, str]]:
+        """(node, step, its tiers as listed) for every step a live node lists as committed."""
         out = []
         for node in self.nodes:
             if node.name in exp.down or not node.alive():
@@ -308,18 +218,22 @@ class Checker:
                     if err.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
                         rep.fail("serving", f"ListSteps on {node.name}: {err}")
                     continue
-            out += [(node, s.step) for s in resp.steps if s.committed]
+            out += [(node, s.step, _tier_text(s.tiers)) for s in resp.steps if s.committed]
         return out
 
     def check_committed(self, exp: Expect, rep: Report) -> None:
         led = self.ledger
-        for node, step in self.committed_lists(exp, rep):
+        for node, step, tiers in self.committed_lists(exp, rep):
             for rank in node.ranks or range(led.world_size):
                 if not led.attempted(step, rank):
                     rep.partial += 1
                     rep.fail("committed", f"{node.name} lists step {step} committed, rank {rank} never saved it")
-                elif not self.restore(node, step, rank, rep, "committed", exp):
+                    continue
+                n = len(rep.failures.get("committed", []))
+                if not self.restore(node, step, rank, rep, "committed", exp):
                     rep.partial += 1
+                    if "=COMMITTED" not in tiers and len(rep.failures.get("committed", [])) > n:
+                        rep.failures["committed"][-1] += f" -- listed committed while no tier holds it [{tiers}]"
         if self.store is None or self.reader is None:
             return
         s = self.store
@@ -358,7 +272,7 @@ class Checker:
                     if p.is_dir() and not (p / "manifest.json").exists() and not _failed_drain(node, p):
                         rep.fail("leaks", f"{node.name}: uncommitted step dir survived recovery: {p}")
             self._check_shm(node, rep)
-        if self.store is not None:
+        if self.store is not None and exp.store_reachable:
             s = self.store
             ups = s.client.list_multipart_uploads(Bucket=s.bucket, Prefix=f"{s.prefix}/{self.ledger.job}/")
             for u in ups.get("Uploads", []):
@@ -390,6 +304,25 @@ class Checker:
             if s.seconds > self.ledger.deadline_s:
                 rep.fail("deadline", f"save of {s.step}/{s.rank} blocked {s.seconds:.2f}s "
                                      f"(deadline {self.ledger.deadline_s:.1f}s)")
+
+
+TIER_STATES = {1: "PENDING", 2: "IN_PROGRESS", 3: "COMMITTED", 4: "FAILED", 5: "SKIPPED", 6: "REMOVED"}
+
+
+def _tier_text(tiers: Iterable[Any]) -> str:
+    return ", ".join(f"{t.tier}={TIER_STATES.get(t.state, t.state)}" + (f" ({t.message[:60]})" if t.message else "")
+                     for t in tiers)
+
+
+def _tiers(node: NodeView, job: str, step: int) -> str:
+    """' [memory=REMOVED (slots reused), disk=SKIPPED (...)]': what the node says of the step now."""
+    with grpc.insecure_channel(f"unix:{node.addr}") as ch:
+        try:
+            st = pb_grpc.CheckpointServiceStub(ch).GetStepStatus(
+                pb.GetStepStatusRequest(job=job, step=step), timeout=10)
+        except grpc.RpcError as err:
+            return f" [{err.details()}]"  # type: ignore[attr-defined]
+    return f" [{_tier_text(st.tiers)}]"
 
 
 def _failed_drain(node: NodeView, step_dir: Path) -> bool:
@@ -430,12 +363,12 @@ def settle(ledger: Ledger, nodes: list[NodeView], down: frozenset[str], timeout_
     return False
 
 
-def check(ledger: Ledger, nodes: list[NodeView], exp: Expect, phase: str, store: Store | None = None,
-          reader: Callable[[], NodeView] | None = None) -> Report:
+def check(ledger: Ledger, nodes: list[NodeView], exp: Expect, phase: str, client: Client,
+          store: Store | None = None, reader: Callable[[], NodeView] | None = None) -> Report:
     """Run every invariant once the daemons settled; the Report lists each failure by check."""
     rep = Report(phase)
     rep.settled = settle(ledger, nodes, exp.down)
-    c = Checker(ledger, nodes, store, reader)
+    c = Checker(ledger, nodes, store, reader, client)
     c.check_serving(exp, rep)
     c.check_acked(exp, rep)
     c.check_committed(exp, rep)

@@ -68,6 +68,7 @@ class Outcome:
     partial: int = 0
     corrupt: int = 0
     seconds: float = 0.0
+    check_s: float = 0.0  # of which in the checker
     error: str = ""
     skipped: str = ""
     notes: list[str] = field(default_factory=list)
@@ -84,7 +85,8 @@ class Outcome:
         verdict = "SKIP" if self.skipped else ("PASS" if self.ok else "FAIL")
         return (f"{verdict} scenario={self.scenario} seed={self.seed} params={self.params} "
                 f"lost={self.lost} partial={self.partial} corrupt={self.corrupt} levels={','.join(self.levels)} "
-                f"served={self.served} {self.seconds:.1f}s :: {self.skipped or self.summary}")
+                f"served={self.served} {self.seconds:.1f}s (checks {self.check_s:.1f}s) :: "
+                f"{self.skipped or self.summary}")
 
     def failures(self) -> str:
         bad = [f"  {k}: {v}" for k, v in self.checks.items() if v != "ok"]
@@ -112,6 +114,7 @@ def run_one(name: str, seed: int, env: Any) -> Outcome:
     out.seconds = time.monotonic() - t0
     out.params, out.summary, out.notes = ctx.params, "; ".join(ctx.story), ctx.notes
     out.levels = ctx.ledger.levels()
+    out.check_s = round(ctx.check_s, 2)
     for rep in ctx.reports:
         out.lost += rep.lost
         out.partial += rep.partial

@@ -55,11 +55,19 @@ class Ctx:
         self.reports: list[Report] = []
         self.uses_store = False
         self.mounts: list[Path] = []
+        self.check_s = 0.0  # time spent in the checker
         self._managers: dict[tuple[str, int], CheckpointManager] = {}
 
     # -- seeded choices -----------------------------------------------------------------------
     def choose(self, key: str, options: Iterable[Any]) -> Any:
         v = self.rng.choice(list(options))
+        self.params[key] = v
+        return v
+
+    def cycle(self, key: str, options: Iterable[Any]) -> Any:
+        """A choice that walks the options with the seed, so seeds 1..n cover every one of n."""
+        opts = list(options)
+        v = opts[(self.seed - 1) % len(opts)]
         self.params[key] = v
         return v
 
@@ -94,7 +102,7 @@ class Ctx:
     def home(self, rank: int) -> Node:
         return next(n for n in self.nodes if not n.ranks or rank in n.ranks)
 
-    def manager(self, rank: int, node: Node | None = None) -> CheckpointManager:
+    def manager(self, rank: int, node: Any = None) -> CheckpointManager:
         node = node or self.home(rank)
         key = (node.addr, rank)
         m = self._managers.get(key)
@@ -106,24 +114,34 @@ class Ctx:
 
     def forget_managers(self, node: Node) -> None:
         for key in [k for k in self._managers if k[0] == node.addr]:
-            self._managers.pop(key).close()
+            _close_soon(self._managers.pop(key))
 
     # -- saves and acknowledgements ---------------------------------------------------------------
     def save(self, step: int, ranks: Iterable[int] | None = None, variant: int = 0) -> dict[int, SaveHandle]:
         """save() each rank's state through its home node; the ledger records it, timed."""
-        from tests.fault.invariants import Save
-
         out = {}
         for rank in range(self.ledger.world_size) if ranks is None else ranks:
             node = self.home(rank)
             m = self.manager(rank, node)
             t0 = time.perf_counter()
             h = m.save(step, self.ledger.state(step, rank, variant))
-            dt = time.perf_counter() - t0
-            refused = h.skipped or isinstance(h.error, REFUSALS)
-            self.ledger.saves.append(Save(step, rank, variant, node.name, h.ok, str(h.error or ""), dt, refused))
+            self.record(step, rank, variant, node, h, time.perf_counter() - t0)
             out[rank] = h
         return out
+
+    def record(self, step: int, rank: int, variant: int, node: Node, h: SaveHandle | None, seconds: float,
+               error: str = "") -> None:
+        """Record one save() call. save() returning ok is STAGED for that rank's shard, so once
+        every rank's save of the step returned ok, the step counts as acknowledged STAGED."""
+        from tests.fault.invariants import Save
+
+        ok = h.ok if h is not None else not error
+        refused = h is not None and (h.skipped or isinstance(h.error, REFUSALS))
+        err = str(h.error or "") if h is not None else error
+        self.ledger.saves.append(Save(step, rank, variant, node.name, ok, err, seconds, refused))
+        if all(any(s.ok for s in self.ledger.saves if (s.step, s.rank) == (step, r))
+               for r in range(self.ledger.world_size)) and (step, Level.STAGED) not in self.ledger.acks:
+            self.ledger.ack(step, Level.STAGED, range(self.ledger.world_size))
 
     def ack(self, step: int, level: Level, node: Node | None = None, timeout_s: float = 30.0) -> str:
         """Wait for ``level`` of ``step`` as seen by node; record the ack. Returns '' or the error."""
@@ -153,16 +171,36 @@ class Ctx:
 
     def restore(self, rank: int, step: int | str = "latest", node: Node | None = None) -> tuple[int | None, str]:
         """Restore rank as a resuming trainer would; assert the bytes; return (step, served tier)."""
-        from tests.fault.invariants import Checker, _blank
+        from tests.fault.invariants import Checker
+        from tests.fault.scenarios._ledger import blank
 
         m = self.manager(rank, node)
-        state = _blank(self.ledger.state(1, rank))
+        state = blank(self.ledger.state(1, rank))
         got = m.restore(state, step=step)
         if got is None:
             return None, ""
-        verdict = Checker(self.ledger, [], None, None).judge(state, got, rank)
+        verdict = Checker(self.ledger, [], None, None, self.manager).judge(state, got, rank)
         assert verdict == "exact", f"resume of rank {rank} from step {got}: {verdict} bytes"
         return got, m.last_restore.served_from if m.last_restore else "?"
+
+    def tier_state(self, step: int, tier: str, node: Node | None = None) -> int:
+        """The step's TierState value at ``tier`` on node (0 when the daemon does not know the step)."""
+        import grpc
+
+        from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+        from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
+
+        node = node or self.nodes[0]
+        with grpc.insecure_channel(f"unix:{node.addr}") as ch:
+            try:
+                st = pb_grpc.CheckpointServiceStub(ch).GetStepStatus(
+                    pb.GetStepStatusRequest(job=self.job, step=step), timeout=10)
+            except grpc.RpcError:
+                return 0
+        return next((t.state for t in st.tiers if t.tier == tier), 0)
+
+    def in_memory(self, step: int, node: Node | None = None) -> bool:
+        return self.tier_state(step, "memory", node) == 3  # slots are reused: only the newest stay
 
     def saved_ok(self, step: int) -> bool:
         return all(s.ok for s in self.ledger.saves if s.step == step)
@@ -172,16 +210,25 @@ class Ctx:
         exp = Expect(**{k: frozenset(v) if isinstance(v, (set, list, tuple)) else v for k, v in expect.items()})
         store = self.env.store() if self.uses_store else None
         reader = self.env.reader if self.uses_store else None
-        rep = check(self.ledger, list(self.nodes), exp, phase, store, reader)
+        t0 = time.monotonic()
+        rep = check(self.ledger, list(self.nodes), exp, phase, lambda r, n: self.manager(r, n), store, reader)
+        self.check_s += time.monotonic() - t0
         self.reports.append(rep)
         return rep
 
     def close(self) -> None:
         for m in self._managers.values():
-            m.close()
+            _close_soon(m)
         self._managers.clear()
         for n in self.nodes:
             n.kill()
             shutil.rmtree(n.shm_dir, ignore_errors=True)
         for path in self.mounts:
             self.env.umount(path)
+
+
+def _close_soon(m: CheckpointManager) -> None:
+    """Close a client off the scenario's thread: a gRPC channel close can take a fifth of a second."""
+    import threading
+
+    threading.Thread(target=m.close, name="close-client", daemon=True).start()

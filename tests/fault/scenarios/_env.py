@@ -188,11 +188,28 @@ class Env:
         return p
 
     def reader(self) -> Node:
-        """An empty node on the store (no peers): what restores after the whole cluster is lost."""
-        if self._reader is None or not self._reader.alive():
-            self._reader = self.node("reader", self.workdir / f"reader-{uuid.uuid4().hex[:4]}",
-                                     object=self.object_config()).start()
-        return self._reader
+        """An empty node on the store (no peers): what restores after the whole cluster is lost.
+
+        Shared by the runs; its restores stay in its memory as re-warmed copies, which a later
+        restore never evicts, so it is replaced by a fresh one before they fill half its budget."""
+        r = self._reader
+        if r is not None and r.alive():
+            import grpc
+
+            from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+            from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
+
+            with grpc.insecure_channel(f"unix:{r.addr}") as ch:
+                used = pb_grpc.CheckpointServiceStub(ch).DaemonStatus(pb.DaemonStatusRequest(), timeout=10)
+            if used.slot_bytes_in_use <= r.budget_bytes // 2:
+                return r
+            r.kill()
+            shutil.rmtree(r.shm_dir, ignore_errors=True)
+            shutil.rmtree(r.root, ignore_errors=True)
+        r = self.node("reader", self.workdir / f"reader-{uuid.uuid4().hex[:4]}", object=self.object_config())
+        r.budget_bytes = 4 * BUDGET
+        self._reader = r.start()
+        return r
 
     # -- nodes ------------------------------------------------------------------------------
     def node(self, name: str, run_dir: Path, *, ranks: tuple[int, ...] = (), object: dict[str, Any] | None = None,

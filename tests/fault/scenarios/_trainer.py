@@ -20,7 +20,7 @@ from ckptd_client import CheckpointManager
 from ckptd_client.tree import copy_into, flatten
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from tests.fault.invariants import make_state
+from tests.fault.scenarios._ledger import make_state
 
 
 def say(line: str) -> None:

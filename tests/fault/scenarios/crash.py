@@ -113,8 +113,8 @@ def daemon_kill_mid_drain(ctx: Ctx) -> None:
     ctx.save(victim)  # returns at STAGED; the background work then hits the failpoint
     ctx.ack(victim, Level.STAGED, timeout_s=5)
     assert n.wait_dead(30) == -9, n.log()[-2000:]
-    wipe = ctx.choose("restart", ["shm intact", "shm wiped"]) == "shm wiped"
-    ctx.fault(f"killed at {point}#{nth} of step {victim}", *(["memory@n1"] if wipe else []))
+    wipe = ctx.cycle("restart", ["shm intact", "shm wiped"]) == "shm wiped"
+    ctx.fault(f"killed at {point}#{nth} of step {victim}", "daemon@n1", *(["memory@n1"] if wipe else []))
     ctx.restart(n, wipe_shm=wipe)
     on_disk = (n.data_dir / ctx.job / f"step-{victim:012d}" / "manifest.json").exists()
     if wipe:  # with the shm intact the re-adopted step may be drained again by now
@@ -145,8 +145,8 @@ def daemon_kill_mid_upload(ctx: Ctx) -> None:
     ctx.save(victim)
     ctx.ack(victim, Level.LOCAL_DURABLE, timeout_s=10)
     assert n.wait_dead(60) == -9, n.log()[-2000:]
-    wipe = ctx.choose("restart", ["shm intact", "shm wiped"]) == "shm wiped"
-    ctx.fault(f"killed at {point}#{nth} of step {victim}", *(["memory@n1"] if wipe else []))
+    wipe = ctx.cycle("restart", ["shm intact", "shm wiped"]) == "shm wiped"
+    ctx.fault(f"killed at {point}#{nth} of step {victim}", "daemon@n1", *(["memory@n1"] if wipe else []))
     ctx.check("killed (store only)", down={"n1"})
     ctx.restart(n, wipe_shm=wipe)
     ctx.must_ack(victim, Level.PERSISTED, timeout_s=60)  # the restarted daemon uploads it again
@@ -197,7 +197,7 @@ def stale_after_restart(ctx: Ctx) -> None:
         sd = jd / f"step-{steps + 7:012d}"
         sd.mkdir()
         (sd / "rank-000000.shard").write_bytes(b"\0" * 4096)
-    ctx.fault("daemon killed; stale files planted: " + ", ".join(kinds))
+    ctx.fault("daemon killed; stale files planted: " + ", ".join(kinds), "daemon@n1")
     ctx.restart(n)
     ctx.check("after restart", recovered={"n1"})
     for step in range(steps + 1, steps + 4):  # slots are reused, not grown, after the cleanup

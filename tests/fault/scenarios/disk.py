@@ -112,15 +112,16 @@ def disk_eio_read(ctx: Ctx) -> None:
         ctx.must_ack(step, Level.LOCAL_DURABLE)
     bad_step = ctx.choose("bad_step", range(1, steps + 1))
     bad_rank = ctx.choose("bad_rank", range(W))
-    wipe = ctx.choose("restart", ["shm intact", "shm wiped"]) == "shm wiped"
+    wipe = ctx.cycle("restart", ["shm wiped", "shm intact"]) == "shm wiped"
     bad = f"step-{bad_step:012d}/rank-{bad_rank:06d}.shard"
+    in_memory = ctx.in_memory(bad_step) and not wipe  # its slot may have been reused already
     ctx.restart(n, wipe_shm=wipe, wrapper=True, faults={"CKPTD_TEST_EIO_READ": bad})
     ctx.fault(f"restart ({'shm wiped' if wipe else 'shm intact'}); every read of {bad} fails with EIO",
-              *(["memory@n1"] if wipe else []))
-    gone = {(bad_step, bad_rank)} if wipe else set()
-    served = {} if wipe else {(bad_step, bad_rank): "memory"}
+              "daemon@n1", *(["memory@n1"] if wipe else []))
+    gone = set() if in_memory else {(bad_step, bad_rank)}
+    served = {(bad_step, bad_rank): "memory"} if in_memory else {}
     ctx.check("bad sector", unrecoverable=gone, served=served, recovered={"n1"})
-    if wipe:
+    if not in_memory:
         m = ctx.manager(bad_rank)
         try:
             ctx.restore(bad_rank, bad_step)

@@ -1,0 +1,185 @@
+"""ckptd bugs the scenarios exposed: for each, where it is, the signature of the failures it causes
+in a scenario outcome, and a minimal reproduction that raises AssertionError while the bug is there.
+
+``known_bug(outcome)`` names the bug when every failure of a failed outcome is that bug's, so the
+test suite can mark such a run as an expected failure with the bug's description (any other
+failure still fails; ``CKPTD_FAULT_STRICT=1`` turns the marking off). When a bug is fixed its
+reproduction passes, its strict xfail test turns red, and its entry is to be removed from here.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from ckptd_client import CheckpointManager, CkptdError, Level, NotFound
+
+from tests.fault.scenarios import Outcome
+from tests.fault.scenarios._env import Env
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class KnownBug:
+    id: str
+    title: str
+    where: str
+    repro: Callable[[Env], None]
+    checks: dict[str, str] = field(default_factory=dict)  # check name -> regex every message of it matches
+    error: str = ""  # regex the scenario's error matches (a scenario that could not go on)
+    scenarios: tuple[str, ...] = ()  # only in these scenarios ((): any)
+
+    def matches(self, out: Outcome) -> bool:
+        if out.ok or (self.scenarios and out.scenario not in self.scenarios):
+            return False
+        if out.error and not (self.error and re.search(self.error, out.error)):
+            return False
+        for key, msg in out.checks.items():
+            if msg == "ok":
+                continue
+            pattern = self.checks.get(key.rsplit(":", 1)[-1])
+            if pattern is None or not all(re.search(pattern, m) for m in msg.split(" | ")):
+                return False
+        return bool(out.error) or any(v != "ok" for v in out.checks.values())
+
+
+def _state(step: int) -> dict[str, np.ndarray]:
+    return {"w": np.full(2**16, step, np.float32)}
+
+
+def _stale_listing(env: Env) -> None:
+    n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}", extra={"disk": {"enabled": False}}).start()
+    with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
+        for step in (1, 2, 3, 4):  # slots are reused: only the newest steps stay in memory
+            m.save(step, _state(step)).wait(Level.STAGED, timeout_s=30)
+        listed = m.all_steps()
+        try:
+            m.restore(_state(0), step=listed[0])
+        except NotFound as exc:
+            raise AssertionError(f"all_steps() lists {listed}, restore of {listed[0]}: {exc}") from None
+    n.kill()
+
+
+def _no_upload_after_restart(env: Env) -> None:
+    n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}", object=env.object_config(),
+                 faults={"CKPTD_FAILPOINTS": "object.upload.before_shard=kill"}).start()
+    with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
+        m.save(1, _state(1))
+    n.wait_dead(30)
+    n.restart(wipe_shm=True)  # a reboot: the step is committed on disk, not yet in the store
+    with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
+        try:
+            m._wait(1, Level.PERSISTED, 8)
+        except CkptdError as exc:
+            raise AssertionError(f"a step committed on disk is never uploaded after the restart: {exc}") from None
+    n.kill()
+
+
+def _restore_drops_inflight_step(env: Env) -> None:
+    n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}").start()
+    ms = [CheckpointManager("j", rank=r, world_size=2, addr=n.addr) for r in range(2)]
+    for m in ms:
+        m.save(1, _state(1))
+    ms[0]._wait(1, Level.LOCAL_DURABLE, 30)
+    assert ms[0].save(2, _state(2)).ok  # rank 0 staged step 2
+    assert ms[1].restore(_state(0)) == 1  # another process of rank 1 restores meanwhile
+    assert ms[1].save(2, _state(2)).ok  # rank 1 stages step 2: both save() calls returned STAGED
+    try:
+        ms[0]._wait(2, Level.STAGED, 3)
+    except CkptdError as exc:
+        raise AssertionError(f"both ranks' save() of step 2 returned, the step never commits: {exc}") from None
+    finally:
+        for m in ms:
+            m.close()
+        n.kill()
+
+
+def _multipart_left(env: Env) -> None:
+    from tests.tiers.faultproxy import Request
+
+    proxy = env.proxy()
+    prefix_job = f"mp{uuid.uuid4().hex[:6]}"
+    n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}", object=env.object_config(
+        endpoint=proxy.url, total_timeout_s=4.0, connect_timeout_s=0.5, read_timeout_s=1.0, max_attempts=2)).start()
+    big = {"w": np.ones(6 * MiB // 4, np.float32)}  # above the 5 MiB part size: a multipart upload
+    with CheckpointManager(prefix_job, rank=0, world_size=1, addr=n.addr) as m:
+        proxy.add("down", match=Request.is_upload_part, down_s=3600)  # down in the middle of the upload
+        m.save(1, big)
+        try:
+            m._wait(1, Level.PERSISTED, 30)
+        except CkptdError:
+            pass
+        proxy.up()
+        m.save(2, big)
+        m._wait(2, Level.PERSISTED, 30)  # the store is back and the daemon uses it again
+    s3 = env.store()
+    ups = s3.client.list_multipart_uploads(Bucket=s3.bucket, Prefix=f"{s3.prefix}/{prefix_job}/").get("Uploads", [])
+    n.kill()
+    assert not ups, f"{len(ups)} multipart upload(s) of the outage never aborted: {[u['Key'] for u in ups]}"
+
+
+def _rewarm_fills_budget(env: Env) -> None:
+    n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}", extra={
+        "disk": {"max_to_keep": 10}, "memory": {"wait_timeout_s": 1.0}})
+    n.budget_bytes = 8 * MiB  # four 2 MiB slots
+    n.start()
+    with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
+        for step in range(1, 6):
+            m.save(step, _state(step)).wait(Level.LOCAL_DURABLE, timeout_s=30)
+    n.restart(wipe_shm=True)
+    with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
+        for step in range(1, 6):  # each restore stays in memory as a re-warmed copy
+            try:
+                m.restore(_state(0), step=step)
+            except CkptdError as exc:
+                raise AssertionError(f"restore of step {step} (the newest) failed: {type(exc).__name__}: {exc}") \
+                    from None
+    n.kill()
+
+
+KNOWN_BUGS = (
+    KnownBug(
+        "stale-committed-listing",
+        "ListSteps/all_steps() report a step committed after its only copy is gone (memory slots reused, "
+        "disk failed or skipped it); restoring it answers NotFound",
+        "ckptd/server.py ListSteps: committed=s.level() is not None or s.in_memory; StepState.level() "
+        "(ckptd/catalog.py) counts the raw memory state COMMITTED that effective() reports REMOVED",
+        _stale_listing, checks={"committed": "listed committed while no tier holds it"}),
+    KnownBug(
+        "no-upload-after-restart",
+        "a step committed on disk but not yet in the object store is never uploaded by a daemon restarted "
+        "without its shared memory (reboot): PERSISTED is never reached",
+        "ckptd/uploader.py ObjectUploader._next (pending steps need s.shards) and _upload (iterates st.shards): "
+        "steps catalogued from disk manifests at start-up have no shard records",
+        _no_upload_after_restart, error=r"did not reach PERSISTED: Timeout", scenarios=("daemon_kill_mid_upload",)),
+    KnownBug(
+        "restore-drops-inflight-step",
+        "a restore while a later step is in flight drops the ranks already staged (no save lease left), so "
+        "the step never commits although every rank's save() returned STAGED",
+        "ckptd/restore_service.py RestoreService._drop_partial_steps_after (run by every restore): only a "
+        "live save lease protects a partial later step",
+        _restore_drops_inflight_step, checks={"acked": r"NotFound: step \d+ of job .* is not committed"},
+        scenarios=("restore_during_save",)),
+    KnownBug(
+        "multipart-left-after-outage",
+        "a multipart upload cut by a store outage is never aborted once the store is back (its abort failed "
+        "during the outage; only start-up cleanup of uploads older than stale_upload_age_s removes it)",
+        "ckptd/tiers/object_client.py (one abort attempt of a failed multipart upload, not retried later); "
+        "ckptd/adoption.py runs cleanup_incomplete(stale_upload_age_s) at start-up only",
+        _multipart_left, checks={"leaks": "multipart upload left unfinished"}, scenarios=("object_down",)),
+    KnownBug(
+        "rewarm-fills-budget",
+        "copies re-warmed by restores are never evicted for a later restore: once they fill the shm budget, "
+        "every restore from disk, peer or store fails, reported as IntegrityError 'no valid copy'",
+        "ckptd/shm.py SlotPool.lease_scratch (reusable only if content is None), used by ckptd/restore.py "
+        "Restorer._from_tier/_from_peer; the BudgetExhausted is folded into IntegrityError by execute()",
+        _rewarm_fills_budget),
+)
+
+
+def known_bug(out: Outcome) -> KnownBug | None:
+    return next((b for b in KNOWN_BUGS if b.matches(out)), None)
