@@ -71,6 +71,9 @@ class StepState:
     extra: dict[str, Any] = field(default_factory=dict)
     #: ranks this daemon holds for the step (multi-node jobs); empty: all ranks (one node)
     node_ranks: tuple[int, ...] = ()
+    #: tiers committed for this node's ranks whose level also waits for the other nodes (a
+    #: cross-node commit through the coordinator): None while pending, else why it failed
+    across_nodes: dict[TierName, str | None] = field(default_factory=dict)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -117,10 +120,14 @@ class StepState:
             node_ranks=self.node_ranks,
         )
 
+    def reached(self, tier: TierName) -> bool:
+        """Is the tier's level reached: committed, and on every node where that is global?"""
+        return self.state(tier) in REACHED and tier not in self.across_nodes
+
     def level(self) -> Level | None:
         best: Level | None = None
         for level in Level:
-            if self.state(LEVEL_TIER[level]) in REACHED:
+            if self.reached(LEVEL_TIER[level]):
                 best = level
         return best
 
@@ -217,8 +224,11 @@ class Catalog:
                 state, msg = st.tiers.get(tier, (TierState.PENDING, ""))
                 if level == Level.STAGED and (st.in_memory or st.level() is not None):
                     return st
-                if state in REACHED:
+                if st.reached(tier):
                     return st
+                if st.across_nodes.get(tier):
+                    raise TierFailed(f"step {step} of {job!r} will not reach {level.name} on every node: "
+                                     f"{st.across_nodes[tier]}")
                 mem_state, mem_msg = st.tiers.get(TierName.MEMORY, (TierState.PENDING, ""))
                 if mem_state in (TierState.FAILED, TierState.SKIPPED) and not st.in_memory \
                         and state not in REACHED:

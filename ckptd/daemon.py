@@ -86,6 +86,7 @@ class Daemon:
         self.draining = False
         self._lock_fd = -1
         self._tasks: set[asyncio.Task[None]] = set()
+        self._across: set[asyncio.Task[None]] = set()  # cross-node commits: cancelled at stop
         self._reaper: asyncio.Task[None] | None = None
         metrics.SHM_BUDGET_BYTES.set(cfg.memory.budget_bytes)
         metrics.SHM_BYTES_IN_USE.set_function(lambda: self.pool.bytes_in_use)
@@ -146,6 +147,33 @@ class Daemon:
             self.replicator = Replicator(self.catalog, self.pool, self.peers)
             self.restorer.on_adopt = self._after_adopt
         self.restorer.peers = self.peers
+        self.drainer.across_nodes = self._disk_across_nodes
+
+    def _disk_across_nodes(self, st: StepState, ok: bool, reason: str) -> None:
+        """LOCAL_DURABLE of a multi-node step is global: report this node's part to the step's
+        coordinator and, if it committed, clear the wait once every rank is on some node's disk."""
+        from ckptd.peer_types import ReadyReport
+        from ckptd.replication import ACROSS_NODES_WAIT_S, commit_across_nodes
+
+        assert self.peers is not None
+        peers = self.peers
+        report = ReadyReport(st.job, st.step, st.world_size, "disk", peers.node_id, st.ranks, not ok, reason[:500])
+
+        async def run() -> None:
+            why = await commit_across_nodes(peers, report, ACROSS_NODES_WAIT_S)
+            if not ok:
+                return
+            if why is None:
+                st.across_nodes.pop(TierName.DISK, None)
+                log.info("step %s@%d LOCAL_DURABLE on all %d ranks", st.job, st.step, st.world_size)
+            else:
+                st.across_nodes[TierName.DISK] = why
+                log.warning("step %s@%d: LOCAL_DURABLE not reached on every node: %s", st.job, st.step, why)
+            await self.catalog.notify()
+
+        task = asyncio.create_task(run(), name=f"disk-across-nodes-{st.job}-{st.step}")
+        self._across.add(task)
+        task.add_done_callback(self._across.discard)
 
     def set_peers(self, entries: list[str]) -> list[str]:
         """The job's membership from its clients (SetPeers); replication starts if it had no peers."""
@@ -199,9 +227,9 @@ class Daemon:
         clean = await self.drainer.stop(self.cfg.daemon.shutdown_timeout_s)
         if self.uploader is not None:
             clean = await self.uploader.stop(self.cfg.daemon.shutdown_timeout_s) and clean
-        for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
+        for task in [*self._tasks, *self._across, *([self._reaper] if self._reaper else [])]:
             task.cancel()
-        for task in [*self._tasks, *([self._reaper] if self._reaper else [])]:
+        for task in [*self._tasks, *self._across, *([self._reaper] if self._reaper else [])]:
             try:
                 await task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001

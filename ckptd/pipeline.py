@@ -57,6 +57,9 @@ class DiskDrainer(Worker):
         self.pinned: dict[str, set[int]] = {}
         self.operator_pins: dict[str, set[int]] = {}  # ckptctl pin (the daemon's PinStore.pins)
         self.on_commit: Callable[[], None] | None = None  # e.g. wake the object uploader
+        #: multi-node steps with peers: (step, this node's part committed?, why not) is handed
+        #: on for the cross-node commit of LOCAL_DURABLE (Daemon._disk_across_nodes)
+        self.across_nodes: Callable[[StepState, bool, str], None] | None = None
 
     async def _run(self) -> None:
         while True:
@@ -125,15 +128,18 @@ class DiskDrainer(Worker):
                 return
             await loop.run_in_executor(self.executor, tier.commit, st.manifest())
         except AlreadyExists as exc:
+            self._node_part_done(st, True, "")
             await self.catalog.set_tier(st, TierName.DISK, TierState.COMMITTED, str(exc))
         except Exception as exc:  # noqa: BLE001 - any failure degrades the level, never crashes
             log.error("disk drain of %s@%d failed: %s", st.job, st.step, exc)
             metrics.TIER_FAILURES.labels("disk", "drain").inc()
             await self.catalog.set_tier(st, TierName.DISK, TierState.FAILED, str(exc))
+            self._node_part_done(st, False, str(exc))
         else:
             elapsed = time.monotonic() - t0
             self.last_drain = {"job": st.job, "step": st.step, "bytes": st.nbytes, "seconds": elapsed}
             log.info("step %s@%d LOCAL_DURABLE (%d bytes in %.3fs)", st.job, st.step, st.nbytes, elapsed)
+            self._node_part_done(st, True, "")
             await self.catalog.set_tier(st, TierName.DISK, TierState.COMMITTED)
             if self.on_commit is not None:
                 self.on_commit()
@@ -145,6 +151,15 @@ class DiskDrainer(Worker):
             for slot in slots:
                 assert slot is not None
                 await self.pool.unpin(slot)
+
+    def _node_part_done(self, st: StepState, ok: bool, reason: str) -> None:
+        """In a multi-node step this node's commit is only its part: LOCAL_DURABLE waits for the
+        other nodes' (set before the COMMITTED state is published, so no waiter sees it early)."""
+        if self.across_nodes is None or not st.node_ranks or len(st.node_ranks) >= st.world_size:
+            return
+        if ok:
+            st.across_nodes[TierName.DISK] = None
+        self.across_nodes(st, ok, reason)
 
     async def _retain(self, job: str) -> None:
         assert self.tier is not None

@@ -171,23 +171,33 @@ class Replicator(Worker):
         """REPLICATED is global: report this node's ranks to the coordinator and wait until every
         rank of the step is reported (or one failed)."""
         report = ReadyReport(st.job, st.step, st.world_size, "peer", self.peers.node_id, st.ranks)
-        deadline = time.monotonic() + self.peers.push_timeout_s * 10
-        while True:
-            try:
-                state = await self.peers.report_ready(report)  # idempotent: re-reporting polls
-            except Exception as exc:  # noqa: BLE001 - coordinator unreachable: degraded, reported
-                why = f"coordinator unreachable: {exc}"
-            else:
-                if state.complete:
-                    log.info("step %s@%d REPLICATED on all %d ranks", st.job, st.step, st.world_size)
-                    await self.catalog.set_tier(st, TierName.PEER, TierState.COMMITTED)
-                    return
-                if state.failed_ranks:
-                    await self.catalog.set_tier(st, TierName.PEER, TierState.FAILED,
-                                                f"degraded: ranks {list(state.failed_ranks)} not replicated")
-                    return
-                why = f"ranks {sorted(set(range(st.world_size)) - set(state.ready_ranks))} not reported"
-            if time.monotonic() > deadline:
-                await self.catalog.set_tier(st, TierName.PEER, TierState.FAILED, f"degraded: {why}")
-                return
-            await asyncio.sleep(0.2)
+        why = await commit_across_nodes(self.peers, report, self.peers.push_timeout_s * 10)
+        if why is None:
+            log.info("step %s@%d REPLICATED on all %d ranks", st.job, st.step, st.world_size)
+            await self.catalog.set_tier(st, TierName.PEER, TierState.COMMITTED)
+        else:
+            await self.catalog.set_tier(st, TierName.PEER, TierState.FAILED, f"degraded: {why}")
+
+
+ACROSS_NODES_WAIT_S = 600.0  # bound on waiting for the other nodes' part of a cross-node commit
+
+
+async def commit_across_nodes(peers: PeerDirectory, report: ReadyReport, timeout_s: float) -> str | None:
+    """Report this node's ranks of a step at a tier to the step's coordinator, then wait until
+    every rank is reported (None) or one failed, the coordinator stayed unreachable or
+    ``timeout_s`` passed (the reason). Re-reporting is idempotent: it doubles as the poll."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = await peers.report_ready(report)
+        except Exception as exc:  # noqa: BLE001 - coordinator unreachable: the reason says so
+            why = f"coordinator unreachable: {exc}"
+        else:
+            if state.complete:
+                return None
+            if state.failed_ranks:
+                return f"ranks {list(state.failed_ranks)} will not get there"
+            why = f"ranks {sorted(set(range(report.world_size)) - set(state.ready_ranks))} not reported"
+        if report.failed or time.monotonic() > deadline:
+            return why
+        await asyncio.sleep(0.2)
