@@ -91,6 +91,13 @@ class PermissionDenied(CkptdError):
     exit_code = 1
 
 
+class Unauthenticated(CkptdError):
+    """A peer call without a valid peer token (or a token this node's peers refused)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    exit_code = 1
+
+
 ERRORS: Final[dict[str, type[CkptdError]]] = {
     cls.__name__: cls
     for cls in (
@@ -105,6 +112,7 @@ ERRORS: Final[dict[str, type[CkptdError]]] = {
         Timeout,
         FailedPrecondition,
         PermissionDenied,
+        Unauthenticated,
     )
 }
 
@@ -118,6 +126,7 @@ _CODE_FALLBACK: Final[dict[grpc.StatusCode, type[CkptdError]]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: Timeout,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

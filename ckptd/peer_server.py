@@ -30,7 +30,15 @@ import grpc
 
 from ckptd import __version__
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.errors import ERROR_METADATA_KEY, CkptdError, FailedPrecondition, InvalidArgument, TierFailed, Timeout
+from ckptd.errors import (
+    ERROR_METADATA_KEY,
+    CkptdError,
+    FailedPrecondition,
+    InvalidArgument,
+    TierFailed,
+    Timeout,
+    Unauthenticated,
+)
 from ckptd.integrity import crc32c
 from ckptd.peer_bulk import BulkListener, in_thread, recv_frames, send_frames, verifier_for_frames
 from ckptd.peer_config import TlsFiles
@@ -44,7 +52,6 @@ from ckptd.peer_types import (
     ReplicaSink,
     ReplicaWriter,
     ShardSource,
-    Unauthenticated,
     validate_node_id,
 )
 from ckptd.peer_wire import (

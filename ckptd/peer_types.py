@@ -25,9 +25,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-import grpc
-
-from ckptd.errors import CkptdError
 from ckptd.layout import chunk_count
 from ckptd.manifest import ShardEntry
 from ckptd.types import validate_job, validate_node_ranks, validate_rank, validate_step
@@ -37,13 +34,6 @@ PEER_TIERS: Final = ("memory", "disk")
 READY_TIERS: Final = ("memory", "peer", "disk", "object")
 MAX_TRANSFER_CHUNK_BYTES: Final = 4 * 2**20
 NODE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class Unauthenticated(CkptdError):
-    """A peer call without a valid peer token (or a token this node's peers refused)."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
-    exit_code = 1
 
 
 def validate_node_id(node_id: str, what: str = "node id") -> str:

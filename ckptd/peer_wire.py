@@ -39,11 +39,12 @@ from ckptd.errors import (
     PermissionDenied,
     TierFailed,
     Timeout,
+    Unauthenticated,
 )
 from ckptd.integrity import crc32c
 from ckptd.layout import chunk_count
 from ckptd.manifest import _shard_from_obj, canonical_json
-from ckptd.peer_types import MAX_TRANSFER_CHUNK_BYTES, ReplicaHeader, Unauthenticated
+from ckptd.peer_types import MAX_TRANSFER_CHUNK_BYTES, ReplicaHeader
 
 SERVICE: Final = "ckptd.v1.PeerService"
 TOKEN_METADATA_KEY: Final = "ckptd-peer-token"
@@ -346,7 +347,7 @@ def peer_error(err: grpc.aio.AioRpcError, target: str) -> CkptdError:
     transport failures (down, reset, cancelled) become TierFailed, deadlines Timeout."""
     name = error_name(err)
     details = f"peer {target}: {err.details() or err.code().name}"
-    cls = ERRORS.get(name) or (Unauthenticated if name == "Unauthenticated" else None)
+    cls = ERRORS.get(name)
     if cls is None:
         cls = _BY_CODE.get(err.code(), TierFailed)
     return cls(details)

@@ -31,12 +31,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ckptd import errors
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.errors import ERROR_METADATA_KEY
+from ckptd.errors import ERROR_METADATA_KEY, Unauthenticated
 from ckptd.integrity import chunk_crcs, crc32c
 from ckptd.layout import TensorEntry
 from ckptd.manifest import ShardEntry
 from ckptd.peer_client import PeerClient
-from ckptd.peer_types import ReplicaHeader, Unauthenticated
+from ckptd.peer_types import ReplicaHeader
 from ckptd.peer_wire import header_to_pb
 from ckptd.types import MAX_STEP, MAX_WORLD_SIZE
 from tests._ckptd_helpers import Daemon, running_daemon, unique_job

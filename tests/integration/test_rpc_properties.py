@@ -36,11 +36,11 @@ from hypothesis import strategies as st
 from ckptd import errors
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.errors import ERROR_METADATA_KEY
+from ckptd.errors import ERROR_METADATA_KEY, Unauthenticated
 from ckptd.integrity import chunk_crcs, crc32c
 from ckptd.layout import TensorEntry
 from ckptd.manifest import Manifest, ShardEntry
-from ckptd.peer_types import ReplicaHeader, Unauthenticated
+from ckptd.peer_types import ReplicaHeader
 from ckptd.peer_wire import header_to_pb
 from ckptd.types import DTYPE_ITEMSIZE, MAX_STEP, validate_job
 from tests._ckptd_helpers import Daemon, running_daemon

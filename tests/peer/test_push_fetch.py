@@ -14,7 +14,15 @@ import grpc
 import pytest
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.errors import AlreadyExists, BudgetExhausted, FailedPrecondition, IntegrityError, NotFound, TierFailed
+from ckptd.errors import (
+    AlreadyExists,
+    BudgetExhausted,
+    FailedPrecondition,
+    IntegrityError,
+    NotFound,
+    TierFailed,
+    Unauthenticated,
+)
 from ckptd.integrity import crc32c
 from ckptd.peer_bulk import FRAME_HEAD, MAGIC
 from ckptd.peer_client import PeerClient
@@ -22,7 +30,7 @@ from ckptd.peer_config import PeerAddr
 from ckptd.peer_ring import push_to_ring
 from ckptd.peer_server import PeerServer, start_peer_server
 from ckptd.peer_store import MemoryReplicaStore
-from ckptd.peer_types import OpenShard, ReadyReport, ReplicaHeader, Unauthenticated
+from ckptd.peer_types import OpenShard, ReadyReport, ReplicaHeader
 from ckptd.peer_wire import (
     ACCEPT_METADATA_KEY,
     BULK_METADATA_KEY,

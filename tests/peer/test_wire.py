@@ -155,6 +155,6 @@ def test_token_matching() -> None:
 
 
 def test_grpc_status_codes_of_the_new_error() -> None:
-    from ckptd.peer_types import Unauthenticated
+    from ckptd.errors import Unauthenticated
 
     assert Unauthenticated.code == grpc.StatusCode.UNAUTHENTICATED
