@@ -120,6 +120,11 @@ class StepState:
             node_ranks=self.node_ranks,
         )
 
+    @property
+    def held(self) -> bool:
+        """Is a committed copy of the step held somewhere now (not merely once reached)?"""
+        return any(self.effective(t)[0] == TierState.COMMITTED for t in TierName)
+
     def reached(self, tier: TierName) -> bool:
         """Is the tier's level reached: committed, and on every node where that is global?"""
         return self.state(tier) in REACHED and tier not in self.across_nodes

@@ -94,7 +94,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         pins = self.d.pinned_steps(request.job)
         return pb.ListStepsResponse(job=request.job, steps=[
             pb.StepInfo(step=s.step, world_size=s.world_size, nbytes=s.nbytes,
-                        tiers=tier_statuses(s), committed=s.level() is not None or s.in_memory,
+                        tiers=tier_statuses(s), committed=s.held,
                         pinned=s.step in pins)
             for s in steps
         ])

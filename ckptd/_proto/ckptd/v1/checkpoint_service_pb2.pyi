@@ -503,7 +503,7 @@ class StepInfo(_message.Message):
     world_size: _builtins.int
     nbytes: _builtins.int
     committed: _builtins.bool
-    """committed at some tier"""
+    """a committed copy is held at some tier now (restorable)"""
     pinned: _builtins.bool
     """pinned (PinStep): retention never removes it"""
     @_builtins.property
