@@ -71,8 +71,11 @@ class ObjectUploader(Worker):
         self.pinned: dict[str, set[int]] = {}  # steps retention keeps (the daemon's PinStore.pins)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             await self._wait_kick(POLL_S)
+            if self.tier.has_failed_uploads:  # between uploads: nothing of ours is in flight
+                await loop.run_in_executor(self.executor, self.tier.abort_failed_uploads)
             while not self._stopping and (st := await self._next()) is not None:
                 await self._upload(st)
             await self._check_commits()
@@ -89,8 +92,9 @@ class ObjectUploader(Worker):
 
     async def _next(self) -> StepState | None:
         for job in list(self.catalog.jobs):
-            pending = [s for s in self.catalog.steps(job)
-                       if s.state(TierName.OBJECT) == TierState.PENDING and s.shards]
+            pending = [s for s in self.catalog.steps(job)  # no shard records: catalogued from disk
+                       if s.state(TierName.OBJECT) == TierState.PENDING
+                       and (s.shards or (self.disk is not None and s.state(TierName.DISK) == TierState.COMMITTED))]
             ready = [s for s in pending if self._ready(s)]
             if not ready:
                 continue
@@ -113,9 +117,15 @@ class ObjectUploader(Worker):
         pinned = self.drainer.pinned.setdefault(st.job, set())
         pinned.add(st.step)
         t0 = time.monotonic()
+        nbytes = 0
         try:
-            for rank in sorted(st.shards):
-                await self._upload_shard(st, rank)
+            entries = await self._entries(st)
+            if entries is None:
+                await self.catalog.set_tier(st, TierName.OBJECT, TierState.COMMITTED, "already in the store")
+                return
+            for entry in entries:
+                await self._upload_shard(st, entry)
+                nbytes += entry.nbytes
         except AlreadyExists:
             await self.catalog.set_tier(st, TierName.OBJECT, TierState.COMMITTED, "already in the store")
             return
@@ -127,17 +137,30 @@ class ObjectUploader(Worker):
         finally:
             pinned.discard(st.step)
         elapsed = time.monotonic() - t0
-        metrics.TIER_WRITTEN_BYTES.labels("object").inc(st.nbytes)
+        metrics.TIER_WRITTEN_BYTES.labels("object").inc(nbytes)
         metrics.TIER_OP_SECONDS.labels("object", "upload").observe(elapsed)
-        self.last_upload = {"job": st.job, "step": st.step, "bytes": st.nbytes, "seconds": elapsed}
+        self.last_upload = {"job": st.job, "step": st.step, "bytes": nbytes, "seconds": elapsed}
         coordinator = 0 in st.ranks
         self._awaiting[(st.job, st.step)] = _Awaiting(st, time.monotonic() + self.cfg.commit_wait_s, coordinator)
         del loop
 
-    async def _upload_shard(self, st: StepState, rank: int) -> None:
+    async def _entries(self, st: StepState) -> list[ShardEntry] | None:
+        """This node's shard entries of the step: from its shard records, or, for a step known
+        only from its disk manifest (a daemon restarted without its shared memory), from that
+        manifest; None when such a step is already committed in the store."""
+        if st.shards:
+            return [st.shards[r].entry for r in sorted(st.shards)]
+        assert self.disk is not None
+        loop = asyncio.get_running_loop()
+        if st.step in await loop.run_in_executor(self.executor, self.tier.list_committed, st.job):
+            return None
+        manifest = await loop.run_in_executor(self.executor, self.disk.read_manifest, st.job, st.step)
+        return list(manifest.shards)
+
+    async def _upload_shard(self, st: StepState, entry: ShardEntry) -> None:
         """Upload one local shard from its verified disk file, else from its verified slot."""
-        rec = st.shards[rank]
-        entry = rec.entry
+        rank = entry.rank
+        rec = st.shards.get(rank)
         loop = asyncio.get_running_loop()
         failpoints.hit("object.upload.before_shard")
         errors: list[str] = []
@@ -148,8 +171,8 @@ class ObjectUploader(Worker):
                 return
             except (IntegrityError, OSError) as exc:
                 errors.append(f"disk copy: {exc}")
-        slot = rec.slot
-        if slot is None or slot.content is not rec:
+        slot = rec.slot if rec is not None else None
+        if rec is None or slot is None or slot.content is not rec:
             raise TierFailed(f"no valid local copy of {st.job}@{st.step} rank {rank} to upload: "
                              + ("; ".join(errors) or "memory copy evicted"))
         slot.readers += 1
