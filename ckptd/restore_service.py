@@ -56,7 +56,7 @@ class RestoreService:
         result = await self.d.restorer.plan(job, rank, world_size, step)
         if dry_run:
             return result, ""
-        await self._drop_partial_steps_after(job, result.step)
+        await self._drop_partial_steps_after(job, result.step, rank)
         result = await self.d.restorer.execute(job, rank, world_size, result)
         return result, self._lease_restore(result, client_pid)
 
@@ -74,7 +74,7 @@ class RestoreService:
         the result so far; the last is "done" with the lease id, or an error is raised."""
         check_ids(job, 0 if step is None else step, rank, world_size)
         result = await self.d.restorer.plan(job, rank, world_size, step)
-        await self._drop_partial_steps_after(job, result.step)
+        await self._drop_partial_steps_after(job, result.step, rank)
         progress = RestoreProgress()
         task = asyncio.create_task(self.d.restorer.execute(job, rank, world_size, result, progress),
                                    name=f"restore-{job}-{rank}")
@@ -114,11 +114,16 @@ class RestoreService:
                 if slot is not None:
                     await self._release_restore_slot(slot)
 
-    async def _drop_partial_steps_after(self, job: str, step: int) -> None:
-        """A restore to ``step`` starts a new incarnation of the job: shards of later steps that
-        never completed belong to the dead one and must not mix with the new run's shards."""
+    async def _drop_partial_steps_after(self, job: str, step: int, rank: int) -> None:
+        """A rank restoring ``step`` starts a new incarnation of itself: a later step that never
+        completed and holds a shard of that rank belongs to its dead past and must not mix with
+        the new run's shards. A partial later step without that rank's shard is in flight by
+        the other ranks (their restores drop it if it is theirs from a dead run: every rank of a
+        restarted job restores before any of them saves again), and is kept."""
         for st in self.d.catalog.steps(job):
             if st.step <= step or st.in_memory or st.state(TierName.DISK) == TierState.COMMITTED:
+                continue
+            if rank not in st.shards:
                 continue
             if any((lease.job, lease.step) == (job, st.step) for lease in self.d.save_leases.values()):
                 continue
