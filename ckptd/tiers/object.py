@@ -110,6 +110,7 @@ class ObjectTier(ObjectLayout):
         self._store = Bucket(self.client, self.bucket)
         self._transfer = make_transfer_manager(self.client, section)
         self._pool = ThreadPoolExecutor(section.max_concurrency, thread_name_prefix="ckptd-object")
+        self._failed_uploads: set[str] = set()  # keys whose upload failed: a multipart part may be left
         self._deadlines = Deadlines()
         self._conditional: bool | None = {"on": True, "off": False}.get(section.conditional_put)
         self._probe_lock = threading.Lock()
@@ -155,7 +156,9 @@ class ObjectTier(ObjectLayout):
                 )
                 future.result()
             except STORE_ERRORS as exc:
+                self._failed_uploads.add(key)
                 raise self._failed(f"uploading {job}@{step} rank {entry.rank} to {self.url(key)}", exc) from exc
+        self._failed_uploads.discard(key)
         log.debug("uploaded %s (%d bytes) in %.3fs", self.url(key), entry.nbytes, time.monotonic() - started,
                   extra={"job": job, "step": step, "rank": entry.rank, "tier": "object"})
 
@@ -327,6 +330,26 @@ class ObjectTier(ObjectLayout):
         """Age past which no live tier still works on a multipart upload or a commit claim."""
         s = self.section
         return s.total_timeout_s + s.max_attempts * (s.connect_timeout_s + s.read_timeout_s) + 60.0
+
+    @property
+    def has_failed_uploads(self) -> bool:
+        return bool(self._failed_uploads)
+
+    def abort_failed_uploads(self) -> list[tuple[str, str]]:
+        """Abort what failed uploads left (their own abort may have failed with the store): call
+        it between uploads. Keys whose listing or abort fails again stay for the next call."""
+        aborted: list[tuple[str, str]] = []
+        for key in sorted(self._failed_uploads):
+            with self._deadlines.scope([key], time.monotonic() + self.total_timeout_s):
+                try:
+                    aborted += [(k, u) for k, u in abort_stale_uploads(self._store, key, 0) if k == key]
+                except STORE_ERRORS as exc:
+                    log.info("multipart uploads of %s not aborted yet: %s", self.url(key), exc)
+                    continue
+            self._failed_uploads.discard(key)
+        if aborted:
+            log.info("aborted %d multipart upload(s) left by failed uploads", len(aborted))
+        return aborted
 
     def cleanup_incomplete(self, older_than_s: float) -> list[tuple[str, str]]:
         """Abort multipart uploads under this tier's prefix initiated more than older_than_s
