@@ -142,7 +142,8 @@ class SlotReplicaStore:
 
     async def _open_disk_replica(self, h: ReplicaHeader) -> OpenShard:
         assert self.disk_replicas is not None
-        slot = await self.pool.lease_scratch(h.nbytes, True, self.cfg.memory.wait_timeout_s)
+        slot = await self.pool.lease_scratch(h.nbytes, True, self.cfg.memory.wait_timeout_s,
+                                             self.catalog.slot_reusable)
         slot.writing = False
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.disk_replicas.read_into, h,
@@ -211,7 +212,8 @@ class SlotReplicaStore:
             entry = manifest.shard(rank)
         except KeyError:
             raise NotFound(f"node {self.node_id} holds no copy of {job}@{step} rank {rank}") from None
-        slot = await self.pool.lease_scratch(entry.nbytes, True, self.cfg.memory.wait_timeout_s)
+        slot = await self.pool.lease_scratch(entry.nbytes, True, self.cfg.memory.wait_timeout_s,
+                                             self.catalog.slot_reusable)
         slot.writing = False
         try:
             await loop.run_in_executor(self.executor, self.disk.read_shard_into, job, step, entry,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ckptd import metrics
 from ckptd.catalog import Catalog, ShardRecord, StepState, TierState, sidecar_meta
-from ckptd.errors import CkptdError, FailedPrecondition, IntegrityError, NotFound
+from ckptd.errors import BudgetExhausted, CkptdError, FailedPrecondition, IntegrityError, NotFound
 from ckptd.manifest import Manifest, ShardEntry
 from ckptd.peer_types import Holding, ReplicaHeader
 from ckptd.replication import PeerDirectory
@@ -170,6 +170,8 @@ class Restorer:
                     await self._from_peer(source.detail.split()[0], job, rank, result, progress)
                 else:
                     await self._from_tier(source.tier, job, rank, world_size, result, progress)
+            except BudgetExhausted:
+                raise  # no room for any source's copy: say so, not "no valid copy"
             except CkptdError as exc:
                 log.warning("restore %s@%d rank %d: %s copy rejected: %s",
                             job, result.step, rank, source.tier.value, exc)
@@ -223,7 +225,8 @@ class Restorer:
         loop = asyncio.get_running_loop()
         manifest = await loop.run_in_executor(self.executor, tier.read_manifest, job, result.step)
         entry = manifest.shard(rank)
-        slot = await self.pool.lease_scratch(entry.nbytes, True, self.wait_timeout_s)
+        slot = await self.pool.lease_scratch(entry.nbytes, True, self.wait_timeout_s,
+                                             self.catalog.slot_reusable)
         slot.readers += 1
         slot.writing = False
         try:
@@ -263,7 +266,7 @@ class Restorer:
         slots: list[Slot] = []
 
         async def lease(h: ReplicaHeader) -> memoryview:
-            slot = await self.pool.lease_scratch(h.nbytes, True, self.wait_timeout_s)
+            slot = await self.pool.lease_scratch(h.nbytes, True, self.wait_timeout_s, self.catalog.slot_reusable)
             slot.readers += 1
             slot.writing = False
             slots.append(slot)

@@ -275,9 +275,12 @@ class SlotPool:
             os.close(fd)
         os.replace(tmp, slot.meta_path)
 
-    async def lease_scratch(self, nbytes: int, wait: bool, timeout_s: float) -> Slot:
-        """A slot for a restore read, owned by nobody; counts against the same budget."""
-        return await self.lease(("", -1), nbytes, lambda s: s.content is None, wait, timeout_s, 1 << 30)
+    async def lease_scratch(self, nbytes: int, wait: bool, timeout_s: float,
+                            reusable: Callable[[Slot], bool] | None = None) -> Slot:
+        """A slot for a restore read, owned by nobody; counts against the same budget. It may
+        take the room of slots ``reusable`` allows (default: only empty ones)."""
+        return await self.lease(("", -1), nbytes, reusable or (lambda s: s.content is None), wait, timeout_s,
+                                1 << 30)
 
     def close(self) -> None:
         for slot in list(self.slots.values()):
