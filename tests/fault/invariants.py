@@ -97,6 +97,9 @@ class Report:
         return not self.failures and not (self.lost or self.partial or self.corrupt)
 
 
+# how many newer committed steps a tier keeps before retention may remove an acknowledged one:
+# the newest step in memory and the newest replica are protected; disk and object keep 3 (default)
+RETAINED = {Level.STAGED: 1, Level.REPLICATED: 1, Level.LOCAL_DURABLE: 3, Level.PERSISTED: 3}
 CHECKS = ("acked", "committed", "corruption", "serving", "leaks", "deadline")
 
 
@@ -198,11 +201,29 @@ class Checker:
                     node = home
                 else:
                     continue  # the rank's node is down on purpose; checked once it is back
-                if (node.name, step, rank) in done:
-                    continue
+                if (node.name, step, rank) in done or self.newer_committed(level, node, step) >= RETAINED[level]:
+                    continue  # retention may have removed it: the newer steps are checked as listed
                 done.add((node.name, step, rank))
                 if not self.restore(node, step, rank, rep, "acked", exp):
                     rep.lost += 1
+
+    def newer_committed(self, level: Level, node: NodeView, step: int) -> int:
+        """How many steps newer than ``step`` the node (the store, for PERSISTED) lists as committed."""
+        if level == Level.PERSISTED and self.store is not None:
+            s = self.store
+            objs = s.client.list_objects_v2(Bucket=s.bucket, Prefix=f"{s.prefix}/{self.ledger.job}/")
+            objs = objs.get("Contents", [])
+            steps = [int(o["Key"].rsplit("/", 2)[-2].removeprefix("step-")) for o in objs
+                     if o["Key"].endswith("/manifest.json")]
+        else:
+            with grpc.insecure_channel(f"unix:{node.addr}") as ch:
+                try:
+                    resp = pb_grpc.CheckpointServiceStub(ch).ListSteps(pb.ListStepsRequest(job=self.ledger.job),
+                                                                       timeout=15)
+                except grpc.RpcError:
+                    return 0
+            steps = [x.step for x in resp.steps if x.committed]
+        return sum(1 for x in steps if x > step)
 
     def committed_lists(self, exp: Expect, rep: Report) -> list[tuple[NodeView, int, str]]:
         """(node, step, its tiers as listed) for every step a live node lists as committed."""

@@ -151,7 +151,8 @@ class Ctx:
             self.manager(rank, node)._wait(step, level, timeout_s)
         except CkptdError as exc:
             return f"{type(exc).__name__}: {exc}"
-        everyone = level in GLOBAL_LEVELS or not node.ranks
+        # with peers, LOCAL_DURABLE is a commit across the job's nodes too (every rank's disk part)
+        everyone = level in GLOBAL_LEVELS or not node.ranks or (level == Level.LOCAL_DURABLE and "peers" in node.config)
         self.ledger.ack(step, level, range(self.ledger.world_size) if everyone else node.ranks)
         return ""
 
@@ -159,6 +160,22 @@ class Ctx:
         err = self.ack(step, level, node, timeout_s)
         if err:
             raise AssertionError(f"step {step} did not reach {level.name}: {err}")
+
+    def resume_replication(self, first: int, tries: int = 4, gap_s: float = 1.0) -> int:
+        """Save steps from ``first`` until one is REPLICATED (a peer that just came back may still
+        be refused for the few seconds of the client's reconnect backoff; the next step tries the
+        ring again). Returns the step that made it; fails after ``tries`` steps."""
+        errors = []
+        for step in range(first, first + tries):
+            self.save(step)
+            err = self.ack(step, Level.REPLICATED)
+            if not err:
+                if errors:
+                    self.say(f"replication resumed at step {step} ({len(errors)} step(s) degraded first)")
+                return step
+            errors.append(err[:160])
+            time.sleep(gap_s)
+        raise AssertionError(f"replication did not resume in {tries} steps: {errors}")
 
     def fault(self, what: str, *lost: str) -> None:
         """Mark the fault: a new epoch; ``lost`` names what it destroyed (excuses older acks only)."""

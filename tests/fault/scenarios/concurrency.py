@@ -83,7 +83,7 @@ def restore_during_save(ctx: Ctx) -> None:
         got, served = ctx.restore(restorer, "latest" if asks == "latest" else before)
     ctx.fault(f"rank {restorer} restored {asks} while step {later} was in flight ({when})")
     assert got == expect, f"restore of {asks} returned step {got}, expected {expect}"
-    err = ctx.ack(later, Level.LOCAL_DURABLE, timeout_s=15)
+    err = ctx.ack(later, Level.LOCAL_DURABLE, timeout_s=6)
     ctx.say(f"restore returned step {got} from {served}; step {later}: "
             + ("LOCAL_DURABLE" if not err else f"never completed ({err[:120]})"))
     ctx.check("after the restore")

@@ -149,7 +149,7 @@ def daemon_kill_mid_upload(ctx: Ctx) -> None:
     ctx.fault(f"killed at {point}#{nth} of step {victim}", "daemon@n1", *(["memory@n1"] if wipe else []))
     ctx.check("killed (store only)", down={"n1"})
     ctx.restart(n, wipe_shm=wipe)
-    ctx.must_ack(victim, Level.PERSISTED, timeout_s=60)  # the restarted daemon uploads it again
+    ctx.must_ack(victim, Level.PERSISTED, timeout_s=15)  # the restarted daemon uploads it again
     ctx.say(f"restart ({'shm wiped' if wipe else 'shm intact'}): step {victim} uploaded again, PERSISTED")
     ctx.check("after restart", recovered={"n1"})
 
