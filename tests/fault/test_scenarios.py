@@ -58,12 +58,12 @@ def test_scenario(env: Env, name: str, seed: int) -> None:
     assert (out.lost, out.partial, out.corrupt) == (0, 0, 0)
 
 
-@pytest.mark.parametrize("bug", [pytest.param(b, marks=pytest.mark.xfail(
+@pytest.mark.parametrize("bug", [pytest.param(b, marks=() if b.fixed_in else pytest.mark.xfail(
     strict=True, raises=AssertionError, reason=f"ckptd bug {b.id}: {b.title} [{b.where}]")) for b in KNOWN_BUGS],
     ids=[b.id for b in KNOWN_BUGS])
 def test_known_bug_reproduction(env: Env, bug: KnownBug) -> None:
-    """Fails (xfail) while ckptd has the bug; once it is fixed this passes, the strict xfail turns
-    red, and the bug's entry is to be removed from known_bugs.py."""
+    """A fixed bug's reproduction must pass (regression test). An open one fails (strict xfail);
+    once it is fixed the xfail turns red: record the fixing commit in known_bugs.py."""
     bug.repro(env)
 
 

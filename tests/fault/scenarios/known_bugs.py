@@ -1,10 +1,12 @@
-"""ckptd bugs the scenarios exposed: for each, where it is, the signature of the failures it causes
-in a scenario outcome, and a minimal reproduction that raises AssertionError while the bug is there.
+"""ckptd bugs the scenarios exposed: for each, where it was, the signature of the failures it
+causes in a scenario outcome, a minimal reproduction that raises AssertionError while the bug is
+there, and the commit that fixed it (empty while open).
 
-``known_bug(outcome)`` names the bug when every failure of a failed outcome is that bug's, so the
-test suite can mark such a run as an expected failure with the bug's description (any other
-failure still fails; ``CKPTD_FAULT_STRICT=1`` turns the marking off). When a bug is fixed its
-reproduction passes, its strict xfail test turns red, and its entry is to be removed from here.
+The reproductions of fixed bugs run as regression tests. While a bug is open, its reproduction is a
+strict expected failure (it turns red once fixed: then record ``fixed_in``), and ``known_bug``
+names it for a failed scenario outcome whose every failure is that bug's, so the suite marks such a
+run as an expected failure with the bug's description (any other failure still fails;
+``CKPTD_FAULT_STRICT=1`` turns the marking off).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ class KnownBug:
     checks: dict[str, str] = field(default_factory=dict)  # check name -> regex every message of it matches
     error: str = ""  # regex the scenario's error matches (a scenario that could not go on)
     scenarios: tuple[str, ...] = ()  # only in these scenarios ((): any)
+    fixed_in: str = ""  # the commit that fixed it; empty while open
 
     def matches(self, out: Outcome) -> bool:
-        if out.ok or (self.scenarios and out.scenario not in self.scenarios):
+        if self.fixed_in or out.ok or (self.scenarios and out.scenario not in self.scenarios):
             return False
         if out.error and not (self.error and re.search(self.error, out.error)):
             return False
@@ -148,14 +151,15 @@ KNOWN_BUGS = (
         "disk failed or skipped it); restoring it answers NotFound",
         "ckptd/server.py ListSteps: committed=s.level() is not None or s.in_memory; StepState.level() "
         "(ckptd/catalog.py) counts the raw memory state COMMITTED that effective() reports REMOVED",
-        _stale_listing, checks={"committed": "listed committed while no tier holds it"}),
+        _stale_listing, checks={"committed": "listed committed while no tier holds it"}, fixed_in="e275e36"),
     KnownBug(
         "no-upload-after-restart",
         "a step committed on disk but not yet in the object store is never uploaded by a daemon restarted "
         "without its shared memory (reboot): PERSISTED is never reached",
         "ckptd/uploader.py ObjectUploader._next (pending steps need s.shards) and _upload (iterates st.shards): "
         "steps catalogued from disk manifests at start-up have no shard records",
-        _no_upload_after_restart, error=r"did not reach PERSISTED: Timeout", scenarios=("daemon_kill_mid_upload",)),
+        _no_upload_after_restart, error=r"did not reach PERSISTED: Timeout", scenarios=("daemon_kill_mid_upload",),
+        fixed_in="4215b2d"),
     KnownBug(
         "restore-drops-inflight-step",
         "a restore while a later step is in flight drops the ranks already staged (no save lease left), so "
@@ -163,21 +167,22 @@ KNOWN_BUGS = (
         "ckptd/restore_service.py RestoreService._drop_partial_steps_after (run by every restore): only a "
         "live save lease protects a partial later step",
         _restore_drops_inflight_step, checks={"acked": r"NotFound: step \d+ of job .* is not committed"},
-        scenarios=("restore_during_save",)),
+        scenarios=("restore_during_save",), fixed_in="b6cc714"),
     KnownBug(
         "multipart-left-after-outage",
         "a multipart upload cut by a store outage is never aborted once the store is back (its abort failed "
         "during the outage; only start-up cleanup of uploads older than stale_upload_age_s removes it)",
         "ckptd/tiers/object_client.py (one abort attempt of a failed multipart upload, not retried later); "
         "ckptd/adoption.py runs cleanup_incomplete(stale_upload_age_s) at start-up only",
-        _multipart_left, checks={"leaks": "multipart upload left unfinished"}, scenarios=("object_down",)),
+        _multipart_left, checks={"leaks": "multipart upload left unfinished"}, scenarios=("object_down",),
+        fixed_in="f2b1ef6"),
     KnownBug(
         "rewarm-fills-budget",
         "copies re-warmed by restores are never evicted for a later restore: once they fill the shm budget, "
         "every restore from disk, peer or store fails, reported as IntegrityError 'no valid copy'",
         "ckptd/shm.py SlotPool.lease_scratch (reusable only if content is None), used by ckptd/restore.py "
         "Restorer._from_tier/_from_peer; the BudgetExhausted is folded into IntegrityError by execute()",
-        _rewarm_fills_budget),
+        _rewarm_fills_budget, fixed_in="9ea392d"),
 )
 
 
