@@ -233,6 +233,14 @@ class Ctx:
         self.reports.append(rep)
         return rep
 
+    def flag(self, phase: str, check_name: str, msg: str) -> None:
+        """A failure the scenario itself saw (the run goes on, so the later checks still run)."""
+        rep = next((r for r in self.reports if r.phase == phase), None)
+        if rep is None:
+            rep = Report(phase)
+            self.reports.append(rep)
+        rep.fail(check_name, msg)
+
     def close(self) -> None:
         for m in self._managers.values():
             _close_soon(m)

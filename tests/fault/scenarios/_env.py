@@ -257,8 +257,13 @@ class Env:
     def umount(self, path: Path) -> None:
         if path in self.mounts:
             self.mounts.remove(path)
+            subprocess.run(["mount", "-o", "remount,rw", str(path)], capture_output=True)
             if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+    def remount(self, path: Path, mode: str) -> None:
+        """Remount a tmpfs of ours read-only ("ro") or writable ("rw")."""
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
 
     def resize_tmpfs(self, path: Path, size_bytes: int) -> None:
         subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(path)], check=True)

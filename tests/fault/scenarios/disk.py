@@ -6,12 +6,14 @@ afresh; a shard that cannot be read is reported, never served."""
 
 from __future__ import annotations
 
+import os
+
 import grpc
 from ckptd_client import Level
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
-from tests.fault.scenarios import scenario
+from tests.fault.scenarios import Skip, scenario
 from tests.fault.scenarios._ctx import Ctx
 from tests.fault.scenarios._env import Node
 
@@ -19,6 +21,7 @@ KiB = 1024
 W = 2
 ENOSPC_TEXT = "No space left on device"
 EIO_TEXT = "Input/output error"
+EROFS_TEXT = "Read-only file system"
 
 
 def disk_state(node: Node, job: str, step: int) -> int:
@@ -134,3 +137,51 @@ def disk_eio_read(ctx: Ctx) -> None:
     ctx.must_ack(steps + 1, Level.LOCAL_DURABLE)
     # its memory copy may be gone by now (slots reused): then the bad disk copy is all there is
     ctx.check("next step", unrecoverable=gone, degraded={(bad_step, bad_rank)}, recovered={"n1"})
+
+
+@scenario
+def disk_readonly(ctx: Ctx) -> None:
+    """The disk tier's filesystem turns read-only: every drain fails (reported), saves go on at
+    STAGED, a restart on the read-only disk still serves; once writable, the disk catches up."""
+    n = ctx.node()
+    why = ctx.env.mount_tmpfs(n.data_dir, 64 * 2**20)
+    if why:
+        raise Skip(f"a read-only disk needs a tmpfs mount here, and mounting failed: {why}")
+    ctx.mounts.append(n.data_dir)
+    before = ctx.randint("steps_before", 1, 2)
+    left = ctx.cycle("left_behind", ["a partial step", "nothing"])
+    if left == "a partial step":  # the daemon dies with one shard of the next step published
+        n.faults = {"CKPTD_FAILPOINTS": f"disk.shard.after_link=kill@{W * before + 1}"}
+    n.start()
+    for step in range(1, before + 1):
+        ctx.save(step)
+        ctx.must_ack(step, Level.LOCAL_DURABLE)
+    ro = before + 1
+    if left == "a partial step":
+        ctx.save(ro)
+        assert n.wait_dead(30) == -9, n.log()[-2000:]
+        ctx.env.remount(n.data_dir, "ro")
+        ctx.restart(n)  # recovery cannot remove the partial step on a read-only disk; it must still serve
+        ctx.fault(f"killed with step {ro} half published; the disk turned read-only; restarted on it", "daemon@n1")
+        claimed = [line.split("recovery removed uncommitted ", 1)[1].split('"')[0]
+                   for line in n.log().splitlines() if "recovery removed uncommitted " in line]
+        still = [p for p in claimed if os.path.exists(p)]
+        if still:
+            ctx.flag("restart on the read-only disk", "leaks",
+                     f"recovery logged as removed what is still there: {still}")
+    else:
+        ctx.env.remount(n.data_dir, "ro")
+        ctx.save(ro)
+        ctx.fault(f"the disk turned read-only before step {ro}")
+    err = ctx.ack(ro, Level.LOCAL_DURABLE)
+    assert EROFS_TEXT in err, f"step {ro} on a read-only disk: expected a reported EROFS failure, got {err!r}"
+    ctx.save(ro + 1)
+    assert EROFS_TEXT in ctx.ack(ro + 1, Level.LOCAL_DURABLE), "a later step reached a read-only disk"
+    ctx.check("read-only disk", disk_writable=False)
+    ctx.env.remount(n.data_dir, "rw")
+    ctx.restart(n)
+    ctx.fault("the disk is writable again; daemon restarted", "daemon@n1")
+    ctx.save(ro + 2)
+    ctx.must_ack(ro + 2, Level.LOCAL_DURABLE)
+    ctx.say(f"steps {ro}-{ro + 1} FAILED on disk ({EROFS_TEXT}), step {ro + 2} LOCAL_DURABLE once writable")
+    ctx.check("writable again", recovered={"n1"})
