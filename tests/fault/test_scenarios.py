@@ -38,7 +38,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     e.close()
     path = os.environ.get("CKPTD_FAULT_RESULTS")
     if path:
-        Path(path).write_text(json.dumps({"seeds": SEEDS, "runs": [o.to_json() for o in RESULTS]}, indent=1) + "\n")
+        runs = [{**o.to_json(), "known_bug": getattr(known_bug(o), "id", "")} for o in RESULTS]
+        Path(path).write_text(json.dumps({"seeds": SEEDS, "runs": runs}, indent=1) + "\n")
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}")
