@@ -240,6 +240,15 @@ class DiskTier:
             self.fs.fsync_dir(step_dir.parent)
 
     # -- start-up ---------------------------------------------------------------------------
+    def _remove_leftover(self, path: Path, removed: list[str]) -> None:
+        """Remove an uncommitted leftover; record it only if it is gone (a read-only or failing
+        disk keeps it: harmless, never listed, and retried by the next recovery)."""
+        self.fs.rmtree(path)
+        if path.exists():
+            log.warning("recovery could not remove uncommitted %s (left for the next start)", path)
+        else:
+            removed.append(str(path))
+
     def recover(self) -> list[str]:
         """Remove temp dirs and uncommitted step dirs; return what was removed."""
         removed: list[str] = []
@@ -249,18 +258,15 @@ class DiskTier:
             job_removed = len(removed)
             for p in sorted(job_dir.iterdir()):
                 if p.name.startswith(".tmp-"):
-                    self.fs.rmtree(p)
-                    removed.append(str(p))
+                    self._remove_leftover(p, removed)
                     continue
                 if parse_step_dirname(p.name) is None or not p.is_dir():
                     continue
                 for q in sorted(p.iterdir()):
                     if q.name.startswith(".tmp-"):
-                        self.fs.rmtree(q)
-                        removed.append(str(q))
+                        self._remove_leftover(q, removed)
                 if not (p / MANIFEST_NAME).exists():
-                    self.fs.rmtree(p)
-                    removed.append(str(p))
+                    self._remove_leftover(p, removed)
             if len(removed) > job_removed:
                 self.fs.fsync_dir(job_dir)
         return removed
