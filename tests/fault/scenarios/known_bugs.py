@@ -211,7 +211,7 @@ KNOWN_BUGS = (
         "ckptd/tiers/disk.py DiskTier.recover appends every path after FsOps.rmtree (ckptd/fsops.py), "
         "which ignores errors",
         _recovery_reports_unremoved, checks={"leaks": "recovery logged as removed what is still there"},
-        scenarios=("disk_readonly",)),
+        scenarios=("disk_readonly",), fixed_in="fb726fd"),
 )
 
 
