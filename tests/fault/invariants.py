@@ -2,7 +2,9 @@
 
 A scenario records every save in a ``Ledger`` (which variant of which (step, rank) it wrote, what
 the save() call returned and how long it blocked, which durability levels each step was
-acknowledged at), injects its fault, says in an ``Expect`` what the fault was allowed to destroy,
+acknowledged at), injects its fault and records in the ledger what the fault destroyed (a daemon,
+a node's memory or disk, a whole node), says in an ``Expect`` what it knows of the state after it
+(copies left with no valid source, the tier that must serve, nodes down on purpose or restarted),
 and calls ``check``. The checker then verifies, against the live daemons and the object store:
 
 * ``acked``: no acknowledged checkpoint is lost at the level it was acknowledged: for every level
@@ -14,7 +16,8 @@ and calls ``check``. The checker then verifies, against the live daemons and the
   reported as a clear error (IntegrityError / NotFound), never served;
 * ``serving``: every daemon expected up answers health and ListSteps;
 * ``leaks``: no ``.tmp-*`` file on disk, no manifest-less step directory after a restart, no shm
-  file the pool does not own, no more slots than the pool allows, no unfinished multipart upload;
+  file the pool does not own, no slot bytes over the budget, no removed slot still mapped by the
+  daemon, no unfinished multipart upload;
 * ``deadline``: no save() call blocked training past the configured deadline.
 
 States are numpy trees derived from (seed, step, rank, variant) (tests/fault/scenarios/_ledger.py),
