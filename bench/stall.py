@@ -58,38 +58,44 @@ DLRover; ``--quick`` is ``--size-mib 64 --reps 3 --warmup 2``.
 
     .venv/bin/python bench/stall.py --json
     .venv/bin/python bench/stall.py --size-mib 32 --reps 2 --json --skip-peers
+
+This file is the command line and the run; the pieces live beside it: ``_stall_floor`` (the
+memcpy and fsync floors), ``_stall_daemon`` (the ckptd daemon), ``_stall_peers`` (DCP, DLRover,
+torch.save) and ``_stall_report`` (summary, table, log); ``_util`` builds the state.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import json
 import os
-import platform
-import re
-import select
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from _stall_daemon import SLOT_ALIGN, Daemon, stall_diagnostics
+from _stall_floor import FloorCopier, write_buffered, write_direct
+from _stall_peers import DlroverPeer, child_main, run_child, torch_save_series
+from _stall_report import (
+    log,
+    machine_context,
+    summarize_core,
+    summarize_dcp,
+    summarize_dlrover,
+    summarize_ratios,
+    table,
+)
 from _util import (
-    GIB,
     MIB,
     REPO,
     Cleanup,
     ShmFile,
-    gib_per_s,
     gpt_state,
     median,
     packed_offsets,
@@ -98,401 +104,7 @@ from _util import (
     tensors_of,
 )
 
-BLOCK = 8 * MIB
-SLOT_ALIGN = 2 * MIB  # ckptd.shm.SLOT_ALIGN_BYTES
 PEERS = ("torch_save", "dcp", "dlrover")
-DLROVER_SOCK_DIR = Path("/tmp/ckpt_sock")  # dlrover.python.common.multi_process.SOCKET_TMP_DIR
-_DURABLE_RE = re.compile(r"step (?P<job>\S+)@(?P<step>\d+) LOCAL_DURABLE \((?P<bytes>\d+) bytes in (?P<s>[0-9.]+)s\)")
-
-
-def log(msg: str) -> None:
-    print(f"[stall] {msg}", file=sys.stderr, flush=True)
-
-
-# -- the memcpy floor -----------------------------------------------------------------------------
-class FloorCopier:
-    """Copies the state's tensors into a pre-faulted shm mapping; the views are built once."""
-
-    def __init__(self, tensors: list[Any], offsets: list[int], shm: ShmFile) -> None:
-        import torch
-
-        self.pairs: list[tuple[Any, Any]] = []
-        self.raw: list[tuple[int, int, int]] = []
-        self._arr: Any = (ctypes.c_char * shm.capacity).from_buffer(shm.mm)
-        base = ctypes.addressof(self._arr)
-        for t, off in zip(tensors, offsets):
-            n = t.numel()
-            if n == 0:
-                continue
-            assert t.is_contiguous() and t.device.type == "cpu"
-            dst = torch.frombuffer(shm.mm, dtype=t.dtype, count=n, offset=off).view(t.shape)
-            self.pairs.append((t, dst))
-            self.raw.append((base + off, t.data_ptr(), n * t.element_size()))
-
-    def torch_copy(self) -> float:
-        t0 = time.perf_counter()
-        for src, dst in self.pairs:
-            dst.copy_(src)
-        return time.perf_counter() - t0
-
-    def memmove(self) -> float:
-        move = ctypes.memmove
-        t0 = time.perf_counter()
-        for dst, src, n in self.raw:
-            move(dst, src, n)
-        return time.perf_counter() - t0
-
-    def close(self) -> None:
-        self.pairs.clear()
-        self.raw.clear()
-        self._arr = None
-
-
-# -- the fsync floor ------------------------------------------------------------------------------
-def write_buffered(path: Path, src: memoryview) -> float:
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        off, n = 0, src.nbytes
-        while off < n:
-            off += os.write(fd, src[off : min(off + BLOCK, n)])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t0
-
-
-def write_direct(path: Path, src: memoryview) -> float:
-    """O_DIRECT writes of the 4 KiB-aligned body (src must be page-aligned), buffered tail, fsync."""
-    n = src.nbytes
-    body = n // 4096 * 4096
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
-    try:
-        off = 0
-        while off < body:
-            off += os.pwrite(fd, src[off : min(off + BLOCK, body)], off)
-        if body < n:
-            os.close(fd)
-            fd = os.open(path, os.O_WRONLY)
-            while off < n:
-                off += os.pwrite(fd, src[off:n], off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t0
-
-
-# -- ckptd ----------------------------------------------------------------------------------------
-class Daemon:
-    """``ckptd serve`` as a subprocess in its own session."""
-
-    def __init__(self, root: Path, shm_dir: Path, socket: Path, budget: int, log_path: Path) -> None:
-        self.root, self.shm_dir, self.socket, self.log_path = root, shm_dir, socket, log_path
-        self.args = [sys.executable, "-m", "ckptd.cli", "serve", "--root", str(root), "--socket", str(socket),
-                     "--shm-dir", str(shm_dir), "--budget-bytes", str(budget), "--log-level", "INFO"]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 60) -> None:
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
-                                         start_new_session=True)
-        from ckptd_client.rpc import wait_until_serving
-
-        from ckptd.errors import DaemonUnavailable
-
-        try:
-            wait_until_serving(self.socket, timeout_s, exit_code=self.proc.poll)
-        except DaemonUnavailable as exc:
-            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def drain_seconds(self) -> dict[int, float]:
-        """Per step, the daemon's own disk-commit time from its LOCAL_DURABLE log line."""
-        out: dict[int, float] = {}
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return out
-        for line in lines:
-            try:
-                msg = str(json.loads(line).get("msg", ""))
-            except (ValueError, AttributeError):
-                msg = line
-            m = _DURABLE_RE.search(msg)
-            if m:
-                out[int(m["step"])] = float(m["s"])
-        return out
-
-    def stop(self) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            log("ckptd did not stop within 60s of SIGTERM; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
-
-
-# -- peers in child processes ---------------------------------------------------------------------
-def run_child(kind: str, args: argparse.Namespace, workdir: Path, cleanup: Cleanup,
-              env_extra: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``stall.py --child KIND`` in its own session; return its result dict (or an error)."""
-    result_path = workdir / f"{kind}-result.json"
-    log_path = workdir / f"{kind}.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--size-mib", str(args.size_mib),
-           "--reps", str(args.reps), "--warmup", str(args.warmup), "--seed", str(args.seed),
-           "--dir", str(workdir), "--result", str(result_path)]
-    timeout_s = args.child_timeout or (180 + 0.6 * args.size_mib)
-    with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                env={**os.environ, **(env_extra or {})})
-
-    def kill_group() -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-
-    cleanup.add(f"{kind} child", kill_group)
-    try:
-        rc = proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        rc = None
-    kill_group()  # also any grandchild left in its session (dlrover's saver process)
-    tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
-    if result_path.exists():
-        res: dict[str, Any] = json.loads(result_path.read_text())
-        return res
-    why = f"timed out after {timeout_s:.0f}s" if rc is None else f"exited with {rc} and no result"
-    return {"error": f"{kind} child {why}; log tail: {tail.strip()[-1500:]}"}
-
-
-def child_main(args: argparse.Namespace) -> int:
-    """Entry point of ``--child dcp|dlrover``.
-
-    ``dcp`` measures a whole series and writes the result JSON to ``--result``. ``dlrover`` is a
-    server: after building the state and the checkpointer it answers one JSON line per command
-    read from stdin (``save``; anything else ends it) on ``--reply-fd``, so the parent can
-    interleave its saves with the other methods'.
-    """
-    reply: TextIO | None = os.fdopen(args.reply_fd, "w", buffering=1) if args.reply_fd >= 0 else None
-    try:
-        state, _ = gpt_state(args.size_mib * MIB, args.seed)
-        if args.child == "dcp":
-            Path(args.result).write_text(json.dumps(child_dcp(args, state)))
-        else:
-            assert reply is not None
-            child_dlrover(args, state, reply)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
-        import traceback
-
-        traceback.print_exc()
-        err = {"error": f"{type(exc).__name__}: {exc}"}
-        if reply is not None:
-            reply.write(json.dumps(err) + "\n")
-        elif args.result:
-            Path(args.result).write_text(json.dumps(err))
-    return 0
-
-
-def child_dcp(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    from torch.distributed.checkpoint.state_dict_saver import async_save
-
-    workdir = Path(args.dir)
-    dist.init_process_group("gloo", init_method=f"file://{workdir / 'dcp-pg-init'}", rank=0, world_size=1)
-    out: dict[str, Any] = {"variants": {}}
-    try:
-        accel = torch.accelerator.is_available()
-        for variant, async_staging in (("sync_staging", False), ("async_staging", True)):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                stager = DefaultStager(StagingOptions(
-                    use_pinned_memory=True, use_shared_memory=True,
-                    use_async_staging=async_staging, use_non_blocking_copy=accel,
-                ))
-            inner = getattr(stager, "_state_dict_stager", None)
-            v: dict[str, Any] = {
-                "options": {"use_pinned_memory": True, "use_shared_memory": True,
-                            "use_async_staging": async_staging, "use_non_blocking_copy": accel},
-                "pinned_effective": bool(getattr(inner, "pin_memory", False)),
-                "shared_effective": bool(getattr(inner, "share_memory", False)),
-                "warnings": sorted({str(w.message).strip() for w in caught}),
-                "call_s": [], "until_mutable_s": [], "total_s": [],
-            }
-            try:
-                warmup = min(args.warmup, 2)  # the first save fills the stager's cache; each writes to disk
-                for i in range(warmup + args.reps):
-                    ckpt_dir = workdir / "dcp" / f"{variant}-{i}"
-                    t0 = time.perf_counter()
-                    resp: Any = async_save(state, checkpoint_id=str(ckpt_dir), async_stager=stager)
-                    t_call = time.perf_counter() - t0
-                    staging = getattr(resp, "staging_completion", None)
-                    upload = getattr(resp, "upload_completion", resp)
-                    if staging is not None:
-                        staging.result()
-                    t_mutable = time.perf_counter() - t0
-                    upload.result()
-                    t_total = time.perf_counter() - t0
-                    if i >= warmup:
-                        v["call_s"].append(t_call)
-                        v["until_mutable_s"].append(t_mutable)
-                        v["total_s"].append(t_total)
-                    shutil.rmtree(ckpt_dir, ignore_errors=True)
-            finally:
-                stager.close()
-            out["variants"][variant] = v
-    finally:
-        dist.destroy_process_group()
-    return out
-
-
-def child_dlrover(args: argparse.Namespace, state: dict[str, Any], reply: TextIO) -> None:
-    from dlrover.trainer.torch.flash_checkpoint.checkpointer import StorageType  # type: ignore[import-untyped]
-    from dlrover.trainer.torch.flash_checkpoint.ddp import DdpCheckpointer  # type: ignore[import-untyped]
-
-    t0 = time.perf_counter()
-    checkpointer = DdpCheckpointer(str(Path(args.dir) / "dlrover"))
-    engine = checkpointer._engine
-    reply.write(json.dumps({"ready": True, "init_s": time.perf_counter() - t0,
-                            "version": _dist_version("dlrover"),
-                            "run_id": os.environ.get("TORCHELASTIC_RUN_ID", "")}) + "\n")
-    step = 0
-    for line in sys.stdin:
-        if line.strip() != "save":
-            break
-        step += 1
-        t0 = time.perf_counter()
-        checkpointer.save_checkpoint(step, state, storage_type=StorageType.MEMORY)
-        dt = time.perf_counter() - t0
-        # DLRover skips the copy (and returns quickly) when its shm lock is busy: not a real save
-        reply.write(json.dumps({"s": dt, "ok": getattr(engine, "_cached_step", step) == step}) + "\n")
-    with contextlib.suppress(Exception):
-        engine.close()
-
-
-class PeerServer:
-    """A ``--child`` server process: send a command line, read one JSON reply line."""
-
-    def __init__(self, kind: str, args: argparse.Namespace, workdir: Path, cleanup: Cleanup,
-                 env_extra: dict[str, str]) -> None:
-        self.kind = kind
-        self.log_path = workdir / f"{kind}.log"
-        rfd, wfd = os.pipe()
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--size-mib", str(args.size_mib),
-               "--seed", str(args.seed), "--dir", str(workdir), "--reply-fd", str(wfd)]
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
-                                         cwd=REPO, start_new_session=True, pass_fds=(wfd,),
-                                         env={**os.environ, **env_extra})
-        os.close(wfd)
-        self.rfd = rfd
-        self.buf = b""
-        cleanup.add(f"{kind} server", self.close)
-
-    def _line(self, timeout_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.kind} child did not answer within {timeout_s:.0f}s")
-            ready, _, _ = select.select([self.rfd], [], [], left)
-            if ready:
-                chunk = os.read(self.rfd, 65536)
-                if not chunk:
-                    raise EOFError(f"{self.kind} child exited (rc {self.proc.poll()}): {self.log_tail()}")
-                self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        out: dict[str, Any] = json.loads(line)
-        return out
-
-    def request(self, cmd: str | None, timeout_s: float) -> dict[str, Any]:
-        """Send ``cmd`` (None: nothing, just read the next reply) and return the reply."""
-        if cmd is not None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(cmd.encode() + b"\n")
-            self.proc.stdin.flush()
-        return self._line(timeout_s)
-
-    def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-1500:].strip()
-        except OSError:
-            return ""
-
-    def close(self) -> None:
-        if self.proc.poll() is None and self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.write(b"quit\n")
-                self.proc.stdin.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(15)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # and its forked saver, if still there
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        if self.rfd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.rfd)
-            self.rfd = -1
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def dlrover_cleanup(run_id: str, sock_dir_existed: bool) -> None:
-    for p in Path("/dev/shm").glob(f"{run_id}*"):
-        p.unlink(missing_ok=True)
-    shutil.rmtree(DLROVER_SOCK_DIR / run_id, ignore_errors=True)
-    if not sock_dir_existed:
-        with contextlib.suppress(OSError):
-            DLROVER_SOCK_DIR.rmdir()  # only if empty
-
-
-# -- the run --------------------------------------------------------------------------------------
-def machine_context(workdir: Path) -> dict[str, Any]:
-    import torch
-
-    ctx: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_allowed": len(os.sched_getaffinity(0)),
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "loadavg_start": list(os.getloadavg()),
-        "dir": str(workdir),
-    }
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ctx["mem_total_gib"] = round(int(line.split()[1]) * 1024 / GIB, 1)
-    with contextlib.suppress(OSError):
-        best = ""
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and str(workdir).startswith(parts[1]) and len(parts[1]) >= len(best):
-                best = parts[1]
-                ctx["dir_fs"] = f"{parts[2]} on {parts[1]} ({parts[0]})"
-    return ctx
 
 
 def default_base_dir() -> Path:
@@ -511,13 +123,7 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     ctx = machine_context(workdir)
 
     # DLRover builds its own copy of the state in a child while we build ours
-    dl: PeerServer | None = None
-    dl_info: dict[str, Any] = {}
-    if "dlrover" in peers:
-        run_id = f"ckptdbench{tag}"
-        existed = DLROVER_SOCK_DIR.exists()
-        cleanup.add("dlrover shm and sockets", lambda: dlrover_cleanup(run_id, existed))
-        dl = PeerServer("dlrover", args, workdir, cleanup, {"TORCHELASTIC_RUN_ID": run_id})
+    dl = DlroverPeer(args, workdir, cleanup, tag) if "dlrover" in peers else None
 
     log(f"building a {args.size_mib} MiB GPT-like state in {workdir}")
     state, info = gpt_state(args.size_mib * MIB, args.seed)
@@ -557,38 +163,11 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     def daemon_slots() -> int:
         return int(mgr.conn.call(mgr.conn.stub.DaemonStatus, pb.DaemonStatusRequest()).slots)
 
-    dl_timeout = 60 + 0.2 * args.size_mib
+    if dl is not None:
+        dl.wait_ready()
 
     def dlrover_save() -> float | None:
-        """One interleaved DLRover save; None (and dl_info['error']) once it failed."""
-        nonlocal dl
-        if dl is None:
-            return None
-        try:
-            r = dl.request("save", dl_timeout)
-            if "error" in r:
-                raise RuntimeError(r["error"])
-        except (RuntimeError, TimeoutError, EOFError, ValueError, OSError) as exc:
-            dl_info["error"] = f"DLRover save failed: {exc}"
-            dl.close()
-            dl = None
-            return None
-        if not r["ok"]:
-            dl_info["skipped"] = dl_info.get("skipped", 0) + 1
-            return None
-        return float(r["s"])
-
-    if dl is not None:
-        try:
-            ready = dl.request(None, 120 + 0.2 * args.size_mib)
-        except (TimeoutError, EOFError, ValueError, OSError) as exc:
-            ready = {"error": str(exc)}
-        if "error" in ready:
-            dl_info["error"] = f"DLRover could not start standalone: {ready['error']}"
-            dl.close()
-            dl = None
-        else:
-            dl_info.update(ready)
+        return dl.save() if dl is not None else None
 
     durable_timeout = 120 + 2.0 * args.size_mib
     step = 0
@@ -658,15 +237,7 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
 
     summarize_core(res, s, stall_diagnostics(mgr, state, daemon_slots), daemon, timed_steps, direct_error)
     res["ckptd_stall_over_floor_paired"] = median(paired_floor)
-    res["dlrover_stall_s"] = median(s["dlrover_stall"])
-    if res["dlrover_stall_s"] is None and "dlrover" in peers:
-        res["dlrover_error"] = dl_info.get("error") or f"every DLRover save was skipped ({dl_info.get('skipped')})"
-    elif "dlrover" in peers:
-        res["dlrover_stall_min_s"] = min(s["dlrover_stall"])
-        res["dlrover_skipped"] = dl_info.get("skipped", 0)
-        res["dlrover_version"] = dl_info.get("version")
-        res["dlrover_init_s"] = dl_info.get("init_s")
-        res["ckptd_stall_over_dlrover_paired"] = median(paired_dl)
+    summarize_dlrover(res, s["dlrover_stall"], paired_dl, dl.info if dl is not None else {}, "dlrover" in peers)
 
     res["torch_save_s"] = None
     if "torch_save" in peers:
@@ -677,145 +248,11 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
         log("torch.distributed.checkpoint.async_save (child process)")
         summarize_dcp(res, run_child("dcp", args, workdir, cleanup))
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return round(a / b, 4) if a is not None and b else None
-
-    res["ckptd_stall_over_floor"] = ratio(res["ckptd_stall_s"], res["floor_s"])
-    res["ckptd_drain_over_fsync_floor"] = ratio(res["ckptd_drain_s"], res["fsync_floor_s"])
-    res["ckptd_drain_daemon_over_fsync_floor"] = ratio(res["ckptd_drain_daemon_s"], res["fsync_floor_s"])
-    res["ckptd_stall_over_dlrover"] = ratio(res["ckptd_stall_s"], res["dlrover_stall_s"])
-    res["ckptd_stall_over_dcp"] = ratio(res["ckptd_stall_s"], res["dcp_async_blocking_s"])
-    res["ckptd_stall_over_torch_save"] = ratio(res["ckptd_stall_s"], res["torch_save_s"])
+    summarize_ratios(res)
     ctx["loadavg_end"] = list(os.getloadavg())
     ctx["loadavg_1min_per_rep"] = load_per_rep
     res["machine"] = ctx
     return res
-
-
-def stall_diagnostics(mgr: Any, state: Any, rpc: Callable[[], int]) -> dict[str, float | None]:
-    """Fixed costs inside a ckptd save: the client's flatten of the state, one RPC round trip."""
-    from ckptd_client.tree import flatten
-
-    flat: list[float] = []
-    rtt: list[float] = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        flatten(state)
-        flat.append(time.perf_counter() - t0)
-    for _ in range(20):
-        t0 = time.perf_counter()
-        rpc()
-        rtt.append(time.perf_counter() - t0)
-    return {"ckptd_flatten_s": median(flat), "ckptd_rpc_rtt_s": median(rtt)}
-
-
-def summarize_core(res: dict[str, Any], s: dict[str, list[float]], diag: dict[str, float | None], daemon: Daemon,
-                   timed_steps: list[int], direct_error: str | None) -> None:
-    for k, xs in s.items():
-        res[f"{k}_all_s"] = [round(x, 6) for x in xs]
-    floor_torch, floor_mm = median(s["floor_torch_copy"]), median(s["floor_memmove"])
-    res["floor_torch_copy_s"], res["floor_memmove_s"] = floor_torch, floor_mm
-    res["floor_s"] = min(x for x in (floor_torch, floor_mm) if x is not None)
-    res["floor_method"] = "torch copy_" if res["floor_s"] == floor_torch else "ctypes.memmove"
-    res["floor_min_s"] = min(s["floor_torch_copy"] + s["floor_memmove"])
-    res["ckptd_stall_s"] = median(s["ckptd_stall"])
-    res["ckptd_stall_min_s"] = min(s["ckptd_stall"])
-    res["ckptd_stall_client_s"] = median(s["ckptd_stall_client"])
-    res["ckptd_begin_save_s"] = median(s["ckptd_begin_save"])
-    res.update(diag)
-    res["fsync_buffered_s"] = median(s["fsync_buffered"])
-    res["fsync_direct_s"] = median(s["fsync_direct"])
-    if direct_error:
-        res["fsync_direct_error"] = direct_error
-    res["fsync_floor_s"] = min(x for x in (res["fsync_buffered_s"], res["fsync_direct_s"]) if x is not None)
-    res["ckptd_drain_s"] = median(s["ckptd_drain"])
-    per_step = daemon.drain_seconds()
-    daemon_drain = [per_step[st] for st in timed_steps if st in per_step]
-    res["ckptd_drain_daemon_s"] = median(daemon_drain)
-    res["ckptd_drain_daemon_all_s"] = daemon_drain
-
-
-def torch_save_series(state: Any, workdir: Path, args: argparse.Namespace) -> list[float]:
-    import torch
-
-    log("torch.save + fsync")
-    ts: list[float] = []
-    warmup = min(args.warmup, 1)  # torch.save keeps no state between calls
-    for i in range(warmup + args.reps):
-        p = workdir / f"torch-save-{i}.pt"
-        t0 = time.perf_counter()
-        with open(p, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        dt = time.perf_counter() - t0
-        p.unlink()
-        if i >= warmup:
-            ts.append(dt)
-    return ts
-
-
-def summarize_dcp(res: dict[str, Any], dcp_res: dict[str, Any]) -> None:
-    if "error" in dcp_res:
-        res["dcp_error"] = dcp_res["error"]
-        return
-    best: tuple[float, str] | None = None
-    for name, v in dcp_res["variants"].items():
-        m_call, m_mut = median(v["call_s"]), median(v["until_mutable_s"])
-        v["call_median_s"], v["until_mutable_median_s"] = m_call, m_mut
-        v["total_median_s"] = median(v["total_s"])
-        if m_mut is not None and (best is None or m_mut < best[0]):
-            best = (m_mut, name)
-    res["dcp"] = dcp_res["variants"]
-    if best is not None:
-        res["dcp_async_blocking_s"], res["dcp_config"] = best
-    a = dcp_res["variants"].get("async_staging")
-    res["dcp_async_call_return_s"] = a["call_median_s"] if a else None
-
-
-def table(res: dict[str, Any]) -> str:
-    n = res["bytes"]
-    floor, disk = res["floor_s"], res["fsync_floor_s"]
-    # (tier, method, seconds, reference, why-not key)
-    rows: list[tuple[str, str, float | None, float | None, str]] = [
-        ("save stall", "memcpy floor (pre-faulted /dev/shm)", floor, floor, ""),
-        ("save stall", "  torch copy_", res["floor_torch_copy_s"], floor, ""),
-        ("save stall", "  ctypes.memmove", res["floor_memmove_s"], floor, ""),
-        ("save stall", "ckptd save", res["ckptd_stall_s"], floor, ""),
-        ("save stall", "torch.save + fsync", res["torch_save_s"], floor, "torch_save"),
-        ("save stall", "DCP async_save (until state mutable)", res["dcp_async_blocking_s"], floor, "dcp"),
-        ("save stall", "  DCP async_save call return (async staging)", res.get("dcp_async_call_return_s"), floor,
-         "dcp"),
-        ("save stall", "DLRover flash ckpt (MEMORY)", res["dlrover_stall_s"], floor, "dlrover"),
-        ("disk drain", "fsync floor", disk, disk, ""),
-        ("disk drain", "  buffered write + fsync", res["fsync_buffered_s"], disk, ""),
-        ("disk drain", "  O_DIRECT write + fsync", res["fsync_direct_s"], disk, "fsync_direct"),
-        ("disk drain", "ckptd STAGED -> LOCAL_DURABLE", res["ckptd_drain_s"], disk, ""),
-        ("disk drain", "  ckptd disk commit (daemon log)", res["ckptd_drain_daemon_s"], disk, ""),
-    ]
-    m = res["machine"]
-    out = [f"ckptd bench/stall: {n / MIB:.1f} MiB in {res['tensors']} tensors, median of {res['reps']} reps; "
-           f"{m['cpu_count']} CPUs, load {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, "
-           f"torch {m['torch_version']}",
-           f"{'tier':<11} {'method':<46} {'seconds':>9} {'GiB/s':>7} {'x floor':>8}"]
-    for tier, name, sec, ref, key in rows:
-        if sec is None:
-            err = res.get(f"{key}_error") if key else None
-            why = "  (failed: see " + f"{key}_error)" if err else ("  (skipped)" if key else "")
-            out.append(f"{tier:<11} {name:<46} {'-':>9} {'-':>7} {'-':>8}{why}")
-            continue
-        x = f"{sec / ref:>7.2f}x" if ref else f"{'-':>8}"
-        out.append(f"{tier:<11} {name:<46} {sec:>9.4f} {gib_per_s(n, sec) or 0:>7.2f} {x}")
-    out.append("(x floor: save rows against the memcpy floor, disk rows against the fsync floor)")
-    out.append(f"ckptd_stall/floor = {res['ckptd_stall_over_floor']} (paired per rep: "
-               f"{_r(res.get('ckptd_stall_over_floor_paired'))}); ckptd_stall/dlrover = "
-               f"{res['ckptd_stall_over_dlrover']} (paired: {_r(res.get('ckptd_stall_over_dlrover_paired'))}); "
-               f"ckptd_drain/fsync_floor = {res['ckptd_drain_over_fsync_floor']}")
-    return "\n".join(out)
-
-
-def _r(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
