@@ -161,14 +161,15 @@ class Ctx:
         if err:
             raise AssertionError(f"step {step} did not reach {level.name}: {err}")
 
-    def resume_replication(self, first: int, tries: int = 4, gap_s: float = 1.0) -> int:
+    def resume_replication(self, first: int, node: Node | None = None, tries: int = 4, gap_s: float = 1.0) -> int:
         """Save steps from ``first`` until one is REPLICATED (a peer that just came back may still
         be refused for the few seconds of the client's reconnect backoff; the next step tries the
-        ring again). Returns the step that made it; fails after ``tries`` steps."""
+        ring again). Returns the step that made it; fails after ``tries`` steps. Asked of ``node``
+        (a node that did not restart learns of a degraded step at once)."""
         errors = []
         for step in range(first, first + tries):
             self.save(step)
-            err = self.ack(step, Level.REPLICATED)
+            err = self.ack(step, Level.REPLICATED, node)
             if not err:
                 if errors:
                     self.say(f"replication resumed at step {step} ({len(errors)} step(s) degraded first)")

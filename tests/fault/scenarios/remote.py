@@ -124,7 +124,7 @@ def peer_killed(ctx: Ctx) -> None:
         ctx.fault(f"{victim.name} replaced by an empty node", f"node@{victim.name}")
     served = {(1, r): "peer" for r in victim.ranks} if lost else {}
     ctx.check("peer back", served=served, recovered={victim.name})
-    step = ctx.resume_replication(3)
+    step = ctx.resume_replication(3, survivor)
     ctx.say(f"{victim.name} {'replaced' if lost else 'restarted'}; step {step} REPLICATED")
     ctx.check("replication resumed", recovered={victim.name})
 
@@ -155,7 +155,7 @@ def peer_cut_off(ctx: Ctx) -> None:
     ctx.say(f"restore during the cut-off {restore_s:.2f}s from {served}; REPLICATED of step 2 reported failed")
     ctx.save(2, ranks=victim.ranks)  # the cut-off rank catches up
     ctx.check("healed")
-    ctx.resume_replication(3)
+    ctx.resume_replication(3, survivor)
     ctx.check("replication resumed")
 
 
@@ -165,7 +165,7 @@ REPLICATION_POINTS = ("peer.replicate.before_push", "peer.replicate.after_push",
 @scenario
 def daemon_kill_mid_replication(ctx: Ctx) -> None:
     """A daemon SIGKILLed at a failpoint of pushing or receiving a replica; restarted or replaced."""
-    nodes, victim, _ = _pair(ctx)
+    nodes, victim, survivor = _pair(ctx)
     point = ctx.choose("failpoint", REPLICATION_POINTS)
     before = ctx.randint("steps_before", 1, 2)
     victim.faults = {"CKPTD_FAILPOINTS": f"{point}=kill@{before + 1}"}  # one hit per step per node
@@ -182,6 +182,6 @@ def daemon_kill_mid_replication(ctx: Ctx) -> None:
     ctx.restart(victim, wipe_shm=how != "shm intact", wipe_disk=how == "node lost")
     served = {(before, r): "peer" for r in victim.ranks} if how == "node lost" else {}
     ctx.check("after restart", served=served, recovered={victim.name})
-    step = ctx.resume_replication(before + 2)
+    step = ctx.resume_replication(before + 2, survivor)
     ctx.say(f"restart ({how}); step {step} REPLICATED")
     ctx.check("resumed", recovered={victim.name})
