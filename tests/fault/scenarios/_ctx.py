@@ -1,11 +1,11 @@
 """The context one scenario run works through: seeded choices, nodes, saves, acks, checks.
 
 ``Ctx`` owns the run's random generator (seeded by scenario name and seed: every choice a
-scenario makes goes through ``choose``/``randint``/``uniform`` and is recorded in ``params``),
-its job name, its ledger (tests/fault/invariants.py), the nodes it started and the client
-managers it opened. ``save`` times every save() call for the deadline check; ``ack`` waits for a
-level and records it only when the daemon confirmed it; ``check`` runs the invariant checker and
-keeps its report.
+scenario makes goes through ``choose``/``randint``/``uniform``/``cycle`` and is recorded in
+``params``), its job name, its ledger (tests/fault/scenarios/_ledger.py), the nodes it started and
+the client managers it opened. ``save`` times every save() call for the deadline check; ``ack``
+waits for a level and records it only when the daemon confirmed it; ``fault`` opens a new epoch
+and names what the fault destroyed; ``check`` runs the invariant checker and keeps its report.
 """
 
 from __future__ import annotations
