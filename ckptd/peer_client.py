@@ -11,7 +11,9 @@ chunk crc32c, the integrity-chunk crc32c list and the size before returning.
 Errors are typed: Timeout (deadline passed), TierFailed (peer down, reset, cancelled),
 IntegrityError (a copy or stream that does not verify), Unauthenticated, or the servicer's own
 type. Only transport failures (UNAVAILABLE without a typed reason) are retried, with exponential
-backoff, up to ``max_attempts`` and never past the deadline.
+backoff, up to ``max_attempts`` and never past the deadline; each such failure retires the
+peer's channel, so the next call connects anew instead of waiting out grpc's reconnect backoff
+(a peer that restarted is pushed to on the next step, not seconds later).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from ckptd.peer_wire import (
 log = logging.getLogger("ckptd.peer")
 T = TypeVar("T")
 DEADLINE_GRACE_S: Final = 0.5  # local bound beyond the gRPC deadline, should gRPC itself stall
+RETIRE_GRACE_S: Final = 30.0  # a channel replaced after a transport failure lets its calls run this long
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # end-of-stream marker
 Destination = memoryview | Callable[[ReplicaHeader], Awaitable[memoryview]]
 
@@ -123,6 +126,7 @@ class PeerClient:
         self._md = auth_metadata(token)
         self._tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}  # closing after a transport failure
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         ch = self._channels.get(target)
@@ -143,9 +147,27 @@ class PeerClient:
         if ch is not None:
             await ch.close(None)
 
+    def _renew(self, target: str, failed: grpc.aio.Channel) -> None:
+        """After a transport failure on ``failed``: the next call to ``target`` opens a new channel.
+
+        A channel that lost its peer reconnects on grpc's backoff (up to CHANNEL_OPTIONS' cap), and
+        a call made meanwhile fails at once even when the peer is back; a new channel connects on
+        its first call. The old one closes in the background with a grace period, so calls still
+        running on it (other shards to the same peer) finish or fail on their own."""
+        if self._channels.get(target) is failed:
+            del self._channels[target]
+            task = asyncio.create_task(failed.close(RETIRE_GRACE_S))
+            self._retiring[task] = failed
+            task.add_done_callback(lambda t: self._retiring.pop(t, None))
+
     async def close(self) -> None:
         for target in list(self._channels):
             await self.forget(target)
+        retiring = dict(self._retiring)
+        for task, channel in retiring.items():  # stop waiting out the grace: cancel their calls now
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await channel.close(None)
         if self._own_executor:
             self.executor.shutdown(wait=False)
 
@@ -160,12 +182,15 @@ class PeerClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Timeout(f"{what} to peer {target}: no time left after {attempt - 1} attempt(s)")
+            channel = self._channel(target)
             try:
                 async with asyncio.timeout(remaining + DEADLINE_GRACE_S):
                     return await op(remaining)
             except TimeoutError:
                 raise Timeout(f"{what} to peer {target} did not finish in {deadline_s:.3g}s") from None
             except grpc.aio.AioRpcError as err:
+                if is_transport_failure(err):
+                    self._renew(target, channel)
                 if (is_transport_failure(err) and attempt < self.max_attempts
                         and deadline - time.monotonic() > delay):
                     log.info("%s to peer %s failed (%s); retry %d in %.2fs", what, target,

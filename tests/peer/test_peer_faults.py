@@ -101,3 +101,39 @@ def test_dead_and_silent_peers_fail_fast_and_the_ring_moves_on(node: tuple[subpr
     asyncio.run(main())
     silent.close()
     dead.close()
+
+
+def test_a_peer_that_restarts_is_pushed_to_on_the_very_next_call() -> None:
+    """A transport failure retires the peer's channel: with one attempt per push, the first push
+    after the peer is back succeeds, instead of failing while grpc waits out its reconnect backoff."""
+    from ckptd.peer_server import PeerServer, RunningPeerServer, start_peer_server
+    from ckptd.peer_store import MemoryReplicaStore, ReadinessBoard
+    from tests.peer._kit import TOKEN
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = f"127.0.0.1:{port}"
+    data = os.urandom(MIB)
+
+    async def serve() -> RunningPeerServer:
+        store = MemoryReplicaStore("node-b", None)
+        board = ReadinessBoard("node-b")
+        servicer = PeerServer("node-b", store, store, store.holdings, board.report)
+        return await start_peer_server(servicer, target, TOKEN, None)
+
+    async def main() -> None:
+        async with peer_client(max_attempts=1) as c:
+            running = await serve()
+            await c.push(target, make_header(data, step=1), memoryview(data), 5)
+            await running.stop(0)
+            for step in (2, 3, 4):  # each failure would grow grpc's reconnect backoff
+                with pytest.raises(TierFailed):
+                    await c.push(target, make_header(data, step=step), memoryview(data), 5)
+            running = await serve()
+            try:
+                r = await c.push(target, make_header(data, step=5), memoryview(data), 5)
+                assert r.nbytes == len(data) and not r.already_held
+            finally:
+                await running.stop(0)
+    asyncio.run(main())

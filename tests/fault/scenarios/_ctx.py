@@ -172,9 +172,10 @@ class Ctx:
             err = self.ack(step, Level.REPLICATED, node)
             if not err:
                 if errors:
-                    self.say(f"replication resumed at step {step} ({len(errors)} step(s) degraded first)")
+                    self.say(f"replication resumed at step {step} ({len(errors)} step(s) degraded first; "
+                             f"the first: {errors[0]})")
                 return step
-            errors.append(err[:160])
+            errors.append(err[-300:])
             time.sleep(gap_s)
         raise AssertionError(f"replication did not resume in {tries} steps: {errors}")
 
