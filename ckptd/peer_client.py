@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -33,9 +34,17 @@ from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.errors import CkptdError, IntegrityError, InvalidArgument, TierFailed, Timeout
 from ckptd.integrity import crc32c
 from ckptd.peer_bulk import connect as bulk_connect
-from ckptd.peer_bulk import in_thread, recv_frames, send_frames, split_target, verifier_for_frames
+from ckptd.peer_bulk import in_thread, pwrite_all, recv_frames, send_frames, split_target, verifier_for_frames
 from ckptd.peer_config import TlsFiles
-from ckptd.peer_types import MAX_TRANSFER_CHUNK_BYTES, Holding, PingInfo, ReadyReport, ReadyState, ReplicaHeader
+from ckptd.peer_types import (
+    MAX_TRANSFER_CHUNK_BYTES,
+    FileBacked,
+    Holding,
+    PingInfo,
+    ReadyReport,
+    ReadyState,
+    ReplicaHeader,
+)
 from ckptd.peer_wire import (
     ACCEPT_METADATA_KEY,
     BULK_METADATA_KEY,
@@ -57,7 +66,7 @@ T = TypeVar("T")
 DEADLINE_GRACE_S: Final = 0.5  # local bound beyond the gRPC deadline, should gRPC itself stall
 RETIRE_GRACE_S: Final = 30.0  # a channel replaced after a transport failure lets its calls run this long
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # end-of-stream marker
-Destination = memoryview | Callable[[ReplicaHeader], Awaitable[memoryview]]
+Destination = memoryview | FileBacked | Callable[[ReplicaHeader], Awaitable[memoryview | FileBacked]]
 
 
 class ByteBudget:
@@ -286,7 +295,7 @@ class PeerClient:
         """
         request = ppb.FetchShardRequest(job=job, step=step, rank=rank, requester_node=self.node_id,
                                         want_bulk=self.bulk)
-        resolved: list[memoryview] = []
+        resolved: list[memoryview | FileBacked] = []
         t0 = time.monotonic()
 
         async def once(remaining_s: float) -> FetchResult:
@@ -304,9 +313,10 @@ class PeerClient:
         return await self._call(target, deadline_s, f"fetch of {job}@{step} rank {rank}", once)
 
     async def _read_shard(self, target: str, call: Any, key: tuple[str, int, int], dst: Destination,
-                          resolved: list[memoryview], t0: float, remaining_s: float,
+                          resolved: list[memoryview | FileBacked], t0: float, remaining_s: float,
                           on_verified: Callable[[int], None] | None = None) -> FetchResult:
         first = await call.read()
+        sink_fd: int | None = None  # the destination file, when written through it (FileBacked)
         if first is _EOF:
             raise IntegrityError(f"peer {target} ended the shard stream before its header")
         try:
@@ -316,18 +326,22 @@ class PeerClient:
             if header.key != key:
                 raise InvalidArgument(f"peer sent {header.key}, not the requested {key}")
             if not resolved:
-                resolved.append(dst if isinstance(dst, memoryview) else await dst(header))
-            buf = resolved[0].cast("B") if resolved[0].format != "B" else resolved[0]
+                resolved.append(dst if isinstance(dst, memoryview | FileBacked) else await dst(header))
+            backing = resolved[0] if isinstance(resolved[0], FileBacked) else None
+            buf = resolved[0].view if isinstance(resolved[0], FileBacked) else resolved[0]
+            buf = buf.cast("B") if buf.format != "B" else buf
             if buf.nbytes < header.nbytes or buf.readonly:
                 raise CkptdError(f"destination of {buf.nbytes} bytes (read-only: {buf.readonly}) "
                                  f"for a shard of {header.nbytes}")
             e = header.entry
+            if backing is not None and sink_fd is None:
+                sink_fd = os.open(backing.path, os.O_WRONLY)  # tmpfs: microseconds
             if first.HasField("bulk"):
                 verifier = verifier_for_frames(e.nbytes, e.chunk_bytes, e.chunk_crc32c)
                 sock = await self._connect_bulk(target, first.bulk, remaining_s)
                 try:
                     await in_thread(self.executor, sock, recv_frames, buf[: e.nbytes], verifier, remaining_s,
-                                    on_verified)
+                                    on_verified, sink_fd)
                 finally:
                     sock.close()
                 if await call.read() is not _EOF:
@@ -338,7 +352,11 @@ class PeerClient:
                     if not isinstance(msg, RawChunk):
                         raise InvalidArgument("a second header inside the stream")
                     verifier.feed(msg.offset, msg.data, msg.crc32c)
-                    buf[msg.offset : msg.offset + len(msg.data)] = msg.data
+                    if sink_fd is None:
+                        buf[msg.offset : msg.offset + len(msg.data)] = msg.data
+                    else:
+                        await asyncio.get_running_loop().run_in_executor(
+                            self.executor, pwrite_all, sink_fd, memoryview(msg.data), msg.offset)
                     if on_verified is not None:
                         on_verified(verifier.verified_bytes)
             verifier.finish()
@@ -346,6 +364,13 @@ class PeerClient:
             raise IntegrityError(f"peer {target} sent an invalid shard stream: {exc}") from None
         except IntegrityError as exc:
             raise IntegrityError(f"peer {target}: {exc}") from None
+        except TimeoutError:
+            raise
+        except OSError as exc:  # opening or writing the destination file (ENOSPC)
+            raise TierFailed(f"fetch from peer {target} failed: {exc}") from None
+        finally:
+            if sink_fd is not None:
+                os.close(sink_fd)
         return FetchResult(header, first.tier, time.monotonic() - t0)
 
     # -- small calls --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -151,10 +152,14 @@ class PeerServer:
                 finally:
                     bulk.withdraw(ticket)
                 idle.reschedule(None)  # the socket has its own idle timeout
+                sink_fd = os.open(writer.file, os.O_WRONLY) if writer.file is not None else None
                 try:
-                    await in_thread(self.executor, sock, recv_frames, buf, verifier, self.idle_timeout_s)
+                    await in_thread(self.executor, sock, recv_frames, buf, verifier, self.idle_timeout_s, None,
+                                    sink_fd)
                 finally:
                     sock.close()
+                    if sink_fd is not None:
+                        os.close(sink_fd)
                 idle.reschedule(loop.time() + self.idle_timeout_s)
                 extra = await anext(it, None)
                 if isinstance(extra, MalformedRequest):

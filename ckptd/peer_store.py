@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ckptd.errors import AlreadyExists, BudgetExhausted, FailedPrecondition, NotFound, TierFailed, Timeout
 from ckptd.peer_types import Holding, OpenShard, ReadyReport, ReadyState, ReplicaHeader
@@ -43,6 +44,10 @@ class _MemoryWriter:
     @property
     def buffer(self) -> memoryview:
         return memoryview(self._data)
+
+    @property
+    def file(self) -> Path | None:
+        return None  # process memory: written through the buffer
 
     async def commit(self) -> tuple[str, ...]:
         self._finish()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 from ckptd.layout import chunk_count
@@ -157,11 +158,26 @@ class PingInfo:
     rtt_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class FileBacked:
+    """A destination buffer that maps ``path`` from offset 0 and has not been written through yet
+    (a slot just created): a bulk receive writes the file (pwrite) rather than the mapping."""
+
+    view: memoryview
+    path: Path
+
+
 class ReplicaWriter(Protocol):
     """Destination of one incoming replica: a writable buffer of exactly ``nbytes``."""
 
     @property
     def buffer(self) -> memoryview: ...
+
+    @property
+    def file(self) -> Path | None:
+        """The file ``buffer`` maps from offset 0 when a bulk receive should write through it
+        (``FileBacked``: a slot just created), else None."""
+        ...
 
     async def commit(self) -> tuple[str, ...]:
         """Keep the fully verified replica; return the tiers now holding it ("memory", "disk")."""

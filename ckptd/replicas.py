@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 from ckptd import failpoints
@@ -55,6 +56,10 @@ class SlotReplicaWriter:
     @property
     def buffer(self) -> memoryview:
         return self.slot.view(self.header.nbytes)
+
+    @property
+    def file(self) -> Path | None:
+        return self.slot.path if self.slot.fresh else None
 
     async def commit(self) -> tuple[str, ...]:
         s = self.store

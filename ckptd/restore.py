@@ -21,7 +21,7 @@ from ckptd import metrics
 from ckptd.catalog import Catalog, ShardRecord, StepState, TierState, sidecar_meta
 from ckptd.errors import BudgetExhausted, CkptdError, FailedPrecondition, IntegrityError, NotFound
 from ckptd.manifest import Manifest, ShardEntry
-from ckptd.peer_types import Holding, ReplicaHeader
+from ckptd.peer_types import FileBacked, Holding, ReplicaHeader
 from ckptd.replication import PeerDirectory
 from ckptd.restore_stream import RestoreProgress, read_verified, verify_chunks
 from ckptd.shm import Slot, SlotPool
@@ -265,14 +265,16 @@ class Restorer:
         peer = self.peers.addrs[node]
         slots: list[Slot] = []
 
-        async def lease(h: ReplicaHeader) -> memoryview:
+        async def lease(h: ReplicaHeader) -> memoryview | FileBacked:
             slot = await self.pool.lease_scratch(h.nbytes, True, self.wait_timeout_s, self.catalog.slot_reusable)
             slot.readers += 1
             slot.writing = False
             slots.append(slot)
             if progress is not None:
                 progress.start(TierName.PEER, slot, h.entry)
-            return slot.view(h.nbytes)
+            fresh, slot.fresh = slot.fresh, False
+            # a new slot's pages are not mapped in here yet: the bytes go through its file (shm.py)
+            return FileBacked(slot.view(h.nbytes), slot.path) if fresh else slot.view(h.nbytes)
 
         try:
             res = await self.peers.client.fetch_into(peer.target, job, result.step, rank, lease,

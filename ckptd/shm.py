@@ -7,6 +7,10 @@ and reused across steps. A slot holding a committed shard has a sidecar ``slot-<
 the sidecar first, so a slot torn by a trainer killed mid-copy is never taken for a committed
 shard, by this daemon or by the next one after a restart.
 
+A slot just created is ``fresh``: its pages exist but are not mapped into the daemon yet, so a
+peer fetch writes it through the file (``pwrite``) rather than faulting every 4 KiB page of the
+mapping in (peer_bulk.recv_frames).
+
 The pool keeps ``sum(capacity) <= budget_bytes``. When no slot can be had, a lease waits on a
 condition (back-pressure) up to its timeout, or fails at once under the skip policy: never an
 unbounded allocation. Which slots may be reused is decided by the caller's ``reusable`` predicate
@@ -51,6 +55,7 @@ class Slot:
     readers: int = 0  # pins by drains and restores
     content: Any = None
     last_used_s: float = field(default_factory=time.monotonic)
+    fresh: bool = False  # just created: never leased out nor written through this mapping
 
     @property
     def meta_path(self) -> Path:
@@ -211,6 +216,7 @@ class SlotPool:
 
     async def _take(self, slot: Slot, owner: tuple[str, int]) -> Slot:
         slot.writing = True
+        slot.fresh = False
         slot.owner = owner
         slot.content = None
         slot.last_used_s = time.monotonic()
@@ -233,7 +239,7 @@ class SlotPool:
         finally:
             if fd >= 0:
                 os.close(fd)
-        return Slot(slot_id, path, capacity, mm)
+        return Slot(slot_id, path, capacity, mm, fresh=True)
 
     def _destroy(self, slot: Slot) -> None:
         self.slots.pop(slot.slot_id, None)
