@@ -28,7 +28,13 @@ loopback; rank 0's shard of the same size, a dict {"w": uint8 array}, saved on n
   restore_disk_s         restore() after n1's daemon was SIGKILLed and restarted with its shm dir
                          wiped, served from "disk"
   daemon_restore_peer_s  restore() on a fresh n1 (SIGKILLed, root and shm wiped, restarted with the
-                         same config), served from "peer" (the replica in n2's RAM)
+                         same config), served from "peer" (the replica in n2's RAM). Timed once
+                         the new daemon reports it prepared its restore slots (DaemonStatus
+                         preparing_restore false: it allocated and mapped a slot for each of its
+                         shards a peer holds, ckptd/restore_prep.py), as a trainer's own start-up
+                         would give it; the wait is reported as daemon_prepare_wait_s
+  daemon_restore_peer_unprepared_s  the same with peers.prepare_restore = false: the restore also
+                         allocates its slot (compare with tcp_fresh_s)
 
 Every restore is timed around ``CheckpointManager.restore`` into a preallocated array, then checked
 bit-exact and for the tier that served it (``daemon_served_from`` lists them).
@@ -175,11 +181,12 @@ class Daemons:
     def sock(self, node: str) -> Path:
         return self.base / f"{node}.sock"
 
-    def start(self, node: str) -> None:
+    def start(self, node: str, prepare_restore: bool = True) -> None:
         peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in self.ports.items())
         cfg = self.base / f"{node}.toml"
         cfg.write_text(f'[memory]\n[peers]\nlisten = "127.0.0.1:{self.ports[node]}"\nnode_id = "{node}"\n'
-                       f'token = "{self.token}"\npeers = "{peers}"\nreplication_factor = 1\n')
+                       f'token = "{self.token}"\npeers = "{peers}"\nreplication_factor = 1\n'
+                       f'prepare_restore = {"true" if prepare_restore else "false"}\n')
         self.root(node).mkdir(parents=True, exist_ok=True)
         self.sock(node).unlink(missing_ok=True)
         self.shm_dirs.add(self.shm(node))
@@ -213,6 +220,20 @@ class Daemons:
         if disk:
             shutil.rmtree(self.root(node), ignore_errors=True)
 
+    def wait_prepared(self, node: str) -> tuple[float, int]:
+        """Wait until the node's daemon prepared its restore slots; (seconds waited, slots)."""
+        from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+
+        t0 = time.perf_counter()
+        with self.manager(node) as m:
+            while True:
+                st = m.conn.call(m.conn.stub.DaemonStatus, pb.DaemonStatusRequest())
+                if not st.preparing_restore:
+                    return time.perf_counter() - t0, st.restore_slots_prepared
+                if time.perf_counter() - t0 > WAIT_S:
+                    raise RuntimeError(f"{node} still preparing its restore slots after {WAIT_S}s")
+                time.sleep(0.02)
+
     def manager(self, node: str, rank: int = 0) -> Any:
         from ckptd_client import CheckpointManager
 
@@ -236,7 +257,8 @@ def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[floa
     dst.fill(0)  # touched, so no restore pays first-touch faults in this process
     samples: dict[str, list[float]] = {k: [] for k in (
         "daemon_replicate_s", "daemon_save_s", "restore_memory_s", "restore_disk_s", "daemon_restore_peer_s",
-        "daemon_replicate_cold_s", "daemon_save_cold_s")}
+        "daemon_replicate_cold_s", "daemon_save_cold_s", "daemon_prepare_wait_s", "daemon_restore_peer_unprepared_s")}
+    prepared: list[int] = []
     served: dict[str, list[str]] = {}
     d = Daemons(nbytes)
 
@@ -292,7 +314,14 @@ def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[floa
         for _ in range(ns.reps):  # a fresh node n1: RAM and disk lost, the replica is on n2
             d.lose("n1", disk=True)
             d.start("n1")
+            waited, slots = d.wait_prepared("n1")  # what a trainer's own start-up gives it
+            samples["daemon_prepare_wait_s"].append(waited)
+            prepared.append(slots)
             restore("daemon_restore_peer_s", "n1", step, "peer")
+        for _ in range(ns.reps):  # the same with peers.prepare_restore = false
+            d.lose("n1", disk=True)
+            d.start("n1", prepare_restore=False)
+            restore("daemon_restore_peer_unprepared_s", "n1", step, "peer")
     except BaseException:
         for node in DAEMON_NODES:
             sys.stderr.write(f"--- ckptd {node} log tail ---\n{d.log_tail(node)}\n")
@@ -300,6 +329,7 @@ def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[floa
     finally:
         d.close()
     return samples, {"daemon_served_from": served, "daemon_budget_bytes": d.budget,
+                     "daemon_restore_slots_prepared": prepared,
                      "daemon_shm_dirs": sorted(str(p) for p in d.shm_dirs)}
 
 
@@ -394,7 +424,7 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         "integrity_chunk_bytes": INTEGRITY_CHUNK_BYTES,
         **med,
         **{f"{k[:-2]}_vs_tcp": v / med["tcp_s"] for k, v in med.items() if k != "tcp_s"},
-        "daemon_restore_peer_vs_tcp_fresh": med["daemon_restore_peer_s"] / med["tcp_fresh_s"],
+        "daemon_restore_peer_unprepared_vs_tcp_fresh": med["daemon_restore_peer_unprepared_s"] / med["tcp_fresh_s"],
         "tcp_gbps": nbytes / med["tcp_s"] / 1e9,
         "ckptd_replicate_gbps": nbytes / med["ckptd_replicate_s"] / 1e9,
         "restore_peer_gbps": nbytes / med["restore_peer_s"] / 1e9,

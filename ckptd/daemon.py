@@ -88,6 +88,8 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._across: set[asyncio.Task[None]] = set()  # cross-node commits: cancelled at stop
         self._reaper: asyncio.Task[None] | None = None
+        self._prep: asyncio.Task[int] | None = None  # restore slots prepared at start (restore_prep.py)
+        self.restore_slots_prepared = 0
         metrics.SHM_BUDGET_BYTES.set(cfg.memory.budget_bytes)
         metrics.SHM_BYTES_IN_USE.set_function(lambda: self.pool.bytes_in_use)
         metrics.INFLIGHT.labels("copying").set_function(lambda: len(self.save_leases))
@@ -126,6 +128,10 @@ class Daemon:
         if self.replicator is not None:
             self.replicator.start()
             self.replicator.kick()
+        if self.peers is not None and self.peers.addrs and self.cfg.peers.prepare_restore:
+            from ckptd.restore_prep import prepare_restore_slots
+
+            self._prep = asyncio.create_task(prepare_restore_slots(self), name="prepare-restore-slots")
         self._reaper = asyncio.create_task(self.saves.reap_leases(), name="lease-reaper")
 
     def _init_peers(self) -> None:
@@ -227,9 +233,11 @@ class Daemon:
         clean = await self.drainer.stop(self.cfg.daemon.shutdown_timeout_s)
         if self.uploader is not None:
             clean = await self.uploader.stop(self.cfg.daemon.shutdown_timeout_s) and clean
-        for task in [*self._tasks, *self._across, *([self._reaper] if self._reaper else [])]:
+        owned: list[asyncio.Task[Any]] = [*self._tasks, *self._across,
+                                          *(t for t in (self._reaper, self._prep) if t is not None)]
+        for task in owned:
             task.cancel()
-        for task in [*self._tasks, *self._across, *([self._reaper] if self._reaper else [])]:
+        for task in owned:
             try:
                 await task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
@@ -323,6 +331,8 @@ class Daemon:
             "node_id": self.peer_identity()[0],
             "peer_address": self.peer_identity()[1],
             "failure_domain": self.cfg.peers.failure_domain if self.peers is not None else "",
+            "preparing_restore": self._prep is not None and not self._prep.done(),
+            "restore_slots_prepared": self.restore_slots_prepared,
             "draining": self.draining,
             "tiers": ["memory"] + (["disk"] if self.disk is not None else [])
             + (["object"] if self.object is not None else [])

@@ -58,6 +58,7 @@ class PeerSection:
     replica_budget_bytes: int = 0  # cap on shm bytes holding other nodes' replicas (0: no cap of its own)
     max_attempts: int = 3  # attempts per call on a transport failure (UNAVAILABLE), the first included
     store_on_disk: bool = False  # replicas received also go to this node's disk tier
+    prepare_restore: bool = True  # at start, allocate slots for this node's shards that peers hold
     tls_cert: str = ""  # PEM certificate chain; with tls_key: TLS on the peer port and for dialing
     tls_key: str = ""
     tls_ca: str = ""  # CA that signed the peers' certificates (also enables client certificates)

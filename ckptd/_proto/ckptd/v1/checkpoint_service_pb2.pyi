@@ -851,6 +851,8 @@ class DaemonStatusResponse(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     FAILURE_DOMAIN_FIELD_NUMBER: _builtins.int
+    PREPARING_RESTORE_FIELD_NUMBER: _builtins.int
+    RESTORE_SLOTS_PREPARED_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     root: _builtins.str
     shm_dir: _builtins.str
@@ -865,6 +867,11 @@ class DaemonStatusResponse(_message.Message):
     peer_address: _builtins.str
     """host:port other daemons dial to reach this one ("" when off)"""
     failure_domain: _builtins.str
+    preparing_restore: _builtins.bool
+    """A daemon that starts with peers allocates slots for this node's shards they hold (restore_prep.py)
+    still preparing
+    """
+    restore_slots_prepared: _builtins.int
     @_builtins.property
     def tiers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -882,10 +889,12 @@ class DaemonStatusResponse(_message.Message):
         node_id: _builtins.str = ...,
         peer_address: _builtins.str = ...,
         failure_domain: _builtins.str = ...,
+        preparing_restore: _builtins.bool = ...,
+        restore_slots_prepared: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "failure_domain", b"failure_domain", "node_id", b"node_id", "peer_address", b"peer_address", "root", b"root", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "slots_busy", b"slots_busy", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "failure_domain", b"failure_domain", "node_id", b"node_id", "peer_address", b"peer_address", "preparing_restore", b"preparing_restore", "restore_slots_prepared", b"restore_slots_prepared", "root", b"root", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "slots_busy", b"slots_busy", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

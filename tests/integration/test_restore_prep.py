@@ -1,0 +1,84 @@
+"""A daemon that starts empty on a replicated job's node prepares its restore slots.
+
+Three daemons stand for three nodes of two ranks each (tests/integration/test_replication.py).
+Node 2 is lost (daemon SIGKILLed, root and shm dir wiped) and a fresh daemon starts in its place:
+before any restore it has allocated one slot per rank of node 2 whose replica a peer holds, of
+that shard's size (DaemonStatus.restore_slots_prepared); the restores then take those slots (no
+new slot is created) and are served from the peers bit-exact. With ``prepare_restore = false``
+nothing is prepared and the restores allocate their own slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+from ckptd_client import Level
+
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
+from ckptd.peer_types import Holding
+from ckptd.restore_prep import wanted
+from tests.conftest import DaemonProc
+from tests.fault.faultkit import wait_until
+from tests.integration.test_replication import NODES, Cluster, N, _check
+
+
+class PrepCluster(Cluster):
+    def __init__(self, factory: Callable[..., DaemonProc], prepare: bool) -> None:
+        super().__init__(factory, None, "")
+        self.prepare = prepare
+
+    def config(self, node: str) -> str:
+        return super().config(node) + f"prepare_restore = {'true' if self.prepare else 'false'}\n"
+
+
+def _status(d: DaemonProc) -> pb.DaemonStatusResponse:
+    with grpc.insecure_channel(f"unix:{d.addr}") as ch:
+        resp: pb.DaemonStatusResponse = pb_grpc.CheckpointServiceStub(ch).DaemonStatus(
+            pb.DaemonStatusRequest(), timeout=10)
+        return resp
+
+
+def _lose_node2(factory: Callable[..., DaemonProc], prepare: bool) -> PrepCluster:
+    c = PrepCluster(factory, prepare)
+    for n in NODES:
+        c.start(n)
+    for step in (1, 2):
+        c.save_all(step)
+        c.wait(step, Level.REPLICATED)
+    c.wipe("n2")
+    c.start("n2")
+    wait_until(lambda: not _status(c.nodes["n2"]).preparing_restore, 30, "n2 prepared its restore slots")
+    return c
+
+
+def test_a_fresh_node_prepares_one_slot_per_rank_and_its_restores_use_them(
+        daemon_factory: Callable[..., DaemonProc]) -> None:
+    c = _lose_node2(daemon_factory, prepare=True)
+    st = _status(c.nodes["n2"])
+    assert st.restore_slots_prepared == 2 and st.slots == 2 and st.slots_busy == 0
+    assert st.slot_bytes_in_use >= 2 * 4 * N  # one float32 array of N per rank, slot-aligned
+    for rank in (2, 3):
+        with c.manager(rank) as m:
+            assert _check(m, 2) == "peer"
+    assert _status(c.nodes["n2"]).slots == 2  # the restores took the prepared slots
+
+
+def test_without_preparation_the_restores_allocate_their_own(daemon_factory: Callable[..., DaemonProc]) -> None:
+    c = _lose_node2(daemon_factory, prepare=False)
+    st = _status(c.nodes["n2"])
+    assert st.restore_slots_prepared == 0 and st.slots == 0
+    for rank in (2, 3):
+        with c.manager(rank) as m:
+            assert _check(m, 2) == "peer"
+    assert _status(c.nodes["n2"]).slots == 2
+
+
+def test_wanted_takes_the_newest_complete_step_of_each_rank_without_a_copy() -> None:
+    def h(job: str, step: int, rank: int, nbytes: int, complete: bool = True) -> Holding:
+        return Holding(job, step, rank, 4, nbytes, ("memory",), complete, "n2")
+
+    own = [h("a", 1, 0, 10), h("a", 2, 0, 20), h("a", 3, 0, 30, complete=False), h("a", 2, 1, 5),
+           h("b", 7, 0, 0), h("c", 1, 2, 8)]
+    assert wanted(own, {("c", 2)}) == {("a", 0): 20, ("a", 1): 5}
