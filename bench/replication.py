@@ -7,45 +7,48 @@ random) held in this process's memory, ``--reps`` repetitions alternating which 
                      memoryview into ``recv_into`` a preallocated buffer, until the receiver acks
   tcp_fresh_s        the same into new shared memory each time (fallocate + mmap of a tmpfs file
                      after the accept): what a node that lost its RAM pays before any byte lands
-  ckptd_replicate_s  ``PeerClient.push`` of the shard (STAGED bytes with their crc32c list, as the
+  component_push_s   ``PeerClient.push`` of the shard (STAGED bytes with their crc32c list, as the
                      daemon holds them) to a ``PeerServer`` with the in-memory replica store in
                      another process, until the receiver verified every chunk and kept it
-  restore_peer_s     ``PeerClient.fetch_into`` of that replica back into a preallocated buffer,
+  component_fetch_s  ``PeerClient.fetch_into`` of that replica back into a preallocated buffer,
                      every chunk and integrity crc32c verified (checked bit-exact, untimed)
   *_grpc_s           the same two with bulk connections off: the bytes inside the gRPC stream,
                      4 MiB messages (the path used under TLS); ``--skip-grpc-path`` skips them
 
-Then the same through two real ``ckptd serve`` daemons (nodes n1, n2; [peers] with k=1 on
-loopback; rank 0's shard of the same size, a dict {"w": uint8 array}, saved on n1):
+Then through two real ``ckptd serve`` daemons (nodes n1, n2; [peers] with k=1 on loopback; rank
+0's shard of the same size, a dict {"w": uint8 array}, saved on n1). These are the contract's
+figures (ckptd_replicate_s, restore_*_s); the component paths above show what the peer protocol
+itself costs:
 
-  daemon_replicate_s     save() returned (STAGED) -> WaitStep(REPLICATED) returned: n1's daemon
-                         pushed the shard to n2 and the step's coordinator saw every rank held
-                         (rank 1, a 16-byte shard on n2, is saved first so the step is complete)
+  ckptd_replicate_s      save() returned (STAGED) -> WaitStep(REPLICATED) returned: n1's daemon
+                         checksummed and pushed the shard to n2 and the step's coordinator saw
+                         every rank held (rank 1, a 16-byte shard on n2, is saved first so the
+                         step is complete)
   daemon_save_s          save() itself (the client's stall: copy into the shm slot), for context
   *_cold_s               the same two for the first 3 saves, while both daemons still create
                          their slots (a job's first checkpoints); the others are its steady state
   restore_memory_s       restore() on n1, served from "memory"
   restore_disk_s         restore() after n1's daemon was SIGKILLed and restarted with its shm dir
                          wiped, served from "disk"
-  daemon_restore_peer_s  restore() on a fresh n1 (SIGKILLed, root and shm wiped, restarted with the
-                         same config), served from "peer" (the replica in n2's RAM). Timed once
-                         the new daemon reports it prepared its restore slots (DaemonStatus
+  restore_peer_s         restore() on a fresh n1 (SIGKILLed, root and shm wiped, restarted with
+                         the same config), served from "peer" (the replica in n2's RAM). Timed
+                         once the new daemon reports it prepared its restore slots (DaemonStatus
                          preparing_restore false: it allocated and mapped a slot for each of its
                          shards a peer holds, ckptd/restore_prep.py), as a trainer's own start-up
-                         would give it; the wait is reported as daemon_prepare_wait_s
-  daemon_restore_peer_unprepared_s  the same with peers.prepare_restore = false: the restore also
+                         would give it; that wait is reported as daemon_prepare_wait_s
+  restore_peer_unprepared_s  the same with peers.prepare_restore = false: the restore also
                          allocates its slot (compare with tcp_fresh_s)
 
 Every restore is timed around ``CheckpointManager.restore`` into a preallocated array, then checked
 bit-exact and for the tier that served it (``daemon_served_from`` lists them).
 
-Both ckptd component paths move the bytes over a single connection; by default they use a one-time raw
+Both component paths and the daemons move the bytes over a single connection; by default they use a one-time raw
 TCP "bulk" connection negotiated inside the authenticated gRPC call (ckptd/peer_bulk.py).
 
 The receiver reuses the buffer of the replica the previous repetition dropped, like the daemon
 reuses slots, so neither side pays first-touch page faults inside the timed region. Figures are
-medians over the reps (every sample is in the JSON); ratios are ckptd / tcp (lower is better; the
-contract is <= 2). The last line of stdout is one JSON object.
+medians over the reps (every sample is in the JSON); ratios are x / tcp (lower is better; the
+contract is ckptd_replicate_s and restore_peer_s <= 2 x tcp_s). The last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -256,8 +259,8 @@ def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[floa
     dst = np.empty(nbytes, dtype=np.uint8)
     dst.fill(0)  # touched, so no restore pays first-touch faults in this process
     samples: dict[str, list[float]] = {k: [] for k in (
-        "daemon_replicate_s", "daemon_save_s", "restore_memory_s", "restore_disk_s", "daemon_restore_peer_s",
-        "daemon_replicate_cold_s", "daemon_save_cold_s", "daemon_prepare_wait_s", "daemon_restore_peer_unprepared_s")}
+        "ckptd_replicate_s", "daemon_save_s", "restore_memory_s", "restore_disk_s", "restore_peer_s",
+        "ckptd_replicate_cold_s", "daemon_save_cold_s", "daemon_prepare_wait_s", "restore_peer_unprepared_s")}
     prepared: list[int] = []
     served: dict[str, list[str]] = {}
     d = Daemons(nbytes)
@@ -301,7 +304,7 @@ def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[floa
                 t2 = time.perf_counter()
                 cold = "_cold" if rep < WARM_REPS else ""
                 samples[f"daemon_save{cold}_s"].append(t1 - t0)
-                samples[f"daemon_replicate{cold}_s"].append(t2 - t1)
+                samples[f"ckptd_replicate{cold}_s"].append(t2 - t1)
             m._wait(step, Level.LOCAL_DURABLE, WAIT_S)  # the disk copy the disk restore reads
         restore("restore_memory_s", "n1", step, "memory")  # warm-up
         samples["restore_memory_s"].clear()
@@ -317,11 +320,11 @@ def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[floa
             waited, slots = d.wait_prepared("n1")  # what a trainer's own start-up gives it
             samples["daemon_prepare_wait_s"].append(waited)
             prepared.append(slots)
-            restore("daemon_restore_peer_s", "n1", step, "peer")
+            restore("restore_peer_s", "n1", step, "peer")
         for _ in range(ns.reps):  # the same with peers.prepare_restore = false
             d.lose("n1", disk=True)
             d.start("n1", prepare_restore=False)
-            restore("daemon_restore_peer_unprepared_s", "n1", step, "peer")
+            restore("restore_peer_unprepared_s", "n1", step, "peer")
     except BaseException:
         for node in DAEMON_NODES:
             sys.stderr.write(f"--- ckptd {node} log tail ---\n{d.log_tail(node)}\n")
@@ -373,8 +376,8 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         clients["_grpc"] = PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk, bulk=False)
     samples: dict[str, list[float]] = {"tcp_s": [], "tcp_fresh_s": []}
     for suffix in clients:
-        samples[f"ckptd_replicate{suffix}_s"] = []
-        samples[f"restore_peer{suffix}_s"] = []
+        samples[f"component_push{suffix}_s"] = []
+        samples[f"component_fetch{suffix}_s"] = []
     step = 0
 
     async def ckptd_once(suffix: str, client: PeerClient, timed: bool) -> None:
@@ -393,8 +396,8 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         back[:1] = b"\0" if data[:1] != b"\0" else b"\1"  # the next check proves a new fetch
         control(peer_proc, f"drop bench {step} 0")  # its buffer serves the next replica
         if timed:
-            samples[f"ckptd_replicate{suffix}_s"].append(replicate_s)
-            samples[f"restore_peer{suffix}_s"].append(restore_s)
+            samples[f"component_push{suffix}_s"].append(replicate_s)
+            samples[f"component_fetch{suffix}_s"].append(restore_s)
 
     try:
         for suffix, client in clients.items():  # warm-up: connections, receiver buffer
@@ -424,12 +427,12 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         "integrity_chunk_bytes": INTEGRITY_CHUNK_BYTES,
         **med,
         **{f"{k[:-2]}_vs_tcp": v / med["tcp_s"] for k, v in med.items() if k != "tcp_s"},
-        "daemon_restore_peer_unprepared_vs_tcp_fresh": med["daemon_restore_peer_unprepared_s"] / med["tcp_fresh_s"],
+        "restore_peer_unprepared_vs_tcp_fresh": med["restore_peer_unprepared_s"] / med["tcp_fresh_s"],
         "tcp_gbps": nbytes / med["tcp_s"] / 1e9,
+        "component_push_gbps": nbytes / med["component_push_s"] / 1e9,
+        "component_fetch_gbps": nbytes / med["component_fetch_s"] / 1e9,
         "ckptd_replicate_gbps": nbytes / med["ckptd_replicate_s"] / 1e9,
         "restore_peer_gbps": nbytes / med["restore_peer_s"] / 1e9,
-        "daemon_replicate_gbps": nbytes / med["daemon_replicate_s"] / 1e9,
-        "daemon_restore_peer_gbps": nbytes / med["daemon_restore_peer_s"] / 1e9,
         **daemon_info,
         "samples": samples,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
