@@ -36,6 +36,7 @@ from ckptd.integrity import crc32c
 from ckptd.peer_bulk import connect as bulk_connect
 from ckptd.peer_bulk import in_thread, pwrite_all, recv_frames, send_frames, split_target, verifier_for_frames
 from ckptd.peer_config import TlsFiles
+from ckptd.peer_tls import channel_credentials
 from ckptd.peer_types import (
     MAX_TRANSFER_CHUNK_BYTES,
     FileBacked,
@@ -104,16 +105,6 @@ class FetchResult:
     header: ReplicaHeader
     tier: str
     seconds: float
-
-
-def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
-    """With a CA: verify peers against it and present our certificate (mutual TLS). Without: the
-    job shares one self-signed certificate, which is then the only trusted root."""
-    cert = tls.cert.read_bytes()
-    if tls.ca is None:
-        return grpc.ssl_channel_credentials(root_certificates=cert)
-    return grpc.ssl_channel_credentials(root_certificates=tls.ca.read_bytes(),
-                                        private_key=tls.key.read_bytes(), certificate_chain=cert)
 
 
 class PeerClient:

@@ -43,6 +43,7 @@ from ckptd.errors import (
 from ckptd.integrity import crc32c
 from ckptd.peer_bulk import BulkListener, in_thread, recv_frames, send_frames, verifier_for_frames
 from ckptd.peer_config import TlsFiles
+from ckptd.peer_tls import server_credentials
 from ckptd.peer_types import (
     MAX_TRANSFER_CHUNK_BYTES,
     HoldingsFn,
@@ -323,13 +324,6 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(_deny)
         return grpc.unary_unary_rpc_method_handler(_deny)
-
-
-def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    """TLS for the peer port; with a CA, peers must also present a certificate it signed."""
-    ca = tls.ca.read_bytes() if tls.ca else None
-    return grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())],
-                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 @dataclass
