@@ -325,7 +325,7 @@ class PeerClient:
                 raise CkptdError(f"destination of {buf.nbytes} bytes (read-only: {buf.readonly}) "
                                  f"for a shard of {header.nbytes}")
             e = header.entry
-            if backing is not None and sink_fd is None:
+            if backing is not None:
                 sink_fd = os.open(backing.path, os.O_WRONLY)  # tmpfs: microseconds
             if first.HasField("bulk"):
                 verifier = verifier_for_frames(e.nbytes, e.chunk_bytes, e.chunk_crc32c)
