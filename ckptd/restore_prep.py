@@ -7,8 +7,9 @@ a peer took 0.77 s into a new slot against 0.35 s into a prepared one (docs/arch
 "Measured"). A trainer takes longer than that to start, so the daemon does that work first:
 right after start-up it asks every reachable peer what it holds of the shards this node was the
 source of (``ListHoldings``), and for each (job, rank) whose newest step it holds no copy of,
-allocates a scratch slot of that size and faults its pages into its own mapping. The restore's scratch lease then finds a slot of
-the right size already mapped, so a peer restore costs the transfer.
+allocates a scratch slot of that size and faults its pages into its own mapping. The restore's
+scratch lease then finds a slot of the right size already mapped, so a peer restore costs the
+transfer.
 
 Invariants: preparation never waits for room and never takes more than ``MAX_BUDGET_FRACTION``
 of the slot budget, so it cannot starve a save; a prepared slot holds nothing (``content`` is
