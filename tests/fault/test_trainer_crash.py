@@ -54,6 +54,16 @@ def test_trainer_sigkill_restores_from_memory(daemon_factory):
 SLOTS_PER_RANK = Config().memory.slots_per_rank  # the daemon's default cap for one rank
 
 
+def _assert_committed_after_torn_step4(seen: dict) -> None:
+    """Steps 1-3 were saved, step 4 torn. Step 3 is the latest and every query path agrees; the
+    torn step is nowhere. Steps 1 and 2 may be gone already: the torn lease took one of their
+    slots, and the drainer skips steps superseded before it got to them (which ones depends on
+    timing), and a step whose last copy is gone is no longer listed."""
+    assert seen["latest"] == 3, seen
+    assert seen["all_steps"] == seen["listed"], seen
+    assert 3 in seen["listed"] and set(seen["listed"]) <= {1, 2, 3}, seen
+
+
 def test_trainer_sigkill_mid_copy_never_commits_torn_slot(daemon_factory):
     d = daemon_factory()
     trainer = spawn_trainer("torn", d.addr, 3, NBYTES)
@@ -72,8 +82,7 @@ def test_trainer_sigkill_mid_copy_never_commits_torn_slot(daemon_factory):
     wait_log(d, REAPED, timeout_s=10)  # the reaper notices the dead client within seconds
     with Raw(d.addr) as raw, manager(d.addr) as m:
         assert rpc_code(lambda: raw.step_status(4)) == grpc.StatusCode.NOT_FOUND
-        seen = committed_steps_everywhere(m, raw)
-        assert seen == {"all_steps": [1, 2, 3], "latest": 3, "listed": [1, 2, 3]}, seen
+        _assert_committed_after_torn_step4(committed_steps_everywhere(m, raw))
         restore_checked(m, "latest", make_state(3, 0, NBYTES), "memory")
 
         # the torn lease is gone: step 4 can be saved for real, and slots are reused, not grown
@@ -138,8 +147,7 @@ def test_rank_killed_mid_copy_leaves_step_partial_then_resume(daemon_factory):
         with Raw(d.addr) as raw:
             st = raw.step_status(4)
             assert list(st.staged_ranks) == [0] and st.level == 0, st
-            seen = committed_steps_everywhere(m0, raw)
-            assert seen == {"all_steps": [1, 2, 3], "latest": 3, "listed": [1, 2, 3]}, seen
+            _assert_committed_after_torn_step4(committed_steps_everywhere(m0, raw))
         # the restarted run resumes from step 3 on both ranks...
         for m in (m1, m0):
             restore_checked(m, "latest", make_state(3, m.rank, NBYTES), "memory")
