@@ -21,6 +21,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,8 @@ class StepState:
     #: tiers committed for this node's ranks whose level also waits for the other nodes (a
     #: cross-node commit through the coordinator): None while pending, else why it failed
     across_nodes: dict[TierName, str | None] = field(default_factory=dict)
+    #: this node's push of the step to its peers has ended, held or degraded (replication.py)
+    pushed: bool = False
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -218,6 +221,20 @@ class Catalog:
     async def notify(self) -> None:
         async with self._cond:
             self._cond.notify_all()
+
+    async def wait_until(self, ready: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until ``ready()`` holds (re-checked at every notify); False when ``timeout_s`` passed."""
+        deadline = time.monotonic() + timeout_s
+        async with self._cond:
+            while not ready():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self._cond.wait(), timeout=remaining)
+                except TimeoutError:
+                    pass
+            return True
 
     async def wait_level(self, job: str, step: int, level: Level, timeout_s: float) -> StepState:
         """Wait until the step reaches ``level``; raise if the tier failed or skipped it."""

@@ -31,7 +31,7 @@ def tensors_to_pb(tensors: tuple[TensorEntry, ...] | list[TensorEntry], tree_jso
 
 def tier_statuses(st: StepState) -> list[pb.TierStatus]:
     out = []
-    tiers = [TierName.MEMORY, TierName.DISK] + ([TierName.OBJECT] if TierName.OBJECT in st.tiers else [])
+    tiers = [TierName.MEMORY, TierName.DISK] + [t for t in (TierName.PEER, TierName.OBJECT) if t in st.tiers]
     for tier in tiers:
         state, msg = st.effective(tier)
         out.append(pb.TierStatus(tier=tier.value, state=int(state), message=msg))  # type: ignore[arg-type]

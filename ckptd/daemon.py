@@ -154,6 +154,16 @@ class Daemon:
             self.restorer.on_adopt = self._after_adopt
         self.restorer.peers = self.peers
         self.drainer.across_nodes = self._disk_across_nodes
+        self.drainer.before_write = self._before_drain
+
+    async def _before_drain(self, st: StepState) -> None:
+        """Replication first: a step's disk write waits (at most ``peers.drain_wait_s``) until this
+        node's push of it ended. Both read the same slot and, on a node short of cores, a disk
+        write beside the push slowed REPLICATED by a third while the write itself gains little
+        from starting early (docs/architecture.md, "Replication first")."""
+        rep, wait_s = self.replicator, self.cfg.peers.drain_wait_s
+        if rep is not None and wait_s > 0:
+            await self.catalog.wait_until(lambda: self.draining or rep.push_settled(st), wait_s)
 
     def _disk_across_nodes(self, st: StepState, ok: bool, reason: str) -> None:
         """LOCAL_DURABLE of a multi-node step is global: report this node's part to the step's
@@ -220,6 +230,7 @@ class Daemon:
     async def stop(self) -> bool:
         """Graceful stop; True when every pending disk commit finished."""
         self.draining = True
+        await self.catalog.notify()  # a drain waiting for a push (_before_drain) goes ahead
         # Shards already acknowledged STAGED may still be checksumming: let them finish (sidecar
         # written, step committed in memory, drainer kicked) so the drain below includes them.
         if self._tasks:

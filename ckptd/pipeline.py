@@ -7,7 +7,8 @@ marked SKIPPED (superseded) so a disk slower than the save rate never builds a q
 drains its slots are pinned (readers), so they cannot be reused under the writer. Disk writes run
 in the daemon's I/O thread pool. After a commit, disk retention runs; it never deletes the newest
 committed step. A failed write marks the step FAILED at the disk tier and is reported; the memory
-copy stays, so nothing acknowledged is lost.
+copy stays, so nothing acknowledged is lost. With peers, a step's files are written once this node's
+push of it ended, or after ``peers.drain_wait_s`` at most (``before_write``: replication first).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -60,6 +61,8 @@ class DiskDrainer(Worker):
         #: multi-node steps with peers: (step, this node's part committed?, why not) is handed
         #: on for the cross-node commit of LOCAL_DURABLE (Daemon._disk_across_nodes)
         self.across_nodes: Callable[[StepState, bool, str], None] | None = None
+        #: awaited before a step's shard files are written (Daemon._before_drain: replication first)
+        self.before_write: Callable[[StepState], Awaitable[None]] | None = None
 
     async def _run(self) -> None:
         while True:
@@ -105,6 +108,8 @@ class DiskDrainer(Worker):
         for slot in slots:
             assert slot is not None
             slot.readers += 1
+        if self.before_write is not None:
+            await self.before_write(st)
         await self.catalog.set_tier(st, TierName.DISK, TierState.IN_PROGRESS)
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()

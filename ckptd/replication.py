@@ -138,9 +138,11 @@ class Replicator(Worker):
                              deadline_s=d.push_timeout_s * 2, push_timeout_s=d.push_timeout_s)
                 for rec in recs))
         finally:
+            st.pushed = True  # a disk write waiting for this push goes ahead (Daemon._before_drain)
             for s in slots:
                 assert s is not None
                 await self.pool.unpin(s)
+            await self.catalog.notify()
         for o in outcomes:
             for node in o.holders:
                 metrics.PEER_UP.labels(node).set(1)
@@ -166,6 +168,11 @@ class Replicator(Worker):
         task = asyncio.create_task(self._global_commit(st), name=f"replicated-{st.job}-{st.step}")
         self._commits.add(task)
         task.add_done_callback(self._commits.discard)
+
+    def push_settled(self, st: StepState) -> bool:
+        """This node's push of ``st`` has ended, or will not run (skipped, failed, slots gone)."""
+        return (st.pushed or st.state(TierName.PEER) not in (TierState.PENDING, TierState.IN_PROGRESS)
+                or st.state(TierName.MEMORY) in (TierState.FAILED, TierState.SKIPPED) or not st.staged_in_slots)
 
     async def _global_commit(self, st: StepState) -> None:
         """REPLICATED is global: report this node's ranks to the coordinator and wait until every

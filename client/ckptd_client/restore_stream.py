@@ -8,6 +8,9 @@ restored again from the next source's slot. The lease in ``done`` is always rele
 
 Invariant: no byte is copied out of the slot before the daemon reported it verified; the call
 returns only after ``done``, so a restore that returns filled the state from one source alone.
+The slot's mapping is closed by a short-lived thread after the copy: unmapping 512 MiB of shared
+memory tears down 131072 page entries (20-70 ms measured), which the caller need not wait for;
+nothing reads the mapping after ``apply`` and no view of it escapes (copies are returned).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -75,13 +79,20 @@ class _Stream:
                 raise CkptdError(f"restore finished with {self.ready_bytes} bytes, {end} needed")
             self.next_event()
 
-    def unmap(self) -> None:
+    def unmap(self, background: bool = False) -> None:
         if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:  # a view still alive (e.g. in a traceback): the GC unmaps it
-                pass
+            if background:
+                threading.Thread(target=_close, args=(self.mm,), name="ckptd-unmap", daemon=True).start()
+            else:
+                _close(self.mm)
             self.mm = None
+
+
+def _close(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a view still alive (e.g. in a traceback): the GC unmaps it
+        pass
 
 
 def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state: Any,
@@ -106,7 +117,7 @@ def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state:
             except _Restart:
                 continue
     finally:
-        s.unmap()
+        s.unmap(background=True)
         if s.done is not None and s.done.lease_id:
             conn.call(conn.stub.ReleaseRestore, pb.ReleaseRestoreRequest(lease_id=s.done.lease_id))
         else:

@@ -101,3 +101,22 @@ def test_client_leaving_mid_stream_leaks_nothing(daemon_factory):
         assert raw.status().slots_busy == 0
     with manager(d.addr) as m:  # the last streamed read re-warmed memory
         restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
+
+
+def test_the_restore_slot_is_unmapped_after_the_restore_returns(daemon_factory):
+    """The client closes its mapping of the restore slot in a thread (munmap of a large shared
+    mapping takes tens of ms); once that thread ends, no page of the daemon's shm dir is mapped
+    in this process (this manager only restored, so it never mapped a save slot)."""
+    import threading
+
+    d = _saved(daemon_factory)
+
+    def mapped() -> list[str]:
+        with open("/proc/self/maps") as f:
+            return [line for line in f if str(d.shm_dir) in line]
+
+    with manager(d.addr) as m:
+        restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
+        for t in [t for t in threading.enumerate() if t.name == "ckptd-unmap"]:
+            t.join(10)
+        assert mapped() == []

@@ -1,0 +1,98 @@
+"""Replication first: a step's disk write waits for this node's push of it, but never long.
+
+Two daemons stand for two nodes; the job's one rank lives on n1, whose replica goes to n2. With a
+healthy peer, n1's log shows the push ending before the disk write of the same step starts (the
+two compete for the same slot and CPU; REPLICATED is the faster protection). With the peer
+SIGSTOPped and a push timeout far away, the disk write starts after ``peers.drain_wait_s`` and the
+step reaches LOCAL_DURABLE while the push is still stuck: a stuck peer never holds disk
+durability hostage.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+from ckptd_client import CheckpointManager, Level
+
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from tests.conftest import DaemonProc
+
+TOKEN = "test-peer-token-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _nodes(factory: Callable[..., DaemonProc], push_timeout_s: float, drain_wait_s: float) -> dict[str, DaemonProc]:
+    ports = {n: _free_port() for n in ("n1", "n2")}
+    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
+    return {n: factory(config_text=(
+        f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{TOKEN}"\npeers = "{peers}"\n'
+        f"replication_factor = 1\npush_timeout_s = {push_timeout_s}\nmax_attempts = 1\n"
+        f"drain_wait_s = {drain_wait_s}\n")) for n in ports}
+
+
+def _messages(d: DaemonProc) -> list[str]:
+    out = []
+    for line in d.log().splitlines():
+        try:
+            out.append(str(json.loads(line)["msg"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _index(msgs: list[str], needle: str) -> int:
+    hits = [i for i, m in enumerate(msgs) if needle in m]
+    assert hits, f"no log line with {needle!r} in:\n" + "\n".join(msgs)
+    return hits[0]
+
+
+def test_the_disk_write_of_a_step_starts_after_its_push(daemon_factory: Callable[..., DaemonProc]) -> None:
+    nodes = _nodes(daemon_factory, push_timeout_s=30.0, drain_wait_s=30.0)
+    job = f"rf{uuid.uuid4().hex[:6]}"
+    state = {"w": np.random.default_rng(3).standard_normal(2_000_000).astype(np.float32)}
+    with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
+        for step in (1, 2):
+            assert m.save(step, state).ok
+            m._wait(step, Level.REPLICATED, 60)
+            m._wait(step, Level.LOCAL_DURABLE, 60)
+    msgs = _messages(nodes["n1"])
+    for step in (1, 2):
+        pushed = _index(msgs, f"{job}@{step}: this node's shards held by n2")
+        writing = _index(msgs, f"{job}@{step} disk tier: IN_PROGRESS")
+        assert pushed < writing, f"step {step}: the disk write started before the push ended"
+
+
+def test_a_stuck_peer_delays_the_disk_write_by_drain_wait_s_at_most(
+        daemon_factory: Callable[..., DaemonProc]) -> None:
+    nodes = _nodes(daemon_factory, push_timeout_s=60.0, drain_wait_s=1.0)
+    job = f"rf{uuid.uuid4().hex[:6]}"
+    state = {"w": np.arange(500_000, dtype=np.int64)}
+    with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
+        assert m.save(1, state).ok
+        m._wait(1, Level.REPLICATED, 60)  # n1's channel to n2 is up: the next push gets stuck, not refused
+        nodes["n2"].proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            h = m.save(2, state)
+            assert h.ok  # training is not blocked by the stuck peer
+            m._wait(2, Level.LOCAL_DURABLE, 30)  # far below the 60 s push timeout
+            waited_s = time.monotonic() - t0
+            peer_state = {t.tier: t.state for t in h.status().tiers}["peer"]
+            msgs = _messages(nodes["n1"])
+        finally:
+            nodes["n2"].proc.send_signal(signal.SIGCONT)
+    assert _index(msgs, f"{job}@2 disk tier: COMMITTED") >= 0
+    assert not any(f"{job}@2: this node's shards held by" in x for x in msgs), "the push cannot have ended"
+    assert peer_state == pb.TIER_IN_PROGRESS
+    assert waited_s >= 1.0, "the disk write did not wait for the push at all"
