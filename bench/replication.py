@@ -4,7 +4,10 @@ One run, three processes on this machine's loopback, the same ``--size-mib`` byt
 random) held in this process's memory, ``--reps`` repetitions alternating which side goes first:
 
   tcp_s              floor: a bare TCP stream to another process: ``socket.sendall`` from a
-                     memoryview into ``recv_into`` a preallocated buffer, until the receiver acks
+                     memoryview into ``recv_into`` a preallocated buffer, until the receiver acks;
+                     sampled in both phases (tcp_component_phase_s here, tcp_daemon_phase_s while
+                     the daemons below are idle: before their saves and before each peer restore)
+                     and tcp_s is the median of all of them
   tcp_fresh_s        the same into new shared memory each time (fallocate + mmap of a tmpfs file
                      after the accept): what a node that lost its RAM pays before any byte lands
   component_push_s   ``PeerClient.push`` of the shard (STAGED bytes with their crc32c list, as the
@@ -68,6 +71,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -251,8 +255,12 @@ class Daemons:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """STAGED -> REPLICATED through the daemons, then restores served from memory, disk, peer."""
+def daemon_run(ns: argparse.Namespace, nbytes: int,
+               tcp_probe: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """STAGED -> REPLICATED through the daemons, then restores served from memory, disk, peer.
+
+    ``tcp_probe`` (one bare TCP transfer) is also sampled here, while the daemons are idle: before
+    the save loop and before each peer restore, so the floor is taken beside what it divides."""
     from ckptd_client import Level
 
     src = np.random.default_rng(1).integers(0, 256, nbytes, dtype=np.uint8)
@@ -260,7 +268,8 @@ def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[floa
     dst.fill(0)  # touched, so no restore pays first-touch faults in this process
     samples: dict[str, list[float]] = {k: [] for k in (
         "ckptd_replicate_s", "daemon_save_s", "restore_memory_s", "restore_disk_s", "restore_peer_s",
-        "ckptd_replicate_cold_s", "daemon_save_cold_s", "daemon_prepare_wait_s", "restore_peer_unprepared_s")}
+        "ckptd_replicate_cold_s", "daemon_save_cold_s", "daemon_prepare_wait_s", "restore_peer_unprepared_s",
+        "tcp_daemon_phase_s")}
     prepared: list[int] = []
     served: dict[str, list[str]] = {}
     d = Daemons(nbytes)
@@ -286,6 +295,8 @@ def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[floa
         for node in DAEMON_NODES:
             d.start(node)
         step = 0
+        for _ in range(ns.reps):
+            samples["tcp_daemon_phase_s"].append(tcp_probe())
         with d.manager("n1") as m, d.manager("n2", rank=1) as other:
             # The first WARM_REPS fill the slot pools of both daemons (slots_per_rank = 3: each of
             # them creates a slot, fallocate + first-touch faults, once); they are recorded apart as
@@ -320,6 +331,7 @@ def daemon_run(ns: argparse.Namespace, nbytes: int) -> tuple[dict[str, list[floa
             waited, slots = d.wait_prepared("n1")  # what a trainer's own start-up gives it
             samples["daemon_prepare_wait_s"].append(waited)
             prepared.append(slots)
+            samples["tcp_daemon_phase_s"].append(tcp_probe())
             restore("restore_peer_s", "n1", step, "peer")
         for _ in range(ns.reps):  # the same with peers.prepare_restore = false
             d.lose("n1", disk=True)
@@ -374,7 +386,7 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     clients = {"": PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk)}
     if not ns.skip_grpc_path:
         clients["_grpc"] = PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk, bulk=False)
-    samples: dict[str, list[float]] = {"tcp_s": [], "tcp_fresh_s": []}
+    samples: dict[str, list[float]] = {"tcp_component_phase_s": [], "tcp_fresh_s": []}
     for suffix in clients:
         samples[f"component_push{suffix}_s"] = []
         samples[f"component_fetch{suffix}_s"] = []
@@ -407,18 +419,23 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
             order = ("tcp", *clients) if rep % 2 else (*clients, "tcp")
             for side in order:
                 if side == "tcp":
-                    samples["tcp_s"].append(tcp_once(tcp_port, view))
+                    samples["tcp_component_phase_s"].append(tcp_once(tcp_port, view))
                     samples["tcp_fresh_s"].append(tcp_once(fresh_port, view))
                 else:
                     await ckptd_once(side, clients[side], True)
+        for client in clients.values():
+            await client.close()
+        clients.clear()
+        daemon_samples, daemon_info = daemon_run(ns, nbytes, lambda: tcp_once(tcp_port, view))
     finally:
         for client in clients.values():
             await client.close()
         for proc in (tcp_proc, fresh_proc, peer_proc):
             proc.kill()
             proc.wait()
-    daemon_samples, daemon_info = daemon_run(ns, nbytes)
     samples.update(daemon_samples)
+    # the floor: every bare TCP sample of the run, from both phases
+    samples["tcp_s"] = samples["tcp_component_phase_s"] + samples["tcp_daemon_phase_s"]
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {
         "bytes": nbytes,

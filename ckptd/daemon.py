@@ -242,6 +242,7 @@ class Daemon:
         if self.peers is not None:
             await self.peers.client.close()
         clean = await self.drainer.stop(self.cfg.daemon.shutdown_timeout_s)
+        await self.pool.stop()
         if self.uploader is not None:
             clean = await self.uploader.stop(self.cfg.daemon.shutdown_timeout_s) and clean
         owned: list[asyncio.Task[Any]] = [*self._tasks, *self._across,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 
 from ckptd.errors import CkptdError
 from ckptd.peer_types import Holding
-from ckptd.shm import Slot
+from ckptd.shm import MADV_POPULATE_WRITE, Slot
 
 if TYPE_CHECKING:
     from ckptd.daemon import Daemon
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ckptd.daemon")
 MAX_BUDGET_FRACTION: Final = 0.5
 HOLDINGS_DEADLINE_S: Final = 5.0
-MADV_POPULATE_WRITE: Final = 23  # Linux >= 5.14: fault a range's pages in, writable, in one call
 
 
 def wanted(own: list[Holding], has_copy: set[tuple[str, int]]) -> dict[tuple[str, int], int]:

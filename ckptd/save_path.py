@@ -146,7 +146,7 @@ class SavePath:
         t0 = time.monotonic()
         try:
             slot = await self.d.pool.lease((job, rank), nbytes, self.d.catalog.slot_reusable, do_wait,
-                                         timeout_s, mem.slots_per_rank)
+                                         timeout_s, mem.slots_per_rank, spare=True)
         except BudgetExhausted as exc:
             metrics.SAVES_TOTAL.labels("no_slot").inc()
             await self._abandon_step(job, step, world_size, f"rank {rank} had no slot: {exc}")

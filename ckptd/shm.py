@@ -11,10 +11,18 @@ A slot just created is ``fresh``: its pages exist but are not mapped into the da
 peer fetch writes it through the file (``pwrite``) rather than faulting every 4 KiB page of the
 mapping in (peer_bulk.recv_frames).
 
-The pool keeps ``sum(capacity) <= budget_bytes``. When no slot can be had, a lease waits on a
-condition (back-pressure) up to its timeout, or fails at once under the skip policy: never an
-unbounded allocation. Which slots may be reused is decided by the caller's ``reusable`` predicate
-(the catalog knows which steps must stay in memory).
+A save lease may ask for spares (``spare=True``): when its owner is left with no free slot and
+is under its slot cap, the owner's remaining slots are created one by one (fallocate'd and
+faulted in) by a background task the pool owns, so the pool grows during a job's first steps and
+not at whichever later step first finds every slot busy. A lease that would grow the pool while
+its owner's spares are being made waits for the next one instead (unless it may not wait). A
+spare only takes room the budget has free (it never evicts); being empty, any lease may take its
+room back.
+
+The pool keeps ``sum(capacity) + bytes of spares being created <= budget_bytes``. When no slot
+can be had, a lease waits on a condition (back-pressure) up to its timeout, or fails at once
+under the skip policy: never an unbounded allocation. Which slots may be reused is decided by
+the caller's ``reusable`` predicate (the catalog knows which steps must stay in memory).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ckptd import failpoints
 from ckptd.errors import BudgetExhausted, CkptdError, InvalidArgument
@@ -38,6 +46,7 @@ from ckptd.errors import BudgetExhausted, CkptdError, InvalidArgument
 log = logging.getLogger("ckptd.shm")
 
 SLOT_ALIGN_BYTES = 2 * 2**20
+MADV_POPULATE_WRITE: Final = 23  # Linux >= 5.14: fault a range's pages in, writable, in one call
 _SUFFIX = ".bin"
 _META_SUFFIX = ".meta.json"
 
@@ -90,10 +99,13 @@ class SlotPool:
         self.budget_bytes = budget_bytes
         self.slots: dict[str, Slot] = {}
         self._cond = asyncio.Condition()
+        self._spares: dict[tuple[str, int], asyncio.Task[None]] = {}  # owner -> its spare being made
+        self._reserved_bytes = 0  # capacity of the spares being made
+        self.spares_created = 0
 
     @property
     def bytes_in_use(self) -> int:
-        return sum(s.capacity for s in self.slots.values())
+        return sum(s.capacity for s in self.slots.values()) + self._reserved_bytes
 
     # -- start-up ---------------------------------------------------------------------------
     def scan(self) -> list[tuple[Slot, dict[str, Any]]]:
@@ -148,8 +160,10 @@ class SlotPool:
         wait: bool,
         timeout_s: float,
         max_slots_per_owner: int,
+        spare: bool = False,
     ) -> Slot:
-        """Return a slot of at least nbytes for owner, marked ``writing``, its sidecar removed."""
+        """Return a slot of at least nbytes for owner, marked ``writing``, its sidecar removed;
+        with ``spare``, prepare the owner's next slot in the background if it has none free."""
         need = max(SLOT_ALIGN_BYTES, (nbytes + SLOT_ALIGN_BYTES - 1) // SLOT_ALIGN_BYTES * SLOT_ALIGN_BYTES)
         if need > self.budget_bytes:
             raise BudgetExhausted(
@@ -159,8 +173,13 @@ class SlotPool:
         deadline = time.monotonic() + timeout_s
         async with self._cond:
             while True:
-                slot = await self._try_lease(owner, nbytes, need, reusable, max_slots_per_owner)
+                # While the owner's spares are being made, a waiting lease takes the next one as it
+                # lands (never slower than making another, nor twice the work) instead of growing.
+                grow = not (wait and owner in self._spares)
+                slot = await self._try_lease(owner, nbytes, need, reusable, max_slots_per_owner, grow)
                 if slot is not None:
+                    if spare:
+                        self._plan_spares(owner, need, reusable, max_slots_per_owner)
                     return slot
                 remaining = deadline - time.monotonic()
                 if not wait or remaining <= 0:
@@ -181,12 +200,15 @@ class SlotPool:
         need: int,
         reusable: Callable[[Slot], bool],
         max_slots_per_owner: int,
+        grow: bool = True,
     ) -> Slot | None:
         mine = [s for s in self.slots.values() if s.owner == owner]
         free = [s for s in mine if not s.writing and s.readers == 0 and reusable(s)]
         fitting = sorted((s for s in free if s.capacity >= nbytes), key=lambda s: s.last_used_s)
         if fitting:
             return await self._take(fitting[0], owner)
+        if not grow:
+            return None
         # Grow: free reusable slots (ours first, least recently used first) until a new slot
         # of ``need`` bytes fits the budget and the per-owner slot cap.
         others = sorted(
@@ -213,6 +235,51 @@ class SlotPool:
         slot.writing = True
         self.slots[slot.slot_id] = slot
         return slot
+
+    def _plan_spares(self, owner: tuple[str, int], need: int, reusable: Callable[[Slot], bool],
+                     max_slots_per_owner: int) -> None:
+        """Start making the owner's remaining slots if it has none free (one task per owner)."""
+        if owner in self._spares:
+            return
+        mine = [s for s in self.slots.values() if s.owner == owner]
+        if len(mine) >= max_slots_per_owner or self.bytes_in_use + need > self.budget_bytes:
+            return
+        if any(not s.writing and s.readers == 0 and reusable(s) and s.capacity >= need for s in mine):
+            return
+        self._spares[owner] = asyncio.create_task(self._make_spares(owner, need, max_slots_per_owner),
+                                                  name=f"spare-slots-{owner[0]}-{owner[1]}")
+
+    async def _make_spares(self, owner: tuple[str, int], need: int, max_slots_per_owner: int) -> None:
+        try:
+            while (sum(1 for s in self.slots.values() if s.owner == owner) < max_slots_per_owner
+                   and self.bytes_in_use + need <= self.budget_bytes):
+                self._reserved_bytes += need
+                try:
+                    slot = await asyncio.to_thread(self._create_populated, need)
+                finally:
+                    self._reserved_bytes -= need
+                slot.owner = owner
+                self.slots[slot.slot_id] = slot
+                self.spares_created += 1
+                await self.notify()
+        except Exception as exc:  # noqa: BLE001 - a missing spare only costs a later save its head start
+            log.info("spare slot for %s rank %d not created: %s", owner[0], owner[1], exc)
+        finally:
+            self._spares.pop(owner, None)
+            await self.notify()  # a lease waiting for a spare may grow the pool itself now
+
+    def _create_populated(self, capacity: int) -> Slot:
+        slot = self._create(capacity)
+        try:
+            slot.mm.madvise(MADV_POPULATE_WRITE)  # the daemon's crc pass will not fault it in
+            slot.fresh = False
+        except OSError:  # a kernel before 5.14: the first access faults the pages in
+            pass
+        return slot
+
+    async def stop(self) -> None:
+        """Wait for the spares being created (seconds at most: one fallocate each)."""
+        await asyncio.gather(*self._spares.values(), return_exceptions=True)
 
     async def _take(self, slot: Slot, owner: tuple[str, int]) -> Slot:
         slot.writing = True
