@@ -29,9 +29,12 @@ def slot_file(tmp_path: Path) -> Iterator[tuple[Path, mmap.mmap]]:
     os.posix_fallocate(fd, 0, 24 * MIB)
     mm = mmap.mmap(fd, 24 * MIB)
     os.close(fd)
-    yield path, mm
-    mm.close()
-    path.unlink()
+    try:
+        yield path, mm
+    finally:
+        path.unlink(missing_ok=True)  # first: a view still exported makes close() raise
+        with contextlib.suppress(BufferError):
+            mm.close()
 
 
 def _send_until_refused(sock: socket.socket, data: bytes, chunk: int, crcs: list[int]) -> None:
