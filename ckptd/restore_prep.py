@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 
 from ckptd.errors import CkptdError
 from ckptd.peer_types import Holding
-from ckptd.shm import MADV_POPULATE_WRITE, Slot
+from ckptd.shm import Slot, populate
 
 if TYPE_CHECKING:
     from ckptd.daemon import Daemon
@@ -46,15 +46,6 @@ def wanted(own: list[Holding], has_copy: set[tuple[str, int]]) -> dict[tuple[str
         if cur is None or h.step > cur.step:
             newest[(h.job, h.rank)] = h
     return {key: h.nbytes for key, h in sorted(newest.items()) if key not in has_copy and h.nbytes > 0}
-
-
-def populate(slot: Slot) -> None:
-    """Fault the slot's pages into this process's mapping (blocking); a kernel without
-    MADV_POPULATE_WRITE leaves it to the first write."""
-    try:
-        slot.mm.madvise(MADV_POPULATE_WRITE)
-    except OSError:
-        pass
 
 
 async def prepare_restore_slots(d: Daemon) -> int:

@@ -51,6 +51,16 @@ _SUFFIX = ".bin"
 _META_SUFFIX = ".meta.json"
 
 
+def populate(slot: Slot) -> None:
+    """Fault the slot's pages into this process's mapping, writable, in one call (blocking); a
+    kernel without MADV_POPULATE_WRITE (before 5.14) leaves it to the first access."""
+    try:
+        slot.mm.madvise(MADV_POPULATE_WRITE)
+    except OSError:
+        return
+    slot.fresh = False  # mapped here now: no reason left to write it through its file
+
+
 @dataclass
 class Slot:
     """One mapped slot file. ``content`` is the shard it holds (opaque to the pool)."""
@@ -101,7 +111,6 @@ class SlotPool:
         self._cond = asyncio.Condition()
         self._spares: dict[tuple[str, int], asyncio.Task[None]] = {}  # owner -> its spare being made
         self._reserved_bytes = 0  # capacity of the spares being made
-        self.spares_created = 0
 
     @property
     def bytes_in_use(self) -> int:
@@ -163,7 +172,7 @@ class SlotPool:
         spare: bool = False,
     ) -> Slot:
         """Return a slot of at least nbytes for owner, marked ``writing``, its sidecar removed;
-        with ``spare``, prepare the owner's next slot in the background if it has none free."""
+        with ``spare``, make the owner's remaining slots in the background if it has none free."""
         need = max(SLOT_ALIGN_BYTES, (nbytes + SLOT_ALIGN_BYTES - 1) // SLOT_ALIGN_BYTES * SLOT_ALIGN_BYTES)
         if need > self.budget_bytes:
             raise BudgetExhausted(
@@ -260,7 +269,6 @@ class SlotPool:
                     self._reserved_bytes -= need
                 slot.owner = owner
                 self.slots[slot.slot_id] = slot
-                self.spares_created += 1
                 await self.notify()
         except Exception as exc:  # noqa: BLE001 - a missing spare only costs a later save its head start
             log.info("spare slot for %s rank %d not created: %s", owner[0], owner[1], exc)
@@ -270,11 +278,7 @@ class SlotPool:
 
     def _create_populated(self, capacity: int) -> Slot:
         slot = self._create(capacity)
-        try:
-            slot.mm.madvise(MADV_POPULATE_WRITE)  # the daemon's crc pass will not fault it in
-            slot.fresh = False
-        except OSError:  # a kernel before 5.14: the first access faults the pages in
-            pass
+        populate(slot)  # the daemon's crc pass will not fault it in
         return slot
 
     async def stop(self) -> None:
