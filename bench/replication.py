@@ -45,6 +45,12 @@ itself costs:
 Every restore is timed around ``CheckpointManager.restore`` into a preallocated array, then checked
 bit-exact and for the tier that served it (``daemon_served_from`` lists them).
 
+``cpu_s`` counts, per timed region and process, the CPU seconds used (mean over the reps): tcp
+(sender, receiver), ckptd_replicate (sending and receiving daemon, the trainer waiting) and
+restore_peer (restoring and serving daemon, the trainer copying); ``cpu_floor_s`` is each total
+divided by this host's cpus, a wall time no overlap can beat here. Daemons are counted from
+/proc/PID/stat (clock ticks, 10 ms), so a single region is coarse; the reps average it out.
+
 Both component paths and the daemons move the bytes over a single connection; by default they use a one-time raw
 TCP "bulk" connection negotiated inside the authenticated gRPC call (ckptd/peer_bulk.py).
 
@@ -62,16 +68,12 @@ import json
 import mmap
 import os
 import platform
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,9 @@ from ckptd.peer_client import PeerClient  # noqa: E402
 from ckptd.peer_server import PeerServer, start_peer_server  # noqa: E402
 from ckptd.peer_store import MemoryReplicaStore  # noqa: E402
 from ckptd.peer_types import ReplicaHeader  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _replication_daemons import CpuMeter, daemon_run  # noqa: E402
 
 MIB = 2**20
 INTEGRITY_CHUNK_BYTES = 16 * MIB  # ckptd's default crc32c chunk (memory.chunk_bytes)
@@ -151,203 +156,6 @@ def spawn(mode: str, size_bytes: int) -> tuple[subprocess.Popen[str], int]:
     return proc, int(proc.stdout.readline())
 
 
-# -- through real daemons ---------------------------------------------------------------------
-DAEMON_NODES = ("n1", "n2")
-WARM_REPS = 3  # saves until both daemons' slot pools are full (memory.slots_per_rank)
-WAIT_S = 300.0  # bound on any one wait for a level
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Daemons:
-    """Two ``ckptd serve`` daemons on loopback standing for two nodes, one rank each: rank 0 (the
-    measured shard) on n1, its replica on n2; rank 1 (a tiny shard, so that the step is complete:
-    REPLICATED is global) on n2. close() stops every daemon started and removes every shm dir."""
-
-    def __init__(self, nbytes: int) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="ckbench-", dir="/tmp"))  # short: socket paths
-        self.tag = uuid.uuid4().hex[:10]
-        self.job = f"bench{uuid.uuid4().hex[:6]}"
-        self.token = "bench-daemon-" + os.urandom(12).hex()
-        self.budget = max(6 * nbytes, 256 * MIB)  # n1's slots, n2's replicas, restore slots
-        self.ports = {n: free_port() for n in DAEMON_NODES}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.shm_dirs: set[Path] = set()
-        self.starts = 0
-
-    def root(self, node: str) -> Path:
-        return self.base / f"{node}-root"
-
-    def shm(self, node: str) -> Path:
-        return Path("/dev/shm") / f"ckptd-bench-{self.tag}-{node}"
-
-    def sock(self, node: str) -> Path:
-        return self.base / f"{node}.sock"
-
-    def start(self, node: str, prepare_restore: bool = True) -> None:
-        peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in self.ports.items())
-        cfg = self.base / f"{node}.toml"
-        cfg.write_text(f'[memory]\n[peers]\nlisten = "127.0.0.1:{self.ports[node]}"\nnode_id = "{node}"\n'
-                       f'token = "{self.token}"\npeers = "{peers}"\nreplication_factor = 1\n'
-                       f'prepare_restore = {"true" if prepare_restore else "false"}\n')
-        self.root(node).mkdir(parents=True, exist_ok=True)
-        self.sock(node).unlink(missing_ok=True)
-        self.shm_dirs.add(self.shm(node))
-        self.starts += 1
-        log = open(self.base / f"{node}-{self.starts}.log", "wb")  # noqa: SIM115 - the child holds it
-        self.procs[node] = subprocess.Popen(
-            [sys.executable, "-m", "ckptd.cli", "serve", "--root", str(self.root(node)), "--socket",
-             str(self.sock(node)), "--shm-dir", str(self.shm(node)), "--budget-bytes", str(self.budget),
-             "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        log.close()
-        deadline = time.monotonic() + 60
-        while not self.sock(node).exists():
-            if self.procs[node].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ckptd {node} did not start:\n{self.log_tail(node)}")
-            time.sleep(0.05)
-
-    def log_tail(self, node: str) -> str:
-        return (self.base / f"{node}-{self.starts}.log").read_text(errors="replace")[-4000:] \
-            if (self.base / f"{node}-{self.starts}.log").exists() else ""
-
-    def kill(self, node: str) -> None:
-        proc = self.procs.pop(node, None)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-
-    def lose(self, node: str, disk: bool) -> None:
-        """SIGKILL the node's daemon and wipe its shm dir (and its disk root when ``disk``)."""
-        self.kill(node)
-        shutil.rmtree(self.shm(node), ignore_errors=True)
-        if disk:
-            shutil.rmtree(self.root(node), ignore_errors=True)
-
-    def wait_prepared(self, node: str) -> tuple[float, int]:
-        """Wait until the node's daemon prepared its restore slots; (seconds waited, slots)."""
-        from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-
-        t0 = time.perf_counter()
-        with self.manager(node) as m:
-            while True:
-                st = m.conn.call(m.conn.stub.DaemonStatus, pb.DaemonStatusRequest())
-                if not st.preparing_restore:
-                    return time.perf_counter() - t0, st.restore_slots_prepared
-                if time.perf_counter() - t0 > WAIT_S:
-                    raise RuntimeError(f"{node} still preparing its restore slots after {WAIT_S}s")
-                time.sleep(0.02)
-
-    def manager(self, node: str, rank: int = 0) -> Any:
-        from ckptd_client import CheckpointManager
-
-        return CheckpointManager(self.job, rank=rank, world_size=2, addr=str(self.sock(node)),
-                                 node_ranks=[rank], connect_timeout_s=60)
-
-    def close(self) -> None:
-        for node in list(self.procs):
-            self.kill(node)
-        for d in self.shm_dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-def daemon_run(ns: argparse.Namespace, nbytes: int,
-               tcp_probe: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """STAGED -> REPLICATED through the daemons, then restores served from memory, disk, peer.
-
-    ``tcp_probe`` (one bare TCP transfer) is also sampled here, while the daemons are idle: before
-    the save loop and before each peer restore, so the floor is taken beside what it divides."""
-    from ckptd_client import Level
-
-    src = np.random.default_rng(1).integers(0, 256, nbytes, dtype=np.uint8)
-    dst = np.empty(nbytes, dtype=np.uint8)
-    dst.fill(0)  # touched, so no restore pays first-touch faults in this process
-    samples: dict[str, list[float]] = {k: [] for k in (
-        "ckptd_replicate_s", "daemon_save_s", "restore_memory_s", "restore_disk_s", "restore_peer_s",
-        "ckptd_replicate_cold_s", "daemon_save_cold_s", "daemon_prepare_wait_s", "restore_peer_unprepared_s",
-        "tcp_daemon_phase_s")}
-    prepared: list[int] = []
-    served: dict[str, list[str]] = {}
-    d = Daemons(nbytes)
-
-    def restore(key: str, node: str, step: int, expect: str) -> None:
-        dst[:1] = src[:1] ^ 1  # the check below proves this restore wrote the bytes
-        with d.manager(node) as m:
-            state = {"w": dst}
-            t0 = time.perf_counter()
-            got = m.restore(state, step=step)
-            took = time.perf_counter() - t0
-            info = m.last_restore
-        assert info is not None
-        served.setdefault(key, []).append(info.served_from)
-        if got != step or info.served_from != expect:
-            raise RuntimeError(f"{key}: restored step {got} from {info.served_from!r}, expected step {step} "
-                               f"from {expect!r}")
-        if not np.array_equal(state["w"], src):
-            raise RuntimeError(f"{key}: restored bytes differ from the saved shard")
-        samples[key].append(took)
-
-    try:
-        for node in DAEMON_NODES:
-            d.start(node)
-        step = 0
-        for _ in range(ns.reps):
-            samples["tcp_daemon_phase_s"].append(tcp_probe())
-        with d.manager("n1") as m, d.manager("n2", rank=1) as other:
-            # The first WARM_REPS fill the slot pools of both daemons (slots_per_rank = 3: each of
-            # them creates a slot, fallocate + first-touch faults, once); they are recorded apart as
-            # the cold figures, the rest are a job's steady state.
-            for rep in range(ns.reps + WARM_REPS):
-                step += 1
-                h1 = other.save(step, {"w": np.zeros(16, dtype=np.uint8)})  # rank 1 first: untimed
-                if not h1.ok:
-                    raise RuntimeError(f"save of rank 1 step {step} failed: {h1.error}")
-                t0 = time.perf_counter()
-                h = m.save(step, {"w": src})
-                t1 = time.perf_counter()
-                if not h.ok:
-                    raise RuntimeError(f"save of step {step} failed: {h.error}")
-                m._wait(step, Level.REPLICATED, WAIT_S)
-                t2 = time.perf_counter()
-                cold = "_cold" if rep < WARM_REPS else ""
-                samples[f"daemon_save{cold}_s"].append(t1 - t0)
-                samples[f"ckptd_replicate{cold}_s"].append(t2 - t1)
-            m._wait(step, Level.LOCAL_DURABLE, WAIT_S)  # the disk copy the disk restore reads
-        restore("restore_memory_s", "n1", step, "memory")  # warm-up
-        samples["restore_memory_s"].clear()
-        for _ in range(ns.reps):
-            restore("restore_memory_s", "n1", step, "memory")
-        for _ in range(ns.reps):  # node restarted, RAM lost, disk kept
-            d.lose("n1", disk=False)
-            d.start("n1")
-            restore("restore_disk_s", "n1", step, "disk")
-        for _ in range(ns.reps):  # a fresh node n1: RAM and disk lost, the replica is on n2
-            d.lose("n1", disk=True)
-            d.start("n1")
-            waited, slots = d.wait_prepared("n1")  # what a trainer's own start-up gives it
-            samples["daemon_prepare_wait_s"].append(waited)
-            prepared.append(slots)
-            samples["tcp_daemon_phase_s"].append(tcp_probe())
-            restore("restore_peer_s", "n1", step, "peer")
-        for _ in range(ns.reps):  # the same with peers.prepare_restore = false
-            d.lose("n1", disk=True)
-            d.start("n1", prepare_restore=False)
-            restore("restore_peer_unprepared_s", "n1", step, "peer")
-    except BaseException:
-        for node in DAEMON_NODES:
-            sys.stderr.write(f"--- ckptd {node} log tail ---\n{d.log_tail(node)}\n")
-        raise
-    finally:
-        d.close()
-    return samples, {"daemon_served_from": served, "daemon_budget_bytes": d.budget,
-                     "daemon_restore_slots_prepared": prepared,
-                     "daemon_shm_dirs": sorted(str(p) for p in d.shm_dirs)}
-
-
 # -- timed sides ------------------------------------------------------------------------------
 def tcp_once(port: int, view: memoryview) -> float:
     with socket.create_connection(("127.0.0.1", port)) as conn:
@@ -387,6 +195,13 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     if not ns.skip_grpc_path:
         clients["_grpc"] = PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk, bulk=False)
     samples: dict[str, list[float]] = {"tcp_component_phase_s": [], "tcp_fresh_s": []}
+    tcp_cpu = CpuMeter({"sender": lambda: 0, "receiver": lambda: tcp_proc.pid})
+
+    def tcp_floor() -> float:
+        before = tcp_cpu.start()
+        took = tcp_once(tcp_port, view)
+        tcp_cpu.stop(before)
+        return took
     for suffix in clients:
         samples[f"component_push{suffix}_s"] = []
         samples[f"component_fetch{suffix}_s"] = []
@@ -419,14 +234,14 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
             order = ("tcp", *clients) if rep % 2 else (*clients, "tcp")
             for side in order:
                 if side == "tcp":
-                    samples["tcp_component_phase_s"].append(tcp_once(tcp_port, view))
+                    samples["tcp_component_phase_s"].append(tcp_floor())
                     samples["tcp_fresh_s"].append(tcp_once(fresh_port, view))
                 else:
                     await ckptd_once(side, clients[side], True)
         for client in clients.values():
             await client.close()
         clients.clear()
-        daemon_samples, daemon_info = daemon_run(ns, nbytes, lambda: tcp_once(tcp_port, view))
+        daemon_samples, daemon_info = daemon_run(ns, nbytes, tcp_floor)
     finally:
         for client in clients.values():
             await client.close()
@@ -437,6 +252,8 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     # the floor: every bare TCP sample of the run, from both phases
     samples["tcp_s"] = samples["tcp_component_phase_s"] + samples["tcp_daemon_phase_s"]
     med = {k: statistics.median(v) for k, v in samples.items()}
+    cpus = os.cpu_count() or 1
+    cpu_s = {"tcp": tcp_cpu.per_region(), **daemon_info.pop("cpu_s")}
     return {
         "bytes": nbytes,
         "reps": ns.reps,
@@ -450,6 +267,9 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         "component_fetch_gbps": nbytes / med["component_fetch_s"] / 1e9,
         "ckptd_replicate_gbps": nbytes / med["ckptd_replicate_s"] / 1e9,
         "restore_peer_gbps": nbytes / med["restore_peer_s"] / 1e9,
+        "cpu_s": cpu_s,
+        # the least wall time those CPU seconds need on this host's cpus, whatever the overlap
+        "cpu_floor_s": {k: v["total"] / cpus for k, v in cpu_s.items() if v},
         **daemon_info,
         "samples": samples,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},

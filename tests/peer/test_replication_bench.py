@@ -40,3 +40,12 @@ def test_replication_bench_small_run_prints_json() -> None:
     assert res["daemon_restore_slots_prepared"] == [1]  # the fresh node prepared rank 0's slot
     assert len(res["daemon_shm_dirs"]) == 2
     assert not [d for d in res["daemon_shm_dirs"] if Path(d).exists()], "the bench left shm dirs behind"
+    # CPU seconds per timed region: every process named, non-negative, the total their sum
+    names = {"tcp": {"sender", "receiver"}, "ckptd_replicate": {"sending_daemon", "receiving_daemon", "trainer"},
+             "restore_peer": {"restoring_daemon", "serving_daemon", "trainer"}}
+    for region, procs in names.items():
+        cpu = res["cpu_s"][region]
+        assert set(cpu) == procs | {"total"}, region
+        assert all(v >= 0 for v in cpu.values()) and cpu["total"] == pytest.approx(sum(cpu[p] for p in procs))
+        assert res["cpu_floor_s"][region] == pytest.approx(cpu["total"] / res["machine"]["cpus"])
+    assert res["cpu_s"]["restore_peer"]["trainer"] > 0  # this process copied 16 MiB: never 0
