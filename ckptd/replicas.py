@@ -71,6 +71,7 @@ class SlotReplicaWriter:
         await asyncio.get_running_loop().run_in_executor(s.executor, s.pool.write_sidecar, self.slot,
                                                          replica_sidecar(rec))
         await s.pool.notify()
+        s.pool.populate_soon(self.slot)  # written through its file: map it before the next replica
         s.store_on_disk(rec)
         return ("memory",)
 

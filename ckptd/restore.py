@@ -272,9 +272,8 @@ class Restorer:
             slots.append(slot)
             if progress is not None:
                 progress.start(TierName.PEER, slot, h.entry)
-            fresh, slot.fresh = slot.fresh, False
             # a new slot's pages are not mapped in here yet: the bytes go through its file (shm.py)
-            return FileBacked(slot.view(h.nbytes), slot.path) if fresh else slot.view(h.nbytes)
+            return FileBacked(slot.view(h.nbytes), slot.path) if slot.fresh else slot.view(h.nbytes)
 
         try:
             res = await self.peers.client.fetch_into(peer.target, job, result.step, rank, lease,

@@ -7,9 +7,11 @@ and reused across steps. A slot holding a committed shard has a sidecar ``slot-<
 the sidecar first, so a slot torn by a trainer killed mid-copy is never taken for a committed
 shard, by this daemon or by the next one after a restart.
 
-A slot just created is ``fresh``: its pages exist but are not mapped into the daemon yet, so a
-peer fetch writes it through the file (``pwrite``) rather than faulting every 4 KiB page of the
-mapping in (peer_bulk.recv_frames).
+A slot is ``fresh`` while its pages exist but are not mapped writable into the daemon: a peer
+transfer then writes it through the file (``pwrite``) rather than faulting every 4 KiB page of
+the mapping in (peer_bulk.recv_frames), and ``populate_soon`` maps it in the background
+afterwards, so its next transfer lands straight in the mapping. Leasing a slot does not clear the
+flag: only ``populate`` (or a write through the mapping, which its writer reports) does.
 
 A save lease may ask for spares (``spare=True``): when its owner is left with no free slot and
 is under its slot cap, the owner's remaining slots are created one by one (fallocate'd and
@@ -56,7 +58,7 @@ def populate(slot: Slot) -> None:
     kernel without MADV_POPULATE_WRITE (before 5.14) leaves it to the first access."""
     try:
         slot.mm.madvise(MADV_POPULATE_WRITE)
-    except OSError:
+    except (OSError, ValueError):  # no such advice, or the slot was destroyed meanwhile
         return
     slot.fresh = False  # mapped here now: no reason left to write it through its file
 
@@ -74,7 +76,7 @@ class Slot:
     readers: int = 0  # pins by drains and restores
     content: Any = None
     last_used_s: float = field(default_factory=time.monotonic)
-    fresh: bool = False  # just created: never leased out nor written through this mapping
+    fresh: bool = False  # pages not mapped writable here yet (see the module docstring)
 
     @property
     def meta_path(self) -> Path:
@@ -111,6 +113,7 @@ class SlotPool:
         self._cond = asyncio.Condition()
         self._spares: dict[tuple[str, int], asyncio.Task[None]] = {}  # owner -> its spare being made
         self._reserved_bytes = 0  # capacity of the spares being made
+        self._populating: dict[str, asyncio.Task[None]] = {}  # slot_id -> populate_soon's task
 
     @property
     def bytes_in_use(self) -> int:
@@ -281,13 +284,22 @@ class SlotPool:
         populate(slot)  # the daemon's crc pass will not fault it in
         return slot
 
+    def populate_soon(self, slot: Slot) -> None:
+        """Map a ``fresh`` slot (just written through its file) into this process in the
+        background, off the transfer that filled it; content is untouched, so readers may run."""
+        if not slot.fresh or slot.slot_id in self._populating:
+            return
+        task = asyncio.create_task(asyncio.to_thread(populate, slot), name=f"populate-{slot.slot_id[:8]}")
+        self._populating[slot.slot_id] = task
+        task.add_done_callback(lambda _t: self._populating.pop(slot.slot_id, None))
+
     async def stop(self) -> None:
-        """Wait for the spares being created (seconds at most: one fallocate each)."""
-        await asyncio.gather(*self._spares.values(), return_exceptions=True)
+        """Wait for the spares being created (seconds at most: one fallocate each) and the
+        slots being populated."""
+        await asyncio.gather(*self._spares.values(), *self._populating.values(), return_exceptions=True)
 
     async def _take(self, slot: Slot, owner: tuple[str, int]) -> Slot:
         slot.writing = True
-        slot.fresh = False
         slot.owner = owner
         slot.content = None
         slot.last_used_s = time.monotonic()
