@@ -25,6 +25,7 @@ import numpy as np
 
 from ckptd.layout import TensorEntry, align_up
 from ckptd.types import DTYPE_ITEMSIZE
+from ckptd_client import pcopy
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _copy_leaves(buf: Any, leaves: list[Leaf], tensors: list[TensorEntry], base:
             del dst
         else:
             dst_a = np.frombuffer(buf, dtype=leaf.obj.dtype.newbyteorder("="), count=numel, offset=t.offset)
-            np.copyto(dst_a.reshape(leaf.shape), leaf.obj, casting="equiv")
+            np.copyto(dst_a.reshape(leaf.shape), leaf.obj, casting="equiv")  # one thread: see pcopy
             del dst_a
 
 
@@ -252,7 +253,7 @@ class Restorer:
             if kind == "t":
                 dst[a:b].copy_(src[a:b])
             else:
-                np.copyto(dst[a:b], src[a:b])
+                pcopy.copyto(dst[a:b], src[a:b])
         return True
 
     def _tensor(self, src: Any, cur: Any, kind: str, path: str) -> Any:
@@ -265,6 +266,8 @@ class Restorer:
                 return cur
             return src.clone()
         if isinstance(cur, np.ndarray) and cur.shape == src.shape and cur.dtype == src.dtype and cur.flags.writeable:
-            np.copyto(cur, src)
+            pcopy.copyto(cur, src)
             return cur
-        return np.array(src, copy=True)
+        out = np.empty(src.shape, src.dtype)
+        pcopy.copyto(out, src)
+        return out
