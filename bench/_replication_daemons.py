@@ -13,6 +13,7 @@ Nothing here decides a result: every figure is measured and returned to bench/re
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import shutil
 import signal
@@ -71,6 +72,45 @@ class CpuMeter:
 DAEMON_NODES = ("n1", "n2")
 WARM_REPS = 3  # saves until both daemons' slot pools are full (memory.slots_per_rank)
 WAIT_S = 300.0  # bound on any one wait for a level
+
+
+class MemcpyFloor:
+    """The floor of a restore from RAM: the same bytes copied out of a /dev/shm file into the
+    restore's destination with the client's own copy routine, no daemon. ``once(fresh=False)``
+    reads a mapping made and populated beforehand (a bare copy); ``once(fresh=True)`` maps the
+    file anew inside the timed region, so its page faults count, as they do for a trainer
+    process that restarted and maps its slot for the first time."""
+
+    def __init__(self, data: np.ndarray[Any, Any]) -> None:
+        self.path = Path("/dev/shm") / f"ckbench-memcpy-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.nbytes = data.nbytes
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self.nbytes)
+            with mmap.mmap(fd, self.nbytes) as mm:
+                np.frombuffer(mm, dtype=np.uint8)[:] = data.reshape(-1).view(np.uint8)
+            self.fd = os.dup(fd)
+        finally:
+            os.close(fd)
+        self.warm = mmap.mmap(self.fd, self.nbytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+
+    def once(self, dst: np.ndarray[Any, Any], fresh: bool) -> float:
+        from ckptd_client import pcopy
+
+        t0 = time.perf_counter()
+        mm = mmap.mmap(self.fd, self.nbytes, prot=mmap.PROT_READ) if fresh else self.warm
+        src = np.frombuffer(mm, dtype=np.uint8)
+        pcopy.copyto(dst.reshape(-1).view(np.uint8), src)
+        took = time.perf_counter() - t0
+        del src
+        if fresh:
+            mm.close()
+        return took
+
+    def close(self) -> None:
+        self.warm.close()
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
 
 
 def free_port() -> int:
@@ -185,7 +225,7 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
     samples: dict[str, list[float]] = {k: [] for k in (
         "ckptd_replicate_s", "daemon_save_s", "restore_memory_s", "restore_disk_s", "restore_peer_s",
         "ckptd_replicate_cold_s", "daemon_save_cold_s", "daemon_prepare_wait_s", "restore_peer_unprepared_s",
-        "tcp_daemon_phase_s")}
+        "tcp_daemon_phase_s", "memcpy_s", "memcpy_fresh_map_s")}
     prepared: list[int] = []
     served: dict[str, list[str]] = {}
     d = Daemons(nbytes)
@@ -245,8 +285,14 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
             m._wait(step, Level.LOCAL_DURABLE, WAIT_S)  # the disk copy the disk restore reads
         restore("restore_memory_s", "n1", step, "memory")  # warm-up
         samples["restore_memory_s"].clear()
-        for _ in range(ns.reps):
-            restore("restore_memory_s", "n1", step, "memory")
+        floor = MemcpyFloor(src)
+        try:
+            for _ in range(ns.reps):  # the copy floor taken beside each restore from RAM
+                samples["memcpy_s"].append(floor.once(dst, fresh=False))
+                samples["memcpy_fresh_map_s"].append(floor.once(dst, fresh=True))
+                restore("restore_memory_s", "n1", step, "memory")
+        finally:
+            floor.close()
         for _ in range(ns.reps):  # node restarted, RAM lost, disk kept
             d.lose("n1", disk=False)
             d.start("n1")

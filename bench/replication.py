@@ -31,6 +31,11 @@ itself costs:
   *_cold_s               the same two for the first 3 saves, while both daemons still create
                          their slots (a job's first checkpoints); the others are its steady state
   restore_memory_s       restore() on n1, served from "memory"
+  memcpy_s               its floor (DESIGN.md: restore from RAM <= 1.3x a memcpy): the same bytes
+                         copied out of a populated /dev/shm mapping into the same destination
+                         with the client's copy routine, no daemon; memcpy_fresh_map_s maps the
+                         file anew inside the timed copy, so the page faults a restarted trainer
+                         pays are in it (restore_memory_vs_memcpy* give both ratios)
   restore_disk_s         restore() after n1's daemon was SIGKILLed and restarted with its shm dir
                          wiped, served from "disk"
   restore_peer_s         restore() on a fresh n1 (SIGKILLed, root and shm wiped, restarted with
@@ -262,6 +267,8 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         **med,
         **{f"{k[:-2]}_vs_tcp": v / med["tcp_s"] for k, v in med.items() if k != "tcp_s"},
         "restore_peer_unprepared_vs_tcp_fresh": med["restore_peer_unprepared_s"] / med["tcp_fresh_s"],
+        "restore_memory_vs_memcpy": med["restore_memory_s"] / med["memcpy_s"],
+        "restore_memory_vs_memcpy_fresh_map": med["restore_memory_s"] / med["memcpy_fresh_map_s"],
         "tcp_gbps": nbytes / med["tcp_s"] / 1e9,
         "component_push_gbps": nbytes / med["component_push_s"] / 1e9,
         "component_fetch_gbps": nbytes / med["component_fetch_s"] / 1e9,

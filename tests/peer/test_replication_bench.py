@@ -49,3 +49,8 @@ def test_replication_bench_small_run_prints_json() -> None:
         assert all(v >= 0 for v in cpu.values()) and cpu["total"] == pytest.approx(sum(cpu[p] for p in procs))
         assert res["cpu_floor_s"][region] == pytest.approx(cpu["total"] / res["machine"]["cpus"])
     assert res["cpu_s"]["restore_peer"]["trainer"] > 0  # this process copied 16 MiB: never 0
+    # the floor of a restore from RAM, sampled beside it, with its two ratios
+    for key in ("memcpy_s", "memcpy_fresh_map_s"):
+        assert res[key] > 0 and len(res["samples"][key]) == 1, key
+    assert res["restore_memory_vs_memcpy"] == pytest.approx(res["restore_memory_s"] / res["memcpy_s"])
+    assert not list(Path("/dev/shm").glob("ckbench-memcpy-*")), "the memcpy floor's file was left behind"
