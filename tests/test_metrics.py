@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -10,13 +9,8 @@ from collections.abc import Callable
 import numpy as np
 from ckptd_client import CheckpointManager, Level
 
+from tests._ckptd_helpers import free_port
 from tests.conftest import DaemonProc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -30,7 +24,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def test_metrics_after_save(daemon_factory: Callable[..., DaemonProc]) -> None:
-    port = _free_port()
+    port = free_port()
     d = daemon_factory(env={"CKPTD_METRICS_ADDRESS": f"127.0.0.1:{port}"})
     state = {"w": np.arange(250_000, dtype=np.float32)}
     with CheckpointManager("metrics-job", rank=0, world_size=1, addr=d.addr) as m:

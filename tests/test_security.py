@@ -49,7 +49,7 @@ from ckptd.layout import TensorEntry
 from ckptd.manifest import ShardEntry
 from ckptd.peer_types import ReplicaHeader
 from ckptd.peer_wire import header_to_pb
-from tests._ckptd_helpers import clean_env, unique_job
+from tests._ckptd_helpers import clean_env, free_port, unique_job
 from tests.conftest import DaemonProc
 from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
 
@@ -57,12 +57,6 @@ C = grpc.StatusCode
 PEER = "ckptd.v1.PeerService"
 TOKEN = "security-peer-token-3b8e61f0c2"
 PEER_RPCS = [m.name for m in ppb.DESCRIPTOR.services_by_name["PeerService"].methods]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -83,7 +77,7 @@ class Node:
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """A disk + peer daemon started under umask 0, its socket in a directory it must create."""
     work = tmp_path_factory.mktemp("security")
-    port = _free_port()
+    port = free_port()
     cfg = work / "ckptd.toml"
     cfg.write_text(f'[memory]\nchunk_bytes = "64KiB"\n[peers]\nlisten = "127.0.0.1:{port}"\nnode_id = "n1"\n'
                    f'token = "{TOKEN}"\npush_timeout_s = 5.0\n')
@@ -349,7 +343,7 @@ def test_no_secret_in_any_log_of_a_whole_workload(daemon_factory: Callable[..., 
     secret_key = _secret("", 40)
     token = _secret("pt-", 32)
     aws = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
-    ports = {"n1": _free_port(), "n2": _free_port()}
+    ports = {"n1": free_port(), "n2": free_port()}
     prefix = f"sec-{uuid.uuid4().hex[:8]}"
     token_file = tmp_path / "peer-token"
     token_file.write_text(token + "\n")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ from ckptd.peer_client import PeerClient
 from ckptd.peer_types import ReplicaHeader
 from ckptd.peer_wire import header_to_pb
 from ckptd.types import MAX_STEP, MAX_WORLD_SIZE
-from tests._ckptd_helpers import Daemon, running_daemon, unique_job
+from tests._ckptd_helpers import Daemon, free_port, running_daemon, unique_job
 
 C = grpc.StatusCode
 CKPT = "ckptd.v1.CheckpointService"
@@ -50,12 +49,6 @@ KINDS = {m.name: ("stream" if m.client_streaming else "unary") + "_" + ("stream"
          for d, svc in ((pb, "CheckpointService"), (ppb, "PeerService"))
          for m in d.DESCRIPTOR.services_by_name[svc].methods}
 KNOWN_CLASSES = {**errors.ERRORS, "Unauthenticated": Unauthenticated}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -74,7 +67,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("hostile")
-    port = _free_port()
+    port = free_port()
     cfg = work / "ckptd.toml"
     cfg.write_text(f'[memory]\nchunk_bytes = "64KiB"\nwait_timeout_s = 2.0\n'
                    f'[peers]\nlisten = "127.0.0.1:{port}"\nnode_id = "n1"\ntoken = "{TOKEN}"\n'

@@ -10,7 +10,6 @@ a restore from that replica stays bit-exact.
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -19,16 +18,11 @@ from pathlib import Path
 import numpy as np
 from ckptd_client import CheckpointManager, Level
 
+from tests._ckptd_helpers import free_port
 from tests.conftest import DaemonProc
 
 TOKEN = "test-peer-token-0123456789"
 NBYTES = 24 * 2**20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _resident_bytes(pid: int, shm_dir: Path) -> dict[str, int]:
@@ -47,7 +41,7 @@ def _resident_bytes(pid: int, shm_dir: Path) -> dict[str, int]:
 
 
 def test_replica_slots_end_up_mapped_in_the_receiver(daemon_factory: Callable[..., DaemonProc]) -> None:
-    ports = {n: _free_port() for n in ("n1", "n2")}
+    ports = {n: free_port() for n in ("n1", "n2")}
     peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
     nodes = {n: daemon_factory(config_text=(
         f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{TOKEN}"\npeers = "{peers}"\n'

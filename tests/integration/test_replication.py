@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from ckptd_client import CheckpointManager, Level
 
 from ckptd.errors import NotFound, TierFailed
 from ckptd.placement import Member, holders_of
+from tests._ckptd_helpers import free_port
 from tests.conftest import DaemonProc
 from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
 from tests.tiers.faultproxy import FaultProxy
@@ -31,12 +31,6 @@ WORLD = 6
 NODES = ("n1", "n2", "n3")
 N = 200_000
 TOKEN = "test-peer-token-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _state(step: int, rank: int) -> dict[str, Any]:
@@ -55,7 +49,7 @@ def _check(m: CheckpointManager, step: int) -> str:
 class Cluster:
     def __init__(self, factory: Callable[..., DaemonProc], object_url: str | None, bucket: str) -> None:
         self.factory = factory
-        self.ports = {n: _free_port() for n in NODES}
+        self.ports = {n: free_port() for n in NODES}
         self.object_url = object_url
         self.bucket = bucket
         self.prefix = f"rep-{uuid.uuid4().hex[:8]}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -21,19 +20,14 @@ import numpy as np
 from ckptd_client import CheckpointManager, Level
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from tests._ckptd_helpers import free_port
 from tests.conftest import DaemonProc
 
 TOKEN = "test-peer-token-0123456789"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _nodes(factory: Callable[..., DaemonProc], push_timeout_s: float, drain_wait_s: float) -> dict[str, DaemonProc]:
-    ports = {n: _free_port() for n in ("n1", "n2")}
+    ports = {n: free_port() for n in ("n1", "n2")}
     peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
     return {n: factory(config_text=(
         f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{TOKEN}"\npeers = "{peers}"\n'

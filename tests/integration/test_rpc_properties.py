@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +42,7 @@ from ckptd.manifest import Manifest, ShardEntry
 from ckptd.peer_types import ReplicaHeader
 from ckptd.peer_wire import header_to_pb
 from ckptd.types import DTYPE_ITEMSIZE, MAX_STEP, validate_job
-from tests._ckptd_helpers import Daemon, running_daemon
+from tests._ckptd_helpers import Daemon, free_port, running_daemon
 
 C = grpc.StatusCode
 CKPT = "ckptd.v1.CheckpointService"
@@ -84,12 +83,6 @@ POOL = ["pa", "pb", "pc"]  # jobs the examples share, so sequences of calls meet
 KEEP = "keep-1"  # a committed step no drawn example can touch: the explicit OK examples use it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Model:
     """What the test saw the daemon accept: (job, step) -> ranks whose CommitShard returned OK."""
@@ -110,7 +103,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("props")
-    port = _free_port()
+    port = free_port()
     cfg = work / "ckptd.toml"
     cfg.write_text('[memory]\nchunk_bytes = "64KiB"\nwait_timeout_s = 0.5\nslots_per_rank = 2\n'
                    f'[peers]\nlisten = "127.0.0.1:{port}"\nnode_id = "n1"\ntoken = "{TOKEN}"\n'

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests._ckptd_helpers import clean_env
+from tests._ckptd_helpers import clean_env, free_port
 from tests.conftest import wait_for_daemon
 from tests.fault.invariants import Store
 from tests.tiers._moto import ACCESS_KEY_ID, BUCKET, SECRET_ACCESS_KEY
@@ -38,12 +37,6 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_A
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/nonexistent/ckptd-fault-aws-config",
            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/ckptd-fault-aws-credentials",
            "AWS_EC2_METADATA_DISABLED": "true", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def toml(sections: dict[str, dict[str, Any]]) -> str:
