@@ -172,9 +172,11 @@ class PeerClient:
             self.executor.shutdown(wait=False)
 
     async def _call(self, target: str, deadline_s: float, what: str,
-                    op: Callable[[float], Awaitable[T]]) -> T:
-        """Run op(remaining_s) with retries on transport failures, bounded by the deadline."""
+                    op: Callable[[float], Awaitable[T]], max_attempts: int | None = None) -> T:
+        """Run op(remaining_s) with retries on transport failures, bounded by the deadline and by
+        ``max_attempts`` (the client's own when None)."""
         deadline = time.monotonic() + deadline_s
+        attempts = self.max_attempts if max_attempts is None else max(1, max_attempts)
         delay = self.backoff_s
         attempt = 0
         while True:
@@ -191,7 +193,7 @@ class PeerClient:
             except grpc.aio.AioRpcError as err:
                 if is_transport_failure(err):
                     self._renew(target, channel)
-                if (is_transport_failure(err) and attempt < self.max_attempts
+                if (is_transport_failure(err) and attempt < attempts
                         and deadline - time.monotonic() > delay):
                     log.info("%s to peer %s failed (%s); retry %d in %.2fs", what, target,
                              err.details(), attempt, delay)
@@ -365,7 +367,8 @@ class PeerClient:
         return FetchResult(header, first.tier, time.monotonic() - t0)
 
     # -- small calls --------------------------------------------------------------------------
-    async def list_holdings(self, target: str, job: str = "", deadline_s: float = 10.0) -> list[Holding]:
+    async def list_holdings(self, target: str, job: str = "", deadline_s: float = 10.0,
+                            max_attempts: int | None = None) -> list[Holding]:
         async def once(remaining_s: float) -> list[Holding]:
             method = self._channel(target).unary_unary(
                 f"/{SERVICE}/ListHoldings", request_serializer=ppb.ListHoldingsRequest.SerializeToString,
@@ -374,7 +377,7 @@ class PeerClient:
                                 timeout=remaining_s, metadata=self._md)
             return [Holding(h.job, h.step, h.rank, h.world_size, h.nbytes, tuple(h.tiers), h.step_complete,
                             h.source_node) for h in resp.holdings]
-        return await self._call(target, deadline_s, "ListHoldings", once)
+        return await self._call(target, deadline_s, "ListHoldings", once, max_attempts)
 
     async def report_ready(self, target: str, report: ReadyReport, deadline_s: float = 10.0) -> ReadyState:
         req = ppb.ReportReadyRequest(job=report.job, step=report.step, world_size=report.world_size,

@@ -33,6 +33,7 @@ from ckptd.types import TierName
 from ckptd.worker import Worker
 
 log = logging.getLogger("ckptd.replication")
+HOLDINGS_ATTEMPTS = 2  # a retry covers a channel left stale by a peer's restart (peer_client.py)
 
 
 class PeerDirectory:
@@ -67,11 +68,13 @@ class PeerDirectory:
         """Placement order of (job, rank)'s replicas from ``source``: targets, then fallbacks."""
         return [self.addrs[n] for n in preference(self.members, shard_key(job, rank), source) if n in self.addrs]
 
-    async def holdings(self, job: str, deadline_s: float = 2.0) -> dict[str, list[Holding]]:
-        """What each reachable peer holds of job; an unreachable peer is simply absent."""
+    async def holdings(self, job: str, deadline_s: float = 2.0,
+                       max_attempts: int = HOLDINGS_ATTEMPTS) -> dict[str, list[Holding]]:
+        """What each reachable peer holds of job; an unreachable peer is simply absent. One retry
+        at most: a dead peer must not hold up a restore served from another copy."""
         nodes = list(self.addrs.values())
-        results = await asyncio.gather(*(self.client.list_holdings(p.target, job, deadline_s) for p in nodes),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self.client.list_holdings(p.target, job, deadline_s, max_attempts)
+                                         for p in nodes), return_exceptions=True)
         out: dict[str, list[Holding]] = {}
         for peer, res in zip(nodes, results):
             if isinstance(res, BaseException):

@@ -92,20 +92,26 @@ class Restorer:
                     out.setdefault(h.step, []).append((node, h))
         return out
 
-    async def latest(self, job: str, rank: int | None = None) -> int:
-        """Newest step committed at any reachable tier (for ``rank``'s copies on peers)."""
+    async def latest(self, job: str, rank: int | None = None,
+                     peer_sources: dict[int, list[tuple[str, Holding]]] | None = None,
+                     object_steps: list[int] | None = None) -> int:
+        """Newest step committed at any reachable tier (for ``rank``'s copies on peers); the
+        peers and the store are asked here unless the caller passes what they answered."""
         candidates = [s.step for s in self.catalog.steps(job) if s.in_memory]
         candidates += await self._disk_steps(job)
-        candidates += await self._steps(self.object, job)
+        candidates += object_steps if object_steps is not None else await self._steps(self.object, job)
         if rank is not None:
-            candidates += list(await self._peer_sources(job, rank))
+            candidates += list(peer_sources if peer_sources is not None else await self._peer_sources(job, rank))
         if not candidates:
             raise NotFound(f"no committed step of job {job!r} at any tier")
         return max(candidates)
 
     async def plan(self, job: str, rank: int, world_size: int, step: int | None) -> RestoreResult:
+        # peers and the store are asked once, for "latest" and for the plan
+        peer_sources, object_steps = await asyncio.gather(self._peer_sources(job, rank),
+                                                          self._steps(self.object, job))
         if step is None:
-            step = await self.latest(job, rank)
+            step = await self.latest(job, rank, peer_sources, object_steps)
         plan: list[Source] = []
         st = self.catalog.get(job, step)
         known_ws: int | None = None
@@ -120,10 +126,10 @@ class Restorer:
                 known_ws = manifest.world_size if known_ws is None else known_ws
                 if rank in manifest.ranks:
                     plan.append(Source(TierName.DISK, str(self.disk.step_dir(job, step))))
-        for node, holding in (await self._peer_sources(job, rank)).get(step, []):
+        for node, holding in peer_sources.get(step, []):
             known_ws = holding.world_size if known_ws is None else known_ws
             plan.append(Source(TierName.PEER, f"{node} {'/'.join(holding.tiers)}"))
-        if self.object is not None and step in await self._steps(self.object, job):
+        if self.object is not None and step in object_steps:
             if plan and known_ws is not None:
                 # a nearer source exists: the store is the last resort, its manifest read only if used
                 plan.append(Source(TierName.OBJECT, f"{job}@{step} rank {rank}"))
