@@ -194,15 +194,24 @@ ACROSS_NODES_WAIT_S = 600.0  # bound on waiting for the other nodes' part of a c
 
 async def commit_across_nodes(peers: PeerDirectory, report: ReadyReport, timeout_s: float) -> str | None:
     """Report this node's ranks of a step at a tier to the step's coordinator, then wait until
-    every rank is reported (None) or one failed, the coordinator stayed unreachable or
-    ``timeout_s`` passed (the reason). Re-reporting is idempotent: it doubles as the poll."""
+    every rank is reported (None) or one failed, the coordinator stayed unreachable for
+    ``peers.push_timeout_s`` or ``timeout_s`` passed (the reason). Re-reporting is idempotent:
+    it doubles as the poll. Other nodes may legitimately take long to report (their own pushes,
+    a straggling rank's save), hence the long ``timeout_s``; an unreachable coordinator is failed
+    sooner, or every step of the job would stay in progress and keep a poller for that long."""
     deadline = time.monotonic() + timeout_s
+    unreachable_since: float | None = None
     while True:
         try:
             state = await peers.report_ready(report)
         except Exception as exc:  # noqa: BLE001 - coordinator unreachable: the reason says so
             why = f"coordinator unreachable: {exc}"
+            now = time.monotonic()
+            unreachable_since = now if unreachable_since is None else unreachable_since
+            if now - unreachable_since >= peers.push_timeout_s:
+                return why
         else:
+            unreachable_since = None
             if state.complete:
                 return None
             if state.failed_ranks:

@@ -1,4 +1,6 @@
-"""A dead peer costs a restore served from a local copy one short question, not a retry loop.
+"""Dead peers: a restore is not held up by them, and a dead coordinator fails REPLICATED soon.
+
+A dead peer costs a restore served from a local copy one short question, not a retry loop.
 
 The restore planner asks every peer what it holds (a peer may hold a newer step, or the only copy
 left). A restore of "latest" used to ask twice (once to choose the step, once to plan it), each
@@ -7,6 +9,11 @@ instead of 0.008 s here. Now the peers (and the store) are asked once per restor
 at most. Checked through the restoring daemon's own log lines: one "not reachable for holdings"
 line per restore and at most one retry line, for a restore that is still served from memory and
 bit-exact.
+
+REPLICATED is a global commit collected by the job's coordinator node. When that node is dead,
+a step's peer tier used to stay IN_PROGRESS for ten push timeouts (10 minutes by default), one
+polling task per step; now it is FAILED ("coordinator unreachable") once the coordinator has
+not answered for ``peers.push_timeout_s``, while the replica itself was pushed and is held.
 """
 
 from __future__ import annotations
@@ -16,8 +23,11 @@ import uuid
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 from ckptd_client import CheckpointManager, Level
 
+from ckptd.errors import TierFailed
+from ckptd.placement import Member, coordinator_for, preference, shard_key
 from tests._ckptd_helpers import free_port
 from tests.conftest import DaemonProc
 
@@ -59,3 +69,26 @@ def test_a_restore_asks_a_dead_peer_once(daemon_factory: Callable[..., DaemonPro
     retries = [x for x in msgs if x.startswith("ListHoldings to peer") and "retry" in x]
     assert len(unreachable) == restores, msgs
     assert len(retries) <= restores, msgs
+
+
+def test_a_dead_coordinator_fails_replicated_after_the_push_timeout(
+        daemon_factory: Callable[..., DaemonProc]) -> None:
+    names = ("n1", "n2", "n3")
+    members = [Member(n) for n in names]
+    # a job whose coordinator is n3 and whose rank 0 (on n1) replicates to n2 first
+    job = next(j for j in (f"coord{uuid.uuid4().hex[:6]}" for _ in range(10_000))
+               if coordinator_for(members, j) == "n3" and preference(members, shard_key(j, 0), "n1")[0] == "n2")
+    ports = {n: free_port() for n in names}
+    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
+    nodes = {n: daemon_factory(config_text=(
+        f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{TOKEN}"\npeers = "{peers}"\n'
+        "replication_factor = 1\npush_timeout_s = 1.0\nmax_attempts = 1\n")) for n in names}
+    nodes["n3"].kill()
+    state = {"w": np.arange(10_000, dtype=np.int64)}
+    with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
+        assert m.save(1, state).ok
+        # ten push timeouts would be 10 s: the step is failed well before that, for the right reason
+        with pytest.raises(TierFailed, match="coordinator unreachable"):
+            m._wait(1, Level.REPLICATED, 8)
+    msgs = _messages(nodes["n1"])
+    assert any(f"{job}@1: this node's shards held by n2" in x for x in msgs), msgs  # the push itself worked
