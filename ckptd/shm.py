@@ -10,8 +10,9 @@ shard, by this daemon or by the next one after a restart.
 A slot is ``fresh`` while its pages exist but are not mapped writable into the daemon: a peer
 transfer then writes it through the file (``pwrite``) rather than faulting every 4 KiB page of
 the mapping in (peer_bulk.recv_frames), and ``populate_soon`` maps it in the background
-afterwards, so its next transfer lands straight in the mapping. Leasing a slot does not clear the
-flag: only ``populate`` (or a write through the mapping, which its writer reports) does.
+afterwards, so its next transfer lands straight in the mapping. Only ``populate`` clears the
+flag (leasing does not): a slot left ``fresh`` costs a later transfer the file path, never a
+wrong byte, since both paths write the same pages.
 
 A save lease may ask for spares (``spare=True``): when its owner is left with no free slot and
 is under its slot cap, the owner's remaining slots are created one by one (fallocate'd and

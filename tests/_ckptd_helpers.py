@@ -7,6 +7,7 @@ shm directory. Tests that need a fresh daemon per test use conftest's ``daemon_f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -34,6 +35,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def peer_nodes(factory: Any, names: Sequence[str], token: str, extra: str = "") -> dict[str, Any]:
+    """One daemon per name from conftest's ``daemon_factory``, each with a peer port on loopback and
+    the others as its static peers (``[peers]`` plus ``extra`` lines, e.g. "push_timeout_s = 1.0")."""
+    ports = {n: free_port() for n in names}
+    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
+    return {n: factory(config_text=(
+        f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{token}"\npeers = "{peers}"\n'
+        f"replication_factor = 1\n{extra}")) for n in names}
+
+
+def log_messages(log_text: str) -> list[str]:
+    """The ``msg`` of every JSON log line of a daemon's log (other lines skipped)."""
+    out = []
+    for line in log_text.splitlines():
+        try:
+            out.append(str(json.loads(line)["msg"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

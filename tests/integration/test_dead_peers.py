@@ -18,7 +18,6 @@ not answered for ``peers.push_timeout_s``, while the replica itself was pushed a
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 
@@ -28,28 +27,14 @@ from ckptd_client import CheckpointManager, Level
 
 from ckptd.errors import TierFailed
 from ckptd.placement import Member, coordinator_for, preference, shard_key
-from tests._ckptd_helpers import free_port
+from tests._ckptd_helpers import log_messages, peer_nodes
 from tests.conftest import DaemonProc
 
 TOKEN = "test-peer-token-0123456789"
 
 
-def _messages(d: DaemonProc) -> list[str]:
-    out = []
-    for line in d.log().splitlines():
-        try:
-            out.append(str(json.loads(line)["msg"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
-
-
 def test_a_restore_asks_a_dead_peer_once(daemon_factory: Callable[..., DaemonProc]) -> None:
-    ports = {n: free_port() for n in ("n1", "n2")}
-    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
-    nodes = {n: daemon_factory(config_text=(
-        f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{TOKEN}"\npeers = "{peers}"\n'
-        "replication_factor = 1\nmax_attempts = 3\n")) for n in ports}
+    nodes = peer_nodes(daemon_factory, ("n1", "n2"), TOKEN, "max_attempts = 3\n")
     job = f"dead{uuid.uuid4().hex[:6]}"
     state = {"w": np.random.default_rng(5).standard_normal(50_000).astype(np.float32)}
     with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
@@ -57,14 +42,14 @@ def test_a_restore_asks_a_dead_peer_once(daemon_factory: Callable[..., DaemonPro
         m._wait(1, Level.REPLICATED, 60)
     nodes["n2"].kill()
     restores = 3
-    before = len(_messages(nodes["n1"]))
+    before = len(log_messages(nodes["n1"].log()))
     with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
         for _ in range(restores):
             got = {"w": np.zeros_like(state["w"])}
             assert m.restore(got) == 1
             assert m.last_restore is not None and m.last_restore.served_from == "memory"
             assert got["w"].tobytes() == state["w"].tobytes()
-    msgs = _messages(nodes["n1"])[before:]
+    msgs = log_messages(nodes["n1"].log())[before:]
     unreachable = [x for x in msgs if "not reachable for holdings" in x]
     retries = [x for x in msgs if x.startswith("ListHoldings to peer") and "retry" in x]
     assert len(unreachable) == restores, msgs
@@ -78,11 +63,7 @@ def test_a_dead_coordinator_fails_replicated_after_the_push_timeout(
     # a job whose coordinator is n3 and whose rank 0 (on n1) replicates to n2 first
     job = next(j for j in (f"coord{uuid.uuid4().hex[:6]}" for _ in range(10_000))
                if coordinator_for(members, j) == "n3" and preference(members, shard_key(j, 0), "n1")[0] == "n2")
-    ports = {n: free_port() for n in names}
-    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
-    nodes = {n: daemon_factory(config_text=(
-        f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{TOKEN}"\npeers = "{peers}"\n'
-        "replication_factor = 1\npush_timeout_s = 1.0\nmax_attempts = 1\n")) for n in names}
+    nodes = peer_nodes(daemon_factory, names, TOKEN, "push_timeout_s = 1.0\nmax_attempts = 1\n")
     nodes["n3"].kill()
     state = {"w": np.arange(10_000, dtype=np.int64)}
     with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
@@ -90,5 +71,5 @@ def test_a_dead_coordinator_fails_replicated_after_the_push_timeout(
         # ten push timeouts would be 10 s: the step is failed well before that, for the right reason
         with pytest.raises(TierFailed, match="coordinator unreachable"):
             m._wait(1, Level.REPLICATED, 8)
-    msgs = _messages(nodes["n1"])
+    msgs = log_messages(nodes["n1"].log())
     assert any(f"{job}@1: this node's shards held by n2" in x for x in msgs), msgs  # the push itself worked

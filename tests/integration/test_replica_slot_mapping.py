@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from ckptd_client import CheckpointManager, Level
 
-from tests._ckptd_helpers import free_port
+from tests._ckptd_helpers import peer_nodes
 from tests.conftest import DaemonProc
 
 TOKEN = "test-peer-token-0123456789"
@@ -41,11 +41,7 @@ def _resident_bytes(pid: int, shm_dir: Path) -> dict[str, int]:
 
 
 def test_replica_slots_end_up_mapped_in_the_receiver(daemon_factory: Callable[..., DaemonProc]) -> None:
-    ports = {n: free_port() for n in ("n1", "n2")}
-    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
-    nodes = {n: daemon_factory(config_text=(
-        f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{TOKEN}"\npeers = "{peers}"\n'
-        "replication_factor = 1\n")) for n in ports}
+    nodes = peer_nodes(daemon_factory, ("n1", "n2"), TOKEN)
     job = f"map{uuid.uuid4().hex[:6]}"
     receiver = nodes["n2"]
     with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
@@ -66,9 +62,8 @@ def test_replica_slots_end_up_mapped_in_the_receiver(daemon_factory: Callable[..
             assert all(rss.get(s, 0) >= NBYTES for s in slots), (step, slots, rss)
     # the replica held there is still the last step's bytes: lose n1, restore from n2
     nodes["n1"].kill()
-    fresh = daemon_factory(config_text=(
-        f'[peers]\nlisten = "127.0.0.1:{ports["n1"]}"\nnode_id = "n1"\ntoken = "{TOKEN}"\n'
-        f'peers = "n1=127.0.0.1:{ports["n1"]},n2=127.0.0.1:{ports["n2"]}"\nreplication_factor = 1\n'))
+    config = nodes["n1"].args[nodes["n1"].args.index("--config") + 1]
+    fresh = daemon_factory(config_text=Path(config).read_text())  # same node id and port, new root and shm
     with CheckpointManager(job, rank=0, world_size=1, addr=fresh.addr) as m:
         got = {"w": np.zeros(NBYTES, dtype=np.uint8)}
         assert m.restore(got) == 3

@@ -10,7 +10,6 @@ durability hostage.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 import uuid
@@ -20,29 +19,19 @@ import numpy as np
 from ckptd_client import CheckpointManager, Level
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from tests._ckptd_helpers import free_port
+from tests._ckptd_helpers import log_messages, peer_nodes
 from tests.conftest import DaemonProc
 
 TOKEN = "test-peer-token-0123456789"
 
 
 def _nodes(factory: Callable[..., DaemonProc], push_timeout_s: float, drain_wait_s: float) -> dict[str, DaemonProc]:
-    ports = {n: free_port() for n in ("n1", "n2")}
-    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
-    return {n: factory(config_text=(
-        f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{TOKEN}"\npeers = "{peers}"\n'
-        f"replication_factor = 1\npush_timeout_s = {push_timeout_s}\nmax_attempts = 1\n"
-        f"drain_wait_s = {drain_wait_s}\n")) for n in ports}
+    return peer_nodes(factory, ("n1", "n2"), TOKEN,
+                      f"push_timeout_s = {push_timeout_s}\nmax_attempts = 1\ndrain_wait_s = {drain_wait_s}\n")
 
 
 def _messages(d: DaemonProc) -> list[str]:
-    out = []
-    for line in d.log().splitlines():
-        try:
-            out.append(str(json.loads(line)["msg"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
+    return log_messages(d.log())
 
 
 def _index(msgs: list[str], needle: str) -> int:
