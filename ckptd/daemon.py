@@ -147,7 +147,8 @@ class Daemon:
                             max_attempts=p.max_attempts, tls=tls_files(p))
         static = members(p, os.environ)
         self.static_membership = bool(static)  # then SetPeers (membership from the job) is refused
-        self.peers = PeerDirectory(me, static, client, p.replication_factor, p.push_timeout_s, p.fetch_timeout_s)
+        self.peers = PeerDirectory(me, static, client, p.replication_factor, p.push_timeout_s, p.fetch_timeout_s,
+                                   p.commit_timeout_s)
         self.replicas = SlotReplicaStore(self.catalog, self.pool, self.disk, self.executor, self.cfg, me)
         if p.replication_factor > 0 and self.peers.addrs:
             self.replicator = Replicator(self.catalog, self.pool, self.peers)
@@ -169,14 +170,14 @@ class Daemon:
         """LOCAL_DURABLE of a multi-node step is global: report this node's part to the step's
         coordinator and, if it committed, clear the wait once every rank is on some node's disk."""
         from ckptd.peer_types import ReadyReport
-        from ckptd.replication import ACROSS_NODES_WAIT_S, commit_across_nodes
+        from ckptd.replication import commit_across_nodes
 
         assert self.peers is not None
         peers = self.peers
         report = ReadyReport(st.job, st.step, st.world_size, "disk", peers.node_id, st.ranks, not ok, reason[:500])
 
         async def run() -> None:
-            why = await commit_across_nodes(peers, report, ACROSS_NODES_WAIT_S)
+            why = await commit_across_nodes(peers, report, peers.commit_timeout_s)
             if not ok:
                 return
             if why is None:

@@ -60,6 +60,7 @@ class PeerSection:
     store_on_disk: bool = False  # replicas received also go to this node's disk tier
     prepare_restore: bool = True  # at start, allocate slots for this node's shards that peers hold
     drain_wait_s: float = 2.0  # a step's disk write waits this long at most for this node's push of it
+    commit_timeout_s: float = 600.0  # a step's commit across nodes waits this long for every node's report
     tls_cert: str = ""  # PEM certificate chain; with tls_key: TLS on the peer port and for dialing
     tls_key: str = ""
     tls_ca: str = ""  # CA that signed the peers' certificates (also enables client certificates)
@@ -221,6 +222,8 @@ def validate_peers(p: PeerSection) -> PeerSection:
             raise InvalidArgument(f"peers.{key} must be in (0, 86400], got {secs}")
     if not 0 <= p.drain_wait_s <= 3600:
         raise InvalidArgument(f"peers.drain_wait_s must be in [0, 3600], got {p.drain_wait_s}")
+    if not 1 <= p.commit_timeout_s <= 86400:
+        raise InvalidArgument(f"peers.commit_timeout_s must be in [1, 86400], got {p.commit_timeout_s}")
     if not 64 * 1024 <= p.chunk_bytes <= MAX_TRANSFER_CHUNK_BYTES or p.chunk_bytes % 4096:
         raise InvalidArgument(f"peers.chunk_bytes must be a multiple of 4096 in [64KiB, 4MiB], got {p.chunk_bytes}")
     if not p.chunk_bytes <= p.max_inflight_bytes <= 2**40:

@@ -40,12 +40,13 @@ class PeerDirectory:
     """The job's peers as this node sees them."""
 
     def __init__(self, node_id: str, members: tuple[PeerAddr, ...], client: PeerClient, k: int,
-                 push_timeout_s: float, fetch_timeout_s: float) -> None:
+                 push_timeout_s: float, fetch_timeout_s: float, commit_timeout_s: float = 600.0) -> None:
         self.node_id = node_id
         self.client = client
         self.k = k
         self.push_timeout_s = push_timeout_s
         self.fetch_timeout_s = fetch_timeout_s
+        self.commit_timeout_s = commit_timeout_s  # bound on waiting for every node's report of a step
         self.board = ReadinessBoard(node_id)  # used when this node coordinates a job
         self.set_members(members)
 
@@ -181,15 +182,12 @@ class Replicator(Worker):
         """REPLICATED is global: report this node's ranks to the coordinator and wait until every
         rank of the step is reported (or one failed)."""
         report = ReadyReport(st.job, st.step, st.world_size, "peer", self.peers.node_id, st.ranks)
-        why = await commit_across_nodes(self.peers, report, self.peers.push_timeout_s * 10)
+        why = await commit_across_nodes(self.peers, report, self.peers.commit_timeout_s)
         if why is None:
             log.info("step %s@%d REPLICATED on all %d ranks", st.job, st.step, st.world_size)
             await self.catalog.set_tier(st, TierName.PEER, TierState.COMMITTED)
         else:
             await self.catalog.set_tier(st, TierName.PEER, TierState.FAILED, f"degraded: {why}")
-
-
-ACROSS_NODES_WAIT_S = 600.0  # bound on waiting for the other nodes' part of a cross-node commit
 
 
 async def commit_across_nodes(peers: PeerDirectory, report: ReadyReport, timeout_s: float) -> str | None:

@@ -73,3 +73,15 @@ def test_a_dead_coordinator_fails_replicated_after_the_push_timeout(
             m._wait(1, Level.REPLICATED, 8)
     msgs = log_messages(nodes["n1"].log())
     assert any(f"{job}@1: this node's shards held by n2" in x for x in msgs), msgs  # the push itself worked
+
+
+def test_a_rank_that_never_reports_fails_the_step_after_commit_timeout_s(
+        daemon_factory: Callable[..., DaemonProc]) -> None:
+    # rank 1 lives on n2 and never saves step 1: n1's part is pushed, the step waits for rank 1's
+    # report until peers.commit_timeout_s (2 s here; ten push timeouts, 10 s, before the key)
+    nodes = peer_nodes(daemon_factory, ("n1", "n2"), TOKEN, "push_timeout_s = 1.0\ncommit_timeout_s = 2.0\n")
+    job = f"late{uuid.uuid4().hex[:6]}"
+    with CheckpointManager(job, rank=0, world_size=2, addr=nodes["n1"].addr, node_ranks=[0]) as m:
+        assert m.save(1, {"w": np.arange(1000, dtype=np.int32)}).ok
+        with pytest.raises(TierFailed, match=r"ranks \[1\] not reported"):
+            m._wait(1, Level.REPLICATED, 8)

@@ -93,6 +93,8 @@ def test_member_lists_from_config_and_env() -> None:
     ({"drain_wait_s": -1.0}, "peers.drain_wait_s"),
     ({"drain_wait_s": float("nan")}, "peers.drain_wait_s"),
     ({"drain_wait_s": 3601.0}, "peers.drain_wait_s"),
+    ({"commit_timeout_s": 0.5}, "peers.commit_timeout_s"),
+    ({"commit_timeout_s": float("inf")}, "peers.commit_timeout_s"),
     ({"tls_cert": "/c"}, "peers.tls_cert"),
     ({"tls_ca": "/ca"}, "peers.tls_ca"),
     ({"advertise": "h"}, "peers.advertise"),

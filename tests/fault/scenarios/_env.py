@@ -233,7 +233,8 @@ class Env:
         for name in names:
             ranks = tuple(r for r in range(world_size) if names[r % len(names)] == name)
             peers = {"listen": f"127.0.0.1:{ports[name]}", "node_id": name, "token": TOKEN, "peers": members,
-                     "replication_factor": k, "push_timeout_s": 2.0, "fetch_timeout_s": 10.0, "max_attempts": 1}
+                     "replication_factor": k, "push_timeout_s": 2.0, "fetch_timeout_s": 10.0, "max_attempts": 1,
+                     "commit_timeout_s": 8.0}
             out.append(self.node(name, run_dir, ranks=ranks, peers=peers, object=object))
         return out
 
