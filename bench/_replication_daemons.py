@@ -13,6 +13,7 @@ Nothing here decides a result: every figure is measured and returned to bench/re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import shutil
@@ -227,16 +228,17 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
         "ckptd_replicate_cold_s", "daemon_save_cold_s", "daemon_prepare_wait_s", "restore_peer_unprepared_s",
         "tcp_daemon_phase_s", "memcpy_s", "memcpy_fresh_map_s")}
     prepared: list[int] = []
+    premapped: list[bool] = []
     served: dict[str, list[str]] = {}
     d = Daemons(nbytes)
     n1, n2 = (lambda: d.procs["n1"].pid), (lambda: d.procs["n2"].pid)
     cpu = {"ckptd_replicate": CpuMeter({"sending_daemon": n1, "receiving_daemon": n2, "trainer": lambda: 0}),
            "restore_peer": CpuMeter({"restoring_daemon": n1, "serving_daemon": n2, "trainer": lambda: 0})}
 
-    def restore(key: str, node: str, step: int, expect: str) -> None:
+    def restore(key: str, node: str, step: int, expect: str, manager: Any = None) -> None:
         dst[:1] = src[:1] ^ 1  # the check below proves this restore wrote the bytes
         meter = cpu.get(key.removesuffix("_s"))
-        with d.manager(node) as m:
+        with contextlib.nullcontext(manager) if manager is not None else d.manager(node) as m:
             state = {"w": dst}
             before = meter.start() if meter is not None else {}
             t0 = time.perf_counter()
@@ -300,11 +302,13 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
         for _ in range(ns.reps):  # a fresh node n1: RAM and disk lost, the replica is on n2
             d.lose("n1", disk=True)
             d.start("n1")
-            waited, slots = d.wait_prepared("n1")  # what a trainer's own start-up gives it
-            samples["daemon_prepare_wait_s"].append(waited)
-            prepared.append(slots)
-            samples["tcp_daemon_phase_s"].append(tcp_probe())
-            restore("restore_peer_s", "n1", step, "peer")
+            with d.manager("n1") as m:  # the trainer connects as it starts, then builds its model:
+                waited, slots = d.wait_prepared("n1")  # what that start-up gives the daemon
+                premapped.append(m.warm_restore())  # and the client (client premap.py)
+                samples["daemon_prepare_wait_s"].append(waited)
+                prepared.append(slots)
+                samples["tcp_daemon_phase_s"].append(tcp_probe())
+                restore("restore_peer_s", "n1", step, "peer", m)
         for _ in range(ns.reps):  # the same with peers.prepare_restore = false
             d.lose("n1", disk=True)
             d.start("n1", prepare_restore=False)
@@ -318,6 +322,7 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
     return samples, {"cpu_s": {k: m.per_region() for k, m in cpu.items()},
                      "daemon_served_from": served, "daemon_budget_bytes": d.budget,
                      "daemon_restore_slots_prepared": prepared,
+                     "client_restore_slot_premapped": premapped,
                      "daemon_shm_dirs": sorted(str(p) for p in d.shm_dirs)}
 
 

@@ -60,6 +60,17 @@ class Restorer:
         self.wait_timeout_s = wait_timeout_s
         self.on_adopt: Callable[[], None] | None = None  # e.g. wake the drainer to re-warm the disk
         self.peers: PeerDirectory | None = None  # set when peer replication is configured
+        self.prepared: dict[tuple[str, int], str] = {}  # (job, rank) -> slot id made for its restore
+
+    def prepared_slots(self) -> list[tuple[str, int, Slot]]:
+        """(job, rank, slot) of the slots prepared for a rank's restore (restore_prep.py) that are
+        still free and empty: what a client may map ahead of that restore."""
+        out = []
+        for (job, rank), slot_id in sorted(self.prepared.items()):
+            slot = self.pool.slots.get(slot_id)
+            if slot is not None and slot.content is None and not slot.writing and slot.readers == 0:
+                out.append((job, rank, slot))
+        return out
 
     def _tier(self, name: TierName) -> Tier:
         tier = self.disk if name == TierName.DISK else self.object
@@ -232,7 +243,7 @@ class Restorer:
         manifest = await loop.run_in_executor(self.executor, tier.read_manifest, job, result.step)
         entry = manifest.shard(rank)
         slot = await self.pool.lease_scratch(entry.nbytes, True, self.wait_timeout_s,
-                                             self.catalog.slot_reusable)
+                                             self.catalog.slot_reusable, self.prepared.pop((job, rank), None))
         slot.readers += 1
         slot.writing = False
         try:
@@ -272,7 +283,8 @@ class Restorer:
         slots: list[Slot] = []
 
         async def lease(h: ReplicaHeader) -> memoryview | FileBacked:
-            slot = await self.pool.lease_scratch(h.nbytes, True, self.wait_timeout_s, self.catalog.slot_reusable)
+            slot = await self.pool.lease_scratch(h.nbytes, True, self.wait_timeout_s, self.catalog.slot_reusable,
+                                                 self.prepared.pop((job, rank), None))
             slot.readers += 1
             slot.writing = False
             slots.append(slot)

@@ -9,7 +9,9 @@ right after start-up it asks every reachable peer what it holds of the shards th
 source of (``ListHoldings``), and for each (job, rank) whose newest step it holds no copy of,
 allocates a scratch slot of that size and faults its pages into its own mapping. The restore's
 scratch lease then finds a slot of the right size already mapped, so a peer restore costs the
-transfer.
+transfer. Each prepared slot is remembered for its (job, rank): that rank's restore takes it
+first, and DaemonStatus lists it, so the rank's client can map it ahead of the restore too
+(client/ckptd_client/premap.py) instead of faulting the mapping in during the copy.
 
 Invariants: preparation never waits for room and never takes more than ``MAX_BUDGET_FRACTION``
 of the slot budget, so it cannot starve a save; a prepared slot holds nothing (``content`` is
@@ -84,6 +86,7 @@ async def _prepare(d: Daemon) -> int:
             await loop.run_in_executor(d.executor, populate, slot)
             room -= slot.capacity
             d.restore_slots_prepared += 1
+            d.restorer.prepared[(job, rank)] = slot.slot_id  # that rank's restore takes it first
     finally:
         for slot in held:
             slot.writing = False  # free, empty: a restore's scratch lease (or any lease) takes it

@@ -174,6 +174,7 @@ class SlotPool:
         timeout_s: float,
         max_slots_per_owner: int,
         spare: bool = False,
+        prefer: str | None = None,
     ) -> Slot:
         """Return a slot of at least nbytes for owner, marked ``writing``, its sidecar removed;
         with ``spare``, make the owner's remaining slots in the background if it has none free."""
@@ -189,7 +190,7 @@ class SlotPool:
                 # While the owner's spares are being made, a waiting lease takes the next one as it
                 # lands (never slower than making another, nor twice the work) instead of growing.
                 grow = not (wait and owner in self._spares)
-                slot = await self._try_lease(owner, nbytes, need, reusable, max_slots_per_owner, grow)
+                slot = await self._try_lease(owner, nbytes, need, reusable, max_slots_per_owner, grow, prefer)
                 if slot is not None:
                     if spare:
                         self._plan_spares(owner, need, reusable, max_slots_per_owner)
@@ -214,10 +215,11 @@ class SlotPool:
         reusable: Callable[[Slot], bool],
         max_slots_per_owner: int,
         grow: bool = True,
+        prefer: str | None = None,
     ) -> Slot | None:
         mine = [s for s in self.slots.values() if s.owner == owner]
         free = [s for s in mine if not s.writing and s.readers == 0 and reusable(s)]
-        fitting = sorted((s for s in free if s.capacity >= nbytes), key=lambda s: s.last_used_s)
+        fitting = sorted((s for s in free if s.capacity >= nbytes), key=lambda s: (s.slot_id != prefer, s.last_used_s))
         if fitting:
             return await self._take(fitting[0], owner)
         if not grow:
@@ -366,11 +368,12 @@ class SlotPool:
         os.replace(tmp, slot.meta_path)
 
     async def lease_scratch(self, nbytes: int, wait: bool, timeout_s: float,
-                            reusable: Callable[[Slot], bool] | None = None) -> Slot:
+                            reusable: Callable[[Slot], bool] | None = None, prefer: str | None = None) -> Slot:
         """A slot for a restore read, owned by nobody; counts against the same budget. It may
-        take the room of slots ``reusable`` allows (default: only empty ones)."""
+        take the room of slots ``reusable`` allows (default: only empty ones); ``prefer`` (a
+        slot id) is taken first when it is free and fits."""
         return await self.lease(("", -1), nbytes, reusable or (lambda s: s.content is None), wait, timeout_s,
-                                1 << 30)
+                                1 << 30, prefer=prefer)
 
     def close(self) -> None:
         for slot in list(self.slots.values()):

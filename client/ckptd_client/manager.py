@@ -26,6 +26,7 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.errors import BudgetExhausted, CkptdError, FailedPrecondition, NotFound, TierFailed
 from ckptd.integrity import chunk_crcs
 from ckptd.types import Level, validate_job, validate_step
+from ckptd_client.premap import RestorePremap
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
 from ckptd_client.tree import copy_into, flatten
@@ -175,6 +176,7 @@ class CheckpointManager:
         connect_timeout_s: float = 10.0,
         node_ranks: list[int] | tuple[int, ...] | None = None,
         gather_peers: bool = True,
+        premap_restore: bool = True,
     ) -> None:
         validate_job(job)
         if rank is None or world_size is None:
@@ -210,6 +212,8 @@ class CheckpointManager:
         self.stalls_s: list[float] = []
         self.last_restore: RestoreInfo | None = None
         self.peer_members = self._join_peers() if gather_peers else []
+        # a slot the daemon prepared for this rank's restore, mapped while the trainer starts
+        self._premap = RestorePremap(self.conn, job, rank) if premap_restore else None
 
     # -- save -------------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -219,6 +223,7 @@ class CheckpointManager:
         """Stage this rank's state for ``step``; returns once the bytes are in the daemon's slot."""
         validate_step(step)
         t0 = time.perf_counter()
+        self._drop_premap()  # a job that saves first restored nothing: the prepared slot goes to saves
         leaves, tensors, tree_json, nbytes = flatten(state)  # TypeError for unsupported values
         policy = {None: pb.BACKPRESSURE_DEFAULT, "wait": pb.BACKPRESSURE_WAIT,
                   "skip": pb.BACKPRESSURE_SKIP}[self.backpressure]
@@ -328,11 +333,13 @@ class CheckpointManager:
         request = pb.PrepareRestoreRequest(job=self.job, rank=self.rank, world_size=self.world_size, step=req_step,
                                            client_pid=os.getpid())
         try:
-            start, done = restore_streamed(self.conn, request, state, timeout_s=600)
+            start, done = restore_streamed(self.conn, request, state, timeout_s=600, premap=self._premap)
         except NotFound:
             if step == "latest":
                 return None
             raise
+        finally:
+            self._drop_premap()
         self.last_restore = RestoreInfo(int(done.step), done.served_from, time.perf_counter() - t0,
                                         done.read_s, list(done.rejected))
         return int(done.step)
@@ -391,7 +398,18 @@ class CheckpointManager:
                 f"(newest per rank: {gathered}); restore an explicit step or start fresh")
         return min(s for s in gathered if s is not None)
 
+    def warm_restore(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the slot the daemon prepared for this rank's restore is mapped here
+        (optional: ``restore`` uses it if ready); False when there is none (premap.py)."""
+        return self._premap is not None and self._premap.wait(timeout_s)
+
+    def _drop_premap(self) -> None:
+        if self._premap is not None:
+            self._premap.close()
+            self._premap = None
+
     def close(self) -> None:
+        self._drop_premap()
         self._maps.close()
         self.conn.close()
 

@@ -8,7 +8,8 @@ restored again from the next source's slot. The lease in ``done`` is always rele
 
 Invariant: no byte is copied out of the slot before the daemon reported it verified; the call
 returns only after ``done``, so a restore that returns filled the state from one source alone.
-The slot's mapping is closed by a short-lived thread after the copy: unmapping 512 MiB of shared
+The slot is mapped ahead when the daemon prepared it for this rank (premap.py). Its mapping is
+closed by a short-lived thread after the copy: unmapping 512 MiB of shared
 memory tears down 131072 page entries (20-70 ms measured), which the caller need not wait for;
 nothing reads the mapping after ``apply`` and no view of it escapes (copies are returned).
 """
@@ -28,6 +29,7 @@ import grpc
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.errors import CkptdError, from_rpc_error
 from ckptd_client.convert import tensors_from_layout
+from ckptd_client.premap import RestorePremap, close_map
 from ckptd_client.rpc import Connection
 from ckptd_client.tree import Restorer
 
@@ -37,8 +39,9 @@ class _Restart(Exception):
 
 
 class _Stream:
-    def __init__(self, events: Iterator[pb.RestoreEvent]) -> None:
+    def __init__(self, events: Iterator[pb.RestoreEvent], premap: RestorePremap | None = None) -> None:
         self.events = events
+        self.premap = premap
         self.start: pb.PrepareRestoreResponse | None = None
         self.done: pb.PrepareRestoreResponse | None = None
         self.ready_bytes = 0
@@ -61,7 +64,9 @@ class _Stream:
                 while True:  # its restart (raises _Restart) or the stream's error comes next
                     self.next_event()
             try:
-                self.mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ) if ev.start.nbytes else None
+                if ev.start.nbytes:  # the slot mapped ahead, if it is this one (premap.py)
+                    premapped = self.premap.take(fd, ev.start.nbytes) if self.premap is not None else None
+                    self.mm = premapped or mmap.mmap(fd, 0, prot=mmap.PROT_READ)
             finally:
                 os.close(fd)
         elif kind == "ready_bytes":
@@ -82,24 +87,20 @@ class _Stream:
     def unmap(self, background: bool = False) -> None:
         if self.mm is not None:
             if background:
-                threading.Thread(target=_close, args=(self.mm,), name="ckptd-unmap", daemon=True).start()
+                threading.Thread(target=close_map, args=(self.mm,), name="ckptd-unmap", daemon=True).start()
             else:
-                _close(self.mm)
+                close_map(self.mm)
             self.mm = None
 
 
-def _close(mm: mmap.mmap) -> None:
-    try:
-        mm.close()
-    except BufferError:  # a view still alive (e.g. in a traceback): the GC unmaps it
-        pass
+Events = tuple[pb.PrepareRestoreResponse, pb.PrepareRestoreResponse]
 
 
-def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state: Any,
-                     timeout_s: float) -> tuple[pb.PrepareRestoreResponse, pb.PrepareRestoreResponse]:
+def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state: Any, timeout_s: float,
+                     premap: RestorePremap | None = None) -> Events:
     """Fill ``state`` through rpc Restore; return (the start of the source used, done)."""
     call: Any = conn.stub.Restore(request, timeout=timeout_s)
-    s = _Stream(call)
+    s = _Stream(call, premap)
     try:
         while True:
             try:

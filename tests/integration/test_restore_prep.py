@@ -4,8 +4,10 @@ Three daemons stand for three nodes of two ranks each (tests/integration/test_re
 Node 2 is lost (daemon SIGKILLed, root and shm dir wiped) and a fresh daemon starts in its place:
 before any restore it has allocated one slot per rank of node 2 whose replica a peer holds, of
 that shard's size (DaemonStatus.restore_slots_prepared); the restores then take those slots (no
-new slot is created) and are served from the peers bit-exact. With ``prepare_restore = false``
-nothing is prepared and the restores allocate their own slots.
+new slot is created) and are served from the peers bit-exact. DaemonStatus lists each prepared
+slot with its rank, and each rank's client maps its own ahead (client premap.py): the restore
+hands that very mapping over, which proves the daemon filled the rank's own prepared slot. With
+``prepare_restore = false`` nothing is prepared and the restores allocate their own slots.
 """
 
 from __future__ import annotations
@@ -59,18 +61,26 @@ def test_a_fresh_node_prepares_one_slot_per_rank_and_its_restores_use_them(
     st = _status(c.nodes["n2"])
     assert st.restore_slots_prepared == 2 and st.slots == 2 and st.slots_busy == 0
     assert st.slot_bytes_in_use >= 2 * 4 * N  # one float32 array of N per rank, slot-aligned
-    for rank in (2, 3):
+    listed = {(s.job, s.rank): s.slot_path for s in st.prepared_restore_slots}
+    assert set(listed) == {(c.job, 2), (c.job, 3)} and len(set(listed.values())) == 2
+    for rank in (3, 2):  # rank 3 first: without its own slot preferred it could take rank 2's
         with c.manager(rank) as m:
+            premap = m._premap
+            assert premap is not None and m.warm_restore(10)
             assert _check(m, 2) == "peer"
-    assert _status(c.nodes["n2"]).slots == 2  # the restores took the prepared slots
+            assert premap.taken == 1  # the restore filled the slot prepared for this rank
+            assert m._premap is None  # dropped after the restore
+    st = _status(c.nodes["n2"])
+    assert st.slots == 2 and not st.prepared_restore_slots  # the restores took the prepared slots
 
 
 def test_without_preparation_the_restores_allocate_their_own(daemon_factory: Callable[..., DaemonProc]) -> None:
     c = _lose_node2(daemon_factory, prepare=False)
     st = _status(c.nodes["n2"])
-    assert st.restore_slots_prepared == 0 and st.slots == 0
+    assert st.restore_slots_prepared == 0 and st.slots == 0 and not st.prepared_restore_slots
     for rank in (2, 3):
         with c.manager(rank) as m:
+            assert not m.warm_restore(10)  # nothing prepared, nothing mapped ahead
             assert _check(m, 2) == "peer"
     assert _status(c.nodes["n2"]).slots == 2
 
