@@ -42,8 +42,11 @@ itself costs:
                          the same config), served from "peer" (the replica in n2's RAM). Timed
                          once the new daemon reports it prepared its restore slots (DaemonStatus
                          preparing_restore false: it allocated and mapped a slot for each of its
-                         shards a peer holds, ckptd/restore_prep.py), as a trainer's own start-up
-                         would give it; that wait is reported as daemon_prepare_wait_s
+                         shards a peer holds, ckptd/restore_prep.py) and the trainer's manager,
+                         created before that wait, mapped its rank's slot (warm_restore,
+                         client premap.py; client_restore_slot_premapped says it did), as a
+                         trainer's own start-up would give them; the daemon's wait is reported
+                         as daemon_prepare_wait_s
   restore_peer_unprepared_s  the same with peers.prepare_restore = false: the restore also
                          allocates its slot (compare with tcp_fresh_s)
 
