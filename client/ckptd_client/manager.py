@@ -3,8 +3,9 @@
 ``save(step, state)`` flattens the state, leases a daemon-owned shm slot, copies every tensor
 straight into it (the only stall), commits, and returns a ``SaveHandle``; the daemon does the
 rest in the background. ``restore(state)`` fills the state in place from the newest committed
-step (or a given one), served by the nearest valid tier. Blocking gRPC, no event loop, no thread
-of its own; never imports boto3 or the daemon's tiers.
+step (or a given one), served by the nearest valid tier. Blocking gRPC, no event loop; its one
+thread maps a slot the daemon prepared for this rank's restore (premap.py); never imports boto3
+or the daemon's tiers.
 
 A save that cannot be taken (daemon down, no room in the byte budget under the skip policy, a
 timeout) does not raise by default: the handle records the error, a warning is logged, and
@@ -14,11 +15,9 @@ training goes on (``on_error="raise"`` changes that).
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import statistics
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,68 +28,10 @@ from ckptd.types import Level, validate_job, validate_step
 from ckptd_client.premap import RestorePremap
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
+from ckptd_client.slot_maps import SlotMaps
 from ckptd_client.tree import copy_into, flatten
 
 log = logging.getLogger("ckptd_client")
-
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
-
-
-class _SlotMaps:
-    """Client-side mappings of the daemon's slots, kept and reused across saves (LRU)."""
-
-    def __init__(self, max_maps: int = 6) -> None:
-        self.maps: OrderedDict[str, mmap.mmap] = OrderedDict()
-        self.bases: dict[str, Any] = {}  # path -> uint8 torch tensor over the mapping (dropped first)
-        self.max_maps = max_maps
-
-    def base(self, path: str) -> Any:
-        """A uint8 torch tensor over the whole mapping of path, made once (None without torch)."""
-        import sys
-
-        torch = sys.modules.get("torch")
-        if torch is None:
-            return None
-        t = self.bases.get(path)
-        if t is None:
-            t = self.bases[path] = torch.frombuffer(self.maps[path], dtype=torch.uint8)
-        return t
-
-    def get(self, path: str, capacity: int) -> mmap.mmap:
-        mm = self.maps.get(path)
-        if mm is not None and len(mm) >= capacity:
-            self.maps.move_to_end(path)
-            return mm
-        self.bases.pop(path, None)
-        fd = os.open(path, os.O_RDWR)
-        try:
-            size = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        try:
-            mm.madvise(MADV_POPULATE_WRITE)  # fault the page tables in once, not on every save
-        except OSError:
-            pass
-        self.maps[path] = mm
-        while len(self.maps) > self.max_maps:
-            old_path, old = self.maps.popitem(last=False)
-            self.bases.pop(old_path, None)
-            try:
-                old.close()
-            except BufferError:
-                pass
-        return mm
-
-    def close(self) -> None:
-        self.bases.clear()
-        for mm in self.maps.values():
-            try:
-                mm.close()
-            except BufferError:
-                pass
-        self.maps.clear()
-
 
 @dataclass
 class SaveHandle:
@@ -207,7 +148,7 @@ class CheckpointManager:
         self.on_error = on_error
         self.conn = Connection(addr)
         self.conn.wait_ready(connect_timeout_s)
-        self._maps = _SlotMaps()
+        self._maps = SlotMaps()
         self.handles: list[SaveHandle] = []
         self.stalls_s: list[float] = []
         self.last_restore: RestoreInfo | None = None

@@ -1,0 +1,78 @@
+"""Client-side mappings of the daemon's save slots, kept and reused across saves.
+
+A save copies into a slot the daemon leased; mapping a slot (and faulting its pages in) costs
+more than the copy, so each slot path is mapped once, populated writable in one call, and kept
+(least recently used first out, ``max_maps`` at most); a mapping smaller than the capacity a
+save asks for is made anew from the file's current size.
+
+Invariant: a mapping is closed only when evicted or at ``close``; the torch view over it (when
+torch is loaded) is dropped first, so no view outlives its mapping.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections import OrderedDict
+from typing import Any
+
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
+
+
+class SlotMaps:
+    """Client-side mappings of the daemon's slots, kept and reused across saves (LRU)."""
+
+    def __init__(self, max_maps: int = 6) -> None:
+        self.maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self.bases: dict[str, Any] = {}  # path -> uint8 torch tensor over the mapping (dropped first)
+        self.max_maps = max_maps
+
+    def base(self, path: str) -> Any:
+        """A uint8 torch tensor over the whole mapping of path, made once (None without torch)."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None
+        t = self.bases.get(path)
+        if t is None:
+            t = self.bases[path] = torch.frombuffer(self.maps[path], dtype=torch.uint8)
+        return t
+
+    def get(self, path: str, capacity: int) -> mmap.mmap:
+        mm = self.maps.get(path)
+        if mm is not None and len(mm) >= capacity:
+            self.maps.move_to_end(path)
+            return mm
+        self.bases.pop(path, None)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            mm.madvise(MADV_POPULATE_WRITE)  # fault the page tables in once, not on every save
+        except OSError:
+            pass
+        self.maps[path] = mm
+        while len(self.maps) > self.max_maps:
+            old_path, old = self.maps.popitem(last=False)
+            self.bases.pop(old_path, None)
+            try:
+                old.close()
+            except BufferError:
+                pass
+        return mm
+
+    def close(self) -> None:
+        self.bases.clear()
+        for mm in self.maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        self.maps.clear()
+
+
+__all__ = ["SlotMaps"]
