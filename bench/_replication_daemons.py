@@ -229,6 +229,7 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
         "tcp_daemon_phase_s", "memcpy_s", "memcpy_fresh_map_s")}
     prepared: list[int] = []
     premapped: list[bool] = []
+    premapped_memory: list[bool] = []
     served: dict[str, list[str]] = {}
     d = Daemons(nbytes)
     n1, n2 = (lambda: d.procs["n1"].pid), (lambda: d.procs["n2"].pid)
@@ -292,7 +293,9 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
             for _ in range(ns.reps):  # the copy floor taken beside each restore from RAM
                 samples["memcpy_s"].append(floor.once(dst, fresh=False))
                 samples["memcpy_fresh_map_s"].append(floor.once(dst, fresh=True))
-                restore("restore_memory_s", "n1", step, "memory")
+                with d.manager("n1") as m:  # a restarted trainer: connects, builds its model,
+                    premapped_memory.append(m.warm_restore())  # meanwhile maps the memory copy
+                    restore("restore_memory_s", "n1", step, "memory", m)
         finally:
             floor.close()
         for _ in range(ns.reps):  # node restarted, RAM lost, disk kept
@@ -323,6 +326,7 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
                      "daemon_served_from": served, "daemon_budget_bytes": d.budget,
                      "daemon_restore_slots_prepared": prepared,
                      "client_restore_slot_premapped": premapped,
+                     "client_memory_slot_premapped": premapped_memory,
                      "daemon_shm_dirs": sorted(str(p) for p in d.shm_dirs)}
 
 

@@ -30,7 +30,9 @@ itself costs:
   daemon_save_s          save() itself (the client's stall: copy into the shm slot), for context
   *_cold_s               the same two for the first 3 saves, while both daemons still create
                          their slots (a job's first checkpoints); the others are its steady state
-  restore_memory_s       restore() on n1, served from "memory"
+  restore_memory_s       restore() on n1, served from "memory", by a new CheckpointManager (a
+                         restarted trainer) that mapped the memory copy's slot ahead
+                         (warm_restore; client_memory_slot_premapped says it did)
   memcpy_s               its floor (DESIGN.md: restore from RAM <= 1.3x a memcpy): the same bytes
                          copied out of a populated /dev/shm mapping into the same destination
                          with the client's copy routine, no daemon; memcpy_fresh_map_s maps the

@@ -346,9 +346,9 @@ class Daemon:
             "failure_domain": self.cfg.peers.failure_domain if self.peers is not None else "",
             "preparing_restore": self._prep is not None and not self._prep.done(),
             "restore_slots_prepared": self.restore_slots_prepared,
-            "prepared_restore_slots": [{"job": job, "rank": rank, "slot_path": str(slot.path),
-                                        "capacity_bytes": slot.capacity}
-                                       for job, rank, slot in self.restorer.prepared_slots()],
+            "restore_slots": [{"job": job, "rank": rank, "slot_path": str(slot.path), "capacity_bytes": slot.capacity,
+                               "prepared": step is None, "step": step or 0}
+                              for job, rank, slot, step in self.restorer.restore_slots()],
             "draining": self.draining,
             "tiers": ["memory"] + (["disk"] if self.disk is not None else [])
             + (["object"] if self.object is not None else [])

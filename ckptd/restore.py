@@ -62,14 +62,20 @@ class Restorer:
         self.peers: PeerDirectory | None = None  # set when peer replication is configured
         self.prepared: dict[tuple[str, int], str] = {}  # (job, rank) -> slot id made for its restore
 
-    def prepared_slots(self) -> list[tuple[str, int, Slot]]:
-        """(job, rank, slot) of the slots prepared for a rank's restore (restore_prep.py) that are
-        still free and empty: what a client may map ahead of that restore."""
-        out = []
+    def restore_slots(self) -> list[tuple[str, int, Slot, int | None]]:
+        """(job, rank, slot, step) of the slot each rank's restore would read first, which its
+        client may map ahead: the memory copy of the job's newest step held in RAM, and slots
+        prepared for a rank's restore from peers (restore_prep.py) still free and empty (step None)."""
+        out: list[tuple[str, int, Slot, int | None]] = []
         for (job, rank), slot_id in sorted(self.prepared.items()):
             slot = self.pool.slots.get(slot_id)
             if slot is not None and slot.content is None and not slot.writing and slot.readers == 0:
-                out.append((job, rank, slot))
+                out.append((job, rank, slot, None))
+        for job in sorted(self.catalog.jobs):
+            held = [st for st in self.catalog.steps(job) if st.in_memory]
+            if held:
+                out.extend((job, rank, rec.slot, held[-1].step) for rank, rec in sorted(held[-1].shards.items())
+                           if rec.slot is not None)
         return out
 
     def _tier(self, name: TierName) -> Tier:

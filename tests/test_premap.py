@@ -35,8 +35,8 @@ def _slot(tmp_path: Path, name: str, nbytes: int) -> Path:
 
 
 def _status(preparing: bool, *slots: tuple[str, int, Path]) -> pb.DaemonStatusResponse:
-    return pb.DaemonStatusResponse(preparing_restore=preparing, prepared_restore_slots=[
-        pb.PreparedRestoreSlot(job=j, rank=r, slot_path=str(p), capacity_bytes=p.stat().st_size) for j, r, p in slots])
+    return pb.DaemonStatusResponse(preparing_restore=preparing, restore_slots=[
+        pb.RestoreSlot(job=j, rank=r, slot_path=str(p), capacity_bytes=p.stat().st_size) for j, r, p in slots])
 
 
 def test_the_mapping_goes_to_its_own_file_once(tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_the_mapping_goes_to_its_own_file_once(tmp_path: Path) -> None:
     try:
         assert pm.take(fd_other, 8192) is None  # rank 1's slot was not mapped for rank 0
         assert pm.take(fd_mine, 8193) is None  # too small for what the restore needs: not used
-        assert pm.taken == 0
+        assert pm.taken == 0 and not pm.wait(0)  # and nothing is mapped after a restore asked
     finally:
         os.close(fd_other)
         os.close(fd_mine)

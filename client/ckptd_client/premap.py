@@ -1,21 +1,23 @@
-"""Map the slot the daemon prepared for this rank's restore before the restore asks for it.
+"""Map the slot this rank's restore will read before the restore asks for it.
 
-A daemon that starts empty on a replicated job's node prepares a slot for each of its ranks'
-shards that peers hold (ckptd/restore_prep.py), and that rank's restore fills it. The client
-then copies out of the slot; mapping it at that moment makes the copy fault the mapping in, 16
-pages per fault: 0.04 CPU-s of the client's 0.14 for a 512 MiB restore from a peer, measured,
-on a host where the daemons want the same cores. ``RestorePremap`` does that work while the
-trainer starts instead: a background thread asks DaemonStatus for this rank's prepared slot
-(polling while the daemon is still preparing, up to ``timeout_s``), maps it read-only with
-MAP_POPULATE, and ``take(fd)`` hands the mapping to the restore whose ``start`` event names that
-very file.
+A restore copies out of a daemon slot: the memory copy of the newest step (a trainer that
+crashed), or a slot the daemon prepared as it started on a replacement node, which the restore
+fills from a peer (ckptd/restore_prep.py). Mapping that slot when the restore starts makes the
+copy fault the mapping in, 16 pages per fault: 0.04 CPU-s of the client's 0.14 for a 512 MiB
+restore from a peer, measured, on a host where the daemons want the same cores. ``RestorePremap``
+does that work while the trainer starts instead: a background thread asks DaemonStatus for this
+rank's ``restore_slots`` (polling while the daemon is still preparing, up to ``timeout_s``),
+maps them read-only with MAP_POPULATE, and ``take(fd)`` hands the mapping to the restore whose
+``start`` event names that very file.
 
 Invariants: a mapping is handed out at most once, and only for the file it maps (same device and
-inode, at least as large as asked); slots are never truncated, so a mapping made early stays
-valid whatever the daemon later does with the slot; one never handed out is closed by ``close``
-(the manager calls it after its first restore or save, and when it closes), so a trainer that
-does not restore does not keep the slot's memory mapped; the thread is a daemon thread, reads no
-caller state, and a failure costs only the head start (logged at debug level).
+inode, at least as large as asked); once a restore asked, nothing more is mapped ahead (it
+waits for a mapping under way rather than fault the slot in beside it); slots are never
+truncated, so a mapping made early stays valid whatever the daemon later does with the slot; one
+never handed out is closed by ``close`` (the manager calls it after its first restore or save,
+and when it closes), so a trainer that does not restore does not keep the slot's memory mapped;
+the thread is a daemon thread, reads no caller state, and a failure costs only the head start
+(logged at debug level).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ckptd_client.rpc import Connection
 
 log = logging.getLogger("ckptd_client")
 POLL_S: Final = 0.05
+MAP_WAIT_S: Final = 5.0  # a restore waits this long at most for a mapping under way
 
 
 def close_map(mm: mmap.mmap) -> None:
@@ -42,12 +45,13 @@ def close_map(mm: mmap.mmap) -> None:
 
 
 class RestorePremap:
-    """This rank's prepared restore slot, mapped in the background (see the module docstring)."""
+    """The slots this rank's restore would read, mapped in the background (module docstring)."""
 
     def __init__(self, conn: Connection, job: str, rank: int, timeout_s: float = 30.0) -> None:
         self._lock = threading.Lock()
         self._maps: dict[tuple[int, int], mmap.mmap] = {}
         self._closed = False
+        self._mapping = False  # the thread is mapping a slot now
         self._done = threading.Event()
         self.taken = 0  # mappings handed to a restore
         self._thread = threading.Thread(target=self._run, args=(conn, job, rank, timeout_s),
@@ -59,7 +63,7 @@ class RestorePremap:
             deadline = time.monotonic() + timeout_s
             while not self._closed:
                 st = conn.call(conn.stub.DaemonStatus, pb.DaemonStatusRequest())
-                paths = [s.slot_path for s in st.prepared_restore_slots if s.job == job and s.rank == rank]
+                paths = [s.slot_path for s in st.restore_slots if s.job == job and s.rank == rank]
                 if paths or not st.preparing_restore or time.monotonic() >= deadline:
                     break
                 time.sleep(POLL_S)
@@ -73,17 +77,25 @@ class RestorePremap:
             self._done.set()
 
     def _map(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            st = os.fstat(fd)
-            mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-        finally:
-            os.close(fd)
         with self._lock:
-            if not self._closed:
-                self._maps[(st.st_dev, st.st_ino)] = mm
+            if self._closed:  # a restore started meanwhile: it maps the slot itself
                 return
-        close_map(mm)
+            self._mapping = True
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+                mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            finally:
+                os.close(fd)
+            with self._lock:
+                if not self._closed:
+                    self._maps[(st.st_dev, st.st_ino)] = mm
+                    return
+            close_map(mm)
+        finally:
+            with self._lock:
+                self._mapping = False
 
     def wait(self, timeout_s: float) -> bool:
         """Wait for the background mapping to finish; whether a slot is mapped and not yet taken."""
@@ -92,9 +104,14 @@ class RestorePremap:
             return bool(self._maps)
 
     def take(self, fd: int, nbytes: int) -> mmap.mmap | None:
-        """The mapping of the file ``fd`` is open on, if it was mapped ahead (at most once)."""
+        """The mapping of the file ``fd`` is open on, if it was mapped ahead (at most once). A
+        mapping under way is waited for (it replaces the faults the caller would take); after
+        this call nothing more is mapped ahead, so the work is never done twice."""
         st = os.fstat(fd)
+        if self._mapping:
+            self._done.wait(MAP_WAIT_S)
         with self._lock:
+            self._closed = True
             mm = self._maps.pop((st.st_dev, st.st_ino), None)
         if mm is not None and len(mm) < nbytes:
             close_map(mm)

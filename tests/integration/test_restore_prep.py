@@ -6,7 +6,9 @@ before any restore it has allocated one slot per rank of node 2 whose replica a 
 that shard's size (DaemonStatus.restore_slots_prepared); the restores then take those slots (no
 new slot is created) and are served from the peers bit-exact. DaemonStatus lists each prepared
 slot with its rank, and each rank's client maps its own ahead (client premap.py): the restore
-hands that very mapping over, which proves the daemon filled the rank's own prepared slot. With
+hands that very mapping over, which proves the daemon filled the rank's own prepared slot. Those
+slots then hold the re-warmed memory copies, listed the same way, so a trainer restarting next
+restores from RAM through a mapping made ahead too. With
 ``prepare_restore = false`` nothing is prepared and the restores allocate their own slots.
 """
 
@@ -61,8 +63,9 @@ def test_a_fresh_node_prepares_one_slot_per_rank_and_its_restores_use_them(
     st = _status(c.nodes["n2"])
     assert st.restore_slots_prepared == 2 and st.slots == 2 and st.slots_busy == 0
     assert st.slot_bytes_in_use >= 2 * 4 * N  # one float32 array of N per rank, slot-aligned
-    listed = {(s.job, s.rank): s.slot_path for s in st.prepared_restore_slots}
+    listed = {(s.job, s.rank): s.slot_path for s in st.restore_slots}
     assert set(listed) == {(c.job, 2), (c.job, 3)} and len(set(listed.values())) == 2
+    assert all(s.prepared for s in st.restore_slots)
     for rank in (3, 2):  # rank 3 first: without its own slot preferred it could take rank 2's
         with c.manager(rank) as m:
             premap = m._premap
@@ -71,13 +74,22 @@ def test_a_fresh_node_prepares_one_slot_per_rank_and_its_restores_use_them(
             assert premap.taken == 1  # the restore filled the slot prepared for this rank
             assert m._premap is None  # dropped after the restore
     st = _status(c.nodes["n2"])
-    assert st.slots == 2 and not st.prepared_restore_slots  # the restores took the prepared slots
+    assert st.slots == 2  # the restores took the prepared slots
+    # ... and those slots now hold the re-warmed memory copies: a trainer restarting next maps
+    # its rank's ahead and restores from RAM through that mapping
+    assert {(s.job, s.rank, s.step, s.prepared) for s in st.restore_slots} == {(c.job, 2, 2, False),
+                                                                            (c.job, 3, 2, False)}
+    with c.manager(2) as m:
+        premap = m._premap
+        assert premap is not None and m.warm_restore(10)
+        assert _check(m, 2) == "memory"
+        assert premap.taken == 1
 
 
 def test_without_preparation_the_restores_allocate_their_own(daemon_factory: Callable[..., DaemonProc]) -> None:
     c = _lose_node2(daemon_factory, prepare=False)
     st = _status(c.nodes["n2"])
-    assert st.restore_slots_prepared == 0 and st.slots == 0 and not st.prepared_restore_slots
+    assert st.restore_slots_prepared == 0 and st.slots == 0 and not st.restore_slots
     for rank in (2, 3):
         with c.manager(rank) as m:
             assert not m.warm_restore(10)  # nothing prepared, nothing mapped ahead

@@ -39,6 +39,7 @@ def test_replication_bench_small_run_prints_json() -> None:
     assert res["daemon_served_from"]["restore_peer_s"] == ["peer"]
     assert res["daemon_restore_slots_prepared"] == [1]  # the fresh node prepared rank 0's slot
     assert res["client_restore_slot_premapped"] == [True]  # and the trainer mapped it ahead
+    assert res["client_memory_slot_premapped"] == [True]  # as a restarted trainer maps the memory copy
     assert len(res["daemon_shm_dirs"]) == 2
     assert not [d for d in res["daemon_shm_dirs"] if Path(d).exists()], "the bench left shm dirs behind"
     # CPU seconds per timed region: every process named, non-negative, the total their sum

@@ -853,7 +853,7 @@ class DaemonStatusResponse(_message.Message):
     FAILURE_DOMAIN_FIELD_NUMBER: _builtins.int
     PREPARING_RESTORE_FIELD_NUMBER: _builtins.int
     RESTORE_SLOTS_PREPARED_FIELD_NUMBER: _builtins.int
-    PREPARED_RESTORE_SLOTS_FIELD_NUMBER: _builtins.int
+    RESTORE_SLOTS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     root: _builtins.str
     shm_dir: _builtins.str
@@ -876,8 +876,8 @@ class DaemonStatusResponse(_message.Message):
     @_builtins.property
     def tiers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
-    def prepared_restore_slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___PreparedRestoreSlot]:
-        """those still free and empty"""
+    def restore_slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestoreSlot]:
+        """slots a restore of each rank would read first"""
 
     def __init__(
         self,
@@ -896,20 +896,22 @@ class DaemonStatusResponse(_message.Message):
         failure_domain: _builtins.str = ...,
         preparing_restore: _builtins.bool = ...,
         restore_slots_prepared: _builtins.int = ...,
-        prepared_restore_slots: _abc.Iterable[Global___PreparedRestoreSlot] | None = ...,
+        restore_slots: _abc.Iterable[Global___RestoreSlot] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "failure_domain", b"failure_domain", "node_id", b"node_id", "peer_address", b"peer_address", "prepared_restore_slots", b"prepared_restore_slots", "preparing_restore", b"preparing_restore", "restore_slots_prepared", b"restore_slots_prepared", "root", b"root", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "slots_busy", b"slots_busy", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "failure_domain", b"failure_domain", "node_id", b"node_id", "peer_address", b"peer_address", "preparing_restore", b"preparing_restore", "restore_slots", b"restore_slots", "restore_slots_prepared", b"restore_slots_prepared", "root", b"root", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "slots_busy", b"slots_busy", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DaemonStatusResponse: _TypeAlias = DaemonStatusResponse  # noqa: Y015
 
 @_typing.final
-class PreparedRestoreSlot(_message.Message):
-    """A slot prepared for one rank's restore. That rank's restore takes it first; its client may
-    map it read-only beforehand (client premap.py), so the restore's copy does not fault it in.
+class RestoreSlot(_message.Message):
+    """A slot one rank's restore would read first: the memory copy of the newest step this daemon
+    holds in RAM (step), or a slot prepared for a restore from peers (prepared: empty, that
+    rank's restore takes it first). The rank's client may map it read-only beforehand (client
+    premap.py), so the restore's copy does not fault the mapping in.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -918,10 +920,15 @@ class PreparedRestoreSlot(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     SLOT_PATH_FIELD_NUMBER: _builtins.int
     CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    PREPARED_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     rank: _builtins.int
     slot_path: _builtins.str
     capacity_bytes: _builtins.int
+    prepared: _builtins.bool
+    step: _builtins.int
+    """the step held (memory copies; 0 when prepared)"""
     def __init__(
         self,
         *,
@@ -929,14 +936,16 @@ class PreparedRestoreSlot(_message.Message):
         rank: _builtins.int = ...,
         slot_path: _builtins.str = ...,
         capacity_bytes: _builtins.int = ...,
+        prepared: _builtins.bool = ...,
+        step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "job", b"job", "rank", b"rank", "slot_path", b"slot_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "job", b"job", "prepared", b"prepared", "rank", b"rank", "slot_path", b"slot_path", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PreparedRestoreSlot: _TypeAlias = PreparedRestoreSlot  # noqa: Y015
+Global___RestoreSlot: _TypeAlias = RestoreSlot  # noqa: Y015
 
 @_typing.final
 class SetPeersRequest(_message.Message):
