@@ -25,7 +25,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -39,9 +38,11 @@ from ckptd.peer_config import TlsFiles
 from ckptd.peer_tls import channel_credentials
 from ckptd.peer_types import (
     MAX_TRANSFER_CHUNK_BYTES,
+    FetchResult,
     FileBacked,
     Holding,
     PingInfo,
+    PushResult,
     ReadyReport,
     ReadyState,
     ReplicaHeader,
@@ -89,22 +90,6 @@ class ByteBudget:
         async with self._cond:
             self.in_use_bytes -= nbytes
             self._cond.notify_all()
-
-
-@dataclass(frozen=True)
-class PushResult:
-    node_id: str
-    nbytes: int
-    seconds: float
-    already_held: bool
-    tiers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    header: ReplicaHeader
-    tier: str
-    seconds: float
 
 
 class PeerClient:

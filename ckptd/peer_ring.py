@@ -18,9 +18,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ckptd.peer_client import PeerClient, PushResult
+from ckptd.peer_client import PeerClient
 from ckptd.peer_config import PeerAddr
-from ckptd.peer_types import ReplicaHeader
+from ckptd.peer_types import PushResult, ReplicaHeader
 
 log = logging.getLogger("ckptd.peer")
 

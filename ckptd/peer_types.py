@@ -91,6 +91,26 @@ class ReplicaHeader:
 
 
 @dataclass(frozen=True)
+class PushResult:
+    """One replica pushed: the peer that holds it now and where (PeerClient.push)."""
+
+    node_id: str
+    nbytes: int
+    seconds: float
+    already_held: bool
+    tiers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """One shard fetched from a peer (PeerClient.fetch_into): its header and the serving tier."""
+
+    header: ReplicaHeader
+    tier: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Holding:
     """One shard a node can serve with FetchShard."""
 
