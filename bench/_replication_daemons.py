@@ -217,7 +217,8 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
     """STAGED -> REPLICATED through the daemons, then restores served from memory, disk, peer.
 
     ``tcp_probe`` (one bare TCP transfer) is also sampled here, while the daemons are idle: before
-    the save loop and before each peer restore, so the floor is taken beside what it divides."""
+    the save loop, before each save of ckptd_replicate_s and before each peer restore, so the
+    floor is taken beside what it divides."""
     from ckptd_client import Level
 
     src = np.random.default_rng(1).integers(0, 256, nbytes, dtype=np.uint8)
@@ -226,6 +227,7 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
     samples: dict[str, list[float]] = {k: [] for k in (
         "ckptd_replicate_s", "daemon_save_s", "restore_memory_s", "restore_disk_s", "restore_peer_s",
         "ckptd_replicate_cold_s", "daemon_save_cold_s", "daemon_prepare_wait_s", "restore_peer_unprepared_s",
+        "ckptd_replicate_back_to_back_s", "daemon_save_back_to_back_s",
         "tcp_daemon_phase_s", "memcpy_s", "memcpy_fresh_map_s")}
     prepared: list[int] = []
     premapped: list[bool] = []
@@ -267,8 +269,16 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
             # The first WARM_REPS fill the slot pools of both daemons (slots_per_rank = 3: each of
             # them creates a slot, fallocate + first-touch faults, once); they are recorded apart as
             # the cold figures, the rest are a job's steady state.
-            for rep in range(ns.reps + WARM_REPS):
+            # Then ns.reps saves back to back (each while the previous step's disk write runs:
+            # checkpointing every iteration), then ns.reps more, each once the previous step is
+            # on disk, with a TCP probe taken right before it: the replication alone, beside its
+            # floor. The latter is ckptd_replicate_s; the CPU seconds are counted for it.
+            for rep in range(2 * ns.reps + WARM_REPS):
                 step += 1
+                alone = rep >= ns.reps + WARM_REPS
+                if alone:
+                    m._wait(step - 1, Level.LOCAL_DURABLE, WAIT_S)
+                    samples["tcp_daemon_phase_s"].append(tcp_probe())
                 h1 = other.save(step, {"w": np.zeros(16, dtype=np.uint8)})  # rank 1 first: untimed
                 if not h1.ok:
                     raise RuntimeError(f"save of rank 1 step {step} failed: {h1.error}")
@@ -280,11 +290,11 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
                 before = cpu["ckptd_replicate"].start()
                 m._wait(step, Level.REPLICATED, WAIT_S)
                 t2 = time.perf_counter()
-                cold = "_cold" if rep < WARM_REPS else ""
-                if not cold:
+                kind = "_cold" if rep < WARM_REPS else "" if alone else "_back_to_back"
+                if alone:
                     cpu["ckptd_replicate"].stop(before)
-                samples[f"daemon_save{cold}_s"].append(t1 - t0)
-                samples[f"ckptd_replicate{cold}_s"].append(t2 - t1)
+                samples[f"daemon_save{kind}_s"].append(t1 - t0)
+                samples[f"ckptd_replicate{kind}_s"].append(t2 - t1)
             m._wait(step, Level.LOCAL_DURABLE, WAIT_S)  # the disk copy the disk restore reads
         restore("restore_memory_s", "n1", step, "memory")  # warm-up
         samples["restore_memory_s"].clear()

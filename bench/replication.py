@@ -6,7 +6,8 @@ random) held in this process's memory, ``--reps`` repetitions alternating which 
   tcp_s              floor: a bare TCP stream to another process: ``socket.sendall`` from a
                      memoryview into ``recv_into`` a preallocated buffer, until the receiver acks;
                      sampled in both phases (tcp_component_phase_s here, tcp_daemon_phase_s while
-                     the daemons below are idle: before their saves and before each peer restore)
+                     the daemons below are idle: before their saves, before each save of
+                     ckptd_replicate_s and before each peer restore)
                      and tcp_s is the median of all of them
   tcp_fresh_s        the same into new shared memory each time (fallocate + mmap of a tmpfs file
                      after the accept): what a node that lost its RAM pays before any byte lands
@@ -26,8 +27,13 @@ itself costs:
   ckptd_replicate_s      save() returned (STAGED) -> WaitStep(REPLICATED) returned: n1's daemon
                          checksummed and pushed the shard to n2 and the step's coordinator saw
                          every rank held (rank 1, a 16-byte shard on n2, is saved first so the
-                         step is complete)
+                         step is complete). Each save starts once the previous step is on disk
+                         (LOCAL_DURABLE), right after a TCP probe: the replication alone, measured
+                         in the same conditions as its floor
   daemon_save_s          save() itself (the client's stall: copy into the shm slot), for context
+  *_back_to_back_s       the same two with the saves back to back (checkpointing every
+                         iteration): each replication runs while the previous step's disk write
+                         does, on the same cores
   *_cold_s               the same two for the first 3 saves, while both daemons still create
                          their slots (a job's first checkpoints); the others are its steady state
   restore_memory_s       restore() on n1, served from "memory", by a new CheckpointManager (a
