@@ -39,6 +39,9 @@ MAGIC: Final = b"CKB1"
 TICKET_BYTES: Final = 16
 FRAME_HEAD: Final = struct.Struct("<QII")  # offset, length, crc32c
 HANDSHAKE_TIMEOUT_S: Final = 5.0
+# The receiver sleeps until this much is queued instead of waking for every burst of segments:
+# 512 MiB over loopback took ~170 recv calls instead of ~2300, and 15-25% less CPU on each side.
+RCVLOWAT_BYTES: Final = 2**20
 REFUSAL_LOG_INTERVAL_S: Final = 10.0
 T = TypeVar("T")
 
@@ -145,13 +148,37 @@ def connect(host: str, port: int, ticket: bytes, timeout_s: float) -> socket.soc
     return sock
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < view.nbytes:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise TierFailed(f"bulk connection closed by the peer ({got} of {view.nbytes} bytes of a frame)")
-        got += n
+class _Reader:
+    """Exact reads from a bulk socket that ask the kernel to wake this thread only once
+    ``RCVLOWAT_BYTES`` are queued (or the rest of the read, if less: a wait for bytes that will
+    never come would end in the idle timeout), instead of once per burst of segments.
+
+    The socket must have a timeout: then each read polls for the mark and takes what is queued.
+    A blocking read below the mark counts only the bytes queued, not those it already took, and
+    at the end of a stream can sleep for good (seen with a 1 MiB mark and 0.9 MiB left)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lowat = 1  # the kernel's default
+        self.tunable = hasattr(socket, "SO_RCVLOWAT")
+
+    def _lowat(self, nbytes: int) -> None:
+        if self.tunable and nbytes != self.lowat:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+                self.lowat = nbytes
+            except OSError:  # not supported here: one wake-up per burst, as before
+                self.tunable = False
+
+    def exact(self, view: memoryview) -> None:
+        assert self.sock.gettimeout() is not None, "a bulk read needs a timeout (see _Reader)"
+        got = 0
+        while got < view.nbytes:
+            self._lowat(min(RCVLOWAT_BYTES, view.nbytes - got))
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise TierFailed(f"bulk connection closed by the peer ({got} of {view.nbytes} bytes of a frame)")
+            got += n
 
 
 def send_frames(sock: socket.socket, view: memoryview, chunk_bytes: int, crcs: Sequence[int],
@@ -204,13 +231,14 @@ def recv_frames(sock: socket.socket, dst: memoryview, verifier: StreamVerifier, 
             pwrite_all(sink_fd, piece, off)
         return verified
 
+    reader = _Reader(sock)
     try:
         try:
             sock.settimeout(idle_timeout_s)
             expected = verifier.received
             frame_no = 0
             while expected < verifier.nbytes:
-                _recv_exact(sock, head_view)
+                reader.exact(head_view)
                 off, n, crc = FRAME_HEAD.unpack(head)
                 verifier.check_place(off, n, expected)  # before a byte lands in dst
                 if sink_fd is None:
@@ -222,7 +250,7 @@ def recv_frames(sock: socket.socket, dst: memoryview, verifier: StreamVerifier, 
                     if len(buf) < n:
                         buf = frames[frame_no % 3] = bytearray(n)
                     piece = memoryview(buf)[:n]
-                _recv_exact(sock, piece)
+                reader.exact(piece)
                 expected = off + n
                 frame_no += 1
                 pending.append(checker.submit(land, off, piece, crc))
