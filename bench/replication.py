@@ -11,9 +11,6 @@ random) held in this process's memory, ``--reps`` repetitions alternating which 
                      and tcp_s is the median of all of them
   tcp_fresh_s        the same into new shared memory each time (fallocate + mmap of a tmpfs file
                      after the accept): what a node that lost its RAM pays before any byte lands
-  tcp_lowat_s        the same stream with the receiver asking to be woken per MiB queued
-                     (SO_RCVLOWAT, as ckptd's bulk receiver does): a tuned floor; the contract's
-                     ratios divide by tcp_s, *_vs_tcp_lowat by this one
   component_push_s   ``PeerClient.push`` of the shard (STAGED bytes with their crc32c list, as the
                      daemon holds them) to a ``PeerServer`` with the in-memory replica store in
                      another process, until the receiver verified every chunk and kept it
@@ -105,7 +102,6 @@ import numpy as np  # noqa: E402
 from ckptd.integrity import chunk_crcs  # noqa: E402
 from ckptd.layout import TensorEntry  # noqa: E402
 from ckptd.manifest import ShardEntry  # noqa: E402
-from ckptd.peer_bulk import RCVLOWAT_BYTES  # noqa: E402
 from ckptd.peer_client import PeerClient  # noqa: E402
 from ckptd.peer_server import PeerServer, start_peer_server  # noqa: E402
 from ckptd.peer_store import MemoryReplicaStore  # noqa: E402
@@ -120,11 +116,10 @@ TOKEN = os.environ.get("CKPTD_BENCH_TOKEN", "bench-peer-token-" + os.urandom(8).
 
 
 # -- child processes --------------------------------------------------------------------------
-def tcp_sink(nbytes: int, fresh: bool = False, lowat: bool = False) -> None:
+def tcp_sink(nbytes: int, fresh: bool = False) -> None:
     """Accept one connection per rep, recv_into one preallocated buffer, ack with one byte. With
     ``fresh``, every rep receives into new shared memory (a tmpfs file, fallocate'd and mapped
-    after the accept), as a node that lost its RAM must: the floor of a fresh node's restore.
-    With ``lowat``, the receiver sleeps until a MiB is queued (SO_RCVLOWAT), as ckptd's does."""
+    after the accept), as a node that lost its RAM must: the floor of a fresh node's restore."""
     srv = socket.create_server(("127.0.0.1", 0))
     print(srv.getsockname()[1], flush=True)
     view = memoryview(bytearray(nbytes))
@@ -140,12 +135,8 @@ def tcp_sink(nbytes: int, fresh: bool = False, lowat: bool = False) -> None:
             finally:
                 os.close(fd)
             view = memoryview(mm)
-        if lowat:  # a timeout: recv polls (a blocking recv below the mark can sleep at the end)
-            conn.settimeout(600)
         got = 0
         while got < nbytes:
-            if lowat:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(RCVLOWAT_BYTES, nbytes - got))
             n = conn.recv_into(view[got:], min(nbytes - got, 4 * MIB))
             if n == 0:
                 break
@@ -213,14 +204,13 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     back = bytearray(nbytes)  # preallocated (and touched) destination of the fetch
     tcp_proc, tcp_port = spawn("--tcp-sink", nbytes)
     fresh_proc, fresh_port = spawn("--tcp-sink-fresh", nbytes)
-    lowat_proc, lowat_port = spawn("--tcp-sink-lowat", nbytes)
     peer_proc, peer_port = spawn("--peer-child", nbytes)
     target = f"127.0.0.1:{peer_port}"
     chunk = int(ns.chunk_mib * MIB)
     clients = {"": PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk)}
     if not ns.skip_grpc_path:
         clients["_grpc"] = PeerClient(TOKEN, "bench-sender", chunk_bytes=chunk, bulk=False)
-    samples: dict[str, list[float]] = {"tcp_component_phase_s": [], "tcp_fresh_s": [], "tcp_lowat_s": []}
+    samples: dict[str, list[float]] = {"tcp_component_phase_s": [], "tcp_fresh_s": []}
     tcp_cpu = CpuMeter({"sender": lambda: 0, "receiver": lambda: tcp_proc.pid})
 
     def tcp_floor() -> float:
@@ -262,7 +252,6 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
                 if side == "tcp":
                     samples["tcp_component_phase_s"].append(tcp_floor())
                     samples["tcp_fresh_s"].append(tcp_once(fresh_port, view))
-                    samples["tcp_lowat_s"].append(tcp_once(lowat_port, view))
                 else:
                     await ckptd_once(side, clients[side], True)
         for client in clients.values():
@@ -272,7 +261,7 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     finally:
         for client in clients.values():
             await client.close()
-        for proc in (tcp_proc, fresh_proc, lowat_proc, peer_proc):
+        for proc in (tcp_proc, fresh_proc, peer_proc):
             proc.kill()
             proc.wait()
     samples.update(daemon_samples)
@@ -289,7 +278,6 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         **med,
         **{f"{k[:-2]}_vs_tcp": v / med["tcp_s"] for k, v in med.items() if k != "tcp_s"},
         "restore_peer_unprepared_vs_tcp_fresh": med["restore_peer_unprepared_s"] / med["tcp_fresh_s"],
-        **{f"{k}_vs_tcp_lowat": med[f"{k}_s"] / med["tcp_lowat_s"] for k in ("ckptd_replicate", "restore_peer")},
         "restore_memory_vs_memcpy": med["restore_memory_s"] / med["memcpy_s"],
         "restore_memory_vs_memcpy_fresh_map": med["restore_memory_s"] / med["memcpy_fresh_map_s"],
         "tcp_gbps": nbytes / med["tcp_s"] / 1e9,
@@ -315,11 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-grpc-path", action="store_true", help="measure only the bulk-connection path")
     ap.add_argument("--tcp-sink", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tcp-sink-fresh", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--tcp-sink-lowat", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
-    if ns.tcp_sink or ns.tcp_sink_fresh or ns.tcp_sink_lowat:
-        tcp_sink(int(ns.size_mib * MIB), fresh=ns.tcp_sink_fresh, lowat=ns.tcp_sink_lowat)
+    if ns.tcp_sink or ns.tcp_sink_fresh:
+        tcp_sink(int(ns.size_mib * MIB), fresh=ns.tcp_sink_fresh)
         return 0
     if ns.peer_child:
         asyncio.run(peer_child())
