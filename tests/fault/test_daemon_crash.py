@@ -100,7 +100,9 @@ def test_sigkill_during_disk_commit(daemon_factory, tmp_path, point, nth, per_st
         assert wait_dead(d) == -9, d.log()
     finally:
         close_all(ms)
-    assert failpoint_hits(fp_log, point) == kill_at
+    # The kill came at hit kill_at. The W shards are written in parallel, so another writer may
+    # log one more pass of a per-shard point between that hit's log line and the signal landing.
+    assert kill_at <= failpoint_hits(fp_log, point) < kill_at + W
 
     # What the kill left on disk: step 2 is committed iff its manifest was linked.
     assert (step_dir(d.root, 2) / "manifest.json").exists() == commits
