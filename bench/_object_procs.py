@@ -12,17 +12,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
-from ckptd_client.rpc import wait_until_serving
+from _util import ServeProcess
 
-from ckptd.errors import DaemonUnavailable
-
-REPO = Path(__file__).resolve().parent.parent
 CHUNK_BYTES = 16 * 2**20  # ckptd's default crc32c chunk (memory.chunk_bytes)
 JOB = "bench"
 _UPLOADED_RE = re.compile(r" in (?P<s>[0-9.]+)s$")
@@ -65,39 +61,21 @@ def daemon_config(endpoint: str, bucket: str, prefix: str, part: int, concurrenc
     ]) + "\n"
 
 
-class Daemon:
+class Daemon(ServeProcess):
     """``ckptd serve --no-disk`` as a subprocess in its own session, with its own root, socket
     (short path under /tmp) and shm dir; ``stop`` ends it and removes all three."""
 
     def __init__(self, name: str, workdir: Path, sockdir: Path, config: Path, budget: int) -> None:
-        self.name = name
         self.root = workdir / f"root-{name}"
-        self.socket = sockdir / f"{name}.sock"
         self.shm_dir = Path("/dev/shm") / f"ckptd-objbench-{uuid.uuid4().hex[:10]}"
-        self.log_path = workdir / f"{name}.log"
-        self.args = [sys.executable, "-m", "ckptd.cli", "serve", "--config", str(config), "--root", str(self.root),
-                     "--socket", str(self.socket), "--shm-dir", str(self.shm_dir), "--budget-bytes", str(budget),
-                     "--no-disk", "--log-level", "DEBUG"]  # DEBUG: the tier's "uploaded ... in Xs" line
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(name, sockdir / f"{name}.sock", workdir / f"{name}.log", [
+            "--config", str(config), "--root", str(self.root), "--shm-dir", str(self.shm_dir),
+            "--budget-bytes", str(budget), "--no-disk",
+            "--log-level", "DEBUG"])  # DEBUG: the tier's "uploaded ... in Xs" line
 
     @property
     def addr(self) -> str:
         return str(self.socket)
-
-    def start(self, timeout_s: float = 60) -> None:
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
-                                         start_new_session=True)
-        try:
-            wait_until_serving(self.socket, timeout_s, exit_code=self.proc.poll)
-        except DaemonUnavailable as exc:
-            raise RuntimeError(f"ckptd {self.name}: {exc}:\n{self.log_tail()}") from None
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
 
     def log_times(self, step: int) -> dict[str, float]:
         """Wall-clock times of the daemon's "STAGED on all", "uploaded ... in Xs" (the end of
@@ -122,17 +100,9 @@ class Daemon:
                 out["put_end"], out["put_s"] = ts, float(m["s"])
         return out
 
-    def stop(self) -> None:
-        p = self.proc
+    def stop(self, stop_wait_s: float = 60) -> None:
         try:
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(60)
-                except subprocess.TimeoutExpired:
-                    print(f"ckptd {self.name} did not stop within 60s of SIGTERM; killing it", file=sys.stderr)
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(10)
+            super().stop(stop_wait_s)
         finally:
             shutil.rmtree(self.shm_dir, ignore_errors=True)
             shutil.rmtree(self.root, ignore_errors=True)

@@ -7,52 +7,26 @@ group). ``stall_diagnostics`` times the client's flatten of the state and one RP
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _stall_report import log
-from _util import MIB, REPO, median
+from _util import MIB, ServeProcess, median
 
 SLOT_ALIGN = 2 * MIB  # ckptd.shm.SLOT_ALIGN_BYTES
 _DURABLE_RE = re.compile(r"step (?P<job>\S+)@(?P<step>\d+) LOCAL_DURABLE \((?P<bytes>\d+) bytes in (?P<s>[0-9.]+)s\)")
 
 
-class Daemon:
+class Daemon(ServeProcess):
     """``ckptd serve`` as a subprocess in its own session."""
 
     def __init__(self, root: Path, shm_dir: Path, socket: Path, budget: int, log_path: Path) -> None:
-        self.root, self.shm_dir, self.socket, self.log_path = root, shm_dir, socket, log_path
-        self.args = [sys.executable, "-m", "ckptd.cli", "serve", "--root", str(root), "--socket", str(socket),
-                     "--shm-dir", str(shm_dir), "--budget-bytes", str(budget), "--log-level", "INFO"]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 60) -> None:
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
-                                         start_new_session=True)
-        from ckptd_client.rpc import wait_until_serving
-
-        from ckptd.errors import DaemonUnavailable
-
-        try:
-            wait_until_serving(self.socket, timeout_s, exit_code=self.proc.poll)
-        except DaemonUnavailable as exc:
-            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        super().__init__("stall", socket, log_path, ["--root", str(root), "--shm-dir", str(shm_dir),
+                                                     "--budget-bytes", str(budget), "--log-level", "INFO"])
+        self.root, self.shm_dir = root, shm_dir
 
     def drain_seconds(self) -> dict[int, float]:
         """Per step, the daemon's own disk-commit time from its LOCAL_DURABLE log line."""
@@ -70,19 +44,6 @@ class Daemon:
             if m:
                 out[int(m["step"])] = float(m["s"])
         return out
-
-    def stop(self) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            log("ckptd did not stop within 60s of SIGTERM; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
 
 
 def stall_diagnostics(mgr: Any, state: Any, rpc: Callable[[], int]) -> dict[str, float | None]:

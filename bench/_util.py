@@ -9,11 +9,13 @@ SIGTERM/SIGHUP/SIGINT.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
 import signal
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -213,3 +215,47 @@ def gib_per_s(nbytes: int, seconds: float | None) -> float | None:
 
 def same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+class ServeProcess:
+    """``ckptd serve`` (``args`` after the module) as a subprocess in its own session, its output
+    in ``log_path``; ``start`` waits until it serves, ``stop`` sends SIGTERM, then SIGKILLs its
+    group after ``stop_wait_s``. The daemons of bench/stall.py and bench/object.py build on it."""
+
+    def __init__(self, name: str, socket: Path, log_path: Path, serve_args: list[str]) -> None:
+        self.name, self.socket, self.log_path = name, socket, log_path
+        self.args = [sys.executable, "-m", "ckptd.cli", "serve", "--socket", str(socket), *serve_args]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60) -> None:
+        from ckptd_client.rpc import wait_until_serving
+
+        from ckptd.errors import DaemonUnavailable
+
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
+                                         start_new_session=True)
+        try:
+            wait_until_serving(self.socket, timeout_s, exit_code=self.proc.poll)
+        except DaemonUnavailable as exc:
+            raise RuntimeError(f"ckptd {self.name}: {exc}:\n{self.log_tail()}") from None
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, stop_wait_s: float = 60) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(stop_wait_s)
+        except subprocess.TimeoutExpired:
+            print(f"ckptd {self.name} did not stop within {stop_wait_s:.0f}s of SIGTERM; killing it", file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
