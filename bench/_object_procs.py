@@ -8,7 +8,6 @@ persisted). Nothing here measures: bench/object.py times and reports.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -82,15 +81,8 @@ class Daemon(ServeProcess):
         ``ObjectTier.put_shard``, and its duration) and "PERSISTED" lines for ``step``."""
         out: dict[str, float] = {}
         shard = f"/{JOB}/step-{step:012d}/rank-"
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return out
-        for line in lines:
-            try:
-                rec = json.loads(line)
-                msg, ts = str(rec.get("msg", "")), float(rec["ts"])
-            except (ValueError, KeyError, TypeError, AttributeError):
+        for msg, ts in self.log_messages():
+            if ts is None:
                 continue
             if msg.startswith(f"step {JOB}@{step} STAGED on all"):
                 out["staged"] = ts

@@ -7,7 +7,6 @@ group). ``stall_diagnostics`` times the client's flatten of the state and one RP
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable
@@ -31,15 +30,7 @@ class Daemon(ServeProcess):
     def drain_seconds(self) -> dict[int, float]:
         """Per step, the daemon's own disk-commit time from its LOCAL_DURABLE log line."""
         out: dict[int, float] = {}
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return out
-        for line in lines:
-            try:
-                msg = str(json.loads(line).get("msg", ""))
-            except (ValueError, AttributeError):
-                msg = line
+        for msg, _ in self.log_messages():
             m = _DURABLE_RE.search(msg)
             if m:
                 out[int(m["step"])] = float(m["s"])

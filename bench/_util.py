@@ -10,6 +10,7 @@ SIGTERM/SIGHUP/SIGINT.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import mmap
 import os
@@ -245,6 +246,22 @@ class ServeProcess:
             return self.log_path.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+    def log_messages(self) -> list[tuple[str, float | None]]:
+        """(msg, ts) of each line of the daemon's log: JSON lines parsed, any other line as is
+        with no time; empty when the log cannot be read."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        out: list[tuple[str, float | None]] = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                out.append((str(rec.get("msg", "")), float(rec["ts"]) if "ts" in rec else None))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                out.append((line, None))
+        return out
 
     def stop(self, stop_wait_s: float = 60) -> None:
         p = self.proc
