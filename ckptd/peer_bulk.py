@@ -203,7 +203,9 @@ def recv_frames(sock: socket.socket, dst: memoryview, verifier: StreamVerifier, 
 
     A frame's place is checked before a byte of it lands in ``dst``; its crc32c is then computed
     by a second thread while this one receives the next frame, so the verification overlaps the
-    transfer. ``on_verified(n)`` is called whenever the verified prefix grows to n bytes.
+    transfer. ``on_verified(n)`` is called by that thread as soon as the verified prefix grows to
+    n bytes (not when this one next looks: a reader copying behind the transfer starts a frame
+    earlier, and the last frame's wait ends with its check).
 
     With ``sink_fd`` (the file ``dst`` maps, from offset 0, not yet touched through ``dst``),
     frames are received into three rotating frame buffers and, once verified, written with
@@ -212,24 +214,23 @@ def recv_frames(sock: socket.socket, dst: memoryview, verifier: StreamVerifier, 
     """
     head = bytearray(FRAME_HEAD.size)
     head_view = memoryview(head)
-    pending: deque[Future[int]] = deque()
+    pending: deque[Future[None]] = deque()
     checker = ThreadPoolExecutor(1, thread_name_prefix="ckptd-bulk-crc")
     frames: list[bytearray] = []  # sink_fd: rotating frame buffers (a frame is reused once settled)
 
     def settle(block: bool) -> None:
         while pending and (block or pending[0].done()):
-            landed = pending.popleft().result()  # IntegrityError / InvalidArgument surface here
-            if on_verified is not None:
-                on_verified(landed)
+            pending.popleft().result()  # IntegrityError / InvalidArgument surface here
 
-    def land(off: int, piece: memoryview, crc: int) -> int:
-        """Verify a frame, write it to the sink; return the verified prefix now in place (read
-        here, not when settled: the checker may have verified the next frame but not written it)."""
+    def land(off: int, piece: memoryview, crc: int) -> None:
+        """Verify a frame, write it to the sink, report the verified prefix now in place (the
+        checker is one thread, so frames land and are reported in order)."""
         verifier.feed(off, piece, crc)
         verified = verifier.verified_bytes
         if sink_fd is not None:
             pwrite_all(sink_fd, piece, off)
-        return verified
+        if on_verified is not None:
+            on_verified(verified)
 
     reader = _Reader(sock)
     try:

@@ -1,6 +1,7 @@
 """recv_frames writing through the destination's file (a fresh slot): the bytes land exactly,
-every verified prefix it reports is already readable through a mapping of the file, and a frame
-that fails its checksum is never written."""
+every verified prefix it reports is already readable through a mapping of the file, a frame
+that fails its checksum is never written, and each frame is reported once checked, without
+waiting for the next one."""
 
 from __future__ import annotations
 
@@ -96,3 +97,38 @@ def test_a_frame_failing_its_checksum_is_never_written(slot_file: tuple[Path, mm
     assert mm[5 * MIB : 6 * MIB] == bytes(MIB)  # the corrupted frame never reached the file
     assert mm[: 5 * MIB] == data[: 5 * MIB]
     assert not seen or seen[-1][0] <= 5 * MIB
+
+
+def test_a_verified_frame_is_reported_before_the_next_one_arrives() -> None:
+    """A reader copying behind the transfer gets each frame as soon as it is checked: the sender
+    here holds the second frame back until the first is reported, so a receiver that reported a
+    frame only once the next one came would stall until the idle timeout."""
+    chunk = MIB
+    data = os.urandom(3 * chunk)
+    crcs = chunk_crcs(data, chunk)
+    first_reported = threading.Event()
+    a, b = socket.socketpair()
+
+    def send() -> None:
+        send_frames(a, memoryview(data)[:chunk], chunk, crcs[:1], 10)
+        if first_reported.wait(10):
+            send_frames(a, memoryview(data)[chunk:], chunk, crcs[1:], 10, start_offset=chunk)
+
+    def seen(n: int) -> None:
+        reports.append(n)
+        if n >= chunk:
+            first_reported.set()
+
+    reports: list[int] = []
+    dst = bytearray(len(data))
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        recv_frames(b, memoryview(dst), verifier_for_frames(len(data), chunk, crcs), 3, seen)
+    finally:
+        a.close()
+        b.close()
+        sender.join(10)
+    assert first_reported.is_set()
+    assert bytes(dst) == data
+    assert reports == [chunk, 2 * chunk, 3 * chunk]
