@@ -3,7 +3,8 @@
 Every test that takes the ``tier`` fixture is part of the contract and runs once per entry of
 ``TIER_CASES``. To add a tier, write a ``TierCase`` factory for it: the tier itself plus the few
 hooks a test needs to damage or inspect what the tier stored (flip a byte, truncate, name the
-copy). Tests of one implementation's internals (disk start-up recovery) take ``disk_case``.
+copy). Tests of one implementation's internals (disk layout, start-up recovery) are in
+test_disk_tier.py.
 """
 
 from __future__ import annotations
@@ -18,14 +19,10 @@ from pathlib import Path
 import pytest
 
 from ckptd.errors import AlreadyExists, CkptdError, IntegrityError, NotFound
-from ckptd.integrity import chunk_crcs
-from ckptd.layout import TensorEntry
 from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd.tiers.base import Tier
 from ckptd.tiers.disk import DiskTier
-
-CHUNK = 4096
-JOB = "conf-job"
+from tests.tiers._tier_kit import CHUNK, JOB, entry_for, payload, read, save_step
 
 
 @dataclass
@@ -80,44 +77,6 @@ def tier_case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TierCa
 @pytest.fixture
 def tier(tier_case: TierCase) -> Tier:
     return tier_case.tier
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-
-
-def payload(nbytes: int, seed: int) -> memoryview:
-    """nbytes of random data in a page-aligned anonymous mapping (like a shm slot)."""
-    mm = mmap.mmap(-1, max(nbytes, 1))
-    mm[:nbytes] = random.Random(seed).randbytes(nbytes)
-    return memoryview(mm)[:nbytes]
-
-
-def entry_for(rank: int, data: memoryview) -> ShardEntry:
-    n = data.nbytes
-    tensors = (TensorEntry("blob", "uint8", (n,), 0, n),) if n else ()
-    tree = {"d": [["blob", {"t": 0}]]} if n else {"d": []}
-    return ShardEntry(rank, n, CHUNK, tuple(chunk_crcs(data, CHUNK)), tensors, tree)
-
-
-def save_step(tier: Tier, job: str, step: int, sizes: list[int], commit: bool = True) -> tuple[Manifest, list[bytes]]:
-    """put_shard every rank (sizes[r] bytes) and commit; return the manifest and the bytes."""
-    entries, blobs = [], []
-    for rank, n in enumerate(sizes):
-        data = payload(n, seed=step * 1000 + rank)
-        entry = entry_for(rank, data)
-        tier.put_shard(job, step, entry, data)
-        entries.append(entry)
-        blobs.append(bytes(data))
-    m = Manifest(job, step, len(sizes), tuple(entries), created_unix_s=1234.5, extra={"k": "v"})
-    if commit:
-        tier.commit(m)
-    return m, blobs
-
-
-def read(tier: Tier, job: str, step: int, entry: ShardEntry) -> bytes:
-    dst = memoryview(bytearray(entry.nbytes + 100))  # larger than the shard, like a slot
-    tier.read_shard_into(job, step, entry, dst)
-    return bytes(dst[: entry.nbytes])
 
 
 # Sizes: several chunks with a short tail, exactly one chunk, tiny, and empty.
@@ -317,86 +276,3 @@ def test_bad_job_names_never_touch_the_filesystem(tier: Tier, tmp_path: Path, jo
     with pytest.raises(ValueError):
         tier.delete(job, 1)
     assert sorted(p for p in tmp_path.rglob("*")) == before
-
-
-# -- disk-specific ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def disk(tmp_path: Path) -> DiskTier:
-    return DiskTier(tmp_path / "disk", direct_io=True, block_bytes=8192)
-
-
-def test_disk_layout_on_the_filesystem(disk: DiskTier) -> None:
-    m, blobs = save_step(disk, JOB, 12, [100, 0])
-    step_dir = disk.root / JOB / "step-000000000012"
-    assert sorted(p.name for p in step_dir.iterdir()) == ["manifest.json", "rank-000000.shard", "rank-000001.shard"]
-    assert (step_dir / "rank-000000.shard").read_bytes() == blobs[0]
-    assert (step_dir / "rank-000001.shard").stat().st_size == 0
-    assert (step_dir / "manifest.json").read_bytes() == m.to_json()
-    for p in step_dir.iterdir():
-        assert p.stat().st_mode & 0o077 == 0  # files 0600
-
-
-def test_disk_delete_uncommits_before_removing_data(disk: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crash while the data is being removed leaves no committed step behind."""
-    save_step(disk, JOB, 1, [100])
-    m2, _ = save_step(disk, JOB, 2, [100])
-    import ckptd.tiers.disk as disk_mod
-
-    def crash(path: object, ignore_errors: bool = False) -> None:
-        raise RuntimeError("crash while removing data")
-
-    monkeypatch.setattr(disk_mod.shutil, "rmtree", crash)
-    with pytest.raises(RuntimeError):
-        disk.delete(JOB, 2)
-    monkeypatch.undo()
-    assert disk.list_committed(JOB) == [1]  # the manifest went first
-    assert disk.shard_path(JOB, 2, m2.shards[0]).exists()  # data still there: removed second
-    assert str(disk.step_dir(JOB, 2)) in disk.recover()  # and start-up recovery cleans it
-    assert not disk.step_dir(JOB, 2).exists()
-
-
-def test_disk_recover_removes_temp_and_uncommitted(disk: DiskTier) -> None:
-    m1, b1 = save_step(disk, JOB, 1, [100, 300])
-    save_step(disk, JOB, 2, [100, 300], commit=False)  # shards but no manifest
-    job_dir = disk.root / JOB
-    tmp_in_job = job_dir / ".tmp-deadbeef"
-    tmp_in_job.mkdir()
-    (tmp_in_job / "rank-000000.shard").write_bytes(b"x")
-    tmp_in_step = disk.step_dir(JOB, 1) / ".tmp-cafe"
-    tmp_in_step.mkdir()
-    (tmp_in_step / "manifest.json").write_bytes(b"{}")
-    empty_step = job_dir / "step-000000000003"
-    empty_step.mkdir()
-    stranger = job_dir / "notes"  # not a step directory: left alone
-    stranger.mkdir()
-    removed = set(disk.recover())
-    assert removed == {str(tmp_in_job), str(tmp_in_step), str(disk.step_dir(JOB, 2)), str(empty_step)}
-    assert sorted(p.name for p in job_dir.iterdir()) == ["notes", "step-000000000001"]
-    assert sorted(p.name for p in disk.step_dir(JOB, 1).iterdir()) == [
-        "manifest.json", "rank-000000.shard", "rank-000001.shard"]
-    assert disk.list_committed(JOB) == [1]
-    assert read(disk, JOB, 1, m1.shards[1]) == b1[1]
-    assert disk.recover() == []  # idempotent
-
-
-def test_disk_recover_on_a_fresh_root(tmp_path: Path) -> None:
-    disk = DiskTier(tmp_path / "does" / "not" / "exist")
-    assert disk.recover() == []
-    assert disk.root.is_dir()
-    assert disk.list_jobs() == []
-
-
-def test_disk_list_jobs_ignores_strangers(disk: DiskTier) -> None:
-    save_step(disk, JOB, 1, [10])
-    (disk.root / "bad..name").mkdir()
-    (disk.root / ".hidden").mkdir()
-    (disk.root / "a-file").write_bytes(b"")
-    assert disk.list_jobs() == [JOB]
-
-
-def test_disk_leaves_no_temp_files(disk: DiskTier) -> None:
-    save_step(disk, JOB, 1, [5 * CHUNK + 1, 10])
-    leftovers = [p for p in disk.root.rglob(".tmp-*")]
-    assert leftovers == []
