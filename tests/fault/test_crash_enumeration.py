@@ -53,18 +53,17 @@ from ckptd.tiers.disk import DIRECT_ALIGN_BYTES as A
 from ckptd.tiers.disk import DiskTier
 from ckptd.types import Level
 from tests.conftest import wait_for_daemon
+from tests.fault.crashreport import Tally, report
 from tests.fault.crashsim import (
     FLAVOURS,
     Found,
     Model,
     Recorder,
-    Tally,
     View,
     fingerprint,
     materialise,
     read_tree,
     record,
-    report,
 )
 from tests.fault.faultkit import disk_leftovers, make_state, manager, restore_checked, step_dir, wait_until
 
