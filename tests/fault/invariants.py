@@ -339,28 +339,27 @@ def _tier_text(tiers: Iterable[Any]) -> str:
                      for t in tiers)
 
 
-def _tiers(node: NodeView, job: str, step: int) -> str:
-    """' [memory=REMOVED (slots reused), disk=SKIPPED (...)]': what the node says of the step now."""
+def _step_status(node: NodeView, job: str, step: int) -> Any:
+    """GetStepStatus of the step on the node, or the RpcError it answered."""
     with grpc.insecure_channel(f"unix:{node.addr}") as ch:
         try:
-            st = pb_grpc.CheckpointServiceStub(ch).GetStepStatus(
+            return pb_grpc.CheckpointServiceStub(ch).GetStepStatus(
                 pb.GetStepStatusRequest(job=job, step=step), timeout=10)
         except grpc.RpcError as err:
-            return f" [{err.details()}]"  # type: ignore[attr-defined]
-    return f" [{_tier_text(st.tiers)}]"
+            return err
+
+
+def _tiers(node: NodeView, job: str, step: int) -> str:
+    """' [memory=REMOVED (slots reused), disk=SKIPPED (...)]': what the node says of the step now."""
+    st = _step_status(node, job, step)
+    return f" [{st.details()}]" if isinstance(st, grpc.RpcError) else f" [{_tier_text(st.tiers)}]"
 
 
 def _failed_drain(node: NodeView, step_dir: Path) -> bool:
     """A manifest-less step dir is not a recovery leftover if it holds a drain that failed after
     the restart (its files stay until the next recovery; the failure is reported) or one in flight."""
-    step = int(step_dir.name.removeprefix("step-"))
-    with grpc.insecure_channel(f"unix:{node.addr}") as ch:
-        try:
-            st = pb_grpc.CheckpointServiceStub(ch).GetStepStatus(
-                pb.GetStepStatusRequest(job=step_dir.parent.name, step=step), timeout=10)
-        except grpc.RpcError:
-            return False
-    return any(t.tier == "disk" and t.state in (2, 4) for t in st.tiers)
+    st = _step_status(node, step_dir.parent.name, int(step_dir.name.removeprefix("step-")))
+    return not isinstance(st, grpc.RpcError) and any(t.tier == "disk" and t.state in (2, 4) for t in st.tiers)
 
 
 def settle(ledger: Ledger, nodes: list[NodeView], down: frozenset[str], timeout_s: float = 20.0) -> bool:
