@@ -16,6 +16,12 @@ and mutated bytes). For every example:
 
 One daemon serves the module (``max_examples`` per RPC keeps the whole module near 35 s on
 two cores).
+
+The calling, checking and invariants live in _props_kit.py, the strategies in
+_props_strategies.py. The tests stay in this one module on purpose: they share one daemon and one
+``Model`` of what it accepted (the invariants hold every committed step against the CommitShards
+this module saw accepted, across all the tests), and ``test_every_rpc_was_exercised`` runs last
+and looks at the calls every other test made.
 """
 
 from __future__ import annotations
@@ -23,81 +29,35 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ckptd import errors
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.errors import ERROR_METADATA_KEY, Unauthenticated
-from ckptd.integrity import chunk_crcs, crc32c
-from ckptd.layout import TensorEntry
-from ckptd.manifest import Manifest, ShardEntry
-from ckptd.peer_types import ReplicaHeader
-from ckptd.peer_wire import header_to_pb
-from ckptd.types import DTYPE_ITEMSIZE, MAX_STEP, validate_job
-from tests._ckptd_helpers import Daemon, free_port, running_daemon
-
-C = grpc.StatusCode
-CKPT = "ckptd.v1.CheckpointService"
-PEER = "ckptd.v1.PeerService"
-TOKEN = "property-peer-token-51c0de9a"
-BUDGET = 64 * 2**20
-CKPT_RPCS = [m.name for m in pb.DESCRIPTOR.services_by_name["CheckpointService"].methods]
-SERVER_STREAMING = {m.name for d, svc in ((pb, "CheckpointService"), (ppb, "PeerService"))
-                    for m in d.DESCRIPTOR.services_by_name[svc].methods if m.server_streaming}
-PEER_RPCS = [m.name for m in ppb.DESCRIPTOR.services_by_name["PeerService"].methods]
-NEVER = {C.UNKNOWN, C.INTERNAL, C.CANCELLED, C.UNIMPLEMENTED}
-KNOWN_CLASSES = {**errors.ERRORS, "Unauthenticated": Unauthenticated}
-
-_BAD = C.INVALID_ARGUMENT
-DOCUMENTED = {cls.code for cls in KNOWN_CLASSES.values()} - {C.INTERNAL}  # the error table, less "internal"
-ALLOWED: dict[str, set[grpc.StatusCode]] = {
-    "BeginSave": {_BAD, C.ALREADY_EXISTS, C.FAILED_PRECONDITION, C.RESOURCE_EXHAUSTED},
-    "CommitShard": {_BAD, C.NOT_FOUND, C.RESOURCE_EXHAUSTED},
-    "AbortSave": {_BAD, C.NOT_FOUND},
-    "GetStepStatus": {_BAD, C.NOT_FOUND},
-    "WaitStep": {_BAD, C.NOT_FOUND, C.FAILED_PRECONDITION, C.DEADLINE_EXCEEDED, C.UNAVAILABLE},
-    "ListSteps": {_BAD, C.NOT_FOUND},
-    "ListJobs": {_BAD},
-    "PrepareRestore": {_BAD, C.NOT_FOUND, C.FAILED_PRECONDITION, C.DATA_LOSS, C.UNAVAILABLE, C.RESOURCE_EXHAUSTED},
-    "ReleaseRestore": {_BAD, C.NOT_FOUND},
-    "GetManifest": {_BAD, C.NOT_FOUND},
-    "DaemonStatus": {_BAD},
-    "DeleteStep": {_BAD, C.NOT_FOUND},
-    "PinStep": {_BAD, C.NOT_FOUND},
-    "RunRetention": {_BAD, C.NOT_FOUND},
-    "PushReplica": {_BAD, C.DATA_LOSS, C.ALREADY_EXISTS, C.RESOURCE_EXHAUSTED, C.DEADLINE_EXCEEDED},
-    "FetchShard": {_BAD, C.NOT_FOUND, C.RESOURCE_EXHAUSTED, C.DEADLINE_EXCEEDED},
-    "ListHoldings": {_BAD},
-    "ReportReady": {_BAD, C.FAILED_PRECONDITION},
-    "Ping": {_BAD},
-}
-POOL = ["pa", "pb", "pc"]  # jobs the examples share, so sequences of calls meet real state
-KEEP = "keep-1"  # a committed step no drawn example can touch: the explicit OK examples use it
-
-
-@dataclass
-class Model:
-    """What the test saw the daemon accept: (job, step) -> ranks whose CommitShard returned OK."""
-
-    committed: dict[tuple[str, int], set[int]] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
-    codes: dict[str, set[str]] = field(default_factory=dict)
-
-
-@dataclass
-class Env:
-    daemon: Daemon
-    ch: grpc.Channel
-    peer_ch: grpc.Channel
-    model: Model
+from ckptd.integrity import chunk_crcs
+from ckptd.manifest import Manifest
+from tests._ckptd_helpers import free_port, running_daemon
+from tests.integration._hostile_kit import C, _layout
+from tests.integration._props_kit import ALLOWED, KEEP, TOKEN, Env, Model, _abort, _ok, checked, invariants
+from tests.integration._props_strategies import (
+    EXAMPLES,
+    FEW,
+    _pair,
+    _valid_push,
+    enums,
+    int32s,
+    jobs,
+    lease_ids,
+    mutated,
+    replica_pushes,
+    save_then_commit,
+    steps,
+    tiers,
+    uint64s,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,138 +85,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         assert "Traceback" not in log and "internal error" not in log, log[-4000:]
 
 
-def _layout(nbytes: int) -> pb.ShardLayout:
-    return pb.ShardLayout(tensors=[pb.TensorMeta(name="w", dtype="uint8", shape=[nbytes], offset=0, nbytes=nbytes)],
-                          tree_json='{"d": [["w", {"t": 0}]]}')
-
-
-# -- calling and checking ----------------------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    code: grpc.StatusCode
-    error_class: str | None
-    details: str
-    responses: list[bytes]
-
-
-def call(env: Env, rpc: str, payload: bytes | list[bytes], timeout: float = 5.0) -> Answer:
-    peer = rpc in PEER_RPCS
-    ch = env.peer_ch if peer else env.ch
-    method = f"/{PEER if peer else CKPT}/{rpc}"
-    md = (("authorization", f"Bearer {TOKEN}"),) if peer else None
-    try:
-        if rpc == "PushReplica":
-            msgs = payload if isinstance(payload, list) else [payload]
-            out = [ch.stream_unary(method, request_serializer=None, response_deserializer=None)(
-                iter(msgs), metadata=md, timeout=timeout)]
-        elif rpc in SERVER_STREAMING:
-            assert isinstance(payload, bytes)
-            out = list(ch.unary_stream(method, request_serializer=None, response_deserializer=None)(
-                payload, metadata=md, timeout=timeout))
-        else:
-            assert isinstance(payload, bytes)
-            out = [ch.unary_unary(method, request_serializer=None, response_deserializer=None)(
-                payload, metadata=md, timeout=timeout)]
-        return Answer(C.OK, None, "", out)
-    except grpc.RpcError as err:
-        assert isinstance(err, grpc.Call)
-        name = None
-        for key, value in err.trailing_metadata() or ():
-            if key == ERROR_METADATA_KEY:
-                name = value if isinstance(value, str) else value.decode()
-        return Answer(err.code(), name, err.details() or "", [])
-
-
-def checked(env: Env, rpc: str, req: Any, timeout: float = 5.0) -> Answer:
-    """Call, and assert the answer is OK or a documented, typed refusal of this RPC."""
-    payload = req if isinstance(req, bytes) else (
-        [m if isinstance(m, bytes) else m.SerializeToString() for m in req] if isinstance(req, list)
-        else req.SerializeToString())
-    a = call(env, rpc, payload, timeout)
-    env.model.calls[rpc] = env.model.calls.get(rpc, 0) + 1
-    env.model.codes.setdefault(rpc, set()).add(a.code.name)
-    assert a.code == C.OK or a.code in ALLOWED.get(rpc, DOCUMENTED), (rpc, a, req if not isinstance(req, list)
-                                                                       else len(req))
-    assert a.code not in NEVER
-    if a.code != C.OK and not (a.code == C.DEADLINE_EXCEEDED and a.error_class is None):  # a client deadline
-        assert a.error_class in KNOWN_CLASSES and KNOWN_CLASSES[a.error_class].code == a.code, a
-        assert a.details
-    return a
-
-
-def _ok(env: Env, rpc: str, req: Any) -> bytes:
-    a = call(env, rpc, req.SerializeToString(), 60)
-    assert a.code == C.OK, (rpc, a)
-    return a.responses[0]
-
-
-def invariants(env: Env) -> None:
-    d = env.daemon
-    assert d.alive(), d.log()[-3000:]
-    health = health_pb2_grpc.HealthStub(env.ch).Check(health_pb2.HealthCheckRequest(service=CKPT), timeout=5)
-    assert health.status == health_pb2.HealthCheckResponse.SERVING
-    assert checked(env, "Ping", ppb.PingRequest(node_id="inv")).code == C.OK
-    status = pb.DaemonStatusResponse.FromString(_ok(env, "DaemonStatus", pb.DaemonStatusRequest()))
-    assert status.slot_bytes_in_use <= status.budget_bytes == BUDGET and not status.draining
-    for job in pb.ListJobsResponse.FromString(_ok(env, "ListJobs", pb.ListJobsRequest())).jobs:
-        validate_job(job)
-        for info in pb.ListStepsResponse.FromString(_ok(env, "ListSteps", pb.ListStepsRequest(job=job))).steps:
-            committed_at = [t.tier for t in info.tiers if t.state == pb.TIER_COMMITTED]
-            if any(t in ("memory", "disk") for t in committed_at):
-                assert info.committed
-                raw = pb.GetManifestResponse.FromString(_ok(env, "GetManifest", pb.GetManifestRequest(
-                    job=job, step=info.step)))
-                m = Manifest.from_json(raw.manifest_json)
-                ranks = {s.rank for s in m.shards}
-                expected = set(m.node_ranks) if m.node_ranks else set(range(m.world_size))
-                assert ranks == expected, (job, info.step, ranks, expected)
-                seen = env.model.committed.get((job, info.step), set())
-                assert ranks <= seen, f"{job}@{info.step} committed at {committed_at} with ranks {ranks - seen} " \
-                                      "that no accepted CommitShard staged"
-    if d.data_dir.exists():
-        for p in d.data_dir.iterdir():
-            validate_job(p.name)
-
-
-# -- strategies --------------------------------------------------------------------------------
-
-HOSTILE_NAMES = ["", ".", "..", "../x", "/abs", "a/b", "a\x00b", "j" * 129, "jöb", "\u202e", "-x", "a..b", " pa"]
-jobs = st.one_of(st.sampled_from(POOL), st.sampled_from(POOL), st.sampled_from(HOSTILE_NAMES), st.text(max_size=20),
-                 st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,12}", fullmatch=True))
-int64s = st.one_of(st.integers(-2, 5), st.integers(0, 2), st.sampled_from([MAX_STEP, MAX_STEP + 1, 2**63 - 1,
-                                                                            -(2**63)]),
-                   st.integers(-(2**63), 2**63 - 1))
-steps = int64s
-int32s = st.one_of(st.integers(-2, 4), st.integers(0, 2), st.sampled_from([2**31 - 1, -(2**31), 65536, 65537]),
-                   st.integers(-(2**31), 2**31 - 1))
-uint64s = st.one_of(st.sampled_from([0, 1, 8, 64, 4096, BUDGET, BUDGET + 1, 2**40, 2**63, 2**64 - 1]),
-                    st.integers(0, 2**64 - 1))
-uint32s = st.one_of(st.integers(0, 300), st.sampled_from([2**32 - 1, 2**31]), st.integers(0, 2**32 - 1))
-doubles = st.floats(allow_nan=True, allow_infinity=True)
-enums = st.one_of(st.integers(-1, 6), st.integers(-(2**31), 2**31 - 1))
-tiers = st.one_of(st.sampled_from(["", "memory", "disk", "object", "peer", "DISK", "../disk"]), st.text(max_size=8))
-lease_ids = st.one_of(st.just(""), st.text(max_size=40), st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
-dtypes = st.one_of(st.sampled_from(sorted(DTYPE_ITEMSIZE)), st.sampled_from(["", "float128", "object", "UINT8"]),
-                   st.text(max_size=8))
-shapes = st.lists(st.one_of(st.integers(0, 70), st.integers(-(2**63), 2**63 - 1)), max_size=5)
-tensor_metas = st.builds(pb.TensorMeta, name=st.one_of(st.sampled_from(["w", "b", ""]), st.text(max_size=6)),
-                         dtype=dtypes, shape=shapes, offset=uint64s, nbytes=uint64s)
-TREES = ['{"d": [["w", {"t": 0}]]}', '{"l": [{"t": 0}, {"t": 1}]}', '{"v": 1}', '{"l": []}', "{", "[" * 2000,
-         '{"t": 0}', '{"d": [["w", {"t": 0}], ["w", {"t": 0}]]}', '{"f": "nan"}', '{"v": NaN}']
-trees = st.one_of(st.sampled_from(TREES), st.text(max_size=30))
-layouts = st.builds(pb.ShardLayout, tensors=st.lists(tensor_metas, max_size=3), tree_json=trees)
-
-EXAMPLES = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _abort(env: Env, lease_id: str) -> None:
-    a = checked(env, "AbortSave", pb.AbortSaveRequest(lease_id=lease_id))
-    assert a.code in (C.OK, C.NOT_FOUND)
-
-
 # -- CheckpointService -------------------------------------------------------------------------
 
 
@@ -273,29 +101,6 @@ def test_begin_save(env: Env, req: pb.BeginSaveRequest) -> None:
         assert resp.slot_capacity_bytes >= req.nbytes and resp.slot_path.startswith(str(env.daemon.shm_dir))
         _abort(env, resp.lease_id)
     invariants(env)
-
-
-@st.composite
-def save_then_commit(draw: st.DrawFn) -> tuple[pb.BeginSaveRequest, pb.CommitShardRequest, bool]:
-    """A real BeginSave of the pool's jobs, then a CommitShard whose fields keep or break it."""
-    ws = draw(st.sampled_from([1, 2]))
-    nbytes = draw(st.sampled_from([0, 8, 64, 4096]))
-    begin = pb.BeginSaveRequest(job=draw(st.sampled_from(POOL)), step=draw(st.integers(1, 4)),
-                                rank=draw(st.integers(0, ws - 1)), world_size=ws, nbytes=nbytes,
-                                client_pid=os.getpid())
-    same = {"job": begin.job, "step": begin.step, "rank": begin.rank, "world_size": ws, "nbytes": nbytes}
-    fields = {k: draw(st.one_of(st.just(v), {"job": jobs, "step": steps, "rank": int32s, "world_size": int32s,
-                                             "nbytes": uint64s}[k])) for k, v in same.items()}
-    layout = draw(st.one_of(st.just(_layout(nbytes)), layouts))
-    commit = pb.CommitShardRequest(**fields, layout=layout, chunk_bytes=draw(st.sampled_from([0, 65536, 4096])),
-                                   chunk_crc32c=draw(st.lists(st.integers(0, 2**32 - 1), max_size=2)),
-                                   client_stall_s=draw(doubles))
-    return begin, commit, draw(st.booleans())  # last: keep the real lease id (else a random one)
-
-
-def _pair(step: int, layout: pb.ShardLayout) -> tuple[pb.BeginSaveRequest, pb.CommitShardRequest, bool]:
-    ids = {"job": "pc", "step": step, "rank": 0, "world_size": 1, "nbytes": 64}
-    return pb.BeginSaveRequest(**ids, client_pid=os.getpid()), pb.CommitShardRequest(**ids, layout=layout), True
 
 
 @EXAMPLES
@@ -457,51 +262,6 @@ def test_run_retention(env: Env, req: pb.RunRetentionRequest) -> None:
 # -- PeerService -------------------------------------------------------------------------------
 
 
-@st.composite
-def replica_pushes(draw: st.DrawFn) -> list[bytes | ppb.PushReplicaRequest]:
-    """A header built from a consistent shard (then maybe one field broken) and its chunks (maybe broken)."""
-    data = draw(st.binary(min_size=0, max_size=3000))
-    cb = draw(st.sampled_from([1024, 4096, 65536]))
-    ws = draw(st.integers(1, 3))
-    rank = draw(st.integers(0, ws - 1))
-    entry = ShardEntry(rank, len(data), cb, tuple(chunk_crcs(data, cb)),
-                       (TensorEntry("w", "uint8", (len(data),), 0, len(data)),), {"d": [["w", {"t": 0}]]})
-    h = header_to_pb(ReplicaHeader(draw(st.sampled_from(POOL)), draw(st.integers(1, 6)), ws, entry, "n7"))
-    which = draw(st.sampled_from(["none", "job", "step", "rank", "world_size", "node_ranks", "nbytes", "chunk_bytes",
-                                  "chunk_crc32c", "shard_json", "source_node", "created_unix_s", "extra_json"]))
-    broken = {"job": jobs, "step": steps, "rank": int32s, "world_size": int32s, "nbytes": uint64s,
-              "chunk_bytes": uint32s, "source_node": st.text(max_size=10), "created_unix_s": doubles,
-              "shard_json": st.one_of(st.text(max_size=20), st.just("[" * 5000)),
-              "extra_json": st.one_of(st.text(max_size=20), st.sampled_from(["[]", '{"a": NaN}', "null"])),
-              "node_ranks": st.lists(int32s, max_size=4), "chunk_crc32c": st.lists(st.integers(0, 2**32 - 1),
-                                                                                     max_size=3)}
-    if which in ("node_ranks", "chunk_crc32c"):
-        getattr(h, which)[:] = draw(broken[which])
-    elif which != "none":
-        setattr(h, which, draw(broken[which]))
-    msgs: list[bytes | ppb.PushReplicaRequest] = [ppb.PushReplicaRequest(header=h, want_bulk=draw(st.booleans()))]
-    cut = draw(st.integers(0, len(data)))
-    pieces = [(0, data[:cut]), (cut, data[cut:])] if data else []
-    for off, piece in pieces:
-        crc = crc32c(piece) ^ draw(st.sampled_from([0, 0, 0, 1]))
-        msgs.append(ppb.PushReplicaRequest(chunk=ppb.ReplicaChunk(offset=off + draw(st.sampled_from([0, 0, 0, 1])),
-                                                                  data=piece, crc32c=crc)))
-    if draw(st.integers(0, 5)) == 0:
-        msgs.insert(draw(st.integers(0, len(msgs))), draw(st.binary(max_size=12)))  # raw junk anywhere
-    if draw(st.integers(0, 5)) == 0:
-        msgs.reverse()
-    return msgs
-
-
-def _valid_push() -> list[bytes | ppb.PushReplicaRequest]:
-    data = b"replica bytes" * 100
-    entry = ShardEntry(0, len(data), 4096, tuple(chunk_crcs(data, 4096)),
-                       (TensorEntry("w", "uint8", (len(data),), 0, len(data)),), {"d": [["w", {"t": 0}]]})
-    h = header_to_pb(ReplicaHeader(KEEP + "r", 1, 1, entry, "n7"))
-    return [ppb.PushReplicaRequest(header=h),
-            ppb.PushReplicaRequest(chunk=ppb.ReplicaChunk(offset=0, data=data, crc32c=crc32c(data)))]
-
-
 @EXAMPLES
 @example(msgs=_valid_push())
 @example(msgs=[b"\xff"])
@@ -575,30 +335,6 @@ def test_ping(env: Env, node: str) -> None:
 
 
 # -- any bytes, any RPC ------------------------------------------------------------------------
-
-
-@st.composite
-def mutated(draw: st.DrawFn) -> tuple[str, bytes]:
-    """Random bytes, or a valid message of the RPC with bytes flipped, cut or inserted."""
-    rpc = draw(st.sampled_from(CKPT_RPCS + PEER_RPCS))
-    if draw(st.booleans()):
-        return rpc, draw(st.binary(max_size=48))
-    base = {"BeginSave": pb.BeginSaveRequest(job="pa", step=9, world_size=1, nbytes=64, node_ranks=[0]),
-            "CommitShard": pb.CommitShardRequest(lease_id="0" * 32, job="pa", layout=_layout(64)),
-            "PushReplica": ppb.PushReplicaRequest(chunk=ppb.ReplicaChunk(offset=0, data=b"abc", crc32c=1)),
-            "ReportReady": ppb.ReportReadyRequest(job="pc", step=1, world_size=1, tier="disk", node_id="n2",
-                                                  ranks=[0])}.get(rpc)
-    data = bytearray(base.SerializeToString() if base is not None else b"\x0a\x02pa\x10\x01")
-    for _ in range(draw(st.integers(1, 3))):
-        op = draw(st.sampled_from(["flip", "cut", "insert"]))
-        if op == "cut" and data:
-            del data[draw(st.integers(0, len(data) - 1)):]
-        elif op == "flip" and data:
-            data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
-        else:
-            i = draw(st.integers(0, len(data)))
-            data[i:i] = draw(st.binary(min_size=1, max_size=4))
-    return rpc, bytes(data)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
