@@ -44,12 +44,14 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "ListSteps": {_BAD, C.NOT_FOUND},
     "ListJobs": {_BAD},
     "PrepareRestore": {_BAD, C.NOT_FOUND, C.FAILED_PRECONDITION, C.DATA_LOSS, C.UNAVAILABLE, C.RESOURCE_EXHAUSTED},
+    "Restore": {_BAD, C.NOT_FOUND, C.FAILED_PRECONDITION, C.DATA_LOSS, C.UNAVAILABLE, C.RESOURCE_EXHAUSTED},
     "ReleaseRestore": {_BAD, C.NOT_FOUND},
     "GetManifest": {_BAD, C.NOT_FOUND},
     "DaemonStatus": {_BAD},
     "DeleteStep": {_BAD, C.NOT_FOUND},
     "PinStep": {_BAD, C.NOT_FOUND},
     "RunRetention": {_BAD, C.NOT_FOUND},
+    "SetPeers": {_BAD, C.FAILED_PRECONDITION},
     "PushReplica": {_BAD, C.DATA_LOSS, C.ALREADY_EXISTS, C.RESOURCE_EXHAUSTED, C.DEADLINE_EXCEEDED},
     "FetchShard": {_BAD, C.NOT_FOUND, C.RESOURCE_EXHAUSTED, C.DEADLINE_EXCEEDED},
     "ListHoldings": {_BAD},
@@ -75,6 +77,7 @@ class Env:
     ch: grpc.Channel
     peer_ch: grpc.Channel
     model: Model
+    peer_port: int
 
 
 # -- calling and checking ----------------------------------------------------------------------

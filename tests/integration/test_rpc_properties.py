@@ -70,7 +70,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                    "push_timeout_s = 0.5\n")
     with running_daemon(work, budget="64MiB", extra_args=["--config", str(cfg)]) as d, \
             grpc.insecure_channel(d.target) as ch, grpc.insecure_channel(f"127.0.0.1:{port}") as peer_ch:
-        e = Env(d, ch, peer_ch, Model())
+        e = Env(d, ch, peer_ch, Model(), port)
         for job, ws in (("pa", 1), ("pb", 2), (KEEP, 1)):  # pa@1, keep@1 committed; pb@1 with rank 0 only
             lease = pb.BeginSaveResponse.FromString(_ok(e, "BeginSave", pb.BeginSaveRequest(
                 job=job, step=1, rank=0, world_size=ws, nbytes=64, client_pid=os.getpid())))
@@ -199,6 +199,31 @@ def test_prepare_and_release_restore(env: Env, req: pb.PrepareRestoreRequest) ->
     invariants(env)
 
 
+@EXAMPLES
+@example(req=pb.PrepareRestoreRequest(job=KEEP, rank=0, world_size=1, step=-1))
+@example(req=pb.PrepareRestoreRequest(job=KEEP, rank=0, world_size=1, step=1, dry_run=True))
+@example(req=pb.PrepareRestoreRequest(job=KEEP, rank=0, world_size=2, step=1))
+@given(req=st.builds(pb.PrepareRestoreRequest, job=jobs, rank=int32s, world_size=int32s, step=steps,
+                     dry_run=st.booleans(), client_pid=int32s))
+def test_restore_stream(env: Env, req: pb.PrepareRestoreRequest) -> None:
+    """The streamed restore: start, verified bytes only growing up to the shard's size, then done
+    with a lease the client releases (no source here is damaged, so never a restart)."""
+    a = checked(env, "Restore", req)
+    assert a.code == C.INVALID_ARGUMENT or not req.dry_run  # a plan is PrepareRestore's job
+    if a.code == C.OK:
+        events = [pb.RestoreEvent.FromString(r) for r in a.responses]
+        kinds = [e.WhichOneof("event") for e in events]
+        assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) <= {"ready_bytes"}, kinds
+        start, done = events[0].start, events[-1].done
+        assert start.served_from in ("memory", "disk", "peer") and req.step in (-1, start.step)
+        assert done.step == start.step and done.served_from == start.served_from
+        ready = [e.ready_bytes for e in events[1:-1]]
+        assert ready == sorted(ready) and all(n <= start.nbytes for n in ready)
+        assert done.lease_id
+        assert checked(env, "ReleaseRestore", pb.ReleaseRestoreRequest(lease_id=done.lease_id)).code == C.OK
+    invariants(env)
+
+
 @FEW
 @given(lease=lease_ids)
 def test_release_restore(env: Env, lease: str) -> None:
@@ -245,6 +270,28 @@ def test_pin_step(env: Env, req: pb.PinStepRequest) -> None:
         assert pin_file.exists() == bool(pins)
         if pins:
             assert json.loads(pin_file.read_text())["steps"] == pins
+    invariants(env)
+
+
+@EXAMPLES
+@example(peers=["n1=127.0.0.1:{port}"])
+@example(peers=["n1=127.0.0.1:{port}", "n2=127.0.0.1:1"])
+@example(peers=["n2=127.0.0.1:1"])
+@example(peers=["n1=127.0.0.1:{port}", "n1=127.0.0.1:2"])
+@given(peers=st.lists(st.one_of(st.sampled_from(["n1=127.0.0.1:{port}", "n2=127.0.0.1:1", "n3=[::1]:1"]),
+                                st.text(max_size=24)), max_size=4))
+def test_set_peers(env: Env, peers: list[str]) -> None:
+    """Membership from the job: unique node=host:port entries naming this node, answered with the
+    ids sorted; reset to this node alone after (port 1 refuses at once, should a push start)."""
+    req = pb.SetPeersRequest(peers=[p.replace("{port}", str(env.peer_port)) for p in peers])
+    try:
+        a = checked(env, "SetPeers", req)
+        if a.code == C.OK:
+            members = list(pb.SetPeersResponse.FromString(a.responses[0]).members)
+            assert "n1" in members and members == sorted(set(members))
+            assert len(members) == len([p for p in req.peers if p.strip()])  # blank entries are skipped
+    finally:
+        _ok(env, "SetPeers", pb.SetPeersRequest(peers=[f"n1=127.0.0.1:{env.peer_port}"]))
     invariants(env)
 
 
@@ -359,7 +406,7 @@ def test_every_rpc_was_exercised(env: Env) -> None:
     """Runs last in the module: every RPC saw examples, and both outcomes where both exist."""
     calls, codes = env.model.calls, env.model.codes
     assert set(calls) >= set(ALLOWED), sorted(set(ALLOWED) - set(calls))
-    for rpc in ("BeginSave", "CommitShard", "GetStepStatus", "PrepareRestore", "GetManifest", "DeleteStep",
-                "PinStep", "PushReplica", "FetchShard", "ReportReady"):
+    for rpc in ("BeginSave", "CommitShard", "GetStepStatus", "PrepareRestore", "Restore", "GetManifest",
+                "DeleteStep", "PinStep", "SetPeers", "PushReplica", "FetchShard", "ReportReady"):
         assert "OK" in codes[rpc] and "INVALID_ARGUMENT" in codes[rpc], (rpc, codes[rpc])
     invariants(env)
