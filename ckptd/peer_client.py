@@ -375,7 +375,7 @@ class PeerClient:
                 response_deserializer=ppb.ReportReadyResponse.FromString)
             r = await method(req, timeout=remaining_s, metadata=self._md)
             return ReadyState(r.job, r.step, r.tier, r.world_size, tuple(r.ready_ranks), tuple(r.failed_ranks),
-                              r.coordinator_node)
+                              r.coordinator_node, tuple(r.ready_nodes))
         return await self._call(target, deadline_s, "ReportReady", once)
 
     async def ping(self, target: str, deadline_s: float = 5.0) -> PingInfo:

@@ -259,7 +259,8 @@ class PeerServer:
         st = await self.on_ready(report)
         return ppb.ReportReadyResponse(
             job=st.job, step=st.step, tier=st.tier, world_size=st.world_size, ready_ranks=list(st.ready_ranks),
-            failed_ranks=list(st.failed_ranks), complete=st.complete, coordinator_node=st.coordinator_node)
+            failed_ranks=list(st.failed_ranks), complete=st.complete, coordinator_node=st.coordinator_node,
+            ready_nodes=list(st.ready_nodes))
 
     @_peer_rpc
     async def Ping(self, request: ppb.PingRequest, context: Any) -> ppb.PingResponse:

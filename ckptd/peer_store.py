@@ -211,7 +211,7 @@ class ReadinessBoard:
         if e is None:
             raise NotFound(f"no readiness reported for {job}@{step} at {tier}")
         return ReadyState(job, step, tier, e.world_size, tuple(sorted(e.ready)), tuple(sorted(e.failed)),
-                          self.node_id)
+                          self.node_id, tuple(sorted(set(e.ready.values()))))
 
     def failures(self, job: str, step: int, tier: str) -> dict[int, str]:
         e = self._steps.get((job, step, tier))

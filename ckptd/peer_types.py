@@ -163,6 +163,7 @@ class ReadyState:
     ready_ranks: tuple[int, ...]
     failed_ranks: tuple[int, ...]
     coordinator_node: str
+    ready_nodes: tuple[str, ...] = ()  # the nodes whose reports made ready_ranks ready
 
     @property
     def complete(self) -> bool:

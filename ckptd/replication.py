@@ -190,15 +190,52 @@ class Replicator(Worker):
             await self.catalog.set_tier(st, TierName.PEER, TierState.FAILED, f"degraded: {why}")
 
 
+PING_INTERVAL_S = 1.0  # how often a step's commit asks the nodes that have not reported whether they are up
+
+
+class SilentNodes:
+    """The members that have not reported a step, pinged (once per ``PING_INTERVAL_S`` at most)
+    while this node waits for their reports: which of them stopped answering, and since when."""
+
+    def __init__(self, peers: PeerDirectory) -> None:
+        self.peers = peers
+        self.down_since: dict[str, float] = {}
+        self.next_ping_s = 0.0
+
+    async def gone(self, reported: tuple[str, ...]) -> list[str]:
+        """The silent members when every one of them has been unreachable for
+        ``peers.push_timeout_s``; [] while any answers (or none is silent)."""
+        silent = sorted(n for n in self.peers.addrs if n not in reported)
+        if not silent:
+            return []
+        now = time.monotonic()
+        if now >= self.next_ping_s:
+            self.next_ping_s = now + PING_INTERVAL_S
+            deadline_s = min(PING_INTERVAL_S, self.peers.push_timeout_s)
+            answers = await asyncio.gather(*(self.peers.client.ping(self.peers.addrs[n].target, deadline_s)
+                                             for n in silent), return_exceptions=True)
+            for node, answer in zip(silent, answers):
+                if isinstance(answer, Exception):
+                    self.down_since.setdefault(node, now)
+                else:
+                    self.down_since.pop(node, None)
+        limit_s = self.peers.push_timeout_s
+        return silent if all(now - self.down_since.get(n, now) >= limit_s for n in silent) else []
+
+
 async def commit_across_nodes(peers: PeerDirectory, report: ReadyReport, timeout_s: float) -> str | None:
     """Report this node's ranks of a step at a tier to the step's coordinator, then wait until
     every rank is reported (None) or one failed, the coordinator stayed unreachable for
     ``peers.push_timeout_s`` or ``timeout_s`` passed (the reason). Re-reporting is idempotent:
     it doubles as the poll. Other nodes may legitimately take long to report (their own pushes,
     a straggling rank's save), hence the long ``timeout_s``; an unreachable coordinator is failed
-    sooner, or every step of the job would stay in progress and keep a poller for that long."""
+    sooner, or every step of the job would stay in progress and keep a poller for that long. So
+    is a step whose missing ranks can only come from nodes that are gone: when every member that
+    has not reported has answered no Ping for ``peers.push_timeout_s`` (a lost node's ranks are
+    lost with it; a node that answers, however slow, is waited for)."""
     deadline = time.monotonic() + timeout_s
     unreachable_since: float | None = None
+    silent = SilentNodes(peers)
     while True:
         try:
             state = await peers.report_ready(report)
@@ -215,6 +252,8 @@ async def commit_across_nodes(peers: PeerDirectory, report: ReadyReport, timeout
             if state.failed_ranks:
                 return f"ranks {list(state.failed_ranks)} will not get there"
             why = f"ranks {sorted(set(range(report.world_size)) - set(state.ready_ranks))} not reported"
+            if not report.failed and (gone := await silent.gone(state.ready_nodes)):
+                return f"{why}; node(s) {', '.join(gone)} unreachable for {peers.push_timeout_s:g}s"
         if report.failed or time.monotonic() > deadline:
             return why
         await asyncio.sleep(0.2)

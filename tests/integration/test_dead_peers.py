@@ -14,6 +14,11 @@ REPLICATED is a global commit collected by the job's coordinator node. When that
 a step's peer tier used to stay IN_PROGRESS for ten push timeouts (10 minutes by default), one
 polling task per step; now it is FAILED ("coordinator unreachable") once the coordinator has
 not answered for ``peers.push_timeout_s``, while the replica itself was pushed and is held.
+
+A lost node's ranks never report. A step used to wait for them until ``peers.commit_timeout_s``
+(10 minutes by default) at both global levels; now, once every node that has not reported has
+answered no Ping for ``peers.push_timeout_s``, the step fails at once, naming the lost node. A
+node that answers is waited for (``test_a_rank_that_never_reports...``).
 """
 
 from __future__ import annotations
@@ -85,3 +90,24 @@ def test_a_rank_that_never_reports_fails_the_step_after_commit_timeout_s(
         assert m.save(1, {"w": np.arange(1000, dtype=np.int32)}).ok
         with pytest.raises(TierFailed, match=r"ranks \[1\] not reported"):
             m._wait(1, Level.REPLICATED, 8)
+
+
+def test_a_lost_nodes_missing_ranks_fail_the_step_after_the_push_timeout(
+        daemon_factory: Callable[..., DaemonProc]) -> None:
+    # ranks 0 on n1, 1 on n2, 2 on n3; n2 is lost before step 1. Its rank can never report, and
+    # n2 answers no Ping: the step fails for that reason once n2 has been silent for
+    # push_timeout_s (1 s), not after commit_timeout_s (600 s by default), at both global levels.
+    names = ("n1", "n2", "n3")
+    members = [Member(n) for n in names]
+    job = next(j for j in (f"lost{uuid.uuid4().hex[:6]}" for _ in range(10_000))
+               if coordinator_for(members, j) != "n2")
+    nodes = peer_nodes(daemon_factory, names, TOKEN, "push_timeout_s = 1.0\nmax_attempts = 1\n")
+    nodes["n2"].kill()
+    state = {"w": np.arange(10_000, dtype=np.int64)}
+    with CheckpointManager(job, rank=0, world_size=3, addr=nodes["n1"].addr, node_ranks=[0]) as m0, \
+            CheckpointManager(job, rank=2, world_size=3, addr=nodes["n3"].addr, node_ranks=[2]) as m2:
+        assert m0.save(1, state).ok and m2.save(1, state).ok
+        for m in (m0, m2):
+            for level in (Level.REPLICATED, Level.LOCAL_DURABLE):
+                with pytest.raises(TierFailed, match=r"ranks \[1\] not reported; node\(s\) n2 unreachable"):
+                    m._wait(1, level, 15)

@@ -370,6 +370,8 @@ def test_report_ready(env: Env, req: ppb.ReportReadyRequest) -> None:
         assert set(req.ranks) <= set(resp.failed_ranks if req.failed else resp.ready_ranks)
         assert not set(resp.ready_ranks) & set(resp.failed_ranks)
         assert resp.complete == (len(resp.ready_ranks) == resp.world_size)
+        assert list(resp.ready_nodes) == sorted(set(resp.ready_nodes))
+        assert req.failed or not req.ranks or req.node_id in resp.ready_nodes
     invariants(env)
 
 

@@ -440,6 +440,7 @@ class ReportReadyResponse(_message.Message):
     FAILED_RANKS_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     COORDINATOR_NODE_FIELD_NUMBER: _builtins.int
+    READY_NODES_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     step: _builtins.int
     tier: _builtins.str
@@ -451,6 +452,10 @@ class ReportReadyResponse(_message.Message):
     def ready_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def failed_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def ready_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the nodes whose reports made ready_ranks ready (sorted)"""
+
     def __init__(
         self,
         *,
@@ -462,10 +467,11 @@ class ReportReadyResponse(_message.Message):
         failed_ranks: _abc.Iterable[_builtins.int] | None = ...,
         complete: _builtins.bool = ...,
         coordinator_node: _builtins.str = ...,
+        ready_nodes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "coordinator_node", b"coordinator_node", "failed_ranks", b"failed_ranks", "job", b"job", "ready_ranks", b"ready_ranks", "step", b"step", "tier", b"tier", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "coordinator_node", b"coordinator_node", "failed_ranks", b"failed_ranks", "job", b"job", "ready_nodes", b"ready_nodes", "ready_ranks", b"ready_ranks", "step", b"step", "tier", b"tier", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
