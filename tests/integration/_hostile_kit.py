@@ -114,11 +114,15 @@ def call(env: Env, rpc: str, payload: Payload, token: str | None = TOKEN, timeou
         return Outcome(C.OK, "", None, out)
     except grpc.RpcError as err:
         assert isinstance(err, grpc.Call)
-        name = None
-        for key, value in err.trailing_metadata() or ():
-            if key == ERROR_METADATA_KEY:
-                name = value if isinstance(value, str) else value.decode()
-        return Outcome(err.code(), err.details() or "", name, [])
+        return Outcome(err.code(), err.details() or "", error_class(err), [])
+
+
+def error_class(err: grpc.Call) -> str | None:
+    """The error class a refusal names in its ``ckptd-error`` trailing metadata, if any."""
+    for key, value in err.trailing_metadata() or ():
+        if key == ERROR_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return None
 
 
 def healthy(env: Env) -> None:

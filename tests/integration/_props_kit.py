@@ -21,11 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.errors import ERROR_METADATA_KEY
 from ckptd.manifest import Manifest
 from ckptd.types import validate_job
 from tests._ckptd_helpers import Daemon
-from tests.integration._hostile_kit import CKPT, KNOWN_CLASSES, PEER, PEER_RPCS, C
+from tests.integration._hostile_kit import CKPT, KNOWN_CLASSES, PEER, PEER_RPCS, C, error_class
 
 TOKEN = "property-peer-token-51c0de9a"
 BUDGET = 64 * 2**20
@@ -112,11 +111,7 @@ def call(env: Env, rpc: str, payload: bytes | list[bytes], timeout: float = 5.0)
         return Answer(C.OK, None, "", out)
     except grpc.RpcError as err:
         assert isinstance(err, grpc.Call)
-        name = None
-        for key, value in err.trailing_metadata() or ():
-            if key == ERROR_METADATA_KEY:
-                name = value if isinstance(value, str) else value.decode()
-        return Answer(err.code(), name, err.details() or "", [])
+        return Answer(err.code(), error_class(err), err.details() or "", [])
 
 
 def checked(env: Env, rpc: str, req: Any, timeout: float = 5.0) -> Answer:
