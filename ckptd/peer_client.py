@@ -378,7 +378,7 @@ class PeerClient:
                               r.coordinator_node, tuple(r.ready_nodes))
         return await self._call(target, deadline_s, "ReportReady", once)
 
-    async def ping(self, target: str, deadline_s: float = 5.0) -> PingInfo:
+    async def ping(self, target: str, deadline_s: float = 5.0, max_attempts: int | None = None) -> PingInfo:
         async def once(remaining_s: float) -> PingInfo:
             method = self._channel(target).unary_unary(
                 f"/{SERVICE}/Ping", request_serializer=ppb.PingRequest.SerializeToString,
@@ -386,4 +386,4 @@ class PeerClient:
             t0 = time.monotonic()
             r = await method(ppb.PingRequest(node_id=self.node_id), timeout=remaining_s, metadata=self._md)
             return PingInfo(r.node_id, r.failure_domain, r.version, r.unix_time_s, time.monotonic() - t0)
-        return await self._call(target, deadline_s, "Ping", once)
+        return await self._call(target, deadline_s, "Ping", once, max_attempts)

@@ -212,8 +212,8 @@ class SilentNodes:
         if now >= self.next_ping_s:
             self.next_ping_s = now + PING_INTERVAL_S
             deadline_s = min(PING_INTERVAL_S, self.peers.push_timeout_s)
-            answers = await asyncio.gather(*(self.peers.client.ping(self.peers.addrs[n].target, deadline_s)
-                                             for n in silent), return_exceptions=True)
+            answers = await asyncio.gather(*(self.peers.client.ping(self.peers.addrs[n].target, deadline_s, 1)
+                                             for n in silent), return_exceptions=True)  # asked again next time
             for node, answer in zip(silent, answers):
                 if isinstance(answer, Exception):
                     self.down_since.setdefault(node, now)
