@@ -157,7 +157,7 @@ class Daemons:
         self.starts += 1
         log = open(self.base / f"{node}-{self.starts}.log", "wb")  # noqa: SIM115 - the child holds it
         self.procs[node] = subprocess.Popen(
-            [sys.executable, "-m", "ckptd.cli", "serve", "--root", str(self.root(node)), "--socket",
+            [sys.executable, "-m", "ckptd.daemon.cli", "serve", "--root", str(self.root(node)), "--socket",
              str(self.sock(node)), "--shm-dir", str(self.shm(node)), "--budget-bytes", str(self.budget),
              "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()

@@ -15,7 +15,7 @@ from typing import Any
 
 from _util import MIB, ServeProcess, median
 
-SLOT_ALIGN = 2 * MIB  # ckptd.shm.SLOT_ALIGN_BYTES
+SLOT_ALIGN = 2 * MIB  # ckptd.memory.slots.SLOT_ALIGN_BYTES
 _DURABLE_RE = re.compile(r"step (?P<job>\S+)@(?P<step>\d+) LOCAL_DURABLE \((?P<bytes>\d+) bytes in (?P<s>[0-9.]+)s\)")
 
 

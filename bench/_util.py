@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
 GIB = 2**30
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
-ALIGN = 64  # ckptd's tensor alignment inside a shard (ckptd.layout.ALIGN_BYTES)
+ALIGN = 64  # ckptd's tensor alignment inside a shard (ckptd.core.layout.ALIGN_BYTES)
 
 N_LAYER = 6
 CTX = 1024
@@ -225,13 +225,13 @@ class ServeProcess:
 
     def __init__(self, name: str, socket: Path, log_path: Path, serve_args: list[str]) -> None:
         self.name, self.socket, self.log_path = name, socket, log_path
-        self.args = [sys.executable, "-m", "ckptd.cli", "serve", "--socket", str(socket), *serve_args]
+        self.args = [sys.executable, "-m", "ckptd.daemon.cli", "serve", "--socket", str(socket), *serve_args]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60) -> None:
         from ckptd_client.rpc import wait_until_serving
 
-        from ckptd.errors import DaemonUnavailable
+        from ckptd.core.errors import DaemonUnavailable
 
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,

@@ -70,14 +70,14 @@ from boto3.s3.transfer import TransferConfig  # noqa: E402
 from botocore.config import Config as BotoConfig  # noqa: E402
 from ckptd_client import CheckpointManager, Level  # noqa: E402
 
-from ckptd.config import ObjectSection  # noqa: E402
-from ckptd.integrity import chunk_crcs  # noqa: E402
-from ckptd.layout import TensorEntry  # noqa: E402
-from ckptd.manifest import Manifest, ShardEntry  # noqa: E402
+from ckptd.core.config import ObjectSection  # noqa: E402
+from ckptd.core.integrity import chunk_crcs  # noqa: E402
+from ckptd.core.layout import TensorEntry  # noqa: E402
+from ckptd.core.manifest import Manifest, ShardEntry  # noqa: E402
 from ckptd.tiers.object import ObjectTier  # noqa: E402
 
 MIB = 2**20
-SLOT_ALIGN = 2 * MIB  # ckptd.shm.SLOT_ALIGN_BYTES
+SLOT_ALIGN = 2 * MIB  # ckptd.memory.slots.SLOT_ALIGN_BYTES
 SLOTS_PER_RANK = 3  # ckptd's default memory.slots_per_rank
 def shard_entry(data: memoryview) -> ShardEntry:
     n = data.nbytes

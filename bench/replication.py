@@ -50,7 +50,7 @@ itself costs:
                          the same config), served from "peer" (the replica in n2's RAM). Timed
                          once the new daemon reports it prepared its restore slots (DaemonStatus
                          preparing_restore false: it allocated and mapped a slot for each of its
-                         shards a peer holds, ckptd/restore_prep.py) and the trainer's manager,
+                         shards a peer holds, ckptd/restore/prep.py) and the trainer's manager,
                          created before that wait, mapped its rank's slot (warm_restore,
                          client premap.py; client_restore_slot_premapped says it did), as a
                          trainer's own start-up would give them; the daemon's wait is reported
@@ -68,7 +68,7 @@ divided by this host's cpus, a wall time no overlap can beat here. Daemons are c
 /proc/PID/stat (clock ticks, 10 ms), so a single region is coarse; the reps average it out.
 
 Both component paths and the daemons move the bytes over a single connection; by default they use a one-time raw
-TCP "bulk" connection negotiated inside the authenticated gRPC call (ckptd/peer_bulk.py).
+TCP "bulk" connection negotiated inside the authenticated gRPC call (ckptd/peers/bulk.py).
 
 The receiver reuses the buffer of the replica the previous repetition dropped, like the daemon
 reuses slots, so neither side pays first-touch page faults inside the timed region. Figures are
@@ -99,13 +99,13 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from ckptd.integrity import chunk_crcs  # noqa: E402
-from ckptd.layout import TensorEntry  # noqa: E402
-from ckptd.manifest import ShardEntry  # noqa: E402
-from ckptd.peer_client import PeerClient  # noqa: E402
-from ckptd.peer_server import PeerServer, start_peer_server  # noqa: E402
-from ckptd.peer_store import MemoryReplicaStore  # noqa: E402
-from ckptd.peer_types import ReplicaHeader  # noqa: E402
+from ckptd.core.integrity import chunk_crcs  # noqa: E402
+from ckptd.core.layout import TensorEntry  # noqa: E402
+from ckptd.core.manifest import ShardEntry  # noqa: E402
+from ckptd.peers.client import PeerClient  # noqa: E402
+from ckptd.peers.server import PeerServer, start_peer_server  # noqa: E402
+from ckptd.peers.types import ReplicaHeader  # noqa: E402
+from tests.peer.memory_store import MemoryReplicaStore  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _replication_daemons import CpuMeter, daemon_run  # noqa: E402

@@ -44,7 +44,7 @@ class Daemon:
     def spawn(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         ckptd = Path(sys.executable).with_name("ckptd")
-        cmd = [str(ckptd)] if ckptd.exists() else [sys.executable, "-m", "ckptd.cli"]
+        cmd = [str(ckptd)] if ckptd.exists() else [sys.executable, "-m", "ckptd.daemon.cli"]
         cmd += ["serve", "--root", str(self.root), "--socket", str(self.socket),
                 "--shm-dir", str(self.shm_dir), "--budget-bytes", "1GiB"]
         if self.config is not None:

@@ -32,7 +32,7 @@ from tests.conftest import DaemonProc  # noqa: E402
 JOB = "llm-7b"
 STEPS = (10, 20)
 WORLD = 2
-CTL = [sys.executable, "-m", "ckptd_client.ckptctl"]
+CTL = [sys.executable, "-m", "ckptd.ctl.main"]
 
 
 # -- helpers -------------------------------------------------------------------------------

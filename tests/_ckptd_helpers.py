@@ -24,7 +24,7 @@ from typing import Any
 
 from ckptd_client.rpc import wait_until_serving
 
-from ckptd.errors import DaemonUnavailable
+from ckptd.core.errors import DaemonUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -121,7 +121,7 @@ def running_daemon(
     sock_dir = Path(tempfile.mkdtemp(prefix="ckt-", dir="/tmp"))
     socket = sock_dir / "d.sock"
     log_path = workdir / f"daemon-{uuid.uuid4().hex[:6]}.log"
-    args = [PYTHON, "-m", "ckptd.cli", "serve", "--root", str(root), "--socket", str(socket),
+    args = [PYTHON, "-m", "ckptd.daemon.cli", "serve", "--root", str(root), "--socket", str(socket),
             "--shm-dir", str(shm_dir), "--budget-bytes", budget, *extra_args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=clean_env(env))

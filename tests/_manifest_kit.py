@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckptd.integrity import chunk_crcs
-from ckptd.layout import TensorEntry
-from ckptd.manifest import Manifest, ShardEntry
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.layout import TensorEntry
+from ckptd.core.manifest import Manifest, ShardEntry
 
 CHUNK = 4096
 

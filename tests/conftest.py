@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from ckptd_client.rpc import wait_until_serving
 
-from ckptd.errors import DaemonUnavailable
+from ckptd.core.errors import DaemonUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
         shm_dir = shm_dir or Path("/dev/shm") / f"ckptd-test-{uuid.uuid4().hex[:10]}"
         shm_dirs.add(shm_dir)
         socket = short / f"{uuid.uuid4().hex[:8]}.sock"
-        args = [sys.executable, "-m", "ckptd.cli", "serve", "--root", str(root), "--socket", str(socket),
+        args = [sys.executable, "-m", "ckptd.daemon.cli", "serve", "--root", str(root), "--socket", str(socket),
                 "--shm-dir", str(shm_dir), "--budget-bytes", "512MiB"]
         if config_text is not None:
             cfg = root.parent / f"ckptd-{uuid.uuid4().hex[:6]}.toml"

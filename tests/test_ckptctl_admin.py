@@ -27,7 +27,7 @@ from ckptd_client import CheckpointManager, Level
 from tests.conftest import DaemonProc
 from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
 
-CTL = [sys.executable, "-m", "ckptd_client.ckptctl"]
+CTL = [sys.executable, "-m", "ckptd.ctl.main"]
 JOB = "adm"
 
 

@@ -3,7 +3,7 @@
 Protects the progress bar on a terminal only: ``restore`` and ``verify --read-data`` draw it on
 stderr when that is a terminal, never when piped, never in JSON mode, never with
 ``--no-progress``; styled output is honoured only without ``NO_COLOR``; the ``ckptctl`` console
-script and ``python -m ckptd_client.ckptctl`` give the same result.
+script and ``python -m ckptd.ctl.main`` give the same result.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckptd import config
-from ckptd.config import MAX_SOCKET_PATH, Config, env_overrides, load, parse_bytes
-from ckptd.errors import InvalidArgument
+from ckptd.core import config
+from ckptd.core.config import MAX_SOCKET_PATH, Config, env_overrides, load, parse_bytes
+from ckptd.core.errors import InvalidArgument
 from tests._ckptd_helpers import clean_env
 
 
@@ -238,7 +238,7 @@ def test_accepted_edge_values() -> None:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ckptd.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ckptd.daemon.cli", *args], capture_output=True, text=True,
                           timeout=60, env=clean_env(env))
 
 

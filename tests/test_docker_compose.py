@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ckptd import config
+from ckptd.core import config
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import grpc
 import pytest
-from ckptd_client import ckptctl
 
-from ckptd import cli as ckptd_cli
-from ckptd.config import load
-from ckptd.errors import InvalidArgument
+from ckptd.core.config import load
+from ckptd.core.errors import InvalidArgument
+from ckptd.ctl import main as ckptctl
+from ckptd.daemon import cli as ckptd_cli
 from tests._ckptd_helpers import clean_env
 
 HUGE = "1" + "0" * 400  # an integer a float cannot hold
@@ -234,7 +234,8 @@ def test_ckptd_serve_refuses_hostile_config_and_flags(tmp_path: Path, shared_dir
 
 def test_serve_never_empties_a_shared_shm_directory(tmp_path: Path, shared_dir: Path) -> None:
     """Before daemon.shm_dir was checked, this made the directory 0700 and deleted the file in it."""
-    res = subprocess.run([sys.executable, "-m", "ckptd.cli", "serve", "--root", str(tmp_path / "root"), "--socket",
+    res = subprocess.run([sys.executable, "-m", "ckptd.daemon.cli", "serve", "--root", str(tmp_path / "root"),
+                          "--socket",
                           str(tmp_path / "s.sock"), "--shm-dir", str(shared_dir)], capture_output=True, text=True,
                          timeout=60, env=clean_env())
     assert res.returncode == 2 and "config error" in res.stderr, res

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptd.integrity import chunk_crcs, first_bad_chunk, parallel_chunk_crcs
+from ckptd.core.integrity import chunk_crcs, first_bad_chunk, parallel_chunk_crcs
 
 _EXECUTOR = ThreadPoolExecutor(4)
 

@@ -1,6 +1,6 @@
 """Shard layouts and trees: pure code, no daemon.
 
-Layout validation enforces every invariant in ckptd/layout.py (no overlap, in bounds, nbytes
+Layout validation enforces every invariant in ckptd/core/layout.py (no overlap, in bounds, nbytes
 matching dtype and shape, unique names, known dtypes, dimension and name limits, well-formed trees
 within the depth and size limits, every tensor referenced exactly once); the client's flattener
 always produces layouts the daemon accepts, with aligned offsets, and they restore to exactly the
@@ -20,16 +20,16 @@ from ckptd_client.tree import Restorer, copy_into, flatten
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptd.integrity import chunk_crcs
-from ckptd.layout import (
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.layout import (
     MAX_TREE_DEPTH,
     TensorEntry,
     align_up,
     parse_tree,
     validate_tensors,
 )
-from ckptd.manifest import Manifest, ShardEntry
-from ckptd.types import DTYPE_ITEMSIZE, MAX_NDIM, MAX_TENSOR_NAME_LEN
+from ckptd.core.manifest import Manifest, ShardEntry
+from ckptd.core.types import DTYPE_ITEMSIZE, MAX_NDIM, MAX_TENSOR_NAME_LEN
 from tests._manifest_kit import CHUNK
 
 # -- layout validation ------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_valid_trees() -> None:
 
 
 def test_tree_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckptd.layout as layout
+    import ckptd.core.layout as layout
 
     monkeypatch.setattr(layout, "MAX_TREE_JSON_BYTES", 64)
     with pytest.raises(ValueError, match="larger than"):

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from ckptd.manifest import SCHEMA_VERSION, Manifest, canonical_json
+from ckptd.core.manifest import SCHEMA_VERSION, Manifest, canonical_json
 from tests._manifest_kit import manifest, shard
 
 # -- canonical JSON ---------------------------------------------------------------------------

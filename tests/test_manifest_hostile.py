@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptd.layout import MAX_TREE_DEPTH, chunk_count, validate_tensors
-from ckptd.manifest import Manifest
-from ckptd.types import MAX_NDIM, MAX_STEP
+from ckptd.core.layout import MAX_TREE_DEPTH, chunk_count, validate_tensors
+from ckptd.core.manifest import Manifest
+from ckptd.core.types import MAX_NDIM, MAX_STEP
 from tests._manifest_kit import manifest
 
 

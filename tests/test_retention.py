@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptd.retention import select_for_deletion
+from ckptd.drains.retention import select_for_deletion
 
 # -- retention ---------------------------------------------------------------------------------
 

@@ -35,12 +35,12 @@ import pytest
 from ckptd_client import CheckpointManager, Level
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.errors import ERROR_METADATA_KEY
-from ckptd.integrity import chunk_crcs, crc32c
-from ckptd.layout import TensorEntry
-from ckptd.manifest import ShardEntry
-from ckptd.peer_types import ReplicaHeader
-from ckptd.peer_wire import header_to_pb
+from ckptd.core.errors import ERROR_METADATA_KEY
+from ckptd.core.integrity import chunk_crcs, crc32c
+from ckptd.core.layout import TensorEntry
+from ckptd.core.manifest import ShardEntry
+from ckptd.peers.types import ReplicaHeader
+from ckptd.peers.wire import header_to_pb
 from tests._ckptd_helpers import clean_env, free_port, unique_job
 
 C = grpc.StatusCode
@@ -80,7 +80,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     old = os.umask(0)  # the child inherits it: every mode checked below is the daemon's own doing
     try:
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "serve", "--config", str(cfg), "--root",
+            proc = subprocess.Popen([sys.executable, "-m", "ckptd.daemon.cli", "serve", "--config", str(cfg), "--root",
                                      str(root), "--socket", str(sock), "--shm-dir", str(shm), "--budget-bytes",
                                      "64MiB"], stdout=log, stderr=subprocess.STDOUT, env=clean_env())
     finally:
@@ -140,7 +140,7 @@ def test_a_file_at_the_socket_path_is_never_replaced(tmp_path: Path, kind: str) 
         target.symlink_to(precious)
     shm = Path("/dev/shm") / f"ckptd-test-{uuid.uuid4().hex[:10]}"
     try:
-        res = subprocess.run([sys.executable, "-m", "ckptd.cli", "serve", "--root", str(tmp_path / "root"),
+        res = subprocess.run([sys.executable, "-m", "ckptd.daemon.cli", "serve", "--root", str(tmp_path / "root"),
                               "--socket", str(target), "--shm-dir", str(shm), "--budget-bytes", "16MiB"],
                              capture_output=True, text=True, timeout=60, env=clean_env())
     finally:
@@ -273,8 +273,8 @@ def test_bulk_port_serves_no_one_without_a_live_ticket(node: Node) -> None:
     import asyncio
     import re
 
-    from ckptd.peer_bulk import MAGIC, TICKET_BYTES
-    from ckptd.peer_client import PeerClient
+    from ckptd.peers.bulk import MAGIC, TICKET_BYTES
+    from ckptd.peers.client import PeerClient
 
     m = re.search(r"bulk port (\d+)", node.log())
     assert m, node.log()[-2000:]

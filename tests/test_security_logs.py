@@ -105,7 +105,7 @@ def test_no_secret_in_any_log_of_a_whole_workload(daemon_factory: Callable[..., 
         for args in (["status", "--addr", n1.addr], ["ls", "--addr", n1.addr], ["ls", "--addr", n2.addr],
                      ["show", f"{job}@latest", "--addr", n1.addr], ["ls", *bucket],
                      ["show", f"{job}@1", "--tensors", *bucket], ["status", "-o", "json", "--addr", n2.addr]):
-            res = subprocess.run([sys.executable, "-m", "ckptd_client.ckptctl", *args], capture_output=True, text=True,
+            res = subprocess.run([sys.executable, "-m", "ckptd.ctl.main", *args], capture_output=True, text=True,
                                  timeout=120, env=clean_env(ctl_env))
             assert res.returncode == 0, (args, res.stderr)
             outputs.append(res.stdout + res.stderr)
@@ -125,13 +125,13 @@ def test_no_secret_in_any_log_of_a_whole_workload(daemon_factory: Callable[..., 
         # the config as printed, and a config error, with the token in the file
         cfg = tmp_path / "check.toml"
         cfg.write_text(config("n1").replace("replication_factor = 1\n", f'replication_factor = 1\ntoken = "{token}"\n'))
-        res = subprocess.run([sys.executable, "-m", "ckptd.cli", "serve", "--check", "--config", str(cfg),
+        res = subprocess.run([sys.executable, "-m", "ckptd.daemon.cli", "serve", "--check", "--config", str(cfg),
                               "--root", str(tmp_path / "chk")], capture_output=True, text=True, timeout=60,
                              env=clean_env(aws))
         assert res.returncode == 0 and "<redacted>" in res.stdout, res
         outputs.append(res.stdout + res.stderr)
         cfg.write_text(cfg.read_text().replace("replication_factor = 1\n", "replication_factor = 99\n"))
-        res = subprocess.run([sys.executable, "-m", "ckptd.cli", "serve", "--check", "--config", str(cfg)],
+        res = subprocess.run([sys.executable, "-m", "ckptd.daemon.cli", "serve", "--check", "--config", str(cfg)],
                              capture_output=True, text=True, timeout=60, env=clean_env(aws))
         assert res.returncode == 2 and "peers.replication_factor" in res.stderr, res
         outputs.append(res.stdout + res.stderr)

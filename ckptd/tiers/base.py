@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ckptd.manifest import Manifest, ShardEntry
-from ckptd.types import TierName
+from ckptd.core.manifest import Manifest, ShardEntry
+from ckptd.core.types import TierName
 
 
 class Tier(Protocol):

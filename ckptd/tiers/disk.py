@@ -12,7 +12,7 @@ data root's included), so a power loss cannot drop a committed step with its par
 Delete un-commits first (unlink the manifest, fsync the step directory), then removes the data.
 Start-up recovery removes ``.tmp-*`` directories and step directories without a manifest.
 Reads verify size and every chunk crc32c and name the file on a mismatch.
-Every file-system mutation goes through the tier's ``FsOps`` (ckptd/fsops.py), the seam that
+Every file-system mutation goes through the tier's ``FsOps`` (ckptd/core/fsops.py), the seam that
 crash-point tests record and that ``fs.mutation`` failpoints count.
 """
 
@@ -26,14 +26,14 @@ import threading
 import uuid
 from pathlib import Path
 
-from ckptd import failpoints
-from ckptd.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
-from ckptd.fsops import DEFAULT as DEFAULT_FS
-from ckptd.fsops import FsOps
-from ckptd.integrity import first_bad_chunk
-from ckptd.logs import ProgressLog
-from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
-from ckptd.types import TierName, parse_step_dirname, step_dirname, validate_job
+from ckptd.core import failpoints
+from ckptd.core.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
+from ckptd.core.fsops import DEFAULT as DEFAULT_FS
+from ckptd.core.fsops import FsOps
+from ckptd.core.integrity import first_bad_chunk
+from ckptd.core.logs import ProgressLog
+from ckptd.core.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from ckptd.core.types import TierName, parse_step_dirname, step_dirname, validate_job
 
 log = logging.getLogger("ckptd.disk")
 
@@ -151,7 +151,7 @@ class DiskTier:
     def put_file(self, job: str, step: int, name: str, src: memoryview, direct_io: bool) -> None:
         """Publish one file in the step's directory with the shard protocol (temp file, fsync,
         link that fails if the name exists, directory fsync); for stores kept beside the tier's
-        own steps (ckptd/replica_disk.py). Raises AlreadyExists if ``name`` is already there."""
+        own steps (ckptd/peers/replica_disk.py). Raises AlreadyExists if ``name`` is already there."""
         self._write_published(job, step, name, src, is_manifest=not direct_io)
 
     def commit(self, manifest: Manifest) -> None:

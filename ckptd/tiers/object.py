@@ -38,11 +38,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ckptd.config import ObjectSection, validate_object
-from ckptd.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
-from ckptd.layout import chunk_count
-from ckptd.logs import ProgressLog
-from ckptd.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry
+from ckptd.core.config import ObjectSection, validate_object
+from ckptd.core.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
+from ckptd.core.layout import chunk_count
+from ckptd.core.logs import ProgressLog
+from ckptd.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry
+from ckptd.core.types import TierName, parse_step_dirname, validate_job
 from ckptd.tiers.object_client import (
     MAX_BACKOFF_S,
     PRESETS,
@@ -76,7 +77,6 @@ from ckptd.tiers.object_io import (
     read_ranges_into,
 )
 from ckptd.tiers.object_layout import CLAIM_NAME, HASHED_DIR, PROBE_DIR, SHARD_META_SUFFIX, ObjectLayout
-from ckptd.types import TierName, parse_step_dirname, validate_job
 
 __all__ = [  # the names this module has always offered
     "CLAIM_NAME", "COMMIT_TOKEN_META", "HASHED_DIR", "MAX_BACKOFF_S", "PRESETS", "PROBE_DIR", "READ_BLOCK_BYTES",

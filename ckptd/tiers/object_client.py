@@ -39,9 +39,9 @@ import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config as BotoConfig
 
-from ckptd import metrics
-from ckptd.config import ObjectSection
-from ckptd.errors import IntegrityError, TierFailed
+from ckptd.core import metrics
+from ckptd.core.config import ObjectSection
+from ckptd.core.errors import IntegrityError, TierFailed
 
 SDK_LOGGERS: Final = ("botocore", "boto3", "urllib3", "s3transfer")
 MAX_BACKOFF_S: Final = 20.0  # botocore's cap on one retry back-off (standard and adaptive modes)

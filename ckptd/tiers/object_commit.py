@@ -28,8 +28,8 @@ from typing import Any, Final
 
 import botocore.exceptions
 
-from ckptd.errors import AlreadyExists, IntegrityError
-from ckptd.manifest import ShardEntry, _shard_from_obj, canonical_json
+from ckptd.core.errors import AlreadyExists, IntegrityError
+from ckptd.core.manifest import ShardEntry, _shard_from_obj, canonical_json
 from ckptd.tiers.object_client import STORE_ERRORS, Bucket, DeadlineExceeded, error_code, http_status
 
 COMMIT_TOKEN_META: Final = "ckptd-commit"  # x-amz-meta-ckptd-commit: who wrote a manifest

@@ -33,11 +33,11 @@ from typing import Any, Final, TypeVar
 
 import botocore.exceptions
 
-from ckptd.errors import IntegrityError, NotFound
-from ckptd.integrity import crc32c
-from ckptd.layout import chunk_count
-from ckptd.logs import ProgressLog
-from ckptd.manifest import ShardEntry
+from ckptd.core.errors import IntegrityError, NotFound
+from ckptd.core.integrity import crc32c
+from ckptd.core.layout import chunk_count
+from ckptd.core.logs import ProgressLog
+from ckptd.core.manifest import ShardEntry
 from ckptd.tiers.object_client import (
     STREAM_ERRORS,
     Bucket,

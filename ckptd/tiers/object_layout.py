@@ -26,9 +26,9 @@ import re
 import uuid
 from typing import Final
 
-from ckptd.errors import IntegrityError
-from ckptd.manifest import MANIFEST_NAME, ShardEntry
-from ckptd.types import shard_key, step_dirname, validate_job, validate_step
+from ckptd.core.errors import IntegrityError
+from ckptd.core.manifest import MANIFEST_NAME, ShardEntry
+from ckptd.core.types import shard_key, step_dirname, validate_job, validate_step
 
 CLAIM_NAME: Final = "manifest.claim"
 SHARD_META_SUFFIX: Final = ".meta.json"

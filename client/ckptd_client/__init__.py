@@ -13,7 +13,7 @@ Light by design: imports grpc, numpy and the small shared modules of ``ckptd``; 
 caller uses it; never boto3 or the daemon's tiers.
 """
 
-from ckptd.errors import (
+from ckptd.core.errors import (
     AlreadyExists,
     BudgetExhausted,
     CkptdError,
@@ -25,7 +25,7 @@ from ckptd.errors import (
     TierFailed,
     Timeout,
 )
-from ckptd.types import Level
+from ckptd.core.types import Level
 from ckptd_client.manager import CheckpointManager, RestoreInfo, SaveHandle
 
 __all__ = [

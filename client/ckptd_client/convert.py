@@ -1,9 +1,9 @@
-"""Layout <-> protobuf conversion for the client (the daemon has its own in ckptd.convert)."""
+"""Layout <-> protobuf conversion for the client (the daemon has its own in ckptd.rpc.convert)."""
 
 from __future__ import annotations
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.layout import TensorEntry
+from ckptd.core.layout import TensorEntry
 
 
 def layout_pb(tensors: list[TensorEntry], tree_json: str) -> pb.ShardLayout:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.errors import BudgetExhausted, CkptdError, FailedPrecondition, NotFound, TierFailed
-from ckptd.integrity import chunk_crcs
-from ckptd.types import Level, validate_job, validate_step
+from ckptd.core.errors import BudgetExhausted, CkptdError, FailedPrecondition, NotFound, TierFailed
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client.premap import RestorePremap
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection

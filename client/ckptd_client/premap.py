@@ -2,7 +2,7 @@
 
 A restore copies out of a daemon slot: the memory copy of the newest step (a trainer that
 crashed), or a slot the daemon prepared as it started on a replacement node, which the restore
-fills from a peer (ckptd/restore_prep.py). Mapping that slot when the restore starts makes the
+fills from a peer (ckptd/restore/prep.py). Mapping that slot when the restore starts makes the
 copy fault the mapping in, 16 pages per fault: 0.04 CPU-s of the client's 0.14 for a 512 MiB
 restore from a peer, measured, on a host where the daemons want the same cores. ``RestorePremap``
 does that work while the trainer starts instead: a background thread asks DaemonStatus for this

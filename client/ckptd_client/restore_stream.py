@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.errors import CkptdError, from_rpc_error
+from ckptd.core.errors import CkptdError, from_rpc_error
 from ckptd_client.convert import tensors_from_layout
 from ckptd_client.premap import RestorePremap, close_map
 from ckptd_client.rpc import Connection

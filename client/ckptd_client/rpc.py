@@ -2,7 +2,7 @@
 
 Address resolution: explicit argument > ``CKPTD_ADDR`` (``unix:/path`` or a path) >
 ``CKPTD_DAEMON_SOCKET`` > ``{CKPTD_DAEMON_ROOT or /var/lib/ckptd}/run/ckptd.sock``.
-Every call goes through ``call``, which rebuilds the daemon's typed error (``ckptd.errors``).
+Every call goes through ``call``, which rebuilds the daemon's typed error (``ckptd.core.errors``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
-from ckptd.errors import DaemonUnavailable, from_rpc_error
+from ckptd.core.errors import DaemonUnavailable, from_rpc_error
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024

@@ -1,7 +1,7 @@
 """Flatten a training state into tensors + a typed JSON tree, and restore it in place.
 
 Accepted: nested dicts (str/int keys), lists, tuples; torch tensors (every dtype in
-``ckptd.types.DTYPE_ITEMSIZE``, non-contiguous, 0-d, empty, any device); numpy arrays;
+``ckptd.core.types.DTYPE_ITEMSIZE``, non-contiguous, 0-d, empty, any device); numpy arrays;
 int/float/str/bool/None; and any object with ``state_dict()``/``load_state_dict()`` (model,
 optimizer, LR scheduler). Anything else raises TypeError naming its key. Nothing is pickled.
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ckptd.layout import TensorEntry, align_up
-from ckptd.types import DTYPE_ITEMSIZE
+from ckptd.core.layout import TensorEntry, align_up
+from ckptd.core.types import DTYPE_ITEMSIZE
 from ckptd_client import pcopy
 
 

@@ -1,4 +1,4 @@
-"""Crash and power-loss simulation for code that mutates files through ckptd.fsops.FsOps.
+"""Crash and power-loss simulation for code that mutates files through ckptd.core.fsops.FsOps.
 
 ``Recorder`` is an ``FsOps`` that performs every mutation for real and also applies it to an
 abstract, pessimistic persistence ``Model`` of the tree under a base directory:
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptd.fsops import FsOps, StrPath
+from ckptd.core.fsops import FsOps, StrPath
 
 FLAVOURS = ("crash", "power", "torn")
 Found = list[tuple[str, str]]  # violations: (kind, what)

@@ -123,7 +123,7 @@ class Raw:
         raise AssertionError(f"no {tier} tier in status of step {step}")
 
     def wait_step(self, step: int, level: int, timeout_s: float = 60.0, job: str = JOB) -> Any:
-        """WaitStep for ``level`` (a ckptd.types.Level value); raises grpc.RpcError on failure."""
+        """WaitStep for ``level`` (a ckptd.core.types.Level value); raises grpc.RpcError on failure."""
         return self.stub.WaitStep(pb.WaitStepRequest(
             job=job, step=step, level=level, timeout_ms=int(timeout_s * 1000)), timeout=timeout_s + 10)
 
@@ -282,8 +282,8 @@ def sigkill(proc: Any) -> None:
 def verify_disk_step(root: Path, step: int, staged_crcs: dict[int, list[int]], job: str = JOB) -> None:
     """Check a committed step on disk without a daemon: the manifest parses, every shard file
     has the recorded size and chunk crc32c, and those equal the crcs taken at staging."""
-    from ckptd.integrity import chunk_crcs
-    from ckptd.manifest import Manifest
+    from ckptd.core.integrity import chunk_crcs
+    from ckptd.core.manifest import Manifest
 
     sd = step_dir(root, step, job)
     manifest = Manifest.from_json((sd / "manifest.json").read_bytes())

@@ -18,7 +18,7 @@ from ckptd_client import BudgetExhausted, TierFailed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.types import Level
+from ckptd.core.types import Level
 from tests.fault.faultkit import (
     JOB,
     MiB,

@@ -14,7 +14,7 @@ import shutil
 import pytest
 from ckptd_client import IntegrityError
 
-from ckptd.types import Level
+from ckptd.core.types import Level
 from tests.fault.faultkit import (
     JOB,
     MiB,

@@ -42,16 +42,16 @@ from typing import Any
 
 import pytest
 
-from ckptd.errors import IntegrityError, NotFound
-from ckptd.fsops import MUTATION
-from ckptd.integrity import chunk_crcs
-from ckptd.layout import TensorEntry
-from ckptd.manifest import Manifest, ShardEntry
-from ckptd.pins import PinStore
-from ckptd.retention import select_for_deletion
+from ckptd.core.errors import IntegrityError, NotFound
+from ckptd.core.fsops import MUTATION
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.layout import TensorEntry
+from ckptd.core.manifest import Manifest, ShardEntry
+from ckptd.core.types import Level
+from ckptd.drains.pins import PinStore
+from ckptd.drains.retention import select_for_deletion
 from ckptd.tiers.disk import DIRECT_ALIGN_BYTES as A
 from ckptd.tiers.disk import DiskTier
-from ckptd.types import Level
 from tests.conftest import wait_for_daemon
 from tests.fault.crashreport import Tally, report
 from tests.fault.crashsim import (

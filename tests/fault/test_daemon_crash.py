@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ckptd.types import Level
+from ckptd.core.types import Level
 from tests.fault.faultkit import (
     JOB,
     MiB,

@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.config import Config
-from ckptd.types import Level
+from ckptd.core.config import Config
+from ckptd.core.types import Level
 from tests.fault.faultkit import (
     JOB,
     MiB,

@@ -2,7 +2,7 @@
 
 ``expect`` makes one call through the generated CheckpointService stub (no client-side validation
 in the way) and asserts it fails with the exact status code, a message holding the given
-fragments, and the ``ckptd-error`` trailing metadata naming an error class of ckptd.errors whose
+fragments, and the ``ckptd-error`` trailing metadata naming an error class of ckptd.core.errors whose
 code is that status. ``begin``, ``commit_req``, ``write_slot`` and ``save_ok`` lease a slot,
 write it and commit it the way the client does, so a test can break exactly one field.
 """
@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 import pytest
 
-from ckptd import errors
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
-from ckptd.errors import ERROR_METADATA_KEY
+from ckptd.core import errors
+from ckptd.core.errors import ERROR_METADATA_KEY
 
 
 @dataclass

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.types import MAX_STEP, MAX_WORLD_SIZE
+from ckptd.core.types import MAX_STEP, MAX_WORLD_SIZE
 from tests._ckptd_helpers import unique_job
 from tests.integration._hostile_kit import BIG, C, Case, Env, _layout, _Stub
 

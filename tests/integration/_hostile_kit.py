@@ -6,7 +6,7 @@ truncated and non-UTF-8 messages reach the daemon's deserializer exactly as writ
 the status, details, the ``ckptd-error`` trailing metadata and the response bytes. ``healthy``
 checks the daemon still answers its health check and its peer port a Ping. ``Case`` is one row of
 the table test_hostile_rpc.py runs: its RPC, its bytes and the status it must get (the error table
-of ckptd/errors.py, plus UNAUTHENTICATED for the peer token); ``_raw_cases`` builds the rows every
+of ckptd/core/errors.py, plus UNAUTHENTICATED for the peer token); ``_raw_cases`` builds the rows every
 RPC of both services gets: bytes no protobuf parser accepts and non-UTF-8 strings.
 
 The service names, RPC lists (from the services' descriptors), ``KNOWN_CLASSES`` and ``_layout``
@@ -22,12 +22,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ckptd import errors
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.errors import ERROR_METADATA_KEY, Unauthenticated
-from ckptd.layout import TensorEntry
-from ckptd.manifest import ShardEntry
+from ckptd.core import errors
+from ckptd.core.errors import ERROR_METADATA_KEY, Unauthenticated
+from ckptd.core.layout import TensorEntry
+from ckptd.core.manifest import ShardEntry
 from tests._ckptd_helpers import Daemon
 
 C = grpc.StatusCode

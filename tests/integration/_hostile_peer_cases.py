@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.integrity import chunk_crcs, crc32c
-from ckptd.peer_types import ReplicaHeader
-from ckptd.peer_wire import header_to_pb
-from ckptd.types import MAX_STEP, MAX_WORLD_SIZE
+from ckptd.core.integrity import chunk_crcs, crc32c
+from ckptd.core.types import MAX_STEP, MAX_WORLD_SIZE
+from ckptd.peers.types import ReplicaHeader
+from ckptd.peers.wire import header_to_pb
 from tests.integration._hostile_kit import BIG, C, Case, Env, _entry
 
 

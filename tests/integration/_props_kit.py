@@ -1,7 +1,7 @@
 """Calling and checking for the property tests of test_rpc_properties.py, and the invariants.
 
 ``checked`` sends one request (raw bytes, a message, or a PushReplica stream) to the daemon and
-asserts the answer is OK or one of the statuses the error table (ckptd/errors.py) documents for
+asserts the answer is OK or one of the statuses the error table (ckptd/core/errors.py) documents for
 that RPC (``ALLOWED``), never UNKNOWN, INTERNAL or CANCELLED, and that a refusal names its error
 class in the ``ckptd-error`` trailing metadata; it also records every call and status in the
 ``Model``. ``invariants`` checks the daemon stays healthy (grpc.health.v1 SERVING, the peer port
@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.manifest import Manifest
-from ckptd.types import validate_job
+from ckptd.core.manifest import Manifest
+from ckptd.core.types import validate_job
 from tests._ckptd_helpers import Daemon
 from tests.integration._hostile_kit import CKPT, KNOWN_CLASSES, PEER, PEER_RPCS, C, error_class
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from ckptd_client import Level
 
-from ckptd.errors import TierFailed
+from ckptd.core.errors import TierFailed
 from tests.conftest import DaemonProc
 from tests.integration.test_replication import NODES, WORLD, Cluster
 

@@ -4,7 +4,7 @@ Raw stub calls over the daemon's Unix socket (no client-side validation in the w
 asserts the exact status code, a message that says what is wrong, and the ``ckptd-error``
 trailing metadata naming the error class. One daemon serves the module; the last test checks it
 is still alive and still saves and restores. The client-side half checks that CheckpointManager
-raises the typed errors of ckptd.errors.
+raises the typed errors of ckptd.core.errors.
 
 The raw-call helpers (``expect``, ``begin``, ``commit_req``, ``write_slot``, ``save_ok``) live in
 _bad_input_kit.py. The tests stay in this one module on purpose: they share one daemon, and the
@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 from ckptd_client import CheckpointManager, Level
 
-from ckptd import errors
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
-from ckptd.integrity import crc32c
-from ckptd.types import validate_job
+from ckptd.core import errors
+from ckptd.core.integrity import crc32c
+from ckptd.core.types import validate_job
 from tests._ckptd_helpers import Daemon, running_daemon, unique_job
 from tests.integration._bad_input_kit import begin, commit_req, expect, save_ok, write_slot
 

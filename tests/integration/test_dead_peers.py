@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 from ckptd_client import CheckpointManager, Level
 
-from ckptd.errors import TierFailed
-from ckptd.placement import Member, coordinator_for, preference, shard_key
+from ckptd.core.errors import TierFailed
+from ckptd.peers.placement import Member, coordinator_for, preference, shard_key
 from tests._ckptd_helpers import log_messages, peer_nodes
 from tests.conftest import DaemonProc
 

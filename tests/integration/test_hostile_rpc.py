@@ -3,7 +3,7 @@
 Every case is one request (or one PushReplica stream) pushed through a generic channel with no
 serializer (``channel.unary_unary(method, request_serializer=None, ...)``), so malformed,
 truncated and non-UTF-8 messages reach the daemon's deserializer exactly as written. Each case
-names its RPC, its bytes and the status it must get (the error table of ckptd/errors.py, plus
+names its RPC, its bytes and the status it must get (the error table of ckptd/core/errors.py, plus
 UNAUTHENTICATED for the peer token); a refusal must also carry the ``ckptd-error`` trailing
 metadata naming a class of that code. After every case the daemon must still answer its health
 check (and the peer port a Ping); at the end a valid save, restore and replica push still work
@@ -34,9 +34,9 @@ from ckptd_client import CheckpointManager, Level
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.integrity import chunk_crcs
-from ckptd.peer_client import PeerClient
-from ckptd.peer_types import ReplicaHeader
+from ckptd.core.integrity import chunk_crcs
+from ckptd.peers.client import PeerClient
+from ckptd.peers.types import ReplicaHeader
 from tests._ckptd_helpers import free_port, running_daemon, unique_job
 from tests.integration._hostile_ckpt_cases import _ckpt_cases
 from tests.integration._hostile_kit import (

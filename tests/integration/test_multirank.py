@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from ckptd_client import CheckpointManager
 
-from ckptd.manifest import Manifest
-from ckptd.types import shard_key, step_dirname
+from ckptd.core.manifest import Manifest
+from ckptd.core.types import shard_key, step_dirname
 from tests._ckptd_helpers import PYTHON, REPO, Daemon, clean_env, running_daemon, unique_job
 
 WORKER = REPO / "tests" / "_multirank_worker.py"

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from ckptd_client import CheckpointManager, Level
 
-from ckptd.errors import TierFailed
-from ckptd.manifest import Manifest
+from ckptd.core.errors import TierFailed
+from ckptd.core.manifest import Manifest
 from tests.conftest import DaemonProc
 from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
 from tests.tiers.faultproxy import FaultProxy

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from ckptd_client import CheckpointManager, Level
 
-from ckptd.errors import NotFound, TierFailed
-from ckptd.placement import Member, holders_of
+from ckptd.core.errors import NotFound, TierFailed
+from ckptd.peers.placement import Member, holders_of
 from tests._ckptd_helpers import free_port
 from tests.conftest import DaemonProc
 from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture

@@ -21,8 +21,8 @@ from ckptd_client import Level
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
-from ckptd.peer_types import Holding
-from ckptd.restore_prep import wanted
+from ckptd.peers.types import Holding
+from ckptd.restore.prep import wanted
 from tests.conftest import DaemonProc
 from tests.fault.faultkit import wait_until
 from tests.integration.test_replication import NODES, Cluster, N, _check

@@ -10,7 +10,7 @@ import os
 import shutil
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.types import Level
+from ckptd.core.types import Level
 from tests.fault.faultkit import JOB, MiB, Raw, flip_byte, make_state, manager, restore_checked, slot_of, wait_until
 
 NBYTES = 40 * MiB

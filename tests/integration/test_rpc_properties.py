@@ -5,7 +5,7 @@ Hypothesis draws request messages field by field, mixing values that hit the dae
 text, int64/uint64 boundaries, NaN and infinities, unknown enum values, mutated layouts, random
 and mutated bytes). For every example:
 
-* the call answers OK or one of the statuses the error table (ckptd/errors.py) documents for that
+* the call answers OK or one of the statuses the error table (ckptd/core/errors.py) documents for that
   RPC, never UNKNOWN, INTERNAL or CANCELLED, and a refusal names its error class in the
   ``ckptd-error`` trailing metadata;
 * the daemon stays healthy (grpc.health.v1 SERVING, the peer port answers Ping);
@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.integrity import chunk_crcs
-from ckptd.manifest import Manifest
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.manifest import Manifest
 from tests._ckptd_helpers import free_port, running_daemon
 from tests.integration._hostile_kit import C, _layout
 from tests.integration._props_kit import ALLOWED, KEEP, TOKEN, Env, Model, _abort, _ok, checked, invariants

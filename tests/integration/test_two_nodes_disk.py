@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from ckptd_client import CheckpointManager, Level
 
-from ckptd.manifest import Manifest
+from ckptd.core.manifest import Manifest
 from tests.conftest import DaemonProc
 
 

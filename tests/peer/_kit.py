@@ -16,14 +16,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd.integrity import chunk_crcs
-from ckptd.layout import TensorEntry
-from ckptd.manifest import ShardEntry
-from ckptd.peer_client import PeerClient
-from ckptd.peer_config import TlsFiles
-from ckptd.peer_server import PeerServer, RunningPeerServer, start_peer_server
-from ckptd.peer_store import MemoryReplicaStore, ReadinessBoard
-from ckptd.peer_types import ReplicaHeader
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.layout import TensorEntry
+from ckptd.core.manifest import ShardEntry
+from ckptd.core.peer_config import TlsFiles
+from ckptd.peers.client import PeerClient
+from ckptd.peers.readiness import ReadinessBoard
+from ckptd.peers.server import PeerServer, RunningPeerServer, start_peer_server
+from ckptd.peers.types import ReplicaHeader
+from tests.peer.memory_store import MemoryReplicaStore
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-peer-token-0123456789abcdef"

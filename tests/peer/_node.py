@@ -10,8 +10,9 @@ import argparse
 import asyncio
 import os
 
-from ckptd.peer_server import PeerServer, start_peer_server
-from ckptd.peer_store import MemoryReplicaStore, ReadinessBoard
+from ckptd.peers.readiness import ReadinessBoard
+from ckptd.peers.server import PeerServer, start_peer_server
+from tests.peer.memory_store import MemoryReplicaStore
 
 
 async def main() -> None:

@@ -12,8 +12,8 @@ import os
 import sys
 import time
 
-from ckptd.errors import CkptdError
-from ckptd.peer_client import PeerClient
+from ckptd.core.errors import CkptdError
+from ckptd.peers.client import PeerClient
 from tests.peer._kit import MIB, TOKEN, make_header
 
 

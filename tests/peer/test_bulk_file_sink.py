@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.errors import IntegrityError, TierFailed
-from ckptd.integrity import chunk_crcs
-from ckptd.peer_bulk import recv_frames, send_frames, verifier_for_frames
+from ckptd.core.errors import IntegrityError, TierFailed
+from ckptd.core.integrity import chunk_crcs
+from ckptd.peers.bulk import recv_frames, send_frames, verifier_for_frames
 
 MIB = 2**20
 

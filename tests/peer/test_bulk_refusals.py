@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from ckptd.peer_bulk import MAGIC, BulkListener
+from ckptd.peers.bulk import MAGIC, BulkListener
 
 
 def test_refused_handshakes_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:

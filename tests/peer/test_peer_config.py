@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptd import config as config_mod
-from ckptd.errors import InvalidArgument
-from ckptd.peer_config import (
+from ckptd.core import config as config_mod
+from ckptd.core.errors import InvalidArgument
+from ckptd.core.peer_config import (
     PEERS_ENV,
     PeerAddr,
     PeerSection,
@@ -128,7 +128,7 @@ def test_valid_full_section(tmp_path: Path) -> None:
 
 def test_node_id_defaults_to_a_grammar_safe_host_name() -> None:
     assert node_id(PeerSection(node_id="explicit")) == "explicit"
-    from ckptd.peer_types import validate_node_id
+    from ckptd.peers.types import validate_node_id
 
     assert validate_node_id(node_id(PeerSection()))
 

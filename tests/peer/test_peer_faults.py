@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ckptd.errors import TierFailed, Timeout
-from ckptd.peer_config import PeerAddr
-from ckptd.peer_ring import push_to_ring
+from ckptd.core.errors import TierFailed, Timeout
+from ckptd.core.peer_config import PeerAddr
+from ckptd.peers.replicator import push_to_ring
 from tests.peer._kit import MIB, make_header, peer_client, spawn_node
 
 pytestmark = pytest.mark.timeout(120)
@@ -106,9 +106,10 @@ def test_dead_and_silent_peers_fail_fast_and_the_ring_moves_on(node: tuple[subpr
 def test_a_peer_that_restarts_is_pushed_to_on_the_very_next_call() -> None:
     """A transport failure retires the peer's channel: with one attempt per push, the first push
     after the peer is back succeeds, instead of failing while grpc waits out its reconnect backoff."""
-    from ckptd.peer_server import PeerServer, RunningPeerServer, start_peer_server
-    from ckptd.peer_store import MemoryReplicaStore, ReadinessBoard
+    from ckptd.peers.readiness import ReadinessBoard
+    from ckptd.peers.server import PeerServer, RunningPeerServer, start_peer_server
     from tests.peer._kit import TOKEN
+    from tests.peer.memory_store import MemoryReplicaStore
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

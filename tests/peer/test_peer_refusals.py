@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.errors import (
+from ckptd.core.errors import (
     AlreadyExists,
     BudgetExhausted,
     FailedPrecondition,
@@ -27,11 +27,11 @@ from ckptd.errors import (
     NotFound,
     Unauthenticated,
 )
-from ckptd.integrity import crc32c
-from ckptd.peer_bulk import FRAME_HEAD, MAGIC
-from ckptd.peer_client import PeerClient
-from ckptd.peer_types import ReadyReport
-from ckptd.peer_wire import (
+from ckptd.core.integrity import crc32c
+from ckptd.peers.bulk import FRAME_HEAD, MAGIC
+from ckptd.peers.client import PeerClient
+from ckptd.peers.types import ReadyReport
+from ckptd.peers.wire import (
     ACCEPT_METADATA_KEY,
     BULK_METADATA_KEY,
     SERVICE,

@@ -6,11 +6,12 @@ import asyncio
 
 import pytest
 
-from ckptd.errors import AlreadyExists, BudgetExhausted, NotFound, Timeout
-from ckptd.peer_client import ByteBudget
-from ckptd.peer_store import MemoryReplicaStore, ReadinessBoard
-from ckptd.peer_types import ReadyReport
+from ckptd.core.errors import AlreadyExists, BudgetExhausted, NotFound, Timeout
+from ckptd.peers.client import ByteBudget
+from ckptd.peers.readiness import ReadinessBoard
+from ckptd.peers.types import ReadyReport
 from tests.peer._kit import make_header
+from tests.peer.memory_store import MemoryReplicaStore
 
 
 def test_store_commit_abort_budget_wait_and_recycling() -> None:

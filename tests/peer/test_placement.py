@@ -1,4 +1,4 @@
-"""Ring placement properties (ckptd/placement.py): determinism, no self-placement, failure-domain
+"""Ring placement properties (ckptd/peers/placement.py): determinism, no self-placement, failure-domain
 diversity, and minimal movement when a node leaves or joins."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptd.placement import Member, coordinator_for, holders_of, normalize, place, preference, shard_key
+from ckptd.peers.placement import Member, coordinator_for, holders_of, normalize, place, preference, shard_key
 
 NODE_IDS = [f"node-{i}" for i in range(12)]
 

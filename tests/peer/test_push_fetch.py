@@ -13,14 +13,14 @@ import socket
 
 import pytest
 
-from ckptd.errors import TierFailed
-from ckptd.peer_config import PeerAddr
-from ckptd.peer_ring import push_to_ring
-from ckptd.peer_server import PeerServer, start_peer_server
-from ckptd.peer_store import MemoryReplicaStore
-from ckptd.peer_types import OpenShard, ReadyReport, ReplicaHeader
+from ckptd.core.errors import TierFailed
+from ckptd.core.peer_config import PeerAddr
+from ckptd.peers.replicator import push_to_ring
+from ckptd.peers.server import PeerServer, start_peer_server
+from ckptd.peers.types import OpenShard, ReadyReport, ReplicaHeader
 from tests.peer._kit import MIB, TOKEN, make_header, peer_client, peer_node
 from tests.peer._push_fetch_kit import BOTH_PATHS, payload, run
+from tests.peer.memory_store import MemoryReplicaStore
 
 pytestmark = pytest.mark.timeout(90)
 

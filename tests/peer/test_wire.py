@@ -11,10 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
-from ckptd.crc_combine import combine
-from ckptd.errors import IntegrityError, InvalidArgument
-from ckptd.integrity import chunk_crcs, crc32c
-from ckptd.peer_wire import (
+from ckptd.core.errors import IntegrityError, InvalidArgument
+from ckptd.core.integrity import chunk_crcs, combine, crc32c
+from ckptd.peers.wire import (
     RawChunk,
     StreamVerifier,
     decode_fetch_response,
@@ -155,6 +154,6 @@ def test_token_matching() -> None:
 
 
 def test_grpc_status_codes_of_the_new_error() -> None:
-    from ckptd.errors import Unauthenticated
+    from ckptd.core.errors import Unauthenticated
 
     assert Unauthenticated.code == grpc.StatusCode.UNAUTHENTICATED

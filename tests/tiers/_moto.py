@@ -20,10 +20,10 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from ckptd.config import ObjectSection
-from ckptd.integrity import chunk_crcs
-from ckptd.layout import TensorEntry
-from ckptd.manifest import Manifest, ShardEntry
+from ckptd.core.config import ObjectSection
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.layout import TensorEntry
+from ckptd.core.manifest import Manifest, ShardEntry
 from ckptd.tiers.object import ObjectTier
 
 BUCKET = "ckptd-test"

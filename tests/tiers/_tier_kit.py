@@ -6,9 +6,9 @@ from __future__ import annotations
 import mmap
 import random
 
-from ckptd.integrity import chunk_crcs
-from ckptd.layout import TensorEntry
-from ckptd.manifest import Manifest, ShardEntry
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.layout import TensorEntry
+from ckptd.core.manifest import Manifest, ShardEntry
 from ckptd.tiers.base import Tier
 
 CHUNK = 4096

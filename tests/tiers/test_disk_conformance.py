@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.errors import AlreadyExists, CkptdError, IntegrityError, NotFound
-from ckptd.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from ckptd.core.errors import AlreadyExists, CkptdError, IntegrityError, NotFound
+from ckptd.core.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd.tiers.base import Tier
 from ckptd.tiers.disk import DiskTier
 from tests.tiers._tier_kit import CHUNK, JOB, entry_for, payload, read, save_step

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from botocore.config import Config as BotoConfig
 
-from ckptd.errors import AlreadyExists, TierFailed
+from ckptd.core.errors import AlreadyExists, TierFailed
 from tests.tiers._moto import (
     MiB,
     MotoS3,

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from ckptd import config
-from ckptd.config import ObjectSection
-from ckptd.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound, TierFailed
-from ckptd.manifest import Manifest
+from ckptd.core import config
+from ckptd.core.config import ObjectSection
+from ckptd.core.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound, TierFailed
+from ckptd.core.manifest import Manifest
 from ckptd.tiers.object import ObjectTier
 from ckptd.tiers.object_io import MemoryReader as _MemoryReader
 from tests.tiers._moto import (

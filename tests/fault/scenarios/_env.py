@@ -86,7 +86,7 @@ class Node:
         cfg.write_text(toml(self.config))
         self.addr = str(self.env.sock_dir / f"{uuid.uuid4().hex[:10]}.sock")
         self.log_path = self.root.parent / f"{self.root.name}.{self.starts}.log"
-        entry = ["-m", "tests.fault.scenarios._faultwrap"] if self.wrapper else ["-m", "ckptd.cli"]
+        entry = ["-m", "tests.fault.scenarios._faultwrap"] if self.wrapper else ["-m", "ckptd.daemon.cli"]
         args = [sys.executable, *entry, "serve", "--config", str(cfg), "--root", str(self.root),
                 "--socket", self.addr, "--shm-dir", str(self.shm_dir), "--budget-bytes", str(self.budget_bytes)]
         env = clean_env({**AWS_ENV, "PYTHONPATH": str(REPO), **self.faults})

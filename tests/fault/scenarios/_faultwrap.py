@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from ckptd.cli import main
+from ckptd.daemon.cli import main
 
 PATTERNS = [p for p in os.environ.get("CKPTD_TEST_EIO_READ", "").split(",") if p]
 

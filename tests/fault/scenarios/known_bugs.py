@@ -169,14 +169,14 @@ KNOWN_BUGS = (
         "stale-committed-listing",
         "ListSteps/all_steps() report a step committed after its only copy is gone (memory slots reused, "
         "disk failed or skipped it); restoring it answers NotFound",
-        "ckptd/server.py ListSteps: committed=s.level() is not None or s.in_memory; StepState.level() "
-        "(ckptd/catalog.py) counts the raw memory state COMMITTED that effective() reports REMOVED",
+        "ckptd/rpc/server.py ListSteps: committed=s.level() is not None or s.in_memory; StepState.level() "
+        "(ckptd/memory/catalog.py) counts the raw memory state COMMITTED that effective() reports REMOVED",
         _stale_listing, checks={"committed": "listed committed while no tier holds it"}, fixed_in="e275e36"),
     KnownBug(
         "no-upload-after-restart",
         "a step committed on disk but not yet in the object store is never uploaded by a daemon restarted "
         "without its shared memory (reboot): PERSISTED is never reached",
-        "ckptd/uploader.py ObjectUploader._next (pending steps need s.shards) and _upload (iterates st.shards): "
+        "ckptd/drains/upload.py ObjectUploader._next (pending steps need s.shards) and _upload (iterates st.shards): "
         "steps catalogued from disk manifests at start-up have no shard records",
         _no_upload_after_restart, error=r"did not reach PERSISTED: Timeout", scenarios=("daemon_kill_mid_upload",),
         fixed_in="4215b2d"),
@@ -184,7 +184,7 @@ KNOWN_BUGS = (
         "restore-drops-inflight-step",
         "a restore while a later step is in flight drops the ranks already staged (no save lease left), so "
         "the step never commits although every rank's save() returned STAGED",
-        "ckptd/restore_service.py RestoreService._drop_partial_steps_after (run by every restore): only a "
+        "ckptd/restore/service.py RestoreService._drop_partial_steps_after (run by every restore): only a "
         "live save lease protects a partial later step",
         _restore_drops_inflight_step, checks={"acked": r"NotFound: step \d+ of job .* is not committed"},
         scenarios=("restore_during_save",), fixed_in="b6cc714"),
@@ -193,14 +193,15 @@ KNOWN_BUGS = (
         "a multipart upload cut by a store outage is never aborted once the store is back (its abort failed "
         "during the outage; only start-up cleanup of uploads older than stale_upload_age_s removes it)",
         "ckptd/tiers/object_client.py (one abort attempt of a failed multipart upload, not retried later); "
-        "ckptd/adoption.py runs cleanup_incomplete(stale_upload_age_s) at start-up only",
+        "ckptd/daemon/adoption.py runs cleanup_incomplete(stale_upload_age_s) at start-up only",
         _multipart_left, checks={"leaks": "multipart upload left unfinished"}, scenarios=("object_down",),
         fixed_in="f2b1ef6"),
     KnownBug(
         "rewarm-fills-budget",
         "copies re-warmed by restores are never evicted for a later restore: once they fill the shm budget, "
         "every restore from disk, peer or store fails, reported as IntegrityError 'no valid copy'",
-        "ckptd/shm.py SlotPool.lease_scratch (reusable only if content is None), used by ckptd/restore.py "
+        "ckptd/memory/slots.py SlotPool.lease_scratch (reusable only if content is None), used by "
+        "ckptd/restore/planner.py "
         "Restorer._from_tier/_from_peer; the BudgetExhausted is folded into IntegrityError by execute()",
         _rewarm_fills_budget, fixed_in="9ea392d"),
     KnownBug(
@@ -208,7 +209,7 @@ KNOWN_BUGS = (
         "start-up recovery logs 'recovery removed uncommitted <path>' for temp and uncommitted step "
         "directories it could not remove (read-only or failing disk): the log says the disk is clean when "
         "it is not (the leftovers are harmless, never listed, and removed by a later recovery)",
-        "ckptd/tiers/disk.py DiskTier.recover appends every path after FsOps.rmtree (ckptd/fsops.py), "
+        "ckptd/tiers/disk.py DiskTier.recover appends every path after FsOps.rmtree (ckptd/core/fsops.py), "
         "which ignores errors",
         _recovery_reports_unremoved, checks={"leaks": "recovery logged as removed what is still there"},
         scenarios=("disk_readonly",), fixed_in="fb726fd"),

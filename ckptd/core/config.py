@@ -1,0 +1,379 @@
+"""Daemon configuration: a TOML file, overridden by ``CKPTD_<SECTION>_<KEY>`` env, then flags.
+
+Every value is validated here with a message that names the key and the source it came from;
+nothing downstream re-checks types. Sizes accept integers (bytes) or strings with a unit
+("512MiB", "8GiB"). Unknown keys are errors, not silently ignored. Example::
+
+    [daemon]
+    root = "/var/lib/ckptd"
+    socket = "/run/ckptd/ckptd.sock"
+    [memory]
+    budget_bytes = "16GiB"
+    backpressure = "wait"
+    [disk]
+    max_to_keep = 3
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+from ckptd.core.errors import InvalidArgument
+from ckptd.core.peer_config import PeerSection, split_list, validate_peers
+
+MAX_SOCKET_PATH: Final = 100
+REDACTED: Final = "<redacted>"
+_SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
+_UNITS: Final = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+                 "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(value: Any, key: str) -> int:
+    """Parse an int or a "<number><unit>" string into bytes."""
+    if isinstance(value, bool):
+        raise InvalidArgument(f"{key}: expected a size, got a bool")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise InvalidArgument(f"{key}: cannot parse size {value!r} (try 512MiB or 8GiB)")
+        try:
+            n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        except OverflowError:  # "1000...0MiB" with hundreds of digits is infinite as a float
+            raise InvalidArgument(f"{key}: size {value[:40]!r} is out of range") from None
+    else:
+        raise InvalidArgument(f"{key}: expected a size, got {type(value).__name__}")
+    if n < 0:
+        raise InvalidArgument(f"{key}: size must not be negative")
+    return n
+
+
+@dataclass(frozen=True)
+class DaemonSection:
+    root: Path = Path("/var/lib/ckptd")
+    socket: Path | None = None  # default: {root}/run/ckptd.sock
+    shm_dir: Path | None = None  # default: /dev/shm/ckptd-{uid}-{hash(root)}
+    shutdown_timeout_s: float = 60.0
+    io_threads: int = 4
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class MemorySection:
+    budget_bytes: int = 8 * 2**30
+    slots_per_rank: int = 3  # >= 2; a third lets N+2 stage while N drains and N+1 is the newest
+    backpressure: str = "wait"  # wait | skip
+    wait_timeout_s: float = 30.0
+    chunk_bytes: int = 16 * 2**20
+    max_shard_bytes: int = 1 * 2**40
+    lease_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class DiskSection:
+    enabled: bool = True
+    max_to_keep: int = 3
+    keep_period: int = 0  # also keep every step divisible by this (0: off)
+    every_n_steps: int = 1
+    direct_io: bool = True  # O_DIRECT writes where the filesystem supports them
+    write_block_bytes: int = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    address: str = ""  # "host:port" for the Prometheus exporter; empty: off
+
+
+OBJECT_PRESETS: Final = ("aws", "minio", "oss")
+MIN_PART_SIZE_BYTES: Final = 5 * 2**20  # S3's minimum multipart part size (except the last part)
+MAX_PART_SIZE_BYTES: Final = 5 * 2**30
+
+
+@dataclass(frozen=True)
+class ObjectSection:
+    """[object]: the S3-compatible object tier (ckptd/tiers/object.py). Empty strings mean
+    "the preset's default"; credentials never appear here (standard AWS chain or ``profile``)."""
+
+    enabled: bool = False
+    preset: str = "aws"  # aws | minio (path-style) | oss (virtual-hosted, checksums when required)
+    endpoint_url: str = ""  # default: AWS's; oss: https://oss-{region}.aliyuncs.com
+    region: str = ""
+    bucket: str = ""
+    prefix: str = ""  # key prefix inside the bucket, e.g. "ckpt/cluster-a"
+    profile: str = ""  # named profile of the AWS config files; empty: the default chain
+    addressing_style: str = ""  # auto | virtual | path; empty: the preset's
+    request_checksum_calculation: str = ""  # when_supported | when_required; empty: the preset's
+    response_checksum_validation: str = ""  # when_supported | when_required; empty: the preset's
+    part_size_bytes: int = 16 * 2**20  # multipart part size and ranged-GET size
+    max_concurrency: int = 8  # parallel part uploads / ranged GETs per tier
+    max_attempts: int = 5  # attempts per request, the first included
+    retry_mode: str = "standard"  # standard | adaptive
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    total_timeout_s: float = 900.0  # bound on one put_shard / read_shard_into / commit
+    hashed_prefixes: int = 0  # spread shard objects over N hashed prefixes (0: next to the manifest)
+    conditional_put: str = "auto"  # auto (probe) | on | off (claim-object fallback)
+    max_to_keep: int = 3
+    keep_period: int = 0  # also keep every step divisible by this (0: off)
+    every_n_steps: int = 1
+    commit_wait_s: float = 600.0  # how long a step's coordinator waits for other nodes' shards
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    memory: MemorySection = field(default_factory=MemorySection)
+    disk: DiskSection = field(default_factory=DiskSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    object: ObjectSection = field(default_factory=ObjectSection)
+    peers: PeerSection = field(default_factory=PeerSection)
+
+    def __repr__(self) -> str:
+        """The whole config (``ckptd serve --check`` prints it) with every secret masked."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.peers.token:
+            shown["peers"] = replace(self.peers, token=REDACTED)
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.daemon.socket or self.daemon.root / "run" / "ckptd.sock"
+
+    @property
+    def shm_path(self) -> Path:
+        if self.daemon.shm_dir is not None:
+            return self.daemon.shm_dir
+        digest = hashlib.sha256(str(self.daemon.root.resolve()).encode()).hexdigest()[:10]
+        return Path("/dev/shm") / f"ckptd-{os.getuid()}-{digest}"
+
+
+_SECTIONS: Final = {
+    "daemon": DaemonSection, "memory": MemorySection, "disk": DiskSection, "metrics": MetricsSection,
+    "object": ObjectSection, "peers": PeerSection,
+}
+_SIZE_KEYS: Final = {"budget_bytes", "chunk_bytes", "max_shard_bytes", "write_block_bytes", "part_size_bytes",
+                     "max_inflight_bytes", "replica_budget_bytes"}
+
+
+def _coerce(section: str, key: str, raw: Any, default: Any, source: str) -> Any:
+    name = f"{section}.{key} ({source})"
+    if key in _SECRET_KEYS and not isinstance(raw, str):
+        raise InvalidArgument(f"{name}: expected a string, got {type(raw).__name__} (value not shown)")
+    if isinstance(raw, str) and "\x00" in raw:  # no path, name or token may hold one
+        raise InvalidArgument(f"{name}: must not contain a NUL character")
+    from_env = source.startswith("env")
+    if key in _SIZE_KEYS:
+        return parse_bytes(raw, name)
+    if isinstance(default, tuple):
+        return split_list(raw, name)
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if from_env and str(raw).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(raw).lower() in ("1", "true", "yes", "on")
+        raise InvalidArgument(f"{name}: expected true or false, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            if isinstance(raw, bool) or (not from_env and not isinstance(raw, int)):
+                raise ValueError
+            return int(raw)
+        except ValueError:
+            raise InvalidArgument(f"{name}: expected an integer, got {raw!r}") from None
+    if isinstance(default, float):
+        try:
+            if isinstance(raw, bool) or (not from_env and not isinstance(raw, (int, float))):
+                raise ValueError
+            return float(raw)
+        except ValueError:
+            raise InvalidArgument(f"{name}: expected a number, got {raw!r}") from None
+    if key in ("root", "socket", "shm_dir"):
+        if not isinstance(raw, str) or not raw:
+            raise InvalidArgument(f"{name}: expected a path string")
+        return Path(raw).expanduser()
+    if not isinstance(raw, str):
+        raise InvalidArgument(f"{name}: expected a string, got {raw!r}")
+    return raw
+
+
+def _apply(cfg: Config, values: Mapping[str, Mapping[str, Any]], source: str) -> Config:
+    for section, items in values.items():
+        cls = _SECTIONS.get(section)
+        if cls is None:
+            raise InvalidArgument(f"unknown config section [{section}] ({source})")
+        if not isinstance(items, Mapping):
+            raise InvalidArgument(f"[{section}] must be a table ({source})")
+        current = getattr(cfg, section)
+        known = {f.name: getattr(current, f.name) for f in fields(cls)}
+        updates: dict[str, Any] = {}
+        for key, raw in items.items():
+            if key not in known:
+                raise InvalidArgument(
+                    f"unknown config key {section}.{key} ({source}); known: {', '.join(known)}"
+                )
+            default = getattr(cls(), key)
+            updates[key] = _coerce(section, key, raw, default if default is not None else "", source)
+        cfg = replace(cfg, **{section: replace(current, **updates)})
+    return cfg
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Collect CKPTD_<SECTION>_<KEY> variables into {section: {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith("CKPTD_"):
+            continue
+        rest = name[len("CKPTD_") :].lower()
+        for section in _SECTIONS:
+            if rest.startswith(section + "_"):
+                out.setdefault(section, {})[rest[len(section) + 1 :]] = value
+                break
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; raise InvalidArgument naming the key."""
+    m, d, dm = cfg.memory, cfg.disk, cfg.daemon
+    if m.backpressure not in ("wait", "skip"):
+        raise InvalidArgument(f"memory.backpressure must be 'wait' or 'skip', got {m.backpressure!r}")
+    if m.slots_per_rank < 2:
+        raise InvalidArgument("memory.slots_per_rank must be at least 2 (N+1 stages while N drains)")
+    if m.budget_bytes <= 0:
+        raise InvalidArgument("memory.budget_bytes must be positive")
+    if not 4096 <= m.chunk_bytes <= 2**30 or m.chunk_bytes % 4096:
+        raise InvalidArgument("memory.chunk_bytes must be a multiple of 4096 in [4KiB, 1GiB]")
+    for key, val in (("memory.wait_timeout_s", m.wait_timeout_s),
+                     ("memory.lease_timeout_s", m.lease_timeout_s),
+                     ("daemon.shutdown_timeout_s", dm.shutdown_timeout_s)):
+        if not val >= 0 or val > 86400:
+            raise InvalidArgument(f"{key} must be in [0, 86400], got {val}")
+    if d.max_to_keep < 1:
+        raise InvalidArgument("disk.max_to_keep must be at least 1")
+    if d.keep_period < 0 or d.every_n_steps < 1:
+        raise InvalidArgument("disk.keep_period must be >= 0 and disk.every_n_steps >= 1")
+    if not 4096 <= d.write_block_bytes <= 2**30 or d.write_block_bytes % 4096:
+        raise InvalidArgument("disk.write_block_bytes must be a multiple of 4096 in [4KiB, 1GiB]")
+    if not 1 <= dm.io_threads <= 256:
+        raise InvalidArgument("daemon.io_threads must be in [1, 256]")
+    if dm.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise InvalidArgument("daemon.log_level must be DEBUG, INFO, WARNING or ERROR")
+    if cfg.metrics.address:
+        host, sep, port = cfg.metrics.address.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise InvalidArgument(f"metrics.address must be host:port, got {cfg.metrics.address!r}")
+    if dm.shm_dir is not None:
+        check_shm_dir(dm.shm_dir, cfg)
+    validate_object(cfg.object)
+    validate_peers(cfg.peers)
+    if cfg.peers.token and not _PRINTABLE_ASCII.fullmatch(cfg.peers.token):
+        raise InvalidArgument("peers.token must be printable ASCII (it travels in gRPC metadata; value not shown)")
+    if len(str(cfg.socket_path)) > MAX_SOCKET_PATH:
+        raise InvalidArgument(
+            f"socket path {cfg.socket_path} is longer than {MAX_SOCKET_PATH} characters "
+            "(Unix socket limit); set daemon.socket to a shorter path"
+        )
+    return cfg
+
+
+def check_shm_dir(shm: Path, cfg: Config) -> None:
+    """daemon.shm_dir is made 0700 and emptied of every file that is not a slot at start-up, so it
+    must be a directory of ckptd's own: never a shared one (sticky or world-writable, like /tmp or
+    /dev/shm), "/", the home directory, or one holding the daemon's root or socket."""
+    p = Path(os.path.abspath(shm))
+    home = Path(os.path.abspath(os.path.expanduser("~")))
+    root, sock = Path(os.path.abspath(cfg.daemon.root)), Path(os.path.abspath(cfg.socket_path))
+    if p in (Path("/"), home) or root.is_relative_to(p) or sock.is_relative_to(p):
+        raise InvalidArgument(f"daemon.shm_dir {shm} must be a directory of ckptd's own (it removes every "
+                              "file there that is not a slot), not /, the home directory or one holding "
+                              "daemon.root or daemon.socket")
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return  # created at start-up (or reported there)
+    if mode & (stat.S_ISVTX | stat.S_IWOTH):
+        raise InvalidArgument(f"daemon.shm_dir {shm} is a shared directory (mode {stat.S_IMODE(mode):o}); ckptd "
+                              f"makes it private and removes every file there that is not a slot: use a directory "
+                              f"of its own, e.g. {p / 'ckptd'}")
+
+
+_PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]+")
+_BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+def validate_object(o: ObjectSection) -> None:
+    """Checks of [object]; raise InvalidArgument naming the key. Bucket/endpoint only when enabled."""
+    choices = (("preset", o.preset, OBJECT_PRESETS),
+               ("addressing_style", o.addressing_style, ("", "auto", "virtual", "path")),
+               ("request_checksum_calculation", o.request_checksum_calculation,
+                ("", "when_supported", "when_required")),
+               ("response_checksum_validation", o.response_checksum_validation,
+                ("", "when_supported", "when_required")),
+               ("retry_mode", o.retry_mode, ("standard", "adaptive")),
+               ("conditional_put", o.conditional_put, ("auto", "on", "off")))
+    for key, val, allowed in choices:
+        if val not in allowed:
+            shown = ", ".join(repr(a) for a in allowed if a)
+            raise InvalidArgument(f"object.{key} must be one of {shown}, got {val!r}")
+    if not MIN_PART_SIZE_BYTES <= o.part_size_bytes <= MAX_PART_SIZE_BYTES:
+        raise InvalidArgument(f"object.part_size_bytes must be in [5MiB, 5GiB], got {o.part_size_bytes}")
+    if not 1 <= o.max_concurrency <= 256:
+        raise InvalidArgument(f"object.max_concurrency must be in [1, 256], got {o.max_concurrency}")
+    if not 1 <= o.max_attempts <= 20:
+        raise InvalidArgument(f"object.max_attempts must be in [1, 20], got {o.max_attempts}")
+    for key, secs in (("connect_timeout_s", o.connect_timeout_s), ("read_timeout_s", o.read_timeout_s),
+                      ("total_timeout_s", o.total_timeout_s), ("commit_wait_s", o.commit_wait_s)):
+        if not 0 < secs <= 86400:
+            raise InvalidArgument(f"object.{key} must be in (0, 86400], got {secs}")
+    if not 0 <= o.hashed_prefixes <= 65536:
+        raise InvalidArgument(f"object.hashed_prefixes must be in [0, 65536], got {o.hashed_prefixes}")
+    if o.max_to_keep < 1 or o.keep_period < 0 or o.every_n_steps < 1:
+        raise InvalidArgument("object.max_to_keep and object.every_n_steps must be >= 1, object.keep_period >= 0")
+    if o.prefix and (".." in o.prefix or not _PREFIX_RE.match(o.prefix.strip("/"))):
+        raise InvalidArgument(
+            f"object.prefix {o.prefix!r} must be '/'-separated names of letters, digits, '.', '_', '-' "
+            "(no '..', no empty parts)"
+        )
+    if o.endpoint_url and not re.match(r"^https?://[^/\s]+/?$", o.endpoint_url):
+        raise InvalidArgument(f"object.endpoint_url must be http(s)://host[:port], got {o.endpoint_url!r}")
+    if o.enabled:
+        if not o.bucket:
+            raise InvalidArgument("object.bucket is required when object.enabled is true")
+        if not _BUCKET_RE.match(o.bucket) or ".." in o.bucket:
+            raise InvalidArgument(f"object.bucket {o.bucket!r} is not a valid bucket name")
+        if o.preset == "oss" and not (o.endpoint_url or o.region):
+            raise InvalidArgument("object.region (e.g. cn-hangzhou) or object.endpoint_url is required "
+                                  "for preset 'oss'")
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the config: defaults < TOML file < CKPTD_* env < flags, then validate."""
+    cfg = Config()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InvalidArgument(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise InvalidArgument(f"config file {path} is not valid TOML: nested too deeply") from None
+        except OSError as exc:  # a directory, no permission, an I/O error
+            raise InvalidArgument(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        cfg = _apply(cfg, data, f"file {path}")
+    cfg = _apply(cfg, env_overrides(os.environ if env is None else env), "env")
+    if flags:
+        cfg = _apply(cfg, flags, "flag")
+    return validate(cfg)

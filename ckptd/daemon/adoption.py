@@ -1,0 +1,140 @@
+"""Start-up adoption: what a new daemon takes over from the disk, shared memory and the object store.
+
+Functions of the starting ``Daemon``, called by ``Daemon.start`` in order after the disk tier's
+recovery: ``catalog_disk`` (committed disk manifests into the catalog), ``adopt_slots`` (surviving
+shm slots), ``prepare_object_tier`` (stale multipart uploads aborted, create-only puts probed).
+
+Invariants: a slot is re-adopted only if its sidecar parses, its shard fits the slot and every
+chunk's crc32c verifies; a slot committed before its crc pass ("crc pending") is checksummed now;
+a slot that conflicts with the catalog (other world size, rank already held) or fails any check
+is freed, never served. A replica held for another node is re-adopted only while peer
+replication is on. A bad disk manifest or an unreachable object store is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ckptd.core.errors import CkptdError
+from ckptd.core.integrity import chunk_crcs, first_bad_chunk
+from ckptd.core.manifest import Manifest
+from ckptd.core.types import TierName, validate_node_ranks
+from ckptd.memory.catalog import ShardRecord, TierState, entry_from_sidecar
+from ckptd.memory.slots import Slot
+
+if TYPE_CHECKING:
+    from ckptd.daemon.wiring import Daemon
+
+log = logging.getLogger("ckptd.daemon")  # the daemon's logger: operators filter on it
+
+
+async def catalog_disk(d: Daemon) -> None:
+    """Catalog every step whose manifest is committed on disk (after the disk tier's recovery)."""
+    assert d.disk is not None
+    loop = asyncio.get_running_loop()
+    for job in await loop.run_in_executor(d.executor, d.disk.list_jobs):
+        for step in await loop.run_in_executor(d.executor, d.disk.list_committed, job):
+            try:
+                m: Manifest = await loop.run_in_executor(
+                    d.executor, d.disk.read_manifest, job, step)
+            except Exception as exc:  # noqa: BLE001 - a bad manifest is reported, not fatal
+                log.error("ignoring %s@%d on disk: %s", job, step, exc)
+                continue
+            st = d.catalog.ensure(job, step, m.world_size)
+            st.created_unix_s = m.created_unix_s
+            st.extra = dict(m.extra)
+            st.node_ranks = m.node_ranks
+            st.tiers[TierName.DISK] = (TierState.COMMITTED, "")
+
+
+async def adopt_slots(d: Daemon) -> None:
+    """Re-adopt the shm slots a previous daemon left, if their bytes verify; free the rest."""
+    loop = asyncio.get_running_loop()
+    found = await loop.run_in_executor(d.executor, d.pool.scan)
+    for slot, meta in found:
+        if meta.get("crc_pending"):  # committed, daemon died before its crc pass: do it now
+            try:
+                n = int(meta["shard"]["nbytes"])
+                if not 0 <= n <= slot.capacity:
+                    raise ValueError("bad size")
+                meta["shard"]["chunk_crc32c"] = await loop.run_in_executor(
+                    d.executor, chunk_crcs, slot.view(n), int(meta["shard"]["chunk_bytes"]))
+                await loop.run_in_executor(d.executor, d.pool.write_sidecar, slot,
+                                           {k: v for k, v in meta.items() if k != "crc_pending"})
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                log.warning("removing slot %s: bad pending sidecar: %s", slot.path.name, exc)
+                await d.pool.free(slot)
+                continue
+        try:
+            job, step, world_size, created, entry = entry_from_sidecar(meta)
+            if entry.nbytes > slot.capacity:
+                raise ValueError("shard larger than its slot")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("removing slot %s: bad sidecar: %s", slot.path.name, exc)
+            await d.pool.free(slot)
+            continue
+        bad = await loop.run_in_executor(
+            d.executor, first_bad_chunk, slot.view(entry.nbytes), entry.chunk_bytes,
+            entry.chunk_crc32c)
+        if meta.get("replica_of"):
+            await adopt_replica(d, slot, meta, bad is None)
+            continue
+        st = d.catalog.ensure(job, step, world_size)
+        existing = st.shards.get(entry.rank)
+        if bad is not None or st.world_size != world_size or (
+            existing is not None and existing.slot is not None
+        ):
+            log.warning("removing slot %s of %s@%d rank %d (%s)", slot.path.name, job, step,
+                        entry.rank, "crc32c mismatch" if bad is not None else "conflict")
+            await d.pool.free(slot)
+            continue
+        st.created_unix_s = created
+        st.extra = dict(meta.get("extra") or {})
+        st.node_ranks = validate_node_ranks(list(meta.get("node_ranks") or []), world_size)
+        rec = ShardRecord(job, step, entry, slot)
+        slot.content = rec
+        slot.owner = (job, entry.rank)
+        st.shards[entry.rank] = rec
+        log.info("re-adopted slot of %s@%d rank %d from shared memory", job, step, entry.rank)
+    for steps in d.catalog.jobs.values():
+        for st in steps.values():
+            if st.in_memory:
+                st.tiers[TierName.MEMORY] = (TierState.COMMITTED, "recovered from shm")
+    d.drainer.kick()
+
+
+async def adopt_replica(d: Daemon, slot: Slot, meta: dict[str, Any], valid: bool) -> None:
+    """Re-adopt a replica held for another node, if its bytes verify and peers are on."""
+    from ckptd.peers.types import ReplicaHeader
+
+    try:
+        if not valid or d.replicas is None:
+            raise ValueError("crc32c mismatch" if not valid else "peer replication is off")
+        job, step, world_size, created, entry = entry_from_sidecar(meta)
+        header = ReplicaHeader(job, step, world_size, entry, str(meta["replica_of"]),
+                               tuple(meta.get("node_ranks") or ()), created, dict(meta.get("extra") or {}))
+        header.validate()
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("removing replica slot %s: %s", slot.path.name, exc)
+        await d.pool.free(slot)
+        return
+    d.replicas.adopt_sidecar(slot, meta, header)
+    log.info("re-adopted replica of %s@%d rank %d (from %s)", header.job, header.step, header.rank,
+             header.source_node)
+
+
+async def prepare_object_tier(d: Daemon) -> None:
+    """Abort stale multipart uploads and probe create-only puts; a store that is down at
+    start-up is reported, not fatal (uploads retry when it returns)."""
+    assert d.object is not None
+    loop = asyncio.get_running_loop()
+    try:
+        aborted = await loop.run_in_executor(
+            d.executor, d.object.cleanup_incomplete, d.object.stale_upload_age_s)
+        for key, _ in aborted:
+            log.info("aborted stale multipart upload of %s", key)
+        await loop.run_in_executor(d.executor, d.object.conditional_put_supported)
+    except CkptdError as exc:
+        log.error("object tier not reachable at start-up: %s", exc)

@@ -1,0 +1,71 @@
+"""``ckptd`` command line: ``ckptd serve --config ckptd.toml [flags]``.
+
+Flags override env (CKPTD_*), which overrides the TOML file. Exit codes: 0 clean stop,
+2 bad config or usage, 1 start-up failure (e.g. another daemon holds the root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from ckptd import __version__
+from ckptd.core import config, logs
+from ckptd.core.errors import CkptdError, InvalidArgument
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckptd", description="ckptd node-local checkpoint daemon")
+    p.add_argument("--version", action="version", version=f"ckptd {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the daemon until SIGTERM")
+    s.add_argument("--config", type=Path, help="TOML config file")
+    s.add_argument("--root", help="daemon root directory (disk tier, lock, socket)")
+    s.add_argument("--socket", help="Unix socket path")
+    s.add_argument("--shm-dir", help="private shared-memory directory for slots")
+    s.add_argument("--budget-bytes", help="shared-memory byte budget, e.g. 8GiB")
+    s.add_argument("--no-disk", action="store_true", help="disable the disk tier")
+    s.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    s.add_argument("--check", action="store_true", help="validate the config, print it, exit")
+    return p
+
+
+def _flags(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    flags: dict[str, dict[str, Any]] = {}
+    for section, key, value in (
+        ("daemon", "root", ns.root), ("daemon", "socket", ns.socket),
+        ("daemon", "shm_dir", ns.shm_dir), ("daemon", "log_level", ns.log_level),
+        ("memory", "budget_bytes", ns.budget_bytes),
+    ):
+        if value is not None:
+            flags.setdefault(section, {})[key] = value
+    if ns.no_disk:
+        flags.setdefault("disk", {})["enabled"] = False
+    return flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        cfg = config.load(ns.config, flags=_flags(ns))
+    except InvalidArgument as exc:
+        print(f"ckptd: config error: {exc}", file=sys.stderr)
+        return 2
+    if ns.check:
+        print(cfg)
+        return 0
+    logs.setup(cfg.daemon.log_level)
+    from ckptd.rpc.server import serve  # heavy imports only when serving
+
+    try:
+        return asyncio.run(serve(cfg))
+    except CkptdError as exc:
+        print(f"ckptd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The background upload: local tiers -> object store, and the global commit of each step.
+
+One task, owned by the daemon, started with it and awaited on shutdown. Per job it takes the
+newest step that is ready locally and not yet handled by the object tier; older pending steps are
+marked SKIPPED (superseded), so a slow or throttling store delays persistence but never builds a
+queue and never blocks training. "Ready locally" follows memory -> disk -> object: with the disk
+tier on, a step is uploaded from its committed disk files (so slow uploads never pin shm slots);
+from its memory slots when the disk tier is off or failed for that step.
+
+Every source is verified against the shard's chunk crc32c before it leaves the node. Each node
+uploads its own ranks' shards and one record per rank; the step's coordinator (the daemon that
+holds rank 0) writes the manifest with a create-only put once the records of all ``world_size``
+ranks are in the store, then applies object-tier retention. Other nodes mark the step PERSISTED
+when they see the manifest. A step without a manifest does not exist in the store, whatever
+objects it left behind; cleanup at start-up aborts stale multipart uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from ckptd.core import failpoints, metrics
+from ckptd.core.config import ObjectSection
+from ckptd.core.errors import AlreadyExists, CkptdError, IntegrityError, TierFailed
+from ckptd.core.integrity import first_bad_chunk
+from ckptd.core.manifest import Manifest, ShardEntry
+from ckptd.core.types import TierName
+from ckptd.drains.disk_drain import DiskDrainer
+from ckptd.drains.retainer import apply_retention
+from ckptd.drains.worker import Worker
+from ckptd.memory.catalog import Catalog, StepState, TierState
+from ckptd.memory.slots import SlotPool
+from ckptd.tiers.disk import DiskTier
+from ckptd.tiers.object import ObjectTier
+
+log = logging.getLogger("ckptd.uploader")
+
+POLL_S = 0.5
+
+
+@dataclass
+class _Awaiting:
+    st: StepState
+    deadline_s: float
+    coordinator: bool
+
+
+class ObjectUploader(Worker):
+    """Owner of the upload task and of the pending global commits."""
+
+    name = "object-uploader"
+
+    def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, drainer: DiskDrainer,
+                 tier: ObjectTier, cfg: ObjectSection, executor: Executor) -> None:
+        super().__init__()
+        self.catalog = catalog
+        self.pool = pool
+        self.disk = disk
+        self.drainer = drainer
+        self.tier = tier
+        self.cfg = cfg
+        self.executor = executor
+        self._awaiting: dict[tuple[str, int], _Awaiting] = {}
+        self.last_upload: dict[str, Any] = {}
+        self.pinned: dict[str, set[int]] = {}  # steps retention keeps (the daemon's PinStore.pins)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            await self._wait_kick(POLL_S)
+            if self.tier.has_failed_uploads:  # between uploads: nothing of ours is in flight
+                await loop.run_in_executor(self.executor, self.tier.abort_failed_uploads)
+            while not self._stopping and (st := await self._next()) is not None:
+                await self._upload(st)
+            await self._check_commits()
+
+    # -- choosing ---------------------------------------------------------------------------
+    def _ready(self, st: StepState) -> bool:
+        if self.disk is not None:
+            disk = st.state(TierName.DISK)
+            if disk == TierState.COMMITTED:
+                return True
+            if disk in (TierState.PENDING, TierState.IN_PROGRESS):
+                return False
+        return st.in_memory
+
+    async def _next(self) -> StepState | None:
+        for job in list(self.catalog.jobs):
+            pending = [s for s in self.catalog.steps(job)  # no shard records: catalogued from disk
+                       if s.state(TierName.OBJECT) == TierState.PENDING
+                       and (s.shards or (self.disk is not None and s.state(TierName.DISK) == TierState.COMMITTED))]
+            ready = [s for s in pending if self._ready(s)]
+            if not ready:
+                continue
+            newest = ready[-1]
+            for old in pending:
+                if old.step < newest.step:
+                    await self.catalog.set_tier(old, TierName.OBJECT, TierState.SKIPPED,
+                                                f"superseded by step {newest.step}")
+            if newest.step % self.cfg.every_n_steps:
+                await self.catalog.set_tier(newest, TierName.OBJECT, TierState.SKIPPED,
+                                            f"not a multiple of object.every_n_steps={self.cfg.every_n_steps}")
+                continue
+            return newest
+        return None
+
+    # -- uploading --------------------------------------------------------------------------
+    async def _upload(self, st: StepState) -> None:
+        loop = asyncio.get_running_loop()
+        await self.catalog.set_tier(st, TierName.OBJECT, TierState.IN_PROGRESS)
+        pinned = self.drainer.pinned.setdefault(st.job, set())
+        pinned.add(st.step)
+        t0 = time.monotonic()
+        nbytes = 0
+        try:
+            entries = await self._entries(st)
+            if entries is None:
+                await self.catalog.set_tier(st, TierName.OBJECT, TierState.COMMITTED, "already in the store")
+                return
+            for entry in entries:
+                await self._upload_shard(st, entry)
+                nbytes += entry.nbytes
+        except AlreadyExists:
+            await self.catalog.set_tier(st, TierName.OBJECT, TierState.COMMITTED, "already in the store")
+            return
+        except Exception as exc:  # noqa: BLE001 - a failed upload degrades the level, nothing more
+            log.error("upload of %s@%d failed: %s", st.job, st.step, exc)
+            metrics.TIER_FAILURES.labels("object", "upload").inc()
+            await self.catalog.set_tier(st, TierName.OBJECT, TierState.FAILED, str(exc))
+            return
+        finally:
+            pinned.discard(st.step)
+        elapsed = time.monotonic() - t0
+        metrics.TIER_WRITTEN_BYTES.labels("object").inc(nbytes)
+        metrics.TIER_OP_SECONDS.labels("object", "upload").observe(elapsed)
+        self.last_upload = {"job": st.job, "step": st.step, "bytes": nbytes, "seconds": elapsed}
+        coordinator = 0 in st.ranks
+        self._awaiting[(st.job, st.step)] = _Awaiting(st, time.monotonic() + self.cfg.commit_wait_s, coordinator)
+        del loop
+
+    async def _entries(self, st: StepState) -> list[ShardEntry] | None:
+        """This node's shard entries of the step: from its shard records, or, for a step known
+        only from its disk manifest (a daemon restarted without its shared memory), from that
+        manifest; None when such a step is already committed in the store."""
+        if st.shards:
+            return [st.shards[r].entry for r in sorted(st.shards)]
+        assert self.disk is not None
+        loop = asyncio.get_running_loop()
+        if st.step in await loop.run_in_executor(self.executor, self.tier.list_committed, st.job):
+            return None
+        manifest = await loop.run_in_executor(self.executor, self.disk.read_manifest, st.job, st.step)
+        return list(manifest.shards)
+
+    async def _upload_shard(self, st: StepState, entry: ShardEntry) -> None:
+        """Upload one local shard from its verified disk file, else from its verified slot."""
+        rank = entry.rank
+        rec = st.shards.get(rank)
+        loop = asyncio.get_running_loop()
+        failpoints.hit("object.upload.before_shard")
+        errors: list[str] = []
+        if self.disk is not None and st.state(TierName.DISK) == TierState.COMMITTED:
+            try:
+                await loop.run_in_executor(self.executor, self._upload_from_disk, st, entry)
+                await self._record(st, entry)
+                return
+            except (IntegrityError, OSError) as exc:
+                errors.append(f"disk copy: {exc}")
+        slot = rec.slot if rec is not None else None
+        if rec is None or slot is None or slot.content is not rec:
+            raise TierFailed(f"no valid local copy of {st.job}@{st.step} rank {rank} to upload: "
+                             + ("; ".join(errors) or "memory copy evicted"))
+        slot.readers += 1
+        view = slot.view(entry.nbytes)
+        try:
+            bad = await loop.run_in_executor(self.executor, first_bad_chunk, view, entry.chunk_bytes,
+                                             entry.chunk_crc32c)
+            if bad is not None:
+                raise IntegrityError(f"{slot.path}: crc32c mismatch in chunk {bad}; not uploaded")
+            await loop.run_in_executor(self.executor, self.tier.put_shard, st.job, st.step, entry, view)
+        finally:
+            view.release()
+            await self.pool.unpin(slot)
+        await self._record(st, entry)
+
+    def _upload_from_disk(self, st: StepState, entry: ShardEntry) -> None:
+        assert self.disk is not None
+        path = self.disk.shard_path(st.job, st.step, entry)
+        with open(path, "rb") as f:
+            if entry.nbytes == 0:
+                self.tier.put_shard(st.job, st.step, entry, memoryview(b""))
+                return
+            mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            view = memoryview(mm)
+            try:
+                if view.nbytes != entry.nbytes:
+                    raise IntegrityError(f"{path}: size {view.nbytes} != {entry.nbytes}")
+                bad = first_bad_chunk(view, entry.chunk_bytes, entry.chunk_crc32c)
+                if bad is not None:
+                    raise IntegrityError(f"{path}: crc32c mismatch in chunk {bad}; not uploaded")
+                self.tier.put_shard(st.job, st.step, entry, view)
+            finally:
+                view.release()
+        finally:
+            mm.close()
+
+    async def _record(self, st: StepState, entry: ShardEntry) -> None:
+        loop = asyncio.get_running_loop()
+        failpoints.hit("object.upload.after_shard")
+        await loop.run_in_executor(self.executor, self.tier.put_shard_meta, st.job, st.step, entry,
+                                   st.world_size)
+
+    # -- global commit ----------------------------------------------------------------------
+    async def _check_commits(self) -> None:
+        loop = asyncio.get_running_loop()
+        for key, aw in list(self._awaiting.items()):
+            st = aw.st
+            try:
+                if aw.coordinator:
+                    done = await self._try_commit(st)
+                else:
+                    done = st.step in await loop.run_in_executor(
+                        self.executor, self.tier.list_committed, st.job)
+            except CkptdError as exc:
+                log.warning("commit check of %s@%d: %s", st.job, st.step, exc)
+                done = False
+            if done:
+                del self._awaiting[key]
+                log.info("step %s@%d PERSISTED", st.job, st.step)
+                metrics.LAST_COMMITTED_STEP.labels(st.job, "object").set(st.step)
+                await self.catalog.set_tier(st, TierName.OBJECT, TierState.COMMITTED)
+                if aw.coordinator:
+                    await self._retain(st.job)
+            elif time.monotonic() > aw.deadline_s:
+                del self._awaiting[key]
+                what = "shards of other nodes" if aw.coordinator else "the coordinator's manifest"
+                await self.catalog.set_tier(
+                    st, TierName.OBJECT, TierState.FAILED,
+                    f"{what} did not arrive within object.commit_wait_s={self.cfg.commit_wait_s:g}s")
+
+    async def _try_commit(self, st: StepState) -> bool:
+        loop = asyncio.get_running_loop()
+        records = await loop.run_in_executor(self.executor, self.tier.list_shard_metas, st.job, st.step,
+                                             st.world_size)
+        if len(records) < st.world_size:
+            return False
+        manifest = Manifest(st.job, st.step, st.world_size,
+                            tuple(records[r] for r in range(st.world_size)), st.created_unix_s, st.extra)
+        failpoints.hit("object.commit.before_manifest")
+        try:
+            await loop.run_in_executor(self.executor, self.tier.commit, manifest)
+        except AlreadyExists:
+            pass
+        return True
+
+    async def _retain(self, job: str) -> None:
+        await apply_retention(
+            job, self.tier, TierName.OBJECT, catalog=self.catalog, executor=self.executor,
+            max_to_keep=self.cfg.max_to_keep, keep_period=self.cfg.keep_period, pins=(self.pinned,),
+            delete_errors=(CkptdError,), list_errors=(CkptdError,), log=log,
+        )

@@ -1,0 +1,294 @@
+"""The save path: BeginSave, CommitShard, AbortSave, the background checksum and the lease reaper.
+
+``SavePath`` owns the save leases (``leases``) and the shards being claimed between BeginSave's
+checks and its lease; it works on its ``Daemon``'s catalog, slot pool and tiers and kicks its
+background workers. The daemon's public ``begin_save``/``commit_shard``/``abort_save`` call it.
+
+Invariants: a lease is handed out only for a valid (job, step, rank, world_size) that is not
+already staged, leased or committed (a shard is claimed before the first await, so two concurrent
+BeginSaves of it cannot both pass); CommitShard validates the layout against the lease before
+recording the shard; the daemon checksums the slot after CommitShard returns and only a
+checksummed shard counts toward a committed step. A slot gets a sidecar only after CommitShard:
+a lease dropped by AbortSave, an expired deadline or a dead client leaves the slot torn and free.
+One rank that cannot get a slot abandons its step on every rank (it could never commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ckptd.core import metrics
+from ckptd.core.errors import (
+    AlreadyExists,
+    BudgetExhausted,
+    DaemonUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from ckptd.core.integrity import parallel_chunk_crcs
+from ckptd.core.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
+from ckptd.core.manifest import MANIFEST_NAME, ShardEntry
+from ckptd.core.types import Level, TierName, validate_job, validate_node_ranks, validate_rank, validate_step
+from ckptd.memory.catalog import ShardRecord, StepState, TierState, gc_catalog, sidecar_meta
+from ckptd.memory.slots import Slot
+
+if TYPE_CHECKING:
+    from ckptd.daemon.wiring import Daemon
+
+log = logging.getLogger("ckptd.daemon")  # the daemon's logger: operators filter on it
+
+
+@dataclass
+class SaveLease:
+    lease_id: str
+    job: str
+    step: int
+    rank: int
+    world_size: int
+    nbytes: int
+    slot: Slot
+    client_pid: int
+    deadline_s: float
+    node_ranks: tuple[int, ...] = ()
+
+
+def pid_alive(pid: int) -> bool:
+    """True unless the pid is gone or a zombie (a killed trainer its parent has not reaped)."""
+    if pid <= 0:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
+
+
+def check_ids(job: str, step: int, rank: int, world_size: int) -> None:
+    try:
+        validate_job(job)
+        validate_step(step)
+        validate_rank(rank, world_size)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+class SavePath:
+    """The save RPCs of one daemon and the leases they hand out."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.leases: dict[str, SaveLease] = {}
+        self._beginning: set[tuple[str, int, int]] = set()  # BeginSaves between check and lease
+
+    async def begin_save(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
+                         wait: bool | None, wait_timeout_s: float | None, client_pid: int,
+                         node_ranks: tuple[int, ...] = ()) -> SaveLease:
+        if self.d.draining:
+            raise DaemonUnavailable("daemon is draining for shutdown; not accepting saves")
+        check_ids(job, step, rank, world_size)
+        try:
+            node_ranks = validate_node_ranks(node_ranks, world_size, rank)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if nbytes < 0 or nbytes > self.d.cfg.memory.max_shard_bytes:
+            raise InvalidArgument(
+                f"nbytes {nbytes} out of range [0, {self.d.cfg.memory.max_shard_bytes}] "
+                "(memory.max_shard_bytes)")
+        st = self.d.catalog.get(job, step)
+        if st is not None:
+            if st.world_size != world_size:
+                raise FailedPrecondition(
+                    f"step {step} of {job!r} has world_size {st.world_size}, not {world_size}")
+            if st.shards and st.node_ranks != node_ranks:
+                raise FailedPrecondition(
+                    f"step {step} of {job!r} is held for node ranks {list(st.ranks)}, this save "
+                    f"names {list(node_ranks or range(world_size))}")
+            if st.state(TierName.MEMORY) == TierState.SKIPPED and not st.in_memory:
+                raise BudgetExhausted(f"step {step} of {job!r} was skipped: "
+                                      f"{st.tiers[TierName.MEMORY][1]}")
+            if rank in st.shards or st.state(TierName.DISK) == TierState.COMMITTED:
+                raise AlreadyExists(f"step {step} rank {rank} of {job!r} is already saved")
+        for lease in list(self.leases.values()):
+            if (lease.job, lease.step, lease.rank) == (job, step, rank):
+                if time.monotonic() <= lease.deadline_s and pid_alive(lease.client_pid):
+                    raise AlreadyExists(f"step {step} rank {rank} of {job!r} is being saved by another writer")
+                # the holder died mid-copy (a restarted trainer re-saves faster than the reaper)
+                log.warning("save lease of %s@%d rank %d expired (client gone); slot torn, not committed",
+                            job, step, rank)
+                await self.drop_lease(lease)
+        # Claim (job, step, rank) before the first await: a concurrent BeginSave for the same
+        # shard must not pass the checks above while this one waits for the disk or a slot.
+        if (job, step, rank) in self._beginning:
+            raise AlreadyExists(f"step {step} rank {rank} of {job!r} is being saved by another writer")
+        self._beginning.add((job, step, rank))
+        try:
+            return await self._begin_save_claimed(job, step, rank, world_size, nbytes, wait,
+                                                  wait_timeout_s, client_pid, st, node_ranks)
+        finally:
+            self._beginning.discard((job, step, rank))
+
+    async def _begin_save_claimed(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
+                                  wait: bool | None, wait_timeout_s: float | None, client_pid: int,
+                                  st: StepState | None, node_ranks: tuple[int, ...]) -> SaveLease:
+        # the catalog knows every step committed on disk; one stat (no listing) guards the rest
+        if self.d.disk is not None and st is None and (self.d.disk.step_dir(job, step) / MANIFEST_NAME).exists():
+            raise AlreadyExists(f"step {step} of {job!r} is already committed on disk")
+        mem = self.d.cfg.memory
+        do_wait = (mem.backpressure == "wait") if wait is None else wait
+        timeout_s = mem.wait_timeout_s if wait_timeout_s is None else wait_timeout_s
+        t0 = time.monotonic()
+        try:
+            slot = await self.d.pool.lease((job, rank), nbytes, self.d.catalog.slot_reusable, do_wait,
+                                         timeout_s, mem.slots_per_rank, spare=True)
+        except BudgetExhausted as exc:
+            metrics.SAVES_TOTAL.labels("no_slot").inc()
+            await self._abandon_step(job, step, world_size, f"rank {rank} had no slot: {exc}")
+            raise
+        metrics.SLOT_WAIT_SECONDS.observe(time.monotonic() - t0)
+        lease = SaveLease(uuid.uuid4().hex, job, step, rank, world_size, nbytes, slot,
+                          client_pid if client_pid > 0 and pid_alive(client_pid) else 0,
+                          time.monotonic() + mem.lease_timeout_s, node_ranks)
+        self.leases[lease.lease_id] = lease
+        gc_catalog(self.d.catalog, job)
+        return lease
+
+    async def commit_shard(self, lease_id: str, job: str, step: int, rank: int, world_size: int,
+                           nbytes: int, tensors: list[TensorEntry], tree_json: str,
+                           chunk_bytes: int, client_crcs: list[int], client_stall_s: float = 0.0) -> Level:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise NotFound(f"unknown or expired save lease {lease_id[:16]!r}")
+        if (lease.job, lease.step, lease.rank, lease.world_size, lease.nbytes) != (
+                job, step, rank, world_size, nbytes):
+            raise InvalidArgument("CommitShard does not match its BeginSave (job/step/rank/world_size/nbytes)")
+        expected_chunk = self.d.cfg.memory.chunk_bytes
+        if client_crcs and (chunk_bytes != expected_chunk
+                            or len(client_crcs) != chunk_count(nbytes, expected_chunk)):
+            raise InvalidArgument(f"chunk_crc32c must cover {nbytes} bytes in chunks of {expected_chunk}")
+        try:
+            validate_tensors(tensors, nbytes)
+            tree = parse_tree(tree_json, len(tensors))
+        except ValueError as exc:
+            raise InvalidArgument(f"bad shard layout: {exc}") from None
+        del self.leases[lease_id]
+        st = self.d.catalog.ensure(job, step, world_size)
+        if not st.shards:
+            st.node_ranks = lease.node_ranks
+        if st.state(TierName.MEMORY) == TierState.SKIPPED and not st.in_memory:
+            lease.slot.content = None
+            await self.d.pool.release_write(lease.slot)
+            raise BudgetExhausted(f"step {step} of {job!r} was skipped: {st.tiers[TierName.MEMORY][1]}")
+        entry = ShardEntry(rank, nbytes, expected_chunk, (), tuple(tensors), tree)
+        rec = ShardRecord(job, step, entry, lease.slot, checksummed=False, recorded=False)
+        st.shards[rank] = rec
+        lease.slot.content = rec
+        lease.slot.writing = False
+        await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.IN_PROGRESS)
+        metrics.SAVES_TOTAL.labels("staged").inc()
+        metrics.TIER_WRITTEN_BYTES.labels("memory").inc(nbytes)
+        if 0 < client_stall_s < 86400:
+            metrics.SAVE_BLOCKING_SECONDS.observe(client_stall_s)
+        self.d._spawn(self._checksum(st, rec, client_crcs), f"crc-{job}-{step}-{rank}")
+        return Level.STAGED
+
+    async def _checksum(self, st: StepState, rec: ShardRecord, client_crcs: list[int]) -> None:
+        """Checksum a freshly staged slot off the hot path; verify the client's sums if sent."""
+        slot = rec.slot
+        assert slot is not None
+        loop = asyncio.get_running_loop()
+        slot.readers += 1
+        try:
+            # Record the committed slot first ("crc pending"): from here on a daemon crash keeps
+            # it (the next daemon checksums it at adoption), and the disk drain may start while
+            # the crc pass below runs. A slot that never got CommitShard never gets a sidecar.
+            await loop.run_in_executor(self.d.executor, self.d.pool.write_sidecar, slot, sidecar_meta(st, rec))
+            rec.recorded = True
+            if st.staged_in_slots:
+                self.d.drainer.kick()  # the disk write overlaps the checksum pass
+            entry = rec.entry
+            crcs = await parallel_chunk_crcs(loop, self.d.executor, slot.view(entry.nbytes), entry.chunk_bytes)
+            if client_crcs and crcs != list(client_crcs):
+                bad = next(i for i, (a, b) in enumerate(zip(crcs, client_crcs)) if a != b)
+                metrics.CHECKSUM_FAILURES.labels("memory").inc()
+                rec.slot = None
+                slot.content = None
+                del st.shards[entry.rank]
+                await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED,
+                                            f"rank {entry.rank}: crc32c of chunk {bad} differs from the client's")
+                return
+            if slot.content is not rec:
+                return  # the step was abandoned meanwhile
+            entry = ShardEntry(entry.rank, entry.nbytes, entry.chunk_bytes, tuple(crcs),
+                               entry.tensors, entry.tree)
+            rec.entry = entry
+            meta = sidecar_meta(st, rec)
+            meta["shard"]["chunk_crc32c"] = list(crcs)
+            meta.pop("crc_pending", None)
+            await loop.run_in_executor(self.d.executor, self.d.pool.write_sidecar, slot, meta)
+            rec.checksummed = True
+        except Exception as exc:  # noqa: BLE001
+            log.error("checksumming %s@%d rank %d failed: %s", st.job, st.step, rec.entry.rank, exc)
+            await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED, str(exc))
+            return
+        finally:
+            await self.d.pool.unpin(slot)
+        if st.in_memory:
+            log.info("step %s@%d STAGED on all %d ranks", st.job, st.step, st.world_size)
+            await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.COMMITTED)
+            metrics.LAST_COMMITTED_STEP.labels(st.job, "memory").set(st.step)
+            await self.d.pool.notify()
+            self.d.drainer.kick()
+            if self.d.uploader is not None:
+                self.d.uploader.kick()
+            if self.d.replicator is not None:
+                self.d.replicator.kick()
+        else:
+            await self.d.catalog.notify()
+
+    async def _abandon_step(self, job: str, step: int, world_size: int, reason: str) -> None:
+        """One rank could not stage this step, so it can never commit: free the shards the
+        other ranks staged and make their later BeginSave/CommitShard of it skip too."""
+        st = self.d.catalog.ensure(job, step, world_size)
+        if st.in_memory or st.world_size != world_size:
+            return
+        loop = asyncio.get_running_loop()
+        for rec in st.shards.values():
+            if rec.slot is not None and rec.slot.content is rec:
+                rec.slot.content = None
+                await loop.run_in_executor(self.d.executor, rec.slot.meta_path.unlink, True)
+        st.shards.clear()
+        log.warning("step %s@%d skipped on every rank: %s", job, step, reason)
+        await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.SKIPPED, reason)
+        await self.d.pool.notify()
+
+    async def abort_save(self, lease_id: str) -> None:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise NotFound(f"unknown or expired save lease {lease_id[:16]!r}")
+        await self.drop_lease(lease)
+
+    async def reap_leases(self) -> None:
+        """Drop leases whose client died or whose deadline passed."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for lease in list(self.leases.values()):
+                if now > lease.deadline_s or not pid_alive(lease.client_pid):
+                    log.warning("save lease of %s@%d rank %d expired (client gone); slot torn, "
+                                "not committed", lease.job, lease.step, lease.rank)
+                    await self.drop_lease(lease)
+            for rl in list(self.d.restore_leases.values()):
+                if now > rl.deadline_s or not pid_alive(rl.client_pid):
+                    await self.d.release_restore(rl.lease_id)
+
+    async def drop_lease(self, lease: SaveLease) -> None:
+        self.leases.pop(lease.lease_id, None)
+        lease.slot.content = None
+        await self.d.pool.release_write(lease.slot)
