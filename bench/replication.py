@@ -101,10 +101,9 @@ import numpy as np  # noqa: E402
 
 from ckptd.core.integrity import chunk_crcs  # noqa: E402
 from ckptd.core.layout import TensorEntry  # noqa: E402
-from ckptd.core.manifest import ShardEntry  # noqa: E402
+from ckptd.core.manifest import ReplicaHeader, ShardEntry  # noqa: E402
 from ckptd.peers.client import PeerClient  # noqa: E402
 from ckptd.peers.server import PeerServer, start_peer_server  # noqa: E402
-from ckptd.peers.types import ReplicaHeader  # noqa: E402
 from tests.peer.memory_store import MemoryReplicaStore  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -38,8 +38,7 @@ from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.errors import ERROR_METADATA_KEY
 from ckptd.core.integrity import chunk_crcs, crc32c
 from ckptd.core.layout import TensorEntry
-from ckptd.core.manifest import ShardEntry
-from ckptd.peers.types import ReplicaHeader
+from ckptd.core.manifest import ReplicaHeader, ShardEntry
 from ckptd.peers.wire import header_to_pb
 from tests._ckptd_helpers import clean_env, free_port, unique_job
 

@@ -12,11 +12,20 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ckptd.core.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
-from ckptd.core.types import MAX_WORLD_SIZE, shard_key, validate_job, validate_rank, validate_step
+from ckptd.core.types import (
+    MAX_WORLD_SIZE,
+    shard_key,
+    validate_job,
+    validate_node_id,
+    validate_node_ranks,
+    validate_rank,
+    validate_step,
+)
 
 SCHEMA_VERSION: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
@@ -216,3 +225,48 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode()
+
+
+@dataclass(frozen=True)
+class ReplicaHeader:
+    """Identity and layout of one shard, enough for the receiver to keep and restore it."""
+
+    job: str
+    step: int
+    world_size: int
+    entry: ShardEntry
+    source_node: str
+    node_ranks: tuple[int, ...] = ()
+    created_unix_s: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.entry.rank
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.nbytes
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.job, self.step, self.entry.rank)
+
+    def validate(self) -> ReplicaHeader:
+        """Raise ValueError naming the first inconsistency; return self."""
+        validate_job(self.job)
+        validate_step(self.step)
+        validate_rank(self.entry.rank, self.world_size)
+        validate_node_ranks(self.node_ranks, self.world_size, self.entry.rank)
+        validate_node_id(self.source_node, "source node")
+        e = self.entry
+        if e.nbytes < 0 or e.chunk_bytes <= 0 or len(e.chunk_crc32c) != chunk_count(e.nbytes, e.chunk_bytes):
+            raise ValueError(f"shard {e.rank}: chunk_crc32c does not cover {e.nbytes} bytes "
+                             f"in chunks of {e.chunk_bytes}")
+        return self
+
+    def same_bytes(self, other: ReplicaHeader) -> bool:
+        """Do both headers describe the same shard bytes (same size and checksums)?"""
+        a, b = self.entry, other.entry
+        return (self.key, a.nbytes, a.chunk_bytes, a.chunk_crc32c) == (
+            other.key, b.nbytes, b.chunk_bytes, b.chunk_crc32c)

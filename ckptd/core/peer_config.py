@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ckptd.core.errors import InvalidArgument
-from ckptd.peers.types import MAX_TRANSFER_CHUNK_BYTES, validate_node_id
+from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES, validate_node_id
 
 PEERS_ENV: Final = "CKPTD_PEERS"
 MIN_TOKEN_CHARS: Final = 16

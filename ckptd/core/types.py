@@ -137,3 +137,15 @@ def parse_step_dirname(name: str) -> int | None:
     """Inverse of step_dirname; None for names that are not step directories."""
     m = _STEP_DIR_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+MAX_TRANSFER_CHUNK_BYTES: Final = 4 * 2**20  # the largest chunk of one peer transfer
+NODE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def validate_node_id(node_id: str, what: str = "node id") -> str:
+    """Return node_id if it follows the allow-list grammar, else raise ValueError."""
+    if not isinstance(node_id, str) or not NODE_ID_RE.match(node_id) or ".." in node_id:
+        raise ValueError(f"{what} {node_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
+                         "starting with a letter or digit (no '..')")
+    return node_id

@@ -107,7 +107,7 @@ async def adopt_slots(d: Daemon) -> None:
 
 async def adopt_replica(d: Daemon, slot: Slot, meta: dict[str, Any], valid: bool) -> None:
     """Re-adopt a replica held for another node, if its bytes verify and peers are on."""
-    from ckptd.peers.types import ReplicaHeader
+    from ckptd.core.manifest import ReplicaHeader
 
     try:
         if not valid or d.replicas is None:

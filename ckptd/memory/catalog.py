@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptd.core.errors import NotFound, TierFailed, Timeout
-from ckptd.core.manifest import Manifest, ShardEntry, _shard_from_obj
+from ckptd.core.manifest import Manifest, ReplicaHeader, ShardEntry, _shard_from_obj
 from ckptd.core.types import LEVEL_TIER, Level, TierName
 from ckptd.memory.slots import Slot
-from ckptd.peers.types import ReplicaHeader
 
 log = logging.getLogger("ckptd.catalog")
 

@@ -32,12 +32,13 @@ import grpc
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.errors import CkptdError, IntegrityError, InvalidArgument, TierFailed, Timeout
 from ckptd.core.integrity import crc32c
+from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.peer_config import TlsFiles
+from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES
 from ckptd.peers.bulk import connect as bulk_connect
 from ckptd.peers.bulk import in_thread, pwrite_all, recv_frames, send_frames, split_target, verifier_for_frames
 from ckptd.peers.tls import channel_credentials
 from ckptd.peers.types import (
-    MAX_TRANSFER_CHUNK_BYTES,
     FetchResult,
     FileBacked,
     Holding,
@@ -45,7 +46,6 @@ from ckptd.peers.types import (
     PushResult,
     ReadyReport,
     ReadyState,
-    ReplicaHeader,
 )
 from ckptd.peers.wire import (
     ACCEPT_METADATA_KEY,

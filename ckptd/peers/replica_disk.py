@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.core.errors import AlreadyExists
+from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.types import parse_step_dirname
 from ckptd.memory.catalog import entry_from_sidecar
-from ckptd.peers.types import ReplicaHeader
-from ckptd.restore.stream import read_verified
-from ckptd.tiers.disk import DiskTier
+from ckptd.tiers.disk import DiskTier, read_verified
 
 log = logging.getLogger("ckptd.replicas")
 HEADER_SUFFIX = ".replica.json"

@@ -26,11 +26,12 @@ from typing import Any
 from ckptd.core import failpoints
 from ckptd.core.config import Config
 from ckptd.core.errors import InvalidArgument, NotFound
+from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.types import TierName
 from ckptd.memory.catalog import Catalog, ReplicaRecord, TierState, sidecar_meta
 from ckptd.memory.slots import Slot, SlotPool
 from ckptd.peers.replica_disk import DiskReplicas
-from ckptd.peers.types import Holding, OpenShard, ReplicaHeader
+from ckptd.peers.types import Holding, OpenShard
 from ckptd.tiers.disk import DiskTier
 
 log = logging.getLogger("ckptd.replicas")

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ckptd.core import failpoints, metrics
+from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.peer_config import PeerAddr
 from ckptd.core.types import TierName
 from ckptd.drains.worker import Worker
@@ -42,7 +43,7 @@ from ckptd.memory.slots import SlotPool
 from ckptd.peers.client import PeerClient
 from ckptd.peers.placement import Member, coordinator_for, preference, shard_key
 from ckptd.peers.readiness import ReadinessBoard
-from ckptd.peers.types import Holding, PushResult, ReadyReport, ReadyState, ReplicaHeader
+from ckptd.peers.types import Holding, PushResult, ReadyReport, ReadyState
 
 log = logging.getLogger("ckptd.replication")
 HOLDINGS_ATTEMPTS = 2  # a retry covers a channel left stale by a peer's restart (peer_client.py)

@@ -41,21 +41,19 @@ from ckptd.core.errors import (
     Unauthenticated,
 )
 from ckptd.core.integrity import crc32c
+from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.peer_config import TlsFiles
-from ckptd.core.types import validate_job, validate_step
+from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES, validate_job, validate_node_id, validate_step
 from ckptd.peers.bulk import BulkListener, in_thread, recv_frames, send_frames, verifier_for_frames
 from ckptd.peers.tls import server_credentials
 from ckptd.peers.types import (
-    MAX_TRANSFER_CHUNK_BYTES,
     HoldingsFn,
     OpenShard,
     ReadyFn,
     ReadyReport,
-    ReplicaHeader,
     ReplicaSink,
     ReplicaWriter,
     ShardSource,
-    validate_node_id,
 )
 from ckptd.peers.wire import (
     ACCEPT_METADATA_KEY,

@@ -14,82 +14,23 @@
 tests/peer/memory_store.py has an in-memory reference implementation (tests and benches); the daemon wires its
 slot pool, catalog and disk tier behind the same protocols (ckptd/peers/replicas.py).
 
-Invariants: a ``ReplicaHeader`` is internally consistent (``validate``): its ``entry`` is the
-shard of ``rank``, the chunk crc32c list covers ``nbytes``, ids follow ckptd's name grammar.
+The ``ReplicaHeader`` that names a replicated shard is vocabulary shared with the catalog, so it
+lives in ckptd/core/manifest.py.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
-from ckptd.core.layout import chunk_count
-from ckptd.core.manifest import ShardEntry
-from ckptd.core.types import validate_job, validate_node_ranks, validate_rank, validate_step
+from ckptd.core.manifest import ReplicaHeader
+from ckptd.core.types import validate_job, validate_node_id, validate_rank, validate_step
 
 #: Names of the tiers a peer reports; ``peer`` is only used in readiness reports.
 PEER_TIERS: Final = ("memory", "disk")
 READY_TIERS: Final = ("memory", "peer", "disk", "object")
-MAX_TRANSFER_CHUNK_BYTES: Final = 4 * 2**20
-NODE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def validate_node_id(node_id: str, what: str = "node id") -> str:
-    """Return node_id if it follows the allow-list grammar, else raise ValueError."""
-    if not isinstance(node_id, str) or not NODE_ID_RE.match(node_id) or ".." in node_id:
-        raise ValueError(f"{what} {node_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
-                         "starting with a letter or digit (no '..')")
-    return node_id
-
-
-@dataclass(frozen=True)
-class ReplicaHeader:
-    """Identity and layout of one shard, enough for the receiver to keep and restore it."""
-
-    job: str
-    step: int
-    world_size: int
-    entry: ShardEntry
-    source_node: str
-    node_ranks: tuple[int, ...] = ()
-    created_unix_s: float = 0.0
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def rank(self) -> int:
-        return self.entry.rank
-
-    @property
-    def nbytes(self) -> int:
-        return self.entry.nbytes
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.job, self.step, self.entry.rank)
-
-    def validate(self) -> ReplicaHeader:
-        """Raise ValueError naming the first inconsistency; return self."""
-        validate_job(self.job)
-        validate_step(self.step)
-        validate_rank(self.entry.rank, self.world_size)
-        validate_node_ranks(self.node_ranks, self.world_size, self.entry.rank)
-        validate_node_id(self.source_node, "source node")
-        e = self.entry
-        if e.nbytes < 0 or e.chunk_bytes <= 0 or len(e.chunk_crc32c) != chunk_count(e.nbytes, e.chunk_bytes):
-            raise ValueError(f"shard {e.rank}: chunk_crc32c does not cover {e.nbytes} bytes "
-                             f"in chunks of {e.chunk_bytes}")
-        return self
-
-    def same_bytes(self, other: ReplicaHeader) -> bool:
-        """Do both headers describe the same shard bytes (same size and checksums)?"""
-        a, b = self.entry, other.entry
-        return (self.key, a.nbytes, a.chunk_bytes, a.chunk_crc32c) == (
-            other.key, b.nbytes, b.chunk_bytes, b.chunk_crc32c)
-
-
 @dataclass(frozen=True)
 class PushResult:
     """One replica pushed: the peer that holds it now and where (PeerClient.push)."""

@@ -42,8 +42,8 @@ from ckptd.core.errors import (
 )
 from ckptd.core.integrity import combine, crc32c
 from ckptd.core.layout import chunk_count
-from ckptd.core.manifest import _shard_from_obj, canonical_json
-from ckptd.peers.types import MAX_TRANSFER_CHUNK_BYTES, ReplicaHeader
+from ckptd.core.manifest import ReplicaHeader, _shard_from_obj, canonical_json
+from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES
 
 SERVICE: Final = "ckptd.v1.PeerService"
 TOKEN_METADATA_KEY: Final = "ckptd-peer-token"

@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 
 from ckptd.core import metrics
 from ckptd.core.errors import BudgetExhausted, CkptdError, FailedPrecondition, IntegrityError, NotFound
-from ckptd.core.manifest import Manifest, ShardEntry
+from ckptd.core.integrity import verify_chunks
+from ckptd.core.manifest import Manifest, ReplicaHeader, ShardEntry
 from ckptd.core.types import TierName
 from ckptd.memory.catalog import Catalog, ShardRecord, StepState, TierState, sidecar_meta
 from ckptd.memory.slots import Slot, SlotPool
 from ckptd.peers.replicator import PeerDirectory
-from ckptd.peers.types import FileBacked, Holding, ReplicaHeader
-from ckptd.restore.stream import RestoreProgress, read_verified, verify_chunks
+from ckptd.peers.types import FileBacked, Holding
+from ckptd.restore.stream import RestoreProgress
 from ckptd.tiers.base import Tier
-from ckptd.tiers.disk import DiskTier
+from ckptd.tiers.disk import DiskTier, read_verified
 
 log = logging.getLogger("ckptd.restore")
 

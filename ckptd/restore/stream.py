@@ -13,19 +13,14 @@ executor reports progress as it goes and the ``Restore`` RPC streams it:
 Invariants: ``ready`` never exceeds a prefix whose integrity chunks all verified, and only grows
 between a ``start`` and the next ``restart``/``done``; events are produced on the event loop
 (``ready_threadsafe`` hops there from a reader thread), in order, one queue per restore.
-``read_verified`` is the disk reader that verifies each integrity chunk as soon as it is read.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptd.core.errors import IntegrityError, NotFound, TierFailed
-from ckptd.core.integrity import first_bad_chunk
 from ckptd.core.manifest import ShardEntry
 from ckptd.core.types import TierName
 
@@ -78,47 +73,3 @@ class RestoreProgress:
 
     def fail(self, exc: BaseException) -> None:
         self.queue.put_nowait(RestoreEvent("error", error=exc))
-
-
-def read_verified(path: Path, entry: ShardEntry, dst: memoryview, block_bytes: int,
-                  on_verified: Callable[[int], None] | None = None) -> None:
-    """Read ``path`` (a shard file) into ``dst``, verifying size and each crc32c chunk as soon as
-    it is complete; ``on_verified(n)`` after each chunk (blocking; run it in a worker thread)."""
-    n, chunk = entry.nbytes, entry.chunk_bytes
-    try:
-        with open(path, "rb", buffering=0) as f:
-            size = f.seek(0, 2)
-            if size != n:
-                raise IntegrityError(f"{path}: size {size} != {n} recorded in the manifest")
-            f.seek(0)
-            view = dst[:n]
-            got = verified = 0
-            while got < n:
-                k = f.readinto(view[got : got + min(block_bytes, chunk - got % chunk)])
-                if not k:
-                    raise IntegrityError(f"{path}: truncated at {got} of {n} bytes")
-                got += k
-                if got == n or got % chunk == 0:
-                    index = verified // chunk
-                    if first_bad_chunk(view[verified:got], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
-                        raise IntegrityError(f"{path}: crc32c mismatch in chunk {index} (offset {verified})")
-                    verified = got
-                    if on_verified is not None:
-                        on_verified(verified)
-    except FileNotFoundError:
-        raise NotFound(f"{path} is missing") from None
-    except OSError as exc:
-        raise TierFailed(f"disk tier: reading {path} failed: {exc}") from exc
-
-
-def verify_chunks(view: memoryview, entry: ShardEntry, on_verified: Callable[[int], None] | None = None) -> int | None:
-    """Check ``view`` (a shard's bytes) chunk by chunk against ``entry``'s crc32c list; the index
-    of the first bad chunk, or None; ``on_verified(n)`` after each good chunk (blocking)."""
-    chunk = entry.chunk_bytes
-    for index, off in enumerate(range(0, entry.nbytes, chunk)):
-        end = min(off + chunk, entry.nbytes)
-        if first_bad_chunk(view[off:end], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
-            return index
-        if on_verified is not None:
-            on_verified(end)
-    return None

@@ -24,6 +24,7 @@ import os
 import shutil  # noqa: F401 - the default FsOps.rmtree calls shutil.rmtree; tests patch it through here
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from ckptd.core import failpoints
@@ -270,3 +271,34 @@ class DiskTier:
             if len(removed) > job_removed:
                 self.fs.fsync_dir(job_dir)
         return removed
+
+
+def read_verified(path: Path, entry: ShardEntry, dst: memoryview, block_bytes: int,
+                  on_verified: Callable[[int], None] | None = None) -> None:
+    """Read ``path`` (a shard file) into ``dst``, verifying size and each crc32c chunk as soon as
+    it is complete; ``on_verified(n)`` after each chunk (blocking; run it in a worker thread)."""
+    n, chunk = entry.nbytes, entry.chunk_bytes
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = f.seek(0, 2)
+            if size != n:
+                raise IntegrityError(f"{path}: size {size} != {n} recorded in the manifest")
+            f.seek(0)
+            view = dst[:n]
+            got = verified = 0
+            while got < n:
+                k = f.readinto(view[got : got + min(block_bytes, chunk - got % chunk)])
+                if not k:
+                    raise IntegrityError(f"{path}: truncated at {got} of {n} bytes")
+                got += k
+                if got == n or got % chunk == 0:
+                    index = verified // chunk
+                    if first_bad_chunk(view[verified:got], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
+                        raise IntegrityError(f"{path}: crc32c mismatch in chunk {index} (offset {verified})")
+                    verified = got
+                    if on_verified is not None:
+                        on_verified(verified)
+    except FileNotFoundError:
+        raise NotFound(f"{path} is missing") from None
+    except OSError as exc:
+        raise TierFailed(f"disk tier: reading {path} failed: {exc}") from exc

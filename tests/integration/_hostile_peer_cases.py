@@ -13,8 +13,8 @@ from typing import Any
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.integrity import chunk_crcs, crc32c
+from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.types import MAX_STEP, MAX_WORLD_SIZE
-from ckptd.peers.types import ReplicaHeader
 from ckptd.peers.wire import header_to_pb
 from tests.integration._hostile_kit import BIG, C, Case, Env, _entry
 

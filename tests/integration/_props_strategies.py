@@ -21,9 +21,8 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.integrity import chunk_crcs, crc32c
 from ckptd.core.layout import TensorEntry
-from ckptd.core.manifest import ShardEntry
+from ckptd.core.manifest import ReplicaHeader, ShardEntry
 from ckptd.core.types import DTYPE_ITEMSIZE, MAX_STEP
-from ckptd.peers.types import ReplicaHeader
 from ckptd.peers.wire import header_to_pb
 from tests.integration._hostile_kit import CKPT_RPCS, PEER_RPCS, _layout
 from tests.integration._props_kit import BUDGET, KEEP, POOL

@@ -35,8 +35,8 @@ from ckptd_client import CheckpointManager, Level
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.integrity import chunk_crcs
+from ckptd.core.manifest import ReplicaHeader
 from ckptd.peers.client import PeerClient
-from ckptd.peers.types import ReplicaHeader
 from tests._ckptd_helpers import free_port, running_daemon, unique_job
 from tests.integration._hostile_ckpt_cases import _ckpt_cases
 from tests.integration._hostile_kit import (

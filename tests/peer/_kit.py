@@ -18,12 +18,11 @@ from pathlib import Path
 
 from ckptd.core.integrity import chunk_crcs
 from ckptd.core.layout import TensorEntry
-from ckptd.core.manifest import ShardEntry
+from ckptd.core.manifest import ReplicaHeader, ShardEntry
 from ckptd.core.peer_config import TlsFiles
 from ckptd.peers.client import PeerClient
 from ckptd.peers.readiness import ReadinessBoard
 from ckptd.peers.server import PeerServer, RunningPeerServer, start_peer_server
-from ckptd.peers.types import ReplicaHeader
 from tests.peer.memory_store import MemoryReplicaStore
 
 REPO = Path(__file__).resolve().parents[2]

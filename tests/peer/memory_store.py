@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.core.errors import AlreadyExists, BudgetExhausted, NotFound
-from ckptd.peers.types import Holding, OpenShard, ReplicaHeader
+from ckptd.core.manifest import ReplicaHeader
+from ckptd.peers.types import Holding, OpenShard
 
 Key = tuple[str, int, int]
 

@@ -128,7 +128,7 @@ def test_valid_full_section(tmp_path: Path) -> None:
 
 def test_node_id_defaults_to_a_grammar_safe_host_name() -> None:
     assert node_id(PeerSection(node_id="explicit")) == "explicit"
-    from ckptd.peers.types import validate_node_id
+    from ckptd.core.types import validate_node_id
 
     assert validate_node_id(node_id(PeerSection()))
 

@@ -14,10 +14,11 @@ import socket
 import pytest
 
 from ckptd.core.errors import TierFailed
+from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.peer_config import PeerAddr
 from ckptd.peers.replicator import push_to_ring
 from ckptd.peers.server import PeerServer, start_peer_server
-from ckptd.peers.types import OpenShard, ReadyReport, ReplicaHeader
+from ckptd.peers.types import OpenShard, ReadyReport
 from tests.peer._kit import MIB, TOKEN, make_header, peer_client, peer_node
 from tests.peer._push_fetch_kit import BOTH_PATHS, payload, run
 from tests.peer.memory_store import MemoryReplicaStore
