@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from functools import lru_cache
 from typing import Final
@@ -28,7 +28,6 @@ from typing import Final
 import crc32c as _crc32c
 
 from ckptd.core.layout import chunk_count
-from ckptd.core.manifest import ShardEntry
 
 
 def crc32c(data: memoryview | bytes | bytearray) -> int:
@@ -128,16 +127,3 @@ def combine(crc_a: int, crc_b: int, len_b: int) -> int:
     if len_b == 0:
         return crc_a
     return _multmodp(_shift_operator(len_b), crc_a) ^ crc_b
-
-
-def verify_chunks(view: memoryview, entry: ShardEntry, on_verified: Callable[[int], None] | None = None) -> int | None:
-    """Check ``view`` (a shard's bytes) chunk by chunk against ``entry``'s crc32c list; the index
-    of the first bad chunk, or None; ``on_verified(n)`` after each good chunk (blocking)."""
-    chunk = entry.chunk_bytes
-    for index, off in enumerate(range(0, entry.nbytes, chunk)):
-        end = min(off + chunk, entry.nbytes)
-        if first_bad_chunk(view[off:end], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
-            return index
-        if on_verified is not None:
-            on_verified(end)
-    return None

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg)
         return 0
     logs.setup(cfg.daemon.log_level)
-    from ckptd.rpc.server import serve  # heavy imports only when serving
+    from ckptd.daemon.serve import serve  # heavy imports only when serving
 
     try:
         return asyncio.run(serve(cfg))

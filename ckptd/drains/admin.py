@@ -1,9 +1,10 @@
 """Retention by hand inside the daemon: remove a step's copies, pin steps, run retention now.
 
 Behind the DeleteStep, PinStep and RunRetention RPCs (``ckptctl rm``, ``pin``/``unpin``, ``gc``).
-``StepAdmin`` owns the daemon's ``PinStore`` (``{root}/pins/{job}.json``, loaded at start-up) and
-hands its dict to disk retention (``DiskDrainer.operator_pins``) and object retention
-(``ObjectUploader.pinned``), so a pinned step is never removed by retention.
+``StepAdmin`` is handed the catalog, the slot pool, the tiers, the retention policies, the
+daemon's ``PinStore`` (``{root}/pins/{job}.json``, loaded by the wiring, whose dict disk and object
+retention are handed too, so a pinned step is never removed by retention), the steps being
+uploaded (which disk retention keeps) and ``saving(job, step)`` (a save lease still writes it).
 
 Rules:
 - A copy is removed only where it is committed; a step in flight (being saved, written to a tier,
@@ -21,17 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ckptd.core.config import DiskSection, ObjectSection
 from ckptd.core.errors import CkptdError, InvalidArgument, NotFound, TierFailed
 from ckptd.core.types import TierName, validate_job, validate_step
-from ckptd.drains.pins import PINS_DIRNAME, PinStore
+from ckptd.drains.pins import PinStore
 from ckptd.drains.retention import last_copy_refusal, select_for_deletion
-from ckptd.memory.catalog import TierState
-
-if TYPE_CHECKING:
-    from ckptd.daemon.wiring import Daemon
+from ckptd.memory.catalog import Catalog, TierState
+from ckptd.memory.slots import SlotPool
+from ckptd.tiers.base import Tier
 
 log = logging.getLogger("ckptd.admin")
 
@@ -67,35 +70,41 @@ def _ids(job: str, step: int | None = None) -> None:
 class StepAdmin:
     """DeleteStep / PinStep / RunRetention over one daemon's catalog and tiers."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
-        self.pins = PinStore(daemon.cfg.daemon.root / PINS_DIRNAME)
-        self.pins.load()
-        daemon.drainer.operator_pins = self.pins.pins
-        if daemon.uploader is not None:
-            daemon.uploader.pinned = self.pins.pins
+    def __init__(self, catalog: Catalog, pool: SlotPool, disk: Tier | None, object_tier: Tier | None,
+                 executor: Executor, disk_policy: DiskSection, object_policy: ObjectSection, pins: PinStore,
+                 in_upload: dict[str, set[int]], saving: Callable[[str, int], bool]) -> None:
+        self.catalog = catalog
+        self.pool = pool
+        self.disk = disk
+        self.object = object_tier
+        self.executor = executor
+        self.disk_policy = disk_policy
+        self.object_policy = object_policy
+        self.pins = pins
+        self.in_upload = in_upload  # steps being uploaded: disk retention keeps them
+        self.saving = saving
         self._pin_lock = asyncio.Lock()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.d.executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def _tier_on(self, tier: str) -> bool:
-        return {"memory": True, "disk": self.d.disk is not None, "object": self.d.object is not None}[tier]
+        return {"memory": True, "disk": self.disk is not None, "object": self.object is not None}[tier]
 
     async def copies(self, job: str) -> tuple[dict[int, set[str]], list[str]]:
         """Every step of ``job`` with a committed copy -> the tiers holding one; plus the tiers
         that could not be listed."""
         out: dict[int, set[str]] = {}
-        for st in self.d.catalog.steps(job):
+        for st in self.catalog.steps(job):
             if st.in_memory:
                 out.setdefault(st.step, set()).add("memory")
-        if self.d.disk is not None:
-            for s in await self._run(self.d.disk.list_committed, job):
+        if self.disk is not None:
+            for s in await self._run(self.disk.list_committed, job):
                 out.setdefault(s, set()).add("disk")
         problems: list[str] = []
-        if self.d.object is not None:
+        if self.object is not None:
             try:
-                for s in await self._run(self.d.object.list_committed, job):
+                for s in await self._run(self.object.list_committed, job):
                     out.setdefault(s, set()).add("object")
             except CkptdError as exc:
                 problems.append(f"object: cannot list the steps of {job}: {exc}")
@@ -103,17 +112,17 @@ class StepAdmin:
 
     def busy(self, job: str, step: int, tiers: list[str]) -> str | None:
         """Why the step's copies must not be removed now (it is in flight), or None."""
-        if any((lease.job, lease.step) == (job, step) for lease in self.d.save_leases.values()):
+        if self.saving(job, step):
             return f"{job}@{step} is being saved; try again when it has committed"
-        st = self.d.catalog.get(job, step)
+        st = self.catalog.get(job, step)
         if st is None:
             return None
         for t in TierName:
             if st.state(t) == TierState.IN_PROGRESS:
                 return f"{job}@{step} is being written to the {t.value} tier; try again when it has finished"
         if "memory" in tiers and st.in_memory:
-            disk_waits = self.d.disk is not None and st.state(TierName.DISK) == TierState.PENDING
-            object_waits = (self.d.uploader is not None and st.state(TierName.OBJECT) == TierState.PENDING
+            disk_waits = self.disk is not None and st.state(TierName.DISK) == TierState.PENDING
+            object_waits = (self.object is not None and st.state(TierName.OBJECT) == TierState.PENDING
                             and st.state(TierName.DISK) != TierState.COMMITTED)
             if disk_waits or object_waits:
                 return (f"{job}@{step} is waiting in memory to be written to the "
@@ -122,22 +131,22 @@ class StepAdmin:
 
     async def remove(self, job: str, step: int, tier: str) -> None:
         """Remove one committed copy and record it in the catalog."""
-        st = self.d.catalog.get(job, step)
+        st = self.catalog.get(job, step)
         if tier == "memory":
             if st is not None:
                 for rec in st.shards.values():
                     if rec.slot is not None and rec.slot.content is rec:
                         rec.slot.content = None  # the slot is free for reuse
                         await self._run(rec.slot.meta_path.unlink, True)
-            await self.d.pool.notify()
+            await self.pool.notify()
         elif tier == "disk":
-            assert self.d.disk is not None
-            await self._run(self.d.disk.delete, job, step)
+            assert self.disk is not None
+            await self._run(self.disk.delete, job, step)
         else:
-            assert self.d.object is not None
-            await self._run(self.d.object.delete, job, step)
+            assert self.object is not None
+            await self._run(self.object.delete, job, step)
         if st is not None:
-            await self.d.catalog.set_tier(st, TierName(tier), TierState.REMOVED, REMOVED_BY)
+            await self.catalog.set_tier(st, TierName(tier), TierState.REMOVED, REMOVED_BY)
 
     # -- DeleteStep ---------------------------------------------------------------------------
     async def delete_step(self, job: str, step: int, tier: str, force: bool, dry_run: bool) -> AdminResult:
@@ -150,7 +159,7 @@ class StepAdmin:
         if tier == "object" and problems:
             raise TierFailed(problems[0])
         held = copies.get(step, set())
-        if not copies and job not in self.d.catalog.jobs:
+        if not copies and job not in self.catalog.jobs:
             raise NotFound(f"unknown job {job!r}")
         if tier and tier not in held:
             raise NotFound(f"{job}@{step} is not committed at tier {tier} "
@@ -182,7 +191,7 @@ class StepAdmin:
     # -- PinStep ------------------------------------------------------------------------------
     async def pin_step(self, job: str, step: int, pinned: bool) -> list[int]:
         _ids(job, step)
-        if pinned and self.d.catalog.get(job, step) is None:
+        if pinned and self.catalog.get(job, step) is None:
             copies, _ = await self.copies(job)
             if step not in copies:
                 raise NotFound(f"{job}@{step} is not committed at any tier")
@@ -206,9 +215,9 @@ class StepAdmin:
         jobs = [job] if job else await self._all_jobs(result)
         found = False
         for t in tiers:
-            policy = self.d.cfg.disk if t == "disk" else self.d.cfg.object
+            policy = self.disk_policy if t == "disk" else self.object_policy
             result.policies.append((t, policy.max_to_keep, policy.keep_period))
-            src = self.d.disk if t == "disk" else self.d.object
+            src = self.disk if t == "disk" else self.object
             assert src is not None
             for j in jobs:
                 try:
@@ -217,7 +226,7 @@ class StepAdmin:
                     result.refused.append(f"{t}: cannot list the steps of {j}: {exc}")
                     continue
                 found = found or bool(committed)
-                keep = self.pins.get(j) | (self.d.drainer.pinned.get(j, set()) if t == "disk" else set())
+                keep = self.pins.get(j) | (self.in_upload.get(j, set()) if t == "disk" else set())
                 for s in select_for_deletion(committed, policy.max_to_keep, policy.keep_period, keep):
                     why = self.busy(j, s, [t])
                     if why is not None:
@@ -231,17 +240,17 @@ class StepAdmin:
                             continue
                         log.info("retention (by hand) removed %s@%d at the %s tier", j, s, t)
                     result.deleted.append(Removal(j, s, t))
-        if job and not found and job not in self.d.catalog.jobs:
+        if job and not found and job not in self.catalog.jobs:
             raise NotFound(f"unknown job {job!r}")
         return result
 
     async def _all_jobs(self, result: AdminResult) -> list[str]:
-        jobs = set(self.d.list_jobs())
-        if self.d.disk is not None:
-            jobs.update(await self._run(self.d.disk.list_jobs))
-        if self.d.object is not None:
+        jobs = {j for j, steps in self.catalog.jobs.items() if steps}
+        if self.disk is not None:
+            jobs.update(await self._run(self.disk.list_jobs))
+        if self.object is not None:
             try:
-                jobs.update(await self._run(self.d.object.list_jobs))
+                jobs.update(await self._run(self.object.list_jobs))
             except CkptdError as exc:
                 result.refused.append(f"object: cannot list jobs: {exc}")
         return sorted(jobs)

@@ -47,6 +47,12 @@ class DiskDrainer(Worker):
         tier: DiskTier | None,
         cfg: DiskSection,
         executor: Executor,
+        *,
+        in_upload: dict[str, set[int]] | None = None,
+        operator_pins: dict[str, set[int]] | None = None,
+        on_commit: Callable[[], None] | None = None,
+        across_nodes: Callable[[StepState, bool, str], None] | None = None,
+        before_write: Callable[[StepState], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__()
         self.catalog = catalog
@@ -55,14 +61,16 @@ class DiskDrainer(Worker):
         self.cfg = cfg
         self.executor = executor
         self.last_drain: dict[str, Any] = {}
-        self.pinned: dict[str, set[int]] = {}
-        self.operator_pins: dict[str, set[int]] = {}  # ckptctl pin (the daemon's PinStore.pins)
-        self.on_commit: Callable[[], None] | None = None  # e.g. wake the object uploader
+        #: steps being uploaded from their disk copy (the uploader adds them): retention keeps them
+        self.pinned: dict[str, set[int]] = {} if in_upload is None else in_upload
+        #: ckptctl pin (the daemon's PinStore.pins): retention keeps them
+        self.operator_pins: dict[str, set[int]] = {} if operator_pins is None else operator_pins
+        self.on_commit = on_commit  # e.g. wake the object uploader
         #: multi-node steps with peers: (step, this node's part committed?, why not) is handed
-        #: on for the cross-node commit of LOCAL_DURABLE (Daemon._disk_across_nodes)
-        self.across_nodes: Callable[[StepState, bool, str], None] | None = None
-        #: awaited before a step's shard files are written (Daemon._before_drain: replication first)
-        self.before_write: Callable[[StepState], Awaitable[None]] | None = None
+        #: on for the cross-node commit of LOCAL_DURABLE (Membership.disk_across_nodes)
+        self.across_nodes = across_nodes
+        #: awaited before a step's shard files are written (Membership.before_drain: replication first)
+        self.before_write = before_write
 
     async def _run(self) -> None:
         while True:

@@ -31,7 +31,6 @@ from ckptd.core.errors import AlreadyExists, CkptdError, IntegrityError, TierFai
 from ckptd.core.integrity import first_bad_chunk
 from ckptd.core.manifest import Manifest, ShardEntry
 from ckptd.core.types import TierName
-from ckptd.drains.disk_drain import DiskDrainer
 from ckptd.drains.retainer import apply_retention
 from ckptd.drains.worker import Worker
 from ckptd.memory.catalog import Catalog, StepState, TierState
@@ -56,19 +55,21 @@ class ObjectUploader(Worker):
 
     name = "object-uploader"
 
-    def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, drainer: DiskDrainer,
-                 tier: ObjectTier, cfg: ObjectSection, executor: Executor) -> None:
+    def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, in_upload: dict[str, set[int]],
+                 tier: ObjectTier, cfg: ObjectSection, executor: Executor,
+                 operator_pins: dict[str, set[int]] | None = None) -> None:
         super().__init__()
         self.catalog = catalog
         self.pool = pool
         self.disk = disk
-        self.drainer = drainer
+        self.in_upload = in_upload  # steps read from their disk copy now: disk retention keeps them
         self.tier = tier
         self.cfg = cfg
         self.executor = executor
         self._awaiting: dict[tuple[str, int], _Awaiting] = {}
         self.last_upload: dict[str, Any] = {}
-        self.pinned: dict[str, set[int]] = {}  # steps retention keeps (the daemon's PinStore.pins)
+        #: steps retention keeps (the daemon's PinStore.pins)
+        self.pinned: dict[str, set[int]] = {} if operator_pins is None else operator_pins
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,7 +115,7 @@ class ObjectUploader(Worker):
     async def _upload(self, st: StepState) -> None:
         loop = asyncio.get_running_loop()
         await self.catalog.set_tier(st, TierName.OBJECT, TierState.IN_PROGRESS)
-        pinned = self.drainer.pinned.setdefault(st.job, set())
+        pinned = self.in_upload.setdefault(st.job, set())
         pinned.add(st.step)
         t0 = time.monotonic()
         nbytes = 0

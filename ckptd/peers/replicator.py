@@ -41,8 +41,7 @@ from ckptd.drains.worker import Worker
 from ckptd.memory.catalog import Catalog, StepState, TierState
 from ckptd.memory.slots import SlotPool
 from ckptd.peers.client import PeerClient
-from ckptd.peers.placement import Member, coordinator_for, preference, shard_key
-from ckptd.peers.readiness import ReadinessBoard
+from ckptd.peers.placement import Member, ReadinessBoard, coordinator_for, preference, shard_key
 from ckptd.peers.types import Holding, PushResult, ReadyReport, ReadyState
 
 log = logging.getLogger("ckptd.replication")

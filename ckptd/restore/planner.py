@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 
 from ckptd.core import metrics
 from ckptd.core.errors import BudgetExhausted, CkptdError, FailedPrecondition, IntegrityError, NotFound
-from ckptd.core.integrity import verify_chunks
 from ckptd.core.manifest import Manifest, ReplicaHeader, ShardEntry
 from ckptd.core.types import TierName
 from ckptd.memory.catalog import Catalog, ShardRecord, StepState, TierState, sidecar_meta
 from ckptd.memory.slots import Slot, SlotPool
 from ckptd.peers.replicator import PeerDirectory
 from ckptd.peers.types import FileBacked, Holding
-from ckptd.restore.stream import RestoreProgress
+from ckptd.restore.stream import RestoreProgress, verify_chunks
 from ckptd.tiers.base import Tier
 from ckptd.tiers.disk import DiskTier, read_verified
 
@@ -52,15 +51,16 @@ class RestoreResult:
 
 class Restorer:
     def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, executor: Executor,
-                 wait_timeout_s: float, object_tier: Tier | None = None) -> None:
+                 wait_timeout_s: float, object_tier: Tier | None = None, peers: PeerDirectory | None = None,
+                 on_adopt: Callable[[], None] | None = None) -> None:
         self.catalog = catalog
         self.pool = pool
         self.disk = disk
         self.object = object_tier
         self.executor = executor
         self.wait_timeout_s = wait_timeout_s
-        self.on_adopt: Callable[[], None] | None = None  # e.g. wake the drainer to re-warm the disk
-        self.peers: PeerDirectory | None = None  # set when peer replication is configured
+        self.on_adopt = on_adopt  # e.g. wake the drainer to re-warm the disk, the replicator to top up
+        self.peers = peers  # when peer replication is configured
         self.prepared: dict[tuple[str, int], str] = {}  # (job, rank) -> slot id made for its restore
 
     def restore_slots(self) -> list[tuple[str, int, Slot, int | None]]:

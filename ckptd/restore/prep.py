@@ -16,22 +16,22 @@ first, and DaemonStatus lists it, so the rank's client can map it ahead of the r
 Invariants: preparation never waits for room and never takes more than ``MAX_BUDGET_FRACTION``
 of the slot budget, so it cannot starve a save; a prepared slot holds nothing (``content`` is
 None), so any lease, a save's included, may take it; an unreachable peer or a failed allocation
-is logged, never fatal; the task is owned by the Daemon (started by ``start``, cancelled and
-awaited by ``stop``) and the blocking page faulting runs in the executor.
+is logged, never fatal; the task is owned by ``RestorePrep`` (started by the daemon's ``start``,
+cancelled and awaited by its ``stop``) and the blocking page faulting runs in the executor.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Final
+from concurrent.futures import Executor
+from typing import Final
 
 from ckptd.core.errors import CkptdError
-from ckptd.memory.slots import Slot, populate
+from ckptd.memory.catalog import Catalog
+from ckptd.memory.slots import Slot, SlotPool, populate
+from ckptd.peers.replicator import PeerDirectory
 from ckptd.peers.types import Holding
-
-if TYPE_CHECKING:
-    from ckptd.daemon.wiring import Daemon
 
 log = logging.getLogger("ckptd.daemon")
 MAX_BUDGET_FRACTION: Final = 0.5
@@ -50,49 +50,72 @@ def wanted(own: list[Holding], has_copy: set[tuple[str, int]]) -> dict[tuple[str
     return {key: h.nbytes for key, h in sorted(newest.items()) if key not in has_copy and h.nbytes > 0}
 
 
-async def prepare_restore_slots(d: Daemon) -> int:
-    """Prepare scratch slots for this node's shards held by peers; return how many (never raises
-    but on cancel: a failure only costs the restore its head start)."""
-    try:
-        return await _prepare(d)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("restore slots not prepared: %s", exc)
-        return 0
+class RestorePrep:
+    """The start-up task that prepares restore slots, and how many it prepared so far."""
 
+    def __init__(self, peers: PeerDirectory, catalog: Catalog, pool: SlotPool, executor: Executor,
+                 prepared: dict[tuple[str, int], str]) -> None:
+        self.peers = peers
+        self.catalog = catalog
+        self.pool = pool
+        self.executor = executor
+        self.prepared = prepared  # (job, rank) -> slot id: that rank's restore takes it first
+        self.count = 0
+        self._task: asyncio.Task[int] | None = None
 
-async def _prepare(d: Daemon) -> int:
-    assert d.peers is not None
-    me = d.peers.node_id
-    by_peer = await d.peers.holdings("", HOLDINGS_DEADLINE_S)
-    own = [h for holdings in by_peer.values() for h in holdings if h.source_node == me]
-    has_copy = {(job, rank) for job, steps in d.catalog.jobs.items() for st in steps.values()
-                for rank, rec in st.shards.items() if rec.slot is not None}
-    need = wanted(own, has_copy)
-    room = int(d.pool.budget_bytes * MAX_BUDGET_FRACTION)
-    loop = asyncio.get_running_loop()
-    held: list[Slot] = []  # leased (writing) until all are prepared, so no lease here takes one twice
-    try:
-        for (job, rank), nbytes in need.items():
-            if nbytes > room:
-                log.info("restore slot for %s rank %d (%d bytes) not prepared: over the preparation share "
-                         "of the budget", job, rank, nbytes)
-                continue
-            try:
-                slot = await d.pool.lease_scratch(nbytes, False, 0.0)
-            except CkptdError as exc:
-                log.info("restore slot for %s rank %d not prepared: %s", job, rank, exc)
-                continue
-            held.append(slot)
-            await loop.run_in_executor(d.executor, populate, slot)
-            room -= slot.capacity
-            d.restore_slots_prepared += 1
-            d.restorer.prepared[(job, rank)] = slot.slot_id  # that rank's restore takes it first
-    finally:
-        for slot in held:
-            slot.writing = False  # free, empty: a restore's scratch lease (or any lease) takes it
-        await d.pool.notify()
-    prepared = len(held)
-    if need:
-        log.info("prepared %d restore slot(s) for this node's shards held by peers (%s)", prepared,
-                 ", ".join(f"{job} rank {rank}" for job, rank in need))
-    return prepared
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="prepare-restore-slots")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def run(self) -> int:
+        """Prepare scratch slots for this node's shards held by peers; return how many (never
+        raises but on cancel: a failure only costs the restore its head start)."""
+        try:
+            return await self._prepare()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("restore slots not prepared: %s", exc)
+            return 0
+
+    async def _prepare(self) -> int:
+        me = self.peers.node_id
+        by_peer = await self.peers.holdings("", HOLDINGS_DEADLINE_S)
+        own = [h for holdings in by_peer.values() for h in holdings if h.source_node == me]
+        has_copy = {(job, rank) for job, steps in self.catalog.jobs.items() for st in steps.values()
+                    for rank, rec in st.shards.items() if rec.slot is not None}
+        need = wanted(own, has_copy)
+        room = int(self.pool.budget_bytes * MAX_BUDGET_FRACTION)
+        loop = asyncio.get_running_loop()
+        held: list[Slot] = []  # leased (writing) until all are prepared, so no lease here takes one twice
+        try:
+            for (job, rank), nbytes in need.items():
+                if nbytes > room:
+                    log.info("restore slot for %s rank %d (%d bytes) not prepared: over the preparation "
+                             "share of the budget", job, rank, nbytes)
+                    continue
+                try:
+                    slot = await self.pool.lease_scratch(nbytes, False, 0.0)
+                except CkptdError as exc:
+                    log.info("restore slot for %s rank %d not prepared: %s", job, rank, exc)
+                    continue
+                held.append(slot)
+                await loop.run_in_executor(self.executor, populate, slot)
+                room -= slot.capacity
+                self.count += 1
+                self.prepared[(job, rank)] = slot.slot_id  # that rank's restore takes it first
+        finally:
+            for slot in held:
+                slot.writing = False  # free, empty: a restore's scratch lease (or any lease) takes it
+            await self.pool.notify()
+        prepared = len(held)
+        if need:
+            log.info("prepared %d restore slot(s) for this node's shards held by peers (%s)", prepared,
+                     ", ".join(f"{job} rank {rank}" for job, rank in need))
+        return prepared

@@ -1,9 +1,10 @@
 """The restore entry points: PrepareRestore, the streamed Restore, ReleaseRestore, restore leases.
 
 ``RestoreService`` owns the restore leases (``leases``); planning and execution (sources, fallback,
-verification) are ``Restorer``'s (restore.py). The daemon's public ``prepare_restore``,
-``restore_stream`` and ``release_restore`` call it; the lease reaper (save_path.py) releases
-the leases whose client died or whose deadline passed.
+verification) are the ``Restorer``'s (planner.py), which it is handed with the catalog, the slot
+pool, the executor, the lease timeout and ``saving(job, step)`` (does a save lease still write
+that step?). The gRPC servicer calls ``prepare_restore``, ``restore_stream`` and
+``release_restore``; the daemon's lease reaper calls ``reap_expired``.
 
 Invariants: a restore to step N first drops the partial steps after N that no save lease still
 writes (they belong to the job's previous incarnation); a restored slot stays pinned while its
@@ -17,20 +18,17 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ckptd.core.errors import CkptdError, NotFound
 from ckptd.core.types import TierName
-from ckptd.memory.catalog import TierState
-from ckptd.memory.slots import Slot
-from ckptd.restore.planner import RestoreResult
+from ckptd.memory.catalog import Catalog, TierState
+from ckptd.memory.slots import Slot, SlotPool
+from ckptd.restore.planner import Restorer, RestoreResult
 from ckptd.restore.stream import RestoreEvent, RestoreProgress
 from ckptd.save.service import check_ids, pid_alive
-
-if TYPE_CHECKING:
-    from ckptd.daemon.wiring import Daemon
 
 log = logging.getLogger("ckptd.daemon")  # the daemon's logger: operators filter on it
 
@@ -46,25 +44,31 @@ class RestoreLease:
 class RestoreService:
     """The restore RPCs of one daemon and the leases they hand out."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, catalog: Catalog, pool: SlotPool, restorer: Restorer, executor: Executor,
+                 lease_timeout_s: float, saving: Callable[[str, int], bool]) -> None:
+        self.catalog = catalog
+        self.pool = pool
+        self.restorer = restorer
+        self.executor = executor
+        self.lease_timeout_s = lease_timeout_s
+        self.saving = saving
         self.leases: dict[str, RestoreLease] = {}
 
     async def prepare_restore(self, job: str, rank: int, world_size: int, step: int | None,
                               dry_run: bool, client_pid: int) -> tuple[RestoreResult, str]:
         check_ids(job, 0 if step is None else step, rank, world_size)
-        result = await self.d.restorer.plan(job, rank, world_size, step)
+        result = await self.restorer.plan(job, rank, world_size, step)
         if dry_run:
             return result, ""
         await self._drop_partial_steps_after(job, result.step, rank)
-        result = await self.d.restorer.execute(job, rank, world_size, result)
+        result = await self.restorer.execute(job, rank, world_size, result)
         return result, self._lease_restore(result, client_pid)
 
     def _lease_restore(self, result: RestoreResult, client_pid: int) -> str:
         assert result.slot is not None
         lease = RestoreLease(uuid.uuid4().hex, result.slot,
                              client_pid if client_pid > 0 and pid_alive(client_pid) else 0,
-                             time.monotonic() + self.d.cfg.memory.lease_timeout_s)
+                             time.monotonic() + self.lease_timeout_s)
         self.leases[lease.lease_id] = lease
         return lease.lease_id
 
@@ -73,10 +77,10 @@ class RestoreService:
         """A restore whose progress is streamed (ckptd/restore/stream.py): yields each event with
         the result so far; the last is "done" with the lease id, or an error is raised."""
         check_ids(job, 0 if step is None else step, rank, world_size)
-        result = await self.d.restorer.plan(job, rank, world_size, step)
+        result = await self.restorer.plan(job, rank, world_size, step)
         await self._drop_partial_steps_after(job, result.step, rank)
         progress = RestoreProgress()
-        task = asyncio.create_task(self.d.restorer.execute(job, rank, world_size, result, progress),
+        task = asyncio.create_task(self.restorer.execute(job, rank, world_size, result, progress),
                                    name=f"restore-{job}-{rank}")
 
         def finished(t: asyncio.Task[RestoreResult]) -> None:
@@ -120,22 +124,29 @@ class RestoreService:
         the new run's shards. A partial later step without that rank's shard is in flight by
         the other ranks (their restores drop it if it is theirs from a dead run: every rank of a
         restarted job restores before any of them saves again), and is kept."""
-        for st in self.d.catalog.steps(job):
+        for st in self.catalog.steps(job):
             if st.step <= step or st.in_memory or st.state(TierName.DISK) == TierState.COMMITTED:
                 continue
             if rank not in st.shards:
                 continue
-            if any((lease.job, lease.step) == (job, st.step) for lease in self.d.save_leases.values()):
+            if self.saving(job, st.step):
                 continue
             for rec in st.shards.values():
                 if rec.slot is not None and rec.slot.content is rec:
                     rec.slot.content = None
                     await asyncio.get_running_loop().run_in_executor(
-                        self.d.executor, rec.slot.meta_path.unlink, True)
+                        self.executor, rec.slot.meta_path.unlink, True)
             log.info("dropping partial step %s@%d (%d of %d shards) left by an earlier run",
                      job, st.step, len(st.shards), st.world_size)
-            self.d.catalog.forget(job, st.step)
-        await self.d.pool.notify()
+            self.catalog.forget(job, st.step)
+        await self.pool.notify()
+
+    async def reap_expired(self) -> None:
+        """Release the leases whose client died or whose deadline passed."""
+        now = time.monotonic()
+        for lease in list(self.leases.values()):
+            if now > lease.deadline_s or not pid_alive(lease.client_pid):
+                await self.release_restore(lease.lease_id)
 
     async def release_restore(self, lease_id: str) -> None:
         lease = self.leases.pop(lease_id, None)
@@ -144,7 +155,7 @@ class RestoreService:
         await self._release_restore_slot(lease.slot)
 
     async def _release_restore_slot(self, slot: Slot) -> None:
-        await self.d.pool.unpin(slot)
+        await self.pool.unpin(slot)
         if slot.content is None and slot.readers == 0:
-            await self.d.pool.free(slot)
+            await self.pool.free(slot)
 

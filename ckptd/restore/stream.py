@@ -18,9 +18,11 @@ between a ``start`` and the next ``restart``/``done``; events are produced on th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ckptd.core.integrity import first_bad_chunk
 from ckptd.core.manifest import ShardEntry
 from ckptd.core.types import TierName
 
@@ -73,3 +75,16 @@ class RestoreProgress:
 
     def fail(self, exc: BaseException) -> None:
         self.queue.put_nowait(RestoreEvent("error", error=exc))
+
+
+def verify_chunks(view: memoryview, entry: ShardEntry, on_verified: Callable[[int], None] | None = None) -> int | None:
+    """Check ``view`` (a shard's bytes) chunk by chunk against ``entry``'s crc32c list; the index
+    of the first bad chunk, or None; ``on_verified(n)`` after each good chunk (blocking)."""
+    chunk = entry.chunk_bytes
+    for index, off in enumerate(range(0, entry.nbytes, chunk)):
+        end = min(off + chunk, entry.nbytes)
+        if first_bad_chunk(view[off:end], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
+            return index
+        if on_verified is not None:
+            on_verified(end)
+    return None

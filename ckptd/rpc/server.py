@@ -1,33 +1,32 @@
-"""Thin gRPC servicers over ``Daemon``: validate the transport-level shape, call, convert.
+"""The CheckpointService servicer: validate the transport-level shape, call a service, convert.
 
-Every handler goes through ``_rpc``, the single place that maps errors: a ``CkptdError`` becomes
-its table's status code plus ``ckptd-error`` trailing metadata (the client rebuilds the type);
-anything unexpected is logged and returned as INTERNAL without a traceback. ``serve`` binds the
-Unix socket (0600 in a 0700 directory), registers grpc.health.v1, and handles SIGTERM/SIGINT by
-reporting NOT_SERVING, draining and exiting.
+``CheckpointServicer`` is handed the services it adapts (the save path, the restore service, the
+step queries, the step admin, the peer membership or None) and ``status()``, the daemon's status
+report; it holds no state of its own. Every handler goes through ``_rpc``, the single place that
+maps errors: a ``CkptdError`` becomes its table's status code plus ``ckptd-error`` trailing
+metadata (the client rebuilds the type); anything unexpected is logged and returned as INTERNAL
+without a traceback. ``add_checkpoint_servicer`` registers it with lenient request parsing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
-import signal
 from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
-from ckptd.core.config import Config
 from ckptd.core.errors import FailedPrecondition, InvalidArgument
-from ckptd.core.manifest import canonical_json
-from ckptd.daemon.wiring import Daemon, socket_dir_ready
+from ckptd.drains.admin import StepAdmin
+from ckptd.peers.membership import Membership
+from ckptd.restore.queries import StepQueries
+from ckptd.restore.service import RestoreService
 from ckptd.rpc.convert import level_from_pb, step_status_to_pb, tensors_from_pb, tensors_to_pb, tier_statuses
 from ckptd.rpc.errors import lenient, rpc_handler
+from ckptd.save.service import SavePath
 
 log = logging.getLogger("ckptd.server")
 SERVICE_NAME = "ckptd.v1.CheckpointService"
@@ -47,8 +46,15 @@ def _step_arg(step: int) -> int | None:
 
 
 class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, saves: SavePath, restores: RestoreService, steps: StepQueries, admin: StepAdmin,
+                 membership: Membership | None, status: Callable[[], dict[str, Any]], chunk_bytes: int) -> None:
+        self.saves = saves
+        self.restores = restores
+        self.steps = steps
+        self.admin = admin
+        self.membership = membership
+        self.status = status
+        self.chunk_bytes = chunk_bytes
 
     @_rpc
     async def BeginSave(self, request: pb.BeginSaveRequest, context: Any) -> pb.BeginSaveResponse:
@@ -56,17 +62,17 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         if request.policy not in (pb.BACKPRESSURE_DEFAULT, pb.BACKPRESSURE_WAIT, pb.BACKPRESSURE_SKIP):
             raise InvalidArgument(f"unknown back-pressure policy {request.policy}")
         timeout_s = request.wait_timeout_ms / 1000 if request.wait_timeout_ms else None
-        lease = await self.d.begin_save(request.job, request.step, request.rank, request.world_size,
+        lease = await self.saves.begin_save(request.job, request.step, request.rank, request.world_size,
                                         request.nbytes, wait, timeout_s, request.client_pid,
                                         tuple(request.node_ranks))
         return pb.BeginSaveResponse(
             lease_id=lease.lease_id, slot_path=str(lease.slot.path),
-            slot_capacity_bytes=lease.slot.capacity, chunk_bytes=self.d.cfg.memory.chunk_bytes,
+            slot_capacity_bytes=lease.slot.capacity, chunk_bytes=self.chunk_bytes,
         )
 
     @_rpc
     async def CommitShard(self, request: pb.CommitShardRequest, context: Any) -> pb.CommitShardResponse:
-        level = await self.d.commit_shard(
+        level = await self.saves.commit_shard(
             request.lease_id, request.job, request.step, request.rank, request.world_size,
             request.nbytes, tensors_from_pb(request.layout), request.layout.tree_json,
             request.chunk_bytes, list(request.chunk_crc32c), request.client_stall_s,
@@ -75,23 +81,23 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
 
     @_rpc
     async def AbortSave(self, request: pb.AbortSaveRequest, context: Any) -> pb.AbortSaveResponse:
-        await self.d.abort_save(request.lease_id)
+        await self.saves.abort_save(request.lease_id)
         return pb.AbortSaveResponse()
 
     @_rpc
     async def GetStepStatus(self, request: pb.GetStepStatusRequest, context: Any) -> pb.StepStatus:
-        return step_status_to_pb(self.d.step_status(request.job, request.step))
+        return step_status_to_pb(self.steps.step_status(request.job, request.step))
 
     @_rpc
     async def WaitStep(self, request: pb.WaitStepRequest, context: Any) -> pb.StepStatus:
         timeout_s = request.timeout_ms / 1000 if request.timeout_ms else 3600.0
-        st = await self.d.wait_step(request.job, request.step, level_from_pb(request.level), timeout_s)
+        st = await self.steps.wait_step(request.job, request.step, level_from_pb(request.level), timeout_s)
         return step_status_to_pb(st)
 
     @_rpc
     async def ListSteps(self, request: pb.ListStepsRequest, context: Any) -> pb.ListStepsResponse:
-        steps = self.d.list_steps(request.job)
-        pins = self.d.pinned_steps(request.job)
+        steps = self.steps.list_steps(request.job)
+        pins = self.admin.pins.get(request.job)
         return pb.ListStepsResponse(job=request.job, steps=[
             pb.StepInfo(step=s.step, world_size=s.world_size, nbytes=s.nbytes,
                         tiers=tier_statuses(s), committed=s.held,
@@ -101,11 +107,11 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
 
     @_rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
-        return pb.ListJobsResponse(jobs=self.d.list_jobs())
+        return pb.ListJobsResponse(jobs=self.steps.list_jobs())
 
     @_rpc
     async def PrepareRestore(self, request: pb.PrepareRestoreRequest, context: Any) -> pb.PrepareRestoreResponse:
-        result, lease_id = await self.d.prepare_restore(
+        result, lease_id = await self.restores.prepare_restore(
             request.job, request.rank, request.world_size, _step_arg(request.step), request.dry_run,
             request.client_pid)
         resp = pb.PrepareRestoreResponse(
@@ -126,7 +132,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         """PrepareRestore with progress: see RestoreEvent in the proto and ckptd/restore/stream.py."""
         if request.dry_run:
             raise InvalidArgument("Restore streams a real restore; plan with PrepareRestore(dry_run=true)")
-        async for ev, result, lease_id in self.d.restore_stream(
+        async for ev, result, lease_id in self.restores.restore_stream(
                 request.job, request.rank, request.world_size, _step_arg(request.step), request.client_pid):
             if ev.kind == "ready":
                 await context.write(pb.RestoreEvent(ready_bytes=ev.ready_bytes))
@@ -148,35 +154,37 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def SetPeers(self, request: pb.SetPeersRequest, context: Any) -> pb.SetPeersResponse:
         if len(request.peers) > 100_000:
             raise InvalidArgument(f"SetPeers: {len(request.peers)} entries (at most 100000)")
-        return pb.SetPeersResponse(members=self.d.set_peers(list(request.peers)))
+        if self.membership is None:
+            raise FailedPrecondition("peer replication is off on this daemon (set peers.listen and a token)")
+        return pb.SetPeersResponse(members=self.membership.set_peers(list(request.peers)))
 
     @_rpc
     async def ReleaseRestore(self, request: pb.ReleaseRestoreRequest, context: Any) -> pb.ReleaseRestoreResponse:
-        await self.d.release_restore(request.lease_id)
+        await self.restores.release_restore(request.lease_id)
         return pb.ReleaseRestoreResponse()
 
     @_rpc
     async def GetManifest(self, request: pb.GetManifestRequest, context: Any) -> pb.GetManifestResponse:
-        manifest, tiers = await self.d.get_manifest(request.job, _step_arg(request.step))
+        manifest, tiers = await self.steps.get_manifest(request.job, _step_arg(request.step))
         return pb.GetManifestResponse(manifest_json=manifest.to_json().decode(), tiers=tiers)
 
     @_rpc
     async def DaemonStatus(self, request: pb.DaemonStatusRequest, context: Any) -> pb.DaemonStatusResponse:
-        return pb.DaemonStatusResponse(**self.d.status())
+        return pb.DaemonStatusResponse(**self.status())
 
     @_rpc
     async def DeleteStep(self, request: pb.DeleteStepRequest, context: Any) -> pb.DeleteStepResponse:
-        result = await self.d.delete_step(request.job, request.step, request.tier, request.force, request.dry_run)
+        result = await self.admin.delete_step(request.job, request.step, request.tier, request.force, request.dry_run)
         return pb.DeleteStepResponse(deleted=[pb.DeletedCopy(job=r.job, step=r.step, tier=r.tier)
                                               for r in result.deleted], refused=result.refused)
 
     @_rpc
     async def PinStep(self, request: pb.PinStepRequest, context: Any) -> pb.PinStepResponse:
-        return pb.PinStepResponse(pinned_steps=await self.d.pin_step(request.job, request.step, request.pinned))
+        return pb.PinStepResponse(pinned_steps=await self.admin.pin_step(request.job, request.step, request.pinned))
 
     @_rpc
     async def RunRetention(self, request: pb.RunRetentionRequest, context: Any) -> pb.RunRetentionResponse:
-        result = await self.d.run_retention(request.job, request.tier, request.dry_run)
+        result = await self.admin.run_retention(request.job, request.tier, request.dry_run)
         return pb.RunRetentionResponse(
             deleted=[pb.DeletedCopy(job=r.job, step=r.step, tier=r.tier) for r in result.deleted],
             errors=result.refused,
@@ -196,67 +204,3 @@ def add_checkpoint_servicer(servicer: CheckpointServicer, server: grpc.aio.Serve
             response_serializer=resp.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
-
-
-async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
-    sock = cfg.socket_path
-    if sock.exists() and not sock.is_socket():  # a stale socket is replaced; any other file is not ours
-        raise FailedPrecondition(f"daemon.socket {sock} exists and is not a socket; refusing to replace it")
-    daemon = Daemon(cfg)
-    await daemon.start()
-    if cfg.metrics.address:
-        from ckptd.core.metrics import serve_http
-
-        serve_http(cfg.metrics.address)
-    peer_server = None
-    if daemon.peers is not None and daemon.replicas is not None:
-        from ckptd.core.peer_config import load_token, tls_files
-        from ckptd.peers.server import PeerServer, start_peer_server
-
-        p = cfg.peers
-        servicer = PeerServer(daemon.peers.node_id, daemon.replicas, daemon.replicas, daemon.replicas.holdings,
-                              daemon.peers.board.report, failure_domain=p.failure_domain, chunk_bytes=p.chunk_bytes,
-                              idle_timeout_s=p.push_timeout_s)
-        peer_server = await start_peer_server(servicer, p.listen, load_token(p), tls_files(p))
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
-    add_checkpoint_servicer(CheckpointServicer(daemon), server)
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    socket_dir_ready(sock)
-    old_umask = os.umask(0o077)  # the socket is born owner-only: no window before the chmod below
-    try:
-        server.add_insecure_port(f"unix:{sock}")
-    finally:
-        os.umask(old_umask)
-    await server.start()
-    os.chmod(sock, 0o600)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("ckptd %s serving on unix:%s (root %s, shm %s)", daemon.status()["version"], sock,
-             cfg.daemon.root, cfg.shm_path)
-    if ready is not None:
-        ready()
-    await stop.wait()
-    log.info("shutdown requested: draining")
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if peer_server is not None:
-        await peer_server.stop(grace_s=2.0)
-    clean = await daemon.stop()
-    await server.stop(grace=2.0)
-    daemon.close()
-    sock.unlink(missing_ok=True)
-    log.info("stopped (%s)", "all disk commits finished" if clean else "some drains abandoned")
-    return 0
-
-
-def dump_status(daemon: Daemon) -> bytes:
-    return canonical_json(daemon.status())

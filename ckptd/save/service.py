@@ -1,8 +1,12 @@
 """The save path: BeginSave, CommitShard, AbortSave, the background checksum and the lease reaper.
 
 ``SavePath`` owns the save leases (``leases``) and the shards being claimed between BeginSave's
-checks and its lease; it works on its ``Daemon``'s catalog, slot pool and tiers and kicks its
-background workers. The daemon's public ``begin_save``/``commit_shard``/``abort_save`` call it.
+checks and its lease. It is handed the catalog, the slot pool, the disk tier (to refuse a step
+already committed there), the executor, the memory section of the config, the task set its
+checksum passes run in, the shutdown flag, and two callbacks: ``kick_drain`` (a slot is recorded:
+the disk write may start) and ``on_staged`` (a step is complete in memory: wake every drain).
+The gRPC servicer calls ``begin_save``/``commit_shard``/``abort_save``; the daemon's lease reaper
+calls ``reap_expired``.
 
 Invariants: a lease is handed out only for a valid (job, step, rank, world_size) that is not
 already staged, leased or committed (a shard is claimed before the first await, so two concurrent
@@ -19,6 +23,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,11 +41,13 @@ from ckptd.core.integrity import parallel_chunk_crcs
 from ckptd.core.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
 from ckptd.core.manifest import MANIFEST_NAME, ShardEntry
 from ckptd.core.types import Level, TierName, validate_job, validate_node_ranks, validate_rank, validate_step
-from ckptd.memory.catalog import ShardRecord, StepState, TierState, gc_catalog, sidecar_meta
-from ckptd.memory.slots import Slot
+from ckptd.drains.tasks import Shutdown, TaskSet
+from ckptd.memory.catalog import Catalog, ShardRecord, StepState, TierState, gc_catalog, sidecar_meta
+from ckptd.memory.slots import Slot, SlotPool
 
 if TYPE_CHECKING:
-    from ckptd.daemon.wiring import Daemon
+    from ckptd.core.config import MemorySection
+    from ckptd.tiers.disk import DiskTier
 
 log = logging.getLogger("ckptd.daemon")  # the daemon's logger: operators filter on it
 
@@ -82,26 +90,36 @@ def check_ids(job: str, step: int, rank: int, world_size: int) -> None:
 class SavePath:
     """The save RPCs of one daemon and the leases they hand out."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, executor: Executor,
+                 memory: MemorySection, tasks: TaskSet, shutdown: Shutdown, kick_drain: Callable[[], None],
+                 on_staged: Callable[[], None]) -> None:
+        self.catalog = catalog
+        self.pool = pool
+        self.disk = disk
+        self.executor = executor
+        self.memory = memory
+        self.tasks = tasks
+        self.shutdown = shutdown
+        self.kick_drain = kick_drain
+        self.on_staged = on_staged
         self.leases: dict[str, SaveLease] = {}
         self._beginning: set[tuple[str, int, int]] = set()  # BeginSaves between check and lease
 
     async def begin_save(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
                          wait: bool | None, wait_timeout_s: float | None, client_pid: int,
                          node_ranks: tuple[int, ...] = ()) -> SaveLease:
-        if self.d.draining:
+        if self.shutdown.draining:
             raise DaemonUnavailable("daemon is draining for shutdown; not accepting saves")
         check_ids(job, step, rank, world_size)
         try:
             node_ranks = validate_node_ranks(node_ranks, world_size, rank)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        if nbytes < 0 or nbytes > self.d.cfg.memory.max_shard_bytes:
+        if nbytes < 0 or nbytes > self.memory.max_shard_bytes:
             raise InvalidArgument(
-                f"nbytes {nbytes} out of range [0, {self.d.cfg.memory.max_shard_bytes}] "
+                f"nbytes {nbytes} out of range [0, {self.memory.max_shard_bytes}] "
                 "(memory.max_shard_bytes)")
-        st = self.d.catalog.get(job, step)
+        st = self.catalog.get(job, step)
         if st is not None:
             if st.world_size != world_size:
                 raise FailedPrecondition(
@@ -138,14 +156,14 @@ class SavePath:
                                   wait: bool | None, wait_timeout_s: float | None, client_pid: int,
                                   st: StepState | None, node_ranks: tuple[int, ...]) -> SaveLease:
         # the catalog knows every step committed on disk; one stat (no listing) guards the rest
-        if self.d.disk is not None and st is None and (self.d.disk.step_dir(job, step) / MANIFEST_NAME).exists():
+        if self.disk is not None and st is None and (self.disk.step_dir(job, step) / MANIFEST_NAME).exists():
             raise AlreadyExists(f"step {step} of {job!r} is already committed on disk")
-        mem = self.d.cfg.memory
+        mem = self.memory
         do_wait = (mem.backpressure == "wait") if wait is None else wait
         timeout_s = mem.wait_timeout_s if wait_timeout_s is None else wait_timeout_s
         t0 = time.monotonic()
         try:
-            slot = await self.d.pool.lease((job, rank), nbytes, self.d.catalog.slot_reusable, do_wait,
+            slot = await self.pool.lease((job, rank), nbytes, self.catalog.slot_reusable, do_wait,
                                          timeout_s, mem.slots_per_rank, spare=True)
         except BudgetExhausted as exc:
             metrics.SAVES_TOTAL.labels("no_slot").inc()
@@ -156,7 +174,7 @@ class SavePath:
                           client_pid if client_pid > 0 and pid_alive(client_pid) else 0,
                           time.monotonic() + mem.lease_timeout_s, node_ranks)
         self.leases[lease.lease_id] = lease
-        gc_catalog(self.d.catalog, job)
+        gc_catalog(self.catalog, job)
         return lease
 
     async def commit_shard(self, lease_id: str, job: str, step: int, rank: int, world_size: int,
@@ -168,7 +186,7 @@ class SavePath:
         if (lease.job, lease.step, lease.rank, lease.world_size, lease.nbytes) != (
                 job, step, rank, world_size, nbytes):
             raise InvalidArgument("CommitShard does not match its BeginSave (job/step/rank/world_size/nbytes)")
-        expected_chunk = self.d.cfg.memory.chunk_bytes
+        expected_chunk = self.memory.chunk_bytes
         if client_crcs and (chunk_bytes != expected_chunk
                             or len(client_crcs) != chunk_count(nbytes, expected_chunk)):
             raise InvalidArgument(f"chunk_crc32c must cover {nbytes} bytes in chunks of {expected_chunk}")
@@ -178,24 +196,24 @@ class SavePath:
         except ValueError as exc:
             raise InvalidArgument(f"bad shard layout: {exc}") from None
         del self.leases[lease_id]
-        st = self.d.catalog.ensure(job, step, world_size)
+        st = self.catalog.ensure(job, step, world_size)
         if not st.shards:
             st.node_ranks = lease.node_ranks
         if st.state(TierName.MEMORY) == TierState.SKIPPED and not st.in_memory:
             lease.slot.content = None
-            await self.d.pool.release_write(lease.slot)
+            await self.pool.release_write(lease.slot)
             raise BudgetExhausted(f"step {step} of {job!r} was skipped: {st.tiers[TierName.MEMORY][1]}")
         entry = ShardEntry(rank, nbytes, expected_chunk, (), tuple(tensors), tree)
         rec = ShardRecord(job, step, entry, lease.slot, checksummed=False, recorded=False)
         st.shards[rank] = rec
         lease.slot.content = rec
         lease.slot.writing = False
-        await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.IN_PROGRESS)
+        await self.catalog.set_tier(st, TierName.MEMORY, TierState.IN_PROGRESS)
         metrics.SAVES_TOTAL.labels("staged").inc()
         metrics.TIER_WRITTEN_BYTES.labels("memory").inc(nbytes)
         if 0 < client_stall_s < 86400:
             metrics.SAVE_BLOCKING_SECONDS.observe(client_stall_s)
-        self.d._spawn(self._checksum(st, rec, client_crcs), f"crc-{job}-{step}-{rank}")
+        self.tasks.spawn(self._checksum(st, rec, client_crcs), f"crc-{job}-{step}-{rank}")
         return Level.STAGED
 
     async def _checksum(self, st: StepState, rec: ShardRecord, client_crcs: list[int]) -> None:
@@ -208,19 +226,19 @@ class SavePath:
             # Record the committed slot first ("crc pending"): from here on a daemon crash keeps
             # it (the next daemon checksums it at adoption), and the disk drain may start while
             # the crc pass below runs. A slot that never got CommitShard never gets a sidecar.
-            await loop.run_in_executor(self.d.executor, self.d.pool.write_sidecar, slot, sidecar_meta(st, rec))
+            await loop.run_in_executor(self.executor, self.pool.write_sidecar, slot, sidecar_meta(st, rec))
             rec.recorded = True
             if st.staged_in_slots:
-                self.d.drainer.kick()  # the disk write overlaps the checksum pass
+                self.kick_drain()  # the disk write overlaps the checksum pass
             entry = rec.entry
-            crcs = await parallel_chunk_crcs(loop, self.d.executor, slot.view(entry.nbytes), entry.chunk_bytes)
+            crcs = await parallel_chunk_crcs(loop, self.executor, slot.view(entry.nbytes), entry.chunk_bytes)
             if client_crcs and crcs != list(client_crcs):
                 bad = next(i for i, (a, b) in enumerate(zip(crcs, client_crcs)) if a != b)
                 metrics.CHECKSUM_FAILURES.labels("memory").inc()
                 rec.slot = None
                 slot.content = None
                 del st.shards[entry.rank]
-                await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED,
+                await self.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED,
                                             f"rank {entry.rank}: crc32c of chunk {bad} differs from the client's")
                 return
             if slot.content is not rec:
@@ -231,42 +249,38 @@ class SavePath:
             meta = sidecar_meta(st, rec)
             meta["shard"]["chunk_crc32c"] = list(crcs)
             meta.pop("crc_pending", None)
-            await loop.run_in_executor(self.d.executor, self.d.pool.write_sidecar, slot, meta)
+            await loop.run_in_executor(self.executor, self.pool.write_sidecar, slot, meta)
             rec.checksummed = True
         except Exception as exc:  # noqa: BLE001
             log.error("checksumming %s@%d rank %d failed: %s", st.job, st.step, rec.entry.rank, exc)
-            await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED, str(exc))
+            await self.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED, str(exc))
             return
         finally:
-            await self.d.pool.unpin(slot)
+            await self.pool.unpin(slot)
         if st.in_memory:
             log.info("step %s@%d STAGED on all %d ranks", st.job, st.step, st.world_size)
-            await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.COMMITTED)
+            await self.catalog.set_tier(st, TierName.MEMORY, TierState.COMMITTED)
             metrics.LAST_COMMITTED_STEP.labels(st.job, "memory").set(st.step)
-            await self.d.pool.notify()
-            self.d.drainer.kick()
-            if self.d.uploader is not None:
-                self.d.uploader.kick()
-            if self.d.replicator is not None:
-                self.d.replicator.kick()
+            await self.pool.notify()
+            self.on_staged()
         else:
-            await self.d.catalog.notify()
+            await self.catalog.notify()
 
     async def _abandon_step(self, job: str, step: int, world_size: int, reason: str) -> None:
         """One rank could not stage this step, so it can never commit: free the shards the
         other ranks staged and make their later BeginSave/CommitShard of it skip too."""
-        st = self.d.catalog.ensure(job, step, world_size)
+        st = self.catalog.ensure(job, step, world_size)
         if st.in_memory or st.world_size != world_size:
             return
         loop = asyncio.get_running_loop()
         for rec in st.shards.values():
             if rec.slot is not None and rec.slot.content is rec:
                 rec.slot.content = None
-                await loop.run_in_executor(self.d.executor, rec.slot.meta_path.unlink, True)
+                await loop.run_in_executor(self.executor, rec.slot.meta_path.unlink, True)
         st.shards.clear()
         log.warning("step %s@%d skipped on every rank: %s", job, step, reason)
-        await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.SKIPPED, reason)
-        await self.d.pool.notify()
+        await self.catalog.set_tier(st, TierName.MEMORY, TierState.SKIPPED, reason)
+        await self.pool.notify()
 
     async def abort_save(self, lease_id: str) -> None:
         lease = self.leases.get(lease_id)
@@ -274,21 +288,20 @@ class SavePath:
             raise NotFound(f"unknown or expired save lease {lease_id[:16]!r}")
         await self.drop_lease(lease)
 
-    async def reap_leases(self) -> None:
-        """Drop leases whose client died or whose deadline passed."""
-        while True:
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for lease in list(self.leases.values()):
-                if now > lease.deadline_s or not pid_alive(lease.client_pid):
-                    log.warning("save lease of %s@%d rank %d expired (client gone); slot torn, "
-                                "not committed", lease.job, lease.step, lease.rank)
-                    await self.drop_lease(lease)
-            for rl in list(self.d.restore_leases.values()):
-                if now > rl.deadline_s or not pid_alive(rl.client_pid):
-                    await self.d.release_restore(rl.lease_id)
+    async def reap_expired(self) -> None:
+        """Drop the leases whose client died or whose deadline passed."""
+        now = time.monotonic()
+        for lease in list(self.leases.values()):
+            if now > lease.deadline_s or not pid_alive(lease.client_pid):
+                log.warning("save lease of %s@%d rank %d expired (client gone); slot torn, "
+                            "not committed", lease.job, lease.step, lease.rank)
+                await self.drop_lease(lease)
+
+    def saving(self, job: str, step: int) -> bool:
+        """Does a save lease still write a shard of this step?"""
+        return any((lease.job, lease.step) == (job, step) for lease in self.leases.values())
 
     async def drop_lease(self, lease: SaveLease) -> None:
         self.leases.pop(lease.lease_id, None)
         lease.slot.content = None
-        await self.d.pool.release_write(lease.slot)
+        await self.pool.release_write(lease.slot)

@@ -21,7 +21,7 @@ from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import ReplicaHeader, ShardEntry
 from ckptd.core.peer_config import TlsFiles
 from ckptd.peers.client import PeerClient
-from ckptd.peers.readiness import ReadinessBoard
+from ckptd.peers.placement import ReadinessBoard
 from ckptd.peers.server import PeerServer, RunningPeerServer, start_peer_server
 from tests.peer.memory_store import MemoryReplicaStore
 

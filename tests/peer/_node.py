@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import os
 
-from ckptd.peers.readiness import ReadinessBoard
+from ckptd.peers.placement import ReadinessBoard
 from ckptd.peers.server import PeerServer, start_peer_server
 from tests.peer.memory_store import MemoryReplicaStore
 

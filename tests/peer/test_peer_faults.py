@@ -106,7 +106,7 @@ def test_dead_and_silent_peers_fail_fast_and_the_ring_moves_on(node: tuple[subpr
 def test_a_peer_that_restarts_is_pushed_to_on_the_very_next_call() -> None:
     """A transport failure retires the peer's channel: with one attempt per push, the first push
     after the peer is back succeeds, instead of failing while grpc waits out its reconnect backoff."""
-    from ckptd.peers.readiness import ReadinessBoard
+    from ckptd.peers.placement import ReadinessBoard
     from ckptd.peers.server import PeerServer, RunningPeerServer, start_peer_server
     from tests.peer._kit import TOKEN
     from tests.peer.memory_store import MemoryReplicaStore

@@ -8,7 +8,7 @@ import pytest
 
 from ckptd.core.errors import AlreadyExists, BudgetExhausted, NotFound, Timeout
 from ckptd.peers.client import ByteBudget
-from ckptd.peers.readiness import ReadinessBoard
+from ckptd.peers.placement import ReadinessBoard
 from ckptd.peers.types import ReadyReport
 from tests.peer._kit import make_header
 from tests.peer.memory_store import MemoryReplicaStore
