@@ -149,3 +149,13 @@ def validate_node_id(node_id: str, what: str = "node id") -> str:
         raise ValueError(f"{what} {node_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
                          "starting with a letter or digit (no '..')")
     return node_id
+
+INCARNATION_MAX_LEN: Final = 64
+INCARNATION_RE: Final = re.compile(r"[A-Za-z0-9_-]{0,64}")
+
+
+def validate_incarnation(token: str) -> str:
+    """Return a writer incarnation token ("" means unknown) if it is 0-64 letters, digits, '_' or '-'."""
+    if not isinstance(token, str) or not INCARNATION_RE.fullmatch(token):
+        raise ValueError(f"incarnation {token[:80]!r} must be 0-64 letters, digits, '_' or '-'")
+    return token

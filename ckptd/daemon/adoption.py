@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ckptd.core.errors import CkptdError
 from ckptd.core.integrity import chunk_crcs, first_bad_chunk
 from ckptd.core.manifest import Manifest
-from ckptd.core.types import TierName, validate_node_ranks
+from ckptd.core.types import INCARNATION_MAX_LEN, TierName, validate_node_ranks
 from ckptd.memory.catalog import Catalog, ShardRecord, TierState, entry_from_sidecar
 from ckptd.memory.slots import Slot, SlotPool
 
@@ -97,7 +97,7 @@ async def adopt_slots(catalog: Catalog, pool: SlotPool, executor: Executor,
         st.created_unix_s = created
         st.extra = dict(meta.get("extra") or {})
         st.node_ranks = validate_node_ranks(list(meta.get("node_ranks") or []), world_size)
-        rec = ShardRecord(job, step, entry, slot)
+        rec = ShardRecord(job, step, entry, slot, writer=str(meta.get("writer") or "")[:INCARNATION_MAX_LEN])
         slot.content = rec
         slot.owner = (job, entry.rank)
         st.shards[entry.rank] = rec

@@ -58,6 +58,7 @@ class ShardRecord:
     slot: Slot | None = None
     checksummed: bool = True  # False between CommitShard and the daemon's crc32c pass
     recorded: bool = True  # False until the slot's sidecar (maybe "crc pending") is written
+    writer: str = ""  # the writing client's incarnation (BeginSaveRequest.incarnation); "": unknown
 
 
 @dataclass
@@ -290,6 +291,8 @@ def sidecar_meta(st: StepState, rec: ShardRecord) -> dict[str, Any]:
         "node_ranks": list(st.node_ranks),
         "shard": shard,
     }
+    if rec.writer:
+        meta["writer"] = rec.writer
     if not rec.checksummed:  # written right after CommitShard: the bytes are complete, the sums not yet
         shard["chunk_crc32c"] = []
         meta["crc_pending"] = True

@@ -2,14 +2,14 @@
 
 ``RestoreService`` owns the restore leases (``leases``); planning and execution (sources, fallback,
 verification) are the ``Restorer``'s (planner.py), which it is handed with the catalog, the slot
-pool, the executor, the lease timeout and ``saving(job, step)`` (does a save lease still write
-that step?). The gRPC servicer calls ``prepare_restore``, ``restore_stream`` and
-``release_restore``; the daemon's lease reaper calls ``reap_expired``.
+pool, the executor and the lease timeout. The gRPC servicer calls ``prepare_restore``,
+``restore_stream`` and ``release_restore``; the daemon's lease reaper calls ``reap_expired``.
 
-Invariants: a restore to step N first drops the partial steps after N that no save lease still
-writes (they belong to the job's previous incarnation); a restored slot stays pinned while its
-lease lives and is freed on release unless the catalog holds it; a streamed restore whose client
-left before the lease was handed out releases the slot it filled.
+Invariants: a restore only reads: it never drops or changes a step (the shards a restarted
+trainer left in uncommitted later steps are dropped by its next save, ckptd/save/service.py); a
+restored slot stays pinned while its lease lives and is freed on release unless the catalog holds
+it; a streamed restore whose client left before the lease was handed out releases the slot it
+filled.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from ckptd.core.errors import CkptdError, NotFound
-from ckptd.core.types import TierName
-from ckptd.memory.catalog import Catalog, TierState
+from ckptd.memory.catalog import Catalog
 from ckptd.memory.slots import Slot, SlotPool
 from ckptd.restore.planner import Restorer, RestoreResult
 from ckptd.restore.stream import RestoreEvent, RestoreProgress
@@ -45,13 +44,12 @@ class RestoreService:
     """The restore RPCs of one daemon and the leases they hand out."""
 
     def __init__(self, catalog: Catalog, pool: SlotPool, restorer: Restorer, executor: Executor,
-                 lease_timeout_s: float, saving: Callable[[str, int], bool]) -> None:
+                 lease_timeout_s: float) -> None:
         self.catalog = catalog
         self.pool = pool
         self.restorer = restorer
         self.executor = executor
         self.lease_timeout_s = lease_timeout_s
-        self.saving = saving
         self.leases: dict[str, RestoreLease] = {}
 
     async def prepare_restore(self, job: str, rank: int, world_size: int, step: int | None,
@@ -60,7 +58,6 @@ class RestoreService:
         result = await self.restorer.plan(job, rank, world_size, step)
         if dry_run:
             return result, ""
-        await self._drop_partial_steps_after(job, result.step, rank)
         result = await self.restorer.execute(job, rank, world_size, result)
         return result, self._lease_restore(result, client_pid)
 
@@ -78,7 +75,6 @@ class RestoreService:
         the result so far; the last is "done" with the lease id, or an error is raised."""
         check_ids(job, 0 if step is None else step, rank, world_size)
         result = await self.restorer.plan(job, rank, world_size, step)
-        await self._drop_partial_steps_after(job, result.step, rank)
         progress = RestoreProgress()
         task = asyncio.create_task(self.restorer.execute(job, rank, world_size, result, progress),
                                    name=f"restore-{job}-{rank}")
@@ -117,29 +113,6 @@ class RestoreService:
                 slot = task.result().slot  # filled, but the client left before it was leased
                 if slot is not None:
                     await self._release_restore_slot(slot)
-
-    async def _drop_partial_steps_after(self, job: str, step: int, rank: int) -> None:
-        """A rank restoring ``step`` starts a new incarnation of itself: a later step that never
-        completed and holds a shard of that rank belongs to its dead past and must not mix with
-        the new run's shards. A partial later step without that rank's shard is in flight by
-        the other ranks (their restores drop it if it is theirs from a dead run: every rank of a
-        restarted job restores before any of them saves again), and is kept."""
-        for st in self.catalog.steps(job):
-            if st.step <= step or st.in_memory or st.state(TierName.DISK) == TierState.COMMITTED:
-                continue
-            if rank not in st.shards:
-                continue
-            if self.saving(job, st.step):
-                continue
-            for rec in st.shards.values():
-                if rec.slot is not None and rec.slot.content is rec:
-                    rec.slot.content = None
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.executor, rec.slot.meta_path.unlink, True)
-            log.info("dropping partial step %s@%d (%d of %d shards) left by an earlier run",
-                     job, st.step, len(st.shards), st.world_size)
-            self.catalog.forget(job, st.step)
-        await self.pool.notify()
 
     async def reap_expired(self) -> None:
         """Release the leases whose client died or whose deadline passed."""

@@ -64,7 +64,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         timeout_s = request.wait_timeout_ms / 1000 if request.wait_timeout_ms else None
         lease = await self.saves.begin_save(request.job, request.step, request.rank, request.world_size,
                                         request.nbytes, wait, timeout_s, request.client_pid,
-                                        tuple(request.node_ranks))
+                                        tuple(request.node_ranks), request.incarnation)
         return pb.BeginSaveResponse(
             lease_id=lease.lease_id, slot_path=str(lease.slot.path),
             slot_capacity_bytes=lease.slot.capacity, chunk_bytes=self.chunk_bytes,

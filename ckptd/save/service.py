@@ -40,7 +40,15 @@ from ckptd.core.errors import (
 from ckptd.core.integrity import parallel_chunk_crcs
 from ckptd.core.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
 from ckptd.core.manifest import MANIFEST_NAME, ShardEntry
-from ckptd.core.types import Level, TierName, validate_job, validate_node_ranks, validate_rank, validate_step
+from ckptd.core.types import (
+    Level,
+    TierName,
+    validate_incarnation,
+    validate_job,
+    validate_node_ranks,
+    validate_rank,
+    validate_step,
+)
 from ckptd.drains.tasks import Shutdown, TaskSet
 from ckptd.memory.catalog import Catalog, ShardRecord, StepState, TierState, gc_catalog, sidecar_meta
 from ckptd.memory.slots import Slot, SlotPool
@@ -64,6 +72,7 @@ class SaveLease:
     client_pid: int
     deadline_s: float
     node_ranks: tuple[int, ...] = ()
+    incarnation: str = ""  # the writer's incarnation: recorded with its shard
 
 
 def pid_alive(pid: int) -> bool:
@@ -107,14 +116,17 @@ class SavePath:
 
     async def begin_save(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
                          wait: bool | None, wait_timeout_s: float | None, client_pid: int,
-                         node_ranks: tuple[int, ...] = ()) -> SaveLease:
+                         node_ranks: tuple[int, ...] = (), incarnation: str = "") -> SaveLease:
         if self.shutdown.draining:
             raise DaemonUnavailable("daemon is draining for shutdown; not accepting saves")
         check_ids(job, step, rank, world_size)
         try:
             node_ranks = validate_node_ranks(node_ranks, world_size, rank)
+            validate_incarnation(incarnation)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        if incarnation:
+            await self._drop_stale_shards(job, step, rank, incarnation)
         if nbytes < 0 or nbytes > self.memory.max_shard_bytes:
             raise InvalidArgument(
                 f"nbytes {nbytes} out of range [0, {self.memory.max_shard_bytes}] "
@@ -148,13 +160,13 @@ class SavePath:
         self._beginning.add((job, step, rank))
         try:
             return await self._begin_save_claimed(job, step, rank, world_size, nbytes, wait,
-                                                  wait_timeout_s, client_pid, st, node_ranks)
+                                                  wait_timeout_s, client_pid, st, node_ranks, incarnation)
         finally:
             self._beginning.discard((job, step, rank))
 
     async def _begin_save_claimed(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
                                   wait: bool | None, wait_timeout_s: float | None, client_pid: int,
-                                  st: StepState | None, node_ranks: tuple[int, ...]) -> SaveLease:
+                                  st: StepState | None, node_ranks: tuple[int, ...], incarnation: str) -> SaveLease:
         # the catalog knows every step committed on disk; one stat (no listing) guards the rest
         if self.disk is not None and st is None and (self.disk.step_dir(job, step) / MANIFEST_NAME).exists():
             raise AlreadyExists(f"step {step} of {job!r} is already committed on disk")
@@ -172,7 +184,7 @@ class SavePath:
         metrics.SLOT_WAIT_SECONDS.observe(time.monotonic() - t0)
         lease = SaveLease(uuid.uuid4().hex, job, step, rank, world_size, nbytes, slot,
                           client_pid if client_pid > 0 and pid_alive(client_pid) else 0,
-                          time.monotonic() + mem.lease_timeout_s, node_ranks)
+                          time.monotonic() + mem.lease_timeout_s, node_ranks, incarnation)
         self.leases[lease.lease_id] = lease
         gc_catalog(self.catalog, job)
         return lease
@@ -204,7 +216,7 @@ class SavePath:
             await self.pool.release_write(lease.slot)
             raise BudgetExhausted(f"step {step} of {job!r} was skipped: {st.tiers[TierName.MEMORY][1]}")
         entry = ShardEntry(rank, nbytes, expected_chunk, (), tuple(tensors), tree)
-        rec = ShardRecord(job, step, entry, lease.slot, checksummed=False, recorded=False)
+        rec = ShardRecord(job, step, entry, lease.slot, checksummed=False, recorded=False, writer=lease.incarnation)
         st.shards[rank] = rec
         lease.slot.content = rec
         lease.slot.writing = False
@@ -265,6 +277,28 @@ class SavePath:
             self.on_staged()
         else:
             await self.catalog.notify()
+
+    async def _drop_stale_shards(self, job: str, step: int, rank: int, incarnation: str) -> None:
+        """A new incarnation of ``rank`` (its trainer restarted, or restored and rolled back) saves
+        ``step``: that rank's shards of uncommitted steps at or after ``step`` staged by an older
+        incarnation belong to a dead past and must not mix with the new run. Only the rank's own
+        shards go, and only of steps committed nowhere; other ranks' shards and every committed
+        step stay. A reader (ckptctl, another process restoring) never causes this: only a save."""
+        loop = asyncio.get_running_loop()
+        for st in self.catalog.steps(job):
+            rec = st.shards.get(rank)
+            if (st.step < step or rec is None or not rec.writer or rec.writer == incarnation or st.in_memory
+                    or any(st.state(t) == TierState.COMMITTED for t in TierName)):
+                continue
+            del st.shards[rank]
+            if rec.slot is not None and rec.slot.content is rec:
+                rec.slot.content = None
+                await loop.run_in_executor(self.executor, rec.slot.meta_path.unlink, True)
+            log.info("dropping rank %d's shard of uncommitted step %s@%d: staged by an earlier incarnation "
+                     "of that rank, which saves step %d again", rank, job, st.step, step)
+            if not st.shards:
+                self.catalog.forget(job, st.step)
+        await self.pool.notify()
 
     async def _abandon_step(self, job: str, step: int, world_size: int, reason: str) -> None:
         """One rank could not stage this step, so it can never commit: free the shards the

@@ -18,6 +18,7 @@ import logging
 import os
 import statistics
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +151,9 @@ class CheckpointManager:
         self.conn.wait_ready(connect_timeout_s)
         self._maps = SlotMaps()
         self.handles: list[SaveHandle] = []
+        #: this writer's incarnation: drawn anew by every restore (the state rolled back), so the
+        #: daemon drops what an earlier incarnation of this rank left in uncommitted later steps
+        self.incarnation = uuid.uuid4().hex
         self.stalls_s: list[float] = []
         self.last_restore: RestoreInfo | None = None
         self.peer_members = self._join_peers() if gather_peers else []
@@ -172,7 +176,7 @@ class CheckpointManager:
         try:
             begin = self.conn.call(self.conn.stub.BeginSave, pb.BeginSaveRequest(
                 job=self.job, step=step, rank=self.rank, world_size=self.world_size, nbytes=nbytes,
-                policy=policy, client_pid=os.getpid(), node_ranks=list(self.node_ranks),
+                policy=policy, client_pid=os.getpid(), node_ranks=list(self.node_ranks), incarnation=self.incarnation,
                 wait_timeout_ms=int(self.wait_timeout_s * 1000) if self.wait_timeout_s else 0,
             ), timeout_s=(self.wait_timeout_s or 0) + 120)
             handle.waited_s = time.perf_counter() - t0
@@ -264,6 +268,7 @@ class CheckpointManager:
         never resume from different steps.
         """
         t0 = time.perf_counter()
+        self.incarnation = uuid.uuid4().hex  # the state rolls back: later saves start a new past
         if step == "latest":
             agreed = self._agree_latest()
             if agreed is not None:

@@ -1,6 +1,7 @@
 """Concurrency scenarios: a restore while a save of a later step is in flight (one rank still
-copying, between the ranks' saves, or staged and draining), and two writers racing for the same
-(step, rank) with different bytes. The in-flight save must still commit; the restore must return
+copying, between the ranks' saves, or staged and draining), a reader that is not the trainer
+restoring an older step meanwhile, and two writers racing for the same (step, rank) with
+different bytes. The in-flight save must still commit; the restore must return
 a committed step, whole; exactly one racing writer wins, and its bytes are served, never a mix."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from tests.fault.scenarios import scenario
 from tests.fault.scenarios._ctx import Ctx
 from tests.fault.scenarios._env import WAIT_TIMEOUT_S
+from tests.fault.scenarios._ledger import blank
 
 W = 2
 
@@ -87,6 +89,32 @@ def restore_during_save(ctx: Ctx) -> None:
     ctx.say(f"restore returned step {got} from {served}; step {later}: "
             + ("LOCAL_DURABLE" if not err else f"never completed ({err[:120]})"))
     ctx.check("after the restore")
+
+
+@scenario
+def reader_during_save(ctx: Ctx) -> None:
+    """A reader (an operator's restore, an evaluation process: not the trainer) restores an older
+    step of a rank while a later step is in flight; the acknowledged later step must still commit."""
+    before = ctx.randint("steps_before", 1, 3)
+    when = ctx.cycle("read_while", ["between the ranks' saves", "staged, draining"])
+    rank = ctx.choose("read_rank", range(W))
+    old = ctx.randint("read_step", 1, before)
+    n = ctx.node().start()
+    for step in range(1, before + 1):
+        ctx.save(step)
+        ctx.must_ack(step, Level.LOCAL_DURABLE)
+    later = before + 1
+    first = [rank] if when == "between the ranks' saves" else list(range(W))
+    ctx.save(later, first)
+    with CheckpointManager(ctx.job, rank=rank, world_size=W, addr=n.addr) as reader:
+        got = reader.restore(blank(ctx.ledger.state(old, rank)), step=old)
+    assert got == old, f"the reader asked for step {old}, got {got}"
+    ctx.fault(f"a reader restored step {old} of rank {rank} while step {later} was in flight ({when})")
+    if when == "between the ranks' saves":
+        ctx.save(later, [r for r in range(W) if r != rank])
+    err = ctx.ack(later, Level.LOCAL_DURABLE, timeout_s=6)
+    assert not err, f"step {later} never committed after a read of step {old}: {err[:160]}"
+    ctx.check("after the read")
 
 
 @scenario

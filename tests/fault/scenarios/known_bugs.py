@@ -101,6 +101,27 @@ def _restore_drops_inflight_step(env: Env) -> None:
         n.kill()
 
 
+def _read_drops_acked_step(env: Env) -> None:
+    n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}").start()
+    ms = [CheckpointManager("j", rank=r, world_size=2, addr=n.addr) for r in range(2)]
+    try:
+        for m in ms:
+            m.save(1, _state(1))
+        ms[0]._wait(1, Level.LOCAL_DURABLE, 30)
+        assert ms[0].save(2, _state(2)).ok  # rank 0 staged step 2
+        with CheckpointManager("j", rank=0, world_size=2, addr=n.addr) as reader:  # an operator's restore
+            assert reader.restore(_state(0), step=1) == 1
+        assert ms[1].save(2, _state(2)).ok
+        try:
+            ms[0]._wait(2, Level.STAGED, 3)
+        except CkptdError as exc:
+            raise AssertionError(f"a read of step 1 dropped rank 0's acknowledged step 2: {exc}") from None
+    finally:
+        for m in ms:
+            m.close()
+        n.kill()
+
+
 def _multipart_left(env: Env) -> None:
     from tests.tiers.faultproxy import Request
 
@@ -188,6 +209,15 @@ KNOWN_BUGS = (
         "live save lease protects a partial later step",
         _restore_drops_inflight_step, checks={"acked": r"NotFound: step \d+ of job .* is not committed"},
         scenarios=("restore_during_save",), fixed_in="b6cc714"),
+    KnownBug(
+        "read-drops-acked-step",
+        "any restore of an older step for a rank (an operator's ckptctl restore, an evaluation reader) drops "
+        "that rank's shard of a later step in flight, so the step never commits although save() returned",
+        "ckptd/restore/service.py RestoreService._drop_partial_steps_after took any restore for a rank as a "
+        "restart of its trainer; now a new writer incarnation's save drops only its own rank's stale shards "
+        "(ckptd/save/service.py SavePath._drop_stale_shards)",
+        _read_drops_acked_step, checks={"acked": r"NotFound: step \d+ of job .* is not committed"},
+        error=r"never committed after a read", scenarios=("reader_during_save",), fixed_in="FIXME"),
     KnownBug(
         "multipart-left-after-outage",
         "a multipart upload cut by a store outage is never aborted once the store is back (its abort failed "

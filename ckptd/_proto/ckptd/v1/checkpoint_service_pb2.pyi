@@ -183,6 +183,7 @@ class BeginSaveRequest(_message.Message):
     WAIT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     CLIENT_PID_FIELD_NUMBER: _builtins.int
     NODE_RANKS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     step: _builtins.int
     rank: _builtins.int
@@ -193,6 +194,12 @@ class BeginSaveRequest(_message.Message):
     """0: the daemon's default"""
     client_pid: _builtins.int
     """lets the daemon drop the lease at once if the trainer dies"""
+    incarnation: _builtins.str
+    """The writer's incarnation: a token the client draws anew when it starts and whenever it
+    restores (its state rolled back). A save by a new incarnation of a rank drops that rank's
+    shards of uncommitted steps at or after this one that an older incarnation staged (a dead
+    run's past); empty: unknown (nothing is dropped).
+    """
     @_builtins.property
     def node_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """ranks of the job this daemon serves (multi-node); empty: all"""
@@ -209,10 +216,11 @@ class BeginSaveRequest(_message.Message):
         wait_timeout_ms: _builtins.int = ...,
         client_pid: _builtins.int = ...,
         node_ranks: _abc.Iterable[_builtins.int] | None = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "job", b"job", "nbytes", b"nbytes", "node_ranks", b"node_ranks", "policy", b"policy", "rank", b"rank", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "incarnation", b"incarnation", "job", b"job", "nbytes", b"nbytes", "node_ranks", b"node_ranks", "policy", b"policy", "rank", b"rank", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
