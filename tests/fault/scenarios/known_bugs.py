@@ -217,7 +217,7 @@ KNOWN_BUGS = (
         "restart of its trainer; now a new writer incarnation's save drops only its own rank's stale shards "
         "(ckptd/save/service.py SavePath._drop_stale_shards)",
         _read_drops_acked_step, checks={"acked": r"NotFound: step \d+ of job .* is not committed"},
-        error=r"never committed after a read", scenarios=("reader_during_save",), fixed_in="FIXME"),
+        error=r"never committed after a read", scenarios=("reader_during_save",), fixed_in="01de1d8"),
     KnownBug(
         "multipart-left-after-outage",
         "a multipart upload cut by a store outage is never aborted once the store is back (its abort failed "
