@@ -49,7 +49,10 @@ async def catalog_disk(catalog: Catalog, disk: DiskTier, executor: Executor) -> 
             st.created_unix_s = m.created_unix_s
             st.extra = dict(m.extra)
             st.node_ranks = m.node_ranks
+            st.manifest_nbytes = m.nbytes
             st.tiers[TierName.DISK] = (TierState.COMMITTED, "")
+            # not in memory unless a slot of it is re-adopted below (then COMMITTED again)
+            st.tiers.setdefault(TierName.MEMORY, (TierState.REMOVED, "not in memory (catalogued from disk)"))
 
 
 async def adopt_slots(catalog: Catalog, pool: SlotPool, executor: Executor,
@@ -103,9 +106,13 @@ async def adopt_slots(catalog: Catalog, pool: SlotPool, executor: Executor,
         st.shards[entry.rank] = rec
         log.info("re-adopted slot of %s@%d rank %d from shared memory", job, step, entry.rank)
     for steps in catalog.jobs.values():
+        on_disk = [st.step for st in steps.values() if st.state(TierName.DISK) == TierState.COMMITTED]
         for st in steps.values():
             if st.in_memory:
                 st.tiers[TierName.MEMORY] = (TierState.COMMITTED, "recovered from shm")
+                if on_disk and st.step < max(on_disk) and st.state(TierName.DISK) == TierState.PENDING:
+                    # the drain had superseded it before the restart: a newer step is on disk
+                    st.tiers[TierName.DISK] = (TierState.SKIPPED, f"superseded by step {max(on_disk)}")
 
 
 async def adopt_replica(pool: SlotPool, replicas: SlotReplicaStore | None, slot: Slot, meta: dict[str, Any],

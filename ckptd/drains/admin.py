@@ -165,7 +165,7 @@ class StepAdmin:
             raise NotFound(f"{job}@{step} is not committed at tier {tier} "
                            f"(committed at: {', '.join(t for t in TIER_ORDER if t in held) or 'none'})")
         if not held:
-            raise NotFound(f"{job}@{step} is not committed at any tier")
+            return await self._delete_uncommitted(job, step, force, dry_run)
         targets = [tier] if tier else [t for t in TIER_ORDER if t in held]
         why = self.busy(job, step, targets)
         if why is not None:
@@ -187,6 +187,29 @@ class StepAdmin:
         if gone and step in self.pins.get(job):  # no copy left: its pin would only go stale
             await self.pin_step(job, step, False)
         return result
+
+    async def _delete_uncommitted(self, job: str, step: int, force: bool, dry_run: bool) -> AdminResult:
+        """A step committed nowhere but with shards staged in memory (a rank never saved its part,
+        or saved with another world size): only ``force`` removes it, never while a save writes it."""
+        st = self.catalog.get(job, step)
+        staged = [] if st is None or st.in_memory else [
+            rec for rec in st.shards.values() if rec.slot is not None and rec.slot.content is rec]
+        if st is None or not staged:
+            raise NotFound(f"{job}@{step} is not committed at any tier")
+        if self.saving(job, step):
+            return AdminResult(refused=[f"{job}@{step} is being saved; try again when it has committed"])
+        what = f"{job}@{step} is not committed at any tier ({len(staged)} of {st.world_size} shards staged)"
+        if not force:
+            return AdminResult(refused=[f"{what}; --force removes it"])
+        if not dry_run:
+            for rec in staged:
+                assert rec.slot is not None
+                rec.slot.content = None  # the slot is free for reuse
+                await self._run(rec.slot.meta_path.unlink, True)
+            self.catalog.forget(job, step)
+            await self.pool.notify()
+            log.info("removed uncommitted %s (forced)", what)
+        return AdminResult(deleted=[Removal(job, step, "memory")])
 
     # -- PinStep ------------------------------------------------------------------------------
     async def pin_step(self, job: str, step: int, pinned: bool) -> list[int]:

@@ -77,6 +77,8 @@ class StepState:
     across_nodes: dict[TierName, str | None] = field(default_factory=dict)
     #: this node's push of the step to its peers has ended, held or degraded (replication.py)
     pushed: bool = False
+    #: bytes of the step's committed manifest, for a step known from disk with no shard in memory
+    manifest_nbytes: int = 0
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -110,7 +112,8 @@ class StepState:
 
     @property
     def nbytes(self) -> int:
-        return sum(r.entry.nbytes for r in self.shards.values())
+        """Bytes of the shards held in memory, else of the step's committed manifest (if read)."""
+        return sum(r.entry.nbytes for r in self.shards.values()) if self.shards else self.manifest_nbytes
 
     def manifest(self) -> Manifest:
         return Manifest(

@@ -131,6 +131,12 @@ class SavePath:
             raise InvalidArgument(
                 f"nbytes {nbytes} out of range [0, {self.memory.max_shard_bytes}] "
                 "(memory.max_shard_bytes)")
+        held = [s for s in self.catalog.steps(job)
+                if s.in_memory or any(s.state(t) == TierState.COMMITTED for t in TierName)]
+        if held and held[-1].world_size != world_size:
+            raise FailedPrecondition(
+                f"job {job!r} is saved with world_size {held[-1].world_size} (step {held[-1].step}); this save "
+                f"names world_size {world_size}: save under another job name, or remove the job's steps first")
         st = self.catalog.get(job, step)
         if st is not None:
             if st.world_size != world_size:
