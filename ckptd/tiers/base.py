@@ -1,7 +1,7 @@
 """The Tier protocol: the one seam every storage backend implements.
 
 A tier stores shards and commits steps with a manifest. Contract every implementation keeps
-(checked by tests/tiers/test_conformance.py):
+(checked on every tier by tests/tiers/test_tier_conformance.py):
 - ``put_shard`` makes one rank's bytes durable at the tier (as durable as the tier can) but does
   not make the step visible;
 - ``commit`` writes the manifest last and atomically; it fails if the step is already committed;
