@@ -18,24 +18,16 @@ import asyncio
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Executor
-from typing import Protocol
 
 from ckptd.core.types import TierName
 from ckptd.drains.retention import select_for_deletion
 from ckptd.memory.catalog import Catalog, TierState
-
-
-class RetainedTier(Protocol):
-    """What retention needs of a tier (a subset of ``tiers.base.Tier``)."""
-
-    def list_committed(self, job: str) -> list[int]: ...
-
-    def delete(self, job: str, step: int) -> None: ...
+from ckptd.tiers.base import Tier
 
 
 async def apply_retention(
     job: str,
-    tier: RetainedTier,
+    tier: Tier,
     tier_name: TierName,
     *,
     catalog: Catalog,

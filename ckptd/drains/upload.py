@@ -36,8 +36,8 @@ from ckptd.drains.retainer import apply_retention
 from ckptd.drains.worker import Worker
 from ckptd.memory.catalog import Catalog, StepState, TierState
 from ckptd.memory.slots import SlotPool
+from ckptd.tiers.base import CommitTier
 from ckptd.tiers.disk import DiskTier
-from ckptd.tiers.object import ObjectTier
 
 log = logging.getLogger("ckptd.uploader")
 
@@ -57,7 +57,7 @@ class ObjectUploader(Worker):
     name = "object-uploader"
 
     def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, drainer: DiskDrainer,
-                 tier: ObjectTier, cfg: ObjectSection, executor: Executor) -> None:
+                 tier: CommitTier, cfg: ObjectSection, executor: Executor) -> None:
         super().__init__()
         self.catalog = catalog
         self.pool = pool
