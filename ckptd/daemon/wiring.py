@@ -37,6 +37,7 @@ from ckptd.memory.catalog import Catalog, StepState, TierState
 from ckptd.memory.slots import SlotPool
 from ckptd.restore.planner import Restorer, RestoreResult
 from ckptd.restore.service import RestoreLease, RestoreService
+from ckptd.restore.sources import default_sources
 from ckptd.restore.stream import RestoreEvent
 from ckptd.save.service import SaveLease, SavePath
 from ckptd.tiers.disk import DiskTier
@@ -74,9 +75,11 @@ class Daemon:
             self.uploader = ObjectUploader(self.catalog, self.pool, self.disk, self.drainer, self.object,
                                            cfg.object, self.executor)
             self.drainer.on_commit = self.uploader.kick
-        self.restorer = Restorer(self.catalog, self.pool, self.disk, self.executor,
-                                 cfg.memory.wait_timeout_s, self.object)
-        self.restorer.on_adopt = self.drainer.kick
+        self.restorer = Restorer(
+            self.catalog, self.pool, self.executor, cfg.memory.wait_timeout_s,
+            default_sources(self.catalog, self.pool, self.executor, disk=self.disk, object_tier=self.object,
+                            peers=lambda: self.peers),  # the directory exists once _init_peers ran
+            on_adopt=self._after_adopt)  # re-warm: wake the drainer, and the replicator if any
         self.peers: PeerDirectory | None = None
         self.static_membership = False
         self.replicas: SlotReplicaStore | None = None
@@ -154,8 +157,6 @@ class Daemon:
         self.replicas = SlotReplicaStore(self.catalog, self.pool, self.disk, self.executor, self.cfg, me)
         if p.replication_factor > 0 and self.peers.addrs:
             self.replicator = Replicator(self.catalog, self.pool, self.peers)
-            self.restorer.on_adopt = self._after_adopt
-        self.restorer.peers = self.peers
         self.drainer.across_nodes = self._disk_across_nodes
         self.drainer.before_write = self._before_drain
 
@@ -210,7 +211,6 @@ class Daemon:
         log.info("peer membership set by the job: %s", ", ".join(f"{a.node_id}={a.target}" for a in addrs))
         if self.replicator is None and self.cfg.peers.replication_factor > 0 and self.peers.addrs:
             self.replicator = Replicator(self.catalog, self.pool, self.peers)
-            self.restorer.on_adopt = self._after_adopt
             self.replicator.start()
         if self.replicator is not None:
             self.replicator.kick()

@@ -1,9 +1,9 @@
 """The restore entry points: PrepareRestore, the streamed Restore, ReleaseRestore, restore leases.
 
 ``RestoreService`` owns the restore leases (``leases``); planning and execution (sources, fallback,
-verification) are ``Restorer``'s (restore.py). The daemon's public ``prepare_restore``,
-``restore_stream`` and ``release_restore`` call it; the lease reaper (save_path.py) releases
-the leases whose client died or whose deadline passed.
+verification) are ``Restorer``'s (planner.py) and its sources' (sources/). The daemon's public
+``prepare_restore``, ``restore_stream`` and ``release_restore`` call it; the lease reaper
+(save/service.py) releases the leases whose client died or whose deadline passed.
 
 Invariants: a restore to step N first drops the partial steps after N that no save lease still
 writes (they belong to the job's previous incarnation); a restored slot stays pinned while its
