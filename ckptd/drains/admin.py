@@ -3,7 +3,7 @@
 Behind the DeleteStep, PinStep and RunRetention RPCs (``ckptctl rm``, ``pin``/``unpin``, ``gc``).
 ``StepAdmin`` owns the daemon's ``PinStore`` (``{root}/pins/{job}.json``, loaded at start-up) and
 hands its dict to disk retention (``DiskDrainer.operator_pins``) and object retention
-(``ObjectUploader.pinned``), so a pinned step is never removed by retention.
+(``ObjectUploader.operator_pins``), so a pinned step is never removed by retention.
 
 Rules:
 - A copy is removed only where it is committed; a step in flight (being saved, written to a tier,
@@ -73,7 +73,7 @@ class StepAdmin:
         self.pins.load()
         daemon.drainer.operator_pins = self.pins.pins
         if daemon.uploader is not None:
-            daemon.uploader.pinned = self.pins.pins
+            daemon.uploader.operator_pins = self.pins.pins
         self._pin_lock = asyncio.Lock()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -217,7 +217,7 @@ class StepAdmin:
                     result.refused.append(f"{t}: cannot list the steps of {j}: {exc}")
                     continue
                 found = found or bool(committed)
-                keep = self.pins.get(j) | (self.d.drainer.pinned.get(j, set()) if t == "disk" else set())
+                keep = self.pins.get(j) | (self.d.drainer.in_use.get(j, set()) if t == "disk" else set())
                 for s in select_for_deletion(committed, policy.max_to_keep, policy.keep_period, keep):
                     why = self.busy(j, s, [t])
                     if why is not None:

@@ -6,7 +6,7 @@ verification) are ``Restorer``'s (planner.py) and its sources' (sources/). The d
 (save/service.py) releases the leases whose client died or whose deadline passed.
 
 Invariants: a restore to step N first drops the partial steps after N that no save lease still
-writes (they belong to the job's previous incarnation); a restored slot stays pinned while its
+writes (they belong to the job's previous incarnation); a restored slot stays held while its
 lease lives and is freed on release unless the catalog holds it; a streamed restore whose client
 left before the lease was handed out releases the slot it filled.
 """
@@ -144,7 +144,7 @@ class RestoreService:
         await self._release_restore_slot(lease.slot)
 
     async def _release_restore_slot(self, slot: Slot) -> None:
-        await self.d.pool.unpin(slot)
+        await self.d.pool.release_reader(slot)
         if slot.content is None and slot.readers == 0:
             await self.d.pool.free(slot)
 

@@ -238,7 +238,7 @@ class SavePath:
             await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED, str(exc))
             return
         finally:
-            await self.d.pool.unpin(slot)
+            await self.d.pool.release_reader(slot)
         if st.in_memory:
             log.info("step %s@%d STAGED on all %d ranks", st.job, st.step, st.world_size)
             await self.d.catalog.set_tier(st, TierName.MEMORY, TierState.COMMITTED)

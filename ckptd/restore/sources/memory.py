@@ -59,6 +59,6 @@ class MemorySource:
                                             f"rank {reading.rank} slot failed crc32c")
                 raise IntegrityError(f"{slot.path}: crc32c mismatch in chunk {bad}")
         except BaseException:
-            await self.pool.unpin(slot)
+            await self.pool.release_reader(slot)
             raise
         return Filled(entry, slot)
