@@ -41,6 +41,11 @@ from ckptd.memory.slots import SlotPool
 from ckptd.restore.planner import Restorer
 from ckptd.restore.queries import StepQueries
 from ckptd.restore.service import RestoreService
+from ckptd.restore.sources.base import RestoreSource
+from ckptd.restore.sources.disk import DiskSource
+from ckptd.restore.sources.memory import MemorySource
+from ckptd.restore.sources.object import ObjectSource
+from ckptd.restore.sources.peer import PeerSource
 from ckptd.save.service import SavePath
 from ckptd.tiers.disk import DiskTier
 
@@ -89,8 +94,16 @@ class Daemon:
             operator_pins=self.pins.pins, on_commit=self.uploader.kick if self.uploader is not None else None,
             across_nodes=m.disk_across_nodes if m is not None else None,
             before_write=m.before_drain if m is not None else None)
-        self.restorer = Restorer(self.catalog, self.pool, self.disk, self.executor, cfg.memory.wait_timeout_s,
-                                 self.object, m.directory if m is not None else None, self._after_adopt)
+        # restore sources, one line each; the planner asks them nearest first (their distance)
+        sources: list[RestoreSource] = [MemorySource(self.catalog, self.pool, self.executor)]
+        if self.disk is not None:
+            sources.append(DiskSource(self.disk, self.catalog, self.executor))
+        if m is not None:
+            sources.append(PeerSource(lambda: m.directory, self.catalog))
+        if self.object is not None:
+            sources.append(ObjectSource(self.object, self.catalog, self.executor))
+        self.restorer = Restorer(self.catalog, self.pool, self.executor, cfg.memory.wait_timeout_s, sources,
+                                 on_adopt=self._after_adopt)
         self.saves = SavePath(self.catalog, self.pool, self.disk, self.executor, cfg.memory, self.tasks,
                               self.shutdown, self.drainer.kick, self._step_staged)
         self.restores = RestoreService(self.catalog, self.pool, self.restorer, self.executor,

@@ -4,7 +4,7 @@ The drainer owns one task, started with the daemon and awaited on shutdown. It t
 the newest step staged in memory that the disk tier has not handled (its shard files are
 written while the daemon still checksums the slots; the manifest waits for the checksums); older pending steps are
 marked SKIPPED (superseded) so a disk slower than the save rate never builds a queue. While a step
-drains its slots are pinned (readers), so they cannot be reused under the writer. Disk writes run
+drains its slots are held for reading (readers), so they cannot be reused under the writer. Disk writes run
 in the daemon's I/O thread pool. After a commit, disk retention runs; it never deletes the newest
 committed step. A failed write marks the step FAILED at the disk tier and is reported; the memory
 copy stays, so nothing acknowledged is lost. With peers, a step's files are written once this node's
@@ -62,7 +62,7 @@ class DiskDrainer(Worker):
         self.executor = executor
         self.last_drain: dict[str, Any] = {}
         #: steps being uploaded from their disk copy (the uploader adds them): retention keeps them
-        self.pinned: dict[str, set[int]] = {} if in_upload is None else in_upload
+        self.in_use: dict[str, set[int]] = {} if in_upload is None else in_upload
         #: ckptctl pin (the daemon's PinStore.pins): retention keeps them
         self.operator_pins: dict[str, set[int]] = {} if operator_pins is None else operator_pins
         self.on_commit = on_commit  # e.g. wake the object uploader
@@ -163,7 +163,7 @@ class DiskDrainer(Worker):
         finally:
             for slot in slots:
                 assert slot is not None
-                await self.pool.unpin(slot)
+                await self.pool.release_reader(slot)
 
     def _node_part_done(self, st: StepState, ok: bool, reason: str) -> None:
         """In a multi-node step this node's commit is only its part: LOCAL_DURABLE waits for the
@@ -179,5 +179,5 @@ class DiskDrainer(Worker):
         await apply_retention(
             job, self.tier, TierName.DISK, catalog=self.catalog, executor=self.executor,
             max_to_keep=self.cfg.max_to_keep, keep_period=self.cfg.keep_period,
-            pins=(self.pinned, self.operator_pins), delete_errors=(OSError,), forget_unless_in_memory=True, log=log,
+            keep=(self.in_use, self.operator_pins), delete_errors=(OSError,), forget_unless_in_memory=True, log=log,
         )

@@ -8,7 +8,7 @@ parse are reported and ignored (retention then treats the job as having no pins,
 change rewrites the file).
 
 ``PinStore.pins`` is one dict, mutated in place and never replaced, so retention code can hold a
-reference to it (``DiskDrainer.operator_pins``, ``ObjectUploader.pinned``).
+reference to it (``DiskDrainer.operator_pins``, ``ObjectUploader.operator_pins``).
 
 Every file mutation goes through the store's ``FsOps`` (ckptd/core/fsops.py), the seam crash-point
 tests record; the pins directory is made durably (its parent fsync'd when it is created).

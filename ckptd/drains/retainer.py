@@ -4,8 +4,9 @@ Job: for one job at one tier, list the committed steps, delete those the policy 
 (``retention.select_for_deletion``) and mark each deleted step REMOVED in the catalog.
 
 Invariants:
-- The newest committed step and every pinned step are never selected; the pins are read after
-  the listing, from the callers' live pin dicts, so a pin taken meanwhile is honoured.
+- The newest committed step and every step in ``keep`` (operator pins, steps being uploaded) are
+  never selected; ``keep`` is read after the listing, from the callers' live dicts, so a pin
+  taken or an upload started meanwhile is honoured.
 - A failed deletion (one of ``delete_errors``) is logged and skipped: the step stays as it was
   in the catalog and the next run tries again. A failed listing (``list_errors``) skips the run.
   Any other error propagates to the caller.
@@ -18,37 +19,29 @@ import asyncio
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Executor
-from typing import Protocol
 
 from ckptd.core.types import TierName
 from ckptd.drains.retention import select_for_deletion
 from ckptd.memory.catalog import Catalog, TierState
-
-
-class RetainedTier(Protocol):
-    """What retention needs of a tier (a subset of ``tiers.base.Tier``)."""
-
-    def list_committed(self, job: str) -> list[int]: ...
-
-    def delete(self, job: str, step: int) -> None: ...
+from ckptd.tiers.base import Tier
 
 
 async def apply_retention(
     job: str,
-    tier: RetainedTier,
+    tier: Tier,
     tier_name: TierName,
     *,
     catalog: Catalog,
     executor: Executor,
     max_to_keep: int,
     keep_period: int,
-    pins: Sequence[Mapping[str, Collection[int]]],
+    keep: Sequence[Mapping[str, Collection[int]]],
     delete_errors: tuple[type[Exception], ...],
     list_errors: tuple[type[Exception], ...] = (),
     forget_unless_in_memory: bool = False,
     log: logging.Logger,
 ) -> None:
-    """Apply (max_to_keep, keep_period) to job at tier, keeping every step in ``pins[i][job]``.
+    """Apply (max_to_keep, keep_period) to job at tier, keeping every step in ``keep[i][job]``.
 
     ``forget_unless_in_memory``: a removed step with no memory copy left is also dropped from
     the catalog (the disk tier: nothing else holds it locally).
@@ -59,8 +52,8 @@ async def apply_retention(
     except list_errors as exc:
         log.warning("%s retention of %s skipped: %s", tier_name, job, exc)
         return
-    pinned: set[int] = set().union(*(p.get(job, ()) for p in pins))
-    for step in select_for_deletion(committed, max_to_keep, keep_period, pinned):
+    kept: set[int] = set().union(*(k.get(job, ()) for k in keep))
+    for step in select_for_deletion(committed, max_to_keep, keep_period, kept):
         try:
             await loop.run_in_executor(executor, tier.delete, job, step)
         except delete_errors as exc:

@@ -4,7 +4,7 @@ One task, owned by the daemon, started with it and awaited on shutdown. Per job 
 newest step that is ready locally and not yet handled by the object tier; older pending steps are
 marked SKIPPED (superseded), so a slow or throttling store delays persistence but never builds a
 queue and never blocks training. "Ready locally" follows memory -> disk -> object: with the disk
-tier on, a step is uploaded from its committed disk files (so slow uploads never pin shm slots);
+tier on, a step is uploaded from its committed disk files (so slow uploads never hold shm slots);
 from its memory slots when the disk tier is off or failed for that step.
 
 Every source is verified against the shard's chunk crc32c before it leaves the node. Each node
@@ -35,8 +35,8 @@ from ckptd.drains.retainer import apply_retention
 from ckptd.drains.worker import Worker
 from ckptd.memory.catalog import Catalog, StepState, TierState
 from ckptd.memory.slots import SlotPool
+from ckptd.tiers.base import CommitTier
 from ckptd.tiers.disk import DiskTier
-from ckptd.tiers.object import ObjectTier
 
 log = logging.getLogger("ckptd.uploader")
 
@@ -56,7 +56,7 @@ class ObjectUploader(Worker):
     name = "object-uploader"
 
     def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, in_upload: dict[str, set[int]],
-                 tier: ObjectTier, cfg: ObjectSection, executor: Executor,
+                 tier: CommitTier, cfg: ObjectSection, executor: Executor,
                  operator_pins: dict[str, set[int]] | None = None) -> None:
         super().__init__()
         self.catalog = catalog
@@ -68,8 +68,8 @@ class ObjectUploader(Worker):
         self.executor = executor
         self._awaiting: dict[tuple[str, int], _Awaiting] = {}
         self.last_upload: dict[str, Any] = {}
-        #: steps retention keeps (the daemon's PinStore.pins)
-        self.pinned: dict[str, set[int]] = {} if operator_pins is None else operator_pins
+        #: ckptctl pin: retention keeps them (the daemon's PinStore.pins)
+        self.operator_pins: dict[str, set[int]] = {} if operator_pins is None else operator_pins
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -115,8 +115,8 @@ class ObjectUploader(Worker):
     async def _upload(self, st: StepState) -> None:
         loop = asyncio.get_running_loop()
         await self.catalog.set_tier(st, TierName.OBJECT, TierState.IN_PROGRESS)
-        pinned = self.in_upload.setdefault(st.job, set())
-        pinned.add(st.step)
+        in_use = self.in_upload.setdefault(st.job, set())  # disk retention keeps it meanwhile
+        in_use.add(st.step)
         t0 = time.monotonic()
         nbytes = 0
         try:
@@ -136,7 +136,7 @@ class ObjectUploader(Worker):
             await self.catalog.set_tier(st, TierName.OBJECT, TierState.FAILED, str(exc))
             return
         finally:
-            pinned.discard(st.step)
+            in_use.discard(st.step)
         elapsed = time.monotonic() - t0
         metrics.TIER_WRITTEN_BYTES.labels("object").inc(nbytes)
         metrics.TIER_OP_SECONDS.labels("object", "upload").observe(elapsed)
@@ -186,7 +186,7 @@ class ObjectUploader(Worker):
             await loop.run_in_executor(self.executor, self.tier.put_shard, st.job, st.step, entry, view)
         finally:
             view.release()
-            await self.pool.unpin(slot)
+            await self.pool.release_reader(slot)
         await self._record(st, entry)
 
     def _upload_from_disk(self, st: StepState, entry: ShardEntry) -> None:
@@ -263,6 +263,6 @@ class ObjectUploader(Worker):
     async def _retain(self, job: str) -> None:
         await apply_retention(
             job, self.tier, TierName.OBJECT, catalog=self.catalog, executor=self.executor,
-            max_to_keep=self.cfg.max_to_keep, keep_period=self.cfg.keep_period, pins=(self.pinned,),
+            max_to_keep=self.cfg.max_to_keep, keep_period=self.cfg.keep_period, keep=(self.operator_pins,),
             delete_errors=(CkptdError,), list_errors=(CkptdError,), log=log,
         )

@@ -9,7 +9,7 @@ Invariants:
 - a step is committed in memory only when the shards of all its ranks on this node (all
   ``world_size`` ranks for a one-node job) are checksummed in slots;
 - a shard's slot is never reused while its step is the newest committed-in-memory step of its
-  job, or newer than it (still being staged), or pinned by a reader;
+  job, or newer than it (still being staged), or held by a reader;
 - tier states only move forward (PENDING -> IN_PROGRESS -> COMMITTED/FAILED/SKIPPED ->
   REMOVED), except that a disk drain abandoned because a shard failed its checksum goes back to
   PENDING; a COMMITTED step is never reported otherwise until retention removes it.

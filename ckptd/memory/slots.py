@@ -74,7 +74,7 @@ class Slot:
     mm: mmap.mmap
     owner: tuple[str, int] | None = None  # (job, rank) the slot serves
     writing: bool = False  # leased to a client for a save
-    readers: int = 0  # pins by drains and restores
+    readers: int = 0  # drains, pushes, peer serves and restores reading it (not reusable meanwhile)
     content: Any = None
     last_used_s: float = field(default_factory=time.monotonic)
     fresh: bool = False  # pages not mapped writable here yet (see the module docstring)
@@ -346,7 +346,8 @@ class SlotPool:
         slot.last_used_s = time.monotonic()
         await self.notify()
 
-    async def unpin(self, slot: Slot) -> None:
+    async def release_reader(self, slot: Slot) -> None:
+        """One reader (``readers`` + 1 by a drain, push or restore) is done with the slot."""
         slot.readers = max(0, slot.readers - 1)
         await self.notify()
 

@@ -32,7 +32,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Final, TypeVar
 
 from ckptd.core.errors import IntegrityError, InvalidArgument, TierFailed, Timeout
-from ckptd.peers.wire import StreamVerifier
+from ckptd.core.integrity import StreamVerifier
 
 log = logging.getLogger("ckptd.peer")
 MAGIC: Final = b"CKB1"

@@ -31,7 +31,7 @@ import grpc
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.errors import CkptdError, IntegrityError, InvalidArgument, TierFailed, Timeout
-from ckptd.core.integrity import crc32c
+from ckptd.core.integrity import StreamVerifier, crc32c
 from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.peer_config import TlsFiles
 from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES
@@ -53,7 +53,6 @@ from ckptd.peers.wire import (
     CHANNEL_OPTIONS,
     SERVICE,
     RawChunk,
-    StreamVerifier,
     auth_metadata,
     decode_fetch_response,
     encode_stream_message,

@@ -6,11 +6,11 @@ daemon's slot pool and catalog:
   an own rank's slots) and the peer server streams the verified bytes into it; ``commit`` records a
   ``ReplicaRecord`` and writes the slot's sidecar (with ``replica_of``), so a replica in RAM
   survives a restart of this daemon; an aborted or torn replica never gets a sidecar.
-- ``open_shard`` serves a replica or an own shard from its slot (pinned while it streams), or an
+- ``open_shard`` serves a replica or an own shard from its slot (held while it streams), or an
   own step committed on disk through a verified scratch slot.
 - ``holdings`` lists what this node can serve, for restore planning on other nodes.
 - with ``peers.store_on_disk`` each replica received is also written to this node's disk in the
-  background (ckptd/peers/replica_disk.py, the slot pinned meanwhile), adopted again at start-up, and
+  background (ckptd/peers/replica_disk.py, the slot held meanwhile), adopted again at start-up, and
   served from there once its slot is gone (a reboot, a wiped shm dir).
 Only the newest replica of each (job, rank) is protected from slot reuse (catalog.slot_reusable).
 """
@@ -111,7 +111,7 @@ class SlotReplicaStore:
             log.info("%d replicas held for other nodes found on disk", len(found))
 
     def store_on_disk(self, rec: ReplicaRecord) -> None:
-        """Write a replica just received to disk too, in the background (the slot stays pinned)."""
+        """Write a replica just received to disk too, in the background (the slot stays held)."""
         if self.disk_replicas is None or rec.header.key in self.on_disk or rec.slot is None:
             return
         rec.slot.readers += 1
@@ -128,7 +128,7 @@ class SlotReplicaStore:
             log.warning("replica of %s@%d rank %d not stored on disk: %s", h.job, h.step, h.rank, exc)
             return
         finally:
-            await self.pool.unpin(slot)
+            await self.pool.release_reader(slot)
         self.on_disk[h.key] = h
         try:
             doomed = await loop.run_in_executor(self.executor, self.disk_replicas.retain,
@@ -207,7 +207,7 @@ class SlotReplicaStore:
             return view[offset : offset + nbytes]
 
         async def release() -> None:
-            await self.pool.unpin(slot)
+            await self.pool.release_reader(slot)
 
         return OpenShard(header, "memory", read, release, view)
 

@@ -3,7 +3,7 @@
 ``PeerDirectory`` is this node's view of the job's peers (static membership from config or
 ``CKPTD_PEERS``), one ``PeerClient`` and the placement rule. ``Replicator`` is a background task
 owned by the daemon, like the disk drainer: per job it takes the newest step staged on this node
-and pushes every own shard (its slot pinned, so it cannot be reused under the push) along the
+and pushes every own shard (its slot held, so it cannot be reused under the push) along the
 shard's placement order (ckptd/peers/placement.py): the first k candidates at once, each failure handing
 its place to the next candidate. Older pending steps are SKIPPED (superseded), so a slow peer
 delays replication but never queues work, and training never waits for it (save() returns at
@@ -157,7 +157,7 @@ class Replicator(Worker):
             st.pushed = True  # a disk write waiting for this push goes ahead (Daemon._before_drain)
             for s in slots:
                 assert s is not None
-                await self.pool.unpin(s)
+                await self.pool.release_reader(s)
             await self.catalog.notify()
         for o in outcomes:
             for node in o.holders:

@@ -40,7 +40,7 @@ from ckptd.core.errors import (
     Timeout,
     Unauthenticated,
 )
-from ckptd.core.integrity import crc32c
+from ckptd.core.integrity import StreamVerifier, crc32c
 from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.peer_config import TlsFiles
 from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES, validate_job, validate_node_id, validate_step
@@ -61,7 +61,6 @@ from ckptd.peers.wire import (
     SERVER_OPTIONS,
     SERVICE,
     RawChunk,
-    StreamVerifier,
     decode_push_request,
     encode_stream_message,
     header_from_pb,

@@ -7,7 +7,7 @@
   (transfer-chunk crc32c, total size, the shard's integrity-chunk crc32c list) before it calls
   ``commit``; a replica that fails any check is aborted and was never visible;
 - a ``ShardSource`` that opens a shard this node holds (own or replica, memory or disk) for
-  ``FetchShard``; the opened shard is pinned until ``release`` is awaited;
+  ``FetchShard``; the opened shard is held until ``release`` is awaited;
 - a ``HoldingsFn`` listing what this node can serve;
 - a ``ReadyFn`` run on a step's coordinator when a node reports its shards ready at a tier.
 
@@ -162,7 +162,7 @@ class ReplicaSink(Protocol):
 
 @dataclass
 class OpenShard:
-    """A shard opened for FetchShard: pinned until ``release`` is awaited."""
+    """A shard opened for FetchShard: held until ``release`` is awaited."""
 
     header: ReplicaHeader
     tier: str  # "memory" or "disk"

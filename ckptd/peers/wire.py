@@ -1,4 +1,4 @@
-"""The peer wire: protobuf conversions, a zero-copy chunk codec, stream verification, auth, errors.
+"""The peer wire: protobuf conversions, a zero-copy chunk codec, auth, errors.
 
 Chunk messages (``PushReplicaRequest.chunk`` / ``FetchShardResponse.chunk``) carry up to 4 MiB of
 shard bytes each. Building them through the protobuf classes would copy every chunk three times,
@@ -6,11 +6,7 @@ so ``encode_stream_message`` writes the protobuf encoding by hand from a memoryv
 copy, by ``bytes.join``), and ``decode_stream_message`` returns the chunk's bytes as a memoryview
 into the received message (no copy). Both produce and accept exactly the wire format of
 peer_service.proto; header messages go through the generated classes.
-
-``StreamVerifier`` checks a chunk stream in one pass over the bytes: chunks must be contiguous and
-in order, each chunk's crc32c must match its bytes, and the per-integrity-chunk crc32c list of the
-shard (chunks of ``chunk_bytes``, as in the manifest) is rebuilt from the same per-piece sums with
-crc32c combination, so no byte is read twice. ``finish`` fails unless exactly ``nbytes`` arrived.
+Received chunk streams are checked by ``ckptd.core.integrity.StreamVerifier``.
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -40,10 +35,7 @@ from ckptd.core.errors import (
     Timeout,
     Unauthenticated,
 )
-from ckptd.core.integrity import combine, crc32c
-from ckptd.core.layout import chunk_count
 from ckptd.core.manifest import ReplicaHeader, _shard_from_obj, canonical_json
-from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES
 
 SERVICE: Final = "ckptd.v1.PeerService"
 TOKEN_METADATA_KEY: Final = "ckptd-peer-token"
@@ -230,77 +222,6 @@ def _decode_chunk(buf: memoryview) -> RawChunk:
 
 
 # -- verification ------------------------------------------------------------------------------
-class StreamVerifier:
-    """One-pass check of a chunk stream against a shard's size and integrity-chunk crc32c list."""
-
-    def __init__(self, nbytes: int, chunk_bytes: int, expected: Sequence[int],
-                 max_chunk_bytes: int = MAX_TRANSFER_CHUNK_BYTES) -> None:
-        if chunk_bytes <= 0 or len(expected) != chunk_count(nbytes, chunk_bytes):
-            raise InvalidArgument(f"chunk_crc32c does not cover {nbytes} bytes in chunks of {chunk_bytes}")
-        self.nbytes = nbytes
-        self.chunk_bytes = chunk_bytes
-        self.expected = tuple(expected)
-        self.max_chunk_bytes = max_chunk_bytes
-        self.received = 0  # bytes verified so far == the next expected offset
-        self._index = 0  # integrity chunk being accumulated
-        self._run_crc = 0
-        self._run_len = 0
-
-    def check_next(self, offset: int, n: int) -> None:
-        """Raise InvalidArgument unless [offset, offset + n) may come next (check before storing)."""
-        self.check_place(offset, n, self.received)
-
-    def check_place(self, offset: int, n: int, expected: int) -> None:
-        """``check_next`` against a receiver's own position (it may run ahead of ``feed``)."""
-        if offset != expected:
-            raise InvalidArgument(f"chunk at offset {offset}, expected {expected} (chunks must be "
-                                  "contiguous and in order)")
-        if n == 0 or n > self.max_chunk_bytes:
-            raise InvalidArgument(f"chunk of {n} bytes at offset {offset} (1..{self.max_chunk_bytes} allowed)")
-        if offset + n > self.nbytes:
-            raise InvalidArgument(f"chunk at offset {offset} of {n} bytes runs past the shard's {self.nbytes}")
-
-    def feed(self, offset: int, data: memoryview | bytes, crc: int) -> None:
-        """Verify one transfer chunk (raise InvalidArgument if malformed, IntegrityError if corrupt)."""
-        n = len(data)
-        self.check_next(offset, n)
-        view = memoryview(data)
-        pieces: list[tuple[int, int]] = []  # (crc, length) split at integrity-chunk boundaries
-        pos = 0
-        while pos < n:
-            room = self.chunk_bytes - (offset + pos) % self.chunk_bytes
-            take = min(room, n - pos)
-            pieces.append((crc32c(view[pos : pos + take]), take))
-            pos += take
-        whole = pieces[0][0]
-        for c, ln in pieces[1:]:
-            whole = combine(whole, c, ln)
-        if whole != crc:
-            raise IntegrityError(f"crc32c mismatch in the chunk at offset {offset} ({n} bytes) "
-                                 f"(got {whole:#010x}, sent {crc:#010x})")
-        for c, ln in pieces:
-            self._run_crc = combine(self._run_crc, c, ln) if self._run_len else c
-            self._run_len += ln
-            want_len = min(self.chunk_bytes, self.nbytes - self._index * self.chunk_bytes)
-            if self._run_len == want_len:
-                if self._run_crc != self.expected[self._index]:
-                    raise IntegrityError(f"crc32c of integrity chunk {self._index} differs from the "
-                                         "shard's checksum list (the source copy is corrupt)")
-                self._index += 1
-                self._run_len = 0
-        self.received += n
-
-    @property
-    def verified_bytes(self) -> int:
-        """Length of the prefix whose integrity chunks all matched the shard's checksum list."""
-        return min(self._index * self.chunk_bytes, self.nbytes)
-
-    def finish(self) -> None:
-        if self.received != self.nbytes or self._index != len(self.expected):
-            raise InvalidArgument(f"stream ended after {self.received} of {self.nbytes} bytes")
-
-
-# -- auth --------------------------------------------------------------------------------------
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 

@@ -1,13 +1,14 @@
 """The restore entry points: PrepareRestore, the streamed Restore, ReleaseRestore, restore leases.
 
 ``RestoreService`` owns the restore leases (``leases``); planning and execution (sources, fallback,
-verification) are the ``Restorer``'s (planner.py), which it is handed with the catalog, the slot
-pool, the executor and the lease timeout. The gRPC servicer calls ``prepare_restore``,
-``restore_stream`` and ``release_restore``; the daemon's lease reaper calls ``reap_expired``.
+verification) are the ``Restorer``'s (planner.py) and its sources' (sources/), which it is handed
+with the catalog, the slot pool, the executor and the lease timeout. The gRPC servicer calls
+``prepare_restore``, ``restore_stream`` and ``release_restore``; the daemon's lease reaper calls
+``reap_expired``.
 
 Invariants: a restore only reads: it never drops or changes a step (the shards a restarted
 trainer left in uncommitted later steps are dropped by its next save, ckptd/save/service.py); a
-restored slot stays pinned while its lease lives and is freed on release unless the catalog holds
+restored slot stays held while its lease lives and is freed on release unless the catalog holds
 it; a streamed restore whose client left before the lease was handed out releases the slot it
 filled.
 """
@@ -128,7 +129,7 @@ class RestoreService:
         await self._release_restore_slot(lease.slot)
 
     async def _release_restore_slot(self, slot: Slot) -> None:
-        await self.pool.unpin(slot)
+        await self.pool.release_reader(slot)
         if slot.content is None and slot.readers == 0:
             await self.pool.free(slot)
 

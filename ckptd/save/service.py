@@ -274,7 +274,7 @@ class SavePath:
             await self.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED, str(exc))
             return
         finally:
-            await self.pool.unpin(slot)
+            await self.pool.release_reader(slot)
         if st.in_memory:
             log.info("step %s@%d STAGED on all %d ranks", st.job, st.step, st.world_size)
             await self.catalog.set_tier(st, TierName.MEMORY, TierState.COMMITTED)

@@ -1,7 +1,8 @@
-"""The Tier protocol: the one seam every storage backend implements.
+"""The storage seams: ``Tier``, which every storage backend implements, and ``CommitTier``, the
+commit side of a tier shared by several nodes.
 
 A tier stores shards and commits steps with a manifest. Contract every implementation keeps
-(checked by tests/tiers/test_conformance.py):
+(checked on every tier by tests/tiers/test_tier_conformance.py):
 - ``put_shard`` makes one rank's bytes durable at the tier (as durable as the tier can) but does
   not make the step visible;
 - ``commit`` writes the manifest last and atomically; it fails if the step is already committed;
@@ -9,6 +10,16 @@ A tier stores shards and commits steps with a manifest. Contract every implement
 - ``read_shard_into`` fills ``dst`` and verifies size and every chunk crc32c, raising
   IntegrityError naming the copy on a mismatch; it never returns unverified bytes;
 - ``delete`` un-commits first (manifest gone) and then removes the data.
+
+A ``CommitTier`` (the object store) is written by every node of a job, each for its own ranks;
+one node, the step's coordinator, commits. On top of ``Tier`` it keeps:
+- ``put_shard_meta`` records one rank's entry next to its shard once the shard is stored, and
+  ``list_shard_metas`` returns the recorded entries of a step by rank, so the coordinator builds
+  the manifest from what every node recorded, nothing else;
+- a ``put_shard`` that failed part way may leave partial uploads behind: ``has_failed_uploads``
+  says so and ``abort_failed_uploads`` removes them (called between uploads, never during one).
+
+Drains and restores are typed against these protocols, never against one implementation.
 Methods are blocking; the daemon calls them from its I/O thread pool, never on the event loop.
 """
 
@@ -45,4 +56,25 @@ class Tier(Protocol):
 
     def delete(self, job: str, step: int) -> None:
         """Un-commit (manifest first), then remove the step's data."""
+        ...
+
+
+class CommitTier(Tier, Protocol):
+    """A tier written by several nodes whose steps one coordinator commits from per-rank records."""
+
+    def put_shard_meta(self, job: str, step: int, entry: ShardEntry, world_size: int) -> None:
+        """Record entry (rank entry.rank of a world_size step) after its shard was stored."""
+        ...
+
+    def list_shard_metas(self, job: str, step: int, world_size: int) -> dict[int, ShardEntry]:
+        """The recorded entries of step, by rank (ranks not recorded yet are absent)."""
+        ...
+
+    @property
+    def has_failed_uploads(self) -> bool:
+        """Whether a failed put_shard may have left a partial upload behind."""
+        ...
+
+    def abort_failed_uploads(self) -> list[tuple[str, str]]:
+        """Remove what failed put_shards left; (key, upload id) of each removed."""
         ...

@@ -2,10 +2,10 @@
 
 Job: make a step durable beyond the cluster, under the bucket layout of ``object_layout``.
 
-``ObjectTier`` implements the Tier protocol on four helpers: ``object_layout`` (which key holds
-what), ``object_client`` (the boto3 client, presets, per-key deadlines, error classification),
-``object_io`` (uploads from a buffer, parallel verified ranged GETs) and ``object_commit``
-(create-only manifest put, claim fallback, per-rank records).
+``ObjectTier`` implements the Tier and CommitTier protocols (tiers/base.py) on four helpers:
+``object_layout`` (which key holds what), ``object_client`` (the boto3 client, presets, per-key
+deadlines, error classification), ``object_io`` (uploads from a buffer, parallel verified ranged
+GETs) and ``object_commit`` (create-only manifest put, claim fallback, per-rank records).
 
 Invariants:
 - Data first, manifest last. ``put_shard`` uploads with boto3's transfer manager (multipart,

@@ -1,9 +1,9 @@
 """Back-pressure, graceful shutdown, health, racing writers and disk-tier I/O errors
 (DESIGN.md sections 2, 3, 5, 9; issue 2 items 3 and 4).
 
-Back-pressure is made deterministic by pinning a slot with a held restore lease: with two slots
-per rank inside the budget, one holding the newest step and the other pinned, a third save has
-nowhere to go until the pin is released.
+Back-pressure is made deterministic by holding a slot with a restore lease: with two slots per
+rank inside the budget, one holding the newest step and the other held by a reader, a third save
+has nowhere to go until the lease is released.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ BUDGET = ["--budget-bytes", "8MiB"]
 
 
 def tight_node(daemon_factory, policy: str):
-    """An 8 MiB node holding steps 1 and 2 (two slots), with step 1's slot pinned by a reader."""
+    """An 8 MiB node holding steps 1 and 2 (two slots), with step 1's slot held by a reader."""
     d = daemon_factory(extra_args=BUDGET, config_text=f'[memory]\nbackpressure = "{policy}"\n')
     with manager(d.addr) as m:
         for step in (1, 2):
@@ -45,15 +45,15 @@ def tight_node(daemon_factory, policy: str):
             assert h.ok, h.error
         h.wait(Level.LOCAL_DURABLE, timeout_s=60)
     raw = Raw(d.addr)
-    pin = raw.stub.PrepareRestore(pb.PrepareRestoreRequest(job=JOB, rank=0, world_size=1, step=1),
+    held = raw.stub.PrepareRestore(pb.PrepareRestoreRequest(job=JOB, rank=0, world_size=1, step=1),
                                   timeout=30)
-    assert pin.served_from == "memory" and pin.lease_id
+    assert held.served_from == "memory" and held.lease_id
     status = raw.status()
     assert status.slots == 2 and status.slot_bytes_in_use == 8 * MiB
-    return d, raw, pin.lease_id
+    return d, raw, held.lease_id
 
 
-def unpin(raw: Raw, lease_id: str) -> None:
+def release(raw: Raw, lease_id: str) -> None:
     raw.stub.ReleaseRestore(pb.ReleaseRestoreRequest(lease_id=lease_id), timeout=10)
 
 
@@ -69,7 +69,7 @@ def test_skip_policy_returns_skipped_handle_and_training_goes_on(daemon_factory)
         # the daemon reports the step as skipped in memory, never as committed
         assert raw.tier_state(3, "memory") == "SKIPPED"
         assert raw.status().slot_bytes_in_use <= 8 * MiB
-        unpin(raw, lease)
+        release(raw, lease)
         # training went on; the next save finds room again
         h4 = m.save(4, make_state(4, 0, SMALL))
         assert h4.ok, h4.error
@@ -89,7 +89,7 @@ def test_wait_policy_waits_for_room_then_saves(daemon_factory):
         time.sleep(1.0)  # give the save every chance to (wrongly) get through
         assert saver.is_alive() and not handles, "the save did not wait for room"
         assert rpc_code(lambda: raw.step_status(3)) == grpc.StatusCode.NOT_FOUND
-        unpin(raw, lease)  # room appears: the waiting save proceeds
+        release(raw, lease)  # room appears: the waiting save proceeds
         saver.join(60)
         assert not saver.is_alive()
         (h,) = handles
@@ -107,7 +107,7 @@ def test_wait_policy_times_out_and_reports(daemon_factory):
         assert "after 1.0s" in str(h.error)
         assert raw.tier_state(3, "memory") == "SKIPPED"
         restore_checked(m, "latest", make_state(2, 0, SMALL), "memory")
-        unpin(raw, lease)
+        release(raw, lease)
         h4 = m.save(4, make_state(4, 0, SMALL))
         assert h4.ok, h4.error
         h4.wait(Level.LOCAL_DURABLE, timeout_s=60)
@@ -276,7 +276,7 @@ def test_disk_io_error_fails_the_tier_not_the_daemon(daemon_factory, fault):
 
 def test_one_skipped_rank_does_not_stop_checkpointing(daemon_factory):
     """Budget for exactly two steps of two ranks; one transient skip on rank 1 (its free slot
-    pinned by a reader) must not stop every later save of the run."""
+    held by a reader) must not stop every later save of the run."""
     d = daemon_factory(extra_args=["--budget-bytes", "16MiB"],
                        config_text='[memory]\nbackpressure = "skip"\n')
     ms = [manager(d.addr, rank=r, world_size=2) for r in range(2)]
@@ -285,15 +285,15 @@ def test_one_skipped_rank_does_not_stop_checkpointing(daemon_factory):
             assert all(m.save(step, make_state(step, m.rank, SMALL)).ok for m in ms)
         ms[0].handles[-1].wait(Level.LOCAL_DURABLE, timeout_s=60)
         with Raw(d.addr) as raw:
-            pin = raw.stub.PrepareRestore(pb.PrepareRestoreRequest(
+            held = raw.stub.PrepareRestore(pb.PrepareRestoreRequest(
                 job=JOB, rank=1, world_size=2, step=1), timeout=30)
             h3 = [m.save(3, make_state(3, m.rank, SMALL)) for m in ms]
             assert h3[0].ok and h3[1].skipped  # the transient skip
-            unpin(raw, pin.lease_id)
+            release(raw, held.lease_id)
         for step in (4, 5, 6):
             for m in ms:
                 m.save(step, make_state(step, m.rank, SMALL))
-            # let the drain unpin the step's slots: with a budget of exactly two steps and the
+            # let the drain release the step's slots: with a budget of exactly two steps and the
             # skip policy, a save racing a drain is (rightly) skipped; that is not under test
             ms[0].handles[-1].wait(Level.LOCAL_DURABLE, timeout_s=60)
         assert all(m.handles[-1].ok for m in ms), [m.handles[-1].error for m in ms]

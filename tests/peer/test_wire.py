@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.errors import IntegrityError, InvalidArgument
-from ckptd.core.integrity import chunk_crcs, combine, crc32c
+from ckptd.core.integrity import StreamVerifier, chunk_crcs, combine, crc32c
 from ckptd.peers.wire import (
     RawChunk,
-    StreamVerifier,
     decode_fetch_response,
     decode_push_request,
     encode_stream_message,

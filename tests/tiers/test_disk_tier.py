@@ -1,4 +1,4 @@
-"""The disk tier's own behaviour, beyond the Tier contract (test_disk_conformance.py): its layout
+"""The disk tier's own behaviour, beyond the Tier contract (test_tier_conformance.py): its layout
 on the filesystem (0600 files, one directory per step), delete removing the manifest before the
 data, and start-up recovery removing temporary and uncommitted directories, idempotently."""
 

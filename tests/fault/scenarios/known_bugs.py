@@ -232,7 +232,8 @@ KNOWN_BUGS = (
         "every restore from disk, peer or store fails, reported as IntegrityError 'no valid copy'",
         "ckptd/memory/slots.py SlotPool.lease_scratch (reusable only if content is None), used by "
         "ckptd/restore/planner.py "
-        "Restorer._from_tier/_from_peer; the BudgetExhausted is folded into IntegrityError by execute()",
+        "Restorer.execute's scratch lease (read_into of the disk, peer and object sources in "
+        "ckptd/restore/sources); the BudgetExhausted is folded into IntegrityError by execute()",
         _rewarm_fills_budget, fixed_in="9ea392d"),
     KnownBug(
         "recovery-reports-unremoved",

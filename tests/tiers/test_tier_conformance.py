@@ -3,18 +3,22 @@
 Every test that takes the ``tier`` fixture is part of the contract and runs once per entry of
 ``TIER_CASES``. To add a tier, write a ``TierCase`` factory for it: the tier itself plus the few
 hooks a test needs to damage or inspect what the tier stored (flip a byte, truncate, name the
-copy). Tests of one implementation's internals (disk layout, start-up recovery) are in
-test_disk_tier.py.
+copy, list what it stores). The disk cases run on a temporary directory; the object case runs
+against the moto S3 server of ``_moto.py`` (started only when an object case runs), each test
+under a fresh key prefix. Tests of one implementation's internals (disk layout, start-up
+recovery, multipart, bucket layout) are in test_disk_tier.py and test_object_tier.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +26,10 @@ from ckptd.core.errors import AlreadyExists, CkptdError, IntegrityError, NotFoun
 from ckptd.core.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd.tiers.base import Tier
 from ckptd.tiers.disk import DiskTier
+from tests.tiers._moto import TierFactory, make_tier, moto_s3
 from tests.tiers._tier_kit import CHUNK, JOB, entry_for, payload, read, save_step
+
+__all__ = ["make_tier", "moto_s3"]  # fixtures the object case asks for by name
 
 
 @dataclass
@@ -34,6 +41,10 @@ class TierCase:
     remove_shard: Callable[[str, int, ShardEntry], None]
     copy_name: Callable[[str, int, ShardEntry], str]  # what an IntegrityError must name
     corrupt_manifest: Callable[[str, int, bytes], None]
+    stored: Callable[[], list[str]]  # every name the tier holds (files, object keys), sorted
+    #: the manifest read_manifest returns after commit(m): m itself, or m with the location the
+    #: tier recorded for each shard (the object tier names each shard's key in its manifest)
+    as_committed: Callable[[Manifest], Manifest] = lambda m: m
 
 
 def disk_case(root: Path, direct_io: bool) -> TierCase:
@@ -60,18 +71,56 @@ def disk_case(root: Path, direct_io: bool) -> TierCase:
         remove_shard=lambda job, step, entry: path(job, step, entry).unlink(),
         copy_name=lambda job, step, entry: str(path(job, step, entry)),
         corrupt_manifest=corrupt_manifest,
+        stored=lambda: sorted(str(p) for p in root.rglob("*")),
     )
 
 
-TIER_CASES: dict[str, Callable[[Path], TierCase]] = {
-    "disk": lambda root: disk_case(root, direct_io=True),
-    "disk-buffered": lambda root: disk_case(root, direct_io=False),
+def object_case(make_tier: TierFactory) -> TierCase:
+    tier = make_tier()
+    client: Any = tier.client
+
+    def key(job: str, step: int, entry: ShardEntry) -> str:
+        return tier.shard_object_key(job, step, entry.rank)
+
+    def get(k: str) -> bytes:
+        body: bytes = client.get_object(Bucket=tier.bucket, Key=k)["Body"].read()
+        return body
+
+    def flip(job: str, step: int, entry: ShardEntry, offset: int) -> None:
+        data = bytearray(get(key(job, step, entry)))
+        data[offset] ^= 0x01
+        client.put_object(Bucket=tier.bucket, Key=key(job, step, entry), Body=bytes(data))
+
+    def truncate(job: str, step: int, entry: ShardEntry, size: int) -> None:
+        data = get(key(job, step, entry))[:size]
+        client.put_object(Bucket=tier.bucket, Key=key(job, step, entry), Body=data.ljust(size, b"\x00"))
+
+    def corrupt_manifest(job: str, step: int, data: bytes) -> None:
+        client.put_object(Bucket=tier.bucket, Key=tier.manifest_key(job, step), Body=data)
+
+    def stored() -> list[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=tier.bucket, Prefix=tier.base)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    return TierCase(
+        name="object", tier=tier, flip_byte=flip, truncate=truncate,
+        remove_shard=lambda job, step, entry: client.delete_object(Bucket=tier.bucket, Key=key(job, step, entry)),
+        copy_name=key, corrupt_manifest=corrupt_manifest, stored=stored,
+        as_committed=lambda m: dataclasses.replace(m, shards=tuple(
+            dataclasses.replace(s, object_key=tier.shard_object_key(m.job, m.step, s.rank)) for s in m.shards)),
+    )
+
+
+TIER_CASES: dict[str, Callable[[pytest.FixtureRequest, Path], TierCase]] = {
+    "disk": lambda request, root: disk_case(root, direct_io=True),
+    "disk-buffered": lambda request, root: disk_case(root, direct_io=False),
+    "object": lambda request, root: object_case(request.getfixturevalue("make_tier")),  # moto S3
 }
 
 
 @pytest.fixture(params=sorted(TIER_CASES))
 def tier_case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TierCase]:
-    yield TIER_CASES[request.param](tmp_path / "tier")
+    yield TIER_CASES[request.param](request, tmp_path / "tier")
 
 
 @pytest.fixture
@@ -86,13 +135,14 @@ SIZES = [3 * CHUNK + 123, CHUNK, 7, 0]
 # -- the contract ----------------------------------------------------------------------------------
 
 
-def test_commit_then_list_and_read_exact_bytes(tier: Tier) -> None:
+def test_commit_then_list_and_read_exact_bytes(tier_case: TierCase) -> None:
+    tier = tier_case.tier
     m, blobs = save_step(tier, JOB, 5, SIZES)
     assert tier.list_committed(JOB) == [5]
     assert JOB in tier.list_jobs()
     back = tier.read_manifest(JOB, 5)
-    assert back == m
-    assert back.to_json() == m.to_json()
+    assert back == tier_case.as_committed(m)
+    assert back.to_json() == tier_case.as_committed(m).to_json()
     for entry, blob in zip(back.shards, blobs):
         assert read(tier, JOB, 5, entry) == blob
 
@@ -116,14 +166,15 @@ def test_without_a_manifest_a_step_does_not_exist(tier: Tier) -> None:
     assert tier.list_committed(JOB) == [2]
 
 
-def test_commit_twice_is_already_exists(tier: Tier) -> None:
+def test_commit_twice_is_already_exists(tier_case: TierCase) -> None:
+    tier = tier_case.tier
     m, blobs = save_step(tier, JOB, 3, [100, 5000])
     with pytest.raises(AlreadyExists):
         tier.commit(m)
     other = Manifest(JOB, 3, 2, m.shards, created_unix_s=99.0, extra={"other": True})
     with pytest.raises(AlreadyExists):
         tier.commit(other)
-    assert tier.read_manifest(JOB, 3) == m  # the first commit stands
+    assert tier.read_manifest(JOB, 3) == tier_case.as_committed(m)  # the first commit stands
     assert read(tier, JOB, 3, m.shards[1]) == blobs[1]
 
 
@@ -263,8 +314,9 @@ def test_delete(tier: Tier) -> None:
 
 
 @pytest.mark.parametrize("job", ["..", "../escape", "a/b", "/abs", "", "x" * 200, "a..b", ".hidden"])
-def test_bad_job_names_never_touch_the_filesystem(tier: Tier, tmp_path: Path, job: str) -> None:
-    before = sorted(p for p in tmp_path.rglob("*"))
+def test_bad_job_names_never_touch_the_store(tier_case: TierCase, tmp_path: Path, job: str) -> None:
+    tier = tier_case.tier
+    before = sorted(p for p in tmp_path.rglob("*")), tier_case.stored()
     data = payload(10, seed=0)
     entry = entry_for(0, data)
     with pytest.raises(ValueError):
@@ -275,4 +327,4 @@ def test_bad_job_names_never_touch_the_filesystem(tier: Tier, tmp_path: Path, jo
         tier.read_manifest(job, 1)
     with pytest.raises(ValueError):
         tier.delete(job, 1)
-    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert (sorted(p for p in tmp_path.rglob("*")), tier_case.stored()) == before
