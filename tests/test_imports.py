@@ -38,7 +38,7 @@ def test_client_import_is_light() -> None:
 
 
 def test_client_save_path_modules_are_light() -> None:
-    mods = modules_after("import ckptd_client.tree, ckptd_client.convert, ckptd_client.rpc")
+    mods = modules_after("import ckptd_client.tree, ckptd_client.rpc, ckptd.core.layout")
     assert offending(mods, CLIENT_FORBIDDEN) == []
 
 

@@ -24,9 +24,10 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
 from ckptd.core.config import Config
 from ckptd.core.errors import FailedPrecondition, InvalidArgument
+from ckptd.core.layout import layout_to_pb, tensors_from_pb
 from ckptd.core.manifest import canonical_json
 from ckptd.daemon.wiring import Daemon, socket_dir_ready
-from ckptd.rpc.convert import level_from_pb, step_status_to_pb, tensors_from_pb, tensors_to_pb, tier_statuses
+from ckptd.rpc.convert import level_from_pb, step_status_to_pb, tier_statuses
 from ckptd.rpc.errors import lenient, rpc_handler
 
 log = logging.getLogger("ckptd.server")
@@ -117,7 +118,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             resp.lease_id = lease_id
             resp.slot_path = str(result.slot.path)
             resp.nbytes = result.entry.nbytes
-            resp.layout.CopyFrom(tensors_to_pb(result.entry.tensors, json.dumps(result.entry.tree)))
+            resp.layout.CopyFrom(layout_to_pb(result.entry.tensors, json.dumps(result.entry.tree)))
             resp.served_from = result.served_from.value if result.served_from else ""
         return resp
 
@@ -137,7 +138,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 start = pb.PrepareRestoreResponse(
                     step=result.step, slot_path=str(ev.slot.path), nbytes=ev.entry.nbytes, served_from=ev.tier.value,
                     plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan])
-                start.layout.CopyFrom(tensors_to_pb(ev.entry.tensors, json.dumps(ev.entry.tree)))
+                start.layout.CopyFrom(layout_to_pb(ev.entry.tensors, json.dumps(ev.entry.tree)))
                 await context.write(pb.RestoreEvent(start=start))
             else:  # done
                 await context.write(pb.RestoreEvent(done=pb.PrepareRestoreResponse(
