@@ -1,13 +1,24 @@
-"""The one error table of ckptd: typed errors, their gRPC status codes and CLI exit codes.
+"""The one error table of ckptd: typed errors, their gRPC status codes and CLI exit codes, and the
+one place that turns a servicer's exception into a gRPC status (daemon and peer services).
 
-Servicers raise these; ``server.py`` turns them into a gRPC status plus a ``ckptd-error``
-trailing metadata entry naming the class; the client rebuilds the same class with
-``from_rpc_error``. Anything not in the table becomes ``CkptdError`` (INTERNAL).
+Servicers raise these; ``rpc_handler`` turns a ``CkptdError`` into its table code plus a
+``ckptd-error`` trailing metadata entry naming the class, and the client rebuilds the same class
+with ``from_rpc_error``; a ValueError is an InvalidArgument; anything else is logged and answered
+INTERNAL without a traceback (and rebuilt as ``CkptdError``).
+
+Request bytes that do not parse never reach a handler as an exception inside grpc (which would answer
+UNKNOWN and log a traceback): the services register ``lenient`` deserializers, which turn a parse
+failure into a ``MalformedRequest`` value, and ``rpc_handler`` answers it INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Final
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, TypeVar
 
 import grpc
 
@@ -147,3 +158,56 @@ def from_rpc_error(err: grpc.RpcError) -> CkptdError:
         if code == grpc.StatusCode.UNAVAILABLE:
             details = f"daemon unavailable: {details}"
     return cls(details or code.name)
+
+
+log = logging.getLogger("ckptd.rpc")
+
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands for request bytes that did not parse as ``what``; its handler answers INVALID_ARGUMENT."""
+
+    what: str
+    reason: str
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"malformed {self.what} message: {self.reason}")
+
+
+def lenient(parse: Callable[[bytes], T], what: str) -> Callable[[bytes], T | MalformedRequest]:
+    """A request deserializer that never raises: bytes ``parse`` refuses become a MalformedRequest."""
+
+    def deserialize(data: bytes) -> T | MalformedRequest:
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the message is malformed
+            return MalformedRequest(what, f"{type(exc).__name__}: {exc}"[:500])
+
+    return deserialize
+
+
+def rpc_handler(
+    fn: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
+        try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
+            return await fn(self, request, context)
+        except CkptdError as exc:
+            err: CkptdError = exc
+        except ValueError as exc:
+            err = InvalidArgument(str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("internal error in %s", fn.__name__)
+            err = CkptdError(f"internal error: {type(exc).__name__}: {exc}")
+        context.set_trailing_metadata(((ERROR_METADATA_KEY, type(err).__name__),))
+        await context.abort(err.code, str(err))
+        raise AssertionError("unreachable")
+    return wrapper

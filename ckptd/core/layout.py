@@ -10,15 +10,22 @@ Tree nodes (one key each): ``{"t": i}`` torch tensor, ``{"a": i}`` numpy array,
 ``{"d": [[key, node], ...]}`` dict (keys str or int, order kept), ``{"l": [...]}`` list,
 ``{"u": [...]}`` tuple, ``{"v": x}`` str/int/bool/None, ``{"f": "<float.hex>"}`` float (exact,
 NaN and inf included), ``{"s": node}`` an object restored with ``load_state_dict``.
+
+On the wire a layout is a ``ShardLayout`` message; ``layout_to_pb`` and ``tensors_from_pb`` are
+the one conversion both ways, used by the client (CommitShard, restore streams) and the daemon's
+servicers alike.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd.core.errors import InvalidArgument
 from ckptd.core.types import DTYPE_ITEMSIZE, MAX_NDIM, MAX_TENSOR_NAME_LEN
 
 MAX_TENSORS: Final = 1_000_000
@@ -45,6 +52,31 @@ class TensorEntry:
             "offset": self.offset,
             "nbytes": self.nbytes,
         }
+
+
+def layout_to_pb(tensors: Sequence[TensorEntry], tree_json: str) -> pb.ShardLayout:
+    """The ``ShardLayout`` message of a shard's tensors and its tree."""
+    return pb.ShardLayout(
+        tensors=[
+            pb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), offset=t.offset, nbytes=t.nbytes)
+            for t in tensors
+        ],
+        tree_json=tree_json,
+    )
+
+
+def tensors_from_pb(layout: pb.ShardLayout) -> list[TensorEntry]:
+    """The tensors of a ``ShardLayout`` message; InvalidArgument for an entry that is not one.
+
+    Only the shape of each entry is checked here; ``validate_tensors`` checks the layout.
+    """
+    try:
+        return [
+            TensorEntry(t.name, t.dtype, tuple(int(d) for d in t.shape), int(t.offset), int(t.nbytes))
+            for t in layout.tensors
+        ]
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"bad tensor entry: {exc}") from None
 
 
 def align_up(n: int, align: int = ALIGN_BYTES) -> int:

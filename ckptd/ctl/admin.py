@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError, InvalidArgument, NotFound
+from ckptd.ctl.model import Identity
 from ckptd.ctl.output import emit_json, message, render_table
-from ckptd.ctl.source import DaemonSource, DiskSource, Identity
+from ckptd.ctl.source import DaemonSource, DiskSource
 from ckptd.drains.retention import last_copy_refusal, select_for_deletion
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptd.core.errors import CkptdError, IntegrityError, NotFound
 from ckptd.core.manifest import Manifest, ShardEntry
-from ckptd.ctl.source import Identity, Planned, ShardData, StepRow
+from ckptd.ctl.model import Identity, Planned, ShardData, StepRow
 
 if TYPE_CHECKING:
     from ckptd.tiers.object import ObjectTier

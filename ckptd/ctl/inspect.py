@@ -15,8 +15,9 @@ from ckptd import __version__
 from ckptd.core.errors import CkptdError, DaemonUnavailable, NotFound
 from ckptd.core.integrity import crc32c
 from ckptd.core.manifest import Manifest, ShardEntry
+from ckptd.ctl.model import Identity, StepRow
 from ckptd.ctl.output import emit_json, human_bytes, message, render_fields, render_table
-from ckptd.ctl.source import DaemonSource, DiskSource, Identity, StepRow
+from ckptd.ctl.source import DaemonSource, DiskSource
 
 if TYPE_CHECKING:
     from ckptd.ctl.source import AnySource

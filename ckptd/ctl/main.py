@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ckptd.ctl import inspect
     from ckptd.ctl.bucket import BucketTarget
-    from ckptd.ctl.source import open_source, parse_identity
+    from ckptd.ctl.model import parse_identity
+    from ckptd.ctl.source import open_source
 
     if sum(t is not None for t in (ns.addr, ns.root, ns.bucket)) > 1:
         parser.error("--addr, --root and --bucket exclude each other")

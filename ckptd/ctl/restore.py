@@ -27,8 +27,8 @@ from ckptd.core.errors import AlreadyExists, CkptdError, InvalidArgument
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import Manifest, ShardEntry
 from ckptd.core.types import DTYPE_ITEMSIZE
+from ckptd.ctl.model import Identity
 from ckptd.ctl.output import Progress, emit_json, human_bytes, render_fields, render_table
-from ckptd.ctl.source import Identity
 
 if TYPE_CHECKING:
     from ckptd.ctl.source import AnySource

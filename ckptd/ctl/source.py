@@ -2,12 +2,11 @@
 
 ``DaemonSource`` talks to the node's daemon over its Unix socket (address as in
 ``ckptd_client.rpc``); ``DiskSource`` reads ``{root}/{job}/step-NNNNNNNNNNNN/`` directly
-through ``ckptd.tiers.disk.DiskTier`` (imported lazily, so ``import ckptd_client`` stays light),
-for an operator on a machine that runs no daemon; ``ckptctl_bucket.ObjectSource`` reads an
+through ``ckptd.tiers.disk.DiskTier`` (imported lazily, only when a command reads a disk root),
+for an operator on a machine that runs no daemon; ``ckptd.ctl.bucket.ObjectSource`` reads an
 object store. All answer the same questions: jobs, steps with their per-tier state, a step's
 manifest, the per-shard source plan, and a shard's bytes (verified against its crc32c chunk sums
-before they are handed out). Identities ``JOB@STEP``, ``JOB@latest`` and ``JOB`` are parsed here
-too.
+before they are handed out). The types they answer with live in ``ckptd.ctl.model``.
 """
 
 from __future__ import annotations
@@ -15,22 +14,21 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import re
 import shutil
 import socket
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ckptd_client.rpc import Connection
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.core.errors import DaemonUnavailable, FailedPrecondition, IntegrityError, InvalidArgument, NotFound
+from ckptd.core.errors import DaemonUnavailable, FailedPrecondition, IntegrityError, NotFound
 from ckptd.core.manifest import MANIFEST_NAME, Manifest, ShardEntry
-from ckptd.core.types import parse_step_dirname, validate_job, validate_step
+from ckptd.core.types import parse_step_dirname, validate_job
+from ckptd.ctl.model import Identity, Planned, ShardData, StepRow
 
 if TYPE_CHECKING:
     from ckptd.ctl.bucket import BucketTarget, ObjectSource
@@ -51,73 +49,6 @@ TIER_STATE_NAMES: dict[int, str] = {
     pb.TIER_SKIPPED: "skipped",
     pb.TIER_REMOVED: "removed",
 }
-
-_STEP_RE = re.compile(r"^[0-9]+$", re.ASCII)
-
-
-@dataclass(frozen=True)
-class Identity:
-    """``JOB@STEP``; ``step`` is None for ``JOB@latest`` and a bare ``JOB``."""
-
-    job: str
-    step: int | None
-
-    def __str__(self) -> str:
-        return f"{self.job}@{'latest' if self.step is None else self.step}"
-
-
-def parse_identity(text: str) -> Identity:
-    """Parse ``JOB@STEP``, ``JOB@latest`` or ``JOB``; raise InvalidArgument (exit 2) otherwise."""
-    job, sep, step_text = text.partition("@")
-    try:
-        validate_job(job)
-    except ValueError as exc:
-        raise InvalidArgument(f"bad identity {text!r}: {exc}") from None
-    if not sep or step_text == "latest":
-        if sep and not step_text:
-            raise InvalidArgument(f"bad identity {text!r}: empty step")
-        return Identity(job, None)
-    if not _STEP_RE.match(step_text):
-        raise InvalidArgument(f"bad identity {text!r}: step must be a non-negative integer or 'latest'")
-    try:
-        return Identity(job, validate_step(int(step_text)))
-    except ValueError as exc:
-        raise InvalidArgument(f"bad identity {text!r}: {exc}") from None
-
-
-@dataclass
-class StepRow:
-    """One step as ``ls`` shows it."""
-
-    job: str
-    step: int
-    world_size: int
-    nbytes: int
-    committed: bool
-    tiers: dict[str, str] = field(default_factory=dict)
-    pinned: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"job": self.job, "step": self.step, "world_size": self.world_size, "nbytes": self.nbytes,
-                "committed": self.committed, "tiers": dict(self.tiers), "pinned": self.pinned}
-
-
-@dataclass
-class Planned:
-    """One source of a shard in the order it would be tried."""
-
-    tier: str
-    detail: str
-
-
-@dataclass
-class ShardData:
-    """A shard's verified bytes, valid inside ``Source.open_shard``'s ``with`` block."""
-
-    buf: memoryview
-    served_from: str
-    location: str
-    rejected: list[str] = field(default_factory=list)
 
 
 def _disk_tier(root: Path) -> DiskTier:

@@ -26,8 +26,9 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError, IntegrityError, InvalidArgument, NotFound
 from ckptd.core.integrity import crc32c
 from ckptd.core.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from ckptd.ctl.model import Identity
 from ckptd.ctl.output import Progress, emit_json, human_bytes, message, render_table
-from ckptd.ctl.source import DaemonSource, DiskSource, Identity, _map_readonly
+from ckptd.ctl.source import DaemonSource, DiskSource, _map_readonly
 
 if TYPE_CHECKING:
     from ckptd.ctl.bucket import ObjectSource

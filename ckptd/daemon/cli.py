@@ -1,7 +1,8 @@
 """``ckptd`` command line: ``ckptd serve --config ckptd.toml [flags]``.
 
 Flags override env (CKPTD_*), which overrides the TOML file. Exit codes: 0 clean stop,
-2 bad config or usage, 1 start-up failure (e.g. another daemon holds the root).
+2 bad config or usage, 1 start-up failure (e.g. another daemon holds the root, or the daemon's
+dependencies are not installed: ``pip install 'ckptd[daemon]'``, plus ``[s3]`` for the object tier).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 from ckptd import __version__
 from ckptd.core import config, logs
 from ckptd.core.errors import CkptdError, InvalidArgument
+
+#: Modules of the ``daemon`` extra, which the base (training-side) install does not bring.
+DAEMON_ONLY_MODULES = frozenset({"grpc_health", "prometheus_client"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg)
         return 0
     logs.setup(cfg.daemon.log_level)
-    from ckptd.daemon.serve import serve  # heavy imports only when serving
+    try:
+        from ckptd.daemon.serve import serve  # heavy imports only when serving
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in DAEMON_ONLY_MODULES:
+            raise
+        print(f"ckptd: the daemon needs {exc.name}, which a client-only install lacks: "
+              "pip install 'ckptd[daemon]'", file=sys.stderr)
+        return 1
 
     try:
         return asyncio.run(serve(cfg))

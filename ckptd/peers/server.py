@@ -36,9 +36,12 @@ from ckptd.core.errors import (
     CkptdError,
     FailedPrecondition,
     InvalidArgument,
+    MalformedRequest,
     TierFailed,
     Timeout,
     Unauthenticated,
+    lenient,
+    rpc_handler,
 )
 from ckptd.core.integrity import StreamVerifier, crc32c
 from ckptd.core.manifest import ReplicaHeader
@@ -67,7 +70,6 @@ from ckptd.peers.wire import (
     header_to_pb,
     token_matches,
 )
-from ckptd.rpc.errors import MalformedRequest, lenient, rpc_handler
 
 log = logging.getLogger("ckptd.peer")
 

@@ -1,32 +1,15 @@
-"""Conversions between protobuf messages and the daemon's Python types (one place, both ways)."""
+"""Conversions between protobuf messages and the daemon's step states and durability levels.
+
+The shard layout's conversion, which the client shares, is ``ckptd.core.layout.layout_to_pb`` /
+``tensors_from_pb``.
+"""
 
 from __future__ import annotations
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import InvalidArgument
-from ckptd.core.layout import TensorEntry
 from ckptd.core.types import Level, TierName
 from ckptd.memory.catalog import StepState
-
-
-def tensors_from_pb(layout: pb.ShardLayout) -> list[TensorEntry]:
-    try:
-        return [
-            TensorEntry(t.name, t.dtype, tuple(int(d) for d in t.shape), int(t.offset), int(t.nbytes))
-            for t in layout.tensors
-        ]
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgument(f"bad tensor entry: {exc}") from None
-
-
-def tensors_to_pb(tensors: tuple[TensorEntry, ...] | list[TensorEntry], tree_json: str) -> pb.ShardLayout:
-    return pb.ShardLayout(
-        tensors=[
-            pb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), offset=t.offset, nbytes=t.nbytes)
-            for t in tensors
-        ],
-        tree_json=tree_json,
-    )
 
 
 def tier_statuses(st: StepState) -> list[pb.TierStatus]:

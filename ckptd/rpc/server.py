@@ -19,13 +19,13 @@ import grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
-from ckptd.core.errors import FailedPrecondition, InvalidArgument
+from ckptd.core.errors import FailedPrecondition, InvalidArgument, lenient, rpc_handler
+from ckptd.core.layout import layout_to_pb, tensors_from_pb
 from ckptd.drains.admin import StepAdmin
 from ckptd.peers.membership import Membership
 from ckptd.restore.queries import StepQueries
 from ckptd.restore.service import RestoreService
-from ckptd.rpc.convert import level_from_pb, step_status_to_pb, tensors_from_pb, tensors_to_pb, tier_statuses
-from ckptd.rpc.errors import lenient, rpc_handler
+from ckptd.rpc.convert import level_from_pb, step_status_to_pb, tier_statuses
 from ckptd.save.service import SavePath
 
 log = logging.getLogger("ckptd.server")
@@ -123,7 +123,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             resp.lease_id = lease_id
             resp.slot_path = str(result.slot.path)
             resp.nbytes = result.entry.nbytes
-            resp.layout.CopyFrom(tensors_to_pb(result.entry.tensors, json.dumps(result.entry.tree)))
+            resp.layout.CopyFrom(layout_to_pb(result.entry.tensors, json.dumps(result.entry.tree)))
             resp.served_from = result.served_from.value if result.served_from else ""
         return resp
 
@@ -143,7 +143,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 start = pb.PrepareRestoreResponse(
                     step=result.step, slot_path=str(ev.slot.path), nbytes=ev.entry.nbytes, served_from=ev.tier.value,
                     plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan])
-                start.layout.CopyFrom(tensors_to_pb(ev.entry.tensors, json.dumps(ev.entry.tree)))
+                start.layout.CopyFrom(layout_to_pb(ev.entry.tensors, json.dumps(ev.entry.tree)))
                 await context.write(pb.RestoreEvent(start=start))
             else:  # done
                 await context.write(pb.RestoreEvent(done=pb.PrepareRestoreResponse(
@@ -194,7 +194,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
 def add_checkpoint_servicer(servicer: CheckpointServicer, server: grpc.aio.Server) -> None:
     """Register the service like the generated ``add_CheckpointServiceServicer_to_server``, but with
     lenient request deserializers: bytes that do not parse are answered INVALID_ARGUMENT by the
-    handler (ckptd/rpc/errors.py), not UNKNOWN with a traceback by grpc."""
+    handler (ckptd/core/errors.py), not UNKNOWN with a traceback by grpc."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in pb.DESCRIPTOR.services_by_name["CheckpointService"].methods:
         req, resp = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)

@@ -25,6 +25,7 @@ from typing import Any
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import BudgetExhausted, CkptdError, FailedPrecondition, NotFound, TierFailed
 from ckptd.core.integrity import chunk_crcs
+from ckptd.core.layout import layout_to_pb
 from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client.premap import RestorePremap
 from ckptd_client.restore_stream import restore_streamed
@@ -187,11 +188,9 @@ class CheckpointManager:
             except BaseException:
                 self.conn.call(self.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=begin.lease_id))
                 raise
-            from ckptd_client.convert import layout_pb
-
             self.conn.call(self.conn.stub.CommitShard, pb.CommitShardRequest(
                 lease_id=begin.lease_id, job=self.job, step=step, rank=self.rank,
-                world_size=self.world_size, nbytes=nbytes, layout=layout_pb(tensors, tree_json),
+                world_size=self.world_size, nbytes=nbytes, layout=layout_to_pb(tensors, tree_json),
                 chunk_bytes=begin.chunk_bytes, chunk_crc32c=crcs,
                 client_stall_s=time.perf_counter() - t0,
             ))

@@ -28,7 +28,7 @@ import grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError, from_rpc_error
-from ckptd_client.convert import tensors_from_layout
+from ckptd.core.layout import tensors_from_pb
 from ckptd_client.premap import RestorePremap, close_map
 from ckptd_client.rpc import Connection
 from ckptd_client.tree import Restorer
@@ -110,7 +110,7 @@ def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state:
                 buf = s.mm if s.mm is not None else b""
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*not writable.*")
-                    Restorer(buf, tensors_from_layout(start.layout), wait=s.wait).apply(
+                    Restorer(buf, tensors_from_pb(start.layout), wait=s.wait).apply(
                         json.loads(start.layout.tree_json), state)
                 while s.done is None:
                     s.next_event()

@@ -12,10 +12,10 @@ import threading
 import time
 
 from ckptd_client import AlreadyExists, CheckpointManager, Level, SaveHandle
-from ckptd_client.convert import layout_pb
 from ckptd_client.tree import copy_into, flatten
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd.core.layout import layout_to_pb
 from tests.fault.scenarios import scenario
 from tests.fault.scenarios._ctx import Ctx
 from tests.fault.scenarios._env import WAIT_TIMEOUT_S
@@ -50,7 +50,7 @@ class _SlowCopy:
         self.mm[self.cut : self.nbytes] = self.full[self.cut :]
         self.m.conn.call(self.m.conn.stub.CommitShard, pb.CommitShardRequest(
             lease_id=self.begin.lease_id, job=self.ctx.job, step=self.step, rank=self.rank, world_size=W,
-            nbytes=self.nbytes, layout=layout_pb(self.tensors, self.tree_json), chunk_bytes=self.begin.chunk_bytes))
+            nbytes=self.nbytes, layout=layout_to_pb(self.tensors, self.tree_json), chunk_bytes=self.begin.chunk_bytes))
         self.mm.close()
         self.ctx.record(self.step, self.rank, 0, self.ctx.home(self.rank), None,
                         self.seconds + time.perf_counter() - t0)
