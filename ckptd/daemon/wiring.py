@@ -31,7 +31,7 @@ from ckptd.core.config import Config
 from ckptd.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import Manifest
-from ckptd.daemon import adoption
+from ckptd.daemon import adoption, instance
 from ckptd.drains.disk_drain import DiskDrainer
 from ckptd.memory.catalog import Catalog, StepState, TierState
 from ckptd.memory.slots import SlotPool
@@ -395,8 +395,8 @@ class Daemon:
         return await self.admin.run_retention(job, tier, dry_run)
 
 
-def socket_dir_ready(path: Path) -> None:
-    """Create the socket's directory (0700) and remove a stale socket file (we hold the lock)."""
+def socket_dir_ready(path: Path, root: Path | None = None) -> None:
+    """Create the socket's directory (0700), claim the socket for this daemon (refused while a live
+    daemon serves it) and remove a stale socket file (ckptd/daemon/instance.py)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.exists() or path.is_socket():
-        path.unlink()
+    instance.claim_socket(path, root)

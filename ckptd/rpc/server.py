@@ -226,7 +226,7 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
     add_checkpoint_servicer(CheckpointServicer(daemon), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    socket_dir_ready(sock)
+    socket_dir_ready(sock, cfg.daemon.root)
     old_umask = os.umask(0o077)  # the socket is born owner-only: no window before the chmod below
     try:
         server.add_insecure_port(f"unix:{sock}")
