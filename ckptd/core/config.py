@@ -305,8 +305,8 @@ def check_shm_dir(shm: Path, cfg: Config) -> None:
 
 
 _PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]+")
-_BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_BUCKET_RE: Final = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_RE: Final = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 
 def validate_object(o: ObjectSection) -> None:
@@ -337,17 +337,17 @@ def validate_object(o: ObjectSection) -> None:
         raise InvalidArgument(f"object.hashed_prefixes must be in [0, 65536], got {o.hashed_prefixes}")
     if o.max_to_keep < 1 or o.keep_period < 0 or o.every_n_steps < 1:
         raise InvalidArgument("object.max_to_keep and object.every_n_steps must be >= 1, object.keep_period >= 0")
-    if o.prefix and (".." in o.prefix or not _PREFIX_RE.match(o.prefix.strip("/"))):
+    if o.prefix and (".." in o.prefix or not _PREFIX_RE.fullmatch(o.prefix.strip("/"))):
         raise InvalidArgument(
             f"object.prefix {o.prefix!r} must be '/'-separated names of letters, digits, '.', '_', '-' "
             "(no '..', no empty parts)"
         )
-    if o.endpoint_url and not re.match(r"^https?://[^/\s]+/?$", o.endpoint_url):
+    if o.endpoint_url and not re.fullmatch(r"https?://[^/\s]+/?", o.endpoint_url):
         raise InvalidArgument(f"object.endpoint_url must be http(s)://host[:port], got {o.endpoint_url!r}")
     if o.enabled:
         if not o.bucket:
             raise InvalidArgument("object.bucket is required when object.enabled is true")
-        if not _BUCKET_RE.match(o.bucket) or ".." in o.bucket:
+        if not _BUCKET_RE.fullmatch(o.bucket) or ".." in o.bucket:
             raise InvalidArgument(f"object.bucket {o.bucket!r} is not a valid bucket name")
         if o.preset == "oss" and not (o.endpoint_url or o.region):
             raise InvalidArgument("object.region (e.g. cn-hangzhou) or object.endpoint_url is required "

@@ -68,7 +68,7 @@ MAX_STEP: Final = 10**12 - 1  # fits step-{step:012d}
 MAX_WORLD_SIZE: Final = 65536
 MAX_NDIM: Final = 32
 
-_JOB_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_JOB_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def validate_job(job: str) -> str:
@@ -79,7 +79,7 @@ def validate_job(job: str) -> str:
         raise ValueError(f"job name longer than {MAX_NAME_LEN} characters")
     if ".." in job:
         raise ValueError(f"job name {job!r} must not contain '..'")
-    if not _JOB_RE.match(job):
+    if not _JOB_RE.fullmatch(job):
         raise ValueError(
             f"job name {job!r} may only use letters, digits, '.', '_' and '-' and must start "
             "with a letter or digit"
@@ -130,10 +130,10 @@ def step_dirname(step: int) -> str:
     return f"step-{step:012d}"
 
 
-_STEP_DIR_RE: Final = re.compile(r"^step-(\d{12})$")
+_STEP_DIR_RE: Final = re.compile(r"step-([0-9]{12})")
 
 
 def parse_step_dirname(name: str) -> int | None:
     """Inverse of step_dirname; None for names that are not step directories."""
-    m = _STEP_DIR_RE.match(name)
+    m = _STEP_DIR_RE.fullmatch(name)
     return int(m.group(1)) if m else None

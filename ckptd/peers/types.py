@@ -34,12 +34,12 @@ from ckptd.core.types import validate_job, validate_node_ranks, validate_rank, v
 PEER_TIERS: Final = ("memory", "disk")
 READY_TIERS: Final = ("memory", "peer", "disk", "object")
 MAX_TRANSFER_CHUNK_BYTES: Final = 4 * 2**20
-NODE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def validate_node_id(node_id: str, what: str = "node id") -> str:
     """Return node_id if it follows the allow-list grammar, else raise ValueError."""
-    if not isinstance(node_id, str) or not NODE_ID_RE.match(node_id) or ".." in node_id:
+    if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id) or ".." in node_id:
         raise ValueError(f"{what} {node_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
                          "starting with a letter or digit (no '..')")
     return node_id
