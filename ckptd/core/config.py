@@ -17,6 +17,7 @@ nothing downstream re-checks types. Sizes accept integers (bytes) or strings wit
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
@@ -30,6 +31,7 @@ from ckptd.core.errors import InvalidArgument
 from ckptd.core.peer_config import PeerSection, split_list, validate_peers
 
 MAX_SOCKET_PATH: Final = 100
+SLOT_ALIGN_BYTES: Final = 2 * 2**20  # shm slots are sized in multiples of this (memory/slots.py): the smallest slot
 REDACTED: Final = "<redacted>"
 _SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
 _UNITS: Final = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -156,6 +158,53 @@ class Config:
         return Path("/dev/shm") / f"ckptd-{os.getuid()}-{digest}"
 
 
+def resolved(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The whole config as plain data (``ckptd serve --check``): every key of every section, with
+    the socket and shm directory the daemon would use, paths as strings, secrets masked."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in _SECTIONS:
+        section = getattr(cfg, name)
+        values: dict[str, Any] = {}
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if name == "daemon" and f.name == "socket":
+                value = cfg.socket_path
+            elif name == "daemon" and f.name == "shm_dir":
+                value = cfg.shm_path
+            if f.name in _SECRET_KEYS and value:
+                value = REDACTED
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            values[f.name] = value
+        out[name] = values
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):  # a JSON string without \u escapes of surrogates is a TOML basic string
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def to_toml(cfg: Config) -> str:
+    """``resolved(cfg)`` as a TOML document that ``load`` reads back to the same config (secrets
+    excepted: they are masked)."""
+    lines: list[str] = []
+    for name, values in resolved(cfg).items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 _SECTIONS: Final = {
     "daemon": DaemonSection, "memory": MemorySection, "disk": DiskSection, "metrics": MetricsSection,
     "object": ObjectSection, "peers": PeerSection,
@@ -248,6 +297,9 @@ def validate(cfg: Config) -> Config:
         raise InvalidArgument("memory.slots_per_rank must be at least 2 (N+1 stages while N drains)")
     if m.budget_bytes <= 0:
         raise InvalidArgument("memory.budget_bytes must be positive")
+    if m.budget_bytes < SLOT_ALIGN_BYTES:
+        raise InvalidArgument(f"memory.budget_bytes must be at least {SLOT_ALIGN_BYTES // 2**20}MiB (the smallest "
+                              f"shared-memory slot), got {m.budget_bytes}")
     if not 4096 <= m.chunk_bytes <= 2**30 or m.chunk_bytes % 4096:
         raise InvalidArgument("memory.chunk_bytes must be a multiple of 4096 in [4KiB, 1GiB]")
     for key, val in (("memory.wait_timeout_s", m.wait_timeout_s),

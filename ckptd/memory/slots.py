@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from ckptd.core import failpoints
+from ckptd.core.config import SLOT_ALIGN_BYTES
 from ckptd.core.errors import BudgetExhausted, CkptdError, InvalidArgument
 
 log = logging.getLogger("ckptd.shm")
 
-SLOT_ALIGN_BYTES = 2 * 2**20
 MADV_POPULATE_WRITE: Final = 23  # Linux >= 5.14: fault a range's pages in, writable, in one call
 _SUFFIX = ".bin"
 _META_SUFFIX = ".meta.json"
