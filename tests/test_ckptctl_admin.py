@@ -243,3 +243,26 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
                    ["unpin", "a@b@c", *none], ["rm", f"{JOB}@latest", "--yes", *none],
                    ["ls", "--endpoint", "http://127.0.0.1:9"],  # --endpoint needs --bucket
                    ["ls", "--bucket", "b-1", "--root", str(tmp_path)]) == [2] * 9
+
+
+def test_root_gc_uses_the_roots_retention_and_dry_run_needs_no_lock(daemon_factory: Callable[..., DaemonProc]) -> None:
+    """`gc --root` applies the retention the root's daemon was configured with (recorded in
+    {root}/retention.json at start), not the built-in max_to_keep=3; a dry run is read-only, so it
+    is allowed while the daemon serves the root (a real gc still is not)."""
+    d = daemon_factory(config_text=DISK_CONFIG.replace("max_to_keep = 2", "max_to_keep = 10"))
+    save(d.addr, [1, 2, 3, 4, 5], Level.LOCAL_DURABLE)
+    recorded = json.loads((d.root / "retention.json").read_text())
+    assert recorded["schema"] == "ckptd.retention/v1" and recorded["disk"]["max_to_keep"] == 10
+    root = ["--root", str(d.root)]
+    dry = ctl_json("gc", "--dry-run", *root)  # the daemon holds the root: read-only is fine
+    assert removals(dry) == [] and dry["policies"]["disk"] == {"max_to_keep": 10, "keep_period": 0}
+    dry = ctl_json("gc", "--dry-run", "--max-to-keep", "2", *root)  # a flag still overrides
+    assert removals(dry) == [(JOB, 1, "disk"), (JOB, 2, "disk"), (JOB, 3, "disk")]
+    assert disk_steps(d) == [1, 2, 3, 4, 5]
+    res = ctl("gc", *root)  # changing the root under a live daemon stays refused
+    assert res.returncode == 1 and "--addr" in res.stderr
+    assert d.terminate() == 0
+    doc = ctl_json("gc", *root)
+    assert removals(doc) == [] and doc["policies"]["disk"]["max_to_keep"] == 10
+    assert disk_steps(d) == [1, 2, 3, 4, 5]
+    assert removals(ctl_json("gc", "--root", str(d.root / "data"), "--max-to-keep", "4")) == [(JOB, 1, "disk")]

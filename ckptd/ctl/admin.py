@@ -104,16 +104,22 @@ def run_gc(source: AnySource, job: str | None, tier: str | None, dry_run: bool, 
 def _gc_local(source: DiskSource | ObjectSource, job: str | None, dry_run: bool, max_to_keep: int | None,
               keep_period: int | None) -> tuple[list[dict[str, Any]], list[str], dict[str, dict[str, int]]]:
     from ckptd.core.config import DiskSection, ObjectSection
+    from ckptd.drains import retention_record
 
     t = _local_tier(source)
+    defaults: DiskSection | ObjectSection | retention_record.DiskPolicy
     defaults = DiskSection() if t == "disk" else ObjectSection()
+    record = retention_record.path_for_data(source.root) if isinstance(source, DiskSource) else None
+    if record is not None:
+        defaults = retention_record.read(record) or defaults  # what the root's daemon applies
     keep = defaults.max_to_keep if max_to_keep is None else max_to_keep
     period = defaults.keep_period if keep_period is None else keep_period
     if t == "object":
         message("note: --bucket sees no pins (they are kept by daemons and disk roots)")
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
-    with _guard(source):
+    # a dry run changes nothing: it needs no lock and may run beside the daemon serving the root
+    with contextlib.nullcontext() if dry_run else _guard(source):
         if job is not None:
             source.committed(job)  # NotFound (exit 4) for an unknown job
         for j in [job] if job is not None else source.list_jobs():

@@ -32,6 +32,7 @@ from ckptd.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import Manifest
 from ckptd.daemon import adoption, instance
+from ckptd.drains import retention_record
 from ckptd.drains.disk_drain import DiskDrainer
 from ckptd.memory.catalog import Catalog, StepState, TierState
 from ckptd.memory.slots import SlotPool
@@ -113,6 +114,7 @@ class Daemon:
 
     async def start(self) -> None:
         self._lock()
+        retention_record.write(self.cfg.daemon.root, self.cfg.disk)  # for ckptctl --root gc
         loop = asyncio.get_running_loop()
         if self.disk is not None:
             removed = await loop.run_in_executor(self.executor, self.disk.recover)
