@@ -31,6 +31,8 @@ from ckptd.core.errors import InvalidArgument
 from ckptd.core.peer_config import PeerSection, split_list, validate_peers
 
 MAX_SOCKET_PATH: Final = 100
+SOCKET_MODE_OWNER: Final = "0600"
+SOCKET_MODE_GROUP: Final = "0660"
 SLOT_ALIGN_BYTES: Final = 2 * 2**20  # shm slots are sized in multiples of this (memory/slots.py): the smallest slot
 REDACTED: Final = "<redacted>"
 _SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
@@ -67,6 +69,11 @@ class DaemonSection:
     shutdown_timeout_s: float = 60.0
     io_threads: int = 4
     log_level: str = "INFO"
+    # "0600": the daemon's user only. "0660": also the group socket_group (default: the daemon's
+    # primary group), for trainers of another user; the shm dir is then 2750 and slot files 0660
+    # in that group (README, "Trainers of another user").
+    socket_mode: str = "0600"
+    socket_group: str = ""  # group name or gid; only with socket_mode "0660"
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,14 @@ class Config:
     @property
     def socket_path(self) -> Path:
         return self.daemon.socket or self.daemon.root / "run" / "ckptd.sock"
+
+    @property
+    def shared_gid(self) -> int | None:
+        """The group trainers of another user reach the socket and slots through, or None when
+        only the daemon's user may (socket_mode "0600")."""
+        if self.daemon.socket_mode != SOCKET_MODE_GROUP:
+            return None
+        return resolve_group(self.daemon.socket_group) if self.daemon.socket_group else os.getgid()
 
     @property
     def shm_path(self) -> Path:
@@ -321,6 +336,14 @@ def validate(cfg: Config) -> Config:
         host, sep, port = cfg.metrics.address.rpartition(":")
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise InvalidArgument(f"metrics.address must be host:port, got {cfg.metrics.address!r}")
+    if dm.socket_mode not in (SOCKET_MODE_OWNER, SOCKET_MODE_GROUP):
+        raise InvalidArgument(f"daemon.socket_mode must be {SOCKET_MODE_OWNER!r} (the daemon's user only) or "
+                              f"{SOCKET_MODE_GROUP!r} (also daemon.socket_group), got {dm.socket_mode!r}")
+    if dm.socket_group:
+        if dm.socket_mode != SOCKET_MODE_GROUP:
+            raise InvalidArgument(f"daemon.socket_group needs daemon.socket_mode = {SOCKET_MODE_GROUP!r} "
+                                  "(the group gets no access with the default 0600)")
+        resolve_group(dm.socket_group)
     if dm.shm_dir is not None:
         check_shm_dir(dm.shm_dir, cfg)
     validate_object(cfg.object)
@@ -333,6 +356,16 @@ def validate(cfg: Config) -> Config:
             "(Unix socket limit); set daemon.socket to a shorter path"
         )
     return cfg
+
+
+def resolve_group(group: str) -> int:
+    """A group name or numeric gid -> gid; InvalidArgument naming daemon.socket_group if unknown."""
+    import grp
+
+    try:
+        return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+    except (KeyError, OverflowError, ValueError):
+        raise InvalidArgument(f"daemon.socket_group: no group {group!r} on this host") from None
 
 
 def check_shm_dir(shm: Path, cfg: Config) -> None:

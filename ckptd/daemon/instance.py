@@ -14,6 +14,10 @@ Invariants: the claim lasts as long as the process (the descriptor is close-on-e
 closed; the kernel drops the lock when the daemon dies, however it dies). The lock file itself is
 never removed: unlinking a flock'd file lets a third process lock a new inode while the second
 still holds the old one. Claiming a path this process already holds is a no-op.
+
+``set_socket_access`` gives the socket its configured mode: 0600 (the daemon's user only), or
+0660 in ``daemon.socket_group`` for trainers of another user, whose directory, when the daemon
+owns it and it is private, then lets that group in (0710: enter, not list).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import struct
 from pathlib import Path
 from typing import Final
@@ -104,3 +109,18 @@ def claim_socket(sock: Path, root: Path | None = None) -> None:
             os.close(fd)
         raise
     _held[sock] = fd
+
+
+def set_socket_access(sock: Path, gid: int | None) -> None:
+    """0600 for the daemon's user only (``gid`` None), else 0660 in group ``gid``; with a group,
+    the socket's directory, when the daemon owns it and it is private, becomes 0710 in that group."""
+    if gid is None:
+        os.chmod(sock, 0o600)
+        return
+    os.chown(sock, -1, gid)
+    os.chmod(sock, 0o660)
+    parent = sock.parent
+    st = parent.stat()
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077 == 0:
+        os.chown(parent, -1, gid)
+        os.chmod(parent, stat.S_IMODE(st.st_mode) | 0o010)

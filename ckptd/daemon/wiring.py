@@ -58,7 +58,7 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.executor = ThreadPoolExecutor(cfg.daemon.io_threads, thread_name_prefix="ckptd-io")
-        self.pool = SlotPool(cfg.shm_path, cfg.memory.budget_bytes)
+        self.pool = SlotPool(cfg.shm_path, cfg.memory.budget_bytes, cfg.shared_gid)
         self.catalog = Catalog()
         self.disk = (
             DiskTier(cfg.daemon.root / "data", cfg.disk.direct_io, cfg.disk.write_block_bytes)

@@ -25,6 +25,7 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
 from ckptd.core.config import Config
 from ckptd.core.errors import FailedPrecondition, InvalidArgument
 from ckptd.core.manifest import canonical_json
+from ckptd.daemon import instance
 from ckptd.daemon.wiring import Daemon, socket_dir_ready
 from ckptd.rpc.convert import level_from_pb, step_status_to_pb, tensors_from_pb, tensors_to_pb, tier_statuses
 from ckptd.rpc.errors import lenient, rpc_handler
@@ -233,7 +234,7 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
     finally:
         os.umask(old_umask)
     await server.start()
-    os.chmod(sock, 0o600)
+    instance.set_socket_access(sock, cfg.shared_gid)  # 0600, or 0660 for daemon.socket_group
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop = asyncio.Event()
