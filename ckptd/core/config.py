@@ -33,6 +33,7 @@ from ckptd.core.peer_config import PeerSection, split_list, validate_peers
 MAX_SOCKET_PATH: Final = 100
 SOCKET_MODE_OWNER: Final = "0600"
 SOCKET_MODE_GROUP: Final = "0660"
+RELEASE_MEMORY_MODES: Final = ("off", "durable", "force")
 SLOT_ALIGN_BYTES: Final = 2 * 2**20  # shm slots are sized in multiples of this (memory/slots.py): the smallest slot
 REDACTED: Final = "<redacted>"
 _SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
@@ -74,6 +75,9 @@ class DaemonSection:
     # in that group (README, "Trainers of another user").
     socket_mode: str = "0600"
     socket_group: str = ""  # group name or gid; only with socket_mode "0660"
+    # shm slots outlive the daemon (re-adoption after a restart). At a clean stop: "off" keeps
+    # them, "durable" frees those whose shards are committed on disk, "force" frees them all.
+    release_memory_on_exit: str = "off"
 
 
 @dataclass(frozen=True)
@@ -336,6 +340,9 @@ def validate(cfg: Config) -> Config:
         host, sep, port = cfg.metrics.address.rpartition(":")
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise InvalidArgument(f"metrics.address must be host:port, got {cfg.metrics.address!r}")
+    if dm.release_memory_on_exit not in RELEASE_MEMORY_MODES:
+        raise InvalidArgument(f"daemon.release_memory_on_exit must be one of {', '.join(RELEASE_MEMORY_MODES)}, "
+                              f"got {dm.release_memory_on_exit!r}")
     if dm.socket_mode not in (SOCKET_MODE_OWNER, SOCKET_MODE_GROUP):
         raise InvalidArgument(f"daemon.socket_mode must be {SOCKET_MODE_OWNER!r} (the daemon's user only) or "
                               f"{SOCKET_MODE_GROUP!r} (also daemon.socket_group), got {dm.socket_mode!r}")

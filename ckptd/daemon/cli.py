@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-bytes", help="shared-memory byte budget, e.g. 8GiB")
     s.add_argument("--no-disk", action="store_true", help="disable the disk tier")
     s.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    s.add_argument("--release-memory-on-exit", nargs="?", const="durable", choices=("off", "durable", "force"),
+                   help="at a clean stop free the shm slots whose shards are durable on disk (durable, the "
+                        "default of the flag) or all of them (force); default: keep them for the next daemon")
     s.add_argument("--check", action="store_true",
                    help="validate the config, print it resolved (TOML, or JSON with --json), exit")
     s.add_argument("--json", action="store_true", help="with --check: print the config as JSON")
@@ -43,6 +46,7 @@ def _flags(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("daemon", "root", ns.root), ("daemon", "socket", ns.socket),
         ("daemon", "shm_dir", ns.shm_dir), ("daemon", "log_level", ns.log_level),
         ("memory", "budget_bytes", ns.budget_bytes),
+        ("daemon", "release_memory_on_exit", ns.release_memory_on_exit),
     ):
         if value is not None:
             flags.setdefault(section, {})[key] = value

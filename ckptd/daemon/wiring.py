@@ -34,6 +34,7 @@ from ckptd.core.manifest import Manifest
 from ckptd.daemon import adoption, instance
 from ckptd.drains import retention_record
 from ckptd.drains.disk_drain import DiskDrainer
+from ckptd.memory import release
 from ckptd.memory.catalog import Catalog, StepState, TierState
 from ckptd.memory.slots import SlotPool
 from ckptd.restore.planner import Restorer, RestoreResult
@@ -267,6 +268,8 @@ class Daemon:
         if self.object is not None:
             self.object.close()
         self.pool.close()
+        release.release_on_exit(self.cfg.shm_path, self.disk.root if self.disk is not None else None,
+                                self.cfg.daemon.release_memory_on_exit)  # ckptd/memory/release.py
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
