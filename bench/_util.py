@@ -10,6 +10,7 @@ SIGTERM/SIGHUP/SIGINT.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import mmap
@@ -218,6 +219,32 @@ def same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
 
 
+# -- parent-death guard ------------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
+except OSError:
+    _LIBC = None
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the process that started it dies
+    (Linux ``PR_SET_PDEATHSIG``), so a daemon never outlives a killed test or bench run, also in a
+    session of its own; None off Linux. The signal follows the *thread* that forked: start
+    daemons from a thread that lives as long as they should."""
+    if _LIBC is None:
+        return None
+    parent = os.getpid()
+    libc = _LIBC
+
+    def guard() -> None:  # runs in the child between fork and exec: no allocation-heavy work
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the guard was set
+            os._exit(1)
+
+    return guard
+
+
 class ServeProcess:
     """``ckptd serve`` (``args`` after the module) as a subprocess in its own session, its output
     in ``log_path``; ``start`` waits until it serves, ``stop`` sends SIGTERM, then SIGKILLs its
@@ -235,7 +262,7 @@ class ServeProcess:
 
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent())
         try:
             wait_until_serving(self.socket, timeout_s, exit_code=self.proc.poll)
         except DaemonUnavailable as exc:

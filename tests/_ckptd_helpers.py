@@ -3,10 +3,13 @@
 ``running_daemon`` starts a real ``ckptd serve`` subprocess on a short Unix socket path with a
 private root and /dev/shm directory, waits until it answers, and on exit kills it and removes its
 shm directory. Tests that need a fresh daemon per test use conftest's ``daemon_factory`` instead.
+Both start daemons with ``die_with_parent()`` as ``preexec_fn``: a daemon dies with the test
+process, even one killed with SIGKILL.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -16,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,32 @@ from ckptd.core.errors import DaemonUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+
+
+# -- parent-death guard ------------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
+except OSError:
+    _LIBC = None
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the process that started it dies
+    (Linux ``PR_SET_PDEATHSIG``), so a daemon never outlives a killed test or bench run, also in a
+    session of its own; None off Linux. The signal follows the *thread* that forked: start
+    daemons from a thread that lives as long as they should."""
+    if _LIBC is None:
+        return None
+    parent = os.getpid()
+    libc = _LIBC
+
+    def guard() -> None:  # runs in the child between fork and exec: no allocation-heavy work
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the guard was set
+            os._exit(1)
+
+    return guard
 
 
 def free_port() -> int:
@@ -124,7 +153,8 @@ def running_daemon(
     args = [PYTHON, "-m", "ckptd.daemon.cli", "serve", "--root", str(root), "--socket", str(socket),
             "--shm-dir", str(shm_dir), "--budget-bytes", budget, *extra_args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=clean_env(env))
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=clean_env(env),
+                                preexec_fn=die_with_parent())
     d = Daemon(root, shm_dir, socket, proc, log_path)
     try:
         _wait_ready(d)

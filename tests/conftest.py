@@ -22,6 +22,7 @@ import pytest
 from ckptd_client.rpc import wait_until_serving
 
 from ckptd.core.errors import DaemonUnavailable
+from tests._ckptd_helpers import die_with_parent
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,7 +93,8 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
         args += extra_args or []
         full_env = {**os.environ, **(env or {})}
         log_path = tmp_path / f"daemon-{len(procs)}.log"
-        proc = subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=full_env,
+                                preexec_fn=die_with_parent())
         d = DaemonProc(root, shm_dir, socket, proc, log_path, full_env, args)
         procs.append(d)
         if wait:

@@ -243,3 +243,48 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
                    ["unpin", "a@b@c", *none], ["rm", f"{JOB}@latest", "--yes", *none],
                    ["ls", "--endpoint", "http://127.0.0.1:9"],  # --endpoint needs --bucket
                    ["ls", "--bucket", "b-1", "--root", str(tmp_path)]) == [2] * 9
+
+
+def test_root_gc_uses_the_roots_retention_and_dry_run_needs_no_lock(daemon_factory: Callable[..., DaemonProc]) -> None:
+    """`gc --root` applies the retention the root's daemon was configured with (recorded in
+    {root}/retention.json at start), not the built-in max_to_keep=3; a dry run is read-only, so it
+    is allowed while the daemon serves the root (a real gc still is not)."""
+    d = daemon_factory(config_text=DISK_CONFIG.replace("max_to_keep = 2", "max_to_keep = 10"))
+    save(d.addr, [1, 2, 3, 4, 5], Level.LOCAL_DURABLE)
+    recorded = json.loads((d.root / "retention.json").read_text())
+    assert recorded["schema"] == "ckptd.retention/v1" and recorded["disk"]["max_to_keep"] == 10
+    root = ["--root", str(d.root)]
+    dry = ctl_json("gc", "--dry-run", *root)  # the daemon holds the root: read-only is fine
+    assert removals(dry) == [] and dry["policies"]["disk"] == {"max_to_keep": 10, "keep_period": 0}
+    dry = ctl_json("gc", "--dry-run", "--max-to-keep", "2", *root)  # a flag still overrides
+    assert removals(dry) == [(JOB, 1, "disk"), (JOB, 2, "disk"), (JOB, 3, "disk")]
+    assert disk_steps(d) == [1, 2, 3, 4, 5]
+    res = ctl("gc", *root)  # changing the root under a live daemon stays refused
+    assert res.returncode == 1 and "--addr" in res.stderr
+    assert d.terminate() == 0
+    doc = ctl_json("gc", *root)
+    assert removals(doc) == [] and doc["policies"]["disk"]["max_to_keep"] == 10
+    assert disk_steps(d) == [1, 2, 3, 4, 5]
+    assert removals(ctl_json("gc", "--root", str(d.root / "data"), "--max-to-keep", "4")) == [(JOB, 1, "disk")]
+
+
+def test_bucket_without_the_right_prefix_says_where_it_looked_and_suggests(
+        moto_s3: MotoS3) -> None:  # noqa: F811
+    """`ckptctl --bucket B` (no --prefix, or a wrong one) on a store whose checkpoints live under a
+    prefix names the prefix it listed and the prefixes that hold checkpoints."""
+    bucket = f"sugg-{uuid.uuid4().hex[:8]}"
+    s3 = moto_s3.client()
+    s3.create_bucket(Bucket=bucket)
+    for key in ("cluster-a/gpt/step-000000000001/manifest.json", "cluster-b/team/llama/step-000000000007/x",
+                "other/notes.txt", "logs/2024/app.log"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    b = ["--bucket", bucket, "--endpoint", moto_s3.endpoint_url]
+    res = ctl("ls", *b)
+    assert res.returncode == 0, res.stderr
+    assert f"s3://{bucket}/" in res.stderr and "no --prefix" in res.stderr, res.stderr
+    assert "--prefix cluster-a" in res.stderr and "--prefix other" not in res.stderr, res.stderr
+    assert "--prefix logs" not in res.stderr, res.stderr
+    res = ctl("ls", *b, "--prefix", "cluster-b")  # one level above the checkpoints
+    assert f"s3://{bucket}/cluster-b/" in res.stderr and "--prefix cluster-b/team" in res.stderr, res.stderr
+    res = ctl("ls", *b, "--prefix", "cluster-a", "-o", "json")
+    assert res.returncode == 0 and json.loads(res.stdout)["jobs"] == ["gpt"]

@@ -10,6 +10,7 @@ failing command writes nothing to stdout.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -147,3 +148,16 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 def test_memory_tier_needs_a_daemon(saved: Saved) -> None:
     saved.daemon.terminate()
     assert ctl("verify", f"{JOB}@20", "--tier", "memory", "--root", str(saved.data)).returncode == 2
+
+
+def test_output_into_a_closed_pipe_prints_no_traceback(saved: Saved) -> None:
+    """`ckptctl ls | head -1` after head exited: a quiet exit 1, no BrokenPipeError traceback."""
+    for args in (["ls", *saved.addr()], ["ls", "-o", "json", *saved.addr()], ["--help"]):
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            res = subprocess.run([*CTL, *args], stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(w)
+        assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, (args, res.stderr)
+        assert res.returncode == (0 if args == ["--help"] else 1), (args, res.returncode)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -277,7 +280,65 @@ def test_check_prints_merged_config(tmp_path: Path) -> None:
     res = run_cli("serve", "--check", "--config", str(cfg), "--root", str(tmp_path / "r"),
                   "--budget-bytes", "64MiB", env={"CKPTD_DISK_MAX_TO_KEEP": "6"})
     assert res.returncode == 0, res.stderr
-    assert f"budget_bytes={64 * 2**20}" in res.stdout  # flag
-    assert "max_to_keep=6" in res.stdout  # env over file
-    assert "slots_per_rank=3" in res.stdout  # file
-    assert str(tmp_path / "r") in res.stdout
+    shown = tomllib.loads(res.stdout)
+    assert shown["memory"]["budget_bytes"] == 64 * 2**20  # flag
+    assert shown["disk"]["max_to_keep"] == 6  # env over file
+    assert shown["memory"]["slots_per_rank"] == 3  # file
+    assert shown["daemon"]["root"] == str(tmp_path / "r")
+
+
+def test_check_prints_the_resolved_socket_and_shm_dir_as_toml_that_loads_back(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    res = run_cli("serve", "--check", "--root", str(root))
+    assert res.returncode == 0, res.stderr
+    assert "None" not in res.stdout and "Config(" not in res.stdout
+    shown = tomllib.loads(res.stdout)
+    resolved = load(env={}, flags={"daemon": {"root": str(root)}})
+    assert shown["daemon"]["socket"] == str(root / "run" / "ckptd.sock")
+    assert shown["daemon"]["shm_dir"] == str(resolved.shm_path)
+    again = run_cli("serve", "--check", "--config", str(write(tmp_path, res.stdout, "shown.toml")))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == res.stdout  # the printed config is a config file that means the same
+
+
+def test_check_json(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    res = run_cli("serve", "--check", "--json", "--root", str(root), "--budget-bytes", "64MiB")
+    assert res.returncode == 0, res.stderr
+    shown = json.loads(res.stdout)
+    assert shown["daemon"]["socket"] == str(root / "run" / "ckptd.sock")
+    assert shown["daemon"]["shm_dir"].startswith("/dev/shm/ckptd-")
+    assert shown["memory"]["budget_bytes"] == 64 * 2**20
+    assert shown == tomllib.loads(run_cli("serve", "--check", "--root", str(root), "--budget-bytes", "64MiB").stdout)
+
+
+@pytest.mark.parametrize("fmt", [[], ["--json"]])
+def test_check_into_a_closed_pipe_prints_no_traceback(tmp_path: Path, fmt: list[str]) -> None:
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone (`ckptd serve --check | head -1` after head exits)
+    try:
+        res = subprocess.run([sys.executable, "-m", "ckptd.daemon.cli", "serve", "--check", *fmt,
+                              "--root", str(tmp_path / "r")], stdout=w, stderr=subprocess.PIPE, text=True,
+                             timeout=60, env=clean_env())
+    finally:
+        os.close(w)
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert res.returncode == 1
+
+
+@pytest.mark.parametrize("where", ["flag", "env", "file"])
+def test_budget_below_one_slot_is_refused(tmp_path: Path, where: str) -> None:
+    args = ["serve", "--check", "--root", str(tmp_path / "r")]
+    env = {}
+    if where == "flag":
+        args += ["--budget-bytes", "1"]
+    elif where == "env":
+        env["CKPTD_MEMORY_BUDGET_BYTES"] = "1"
+    else:
+        args += ["--config", str(write(tmp_path, "[memory]\nbudget_bytes = 1\n"))]
+    res = run_cli(*args, env=env)
+    assert res.returncode == 2, res.stdout
+    assert "memory.budget_bytes" in res.stderr and "2MiB" in res.stderr, res.stderr
+    with pytest.raises(InvalidArgument, match="memory.budget_bytes"):
+        load(env={"CKPTD_MEMORY_BUDGET_BYTES": str(2 * 2**20 - 1)})
+    assert load(env={"CKPTD_MEMORY_BUDGET_BYTES": "2MiB"}).memory.budget_bytes == 2 * 2**20

@@ -302,3 +302,75 @@ def test_bulk_port_serves_no_one_without_a_live_ticket(node: Node) -> None:
             await client.close()
 
     assert asyncio.run(bulk_roundtrip()) == data  # the listener still serves real transfers
+
+
+# -- a trainer of another user: group access, on request ---------------------------------------
+
+
+def _other_group() -> int:
+    """A group to hand the socket to: another one than ours when we may chgrp to it (root)."""
+    import grp
+
+    if os.geteuid() == 0:
+        for g in grp.getgrall():
+            if g.gr_gid != os.getgid():
+                return g.gr_gid
+    return os.getgid()
+
+
+def test_socket_and_shm_dir_get_the_configured_group_access(tmp_path: Path) -> None:
+    gid = _other_group()
+    cfg = tmp_path / "ckptd.toml"
+    cfg.write_text(f'[daemon]\nsocket_mode = "0660"\nsocket_group = "{gid}"\n')
+    sock_base = Path(tempfile.mkdtemp(prefix="ckt-grp-", dir="/tmp"))
+    sock = sock_base / "run" / "ckptd.sock"
+    shm = Path("/dev/shm") / f"ckptd-test-{uuid.uuid4().hex[:10]}"
+    log_path = tmp_path / "daemon.log"
+    old = os.umask(0o077)  # the strictest umask: the modes below are the daemon's own doing
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "ckptd.daemon.cli", "serve", "--config", str(cfg),
+                                     "--root", str(tmp_path / "root"), "--socket", str(sock), "--shm-dir", str(shm),
+                                     "--budget-bytes", "64MiB"], stdout=log, stderr=subprocess.STDOUT,
+                                    env=clean_env())
+    finally:
+        os.umask(old)
+    try:
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=30)
+        with CheckpointManager(unique_job("grp"), rank=0, world_size=1, addr=str(sock), on_error="raise") as m:
+            m.save(1, {"w": np.arange(50_000, dtype=np.float32)}).wait(Level.LOCAL_DURABLE, timeout_s=60)
+        st = os.lstat(sock)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid), (oct(st.st_mode), st.st_gid)
+        st = os.lstat(sock.parent)  # the directory the daemon made for its socket: the group may enter
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o710, gid), (oct(st.st_mode), st.st_gid)
+        st = os.lstat(shm)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o2750, gid), (oct(st.st_mode), st.st_gid)
+        slots = [p for p in shm.iterdir() if p.name.endswith(".bin")]
+        assert slots
+        for p in slots:
+            st = os.lstat(p)
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid), (p, oct(st.st_mode), st.st_gid)
+        assert _mode(tmp_path / "root") == 0o700  # the root itself stays private
+    finally:
+        proc.kill()
+        proc.wait(10)
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(sock_base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('socket_mode = "0666"', "daemon.socket_mode must be"),
+    ('socket_mode = "0644"', "daemon.socket_mode must be"),
+    ('socket_mode = "rw"', "daemon.socket_mode must be"),
+    ('socket_mode = "0660"\nsocket_group = "no-such-group-ckptd"', "daemon.socket_group: no group"),
+    ('socket_group = "0"', "daemon.socket_group needs daemon.socket_mode"),  # a group without group access
+])
+def test_group_access_options_are_validated(tmp_path: Path, text: str, match: str) -> None:
+    from ckptd.core.config import load
+    from ckptd.core.errors import InvalidArgument
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[daemon]\n{text}\n")
+    with pytest.raises(InvalidArgument, match=match):
+        load(cfg, env={})

@@ -17,6 +17,7 @@ nothing downstream re-checks types. Sizes accept integers (bytes) or strings wit
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
@@ -30,6 +31,10 @@ from ckptd.core.errors import InvalidArgument
 from ckptd.core.peer_config import PeerSection, split_list, validate_peers
 
 MAX_SOCKET_PATH: Final = 100
+SOCKET_MODE_OWNER: Final = "0600"
+SOCKET_MODE_GROUP: Final = "0660"
+RELEASE_MEMORY_MODES: Final = ("off", "durable", "force")
+SLOT_ALIGN_BYTES: Final = 2 * 2**20  # shm slots are sized in multiples of this (memory/slots.py): the smallest slot
 REDACTED: Final = "<redacted>"
 _SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
 _UNITS: Final = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -65,6 +70,14 @@ class DaemonSection:
     shutdown_timeout_s: float = 60.0
     io_threads: int = 4
     log_level: str = "INFO"
+    # "0600": the daemon's user only. "0660": also the group socket_group (default: the daemon's
+    # primary group), for trainers of another user; the shm dir is then 2750 and slot files 0660
+    # in that group (README, "Trainers of another user").
+    socket_mode: str = "0600"
+    socket_group: str = ""  # group name or gid; only with socket_mode "0660"
+    # shm slots outlive the daemon (re-adoption after a restart). At a clean stop: "off" keeps
+    # them, "durable" frees those whose shards are committed on disk, "force" frees them all.
+    release_memory_on_exit: str = "off"
 
 
 @dataclass(frozen=True)
@@ -149,11 +162,66 @@ class Config:
         return self.daemon.socket or self.daemon.root / "run" / "ckptd.sock"
 
     @property
+    def shared_gid(self) -> int | None:
+        """The group trainers of another user reach the socket and slots through, or None when
+        only the daemon's user may (socket_mode "0600")."""
+        if self.daemon.socket_mode != SOCKET_MODE_GROUP:
+            return None
+        return resolve_group(self.daemon.socket_group) if self.daemon.socket_group else os.getgid()
+
+    @property
     def shm_path(self) -> Path:
         if self.daemon.shm_dir is not None:
             return self.daemon.shm_dir
         digest = hashlib.sha256(str(self.daemon.root.resolve()).encode()).hexdigest()[:10]
         return Path("/dev/shm") / f"ckptd-{os.getuid()}-{digest}"
+
+
+def resolved(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The whole config as plain data (``ckptd serve --check``): every key of every section, with
+    the socket and shm directory the daemon would use, paths as strings, secrets masked."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in _SECTIONS:
+        section = getattr(cfg, name)
+        values: dict[str, Any] = {}
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if name == "daemon" and f.name == "socket":
+                value = cfg.socket_path
+            elif name == "daemon" and f.name == "shm_dir":
+                value = cfg.shm_path
+            if f.name in _SECRET_KEYS and value:
+                value = REDACTED
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            values[f.name] = value
+        out[name] = values
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):  # a JSON string without \u escapes of surrogates is a TOML basic string
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def to_toml(cfg: Config) -> str:
+    """``resolved(cfg)`` as a TOML document that ``load`` reads back to the same config (secrets
+    excepted: they are masked)."""
+    lines: list[str] = []
+    for name, values in resolved(cfg).items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 _SECTIONS: Final = {
@@ -248,6 +316,9 @@ def validate(cfg: Config) -> Config:
         raise InvalidArgument("memory.slots_per_rank must be at least 2 (N+1 stages while N drains)")
     if m.budget_bytes <= 0:
         raise InvalidArgument("memory.budget_bytes must be positive")
+    if m.budget_bytes < SLOT_ALIGN_BYTES:
+        raise InvalidArgument(f"memory.budget_bytes must be at least {SLOT_ALIGN_BYTES // 2**20}MiB (the smallest "
+                              f"shared-memory slot), got {m.budget_bytes}")
     if not 4096 <= m.chunk_bytes <= 2**30 or m.chunk_bytes % 4096:
         raise InvalidArgument("memory.chunk_bytes must be a multiple of 4096 in [4KiB, 1GiB]")
     for key, val in (("memory.wait_timeout_s", m.wait_timeout_s),
@@ -269,6 +340,17 @@ def validate(cfg: Config) -> Config:
         host, sep, port = cfg.metrics.address.rpartition(":")
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise InvalidArgument(f"metrics.address must be host:port, got {cfg.metrics.address!r}")
+    if dm.release_memory_on_exit not in RELEASE_MEMORY_MODES:
+        raise InvalidArgument(f"daemon.release_memory_on_exit must be one of {', '.join(RELEASE_MEMORY_MODES)}, "
+                              f"got {dm.release_memory_on_exit!r}")
+    if dm.socket_mode not in (SOCKET_MODE_OWNER, SOCKET_MODE_GROUP):
+        raise InvalidArgument(f"daemon.socket_mode must be {SOCKET_MODE_OWNER!r} (the daemon's user only) or "
+                              f"{SOCKET_MODE_GROUP!r} (also daemon.socket_group), got {dm.socket_mode!r}")
+    if dm.socket_group:
+        if dm.socket_mode != SOCKET_MODE_GROUP:
+            raise InvalidArgument(f"daemon.socket_group needs daemon.socket_mode = {SOCKET_MODE_GROUP!r} "
+                                  "(the group gets no access with the default 0600)")
+        resolve_group(dm.socket_group)
     if dm.shm_dir is not None:
         check_shm_dir(dm.shm_dir, cfg)
     validate_object(cfg.object)
@@ -281,6 +363,16 @@ def validate(cfg: Config) -> Config:
             "(Unix socket limit); set daemon.socket to a shorter path"
         )
     return cfg
+
+
+def resolve_group(group: str) -> int:
+    """A group name or numeric gid -> gid; InvalidArgument naming daemon.socket_group if unknown."""
+    import grp
+
+    try:
+        return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+    except (KeyError, OverflowError, ValueError):
+        raise InvalidArgument(f"daemon.socket_group: no group {group!r} on this host") from None
 
 
 def check_shm_dir(shm: Path, cfg: Config) -> None:
@@ -305,8 +397,8 @@ def check_shm_dir(shm: Path, cfg: Config) -> None:
 
 
 _PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]+")
-_BUCKET_RE: Final = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_BUCKET_RE: Final = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_RE: Final = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 
 def validate_object(o: ObjectSection) -> None:
@@ -337,17 +429,17 @@ def validate_object(o: ObjectSection) -> None:
         raise InvalidArgument(f"object.hashed_prefixes must be in [0, 65536], got {o.hashed_prefixes}")
     if o.max_to_keep < 1 or o.keep_period < 0 or o.every_n_steps < 1:
         raise InvalidArgument("object.max_to_keep and object.every_n_steps must be >= 1, object.keep_period >= 0")
-    if o.prefix and (".." in o.prefix or not _PREFIX_RE.match(o.prefix.strip("/"))):
+    if o.prefix and (".." in o.prefix or not _PREFIX_RE.fullmatch(o.prefix.strip("/"))):
         raise InvalidArgument(
             f"object.prefix {o.prefix!r} must be '/'-separated names of letters, digits, '.', '_', '-' "
             "(no '..', no empty parts)"
         )
-    if o.endpoint_url and not re.match(r"^https?://[^/\s]+/?$", o.endpoint_url):
+    if o.endpoint_url and not re.fullmatch(r"https?://[^/\s]+/?", o.endpoint_url):
         raise InvalidArgument(f"object.endpoint_url must be http(s)://host[:port], got {o.endpoint_url!r}")
     if o.enabled:
         if not o.bucket:
             raise InvalidArgument("object.bucket is required when object.enabled is true")
-        if not _BUCKET_RE.match(o.bucket) or ".." in o.bucket:
+        if not _BUCKET_RE.fullmatch(o.bucket) or ".." in o.bucket:
             raise InvalidArgument(f"object.bucket {o.bucket!r} is not a valid bucket name")
         if o.preset == "oss" and not (o.endpoint_url or o.region):
             raise InvalidArgument("object.region (e.g. cn-hangzhou) or object.endpoint_url is required "

@@ -210,14 +210,14 @@ def _shard_from_obj(obj: Any) -> ShardEntry:
     return ShardEntry(rank, nbytes, chunk_bytes, crcs, tensors, tree, key, object_key)
 
 
-_OBJECT_KEY_RE: Final = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_OBJECT_KEY_RE: Final = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 
 def _valid_object_key(object_key: str, key: str) -> bool:
     """'/'-separated allow-listed names, no '..', ending in the shard's own key; the object tier
     further checks that it lies inside its own prefix before using it."""
     return (len(object_key) <= 1024 and ".." not in object_key and object_key.endswith("/" + key)
-            and _OBJECT_KEY_RE.match(object_key) is not None)
+            and _OBJECT_KEY_RE.fullmatch(object_key) is not None)
 
 
 def canonical_json(obj: Any) -> bytes:

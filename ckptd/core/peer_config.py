@@ -35,8 +35,8 @@ from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES, validate_node_id
 PEERS_ENV: Final = "CKPTD_PEERS"
 MIN_TOKEN_CHARS: Final = 16
 MAX_REPLICATION_FACTOR: Final = 16
-_DOMAIN_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
-_HOST_RE: Final = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
+_DOMAIN_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+_HOST_RE: Final = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class TlsFiles:
 
 def parse_hostport(value: str, key: str, allow_port_zero: bool = False) -> tuple[str, int]:
     host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not _HOST_RE.match(host) or not port.isdigit():
+    if not sep or not host or not _HOST_RE.fullmatch(host) or not port.isdigit():
         raise InvalidArgument(f"{key}: expected host:port (IPv6 as [addr]:port), got {value!r}")
     n = int(port)
     if not (0 if allow_port_zero else 1) <= n <= 65535:
@@ -109,7 +109,7 @@ def parse_peer(entry: str, key: str = "peers.peers") -> PeerAddr:
     except ValueError as exc:
         raise InvalidArgument(f"{key}: {exc}") from None
     addr, at, domain = rest.partition("@")
-    if at and not _DOMAIN_RE.match(domain):
+    if at and not _DOMAIN_RE.fullmatch(domain):
         raise InvalidArgument(f"{key}: failure domain {domain!r} of {node_id!r} must be 1-128 letters, "
                               "digits, '.', '_', '/' or '-'")
     host, port = parse_hostport(addr, f"{key} ({node_id})")
@@ -202,7 +202,7 @@ def validate_peers(p: PeerSection) -> PeerSection:
             validate_node_id(p.node_id)
         except ValueError as exc:
             raise InvalidArgument(f"peers.node_id: {exc}") from None
-    if p.failure_domain and not _DOMAIN_RE.match(p.failure_domain):
+    if p.failure_domain and not _DOMAIN_RE.fullmatch(p.failure_domain):
         raise InvalidArgument(f"peers.failure_domain {p.failure_domain!r} must be 1-128 letters, digits, "
                               "'.', '_', '/' or '-'")
     listed = parse_peers(p.peers)

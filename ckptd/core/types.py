@@ -68,7 +68,7 @@ MAX_STEP: Final = 10**12 - 1  # fits step-{step:012d}
 MAX_WORLD_SIZE: Final = 65536
 MAX_NDIM: Final = 32
 
-_JOB_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_JOB_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def validate_job(job: str) -> str:
@@ -79,7 +79,7 @@ def validate_job(job: str) -> str:
         raise ValueError(f"job name longer than {MAX_NAME_LEN} characters")
     if ".." in job:
         raise ValueError(f"job name {job!r} must not contain '..'")
-    if not _JOB_RE.match(job):
+    if not _JOB_RE.fullmatch(job):
         raise ValueError(
             f"job name {job!r} may only use letters, digits, '.', '_' and '-' and must start "
             "with a letter or digit"
@@ -130,22 +130,22 @@ def step_dirname(step: int) -> str:
     return f"step-{step:012d}"
 
 
-_STEP_DIR_RE: Final = re.compile(r"^step-(\d{12})$")
+_STEP_DIR_RE: Final = re.compile(r"step-([0-9]{12})")
 
 
 def parse_step_dirname(name: str) -> int | None:
     """Inverse of step_dirname; None for names that are not step directories."""
-    m = _STEP_DIR_RE.match(name)
+    m = _STEP_DIR_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
 MAX_TRANSFER_CHUNK_BYTES: Final = 4 * 2**20  # the largest chunk of one peer transfer
-NODE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def validate_node_id(node_id: str, what: str = "node id") -> str:
     """Return node_id if it follows the allow-list grammar, else raise ValueError."""
-    if not isinstance(node_id, str) or not NODE_ID_RE.match(node_id) or ".." in node_id:
+    if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id) or ".." in node_id:
         raise ValueError(f"{what} {node_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
                          "starting with a letter or digit (no '..')")
     return node_id

@@ -19,6 +19,7 @@ disk root take the root's ``ckptd.lock`` first, so they never race a daemon serv
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
@@ -105,16 +106,22 @@ def run_gc(source: AnySource, job: str | None, tier: str | None, dry_run: bool, 
 def _gc_local(source: DiskSource | ObjectSource, job: str | None, dry_run: bool, max_to_keep: int | None,
               keep_period: int | None) -> tuple[list[dict[str, Any]], list[str], dict[str, dict[str, int]]]:
     from ckptd.core.config import DiskSection, ObjectSection
+    from ckptd.drains import retention_record
 
     t = _local_tier(source)
+    defaults: DiskSection | ObjectSection | retention_record.DiskPolicy
     defaults = DiskSection() if t == "disk" else ObjectSection()
+    record = retention_record.path_for_data(source.root) if isinstance(source, DiskSource) else None
+    if record is not None:
+        defaults = retention_record.read(record) or defaults  # what the root's daemon applies
     keep = defaults.max_to_keep if max_to_keep is None else max_to_keep
     period = defaults.keep_period if keep_period is None else keep_period
     if t == "object":
         message("note: --bucket sees no pins (they are kept by daemons and disk roots)")
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
-    with _guard(source):
+    # a dry run changes nothing: it needs no lock and may run beside the daemon serving the root
+    with contextlib.nullcontext() if dry_run else _guard(source):
         if job is not None:
             source.committed(job)  # NotFound (exit 4) for an unknown job
         for j in [job] if job is not None else source.list_jobs():
@@ -195,4 +202,49 @@ def run_pin(source: AnySource, ident: Identity, pinned: bool, as_json: bool) -> 
     else:
         shown = ", ".join(str(s) for s in pins) or "none"
         print(f"{'pinned' if pinned else 'unpinned'} {job}@{step} (pinned steps of {job}: {shown})")
+    return 0
+
+
+# -- release-memory -------------------------------------------------------------------------
+def run_release_memory(root: Path, shm_dir: Path | None, force: bool, dry_run: bool, as_json: bool) -> int:
+    """Free the shm slots a stopped daemon of ``root`` left (ckptd/memory/release.py): those that
+    hold nothing or a shard committed on the root's disk tier, or all with ``force``."""
+    import fcntl
+    import os
+
+    from ckptd.core.config import Config, DaemonSection
+    from ckptd.core.errors import FailedPrecondition
+    from ckptd.ctl.output import human_bytes
+    from ckptd.memory.release import release_slots
+
+    lock = root / "ckptd.lock"
+    if not lock.is_file():
+        raise NotFound(f"--root {root}: not a ckptd daemon root (no ckptd.lock)")
+    shm = shm_dir if shm_dir is not None else Config(daemon=DaemonSection(root=root)).shm_path
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FailedPrecondition(f"a ckptd daemon is serving {root} (it holds {lock}); its slots are in "
+                                     "use: stop it first (or start it with --release-memory-on-exit)") from None
+        data = root / "data"
+        report = release_slots(shm, data if data.is_dir() else None, force=force, dry_run=dry_run)
+    finally:
+        os.close(fd)
+    if as_json:
+        emit_json({"schema": "ckptctl.release-memory/v1", "root": str(root), "shm_dir": str(shm),
+                   "dry_run": dry_run, "force": force, "freed": report.freed, "kept": report.kept,
+                   "freed_bytes": report.freed_bytes, "kept_bytes": report.kept_bytes,
+                   "dir_removed": report.dir_removed})
+    else:
+        rows = [[("would free" if dry_run else "freed") if r in report.freed else "kept", r["slot"],
+                 human_bytes(r["bytes"]), f"{r['job']}@{r['step']} rank {r['rank']}" if "job" in r else "-", r["why"]]
+                for r in report.freed + report.kept]
+        if rows:
+            render_table(["ACTION", "SLOT", "SIZE", "HOLDS", "WHY"], rows, right=(2,))
+        verb = "would free" if dry_run else "freed"
+        message(f"{verb} {len(report.freed)} slot(s), {human_bytes(report.freed_bytes)} in {shm}"
+                + (f"; kept {len(report.kept)} ({human_bytes(report.kept_bytes)}) whose shards are not durable "
+                   "on disk (--force frees them too)" if report.kept else ""))
     return 0

@@ -29,6 +29,8 @@ CONNECT_TIMEOUT_S = 5.0
 MAX_ATTEMPTS = 3
 TOTAL_TIMEOUT_S = 600.0
 LIST_THREADS = 8
+SUGGEST_MAX_PREFIXES = 50  # sub-prefixes looked at per level when suggesting where checkpoints are
+SUGGEST_MAX_JOB_PROBES = 3  # job-like sub-prefixes probed for step directories per candidate
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,61 @@ class ObjectSource:
 
     def list_jobs(self) -> list[str]:
         return self.tier.list_jobs()
+
+    # -- where the checkpoints are, when the listed prefix holds none ----------------------------
+    def _children(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` sub-prefixes ("a/b/") right below ``prefix`` (one LIST request)."""
+        resp = self.tier.client.list_objects_v2(Bucket=self.tier.bucket, Prefix=prefix, Delimiter="/",
+                                                MaxKeys=limit)
+        return [str(cp["Prefix"]) for cp in resp.get("CommonPrefixes", ())]
+
+    def _holds_jobs(self, prefix: str) -> bool:
+        """Whether ``prefix`` looks like an object tier's prefix: a sub-prefix named like a job
+        holding a ``step-NNNNNNNNNNNN/`` directory (a few LIST requests at most)."""
+        from ckptd.core.types import parse_step_dirname, validate_job
+
+        probed = 0
+        for child in self._children(prefix, SUGGEST_MAX_PREFIXES):
+            try:
+                validate_job(child[len(prefix):].rstrip("/"))
+            except ValueError:
+                continue
+            if any(parse_step_dirname(c[len(child):].rstrip("/")) is not None for c in self._children(child, 10)):
+                return True
+            probed += 1
+            if probed >= SUGGEST_MAX_JOB_PROBES:
+                break
+        return False
+
+    def prefixes_with_checkpoints(self) -> list[str]:
+        """Prefixes of the bucket that hold checkpoints ("" for the bucket's top level), among the
+        bucket's top-level prefixes and those right below the listed prefix; [] when the store
+        cannot be listed. Bounded: a handful of LIST requests per candidate."""
+        from ckptd.tiers.object_client import STORE_ERRORS
+
+        base = self.tier.base
+        found: list[str] = []
+        try:
+            if base and self._holds_jobs(""):
+                found.append("")
+            for parent in ("", base) if base else ("",):
+                for p in self._children(parent, SUGGEST_MAX_PREFIXES):
+                    if p != base and p.rstrip("/") not in found and self._holds_jobs(p):
+                        found.append(p.rstrip("/"))
+        except STORE_ERRORS:
+            return found
+        return found
+
+    def empty_hint(self) -> list[str]:
+        """What ``ls`` says when the listed prefix holds no checkpoint: where it looked and where
+        checkpoints are."""
+        shown = f"prefix {self.tier.base.rstrip('/')!r}" if self.tier.base else "no --prefix"
+        lines = [f"listed {self.where} ({shown})"]
+        found = self.prefixes_with_checkpoints()
+        if found:
+            lines.append("checkpoints found in this bucket under: " + ", ".join(
+                f"--prefix {p}" if p else "the bucket's top level (no --prefix)" for p in found))
+        return lines
 
     def committed(self, job: str) -> list[int]:
         """Committed steps of job, oldest first; NotFound when the store has no such job."""

@@ -81,6 +81,8 @@ def run_ls(source: AnySource, job: str | None, as_json: bool) -> int:
     if as_json:
         emit_json({"schema": "ckptctl.ls/v1", "source": source.describe(), "jobs": jobs,
                    "steps": [r.to_json() for r in rows]})
+        if not rows and job is None:
+            _hint_where(source)  # on stderr: the document keeps its schema
         return 0
     default = {"disk": {"disk"}, "object": {"object"}}.get(source.kind, {"memory", "disk"})
     tiers = _sorted_tiers({t for r in rows for t in r.tiers} or default)
@@ -92,7 +94,18 @@ def run_ls(source: AnySource, job: str | None, as_json: bool) -> int:
                  + (["PINNED"] if pins else []), table, right=(1, 2, 3))
     if not rows:
         message("no checkpoints found" if job is None else f"job {job!r} has no steps")
+        if job is None:
+            _hint_where(source)
     return 0
+
+
+def _hint_where(source: AnySource) -> None:
+    """An empty bucket listing: name the prefix listed and the prefixes that hold checkpoints."""
+    from ckptd.ctl.bucket import ObjectSource
+
+    if isinstance(source, ObjectSource):
+        for line in source.empty_hint():
+            message(line)
 
 
 # -- show -----------------------------------------------------------------------------------

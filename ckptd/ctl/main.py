@@ -8,6 +8,7 @@
     ckptctl gc [JOB] [--tier disk|object] [--dry-run] [--max-to-keep N] [--keep-period P]
     ckptctl rm JOB@STEP [--tier memory|disk|object] --yes [--force] [--dry-run]
     ckptctl pin JOB@STEP | unpin JOB@STEP
+    ckptctl --root DIR release-memory [--shm-dir DIR] [--force] [--dry-run]
 
 Targets a running daemon (``--addr``, else ``CKPTD_ADDR``, else the default socket; see
 ``ckptd_client.rpc``), or with no daemon a disk root (``--root``) or an object store
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="also remove the last committed copy of a pinned or the latest step")
     s.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    s = cmd("release-memory", "free the shared-memory slots a stopped daemon left (needs --root)")
+    s.add_argument("--shm-dir", type=Path, metavar="DIR",
+                   help="the daemon's daemon.shm_dir (default: the one derived from --root)")
+    s.add_argument("--force", action="store_true", help="also free slots whose shards are not durable on disk")
+    s.add_argument("--dry-run", action="store_true", help="say what would be freed; free nothing")
     for name, what in (("pin", "pin a step: retention never removes it"), ("unpin", "unpin a step")):
         s = cmd(name, what)
         s.add_argument("ident", metavar="JOB@STEP", help="JOB@STEP, JOB@latest or JOB (= latest)")
@@ -174,6 +180,12 @@ def _run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     progress = not as_json and not ns.no_progress and sys.stderr.isatty()
     if ns.cmd == "version":
         return inspect.run_version(ns.addr, ns.timeout, as_json, use_daemon=ns.root is None and ns.bucket is None)
+    if ns.cmd == "release-memory":
+        if ns.root is None:
+            parser.error("release-memory needs --root DIR (the root of a stopped daemon)")
+        from ckptd.ctl.admin import run_release_memory
+
+        return run_release_memory(Path(ns.root), ns.shm_dir, ns.force, ns.dry_run, as_json)
     ident = parse_identity(ns.ident) if hasattr(ns, "ident") else None
     if ns.cmd in ("ls", "gc") and ns.job is not None:
         parse_identity(ns.job)  # validates the job name (exit 2 on a bad one)

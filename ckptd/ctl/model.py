@@ -16,7 +16,7 @@ from typing import Any
 from ckptd.core.errors import InvalidArgument
 from ckptd.core.types import validate_job, validate_step
 
-_STEP_RE = re.compile(r"^[0-9]+$", re.ASCII)
+_STEP_RE = re.compile(r"[0-9]+", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def parse_identity(text: str) -> Identity:
         if sep and not step_text:
             raise InvalidArgument(f"bad identity {text!r}: empty step")
         return Identity(job, None)
-    if not _STEP_RE.match(step_text):
+    if not _STEP_RE.fullmatch(step_text):
         raise InvalidArgument(f"bad identity {text!r}: step must be a non-negative integer or 'latest'")
     try:
         return Identity(job, validate_step(int(step_text)))

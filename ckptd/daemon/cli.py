@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-bytes", help="shared-memory byte budget, e.g. 8GiB")
     s.add_argument("--no-disk", action="store_true", help="disable the disk tier")
     s.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
-    s.add_argument("--check", action="store_true", help="validate the config, print it, exit")
+    s.add_argument("--release-memory-on-exit", nargs="?", const="durable", choices=("off", "durable", "force"),
+                   help="at a clean stop free the shm slots whose shards are durable on disk (durable, the "
+                        "default of the flag) or all of them (force); default: keep them for the next daemon")
+    s.add_argument("--check", action="store_true",
+                   help="validate the config, print it resolved (TOML, or JSON with --json), exit")
+    s.add_argument("--json", action="store_true", help="with --check: print the config as JSON")
     return p
 
 
@@ -43,12 +50,25 @@ def _flags(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("daemon", "root", ns.root), ("daemon", "socket", ns.socket),
         ("daemon", "shm_dir", ns.shm_dir), ("daemon", "log_level", ns.log_level),
         ("memory", "budget_bytes", ns.budget_bytes),
+        ("daemon", "release_memory_on_exit", ns.release_memory_on_exit),
     ):
         if value is not None:
             flags.setdefault(section, {})[key] = value
     if ns.no_disk:
         flags.setdefault("disk", {})["enabled"] = False
     return flags
+
+
+def _emit(text: str) -> int:
+    """Write to stdout; a reader that went away (``| head -1``) ends it quietly with exit code 1."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidArgument as exc:
         print(f"ckptd: config error: {exc}", file=sys.stderr)
         return 2
+    if ns.json and not ns.check:
+        print("ckptd: --json goes with --check", file=sys.stderr)
+        return 2
     if ns.check:
-        print(cfg)
-        return 0
+        text = json.dumps(config.resolved(cfg), indent=2) + "\n" if ns.json else config.to_toml(cfg)
+        return _emit(text)
     logs.setup(cfg.daemon.log_level)
     try:
         from ckptd.daemon.serve import serve  # heavy imports only when serving

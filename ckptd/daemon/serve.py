@@ -1,7 +1,9 @@
 """``ckptd serve``: run one daemon behind its gRPC servers until SIGTERM/SIGINT.
 
-``serve`` builds the ``Daemon`` (ckptd/daemon/wiring.py) and starts it, starts the metrics
-listener and the peer server when configured, binds the Unix socket (0600 in a 0700 directory)
+``serve`` claims the socket path (ckptd/daemon/instance.py: refused while a live daemon serves
+it), builds the ``Daemon`` (ckptd/daemon/wiring.py) and starts it, starts the metrics listener
+and the peer server when configured, binds the Unix socket (0600 in a 0700 directory, or group
+access as configured)
 with the CheckpointService servicer and grpc.health.v1, and on SIGTERM/SIGINT reports
 NOT_SERVING, stops the peer server, drains the daemon, stops the gRPC server and removes the
 socket. It is the only importer of the wiring module (with the ``ckptd`` command line above it).
@@ -20,7 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ckptd.core.config import Config
 from ckptd.core.errors import FailedPrecondition
-from ckptd.daemon.wiring import Daemon, socket_dir_ready
+from ckptd.daemon import instance
+from ckptd.daemon.wiring import Daemon
 from ckptd.rpc.server import MAX_MESSAGE_BYTES, SERVICE_NAME, CheckpointServicer, add_checkpoint_servicer
 
 log = logging.getLogger("ckptd.server")
@@ -31,6 +34,9 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
     sock = cfg.socket_path
     if sock.exists() and not sock.is_socket():  # a stale socket is replaced; any other file is not ours
         raise FailedPrecondition(f"daemon.socket {sock} exists and is not a socket; refusing to replace it")
+    # claim the socket first: a second daemon given a live daemon's socket stops before it touches its root
+    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    instance.claim_socket(sock, cfg.daemon.root)
     daemon = Daemon(cfg)
     await daemon.start()
     if cfg.metrics.address:
@@ -56,14 +62,13 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
                                                daemon.membership, daemon.status, cfg.memory.chunk_bytes), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    socket_dir_ready(sock)
     old_umask = os.umask(0o077)  # the socket is born owner-only: no window before the chmod below
     try:
         server.add_insecure_port(f"unix:{sock}")
     finally:
         os.umask(old_umask)
     await server.start()
-    os.chmod(sock, 0o600)
+    instance.set_socket_access(sock, cfg.shared_gid)  # 0600, or 0660 for daemon.socket_group
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop = asyncio.Event()

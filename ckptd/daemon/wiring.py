@@ -24,7 +24,6 @@ import fcntl
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd import __version__
@@ -32,10 +31,12 @@ from ckptd.core import fsops, metrics
 from ckptd.core.config import Config
 from ckptd.core.errors import FailedPrecondition
 from ckptd.daemon import adoption
+from ckptd.drains import retention_record
 from ckptd.drains.admin import StepAdmin
 from ckptd.drains.disk_drain import DiskDrainer
 from ckptd.drains.pins import PINS_DIRNAME, PinStore
 from ckptd.drains.tasks import Shutdown, TaskSet
+from ckptd.memory import release
 from ckptd.memory.catalog import Catalog
 from ckptd.memory.slots import SlotPool
 from ckptd.restore.planner import Restorer
@@ -66,7 +67,7 @@ class Daemon:
         self.executor = ThreadPoolExecutor(cfg.daemon.io_threads, thread_name_prefix="ckptd-io")
         self.shutdown = Shutdown()
         self.tasks = TaskSet()  # checksum passes of staged shards
-        self.pool = SlotPool(cfg.shm_path, cfg.memory.budget_bytes)
+        self.pool = SlotPool(cfg.shm_path, cfg.memory.budget_bytes, cfg.shared_gid)
         self.catalog = Catalog()
         self.pins = PinStore(cfg.daemon.root / PINS_DIRNAME)  # ckptctl pin: every retention keeps them
         self.pins.load()
@@ -171,6 +172,7 @@ class Daemon:
 
     async def start(self) -> None:
         self._lock()
+        retention_record.write(self.cfg.daemon.root, self.cfg.disk)  # for ckptctl --root gc
         loop = asyncio.get_running_loop()
         if self.disk is not None:
             removed = await loop.run_in_executor(self.executor, self.disk.recover)
@@ -230,6 +232,8 @@ class Daemon:
         if self.object is not None:
             self.object.close()
         self.pool.close()
+        release.release_on_exit(self.cfg.shm_path, self.disk.root if self.disk is not None else None,
+                                self.cfg.daemon.release_memory_on_exit)  # ckptd/memory/release.py
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -264,9 +268,3 @@ class Daemon:
             "tiers": self.tiers(),
         }
 
-
-def socket_dir_ready(path: Path) -> None:
-    """Create the socket's directory (0700) and remove a stale socket file (we hold the lock)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.exists() or path.is_socket():
-        path.unlink()

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import mmap
 import time
+import traceback
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,7 @@ class ObjectUploader(Worker):
         in_use.add(st.step)
         t0 = time.monotonic()
         nbytes = 0
+        entries: list[ShardEntry] | None = None
         try:
             entries = await self._entries(st)
             if entries is None:
@@ -128,7 +130,10 @@ class ObjectUploader(Worker):
                 await self._upload_shard(st, entry)
                 nbytes += entry.nbytes
         except AlreadyExists:
-            await self.catalog.set_tier(st, TierName.OBJECT, TierState.COMMITTED, "already in the store")
+            # The step is committed in the store (e.g. this node restored it from a peer): nothing
+            # to upload. Its manifest's checksums of our ranks tell whether it is the same content.
+            msg = await self._compare_with_store(st, entries or [])
+            await self.catalog.set_tier(st, TierName.OBJECT, TierState.COMMITTED, msg)
             return
         except Exception as exc:  # noqa: BLE001 - a failed upload degrades the level, nothing more
             log.error("upload of %s@%d failed: %s", st.job, st.step, exc)
@@ -144,6 +149,24 @@ class ObjectUploader(Worker):
         coordinator = 0 in st.ranks
         self._awaiting[(st.job, st.step)] = _Awaiting(st, time.monotonic() + self.cfg.commit_wait_s, coordinator)
         del loop
+
+    async def _compare_with_store(self, st: StepState, entries: list[ShardEntry]) -> str:
+        """The catalog message for a step found committed in the store: whether the store's copy of
+        this node's shards has the same size and chunk checksums as ours (one manifest read)."""
+        loop = asyncio.get_running_loop()
+        try:
+            stored = await loop.run_in_executor(self.executor, self.tier.read_manifest, st.job, st.step)
+        except CkptdError as exc:
+            log.warning("%s@%d is already in the store; its manifest could not be read to compare: %s",
+                        st.job, st.step, exc)
+            return "already in the store (not compared)"
+        theirs = {s.rank: (s.nbytes, tuple(s.chunk_crc32c)) for s in stored.shards}
+        differ = [e.rank for e in entries if theirs.get(e.rank) != (e.nbytes, tuple(e.chunk_crc32c))]
+        if differ:
+            log.warning("%s@%d is already committed in the store with other content for rank(s) %s than this "
+                        "node's copy; the store's copy is kept", st.job, st.step, differ)
+            return f"already in the store (its content of rank(s) {differ} differs from this node's copy)"
+        return "already in the store"
 
     async def _entries(self, st: StepState) -> list[ShardEntry] | None:
         """This node's shard entries of the step: from its shard records, or, for a step known
@@ -206,10 +229,19 @@ class ObjectUploader(Worker):
                 if bad is not None:
                     raise IntegrityError(f"{path}: crc32c mismatch in chunk {bad}; not uploaded")
                 self.tier.put_shard(st.job, st.step, entry, view)
+            except BaseException as exc:
+                # The frames of the tier's call may still hold views of the mapping (e.g. put_shard
+                # raising AlreadyExists): drop their locals, or mm.close() below raises BufferError
+                # and hides the real error.
+                traceback.clear_frames(exc.__traceback__)
+                raise
             finally:
                 view.release()
         finally:
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:  # a view still alive elsewhere: the mapping goes with its last view
+                log.debug("%s: mapping still exported at close; left to the last view", path)
 
     async def _record(self, st: StepState, entry: ShardEntry) -> None:
         loop = asyncio.get_running_loop()

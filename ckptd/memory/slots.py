@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from ckptd.core import failpoints
+from ckptd.core.config import SLOT_ALIGN_BYTES
 from ckptd.core.errors import BudgetExhausted, CkptdError, InvalidArgument
 
 log = logging.getLogger("ckptd.shm")
 
-SLOT_ALIGN_BYTES = 2 * 2**20
 MADV_POPULATE_WRITE: Final = 23  # Linux >= 5.14: fault a range's pages in, writable, in one call
 _SUFFIX = ".bin"
 _META_SUFFIX = ".meta.json"
@@ -87,8 +87,15 @@ class Slot:
         return memoryview(self.mm)[:nbytes]
 
 
-def prepare_dir(path: Path) -> None:
-    """Create the private slot directory, or check that an existing one is ours and private."""
+DIR_MODE_PRIVATE: Final = 0o700
+DIR_MODE_GROUP: Final = 0o2750  # setgid: slot files belong to the group; the group may list, never write
+FILE_MODE_GROUP: Final = 0o660  # trainers of the group map slots read-write (the save copy)
+
+
+def prepare_dir(path: Path, gid: int | None = None) -> None:
+    """Create the slot directory, or check that an existing one is ours; make it private (0700),
+    or, with ``gid`` (daemon.socket_mode "0660"), 2750 in that group."""
+    mode = DIR_MODE_PRIVATE if gid is None else DIR_MODE_GROUP
     try:
         path.mkdir(mode=0o700, parents=False)
     except FileExistsError:
@@ -100,16 +107,19 @@ def prepare_dir(path: Path) -> None:
         raise InvalidArgument(f"shm path {path} exists and is not a directory")
     if st.st_uid != os.getuid():
         raise InvalidArgument(f"shm directory {path} is owned by uid {st.st_uid}, not us")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+    if gid is not None and st.st_gid != gid:
+        os.chown(path, -1, gid)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
 
 
 class SlotPool:
     """All slots of this daemon, under one byte budget."""
 
-    def __init__(self, directory: Path, budget_bytes: int) -> None:
+    def __init__(self, directory: Path, budget_bytes: int, shared_gid: int | None = None) -> None:
         self.directory = directory
         self.budget_bytes = budget_bytes
+        self.shared_gid = shared_gid  # slot files 0660 in this group (None: 0600, the daemon's user only)
         self.slots: dict[str, Slot] = {}
         self._cond = asyncio.Condition()
         self._spares: dict[tuple[str, int], asyncio.Task[None]] = {}  # owner -> its spare being made
@@ -126,7 +136,7 @@ class SlotPool:
 
         Returns (slot, sidecar) pairs; the caller verifies checksums and adopts or frees them.
         """
-        prepare_dir(self.directory)
+        prepare_dir(self.directory, self.shared_gid)
         found: list[tuple[Slot, dict[str, Any]]] = []
         for entry in sorted(self.directory.iterdir()):
             name = entry.name
@@ -314,6 +324,9 @@ class SlotPool:
         path = self.directory / f"slot-{slot_id}{_SUFFIX}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            if self.shared_gid is not None:  # trainers of another user (daemon.socket_mode "0660")
+                os.fchown(fd, -1, self.shared_gid)
+                os.fchmod(fd, FILE_MODE_GROUP)
             try:
                 os.posix_fallocate(fd, 0, capacity)  # pages exist before the first copy
             except OSError as exc:

@@ -222,7 +222,19 @@ class CheckpointManager:
         """Wait until the newest successful save reached ``level``; return its step.
 
         A step the tier skipped on purpose (superseded, interval) is not an error; a failed tier is.
+        Errors follow the manager's ``on_error`` policy, as ``save()`` does: under "warn" (the
+        default) a failure (daemon unavailable, tier failed, timeout) is logged and None returned;
+        under "raise" it is raised.
         """
+        try:
+            return self._wait_newest(level, timeout_s)
+        except CkptdError as exc:
+            if self.on_error == "raise":
+                raise
+            log.warning("ckptd: wait for the newest save of %s to reach %s failed: %s", self.job, level.name, exc)
+            return None
+
+    def _wait_newest(self, level: Level, timeout_s: float | None) -> int | None:
         for handle in reversed(self.handles):
             if not handle.ok:
                 continue

@@ -106,7 +106,8 @@ def test_bad_steps(stub: pb_grpc.CheckpointServiceStub, known_job: str, step: in
 
 
 BAD_JOBS = ["..", "../etc", "a/../b", "a/b", "/etc/passwd", "/", "", "x" * 129, "jöb", "日本", "a..b",
-            ".hidden", "-dash", "sp ace", "tab\t", "new\nline", "nul\x00", "back\\slash", "~root", "*"]
+            ".hidden", "-dash", "sp ace", "tab\t", "new\nline", "job\n", "job\r\n", "nul\x00", "back\\slash",
+            "~root", "*"]
 
 
 @pytest.mark.parametrize("job", BAD_JOBS, ids=[repr(j)[:20] for j in BAD_JOBS])
