@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")  # every ckptctl test module imports this kit: all skip without torch
@@ -28,6 +27,7 @@ from ckptd_client import CheckpointManager, Level  # noqa: E402
 from ckptd_client.tree import flatten  # noqa: E402
 
 from tests.conftest import DaemonProc  # noqa: E402
+from tests.state_factory import torch_state  # noqa: E402
 
 JOB = "llm-7b"
 STEPS = (10, 20)
@@ -49,25 +49,6 @@ def ctl_json(*args: str, env: dict[str, str] | None = None) -> Any:
     res = ctl(*args, "-o", "json", env=env)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
-
-
-def make_state(step: int, rank: int) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(step * 100 + rank)
-    return {
-        "model": {
-            "embed.weight": torch.randn(96, 40, generator=g).to(torch.bfloat16),
-            "layers": [{"w": torch.randn(40, 40, generator=g), "b": torch.randn(40, generator=g).half()}
-                       for _ in range(2)],
-        },
-        "optim": {"step": torch.tensor(step, dtype=torch.int64), "lr": 3e-4,
-                  "mask": torch.rand(33, generator=g) > 0.5},
-        "fp8": torch.randn(16, generator=g).to(torch.float8_e4m3fn),
-        "hist": np.arange(rank, rank + 12, dtype=np.int16).reshape(3, 4),
-        "bytes": torch.randint(0, 255, (17,), generator=g, dtype=torch.uint8),
-        "scalar": torch.tensor(1.5 + rank, dtype=torch.float64),
-        "empty": torch.empty(0, 4),
-        "meta": {"epoch": 3, "name": f"rank{rank}"},
-    }
 
 
 def expected_tensors(state: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +81,7 @@ def saved_fixture(daemon: DaemonProc) -> Iterator[Saved]:
         for step in STEPS:
             handles = []
             for rank, mgr in enumerate(managers):
-                state = make_state(step, rank)
+                state = torch_state(step, rank)
                 expected[(step, rank)] = expected_tensors(state)
                 handles.append(mgr.save(step, state))
             for h in handles:

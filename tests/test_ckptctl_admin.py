@@ -25,6 +25,7 @@ import numpy as np
 from ckptd_client import CheckpointManager, Level
 
 from tests.conftest import DaemonProc
+from tests.state_factory import ramp_state
 from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
 
 CTL = [sys.executable, "-m", "ckptd.ctl.main"]
@@ -50,7 +51,7 @@ def ctl_json(*args: str, rc: int = 0) -> Any:
 
 
 def state(step: int, rank: int = 0) -> dict[str, Any]:
-    return {"w": np.arange(20_000, dtype=np.float32) * (step + 1) + rank, "step": step}
+    return ramp_state(20_000, np.float32, scale=step + 1, offset=rank, step=step)
 
 
 def save(addr: str, steps: list[int], level: Level, world: int = 1) -> None:

@@ -17,6 +17,7 @@ from ckptd_client import CheckpointManager, Level
 from ckptd.core.errors import TierFailed
 from ckptd.core.manifest import Manifest
 from tests.conftest import DaemonProc
+from tests.state_factory import vector_state
 from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
 from tests.tiers.faultproxy import FaultProxy
 
@@ -32,8 +33,7 @@ def _config(endpoint: str, bucket: str, prefix: str, **extra: Any) -> str:
 
 
 def _state(step: int, rank: int) -> dict[str, Any]:
-    rng = np.random.default_rng(1000 * step + rank)
-    return {"w": rng.standard_normal(N).astype(np.float32), "step": step, "tag": f"r{rank}"}
+    return vector_state(1000 * step + rank, N, step=step, tag=f"r{rank}")
 
 
 def _check(got: dict[str, Any], step: int, rank: int) -> None:

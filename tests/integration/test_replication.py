@@ -24,6 +24,7 @@ from ckptd.core.errors import NotFound, TierFailed
 from ckptd.peers.placement import Member, holders_of
 from tests._ckptd_helpers import free_port
 from tests.conftest import DaemonProc
+from tests.state_factory import vector_state
 from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
 from tests.tiers.faultproxy import FaultProxy
 
@@ -34,8 +35,7 @@ TOKEN = "test-peer-token-0123456789"
 
 
 def _state(step: int, rank: int) -> dict[str, Any]:
-    rng = np.random.default_rng(7919 * step + rank)
-    return {"w": rng.standard_normal(N).astype(np.float32), "step": step}
+    return vector_state(7919 * step + rank, N, step=step)
 
 
 def _check(m: CheckpointManager, step: int) -> str:
