@@ -1,11 +1,12 @@
 """Helpers shared by the ``ckptctl`` test modules (tests/test_ckptctl_*.py, not the admin ones).
 
 ``ctl``/``ctl_json`` run ckptctl as a subprocess with no ``CKPTD_*`` variable of the host and
-``NO_COLOR`` set; the ``saved`` fixture saves two steps (10, 20) of a two-rank job with a mix of
-dtypes (bfloat16, float8, bool, int16, 0-d, empty) into a fresh daemon and records the tensors
-each rank saved. The small schema matcher ``conforms`` and the ``*_SCHEMA`` documents are the JSON
-shapes of ``ls``/``show``/``status``/``restore``/``verify`` that docs/cli.md documents, held here
-as executable checks: change both together.
+``NO_COLOR`` set; ``save_steps`` (tests/conftest.py's ``saved`` fixture) saves two steps (10, 20)
+of a two-rank job with a mix of dtypes (``torch_state``: bfloat16, float8, bool, int16, 0-d,
+empty) into a fresh daemon and records the tensors each rank saved. The small schema matcher
+``conforms`` and the ``*_SCHEMA`` documents are the JSON shapes of
+``ls``/``show``/``status``/``restore``/``verify`` that docs/cli.md documents, held here as
+executable checks: change both together.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +72,8 @@ class Saved:
         return ["--addr", self.daemon.addr]
 
 
-@pytest.fixture(name="saved")
-def saved_fixture(daemon: DaemonProc) -> Iterator[Saved]:
+def save_steps(daemon: DaemonProc) -> Saved:
+    """Save STEPS of a WORLD-rank job into daemon; what tests/conftest.py's ``saved`` fixture holds."""
     managers = [CheckpointManager(JOB, rank=r, world_size=WORLD, addr=daemon.addr, on_error="raise")
                 for r in range(WORLD)]
     expected: dict[tuple[int, int], dict[str, Any]] = {}
@@ -90,7 +90,7 @@ def saved_fixture(daemon: DaemonProc) -> Iterator[Saved]:
     finally:
         for m in managers:
             m.close()
-    yield Saved(daemon, expected)
+    return Saved(daemon, expected)
 
 
 # -- a small schema matcher ----------------------------------------------------------------
