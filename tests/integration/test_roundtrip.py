@@ -18,16 +18,9 @@ import pytest
 import torch
 from ckptd_client import CheckpointManager, FailedPrecondition, Level, NotFound
 
-from tests._ckptd_helpers import Daemon, running_daemon, tensor_bytes, unique_job
+from tests._ckptd_helpers import Daemon, tensor_bytes, unique_job
 from tests.conftest import DaemonProc
 from tests.state_factory import every_value_state, random_tensor
-
-
-@pytest.fixture(scope="module")
-def mod_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    # every saved step stays on disk (retention is not under test here)
-    with running_daemon(tmp_path_factory.mktemp("roundtrip"), env={"CKPTD_DISK_MAX_TO_KEEP": "10"}) as d:
-        yield d
 
 
 @pytest.fixture
