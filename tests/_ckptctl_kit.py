@@ -1,11 +1,12 @@
 """Helpers shared by the ``ckptctl`` test modules (tests/test_ckptctl_*.py, not the admin ones).
 
 ``ctl``/``ctl_json`` run ckptctl as a subprocess with no ``CKPTD_*`` variable of the host and
-``NO_COLOR`` set; the ``saved`` fixture saves two steps (10, 20) of a two-rank job with a mix of
-dtypes (bfloat16, float8, bool, int16, 0-d, empty) into a fresh daemon and records the tensors
-each rank saved. The small schema matcher ``conforms`` and the ``*_SCHEMA`` documents are the JSON
-shapes of ``ls``/``show``/``status``/``restore``/``verify`` that docs/cli.md documents, held here
-as executable checks: change both together.
+``NO_COLOR`` set; ``save_steps`` (tests/conftest.py's ``saved`` fixture) saves two steps (10, 20)
+of a two-rank job with a mix of dtypes (``torch_state``: bfloat16, float8, bool, int16, 0-d,
+empty) into a fresh daemon and records the tensors each rank saved. The small schema matcher
+``conforms`` and the ``*_SCHEMA`` documents are the JSON shapes of
+``ls``/``show``/``status``/``restore``/``verify`` that docs/cli.md documents, held here as
+executable checks: change both together.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")  # every ckptctl test module imports this kit: all skip without torch
@@ -28,6 +27,7 @@ from ckptd_client import CheckpointManager, Level  # noqa: E402
 from ckptd_client.tree import flatten  # noqa: E402
 
 from tests.conftest import DaemonProc  # noqa: E402
+from tests.state_factory import torch_state  # noqa: E402
 
 JOB = "llm-7b"
 STEPS = (10, 20)
@@ -51,25 +51,6 @@ def ctl_json(*args: str, env: dict[str, str] | None = None) -> Any:
     return json.loads(res.stdout)
 
 
-def make_state(step: int, rank: int) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(step * 100 + rank)
-    return {
-        "model": {
-            "embed.weight": torch.randn(96, 40, generator=g).to(torch.bfloat16),
-            "layers": [{"w": torch.randn(40, 40, generator=g), "b": torch.randn(40, generator=g).half()}
-                       for _ in range(2)],
-        },
-        "optim": {"step": torch.tensor(step, dtype=torch.int64), "lr": 3e-4,
-                  "mask": torch.rand(33, generator=g) > 0.5},
-        "fp8": torch.randn(16, generator=g).to(torch.float8_e4m3fn),
-        "hist": np.arange(rank, rank + 12, dtype=np.int16).reshape(3, 4),
-        "bytes": torch.randint(0, 255, (17,), generator=g, dtype=torch.uint8),
-        "scalar": torch.tensor(1.5 + rank, dtype=torch.float64),
-        "empty": torch.empty(0, 4),
-        "meta": {"epoch": 3, "name": f"rank{rank}"},
-    }
-
-
 def expected_tensors(state: dict[str, Any]) -> dict[str, Any]:
     leaves, _, _, _ = flatten(state)
     return {leaf.name: torch.as_tensor(leaf.obj) for leaf in leaves}
@@ -91,8 +72,8 @@ class Saved:
         return ["--addr", self.daemon.addr]
 
 
-@pytest.fixture(name="saved")
-def saved_fixture(daemon: DaemonProc) -> Iterator[Saved]:
+def save_steps(daemon: DaemonProc) -> Saved:
+    """Save STEPS of a WORLD-rank job into daemon; what tests/conftest.py's ``saved`` fixture holds."""
     managers = [CheckpointManager(JOB, rank=r, world_size=WORLD, addr=daemon.addr, on_error="raise")
                 for r in range(WORLD)]
     expected: dict[tuple[int, int], dict[str, Any]] = {}
@@ -100,7 +81,7 @@ def saved_fixture(daemon: DaemonProc) -> Iterator[Saved]:
         for step in STEPS:
             handles = []
             for rank, mgr in enumerate(managers):
-                state = make_state(step, rank)
+                state = torch_state(step, rank)
                 expected[(step, rank)] = expected_tensors(state)
                 handles.append(mgr.save(step, state))
             for h in handles:
@@ -109,7 +90,7 @@ def saved_fixture(daemon: DaemonProc) -> Iterator[Saved]:
     finally:
         for m in managers:
             m.close()
-    yield Saved(daemon, expected)
+    return Saved(daemon, expected)
 
 
 # -- a small schema matcher ----------------------------------------------------------------

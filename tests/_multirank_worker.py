@@ -13,45 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import struct
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ckptd_client import CheckpointManager, Level
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-def make_state(rank: int, step: int, use_torch: bool, zero: bool = False) -> dict[str, Any]:
-    rng = np.random.default_rng(1_000_003 * rank + step)
-    n = 1000 + 517 * rank
+from ckptd_client import CheckpointManager, Level  # noqa: E402
 
-    def arr(dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-        dt = np.dtype(dtype)
-        raw = rng.bytes(math.prod(shape) * dt.itemsize)
-        a = np.frombuffer(raw, dtype=dt).reshape(shape).copy()
-        return np.zeros_like(a) if zero else a
-
-    state: dict[str, Any] = {
-        "arrays": {"f32": arr("float32", (n,)), "i64": arr("int64", (7, rank + 1)),
-                   "f16": arr("float16", (3, 5)).T, "u8": arr("uint8", (rank * 3,))},
-        "meta": {"rank": rank, "step": step, "lr": 0.1 * step + rank, "name": f"rank-{rank}",
-                 "flags": (True, None), "ids": {rank: step}},
-    }
-    if use_torch:
-        import torch
-
-        g = torch.Generator().manual_seed(7919 * rank + step)
-        model = {
-            "w": torch.randn(16, 8 + rank, generator=g),
-            "b": torch.randn(16, generator=g).to(torch.bfloat16),
-            "steps": torch.tensor(step * 10 + rank),
-            "mask": torch.randint(0, 2, (5, 5), generator=g).bool().t(),
-        }
-        if zero:
-            model = {k: torch.zeros_like(v) for k, v in model.items()}
-        state["model"] = model
-    return state
+from tests.state_factory import rank_state  # noqa: E402
 
 
 def same(a: Any, b: Any, path: str = "") -> str | None:
@@ -109,7 +82,7 @@ def main() -> int:
         if ns.mode == "save":
             out["nbytes"] = {}
             for step in (int(s) for s in ns.steps.split(",")):
-                h = m.save(step, make_state(ns.rank, step, ns.torch))
+                h = m.save(step, rank_state(ns.rank, step, ns.torch))
                 status = h.wait(Level.LOCAL_DURABLE, timeout_s=120)
                 if int(status.level) != int(Level.LOCAL_DURABLE):
                     errors.append(f"step {step}: level {status.level}")
@@ -121,7 +94,7 @@ def main() -> int:
             for spec in ns.steps.split(","):
                 if spec == "latest":
                     step = int(out["latest"])
-                    state = make_state(ns.rank, step, ns.torch, zero=True)  # restored in place
+                    state = rank_state(ns.rank, step, ns.torch, zero=True)  # restored in place
                     got = m.restore(state)
                 else:
                     step = int(spec)
@@ -130,7 +103,7 @@ def main() -> int:
                 if got != step:
                     errors.append(f"{spec}: restored step {got}, expected {step}")
                     continue
-                err = same(make_state(ns.rank, step, ns.torch), state, f"step {step}")
+                err = same(rank_state(ns.rank, step, ns.torch), state, f"step {step}")
                 if err is not None:
                     errors.append(err)
                 assert m.last_restore is not None

@@ -3,6 +3,12 @@
 ``daemon_factory(**overrides)`` starts ``ckptd serve`` with a fresh root and shm directory (or
 given ones, to restart a node on the same state), waits until it answers, and returns a
 ``DaemonProc``; every daemon is killed and its shm directory removed at teardown.
+
+Fixtures more than one folder uses live here too: ``moto_s3`` (session), a real S3 endpoint on
+127.0.0.1 (tests/tiers/_moto.py), ``proxy``, a fault-injecting proxy in front of it
+(tests/tiers/faultproxy.py), and ``saved``, two steps of a two-rank job saved into a fresh daemon
+for the ckptctl tests (tests/_ckptctl_kit.py). Their modules are imported when a test asks for
+them. Each folder's own fixtures are in its conftest.py; states come from tests/state_factory.py.
 """
 
 from __future__ import annotations
@@ -17,12 +23,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from ckptd_client.rpc import wait_until_serving
 
 from ckptd.core.errors import DaemonUnavailable
 from tests._ckptd_helpers import die_with_parent
+
+if TYPE_CHECKING:
+    from tests._ckptctl_kit import Saved
+    from tests.tiers._moto import MotoS3
+    from tests.tiers.faultproxy import FaultProxy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -112,3 +124,27 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
 @pytest.fixture
 def daemon(daemon_factory: Callable[..., DaemonProc]) -> DaemonProc:
     return daemon_factory()
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    from tests.tiers._moto import serve_moto
+
+    with serve_moto() as s3:
+        yield s3
+
+
+@pytest.fixture
+def proxy(moto_s3: MotoS3) -> Iterator[FaultProxy]:
+    from tests.tiers.faultproxy import FaultProxy
+
+    p = FaultProxy(moto_s3.endpoint_url, bucket=moto_s3.bucket)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def saved(daemon: DaemonProc) -> Saved:
+    from tests._ckptctl_kit import save_steps
+
+    return save_steps(daemon)

@@ -25,7 +25,8 @@ import numpy as np
 from ckptd_client import CheckpointManager, Level
 
 from tests.conftest import DaemonProc
-from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
+from tests.state_factory import ramp_state
+from tests.tiers._moto import MotoS3
 
 CTL = [sys.executable, "-m", "ckptd.ctl.main"]
 JOB = "adm"
@@ -50,7 +51,7 @@ def ctl_json(*args: str, rc: int = 0) -> Any:
 
 
 def state(step: int, rank: int = 0) -> dict[str, Any]:
-    return {"w": np.arange(20_000, dtype=np.float32) * (step + 1) + rank, "step": step}
+    return ramp_state(20_000, np.float32, scale=step + 1, offset=rank, step=step)
 
 
 def save(addr: str, steps: list[int], level: Level, world: int = 1) -> None:
@@ -183,7 +184,7 @@ def _object_config(endpoint: str, bucket: str, prefix: str) -> str:
             'part_size_bytes = "5MiB"\nmax_to_keep = 3\n')
 
 
-def test_bucket_target(daemon_factory: Callable[..., DaemonProc], moto_s3: MotoS3,  # noqa: F811
+def test_bucket_target(daemon_factory: Callable[..., DaemonProc], moto_s3: MotoS3,
                        tmp_path: Path) -> None:
     prefix = f"ctl-{uuid.uuid4().hex[:8]}"
     d = daemon_factory(config_text=_object_config(moto_s3.endpoint_url, moto_s3.bucket, prefix))

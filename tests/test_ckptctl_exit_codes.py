@@ -26,7 +26,6 @@ from tests._ckptctl_kit import (
     JOB,
     Saved,
     ctl,
-    saved_fixture,  # noqa: F401 - the `saved` fixture
 )
 
 

@@ -30,7 +30,6 @@ from tests._ckptctl_kit import (  # noqa: E402
     conforms,
     ctl,
     ctl_json,
-    saved_fixture,  # noqa: F401 - the `saved` fixture
 )
 
 

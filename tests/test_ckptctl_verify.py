@@ -19,7 +19,6 @@ from tests._ckptctl_kit import (
     conforms,
     ctl,
     ctl_json,
-    saved_fixture,  # noqa: F401 - the `saved` fixture
 )
 
 

@@ -26,7 +26,7 @@ from ckptd_client import CheckpointManager, Level
 
 from tests._ckptd_helpers import clean_env, free_port, unique_job
 from tests.conftest import DaemonProc
-from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
+from tests.tiers._moto import MotoS3
 
 # -- no secret in any log ------------------------------------------------------------------------
 
@@ -50,7 +50,7 @@ class _Records(logging.Handler):
         self.lines.append(self.format(record) + repr(record.args))
 
 
-def test_no_secret_in_any_log_of_a_whole_workload(daemon_factory: Callable[..., DaemonProc], moto_s3: MotoS3,  # noqa: F811
+def test_no_secret_in_any_log_of_a_whole_workload(daemon_factory: Callable[..., DaemonProc], moto_s3: MotoS3,
                                                   tmp_path: Path) -> None:
     access_key = _secret("AKIA", 16)
     secret_key = _secret("", 40)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from ckptd_client.tree import flatten  # noqa: E402
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb  # noqa: E402
-from tests.fault.faultkit import JOB, make_state, manager  # noqa: E402
+from tests.fault.faultkit import JOB, manager  # noqa: E402
+from tests.state_factory import fault_state  # noqa: E402
 
 
 def say(line: str) -> None:
@@ -37,12 +38,12 @@ def main() -> None:
     rank, world_size = (int(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 5 else (0, 1)
     m = manager(addr, rank=rank, world_size=world_size, on_error="raise")
     for step in range(1, last + 1):
-        h = m.save(step, make_state(step, rank, nbytes))
+        h = m.save(step, fault_state(step, rank, nbytes))
         assert h.ok, h.error
         say(f"SAVED {step}")
     if mode == "torn":
         step = last + 1
-        _, _, _, total = flatten(make_state(step, rank, nbytes))
+        _, _, _, total = flatten(fault_state(step, rank, nbytes))
         begin = m.conn.stub.BeginSave(pb.BeginSaveRequest(
             job=JOB, step=step, rank=rank, world_size=world_size, nbytes=total,
             client_pid=os.getpid()),

@@ -1,8 +1,9 @@
-"""Helpers shared by the fault suite: deterministic states, bit-exact comparison, raw RPCs,
-on-disk and in-shm inspection of a daemon's state, failpoint logs.
+"""Helpers shared by the fault suite: bit-exact comparison, raw RPCs, on-disk and in-shm
+inspection of a daemon's state, failpoint logs.
 
-Everything here works on real processes and real files; nothing is mocked. States are numpy
-only (no torch import in subprocesses, so trainer processes start in well under a second).
+Everything here works on real processes and real files; nothing is mocked. States come from
+tests/state_factory.py (``fault_state``: numpy only, so trainer processes start in well under a
+second).
 """
 
 from __future__ import annotations
@@ -21,51 +22,16 @@ from ckptd_client import CheckpointManager
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
+from tests.state_factory import blank_like
 
 HERE = Path(__file__).resolve().parent
 TRAINER = HERE / "fault_trainer.py"
 JOB = "faultjob"
-MiB = 2**20
 
 TIER_STATE = {1: "PENDING", 2: "IN_PROGRESS", 3: "COMMITTED", 4: "FAILED", 5: "SKIPPED", 6: "REMOVED"}
 
 
-# -- states ---------------------------------------------------------------------------------
-def make_state(step: int, rank: int = 0, nbytes: int = 1 * MiB, seed: int = 1234) -> dict[str, Any]:
-    """A deterministic training-like state of about ``nbytes`` bytes for (step, rank)."""
-    rng = np.random.default_rng([seed, step, rank])
-    n_main = max(1, (nbytes - 8192) // 4)
-    return {
-        "model": {
-            "w": rng.standard_normal(n_main, dtype=np.float32),
-            "b": rng.integers(-(2**15), 2**15, size=(17, 3), dtype=np.int16),
-            "h": rng.standard_normal((5, 7)).astype(np.float16),
-        },
-        "opt": [rng.integers(0, 2**62, size=64, dtype=np.int64), rng.random(33)],
-        "step": step,
-        "rank": rank,
-        "lr": 1e-3 * (step + 1),
-        "name": f"step-{step}",
-    }
-
-
-def blank_like(state: Any) -> Any:
-    """Same structure, every array zeroed and every scalar replaced (so restore must fill it)."""
-    if isinstance(state, dict):
-        return {k: blank_like(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [blank_like(v) for v in state]
-    if isinstance(state, np.ndarray):
-        return np.zeros_like(state)
-    if isinstance(state, str):
-        return ""
-    if isinstance(state, float):
-        return -1.0
-    if isinstance(state, int):
-        return -1
-    return None
-
-
+# -- comparison ----------------------------------------------------------------------------
 def assert_bit_exact(got: Any, want: Any, path: str = "") -> None:
     """Compare byte for byte (dtype, shape and raw bytes), recursing into containers."""
     assert type(got) is type(want), f"{path}: {type(got).__name__} != {type(want).__name__}"

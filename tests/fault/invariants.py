@@ -38,9 +38,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
-from tests.fault.scenarios._ledger import Ledger, Save, blank, leaves, make_state, same
+from tests.fault.scenarios._ledger import Ledger, Save, leaves, same
+from tests.state_factory import blank_like
 
-__all__ = ["CHECKS", "Checker", "Expect", "Ledger", "Report", "Save", "Store", "check", "make_state"]
+__all__ = ["CHECKS", "Checker", "Expect", "Ledger", "Report", "Save", "Store", "check"]
 
 CLEAR_ERRORS = (IntegrityError, NotFound)  # how a destroyed copy must be reported
 IN_FLIGHT = (1, 2)  # TierState PENDING, IN_PROGRESS
@@ -143,7 +144,7 @@ class Checker:
         need_tier = exp.served.get((step, rank)) if (step, rank) not in self.restored else None
         self.restored.add((step, rank))
         want = led.state(step, rank)
-        state = blank(want)
+        state = blank_like(want)
         m = self.client(rank, node)
         try:
             got_step = m.restore(state, step=step)

@@ -21,16 +21,15 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.types import Level
 from tests.fault.faultkit import (
     JOB,
-    MiB,
     Raw,
     committed_steps_everywhere,
     failpoint_hits,
-    make_state,
     manager,
     restore_checked,
     rpc_code,
     wait_until,
 )
+from tests.state_factory import MiB, fault_state
 
 SMALL = 3 * MiB  # a 4 MiB slot (2 MiB alignment): two of them fill the 8 MiB budget
 BUDGET = ["--budget-bytes", "8MiB"]
@@ -41,7 +40,7 @@ def tight_node(daemon_factory, policy: str):
     d = daemon_factory(extra_args=BUDGET, config_text=f'[memory]\nbackpressure = "{policy}"\n')
     with manager(d.addr) as m:
         for step in (1, 2):
-            h = m.save(step, make_state(step, 0, SMALL))
+            h = m.save(step, fault_state(step, 0, SMALL))
             assert h.ok, h.error
         h.wait(Level.LOCAL_DURABLE, timeout_s=60)
     raw = Raw(d.addr)
@@ -60,7 +59,7 @@ def release(raw: Raw, lease_id: str) -> None:
 def test_skip_policy_returns_skipped_handle_and_training_goes_on(daemon_factory):
     d, raw, lease = tight_node(daemon_factory, "skip")
     with raw, manager(d.addr) as m:
-        h = m.save(3, make_state(3, 0, SMALL))  # no room, no waiting: skipped, not raised
+        h = m.save(3, fault_state(3, 0, SMALL))  # no room, no waiting: skipped, not raised
         assert h.skipped and not h.ok
         assert isinstance(h.error, BudgetExhausted)
         assert "skipped by policy" in str(h.error)
@@ -71,12 +70,12 @@ def test_skip_policy_returns_skipped_handle_and_training_goes_on(daemon_factory)
         assert raw.status().slot_bytes_in_use <= 8 * MiB
         release(raw, lease)
         # training went on; the next save finds room again
-        h4 = m.save(4, make_state(4, 0, SMALL))
+        h4 = m.save(4, fault_state(4, 0, SMALL))
         assert h4.ok, h4.error
         h4.wait(Level.LOCAL_DURABLE, timeout_s=60)
         seen = committed_steps_everywhere(m, raw)
         assert 3 not in seen["all_steps"] and seen["latest"] == 4, seen
-        restore_checked(m, "latest", make_state(4, 0, SMALL), "memory")
+        restore_checked(m, "latest", fault_state(4, 0, SMALL), "memory")
         assert raw.status().slot_bytes_in_use <= 8 * MiB
 
 
@@ -84,7 +83,7 @@ def test_wait_policy_waits_for_room_then_saves(daemon_factory):
     d, raw, lease = tight_node(daemon_factory, "wait")
     with raw, manager(d.addr, wait_timeout_s=60) as m:
         handles = []
-        saver = threading.Thread(target=lambda: handles.append(m.save(3, make_state(3, 0, SMALL))))
+        saver = threading.Thread(target=lambda: handles.append(m.save(3, fault_state(3, 0, SMALL))))
         saver.start()
         time.sleep(1.0)  # give the save every chance to (wrongly) get through
         assert saver.is_alive() and not handles, "the save did not wait for room"
@@ -95,20 +94,20 @@ def test_wait_policy_waits_for_room_then_saves(daemon_factory):
         (h,) = handles
         assert h.ok, h.error
         h.wait(Level.LOCAL_DURABLE, timeout_s=60)
-        restore_checked(m, "latest", make_state(3, 0, SMALL), "memory")
+        restore_checked(m, "latest", fault_state(3, 0, SMALL), "memory")
         assert raw.status().slot_bytes_in_use <= 8 * MiB
 
 
 def test_wait_policy_times_out_and_reports(daemon_factory):
     d, raw, lease = tight_node(daemon_factory, "wait")
     with raw, manager(d.addr, wait_timeout_s=1.0) as m:
-        h = m.save(3, make_state(3, 0, SMALL))
+        h = m.save(3, fault_state(3, 0, SMALL))
         assert h.skipped and isinstance(h.error, BudgetExhausted)
         assert "after 1.0s" in str(h.error)
         assert raw.tier_state(3, "memory") == "SKIPPED"
-        restore_checked(m, "latest", make_state(2, 0, SMALL), "memory")
+        restore_checked(m, "latest", fault_state(2, 0, SMALL), "memory")
         release(raw, lease)
-        h4 = m.save(4, make_state(4, 0, SMALL))
+        h4 = m.save(4, fault_state(4, 0, SMALL))
         assert h4.ok, h4.error
         h4.wait(Level.LOCAL_DURABLE, timeout_s=60)
     assert d.alive()
@@ -120,17 +119,17 @@ def test_full_budget_across_ranks_skips_without_oom(daemon_factory):
     ms = [manager(d.addr, rank=r, world_size=2) for r in range(2)]
     try:
         for m in ms:
-            assert m.save(1, make_state(1, m.rank, SMALL)).ok
+            assert m.save(1, fault_state(1, m.rank, SMALL)).ok
         ms[0].handles[-1].wait(Level.LOCAL_DURABLE, timeout_s=60)
         for m in ms:
-            h = m.save(2, make_state(2, m.rank, SMALL))
+            h = m.save(2, fault_state(2, m.rank, SMALL))
             assert h.skipped and "skipped by policy" in str(h.error)
         with Raw(d.addr) as raw:
             assert raw.status().slot_bytes_in_use == 8 * MiB
             seen = committed_steps_everywhere(ms[0], raw)
             assert seen == {"all_steps": [1], "latest": 1, "listed": [1]}, seen
         for m in ms:
-            restore_checked(m, "latest", make_state(1, m.rank, SMALL), "memory")
+            restore_checked(m, "latest", fault_state(1, m.rank, SMALL), "memory")
     finally:
         for m in ms:
             m.close()
@@ -154,7 +153,7 @@ def test_sigterm_finishes_the_disk_commit_in_flight(daemon_factory, tmp_path):
         config_text="[disk]\ndirect_io = false\nwrite_block_bytes = 4096\n",
         env={"CKPTD_FAILPOINTS_LOG": str(fp_log)},
     )
-    want = make_state(1, 0, big)
+    want = fault_state(1, 0, big)
     with manager(d.addr) as m:
         h = m.save(1, want)
         assert h.ok, h.error
@@ -183,7 +182,7 @@ def test_sigterm_finishes_the_disk_commit_in_flight(daemon_factory, tmp_path):
 def test_sigterm_right_after_save_keeps_the_acknowledged_step(daemon_factory):
     """SIGTERM as soon as save() returned STAGED (the daemon may still be checksumming the
     slot): the graceful stop must still record and drain that step, not drop it."""
-    want = make_state(1, 0, 64 * MiB)
+    want = fault_state(1, 0, 64 * MiB)
     d = daemon_factory(extra_args=["--budget-bytes", "1GiB"])
     with manager(d.addr) as m:
         h = m.save(1, want)
@@ -230,7 +229,7 @@ def test_two_writers_same_shard(daemon_factory):
 
     # a committed step: the same shard again is refused, in memory and on disk after a restart
     with manager(d.addr) as m:
-        m.save(30, make_state(30, 0, MiB)).wait(Level.LOCAL_DURABLE, timeout_s=60)
+        m.save(30, fault_state(30, 0, MiB)).wait(Level.LOCAL_DURABLE, timeout_s=60)
         with Raw(d.addr) as raw:
             assert rpc_code(lambda: begin(30)) == grpc.StatusCode.ALREADY_EXISTS
     d.kill()
@@ -241,7 +240,7 @@ def test_two_writers_same_shard(daemon_factory):
             job=JOB, step=30, rank=0, world_size=1, nbytes=4096), timeout=30)) == \
             grpc.StatusCode.ALREADY_EXISTS
     with manager(d2.addr) as m:
-        restore_checked(m, 30, make_state(30, 0, MiB), "disk")
+        restore_checked(m, 30, fault_state(30, 0, MiB), "disk")
 
 
 @pytest.mark.parametrize("fault", ["eio@1", "enospc"])
@@ -250,7 +249,7 @@ def test_disk_io_error_fails_the_tier_not_the_daemon(daemon_factory, fault):
     d = daemon_factory(env={"CKPTD_FAILPOINTS": f"disk.file.before_fsync={fault}"})
     errno_text = "No space left on device" if fault.startswith("enospc") else "Input/output error"
     with manager(d.addr) as m, Raw(d.addr) as raw:
-        h1 = m.save(1, make_state(1, 0, MiB))
+        h1 = m.save(1, fault_state(1, 0, MiB))
         assert h1.ok, h1.error
         with pytest.raises(TierFailed) as info:
             h1.wait(Level.LOCAL_DURABLE, timeout_s=60)
@@ -258,9 +257,9 @@ def test_disk_io_error_fails_the_tier_not_the_daemon(daemon_factory, fault):
         assert raw.tier_state(1, "disk") == "FAILED"
         assert raw.step_status(1).level == Level.STAGED
         # the memory copy is intact and serves the restore
-        restore_checked(m, "latest", make_state(1, 0, MiB), "memory")
+        restore_checked(m, "latest", fault_state(1, 0, MiB), "memory")
         # the daemon keeps serving: the next step stages, and reaches the disk once it recovers
-        h2 = m.save(2, make_state(2, 0, MiB))
+        h2 = m.save(2, fault_state(2, 0, MiB))
         assert h2.ok, h2.error
         if persistent:
             with pytest.raises(TierFailed):
@@ -270,7 +269,7 @@ def test_disk_io_error_fails_the_tier_not_the_daemon(daemon_factory, fault):
         else:
             h2.wait(Level.LOCAL_DURABLE, timeout_s=60)
             assert raw.tier_state(1, "disk") == "FAILED"  # a failed fsync is never retried
-        restore_checked(m, "latest", make_state(2, 0, MiB), "memory")
+        restore_checked(m, "latest", fault_state(2, 0, MiB), "memory")
     assert d.alive()
 
 
@@ -282,24 +281,24 @@ def test_one_skipped_rank_does_not_stop_checkpointing(daemon_factory):
     ms = [manager(d.addr, rank=r, world_size=2) for r in range(2)]
     try:
         for step in (1, 2):
-            assert all(m.save(step, make_state(step, m.rank, SMALL)).ok for m in ms)
+            assert all(m.save(step, fault_state(step, m.rank, SMALL)).ok for m in ms)
         ms[0].handles[-1].wait(Level.LOCAL_DURABLE, timeout_s=60)
         with Raw(d.addr) as raw:
             held = raw.stub.PrepareRestore(pb.PrepareRestoreRequest(
                 job=JOB, rank=1, world_size=2, step=1), timeout=30)
-            h3 = [m.save(3, make_state(3, m.rank, SMALL)) for m in ms]
+            h3 = [m.save(3, fault_state(3, m.rank, SMALL)) for m in ms]
             assert h3[0].ok and h3[1].skipped  # the transient skip
             release(raw, held.lease_id)
         for step in (4, 5, 6):
             for m in ms:
-                m.save(step, make_state(step, m.rank, SMALL))
+                m.save(step, fault_state(step, m.rank, SMALL))
             # let the drain release the step's slots: with a budget of exactly two steps and the
             # skip policy, a save racing a drain is (rightly) skipped; that is not under test
             ms[0].handles[-1].wait(Level.LOCAL_DURABLE, timeout_s=60)
         assert all(m.handles[-1].ok for m in ms), [m.handles[-1].error for m in ms]
         assert ms[0].latest_step() == 6
         for m in ms:
-            restore_checked(m, "latest", make_state(6, m.rank, SMALL), "memory")
+            restore_checked(m, "latest", fault_state(6, m.rank, SMALL), "memory")
     finally:
         for m in ms:
             m.close()

@@ -17,18 +17,16 @@ from ckptd_client import IntegrityError
 from ckptd.core.types import Level
 from tests.fault.faultkit import (
     JOB,
-    MiB,
     Raw,
     assert_bit_exact,
-    blank_like,
     flip_byte,
-    make_state,
     manager,
     restore_checked,
     shard_file,
     slot_of,
     step_dir,
 )
+from tests.state_factory import MiB, blank_like, fault_state
 
 NBYTES = 1 * MiB
 
@@ -38,7 +36,7 @@ def saved_node(daemon_factory, steps=(1, 2)):
     d = daemon_factory()
     with manager(d.addr) as m:
         for step in steps:
-            m.save(step, make_state(step, 0, NBYTES)).wait(Level.LOCAL_DURABLE, timeout_s=60)
+            m.save(step, fault_state(step, 0, NBYTES)).wait(Level.LOCAL_DURABLE, timeout_s=60)
     return d
 
 
@@ -49,7 +47,7 @@ def restart_without_shm(daemon_factory, d):
 
 
 def expect_integrity_error(m, step, needle: str) -> str:
-    want = make_state(2, 0, NBYTES)
+    want = fault_state(2, 0, NBYTES)
     state = blank_like(want)
     with pytest.raises(IntegrityError) as info:
         m.restore(state, step=step)
@@ -69,7 +67,7 @@ def test_flipped_byte_on_disk_without_memory_copy(daemon_factory):
         assert "crc32c mismatch" in msg
         expect_integrity_error(m, 2, str(bad))  # rejected again: never cached as good
         assert raw.status().slots == 0, "the rejected copy's scratch slot leaked"
-        restore_checked(m, 1, make_state(1, 0, NBYTES), "disk")  # the older step is intact
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "disk")  # the older step is intact
         assert d2.alive()
 
 
@@ -78,7 +76,7 @@ def test_flipped_byte_on_disk_while_memory_copy_exists(daemon_factory):
     bad = shard_file(d.root, 2)
     flip_byte(bad, 0)
     with manager(d.addr) as m:
-        restore_checked(m, "latest", make_state(2, 0, NBYTES), "memory")
+        restore_checked(m, "latest", fault_state(2, 0, NBYTES), "memory")
         assert m.last_restore is not None and m.last_restore.rejected == []
     # once the memory copy is gone, the damaged disk copy is the only one, and is refused
     d2 = restart_without_shm(daemon_factory, d)
@@ -91,13 +89,13 @@ def test_flipped_byte_in_live_slot_falls_back_to_disk(daemon_factory):
     slot, meta = slot_of(d.shm_dir, 2)
     flip_byte(slot, meta["shard"]["nbytes"] - 1)  # the daemon's own mapping sees it too
     with manager(d.addr) as m:
-        restore_checked(m, "latest", make_state(2, 0, NBYTES), "disk")
+        restore_checked(m, "latest", fault_state(2, 0, NBYTES), "disk")
         assert m.last_restore is not None
         assert len(m.last_restore.rejected) == 1
         assert m.last_restore.rejected[0].startswith("memory:")
         assert "crc32c mismatch" in m.last_restore.rejected[0]
         # the verified disk copy re-warmed the memory tier
-        restore_checked(m, "latest", make_state(2, 0, NBYTES), "memory")
+        restore_checked(m, "latest", fault_state(2, 0, NBYTES), "memory")
     assert d.alive()
 
 
@@ -116,7 +114,7 @@ def test_wrong_size_shard_file(daemon_factory, how):
     with manager(d2.addr) as m:
         msg = expect_integrity_error(m, "latest", str(bad))
         assert "size" in msg
-        restore_checked(m, 1, make_state(1, 0, NBYTES), "disk")
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "disk")
     assert d2.alive()
 
 
@@ -142,16 +140,16 @@ def test_corrupted_manifest_is_reported(daemon_factory, damage):
         assert 2 not in m.all_steps()
         # "latest" must not be served from the broken step: either it is reported, or the
         # restore falls back to the newest valid step, bit-exact
-        state = blank_like(make_state(1, 0, NBYTES))
+        state = blank_like(fault_state(1, 0, NBYTES))
         try:
             got = m.restore(state)
         except IntegrityError as exc:
             assert str(path) in str(exc)
         else:
             assert got == 1
-            assert_bit_exact(state, make_state(1, 0, NBYTES))
-        restore_checked(m, 1, make_state(1, 0, NBYTES), "disk")
+            assert_bit_exact(state, fault_state(1, 0, NBYTES))
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "disk")
         # the daemon keeps serving: a new step saves, drains and restores
-        m.save(3, make_state(3, 0, NBYTES)).wait(Level.LOCAL_DURABLE, timeout_s=60)
-        restore_checked(m, "latest", make_state(3, 0, NBYTES), "memory")
+        m.save(3, fault_state(3, 0, NBYTES)).wait(Level.LOCAL_DURABLE, timeout_s=60)
+        restore_checked(m, "latest", fault_state(3, 0, NBYTES), "memory")
     assert d2.alive()

@@ -65,7 +65,8 @@ from tests.fault.crashsim import (
     read_tree,
     record,
 )
-from tests.fault.faultkit import disk_leftovers, make_state, manager, restore_checked, step_dir, wait_until
+from tests.fault.faultkit import disk_leftovers, manager, restore_checked, step_dir, wait_until
+from tests.state_factory import fault_state
 
 JOB = "crashjob"
 BLOCK_BYTES = 8192
@@ -314,7 +315,7 @@ def daemon_run(daemon_factory: Any, env: dict[str, str]) -> tuple[Any, list[int]
     acked: list[int] = []
     try:
         for step in STEPS:
-            hs = [m.save(step, make_state(step, m.rank, STATE_NBYTES)) for m in ms]
+            hs = [m.save(step, fault_state(step, m.rank, STATE_NBYTES)) for m in ms]
             try:
                 hs[0].wait(Level.LOCAL_DURABLE, timeout_s=60)
             except Exception:  # noqa: BLE001 - the daemon died under the save
@@ -369,9 +370,9 @@ def check_restarted(daemon_factory: Any, d: Any, acked: list[int]) -> list[int]:
             assert step in listed or any(s > step for s in listed), (step, listed, acked)
         for step in listed:  # every committed step is whole and exact
             for m in ms:
-                restore_checked(m, step, make_state(step, m.rank, STATE_NBYTES), "disk")
+                restore_checked(m, step, fault_state(step, m.rank, STATE_NBYTES), "disk")
         nxt = max(STEPS) + (max(STEPS) in listed)
-        hs = [m.save(nxt, make_state(nxt, m.rank, STATE_NBYTES)) for m in ms]
+        hs = [m.save(nxt, fault_state(nxt, m.rank, STATE_NBYTES)) for m in ms]
         assert all(h.ok for h in hs), [h.error for h in hs]
         hs[0].wait(Level.LOCAL_DURABLE, timeout_s=60)
         assert nxt in ms[0].all_steps()

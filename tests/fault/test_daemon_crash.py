@@ -19,14 +19,12 @@ import pytest
 from ckptd.core.types import Level
 from tests.fault.faultkit import (
     JOB,
-    MiB,
     Raw,
     committed_steps_everywhere,
     disk_leftovers,
     failpoint_hits,
     flip_byte,
     job_dir,
-    make_state,
     manager,
     restore_checked,
     rpc_code,
@@ -36,13 +34,14 @@ from tests.fault.faultkit import (
     verify_disk_step,
     wait_dead,
 )
+from tests.state_factory import MiB, fault_state
 
 NBYTES = 1 * MiB
 W = 2  # ranks per step: a partial step has a real meaning
 
 
 def save_step(managers, step: int):
-    handles = [m.save(step, make_state(step, m.rank, NBYTES)) for m in managers]
+    handles = [m.save(step, fault_state(step, m.rank, NBYTES)) for m in managers]
     return handles
 
 
@@ -57,7 +56,7 @@ def close_all(managers) -> None:
 
 def restore_all(managers, step: int, served_from: str) -> None:
     for m in managers:
-        restore_checked(m, step, make_state(step, m.rank, NBYTES), served_from)
+        restore_checked(m, step, fault_state(step, m.rank, NBYTES), served_from)
 
 
 def snapshot(path: Path, dest: Path) -> Path:
@@ -195,7 +194,7 @@ def test_sigkill_then_restart_with_shm_wiped_restores_from_disk(daemon_factory):
     d = daemon_factory()
     with manager(d.addr) as m:
         for step in (1, 2, 3):
-            h = m.save(step, make_state(step, 0, NBYTES))
+            h = m.save(step, fault_state(step, 0, NBYTES))
             h.wait(Level.LOCAL_DURABLE, timeout_s=60)
     d.kill()
     shutil.rmtree(d.shm_dir)
@@ -204,10 +203,10 @@ def test_sigkill_then_restart_with_shm_wiped_restores_from_disk(daemon_factory):
     assert "re-adopted" not in d2.log()
     with manager(d2.addr) as m:
         assert m.latest_step() == 3
-        restore_checked(m, "latest", make_state(3, 0, NBYTES), "disk")
-        restore_checked(m, 2, make_state(2, 0, NBYTES), "disk")
+        restore_checked(m, "latest", fault_state(3, 0, NBYTES), "disk")
+        restore_checked(m, 2, fault_state(2, 0, NBYTES), "disk")
         # a restore re-warms the memory tier: the next restore of that step is served from RAM
-        restore_checked(m, 3, make_state(3, 0, NBYTES), "memory")
+        restore_checked(m, 3, fault_state(3, 0, NBYTES), "memory")
 
 
 @pytest.mark.parametrize("lost", ["disk-data-removed", "disk-tier-off"])
@@ -216,7 +215,7 @@ def test_sigkill_then_restart_with_shm_intact_restores_from_memory(daemon_factor
     d = daemon_factory(extra_args=args)
     with manager(d.addr) as m:
         for step in (1, 2):
-            h = m.save(step, make_state(step, 0, NBYTES))
+            h = m.save(step, fault_state(step, 0, NBYTES))
             h.wait(Level.STAGED, timeout_s=60)
         if lost == "disk-data-removed":
             h.wait(Level.LOCAL_DURABLE, timeout_s=60)
@@ -230,19 +229,19 @@ def test_sigkill_then_restart_with_shm_intact_restores_from_memory(daemon_factor
         assert f"re-adopted slot of {JOB}@{step} rank 0" in d2.log()
     with manager(d2.addr) as m:
         assert m.latest_step() == 2
-        restore_checked(m, "latest", make_state(2, 0, NBYTES), "memory")
-        restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
+        restore_checked(m, "latest", fault_state(2, 0, NBYTES), "memory")
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "memory")
         # the daemon goes on: the next step saves and (with a disk tier) reaches the disk again
-        h = m.save(3, make_state(3, 0, NBYTES))
+        h = m.save(3, fault_state(3, 0, NBYTES))
         h.wait(Level.LOCAL_DURABLE if not args else Level.STAGED, timeout_s=60)
-        restore_checked(m, "latest", make_state(3, 0, NBYTES), "memory")
+        restore_checked(m, "latest", fault_state(3, 0, NBYTES), "memory")
 
 
 def test_corrupted_slot_is_not_readopted(daemon_factory):
     d = daemon_factory()
     with manager(d.addr) as m:
         for step in (1, 2):
-            h = m.save(step, make_state(step, 0, NBYTES))
+            h = m.save(step, fault_state(step, 0, NBYTES))
         h.wait(Level.LOCAL_DURABLE, timeout_s=60)
     d.kill()
     slot, meta = slot_of(d.shm_dir, 2)
@@ -255,9 +254,9 @@ def test_corrupted_slot_is_not_readopted(daemon_factory):
     assert not slot.exists(), "the corrupted slot was kept"
     with manager(d2.addr) as m:
         assert m.latest_step() == 2
-        restore_checked(m, "latest", make_state(2, 0, NBYTES), "disk")
+        restore_checked(m, "latest", fault_state(2, 0, NBYTES), "disk")
         assert m.last_restore is not None and m.last_restore.rejected == []
-        restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "memory")
 
 
 def test_sigkill_before_the_crc_pass_keeps_the_staged_step(daemon_factory, tmp_path):

@@ -15,10 +15,8 @@ from ckptd.core.config import Config
 from ckptd.core.types import Level
 from tests.fault.faultkit import (
     JOB,
-    MiB,
     Raw,
     committed_steps_everywhere,
-    make_state,
     manager,
     read_line,
     restore_checked,
@@ -27,6 +25,7 @@ from tests.fault.faultkit import (
     spawn_trainer,
     wait_log,
 )
+from tests.state_factory import MiB, fault_state
 
 NBYTES = 1 * MiB
 REAPED = f"save lease of {JOB}@4 rank 0 expired (client gone); slot torn, not committed"
@@ -46,9 +45,9 @@ def test_trainer_sigkill_restores_from_memory(daemon_factory):
         raw.wait_step(5, Level.STAGED, timeout_s=30)
     with manager(d.addr) as m:  # a new trainer process (this one) on the same node
         assert m.latest_step() == 5
-        restore_checked(m, "latest", make_state(5, 0, NBYTES), "memory")
+        restore_checked(m, "latest", fault_state(5, 0, NBYTES), "memory")
         # the previous step is still held too (several slots per rank)
-        restore_checked(m, 4, make_state(4, 0, NBYTES), "memory")
+        restore_checked(m, 4, fault_state(4, 0, NBYTES), "memory")
 
 
 SLOTS_PER_RANK = Config().memory.slots_per_rank  # the daemon's default cap for one rank
@@ -83,18 +82,18 @@ def test_trainer_sigkill_mid_copy_never_commits_torn_slot(daemon_factory):
     with Raw(d.addr) as raw, manager(d.addr) as m:
         assert rpc_code(lambda: raw.step_status(4)) == grpc.StatusCode.NOT_FOUND
         _assert_committed_after_torn_step4(committed_steps_everywhere(m, raw))
-        restore_checked(m, "latest", make_state(3, 0, NBYTES), "memory")
+        restore_checked(m, "latest", fault_state(3, 0, NBYTES), "memory")
 
         # the torn lease is gone: step 4 can be saved for real, and slots are reused, not grown
         for step in range(4, 11):
-            h = m.save(step, make_state(step, 0, NBYTES))
+            h = m.save(step, fault_state(step, 0, NBYTES))
             assert h.ok, h.error
             h.wait(Level.STAGED, timeout_s=30)
             status = raw.status()
             assert status.slots <= SLOTS_PER_RANK, f"slot pool grew to {status.slots} slots at step {step}"
         h.wait(Level.LOCAL_DURABLE, timeout_s=30)
-        restore_checked(m, "latest", make_state(10, 0, NBYTES), "memory")
-        restore_checked(m, 9, make_state(9, 0, NBYTES), "memory")
+        restore_checked(m, "latest", fault_state(10, 0, NBYTES), "memory")
+        restore_checked(m, 9, fault_state(9, 0, NBYTES), "memory")
         assert raw.status().slots <= SLOTS_PER_RANK
     assert d.alive()
 
@@ -118,10 +117,10 @@ def test_torn_slot_not_adopted_after_daemon_restart(daemon_factory):
         assert rpc_code(lambda: raw.step_status(4)) == grpc.StatusCode.NOT_FOUND
         seen = committed_steps_everywhere(m, raw)
         assert seen["latest"] == 3 and 4 not in seen["all_steps"] and 4 not in seen["listed"], seen
-        restore_checked(m, "latest", make_state(3, 0, NBYTES), "memory")
-        h = m.save(4, make_state(4, 0, NBYTES))
+        restore_checked(m, "latest", fault_state(3, 0, NBYTES), "memory")
+        h = m.save(4, fault_state(4, 0, NBYTES))
         h.wait(Level.LOCAL_DURABLE, timeout_s=30)
-        restore_checked(m, 4, make_state(4, 0, NBYTES), "memory")
+        restore_checked(m, 4, fault_state(4, 0, NBYTES), "memory")
 
 
 def test_rank_killed_mid_copy_leaves_step_partial_then_resume(daemon_factory):
@@ -137,9 +136,9 @@ def test_rank_killed_mid_copy_leaves_step_partial_then_resume(daemon_factory):
         trainer = spawn_trainer("torn", d.addr, 3, NBYTES, rank=1, world_size=2)
         try:
             for step in (1, 2, 3):
-                assert m0.save(step, make_state(step, 0, NBYTES)).ok
+                assert m0.save(step, fault_state(step, 0, NBYTES)).ok
             read_line(trainer, "TORN")
-            h4 = m0.save(4, make_state(4, 0, NBYTES))
+            h4 = m0.save(4, fault_state(4, 0, NBYTES))
             assert h4.ok, h4.error
         finally:
             sigkill(trainer)
@@ -150,13 +149,13 @@ def test_rank_killed_mid_copy_leaves_step_partial_then_resume(daemon_factory):
             _assert_committed_after_torn_step4(committed_steps_everywhere(m0, raw))
         # the restarted run resumes from step 3 on both ranks...
         for m in (m1, m0):
-            restore_checked(m, "latest", make_state(3, m.rank, NBYTES), "memory")
+            restore_checked(m, "latest", fault_state(3, m.rank, NBYTES), "memory")
         # ...and saves step 4 again: the dead run's half of step 4 does not block or mix in
-        h4 = [m.save(4, make_state(4, m.rank, NBYTES)) for m in ranks]
+        h4 = [m.save(4, fault_state(4, m.rank, NBYTES)) for m in ranks]
         assert all(h.ok for h in h4), [h.error for h in h4]
         h4[0].wait(Level.LOCAL_DURABLE, timeout_s=30)
         for m in ranks:
-            restore_checked(m, 4, make_state(4, m.rank, NBYTES), "memory")
+            restore_checked(m, 4, fault_state(4, m.rank, NBYTES), "memory")
     finally:
         for m in ranks:
             m.close()

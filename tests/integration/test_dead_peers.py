@@ -34,6 +34,7 @@ from ckptd.core.errors import TierFailed
 from ckptd.peers.placement import Member, coordinator_for, preference, shard_key
 from tests._ckptd_helpers import log_messages, peer_nodes
 from tests.conftest import DaemonProc
+from tests.state_factory import vector_state
 
 TOKEN = "test-peer-token-0123456789"
 
@@ -41,7 +42,7 @@ TOKEN = "test-peer-token-0123456789"
 def test_a_restore_asks_a_dead_peer_once(daemon_factory: Callable[..., DaemonProc]) -> None:
     nodes = peer_nodes(daemon_factory, ("n1", "n2"), TOKEN, "max_attempts = 3\n")
     job = f"dead{uuid.uuid4().hex[:6]}"
-    state = {"w": np.random.default_rng(5).standard_normal(50_000).astype(np.float32)}
+    state = vector_state(5, 50_000)
     with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
         assert m.save(1, state).ok
         m._wait(1, Level.REPLICATED, 60)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,17 +17,10 @@ from ckptd_client import CheckpointManager
 
 from ckptd.core.manifest import Manifest
 from ckptd.core.types import shard_key, step_dirname
-from tests._ckptd_helpers import PYTHON, REPO, Daemon, clean_env, running_daemon, unique_job
+from tests._ckptd_helpers import PYTHON, REPO, Daemon, clean_env, unique_job
 
 WORKER = REPO / "tests" / "_multirank_worker.py"
 STEPS = [1, 2, 3]
-
-
-@pytest.fixture(scope="module")
-def mod_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    # every saved step stays on disk (retention is not under test here)
-    with running_daemon(tmp_path_factory.mktemp("multirank"), env={"CKPTD_DISK_MAX_TO_KEEP": "10"}) as d:
-        yield d
 
 
 def run_ranks(d: Daemon, mode: str, job: str, world_size: int, steps: str, use_torch: bool) -> list[dict[str, Any]]:

@@ -17,7 +17,8 @@ from ckptd_client import CheckpointManager, Level
 from ckptd.core.errors import TierFailed
 from ckptd.core.manifest import Manifest
 from tests.conftest import DaemonProc
-from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
+from tests.state_factory import vector_state
+from tests.tiers._moto import MotoS3
 from tests.tiers.faultproxy import FaultProxy
 
 N = 300_000  # float32 elements per rank: ~1.2 MB, several crc chunks with a small chunk size
@@ -32,8 +33,7 @@ def _config(endpoint: str, bucket: str, prefix: str, **extra: Any) -> str:
 
 
 def _state(step: int, rank: int) -> dict[str, Any]:
-    rng = np.random.default_rng(1000 * step + rank)
-    return {"w": rng.standard_normal(N).astype(np.float32), "step": step, "tag": f"r{rank}"}
+    return vector_state(1000 * step + rank, N, step=step, tag=f"r{rank}")
 
 
 def _check(got: dict[str, Any], step: int, rank: int) -> None:
@@ -52,7 +52,7 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def node(daemon_factory: Callable[..., DaemonProc], moto_s3: MotoS3,  # noqa: F811
+def node(daemon_factory: Callable[..., DaemonProc], moto_s3: MotoS3,
          prefix: str) -> Iterator[Callable[..., DaemonProc]]:
     def start(endpoint: str | None = None, args: list[str] | None = None, env: dict[str, str] | None = None,
               root: Path | None = None, shm_dir: Path | None = None, **extra: Any) -> DaemonProc:
@@ -66,7 +66,7 @@ def _manifest_in_bucket(s3: MotoS3, prefix: str, job: str, step: int) -> Manifes
     return Manifest.from_json(body.read())
 
 
-def test_empty_node_restores_from_the_object_store(node: Callable[..., DaemonProc], moto_s3: MotoS3,  # noqa: F811
+def test_empty_node_restores_from_the_object_store(node: Callable[..., DaemonProc], moto_s3: MotoS3,
                                                     prefix: str) -> None:
     a = node()
     ms = [CheckpointManager("objjob", rank=r, world_size=2, addr=a.addr) for r in range(2)]
@@ -106,7 +106,7 @@ def test_empty_node_restores_from_the_object_store(node: Callable[..., DaemonPro
         _check(got, 3, 1)
 
 
-def test_two_nodes_commit_one_global_manifest(node: Callable[..., DaemonProc], moto_s3: MotoS3,  # noqa: F811
+def test_two_nodes_commit_one_global_manifest(node: Callable[..., DaemonProc], moto_s3: MotoS3,
                                               prefix: str) -> None:
     nodes = [node(), node()]
     ms = [CheckpointManager("two", rank=r, world_size=2, addr=nodes[r].addr, node_ranks=[r]) for r in range(2)]
@@ -137,7 +137,7 @@ def test_disk_tier_off_uploads_from_memory(node: Callable[..., DaemonProc]) -> N
 
 
 def test_throttling_store_delays_persistence_but_never_training(
-        node: Callable[..., DaemonProc], moto_s3: MotoS3) -> None:  # noqa: F811
+        node: Callable[..., DaemonProc], moto_s3: MotoS3) -> None:
     proxy = FaultProxy(moto_s3.endpoint_url, bucket=moto_s3.bucket)
     try:
         d = node(endpoint=proxy.url, max_attempts=8)
@@ -153,7 +153,7 @@ def test_throttling_store_delays_persistence_but_never_training(
 
 
 def test_store_down_degrades_the_level_and_keeps_everything_local(
-        node: Callable[..., DaemonProc], moto_s3: MotoS3) -> None:  # noqa: F811
+        node: Callable[..., DaemonProc], moto_s3: MotoS3) -> None:
     proxy = FaultProxy(moto_s3.endpoint_url, bucket=moto_s3.bucket)
     try:
         proxy.down_for(3600)
@@ -173,7 +173,7 @@ def test_store_down_degrades_the_level_and_keeps_everything_local(
         proxy.close()
 
 
-def test_daemon_killed_mid_upload_restarts_the_upload(node: Callable[..., DaemonProc], moto_s3: MotoS3,  # noqa: F811
+def test_daemon_killed_mid_upload_restarts_the_upload(node: Callable[..., DaemonProc], moto_s3: MotoS3,
                                                       prefix: str) -> None:
     a = node(env={"CKPTD_FAILPOINTS": "object.upload.after_shard=kill"})
     with CheckpointManager("kill", rank=0, world_size=1, addr=a.addr) as m:

@@ -20,6 +20,7 @@ from ckptd_client import CheckpointManager, Level
 
 from tests._ckptd_helpers import peer_nodes
 from tests.conftest import DaemonProc
+from tests.state_factory import byte_state
 
 TOKEN = "test-peer-token-0123456789"
 NBYTES = 24 * 2**20
@@ -46,7 +47,7 @@ def test_replica_slots_end_up_mapped_in_the_receiver(daemon_factory: Callable[..
     receiver = nodes["n2"]
     with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
         for step in range(1, 4):
-            state = {"w": np.random.default_rng(step).integers(0, 256, NBYTES, dtype=np.uint8)}
+            state = byte_state(step, NBYTES)
             assert m.save(step, state).ok
             m._wait(step, Level.REPLICATED, 60)
             # the replica slots n2 holds (files of NBYTES or more) become resident in n2 itself;
@@ -68,4 +69,4 @@ def test_replica_slots_end_up_mapped_in_the_receiver(daemon_factory: Callable[..
         got = {"w": np.zeros(NBYTES, dtype=np.uint8)}
         assert m.restore(got) == 3
         assert m.last_restore is not None and m.last_restore.served_from == "peer"
-        assert got["w"].tobytes() == np.random.default_rng(3).integers(0, 256, NBYTES, dtype=np.uint8).tobytes()
+        assert got["w"].tobytes() == byte_state(3, NBYTES)["w"].tobytes()

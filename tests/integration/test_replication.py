@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,8 @@ from ckptd.core.errors import NotFound, TierFailed
 from ckptd.peers.placement import Member, holders_of
 from tests._ckptd_helpers import free_port
 from tests.conftest import DaemonProc
-from tests.tiers._moto import MotoS3, moto_s3  # noqa: F401 - the session fixture
+from tests.state_factory import vector_state
+from tests.tiers._moto import MotoS3
 from tests.tiers.faultproxy import FaultProxy
 
 WORLD = 6
@@ -34,8 +35,7 @@ TOKEN = "test-peer-token-0123456789"
 
 
 def _state(step: int, rank: int) -> dict[str, Any]:
-    rng = np.random.default_rng(7919 * step + rank)
-    return {"w": rng.standard_normal(N).astype(np.float32), "step": step}
+    return vector_state(7919 * step + rank, N, step=step)
 
 
 def _check(m: CheckpointManager, step: int) -> str:
@@ -97,13 +97,6 @@ class Cluster:
                 m._wait(step, level, 60)
 
 
-@pytest.fixture
-def proxy(moto_s3: MotoS3) -> Iterator[FaultProxy]:  # noqa: F811
-    p = FaultProxy(moto_s3.endpoint_url, bucket=moto_s3.bucket)
-    yield p
-    p.close()
-
-
 def _split_job() -> str:
     """A job name whose rank 2 replica is placed on node 1 and rank 3 replica on node 3, so that
     losing nodes 2 and 3 leaves one rank with a surviving replica and one without."""
@@ -126,7 +119,7 @@ def _cluster(daemon_factory: Callable[..., DaemonProc], url: str | None, bucket:
 
 
 def test_lost_node_restores_from_peers_with_zero_object_reads(
-        daemon_factory: Callable[..., DaemonProc], proxy: FaultProxy, moto_s3: MotoS3) -> None:  # noqa: F811
+        daemon_factory: Callable[..., DaemonProc], proxy: FaultProxy, moto_s3: MotoS3) -> None:
     c = _cluster(daemon_factory, proxy.url, moto_s3.bucket)
     for step in (1, 2):
         c.save_all(step)
@@ -147,7 +140,7 @@ def test_lost_node_restores_from_peers_with_zero_object_reads(
 
 
 def test_two_nodes_lost_fall_back_to_the_object_store(
-        daemon_factory: Callable[..., DaemonProc], proxy: FaultProxy, moto_s3: MotoS3) -> None:  # noqa: F811
+        daemon_factory: Callable[..., DaemonProc], proxy: FaultProxy, moto_s3: MotoS3) -> None:
     c = _cluster(daemon_factory, proxy.url, moto_s3.bucket, _split_job())
     c.save_all(1)
     c.wait(1, Level.REPLICATED)

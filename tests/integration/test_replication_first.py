@@ -21,6 +21,7 @@ from ckptd_client import CheckpointManager, Level
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from tests._ckptd_helpers import log_messages, peer_nodes
 from tests.conftest import DaemonProc
+from tests.state_factory import vector_state
 
 TOKEN = "test-peer-token-0123456789"
 
@@ -43,7 +44,7 @@ def _index(msgs: list[str], needle: str) -> int:
 def test_the_disk_write_of_a_step_starts_after_its_push(daemon_factory: Callable[..., DaemonProc]) -> None:
     nodes = _nodes(daemon_factory, push_timeout_s=30.0, drain_wait_s=30.0)
     job = f"rf{uuid.uuid4().hex[:6]}"
-    state = {"w": np.random.default_rng(3).standard_normal(2_000_000).astype(np.float32)}
+    state = vector_state(3, 2_000_000)
     with CheckpointManager(job, rank=0, world_size=1, addr=nodes["n1"].addr) as m:
         for step in (1, 2):
             assert m.save(step, state).ok

@@ -11,7 +11,8 @@ import shutil
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.types import Level
-from tests.fault.faultkit import JOB, MiB, Raw, flip_byte, make_state, manager, restore_checked, slot_of, wait_until
+from tests.fault.faultkit import JOB, Raw, flip_byte, manager, restore_checked, slot_of, wait_until
+from tests.state_factory import MiB, fault_state
 
 NBYTES = 40 * MiB
 CHUNK = 16 * MiB
@@ -32,7 +33,7 @@ def _saved(daemon_factory, steps=(1,)):
     d = daemon_factory()
     with manager(d.addr) as m:
         for step in steps:
-            assert m.save(step, make_state(step, 0, NBYTES)).wait(Level.LOCAL_DURABLE, timeout_s=60).step == step
+            assert m.save(step, fault_state(step, 0, NBYTES)).wait(Level.LOCAL_DURABLE, timeout_s=60).step == step
     return d
 
 
@@ -55,10 +56,10 @@ def test_disk_restore_streams_verified_prefixes(daemon_factory):
         assert all(r % CHUNK == 0 or r == nbytes for r in ready), ready  # whole verified chunks only
         assert evs[-1].done.served_from == "disk" and evs[-1].done.step == 1
     with manager(d.addr) as m:  # memory was re-warmed by the streamed read; drop it again
-        restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "memory")
     d2 = _without_shm(daemon_factory, d)
     with manager(d2.addr) as m:  # the client's piecewise copy of the 40 MiB tensor, behind the read
-        restore_checked(m, 1, make_state(1, 0, NBYTES), "disk")
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "disk")
 
 
 def test_memory_copy_failing_part_way_restarts_from_disk(daemon_factory):
@@ -82,7 +83,7 @@ def test_client_restart_path_gives_exact_bytes(daemon_factory):
     slot, meta = slot_of(d.shm_dir, 2)
     flip_byte(slot, meta["shard"]["nbytes"] - 3)  # the last chunk: the client has copied most of it already
     with manager(d.addr) as m:
-        restore_checked(m, 2, make_state(2, 0, NBYTES), "disk")
+        restore_checked(m, 2, fault_state(2, 0, NBYTES), "disk")
         assert m.last_restore is not None and any("memory" in r for r in m.last_restore.rejected)
 
 
@@ -100,7 +101,7 @@ def test_client_leaving_mid_stream_leaks_nothing(daemon_factory):
         _events(raw, 1)  # and the daemon serves the next restore
         assert raw.status().slots_busy == 0
     with manager(d.addr) as m:  # the last streamed read re-warmed memory
-        restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "memory")
 
 
 def test_the_restore_slot_is_unmapped_after_the_restore_returns(daemon_factory):
@@ -116,7 +117,7 @@ def test_the_restore_slot_is_unmapped_after_the_restore_returns(daemon_factory):
             return [line for line in f if str(d.shm_dir) in line]
 
     with manager(d.addr) as m:
-        restore_checked(m, 1, make_state(1, 0, NBYTES), "memory")
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "memory")
         for t in [t for t in threading.enumerate() if t.name == "ckptd-unmap"]:
             t.join(10)
         assert mapped() == []

@@ -18,22 +18,9 @@ import pytest
 import torch
 from ckptd_client import CheckpointManager, FailedPrecondition, Level, NotFound
 
-from tests._ckptd_helpers import Daemon, running_daemon, tensor_bytes, unique_job
+from tests._ckptd_helpers import Daemon, tensor_bytes, unique_job
 from tests.conftest import DaemonProc
-
-TORCH_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
-                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]
-TORCH_DTYPES += [getattr(torch, n) for n in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2")
-                 if hasattr(torch, n)]
-NUMPY_DTYPES = ["float64", "float32", "float16", "complex64", "complex128", "int8", "int16", "int32", "int64",
-                "uint8", "uint16", "uint32", "uint64", "bool"]
-
-
-@pytest.fixture(scope="module")
-def mod_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    # every saved step stays on disk (retention is not under test here)
-    with running_daemon(tmp_path_factory.mktemp("roundtrip"), env={"CKPTD_DISK_MAX_TO_KEEP": "10"}) as d:
-        yield d
+from tests.state_factory import every_value_state, random_tensor
 
 
 @pytest.fixture
@@ -42,78 +29,7 @@ def manager(mod_daemon: Daemon) -> Iterator[CheckpointManager]:
         yield m
 
 
-# -- state builders and exact comparison -----------------------------------------------------------
-
-
-def rand_tensor(dtype: torch.dtype, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """A tensor of arbitrary bit patterns (NaNs, infs, subnormals included) of the given dtype."""
-    n = math.prod(shape)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (n * itemsize,), dtype=torch.uint8, generator=g)
-    return raw.view(dtype).reshape(shape)
-
-
-def every_dtype(g: torch.Generator) -> dict[str, torch.Tensor]:
-    return {str(dt).removeprefix("torch."): rand_tensor(dt, (3, 5), g) for dt in TORCH_DTYPES}
-
-
-def odd_tensors(g: torch.Generator) -> dict[str, Any]:
-    base = rand_tensor(torch.float32, (6, 9), g)
-    big = rand_tensor(torch.bfloat16, (10, 12), g)
-    img = rand_tensor(torch.float16, (2, 3, 4, 5), g).contiguous(memory_format=torch.channels_last)
-    return {
-        "transposed": base.t(),
-        "strided": base[:, ::3],
-        "offset_view": big[5:9, 2:11:2],
-        "expanded": rand_tensor(torch.int32, (1, 3), g).expand(4, 3),
-        "channels_last": img,
-        "complex_t": rand_tensor(torch.complex128, (3, 2), g).t(),
-        "conj_view": rand_tensor(torch.complex64, (2, 3), g).conj(),  # lazy conjugate bit: saved resolved
-        "bool_strided": rand_tensor(torch.bool, (8, 4), g)[::2, 1:],
-        "zero_d": {str(dt).removeprefix("torch."): rand_tensor(dt, (), g) for dt in TORCH_DTYPES},
-        "empty": [torch.empty(0), torch.empty(3, 0, 2, dtype=torch.bfloat16), torch.empty(0, dtype=torch.bool)],
-        "requires_grad": torch.nn.Parameter(rand_tensor(torch.float32, (4,), g).nan_to_num()),
-    }
-
-
-def numpy_values(seed: int) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    arrays: dict[str, Any] = {}
-    for name in NUMPY_DTYPES:
-        dt = np.dtype(name)
-        if dt == np.bool_:
-            arrays[name] = rng.integers(0, 2, (4, 3)).astype(bool)
-        else:
-            arrays[name] = np.frombuffer(rng.bytes(12 * dt.itemsize), dtype=dt).reshape(4, 3).copy()
-    mat = np.frombuffer(rng.bytes(8 * 6 * 8), dtype=np.float64).reshape(8, 6).copy()
-    arrays["transposed"] = mat.T
-    arrays["strided"] = mat[::2, 1::2]
-    arrays["zero_d"] = np.array(2.5, dtype=np.float32)
-    arrays["empty"] = np.empty((0, 4), dtype=np.int16)
-    arrays["fortran"] = np.asfortranarray(rng.integers(-5, 5, (3, 4)))
-    return arrays
-
-
-def plain_values() -> dict[Any, Any]:
-    return {
-        "ints": [0, 1, -1, 2**31, 2**63 - 1, -(2**63), 2**64, 10**30, -(10**40)],
-        "floats": [0.0, -0.0, 1.5, -2.25, math.nan, math.inf, -math.inf, 5e-324, 1.7976931348623157e308,
-                   float.fromhex("0x1.fffffffffffffp-1022"), 0.1],
-        "strs": ["", "ascii", "héllo wörld", "日本語", "emoji 😀🚀", "nul\x00byte", 'quote"\\back\n\ttab', "\u2028"],
-        "bools": [True, False],
-        "none": None,
-        "int_keys": {1: "one", -2: "minus two", 0: {3: [4]}, 2**40: "big"},
-        "mixed_keys": {1: "int one", "1": "str one"},
-        "tuple": (1, "two", (3.0, None), []),
-        "nested": {"a": [{"b": ({"c": [[], {}, ()]},)}]},
-        "empty_dict": {},
-        "empty_list": [],
-        "empty_tuple": (),
-        "np_scalars": [np.float32(1.5), np.int64(-7), np.bool_(True)],
-        7: "int key at the top",
-    }
+# -- exact comparison ------------------------------------------------------------------------------
 
 
 def float_bits(x: float) -> bytes:
@@ -156,16 +72,11 @@ def assert_same(orig: Any, got: Any, path: str = "<root>") -> None:
         assert got == orig, path
 
 
-def full_state(seed: int) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed)
-    return {"dtypes": every_dtype(g), "odd": odd_tensors(g), "numpy": numpy_values(seed), "plain": plain_values()}
-
-
 # -- round trips ---------------------------------------------------------------------------------
 
 
 def test_every_value_type_round_trips_into_a_fresh_state(manager: CheckpointManager) -> None:
-    state = full_state(1)
+    state = every_value_state(1)
     h = manager.save(4, state)
     assert h.ok and h.nbytes > 0
     assert h.wait(Level.STAGED, timeout_s=60).level >= Level.STAGED
@@ -182,9 +93,9 @@ def test_every_value_type_round_trips_into_a_fresh_state(manager: CheckpointMana
 
 
 def test_restore_in_place_into_existing_tensors_and_arrays(manager: CheckpointManager) -> None:
-    state = full_state(2)
+    state = every_value_state(2)
     manager.save(1, state).wait(Level.STAGED, timeout_s=60)
-    target = full_state(3)  # same structure, different contents
+    target = every_value_state(3)  # same structure, different contents
     target["odd"]["transposed"] = torch.zeros(6, 9).t()  # a non-contiguous destination
     # An expanded (stride-0) tensor cannot be written in place, by torch's own load_state_dict
     # either; a destination that size has to be a real tensor.
@@ -208,7 +119,7 @@ def test_restore_in_place_into_existing_tensors_and_arrays(manager: CheckpointMa
 
 
 def test_top_level_values_other_than_dicts(manager: CheckpointManager) -> None:
-    t = rand_tensor(torch.float64, (2, 3), torch.Generator().manual_seed(4))
+    t = random_tensor(torch.float64, (2, 3), torch.Generator().manual_seed(4))
     manager.save(1, t).wait(Level.STAGED, timeout_s=60)
     dst = torch.zeros(2, 3, dtype=torch.float64)
     assert manager.restore(dst, step=1) == 1
@@ -314,7 +225,7 @@ def test_unsupported_values_raise_type_error_naming_the_key(manager: CheckpointM
 def test_restore_explicit_older_steps(manager: CheckpointManager) -> None:
     states = {}
     for step in (10, 20, 30):
-        states[step] = full_state(step)
+        states[step] = every_value_state(step)
         manager.save(step, states[step]).wait(Level.LOCAL_DURABLE, timeout_s=60)
     assert manager.latest_step() == 30
     assert manager.all_steps() == [10, 20, 30]
@@ -359,7 +270,7 @@ def test_restore_with_wrong_world_size(mod_daemon: Daemon, manager: CheckpointMa
 def test_round_trip_from_disk_after_daemon_sigkill(daemon_factory: Callable[..., DaemonProc], tmp_path: Path) -> None:
     d = daemon_factory()
     job = unique_job("disk")
-    state = full_state(5)
+    state = every_value_state(5)
     with CheckpointManager(job, rank=0, world_size=1, addr=d.addr, on_error="raise") as m:
         m.save(1, {"x": torch.zeros(2)}).wait(Level.LOCAL_DURABLE, timeout_s=60)
         m.save(2, state).wait(Level.LOCAL_DURABLE, timeout_s=60)

@@ -12,11 +12,11 @@ from ckptd_client import CheckpointManager, Level
 
 from ckptd.core.manifest import Manifest
 from tests.conftest import DaemonProc
+from tests.state_factory import vector_state
 
 
 def _state(step: int, rank: int) -> dict[str, object]:
-    rng = np.random.default_rng(step * 10 + rank)
-    return {"w": rng.standard_normal(4096).astype(np.float32), "step": step, "rank": rank}
+    return vector_state(step * 10 + rank, 4096, step=step, rank=rank)
 
 
 def test_each_node_commits_and_restores_its_own_ranks(daemon_factory: Callable[..., DaemonProc]) -> None:

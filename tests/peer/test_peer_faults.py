@@ -10,26 +10,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from ckptd.core.errors import TierFailed, Timeout
 from ckptd.core.peer_config import PeerAddr
 from ckptd.peers.replicator import push_to_ring
-from tests.peer._kit import MIB, make_header, peer_client, spawn_node
+from tests.peer._kit import MIB, make_header, peer_client
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def node() -> Iterator[tuple[subprocess.Popen[str], int]]:
-    proc, port = spawn_node("node-b")
-    yield proc, port
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-    proc.wait(10)
 
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "grpc"])

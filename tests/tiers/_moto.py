@@ -1,18 +1,18 @@
 """Test helper: a real S3 endpoint over HTTP (moto's ThreadedMotoServer on 127.0.0.1).
 
-``moto_s3`` (session) starts the server on a free port with dummy credentials in the environment
+``serve_moto()`` starts the server on a free port with dummy credentials in the environment
 (AWS_ACCESS_KEY_ID etc.; the user's AWS config files and proxies are hidden) and creates one
-bucket. ``make_tier(**overrides)`` builds an ObjectTier on that bucket under a fresh key prefix,
-so tests never see each other's objects; tiers are closed at teardown. Shard/manifest builders
-make valid ShardEntry/Manifest values over given bytes.
+bucket; tests/conftest.py's session fixture ``moto_s3`` holds it (tests/tiers/conftest.py's
+``make_tier`` builds ObjectTiers on that bucket). Shard/manifest builders make valid
+ShardEntry/Manifest values over given bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,6 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from ckptd.core.config import ObjectSection
 from ckptd.core.integrity import chunk_crcs
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import Manifest, ShardEntry
@@ -41,8 +40,9 @@ class MotoS3:
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
 
 
-@pytest.fixture(scope="session")
-def moto_s3() -> Iterator[MotoS3]:
+@contextmanager
+def serve_moto() -> Iterator[MotoS3]:
+    """Start the server with dummy credentials in the environment and one bucket; undo on exit."""
     mp = pytest.MonkeyPatch()
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
@@ -69,34 +69,7 @@ def moto_s3() -> Iterator[MotoS3]:
         mp.undo()
 
 
-@pytest.fixture
-def s3_client(moto_s3: MotoS3) -> Any:
-    return moto_s3.client()
-
-
 TierFactory = Callable[..., ObjectTier]
-
-
-@pytest.fixture
-def make_tier(moto_s3: MotoS3) -> Iterator[TierFactory]:
-    tiers: list[ObjectTier] = []
-    prefix = f"t-{uuid.uuid4().hex[:10]}"
-
-    def make(client_config: Any = None, **overrides: Any) -> ObjectTier:
-        fields: dict[str, Any] = {
-            "enabled": True, "preset": "minio", "endpoint_url": moto_s3.endpoint_url,
-            "region": "us-east-1", "bucket": moto_s3.bucket, "prefix": prefix,
-            "part_size_bytes": 5 * MiB, "max_concurrency": 4, "max_attempts": 3,
-            "connect_timeout_s": 5.0, "read_timeout_s": 10.0, "total_timeout_s": 30.0,
-        }
-        fields.update(overrides)
-        tier = ObjectTier(ObjectSection(**fields), client_config=client_config)
-        tiers.append(tier)
-        return tier
-
-    yield make
-    for t in tiers:
-        t.close()
 
 
 def shard_entry(rank: int, data: bytes, chunk_bytes: int = 256 * 1024) -> ShardEntry:

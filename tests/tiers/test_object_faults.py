@@ -16,7 +16,6 @@ the moto server.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,27 +26,15 @@ from tests.tiers._moto import (
     MiB,
     MotoS3,
     TierFactory,
-    make_tier,
     manifest_of,
-    moto_s3,
     pattern,
     read_back,
-    s3_client,
     save_step,
     shard_entry,
 )
 from tests.tiers.faultproxy import FaultProxy, Request
 
-__all__ = ["make_tier", "moto_s3", "s3_client"]  # fixtures used by name below
-
 JOB = "gpt-neo"
-
-
-@pytest.fixture
-def proxy(moto_s3: MotoS3) -> Iterator[FaultProxy]:
-    p = FaultProxy(moto_s3.endpoint_url, bucket=moto_s3.bucket)
-    yield p
-    p.close()
 
 
 def uploads_under(client: Any, bucket: str, prefix: str) -> list[str]:

@@ -29,17 +29,12 @@ from tests.tiers._moto import (
     MiB,
     MotoS3,
     TierFactory,
-    make_tier,
     manifest_of,
-    moto_s3,
     pattern,
     read_back,
-    s3_client,
     save_step,
     shard_entry,
 )
-
-__all__ = ["make_tier", "moto_s3", "s3_client"]  # fixtures used by name below
 
 JOB = "llama-7b"
 

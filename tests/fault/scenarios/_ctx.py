@@ -191,10 +191,10 @@ class Ctx:
     def restore(self, rank: int, step: int | str = "latest", node: Node | None = None) -> tuple[int | None, str]:
         """Restore rank as a resuming trainer would; assert the bytes; return (step, served tier)."""
         from tests.fault.invariants import Checker
-        from tests.fault.scenarios._ledger import blank
+        from tests.state_factory import blank_like
 
         m = self.manager(rank, node)
-        state = blank(self.ledger.state(1, rank))
+        state = blank_like(self.ledger.state(1, rank))
         got = m.restore(state, step=step)
         if got is None:
             return None, ""

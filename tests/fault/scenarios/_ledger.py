@@ -1,10 +1,11 @@
 """What a scenario saved and what the daemons acknowledged: deterministic states and the ledger.
 
-``make_state(seed, step, rank, variant)`` builds a numpy state tree that differs for every
-(seed, step, rank, variant), so a restore that returns another step's or rank's tensors, or a mix,
-is told apart from the right one (``same`` compares dtype, shape and raw bytes). The ``Ledger``
-records every save() call (variant, outcome, how long it blocked) and every level a daemon
-confirmed, per step and rank, with the fault epoch it was confirmed in.
+``Ledger.state(step, rank, variant)`` builds (tests/state_factory.py's ``ledger_state``) a numpy
+state tree that differs for every (seed, step, rank, variant), so a restore that returns another
+step's or rank's tensors, or a mix, is told apart from the right one (``same`` compares dtype,
+shape and raw bytes). The ``Ledger`` records every save() call (variant, outcome, how long it
+blocked) and every level a daemon confirmed, per step and rank, with the fault epoch it was
+confirmed in.
 """
 
 from __future__ import annotations
@@ -16,30 +17,7 @@ from typing import Any
 import numpy as np
 from ckptd_client import Level
 
-KiB = 1024
-
-
-# -- states ----------------------------------------------------------------------------------
-def make_state(seed: int, step: int, rank: int, variant: int = 0, nbytes: int = 192 * KiB) -> dict[str, Any]:
-    """A deterministic state of about ``nbytes`` for (seed, step, rank, variant)."""
-    rng = np.random.default_rng([seed, step, rank, variant])
-    n = max(16, (nbytes - 4 * KiB) // 4)
-    return {
-        "model": {"w": rng.standard_normal(n, dtype=np.float32),
-                  "b": rng.integers(-(2**15), 2**15, size=(31, 7), dtype=np.int16)},
-        "opt": [rng.integers(0, 2**62, size=97, dtype=np.int64), rng.random(13)],
-        "meta": {"step": step, "rank": rank, "variant": variant, "lr": float(rng.random())},
-    }
-
-
-def blank(state: Any) -> Any:
-    if isinstance(state, dict):
-        return {k: blank(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [blank(v) for v in state]
-    if isinstance(state, np.ndarray):
-        return np.zeros_like(state)
-    return type(state)(-1)
+from tests.state_factory import ledger_state
 
 
 def leaves(state: Any, path: str = "") -> dict[str, Any]:
@@ -88,7 +66,7 @@ class Ledger:
     losses: list[tuple[int, frozenset[str]]] = field(default_factory=list)
 
     def state(self, step: int, rank: int, variant: int = 0) -> dict[str, Any]:
-        return make_state(self.seed, step, rank, variant, self.nbytes)
+        return ledger_state(self.seed, step, rank, variant, self.nbytes)
 
     def ack(self, step: int, level: Level, ranks: Iterable[int]) -> None:
         old = self.acks.get((step, level), (set(), 0))[0]

@@ -20,7 +20,7 @@ from ckptd_client import CheckpointManager
 from ckptd_client.tree import copy_into, flatten
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from tests.fault.scenarios._ledger import make_state
+from tests.state_factory import ledger_state
 
 
 def say(line: str) -> None:
@@ -35,13 +35,13 @@ def main() -> None:
     m = CheckpointManager(job, rank=rank, world_size=world, addr=addr, wait_timeout_s=5.0)
     for step in range(1, last + 1):
         t0 = time.perf_counter()
-        h = m.save(step, make_state(seed, step, rank, 0, nbytes))
+        h = m.save(step, ledger_state(seed, step, rank, 0, nbytes))
         say(f"SAVED {step} {int(h.ok)} {time.perf_counter() - t0:.4f}")
     if torn <= 0:
         say("READY")
     else:
         step = last + 1
-        leaves, tensors, _, total = flatten(make_state(seed, step, rank, 0, nbytes))
+        leaves, tensors, _, total = flatten(ledger_state(seed, step, rank, 0, nbytes))
         begin = m.conn.stub.BeginSave(pb.BeginSaveRequest(
             job=job, step=step, rank=rank, world_size=world, nbytes=total, client_pid=os.getpid()), timeout=30)
         full = bytearray(total)

@@ -19,7 +19,7 @@ from ckptd.core.layout import layout_to_pb
 from tests.fault.scenarios import scenario
 from tests.fault.scenarios._ctx import Ctx
 from tests.fault.scenarios._env import WAIT_TIMEOUT_S
-from tests.fault.scenarios._ledger import blank
+from tests.state_factory import blank_like
 
 W = 2
 
@@ -107,7 +107,7 @@ def reader_during_save(ctx: Ctx) -> None:
     first = [rank] if when == "between the ranks' saves" else list(range(W))
     ctx.save(later, first)
     with CheckpointManager(ctx.job, rank=rank, world_size=W, addr=n.addr) as reader:
-        got = reader.restore(blank(ctx.ledger.state(old, rank)), step=old)
+        got = reader.restore(blank_like(ctx.ledger.state(old, rank)), step=old)
     assert got == old, f"the reader asked for step {old}, got {got}"
     ctx.fault(f"a reader restored step {old} of rank {rank} while step {later} was in flight ({when})")
     if when == "between the ranks' saves":

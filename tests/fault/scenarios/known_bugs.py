@@ -21,6 +21,7 @@ from ckptd_client import CheckpointManager, CkptdError, Level, NotFound
 
 from tests.fault.scenarios import Outcome
 from tests.fault.scenarios._env import Env
+from tests.state_factory import filled_state
 
 MiB = 2**20
 
@@ -50,18 +51,14 @@ class KnownBug:
         return bool(out.error) or any(v != "ok" for v in out.checks.values())
 
 
-def _state(step: int) -> dict[str, np.ndarray]:
-    return {"w": np.full(2**16, step, np.float32)}
-
-
 def _stale_listing(env: Env) -> None:
     n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}", extra={"disk": {"enabled": False}}).start()
     with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
         for step in (1, 2, 3, 4):  # slots are reused: only the newest steps stay in memory
-            m.save(step, _state(step)).wait(Level.STAGED, timeout_s=30)
+            m.save(step, filled_state(step, 2**16)).wait(Level.STAGED, timeout_s=30)
         listed = m.all_steps()
         try:
-            m.restore(_state(0), step=listed[0])
+            m.restore(filled_state(0, 2**16), step=listed[0])
         except NotFound as exc:
             raise AssertionError(f"all_steps() lists {listed}, restore of {listed[0]}: {exc}") from None
     n.kill()
@@ -71,7 +68,7 @@ def _no_upload_after_restart(env: Env) -> None:
     n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}", object=env.object_config(),
                  faults={"CKPTD_FAILPOINTS": "object.upload.before_shard=kill"}).start()
     with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
-        m.save(1, _state(1))
+        m.save(1, filled_state(1, 2**16))
     n.wait_dead(30)
     n.restart(wipe_shm=True)  # a reboot: the step is committed on disk, not yet in the store
     with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
@@ -86,11 +83,11 @@ def _restore_drops_inflight_step(env: Env) -> None:
     n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}").start()
     ms = [CheckpointManager("j", rank=r, world_size=2, addr=n.addr) for r in range(2)]
     for m in ms:
-        m.save(1, _state(1))
+        m.save(1, filled_state(1, 2**16))
     ms[0]._wait(1, Level.LOCAL_DURABLE, 30)
-    assert ms[0].save(2, _state(2)).ok  # rank 0 staged step 2
-    assert ms[1].restore(_state(0)) == 1  # another process of rank 1 restores meanwhile
-    assert ms[1].save(2, _state(2)).ok  # rank 1 stages step 2: both save() calls returned STAGED
+    assert ms[0].save(2, filled_state(2, 2**16)).ok  # rank 0 staged step 2
+    assert ms[1].restore(filled_state(0, 2**16)) == 1  # another process of rank 1 restores meanwhile
+    assert ms[1].save(2, filled_state(2, 2**16)).ok  # rank 1 stages step 2: both save() calls returned STAGED
     try:
         ms[0]._wait(2, Level.STAGED, 3)
     except CkptdError as exc:
@@ -106,12 +103,12 @@ def _read_drops_acked_step(env: Env) -> None:
     ms = [CheckpointManager("j", rank=r, world_size=2, addr=n.addr) for r in range(2)]
     try:
         for m in ms:
-            m.save(1, _state(1))
+            m.save(1, filled_state(1, 2**16))
         ms[0]._wait(1, Level.LOCAL_DURABLE, 30)
-        assert ms[0].save(2, _state(2)).ok  # rank 0 staged step 2
+        assert ms[0].save(2, filled_state(2, 2**16)).ok  # rank 0 staged step 2
         with CheckpointManager("j", rank=0, world_size=2, addr=n.addr) as reader:  # an operator's restore
-            assert reader.restore(_state(0), step=1) == 1
-        assert ms[1].save(2, _state(2)).ok
+            assert reader.restore(filled_state(0, 2**16), step=1) == 1
+        assert ms[1].save(2, filled_state(2, 2**16)).ok
         try:
             ms[0]._wait(2, Level.STAGED, 3)
         except CkptdError as exc:
@@ -153,12 +150,12 @@ def _rewarm_fills_budget(env: Env) -> None:
     n.start()
     with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
         for step in range(1, 6):
-            m.save(step, _state(step)).wait(Level.LOCAL_DURABLE, timeout_s=30)
+            m.save(step, filled_state(step, 2**16)).wait(Level.LOCAL_DURABLE, timeout_s=30)
     n.restart(wipe_shm=True)
     with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
         for step in range(1, 6):  # each restore stays in memory as a re-warmed copy
             try:
-                m.restore(_state(0), step=step)
+                m.restore(filled_state(0, 2**16), step=step)
             except CkptdError as exc:
                 raise AssertionError(f"restore of step {step} (the newest) failed: {type(exc).__name__}: {exc}") \
                     from None
