@@ -17,7 +17,6 @@ nothing downstream re-checks types. Sizes accept integers (bytes) or strings wit
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
@@ -36,7 +35,7 @@ SOCKET_MODE_GROUP: Final = "0660"
 RELEASE_MEMORY_MODES: Final = ("off", "durable", "force")
 SLOT_ALIGN_BYTES: Final = 2 * 2**20  # shm slots are sized in multiples of this (memory/slots.py): the smallest slot
 REDACTED: Final = "<redacted>"
-_SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
+SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
 _UNITS: Final = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
                  "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
@@ -177,53 +176,6 @@ class Config:
         return Path("/dev/shm") / f"ckptd-{os.getuid()}-{digest}"
 
 
-def resolved(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The whole config as plain data (``ckptd serve --check``): every key of every section, with
-    the socket and shm directory the daemon would use, paths as strings, secrets masked."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in _SECTIONS:
-        section = getattr(cfg, name)
-        values: dict[str, Any] = {}
-        for f in fields(section):
-            value = getattr(section, f.name)
-            if name == "daemon" and f.name == "socket":
-                value = cfg.socket_path
-            elif name == "daemon" and f.name == "shm_dir":
-                value = cfg.shm_path
-            if f.name in _SECRET_KEYS and value:
-                value = REDACTED
-            if isinstance(value, Path):
-                value = str(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            values[f.name] = value
-        out[name] = values
-    return out
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):  # a JSON string without \u escapes of surrogates is a TOML basic string
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {type(value).__name__}")
-
-
-def to_toml(cfg: Config) -> str:
-    """``resolved(cfg)`` as a TOML document that ``load`` reads back to the same config (secrets
-    excepted: they are masked)."""
-    lines: list[str] = []
-    for name, values in resolved(cfg).items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
 _SECTIONS: Final = {
     "daemon": DaemonSection, "memory": MemorySection, "disk": DiskSection, "metrics": MetricsSection,
     "object": ObjectSection, "peers": PeerSection,
@@ -234,7 +186,7 @@ _SIZE_KEYS: Final = {"budget_bytes", "chunk_bytes", "max_shard_bytes", "write_bl
 
 def _coerce(section: str, key: str, raw: Any, default: Any, source: str) -> Any:
     name = f"{section}.{key} ({source})"
-    if key in _SECRET_KEYS and not isinstance(raw, str):
+    if key in SECRET_KEYS and not isinstance(raw, str):
         raise InvalidArgument(f"{name}: expected a string, got {type(raw).__name__} (value not shown)")
     if isinstance(raw, str) and "\x00" in raw:  # no path, name or token may hold one
         raise InvalidArgument(f"{name}: must not contain a NUL character")

@@ -18,6 +18,7 @@ from typing import Any
 from ckptd import __version__
 from ckptd.core import config, logs
 from ckptd.core.errors import CkptdError, InvalidArgument
+from ckptd.daemon import check
 
 #: Modules of the ``daemon`` extra, which the base (training-side) install does not bring.
 DAEMON_ONLY_MODULES = frozenset({"grpc_health", "prometheus_client"})
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ckptd: --json goes with --check", file=sys.stderr)
         return 2
     if ns.check:
-        text = json.dumps(config.resolved(cfg), indent=2) + "\n" if ns.json else config.to_toml(cfg)
+        text = json.dumps(check.resolved(cfg), indent=2) + "\n" if ns.json else check.to_toml(cfg)
         return _emit(text)
     logs.setup(cfg.daemon.log_level)
     try:

@@ -26,10 +26,8 @@ from ckptd.core.errors import AlreadyExists, CkptdError, IntegrityError, NotFoun
 from ckptd.core.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd.tiers.base import Tier
 from ckptd.tiers.disk import DiskTier
-from tests.tiers._moto import TierFactory, make_tier, moto_s3
+from tests.tiers._moto import TierFactory
 from tests.tiers._tier_kit import CHUNK, JOB, entry_for, payload, read, save_step
-
-__all__ = ["make_tier", "moto_s3"]  # fixtures the object case asks for by name
 
 
 @dataclass
