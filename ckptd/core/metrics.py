@@ -44,6 +44,9 @@ OBJECT_RETRIES = Counter(
 PEER_UP = Gauge("ckptd_peer_up", "1 if the peer acknowledged the last replica pushed to it, else 0", ["peer"],
                 registry=REGISTRY)
 RESTORES_TOTAL = Counter("ckptd_restores_total", "Shard restores by serving tier", ["tier"], registry=REGISTRY)
+RESTORE_FALLBACKS = Counter(
+    "ckptd_restore_fallbacks_total", "Restores of 'latest' that skipped a newer step with no valid copy",
+    registry=REGISTRY)
 
 
 def serve_http(address: str) -> None:

@@ -47,6 +47,7 @@ class RestoreResult:
     served_from: TierName | None = None
     rejected: list[str] = field(default_factory=list)
     read_s: float = 0.0
+    unusable: list[int] = field(default_factory=list)  # newer steps skipped: no valid copy of this shard
 
 
 class Restorer:
@@ -80,20 +81,27 @@ class Restorer:
         return list(await asyncio.gather(*(s.survey(job, rank) for s in self.sources)))
 
     @staticmethod
-    def _newest(job: str, surveys: list[Survey]) -> int:
-        steps = [step for survey in surveys for step in survey.steps]
+    def _newest(job: str, surveys: list[Survey], below: int | None = None) -> int:
+        steps = [step for survey in surveys for step in survey.steps if below is None or step < below]
         if not steps:
-            raise NotFound(f"no committed step of job {job!r} at any tier")
+            raise NotFound(f"no committed step of job {job!r} at any tier"
+                           + (f" older than step {below}" if below is not None else ""))
         return max(steps)
 
     async def latest(self, job: str, rank: int | None = None) -> int:
         """Newest step committed at any reachable source (peers count for ``rank``'s copies only)."""
         return self._newest(job, await self._survey(job, rank))
 
-    async def plan(self, job: str, rank: int, world_size: int, step: int | None) -> RestoreResult:
+    async def latest_below(self, job: str, rank: int, below: int | None) -> int:
+        """Newest step committed at any reachable source and older than ``below`` (if given)."""
+        return self._newest(job, await self._survey(job, rank), below)
+
+    async def plan(self, job: str, rank: int, world_size: int, step: int | None,
+                   below: int | None = None) -> RestoreResult:
+        """Plan the restore of ``step``, or of the newest step (older than ``below`` if given)."""
         surveys = await self._survey(job, rank)  # asked once, for "latest" and for the plan
         if step is None:
-            step = self._newest(job, surveys)
+            step = self._newest(job, surveys, below)
         draft = PlanDraft(job, step, rank)
         for source, survey in zip(self.sources, surveys):
             await source.plan(survey, draft)

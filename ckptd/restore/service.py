@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from ckptd.core.errors import CkptdError, NotFound
+from ckptd.core import metrics
+from ckptd.core.errors import CkptdError, IntegrityError, NotFound
 from ckptd.memory.catalog import Catalog
 from ckptd.memory.slots import Slot, SlotPool
 from ckptd.restore.planner import Restorer, RestoreResult
@@ -54,13 +55,45 @@ class RestoreService:
         self.leases: dict[str, RestoreLease] = {}
 
     async def prepare_restore(self, job: str, rank: int, world_size: int, step: int | None,
-                              dry_run: bool, client_pid: int) -> tuple[RestoreResult, str]:
+                              dry_run: bool, client_pid: int, strict_latest: bool = False,
+                              below_step: int | None = None) -> tuple[RestoreResult, str]:
         check_ids(job, 0 if step is None else step, rank, world_size)
-        result = await self.restorer.plan(job, rank, world_size, step)
         if dry_run:
-            return result, ""
-        result = await self.restorer.execute(job, rank, world_size, result)
+            return await self.restorer.plan(job, rank, world_size, step, below_step), ""
+        result = await self._restore(job, rank, world_size, step, strict_latest, below_step, None, [])
         return result, self._lease_restore(result, client_pid)
+
+    async def _restore(self, job: str, rank: int, world_size: int, step: int | None, strict_latest: bool,
+                       below_step: int | None, progress: RestoreProgress | None,
+                       current: list[RestoreResult]) -> RestoreResult:
+        """Plan and execute; for "latest" (unless ``strict_latest``) a step with no valid copy of
+        this rank's shard is skipped for the next older one, loudly: the job resumes from the
+        newest step it can restore instead of stopping. ``current`` holds the plan being read."""
+        unusable: list[int] = []
+        below = below_step
+        while True:
+            planned: int | None = None
+            try:
+                result = await self.restorer.plan(job, rank, world_size, step, below)
+                planned = result.step
+                result.unusable = list(unusable)
+                current[:] = [result]
+                return await self.restorer.execute(job, rank, world_size, result, progress)
+            except IntegrityError as exc:
+                if step is not None or strict_latest:
+                    raise
+                if planned is None:  # the plan itself failed (an unreadable manifest): which step was it?
+                    planned = await self.restorer.latest_below(job, rank, below)
+                unusable.append(planned)
+                metrics.RESTORE_FALLBACKS.inc()
+                log.error("restore of the latest step of %s rank %d: step %d has no valid copy (%s); "
+                          "falling back to an older step", job, rank, planned, exc)
+                below = planned
+            except NotFound:
+                if not unusable:
+                    raise
+                raise IntegrityError(f"no valid copy of step(s) {unusable} of {job} rank {rank}, and no "
+                                     "older committed step") from None
 
     def _lease_restore(self, result: RestoreResult, client_pid: int) -> str:
         assert result.slot is not None
@@ -70,15 +103,23 @@ class RestoreService:
         self.leases[lease.lease_id] = lease
         return lease.lease_id
 
-    async def restore_stream(self, job: str, rank: int, world_size: int, step: int | None,
-                             client_pid: int) -> AsyncIterator[tuple[RestoreEvent, RestoreResult, str]]:
+    async def restore_stream(self, job: str, rank: int, world_size: int, step: int | None, client_pid: int,
+                             strict_latest: bool = False, below_step: int | None = None,
+                             ) -> AsyncIterator[tuple[RestoreEvent, RestoreResult, str]]:
         """A restore whose progress is streamed (ckptd/restore/stream.py): yields each event with
         the result so far; the last is "done" with the lease id, or an error is raised."""
         check_ids(job, 0 if step is None else step, rank, world_size)
-        result = await self.restorer.plan(job, rank, world_size, step)
+        # plan before streaming: an unknown job or step is an error of the call, not of the stream
+        current: list[RestoreResult] = []
+        try:
+            current.append(await self.restorer.plan(job, rank, world_size, step, below_step))
+        except IntegrityError:
+            if step is not None or strict_latest:
+                raise  # else the restore below falls back to an older step
         progress = RestoreProgress()
-        task = asyncio.create_task(self.restorer.execute(job, rank, world_size, result, progress),
-                                   name=f"restore-{job}-{rank}")
+        task = asyncio.create_task(
+            self._restore(job, rank, world_size, step, strict_latest, below_step, progress, current),
+            name=f"restore-{job}-{rank}")
 
         def finished(t: asyncio.Task[RestoreResult]) -> None:
             if t.cancelled():
@@ -96,16 +137,17 @@ class RestoreService:
                 while ev.kind == "ready" and not progress.queue.empty():  # coalesce progress
                     nxt = progress.queue.get_nowait()
                     if nxt.kind != "ready":
-                        yield ev, result, ""
+                        yield ev, current[0], ""
                     ev = nxt
                 if ev.kind == "error":
                     assert ev.error is not None
                     raise ev.error
                 if ev.kind == "done":
-                    lease_id = self._lease_restore(await task, client_pid)
+                    result = await task
+                    lease_id = self._lease_restore(result, client_pid)
                     yield ev, result, lease_id
                     return
-                yield ev, result, ""
+                yield ev, current[0], ""
         finally:
             if not task.done():
                 task.cancel()

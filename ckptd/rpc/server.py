@@ -45,6 +45,12 @@ def _step_arg(step: int) -> int | None:
     return step
 
 
+def _below_arg(step: int) -> int | None:
+    if step < 0:
+        raise InvalidArgument(f"below_step {step} is negative (0: no bound)")
+    return step or None
+
+
 class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     def __init__(self, saves: SavePath, restores: RestoreService, steps: StepQueries, admin: StepAdmin,
                  membership: Membership | None, status: Callable[[], dict[str, Any]], chunk_bytes: int) -> None:
@@ -64,7 +70,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         timeout_s = request.wait_timeout_ms / 1000 if request.wait_timeout_ms else None
         lease = await self.saves.begin_save(request.job, request.step, request.rank, request.world_size,
                                         request.nbytes, wait, timeout_s, request.client_pid,
-                                        tuple(request.node_ranks), request.incarnation)
+                                        tuple(request.node_ranks), request.incarnation,
+                                        request.resumed_from if request.resumed else None)
         return pb.BeginSaveResponse(
             lease_id=lease.lease_id, slot_path=str(lease.slot.path),
             slot_capacity_bytes=lease.slot.capacity, chunk_bytes=self.chunk_bytes,
@@ -113,11 +120,11 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def PrepareRestore(self, request: pb.PrepareRestoreRequest, context: Any) -> pb.PrepareRestoreResponse:
         result, lease_id = await self.restores.prepare_restore(
             request.job, request.rank, request.world_size, _step_arg(request.step), request.dry_run,
-            request.client_pid)
+            request.client_pid, request.strict_latest, _below_arg(request.below_step))
         resp = pb.PrepareRestoreResponse(
             step=result.step,
             plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan],
-            rejected=result.rejected, read_s=result.read_s,
+            rejected=result.rejected, read_s=result.read_s, unusable_steps=result.unusable,
         )
         if result.entry is not None and result.slot is not None:
             resp.lease_id = lease_id
@@ -133,7 +140,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         if request.dry_run:
             raise InvalidArgument("Restore streams a real restore; plan with PrepareRestore(dry_run=true)")
         async for ev, result, lease_id in self.restores.restore_stream(
-                request.job, request.rank, request.world_size, _step_arg(request.step), request.client_pid):
+                request.job, request.rank, request.world_size, _step_arg(request.step), request.client_pid,
+                request.strict_latest, _below_arg(request.below_step)):
             if ev.kind == "ready":
                 await context.write(pb.RestoreEvent(ready_bytes=ev.ready_bytes))
             elif ev.kind == "restart":
@@ -148,7 +156,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             else:  # done
                 await context.write(pb.RestoreEvent(done=pb.PrepareRestoreResponse(
                     lease_id=lease_id, step=result.step, rejected=result.rejected, read_s=result.read_s,
-                    served_from=result.served_from.value if result.served_from else "")))
+                    served_from=result.served_from.value if result.served_from else "",
+                    unusable_steps=result.unusable)))
 
     @_rpc
     async def SetPeers(self, request: pb.SetPeersRequest, context: Any) -> pb.SetPeersResponse:

@@ -116,7 +116,8 @@ class SavePath:
 
     async def begin_save(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
                          wait: bool | None, wait_timeout_s: float | None, client_pid: int,
-                         node_ranks: tuple[int, ...] = (), incarnation: str = "") -> SaveLease:
+                         node_ranks: tuple[int, ...] = (), incarnation: str = "",
+                         resumed_from: int | None = None) -> SaveLease:
         if self.shutdown.draining:
             raise DaemonUnavailable("daemon is draining for shutdown; not accepting saves")
         check_ids(job, step, rank, world_size)
@@ -125,8 +126,8 @@ class SavePath:
             validate_incarnation(incarnation)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        if incarnation:
-            await self._drop_stale_shards(job, step, rank, incarnation)
+        if incarnation and resumed_from is not None:
+            await self._drop_stale_shards(job, rank, incarnation, resumed_from)
         if nbytes < 0 or nbytes > self.memory.max_shard_bytes:
             raise InvalidArgument(
                 f"nbytes {nbytes} out of range [0, {self.memory.max_shard_bytes}] "
@@ -284,16 +285,17 @@ class SavePath:
         else:
             await self.catalog.notify()
 
-    async def _drop_stale_shards(self, job: str, step: int, rank: int, incarnation: str) -> None:
-        """A new incarnation of ``rank`` (its trainer restarted, or restored and rolled back) saves
-        ``step``: that rank's shards of uncommitted steps at or after ``step`` staged by an older
-        incarnation belong to a dead past and must not mix with the new run. Only the rank's own
-        shards go, and only of steps committed nowhere; other ranks' shards and every committed
-        step stay. A reader (ckptctl, another process restoring) never causes this: only a save."""
+    async def _drop_stale_shards(self, job: str, rank: int, incarnation: str, resumed_from: int) -> None:
+        """A writer of ``rank`` that resumed from step ``resumed_from`` (its trainer restarted and
+        restored, or restored in place: its state rolled back) saves: that rank's shards of
+        uncommitted steps after ``resumed_from`` staged by another incarnation belong to a dead
+        past and must not mix with the new run. Only the rank's own shards go, and only of steps
+        committed nowhere; other ranks' shards and every committed step stay. A reader (ckptctl,
+        another process restoring) never causes this, nor does a second writer that never restored."""
         loop = asyncio.get_running_loop()
         for st in self.catalog.steps(job):
             rec = st.shards.get(rank)
-            if (st.step < step or rec is None or not rec.writer or rec.writer == incarnation or st.in_memory
+            if (st.step <= resumed_from or rec is None or not rec.writer or rec.writer == incarnation or st.in_memory
                     or any(st.state(t) == TierState.COMMITTED for t in TierName)):
                 continue
             del st.shards[rank]
@@ -301,7 +303,7 @@ class SavePath:
                 rec.slot.content = None
                 await loop.run_in_executor(self.executor, rec.slot.meta_path.unlink, True)
             log.info("dropping rank %d's shard of uncommitted step %s@%d: staged by an earlier incarnation "
-                     "of that rank, which saves step %d again", rank, job, st.step, step)
+                     "of that rank, which resumed from step %d", rank, job, st.step, resumed_from)
             if not st.shards:
                 self.catalog.forget(job, st.step)
         await self.pool.notify()

@@ -23,10 +23,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.core.errors import BudgetExhausted, CkptdError, FailedPrecondition, NotFound, TierFailed
+from ckptd.core.errors import (
+    BudgetExhausted,
+    CkptdError,
+    FailedPrecondition,
+    NotFound,
+    TierFailed,
+)
 from ckptd.core.integrity import chunk_crcs
 from ckptd.core.layout import layout_to_pb
 from ckptd.core.types import Level, validate_job, validate_step
+from ckptd_client.agreement import agree_latest, restore_agreed
 from ckptd_client.premap import RestorePremap
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
@@ -75,6 +82,8 @@ class RestoreInfo:
     seconds: float
     daemon_read_s: float
     rejected: list[str] = field(default_factory=list)
+    #: newer steps skipped because no valid copy of this rank's shard was left (restore "latest")
+    unusable_steps: list[int] = field(default_factory=list)
 
 
 def _default_rank() -> tuple[int, int]:
@@ -155,6 +164,7 @@ class CheckpointManager:
         #: this writer's incarnation: drawn anew by every restore (the state rolled back), so the
         #: daemon drops what an earlier incarnation of this rank left in uncommitted later steps
         self.incarnation = uuid.uuid4().hex
+        self.resumed_from: int | None = None  # the step the last restore() resumed from; -1: none found
         self.stalls_s: list[float] = []
         self.last_restore: RestoreInfo | None = None
         self.peer_members = self._join_peers() if gather_peers else []
@@ -178,6 +188,8 @@ class CheckpointManager:
             begin = self.conn.call(self.conn.stub.BeginSave, pb.BeginSaveRequest(
                 job=self.job, step=step, rank=self.rank, world_size=self.world_size, nbytes=nbytes,
                 policy=policy, client_pid=os.getpid(), node_ranks=list(self.node_ranks), incarnation=self.incarnation,
+                resumed=self.resumed_from is not None,
+                resumed_from=-1 if self.resumed_from is None else self.resumed_from,
                 wait_timeout_ms=int(self.wait_timeout_s * 1000) if self.wait_timeout_s else 0,
             ), timeout_s=(self.wait_timeout_s or 0) + 120)
             handle.waited_s = time.perf_counter() - t0
@@ -260,45 +272,68 @@ class CheckpointManager:
             return []
         return [s.step for s in resp.steps if s.committed]
 
-    def latest_step(self) -> int | None:
-        """Newest step committed at any tier the daemon can reach, or None."""
+    def latest_step(self, below: int | None = None) -> int | None:
+        """Newest step committed at any tier the daemon can reach (older than ``below`` if
+        given), or None."""
         try:
             resp = self.conn.call(self.conn.stub.PrepareRestore, pb.PrepareRestoreRequest(
-                job=self.job, rank=self.rank, world_size=self.world_size, step=-1, dry_run=True))
+                job=self.job, rank=self.rank, world_size=self.world_size, step=-1, dry_run=True,
+                below_step=below or 0))
         except NotFound:
             return None
         return int(resp.step)
 
     # -- restore ----------------------------------------------------------------------------
-    def restore(self, state: Any, step: int | str = "latest") -> int | None:
+    def restore(self, state: Any, step: int | str = "latest", strict_latest: bool = False) -> int | None:
         """Fill ``state`` in place from a committed step; return the step, or None if none exists.
 
         ``step="latest"`` with no checkpoint returns None (a fresh start); an explicit step that
         does not exist raises NotFound. With a torch.distributed process group of this job's
-        world size, "latest" is agreed by every rank first (see ``_agree_latest``), so ranks
-        never resume from different steps.
+        world size, "latest" is agreed by every rank first (ckptd_client/agreement.py), so ranks
+        never resume from different steps. When no valid copy of the newest step is left (every
+        copy of some rank's shard is corrupt or gone), "latest" falls back to the newest older
+        step that restores on every rank, with an error logged and the skipped steps in
+        ``last_restore.unusable_steps``; ``strict_latest=True`` raises IntegrityError instead.
         """
         t0 = time.perf_counter()
         self.incarnation = uuid.uuid4().hex  # the state rolls back: later saves start a new past
-        if step == "latest":
-            agreed = self._agree_latest()
-            if agreed is not None:
-                step = agreed
-                if agreed < 0:
-                    return None
-        req_step = -1 if step == "latest" else validate_step(int(step))
+        got = self._restore(state, step, strict_latest, t0)
+        self.resumed_from = -1 if got is None else got  # saves from now on belong to the resumed run
+        return got
+
+    def _restore(self, state: Any, step: int | str, strict_latest: bool, t0: float) -> int | None:
+        if step != "latest":
+            return self._restore_step(state, validate_step(int(step)), False, t0)
+        dist = self._job_group()
+        if dist is None:  # no process group: the daemon picks (and falls back) for this rank alone
+            got = self._restore_step(state, -1, strict_latest, t0)
+            if got is not None and self.last_restore is not None and self.last_restore.unusable_steps:
+                log.error("ckptd: %s rank %d: no valid copy of step(s) %s; resumed from step %d",
+                          self.job, self.rank, self.last_restore.unusable_steps, got)
+            return got
+        agreed = agree_latest(dist, self.world_size, self.job, self.latest_step())
+        if agreed < 0:
+            return None
+        got, unusable = restore_agreed(dist, self.world_size, self.job, agreed, strict_latest,
+                                       lambda step: self._restore_step(state, step, False, t0),
+                                       lambda below: self.latest_step(below=below))
+        if self.last_restore is not None:
+            self.last_restore.unusable_steps = unusable
+        return got
+
+    def _restore_step(self, state: Any, req_step: int, strict_latest: bool, t0: float) -> int | None:
         request = pb.PrepareRestoreRequest(job=self.job, rank=self.rank, world_size=self.world_size, step=req_step,
-                                           client_pid=os.getpid())
+                                           client_pid=os.getpid(), strict_latest=strict_latest)
         try:
             start, done = restore_streamed(self.conn, request, state, timeout_s=600, premap=self._premap)
         except NotFound:
-            if step == "latest":
+            if req_step < 0:
                 return None
             raise
         finally:
             self._drop_premap()
         self.last_restore = RestoreInfo(int(done.step), done.served_from, time.perf_counter() - t0,
-                                        done.read_s, list(done.rejected))
+                                        done.read_s, list(done.rejected), [int(s) for s in done.unusable_steps])
         return int(done.step)
 
     def _job_group(self) -> Any:
@@ -332,28 +367,6 @@ class CheckpointManager:
         except FailedPrecondition as exc:  # static membership configured: the daemon keeps it
             log.debug("daemon keeps its own peer list: %s", exc)
             return []
-
-    def _agree_latest(self) -> int | None:
-        """Every rank's newest restorable step, gathered; the job resumes from the oldest of them.
-
-        None when no process group spans this job (each rank then asks its daemon alone); -1 when
-        no rank has a checkpoint. Raises FailedPrecondition when some ranks have one and others
-        have none: resuming would mix a fresh start with restored ranks.
-        """
-        dist = self._job_group()
-        if dist is None:
-            return None
-        mine = self.latest_step()
-        gathered: list[int | None] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        missing = [r for r, s in enumerate(gathered) if s is None]
-        if len(missing) == self.world_size:
-            return -1
-        if missing:
-            raise FailedPrecondition(
-                f"ranks {missing} of {self.job!r} have no restorable checkpoint while others do "
-                f"(newest per rank: {gathered}); restore an explicit step or start fresh")
-        return min(s for s in gathered if s is not None)
 
     def warm_restore(self, timeout_s: float = 30.0) -> bool:
         """Wait until the slot the daemon prepared for this rank's restore is mapped here

@@ -73,14 +73,16 @@ def test_a_reader_restoring_an_older_step_never_drops_a_step_being_saved(
 
 
 def test_a_restarted_rank_drops_only_its_own_stale_shards(daemon_factory: Callable[..., DaemonProc]) -> None:
-    """A new incarnation of rank 0 (a new process: new managers) saves step 3 again: rank 0's shard
-    of the dead run's step 3 goes, and the step commits with the new run's bytes for both ranks."""
+    """A new incarnation of rank 0 (a new process: new managers, which resume first and find no
+    checkpoint) saves step 3 again: rank 0's shard of the dead run's step 3 goes, and the step
+    commits with the new run's bytes for both ranks."""
     d = daemon_factory()
     old0 = CheckpointManager("rs", rank=0, world_size=2, addr=d.addr)
     assert old0.save(3, {"x": np.full(1000, -1, dtype=np.int64)}).ok  # the dead run: rank 1 never saved 3
     old0.close()
     new = [CheckpointManager("rs", rank=r, world_size=2, addr=d.addr) for r in (0, 1)]
     for m in new:
+        assert m.restore({"x": np.zeros(1000, dtype=np.int64)}) is None  # nothing committed: a fresh start
         h = m.save(3, {"x": np.full(1000, 30 + m.rank, dtype=np.int64)})
         assert h.ok, h.error
     new[1].handles[-1].wait(Level.LOCAL_DURABLE, timeout_s=30)
@@ -88,4 +90,22 @@ def test_a_restarted_rank_drops_only_its_own_stale_shards(daemon_factory: Callab
         st = {"x": np.zeros(1000, dtype=np.int64)}
         assert m.restore(st) == 3
         assert (st["x"] == 30 + m.rank).all()
+        m.close()
+
+
+def test_a_second_live_writer_that_never_resumed_loses_to_the_first(daemon_factory: Callable[..., DaemonProc]) -> None:
+    """Two writers of one rank (a misconfigured job): the second one's save of a step the first
+    staged is AlreadyExists; the first one's shard is never dropped for it."""
+    d = daemon_factory()
+    first = CheckpointManager("tw", rank=0, world_size=2, addr=d.addr)
+    second = CheckpointManager("tw", rank=0, world_size=2, addr=d.addr)
+    assert first.save(1, {"x": np.full(1000, 1, dtype=np.int64)}).ok
+    h = second.save(1, {"x": np.full(1000, 2, dtype=np.int64)})
+    assert not h.ok and type(h.error).__name__ == "AlreadyExists", h.error
+    r1 = CheckpointManager("tw", rank=1, world_size=2, addr=d.addr)
+    assert r1.save(1, {"x": np.full(1000, 11, dtype=np.int64)}).ok
+    r1.handles[-1].wait(Level.LOCAL_DURABLE, timeout_s=30)
+    st = {"x": np.zeros(1000, dtype=np.int64)}
+    assert first.restore(st) == 1 and (st["x"] == 1).all()
+    for m in (first, second, r1):
         m.close()

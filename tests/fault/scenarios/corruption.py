@@ -1,5 +1,6 @@
 """Corruption scenarios: a flipped byte and a truncated shard in each tier (memory slot, disk
-file, object-store object, peer replica). The seed picks which (step, rank) gets which damage and
+file, object-store object, peer replica), and a newest step with no valid copy left (restore
+"latest" falls back). The seed picks which (step, rank) gets which damage and
 where the flipped byte is. A damaged copy must be rejected by its checksum or size and the next
 valid source must serve, or the restore must fail with a clear error: never wrong bytes."""
 
@@ -10,10 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckptd_client import Level
+from ckptd_client import IntegrityError, Level
 
 from tests.fault.scenarios import scenario
 from tests.fault.scenarios._ctx import Ctx
+from tests.state_factory import blank_like
 
 W = 2
 
@@ -103,6 +105,39 @@ def corrupt_disk(ctx: Ctx) -> None:
         ctx.check("memory lost", served={k: "object" for k in damaged}, recovered={"n1"})
     else:
         ctx.check("memory lost", unrecoverable=damaged, recovered={"n1"})
+
+
+@scenario
+def corrupt_newest_step(ctx: Ctx) -> None:
+    """The newest step's only copy of one rank is damaged (a byte flipped in its disk file, or the
+    step's disk manifest truncated) after a restart that lost shared memory. An auto-resuming
+    rank must not stop: "latest" falls back to the newest older step that restores, bit-exact;
+    strictly it is a clear IntegrityError."""
+    steps = ctx.randint("steps", 2, 3)
+    damage = ctx.cycle("damage", ["flipped byte", "truncated manifest"])
+    rank = ctx.choose("rank", range(W))
+    n = ctx.node().start()
+    saved(ctx, steps, Level.LOCAL_DURABLE)
+    n = ctx.restart(n, wipe_shm=True)
+    if damage == "flipped byte":
+        flip(shard_file(ctx, n, steps, rank), ctx.randint("flipped_offset", 0, ctx.ledger.nbytes - 5000))
+    else:
+        truncate(shard_file(ctx, n, steps, rank).with_name("manifest.json"), ctx.randint("truncated_to", 0, 200))
+    ctx.fault(f"newest step {steps}: {damage} ({'rank ' + str(rank) if damage == 'flipped byte' else 'manifest'}), "
+              "no other copy", "memory@n1")
+    damaged = {(steps, r) for r in range(W) if damage == "truncated manifest" or r == rank}
+    for r in range(W):
+        got, served = ctx.restore(r, "latest")
+        want = steps - 1 if (steps, r) in damaged else steps
+        assert got == want, f"rank {r} resumed from step {got}, expected {want} ({damage})"
+        if (steps, r) in damaged:
+            try:
+                ctx.manager(r).restore(blank_like(ctx.ledger.state(1, r)), strict_latest=True)
+            except IntegrityError:
+                pass
+            else:
+                raise AssertionError(f"rank {r}: strict_latest restored a step with no valid copy")
+    ctx.check("newest step damaged", unrecoverable=damaged)
 
 
 @scenario

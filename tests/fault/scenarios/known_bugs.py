@@ -119,6 +119,31 @@ def _read_drops_acked_step(env: Env) -> None:
         n.kill()
 
 
+def _corrupt_newest_stops_resume(env: Env) -> None:
+    d = env.workdir / f"repro-{uuid.uuid4().hex[:6]}"
+    n = env.node("n1", d).start()
+    with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
+        for step in (1, 2):
+            m.save(step, filled_state(step, 2**16))
+        m._wait(2, Level.LOCAL_DURABLE, 30)
+    n = n.restart(wipe_shm=True)
+    shard = n.data_dir / "j" / f"step-{2:012d}" / "rank-000000.shard"
+    with open(shard, "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    try:
+        with CheckpointManager("j", rank=0, world_size=1, addr=n.addr) as m:
+            try:
+                got = m.restore(filled_state(0, 2**16))
+            except CkptdError as exc:
+                raise AssertionError(f"restore('latest') stopped on the corrupt newest step: {exc}") from None
+            assert got == 1, f"resumed from step {got}, expected 1"
+    finally:
+        n.kill()
+
+
 def _multipart_left(env: Env) -> None:
     from tests.tiers.faultproxy import Request
 
@@ -215,6 +240,15 @@ KNOWN_BUGS = (
         "(ckptd/save/service.py SavePath._drop_stale_shards)",
         _read_drops_acked_step, checks={"acked": r"NotFound: step \d+ of job .* is not committed"},
         error=r"never committed after a read", scenarios=("reader_during_save",), fixed_in="01de1d8"),
+    KnownBug(
+        "corrupt-newest-stops-resume",
+        "restore('latest') picks a newest step with no valid copy left (a flipped byte in its only disk "
+        "copy, a truncated manifest) and raises IntegrityError: an auto-resuming job stops instead of "
+        "resuming from the newest older step that restores",
+        "ckptd/restore/service.py RestoreService._restore (no fallback for 'latest'); the client's "
+        "restore had no strict_latest choice",
+        _corrupt_newest_stops_resume, error=r"resumed from step|expected", scenarios=("corrupt_newest_step",),
+        fixed_in="FIXME"),
     KnownBug(
         "multipart-left-after-outage",
         "a multipart upload cut by a store outage is never aborted once the store is back (its abort failed "

@@ -184,6 +184,8 @@ class BeginSaveRequest(_message.Message):
     CLIENT_PID_FIELD_NUMBER: _builtins.int
     NODE_RANKS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     step: _builtins.int
     rank: _builtins.int
@@ -196,10 +198,15 @@ class BeginSaveRequest(_message.Message):
     """lets the daemon drop the lease at once if the trainer dies"""
     incarnation: _builtins.str
     """The writer's incarnation: a token the client draws anew when it starts and whenever it
-    restores (its state rolled back). A save by a new incarnation of a rank drops that rank's
-    shards of uncommitted steps at or after this one that an older incarnation staged (a dead
-    run's past); empty: unknown (nothing is dropped).
+    restores (its state rolled back); empty: unknown.
     """
+    resumed: _builtins.bool
+    """The writer resumed (its manager restored before saving) from step resumed_from (-1: the
+    restore found no checkpoint). Its saves drop this rank's shards of uncommitted steps after
+    resumed_from that another incarnation staged: the dead run's past. A writer that never
+    restored drops nothing (a second live writer of the rank gets AlreadyExists).
+    """
+    resumed_from: _builtins.int
     @_builtins.property
     def node_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """ranks of the job this daemon serves (multi-node); empty: all"""
@@ -217,10 +224,12 @@ class BeginSaveRequest(_message.Message):
         client_pid: _builtins.int = ...,
         node_ranks: _abc.Iterable[_builtins.int] | None = ...,
         incarnation: _builtins.str = ...,
+        resumed: _builtins.bool = ...,
+        resumed_from: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "incarnation", b"incarnation", "job", b"job", "nbytes", b"nbytes", "node_ranks", b"node_ranks", "policy", b"policy", "rank", b"rank", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "incarnation", b"incarnation", "job", b"job", "nbytes", b"nbytes", "node_ranks", b"node_ranks", "policy", b"policy", "rank", b"rank", "resumed", b"resumed", "resumed_from", b"resumed_from", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -602,6 +611,8 @@ class PrepareRestoreRequest(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     CLIENT_PID_FIELD_NUMBER: _builtins.int
+    STRICT_LATEST_FIELD_NUMBER: _builtins.int
+    BELOW_STEP_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     rank: _builtins.int
     world_size: _builtins.int
@@ -610,6 +621,13 @@ class PrepareRestoreRequest(_message.Message):
     dry_run: _builtins.bool
     """plan only: no I/O, no lease"""
     client_pid: _builtins.int
+    strict_latest: _builtins.bool
+    """With step -1: fail when no valid copy of the newest step exists (IntegrityError) instead of
+    falling back to the newest older step that has one (the default; logged, counted, reported
+    in unusable_steps).
+    """
+    below_step: _builtins.int
+    """with step -1: only steps older than this count (0: no bound)"""
     def __init__(
         self,
         *,
@@ -619,10 +637,12 @@ class PrepareRestoreRequest(_message.Message):
         step: _builtins.int = ...,
         dry_run: _builtins.bool = ...,
         client_pid: _builtins.int = ...,
+        strict_latest: _builtins.bool = ...,
+        below_step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "dry_run", b"dry_run", "job", b"job", "rank", b"rank", "step", b"step", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_step", b"below_step", "client_pid", b"client_pid", "dry_run", b"dry_run", "job", b"job", "rank", b"rank", "step", b"step", "strict_latest", b"strict_latest", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -663,6 +683,7 @@ class PrepareRestoreResponse(_message.Message):
     PLAN_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     READ_S_FIELD_NUMBER: _builtins.int
+    UNUSABLE_STEPS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     slot_path: _builtins.str
     step: _builtins.int
@@ -681,6 +702,10 @@ class PrepareRestoreResponse(_message.Message):
     def rejected(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """copies tried and rejected, with the reason"""
 
+    @_builtins.property
+    def unusable_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """newer steps skipped: no valid copy of this rank's shard"""
+
     def __init__(
         self,
         *,
@@ -693,10 +718,11 @@ class PrepareRestoreResponse(_message.Message):
         plan: _abc.Iterable[Global___PlannedSource] | None = ...,
         rejected: _abc.Iterable[_builtins.str] | None = ...,
         read_s: _builtins.float = ...,
+        unusable_steps: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout", "lease_id", b"lease_id", "nbytes", b"nbytes", "plan", b"plan", "read_s", b"read_s", "rejected", b"rejected", "served_from", b"served_from", "slot_path", b"slot_path", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout", "lease_id", b"lease_id", "nbytes", b"nbytes", "plan", b"plan", "read_s", b"read_s", "rejected", b"rejected", "served_from", b"served_from", "slot_path", b"slot_path", "step", b"step", "unusable_steps", b"unusable_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
