@@ -248,7 +248,7 @@ KNOWN_BUGS = (
         "ckptd/restore/service.py RestoreService._restore (no fallback for 'latest'); the client's "
         "restore had no strict_latest choice",
         _corrupt_newest_stops_resume, error=r"resumed from step|expected", scenarios=("corrupt_newest_step",),
-        fixed_in="FIXME"),
+        fixed_in="0a2508b"),
     KnownBug(
         "multipart-left-after-outage",
         "a multipart upload cut by a store outage is never aborted once the store is back (its abort failed "
