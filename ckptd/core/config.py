@@ -28,12 +28,12 @@ from typing import Any, Final
 
 from ckptd.core.errors import InvalidArgument
 from ckptd.core.peer_config import PeerSection, split_list, validate_peers
+from ckptd.core.types import SLOT_ALIGN_BYTES
 
 MAX_SOCKET_PATH: Final = 100
 SOCKET_MODE_OWNER: Final = "0600"
 SOCKET_MODE_GROUP: Final = "0660"
 RELEASE_MEMORY_MODES: Final = ("off", "durable", "force")
-SLOT_ALIGN_BYTES: Final = 2 * 2**20  # shm slots are sized in multiples of this (memory/slots.py): the smallest slot
 REDACTED: Final = "<redacted>"
 SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
 _UNITS: Final = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,

@@ -159,3 +159,5 @@ def validate_incarnation(token: str) -> str:
     if not isinstance(token, str) or not INCARNATION_RE.fullmatch(token):
         raise ValueError(f"incarnation {token[:80]!r} must be 0-64 letters, digits, '_' or '-'")
     return token
+
+SLOT_ALIGN_BYTES: Final = 2 * 2**20  # shm slots are sized in multiples of this: the smallest slot

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from ckptd.core import failpoints
-from ckptd.core.config import SLOT_ALIGN_BYTES
 from ckptd.core.errors import BudgetExhausted, CkptdError, InvalidArgument
+from ckptd.core.types import SLOT_ALIGN_BYTES
 
 log = logging.getLogger("ckptd.shm")
 

@@ -50,7 +50,7 @@ def expect_integrity_error(m, step, needle: str) -> str:
     want = fault_state(2, 0, NBYTES)
     state = blank_like(want)
     with pytest.raises(IntegrityError) as info:
-        m.restore(state, step=step)
+        m.restore(state, step=step, strict_latest=True)  # "latest" strictly: no fallback to an older step
     assert needle in str(info.value), str(info.value)
     assert m.last_restore is None, "a failed restore left a restore record"
     assert_bit_exact(state, blank_like(want))  # nothing was written into the caller's state
@@ -68,6 +68,11 @@ def test_flipped_byte_on_disk_without_memory_copy(daemon_factory):
         expect_integrity_error(m, 2, str(bad))  # rejected again: never cached as good
         assert raw.status().slots == 0, "the rejected copy's scratch slot leaked"
         restore_checked(m, 1, fault_state(1, 0, NBYTES), "disk")  # the older step is intact
+        # by default "latest" falls back to that older step, bit-exact, and says which it skipped
+        state = blank_like(fault_state(1, 0, NBYTES))
+        assert m.restore(state) == 1
+        assert_bit_exact(state, fault_state(1, 0, NBYTES))
+        assert m.last_restore is not None and m.last_restore.unusable_steps == [2]
         assert d2.alive()
 
 
@@ -138,17 +143,16 @@ def test_corrupted_manifest_is_reported(daemon_factory, damage):
         msg = expect_integrity_error(m, 2, str(path))
         assert "manifest" in msg
         assert 2 not in m.all_steps()
-        # "latest" must not be served from the broken step: either it is reported, or the
-        # restore falls back to the newest valid step, bit-exact
-        state = blank_like(fault_state(1, 0, NBYTES))
-        try:
-            got = m.restore(state)
-        except IntegrityError as exc:
-            assert str(path) in str(exc)
-        else:
-            assert got == 1
-            assert_bit_exact(state, fault_state(1, 0, NBYTES))
         restore_checked(m, 1, fault_state(1, 0, NBYTES), "disk")
+        # "latest" is never served from the broken step: strictly it is reported, by default the
+        # restore falls back to the newest valid step, bit-exact
+        with pytest.raises(IntegrityError) as info:
+            m.restore(blank_like(fault_state(1, 0, NBYTES)), strict_latest=True)
+        assert str(path) in str(info.value)
+        state = blank_like(fault_state(1, 0, NBYTES))
+        assert m.restore(state) == 1
+        assert_bit_exact(state, fault_state(1, 0, NBYTES))
+        assert m.last_restore is not None and m.last_restore.unusable_steps == [2]
         # the daemon keeps serving: a new step saves, drains and restores
         m.save(3, fault_state(3, 0, NBYTES)).wait(Level.LOCAL_DURABLE, timeout_s=60)
         restore_checked(m, "latest", fault_state(3, 0, NBYTES), "memory")
