@@ -150,7 +150,6 @@ def validate_node_id(node_id: str, what: str = "node id") -> str:
                          "starting with a letter or digit (no '..')")
     return node_id
 
-INCARNATION_MAX_LEN: Final = 64
 INCARNATION_RE: Final = re.compile(r"[A-Za-z0-9_-]{0,64}")
 
 

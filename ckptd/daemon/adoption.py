@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ckptd.core.errors import CkptdError
 from ckptd.core.integrity import chunk_crcs, first_bad_chunk
 from ckptd.core.manifest import Manifest
-from ckptd.core.types import INCARNATION_MAX_LEN, TierName, validate_node_ranks
+from ckptd.core.types import TierName, validate_incarnation, validate_node_ranks
 from ckptd.memory.catalog import Catalog, ShardRecord, TierState, entry_from_sidecar
 from ckptd.memory.slots import Slot, SlotPool
 
@@ -100,7 +100,8 @@ async def adopt_slots(catalog: Catalog, pool: SlotPool, executor: Executor,
         st.created_unix_s = created
         st.extra = dict(meta.get("extra") or {})
         st.node_ranks = validate_node_ranks(list(meta.get("node_ranks") or []), world_size)
-        rec = ShardRecord(job, step, entry, slot, writer=str(meta.get("writer") or "")[:INCARNATION_MAX_LEN])
+        rec = ShardRecord(job, step, entry, slot)
+        _writer_from_sidecar(rec, meta.get("writer"))
         slot.content = rec
         slot.owner = (job, entry.rank)
         st.shards[entry.rank] = rec
@@ -148,3 +149,14 @@ async def prepare_object_tier(obj: ObjectTier, executor: Executor) -> None:
         await loop.run_in_executor(executor, obj.conditional_put_supported)
     except CkptdError as exc:
         log.error("object tier not reachable at start-up: %s", exc)
+
+
+def _writer_from_sidecar(rec: ShardRecord, writer: Any) -> None:
+    """Who wrote a re-adopted shard (its incarnation and pid), if the sidecar says."""
+    if not isinstance(writer, dict):
+        return
+    try:
+        rec.writer = validate_incarnation(str(writer.get("incarnation") or ""))
+        rec.writer_pid = max(0, int(writer.get("pid") or 0))
+    except (TypeError, ValueError):
+        rec.writer, rec.writer_pid = "", 0  # unknown: never dropped for its writer

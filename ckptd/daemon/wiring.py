@@ -108,7 +108,7 @@ class Daemon:
         self.saves = SavePath(self.catalog, self.pool, self.disk, self.executor, cfg.memory, self.tasks,
                               self.shutdown, self.drainer.kick, self._step_staged)
         self.restores = RestoreService(self.catalog, self.pool, self.restorer, self.executor,
-                                       cfg.memory.lease_timeout_s)
+                                       cfg.memory.lease_timeout_s, self.saves.retire)
         self.steps = StepQueries(self.catalog, self.restorer, self.disk, self.executor, self.tiers)
         self.admin = StepAdmin(self.catalog, self.pool, self.disk, self.object, self.executor, cfg.disk, cfg.object,
                                self.pins, in_upload, self.saves.saving)

@@ -130,9 +130,12 @@ class ObjectUploader(Worker):
                 await self._upload_shard(st, entry)
                 nbytes += entry.nbytes
         except AlreadyExists:
-            # The step is committed in the store (e.g. this node restored it from a peer): nothing
-            # to upload. Its manifest's checksums of our ranks tell whether it is the same content.
-            msg = await self._compare_with_store(st, entries or [])
+            # The step is committed in the store: nothing to upload. A step this node restored from
+            # another copy (a peer, the store: its shards have no writer) holds the store's content
+            # by construction, every chunk verified; for a step saved here, the store's manifest
+            # (one read) tells whether our ranks' checksums match.
+            saved_here = not st.shards or any(rec.writer for rec in st.shards.values())
+            msg = await self._compare_with_store(st, entries or []) if saved_here else "already in the store"
             await self.catalog.set_tier(st, TierName.OBJECT, TierState.COMMITTED, msg)
             return
         except Exception as exc:  # noqa: BLE001 - a failed upload degrades the level, nothing more

@@ -59,6 +59,7 @@ class ShardRecord:
     checksummed: bool = True  # False between CommitShard and the daemon's crc32c pass
     recorded: bool = True  # False until the slot's sidecar (maybe "crc pending") is written
     writer: str = ""  # the writing client's incarnation (BeginSaveRequest.incarnation); "": unknown
+    writer_pid: int = 0  # the writing client's pid, when the daemon could see it alive; 0: unknown
 
 
 @dataclass
@@ -295,7 +296,7 @@ def sidecar_meta(st: StepState, rec: ShardRecord) -> dict[str, Any]:
         "shard": shard,
     }
     if rec.writer:
-        meta["writer"] = rec.writer
+        meta["writer"] = {"incarnation": rec.writer, "pid": rec.writer_pid}
     if not rec.checksummed:  # written right after CommitShard: the bytes are complete, the sums not yet
         shard["chunk_crc32c"] = []
         meta["crc_pending"] = True

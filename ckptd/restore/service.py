@@ -19,9 +19,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from ckptd.core import metrics
 from ckptd.core.errors import CkptdError, IntegrityError, NotFound
@@ -32,6 +33,9 @@ from ckptd.restore.stream import RestoreEvent, RestoreProgress
 from ckptd.save.service import check_ids, pid_alive
 
 log = logging.getLogger("ckptd.daemon")  # the daemon's logger: operators filter on it
+
+
+Retire: TypeAlias = Callable[[str, int, str, int], Awaitable[None]]  # (job, rank, incarnation, restored step)
 
 
 @dataclass
@@ -46,8 +50,9 @@ class RestoreService:
     """The restore RPCs of one daemon and the leases they hand out."""
 
     def __init__(self, catalog: Catalog, pool: SlotPool, restorer: Restorer, executor: Executor,
-                 lease_timeout_s: float) -> None:
+                 lease_timeout_s: float, retire: Retire | None = None) -> None:
         self.catalog = catalog
+        self.retire = retire  # a writer rolled back: drop its past (SavePath.retire)
         self.pool = pool
         self.restorer = restorer
         self.executor = executor
@@ -56,25 +61,33 @@ class RestoreService:
 
     async def prepare_restore(self, job: str, rank: int, world_size: int, step: int | None,
                               dry_run: bool, client_pid: int, strict_latest: bool = False,
-                              below_step: int | None = None) -> tuple[RestoreResult, str]:
-        check_ids(job, 0 if step is None else step, rank, world_size)
+                              below_step: int | None = None, retire: str = "") -> tuple[RestoreResult, str]:
+        check_ids(job, 0 if step is None else step, rank, world_size, retire)
         if dry_run:
             return await self.restorer.plan(job, rank, world_size, step, below_step), ""
         result = await self._restore(job, rank, world_size, step, strict_latest, below_step, None, [])
+        await self._retire(job, rank, retire, result.step)
         return result, self._lease_restore(result, client_pid)
+
+    async def _retire(self, job: str, rank: int, incarnation: str, step: int) -> None:
+        if incarnation and self.retire is not None:
+            await self.retire(job, rank, incarnation, step)
 
     async def _restore(self, job: str, rank: int, world_size: int, step: int | None, strict_latest: bool,
                        below_step: int | None, progress: RestoreProgress | None,
                        current: list[RestoreResult]) -> RestoreResult:
         """Plan and execute; for "latest" (unless ``strict_latest``) a step with no valid copy of
         this rank's shard is skipped for the next older one, loudly: the job resumes from the
-        newest step it can restore instead of stopping. ``current`` holds the plan being read."""
+        newest step it can restore instead of stopping. ``current`` holds the plan being read (a
+        plan already made is used first: every plan surveys the sources, peers and store included)."""
         unusable: list[int] = []
         below = below_step
+        first = current[0] if current else None
         while True:
             planned: int | None = None
             try:
-                result = await self.restorer.plan(job, rank, world_size, step, below)
+                result = first if first is not None else await self.restorer.plan(job, rank, world_size, step, below)
+                first = None
                 planned = result.step
                 result.unusable = list(unusable)
                 current[:] = [result]
@@ -104,11 +117,11 @@ class RestoreService:
         return lease.lease_id
 
     async def restore_stream(self, job: str, rank: int, world_size: int, step: int | None, client_pid: int,
-                             strict_latest: bool = False, below_step: int | None = None,
+                             strict_latest: bool = False, below_step: int | None = None, retire: str = "",
                              ) -> AsyncIterator[tuple[RestoreEvent, RestoreResult, str]]:
         """A restore whose progress is streamed (ckptd/restore/stream.py): yields each event with
         the result so far; the last is "done" with the lease id, or an error is raised."""
-        check_ids(job, 0 if step is None else step, rank, world_size)
+        check_ids(job, 0 if step is None else step, rank, world_size, retire)
         # plan before streaming: an unknown job or step is an error of the call, not of the stream
         current: list[RestoreResult] = []
         try:
@@ -144,6 +157,7 @@ class RestoreService:
                     raise ev.error
                 if ev.kind == "done":
                     result = await task
+                    await self._retire(job, rank, retire, result.step)
                     lease_id = self._lease_restore(result, client_pid)
                     yield ev, result, lease_id
                     return

@@ -120,7 +120,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def PrepareRestore(self, request: pb.PrepareRestoreRequest, context: Any) -> pb.PrepareRestoreResponse:
         result, lease_id = await self.restores.prepare_restore(
             request.job, request.rank, request.world_size, _step_arg(request.step), request.dry_run,
-            request.client_pid, request.strict_latest, _below_arg(request.below_step))
+            request.client_pid, request.strict_latest, _below_arg(request.below_step), request.retire_incarnation)
         resp = pb.PrepareRestoreResponse(
             step=result.step,
             plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan],
@@ -141,7 +141,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             raise InvalidArgument("Restore streams a real restore; plan with PrepareRestore(dry_run=true)")
         async for ev, result, lease_id in self.restores.restore_stream(
                 request.job, request.rank, request.world_size, _step_arg(request.step), request.client_pid,
-                request.strict_latest, _below_arg(request.below_step)):
+                request.strict_latest, _below_arg(request.below_step), request.retire_incarnation):
             if ev.kind == "ready":
                 await context.write(pb.RestoreEvent(ready_bytes=ev.ready_bytes))
             elif ev.kind == "restart":

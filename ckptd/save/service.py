@@ -87,11 +87,12 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
-def check_ids(job: str, step: int, rank: int, world_size: int) -> None:
+def check_ids(job: str, step: int, rank: int, world_size: int, incarnation: str = "") -> None:
     try:
         validate_job(job)
         validate_step(step)
         validate_rank(rank, world_size)
+        validate_incarnation(incarnation)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
 
@@ -124,6 +125,8 @@ class SavePath:
         try:
             node_ranks = validate_node_ranks(node_ranks, world_size, rank)
             validate_incarnation(incarnation)
+            if resumed_from is not None and resumed_from < -1:
+                raise ValueError(f"resumed_from {resumed_from} is below -1")
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         if incarnation and resumed_from is not None:
@@ -223,7 +226,8 @@ class SavePath:
             await self.pool.release_write(lease.slot)
             raise BudgetExhausted(f"step {step} of {job!r} was skipped: {st.tiers[TierName.MEMORY][1]}")
         entry = ShardEntry(rank, nbytes, expected_chunk, (), tuple(tensors), tree)
-        rec = ShardRecord(job, step, entry, lease.slot, checksummed=False, recorded=False, writer=lease.incarnation)
+        rec = ShardRecord(job, step, entry, lease.slot, checksummed=False, recorded=False, writer=lease.incarnation,
+                          writer_pid=lease.client_pid)
         st.shards[rank] = rec
         lease.slot.content = rec
         lease.slot.writing = False
@@ -286,24 +290,44 @@ class SavePath:
             await self.catalog.notify()
 
     async def _drop_stale_shards(self, job: str, rank: int, incarnation: str, resumed_from: int) -> None:
-        """A writer of ``rank`` that resumed from step ``resumed_from`` (its trainer restarted and
-        restored, or restored in place: its state rolled back) saves: that rank's shards of
-        uncommitted steps after ``resumed_from`` staged by another incarnation belong to a dead
-        past and must not mix with the new run. Only the rank's own shards go, and only of steps
-        committed nowhere; other ranks' shards and every committed step stay. A reader (ckptctl,
-        another process restoring) never causes this, nor does a second writer that never restored."""
+        """A writer of ``rank`` that resumed from step ``resumed_from`` (its job restarted and
+        restored) saves. In uncommitted steps after ``resumed_from``, shards staged before the
+        resume belong to a dead run and must not mix with the new one: this rank's shards of
+        another incarnation, and any rank's shards whose writer process is gone. Shards of live
+        writers of other ranks, of unknown writers, and every committed step stay. A reader
+        (ckptctl, another process restoring) never causes this, nor does a writer that never
+        restored (a second live writer of the rank gets AlreadyExists)."""
+
+        def stale(rec: ShardRecord) -> bool:
+            if not rec.writer or rec.writer == incarnation:
+                return False
+            return rec.entry.rank == rank or (rec.writer_pid > 0 and not pid_alive(rec.writer_pid))
+
+        await self._drop_shards(job, resumed_from, stale, f"staged before the job resumed from step {resumed_from}")
+
+    async def retire(self, job: str, rank: int, incarnation: str, restored_step: int) -> None:
+        """The writer ``incarnation`` of ``rank`` rolled its own state back to ``restored_step`` (its
+        manager restored): its shards of uncommitted steps after that are its dead past."""
+        if incarnation:
+            await self._drop_shards(job, restored_step,
+                                    lambda rec: rec.entry.rank == rank and rec.writer == incarnation,
+                                    f"its writer rolled back to step {restored_step}")
+
+    async def _drop_shards(self, job: str, after_step: int, stale: Callable[[ShardRecord], bool], why: str) -> None:
+        """Drop the ``stale`` shards of the job's steps after ``after_step`` committed nowhere."""
         loop = asyncio.get_running_loop()
         for st in self.catalog.steps(job):
-            rec = st.shards.get(rank)
-            if (st.step <= resumed_from or rec is None or not rec.writer or rec.writer == incarnation or st.in_memory
+            if (st.step <= after_step or st.in_memory
                     or any(st.state(t) == TierState.COMMITTED for t in TierName)):
                 continue
-            del st.shards[rank]
-            if rec.slot is not None and rec.slot.content is rec:
-                rec.slot.content = None
-                await loop.run_in_executor(self.executor, rec.slot.meta_path.unlink, True)
-            log.info("dropping rank %d's shard of uncommitted step %s@%d: staged by an earlier incarnation "
-                     "of that rank, which resumed from step %d", rank, job, st.step, resumed_from)
+            for r, rec in list(st.shards.items()):
+                if not stale(rec):
+                    continue
+                del st.shards[r]
+                if rec.slot is not None and rec.slot.content is rec:
+                    rec.slot.content = None
+                    await loop.run_in_executor(self.executor, rec.slot.meta_path.unlink, True)
+                log.info("dropping rank %d's shard of uncommitted step %s@%d: %s", r, job, st.step, why)
             if not st.shards:
                 self.catalog.forget(job, st.step)
         await self.pool.notify()

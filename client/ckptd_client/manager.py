@@ -165,6 +165,8 @@ class CheckpointManager:
         #: daemon drops what an earlier incarnation of this rank left in uncommitted later steps
         self.incarnation = uuid.uuid4().hex
         self.resumed_from: int | None = None  # the step the last restore() resumed from; -1: none found
+        self._saved_as = ""  # the incarnation of this manager's saves so far ("": none yet)
+        self._retire = ""  # the incarnation a restore under way rolls back
         self.stalls_s: list[float] = []
         self.last_restore: RestoreInfo | None = None
         self.peer_members = self._join_peers() if gather_peers else []
@@ -183,6 +185,7 @@ class CheckpointManager:
         leaves, tensors, tree_json, nbytes = flatten(state)  # TypeError for unsupported values
         policy = {None: pb.BACKPRESSURE_DEFAULT, "wait": pb.BACKPRESSURE_WAIT,
                   "skip": pb.BACKPRESSURE_SKIP}[self.backpressure]
+        self._saved_as = self.incarnation
         handle = SaveHandle(self, step, nbytes=nbytes)
         try:
             begin = self.conn.call(self.conn.stub.BeginSave, pb.BeginSaveRequest(
@@ -296,6 +299,7 @@ class CheckpointManager:
         ``last_restore.unusable_steps``; ``strict_latest=True`` raises IntegrityError instead.
         """
         t0 = time.perf_counter()
+        self._retire, self._saved_as = self._saved_as, ""  # this writer's past, dropped by the daemon
         self.incarnation = uuid.uuid4().hex  # the state rolls back: later saves start a new past
         got = self._restore(state, step, strict_latest, t0)
         self.resumed_from = -1 if got is None else got  # saves from now on belong to the resumed run
@@ -323,7 +327,8 @@ class CheckpointManager:
 
     def _restore_step(self, state: Any, req_step: int, strict_latest: bool, t0: float) -> int | None:
         request = pb.PrepareRestoreRequest(job=self.job, rank=self.rank, world_size=self.world_size, step=req_step,
-                                           client_pid=os.getpid(), strict_latest=strict_latest)
+                                           client_pid=os.getpid(), strict_latest=strict_latest,
+                                           retire_incarnation=self._retire)
         try:
             start, done = restore_streamed(self.conn, request, state, timeout_s=600, premap=self._premap)
         except NotFound:

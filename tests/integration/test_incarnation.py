@@ -72,10 +72,10 @@ def test_a_reader_restoring_an_older_step_never_drops_a_step_being_saved(
     r1.close()
 
 
-def test_a_restarted_rank_drops_only_its_own_stale_shards(daemon_factory: Callable[..., DaemonProc]) -> None:
-    """A new incarnation of rank 0 (a new process: new managers, which resume first and find no
-    checkpoint) saves step 3 again: rank 0's shard of the dead run's step 3 goes, and the step
-    commits with the new run's bytes for both ranks."""
+def test_a_restarted_job_drops_the_dead_runs_shards(daemon_factory: Callable[..., DaemonProc]) -> None:
+    """A new run (new processes: new managers, which resume first and find no checkpoint) saves
+    step 3 again: the dead run's shard of step 3 goes, and the step commits with the new run's
+    bytes for both ranks."""
     d = daemon_factory()
     old0 = CheckpointManager("rs", rank=0, world_size=2, addr=d.addr)
     assert old0.save(3, {"x": np.full(1000, -1, dtype=np.int64)}).ok  # the dead run: rank 1 never saved 3

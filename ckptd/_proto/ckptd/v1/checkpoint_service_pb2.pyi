@@ -202,9 +202,10 @@ class BeginSaveRequest(_message.Message):
     """
     resumed: _builtins.bool
     """The writer resumed (its manager restored before saving) from step resumed_from (-1: the
-    restore found no checkpoint). Its saves drop this rank's shards of uncommitted steps after
-    resumed_from that another incarnation staged: the dead run's past. A writer that never
-    restored drops nothing (a second live writer of the rank gets AlreadyExists).
+    restore found no checkpoint). Its save drops, in uncommitted steps after resumed_from, this
+    rank's shards staged by another incarnation, and any rank's shards whose writer process is
+    gone: a dead run's past. A writer that never restored drops nothing (a second live writer of
+    a rank gets AlreadyExists); a reader never saves.
     """
     resumed_from: _builtins.int
     @_builtins.property
@@ -613,6 +614,7 @@ class PrepareRestoreRequest(_message.Message):
     CLIENT_PID_FIELD_NUMBER: _builtins.int
     STRICT_LATEST_FIELD_NUMBER: _builtins.int
     BELOW_STEP_FIELD_NUMBER: _builtins.int
+    RETIRE_INCARNATION_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     rank: _builtins.int
     world_size: _builtins.int
@@ -628,6 +630,11 @@ class PrepareRestoreRequest(_message.Message):
     """
     below_step: _builtins.int
     """with step -1: only steps older than this count (0: no bound)"""
+    retire_incarnation: _builtins.str
+    """The restoring manager's previous incarnation, when it saved under it: the writer itself rolls
+    back, so that incarnation's shards of uncommitted steps after the restored one are dropped.
+    A reader (nothing saved) leaves it empty and changes nothing.
+    """
     def __init__(
         self,
         *,
@@ -639,10 +646,11 @@ class PrepareRestoreRequest(_message.Message):
         client_pid: _builtins.int = ...,
         strict_latest: _builtins.bool = ...,
         below_step: _builtins.int = ...,
+        retire_incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_step", b"below_step", "client_pid", b"client_pid", "dry_run", b"dry_run", "job", b"job", "rank", b"rank", "step", b"step", "strict_latest", b"strict_latest", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_step", b"below_step", "client_pid", b"client_pid", "dry_run", b"dry_run", "job", b"job", "rank", b"rank", "retire_incarnation", b"retire_incarnation", "step", b"step", "strict_latest", b"strict_latest", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
