@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ckptd.core.errors import InvalidArgument
+from ckptd.core.fsops import check_shm_dir, resolve_group
 from ckptd.core.peer_config import PeerSection, split_list, validate_peers
 from ckptd.core.types import SLOT_ALIGN_BYTES
 
@@ -304,7 +304,7 @@ def validate(cfg: Config) -> Config:
                                   "(the group gets no access with the default 0600)")
         resolve_group(dm.socket_group)
     if dm.shm_dir is not None:
-        check_shm_dir(dm.shm_dir, cfg)
+        check_shm_dir(dm.shm_dir, cfg.daemon.root, cfg.socket_path)
     validate_object(cfg.object)
     validate_peers(cfg.peers)
     if cfg.peers.token and not _PRINTABLE_ASCII.fullmatch(cfg.peers.token):
@@ -315,37 +315,6 @@ def validate(cfg: Config) -> Config:
             "(Unix socket limit); set daemon.socket to a shorter path"
         )
     return cfg
-
-
-def resolve_group(group: str) -> int:
-    """A group name or numeric gid -> gid; InvalidArgument naming daemon.socket_group if unknown."""
-    import grp
-
-    try:
-        return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
-    except (KeyError, OverflowError, ValueError):
-        raise InvalidArgument(f"daemon.socket_group: no group {group!r} on this host") from None
-
-
-def check_shm_dir(shm: Path, cfg: Config) -> None:
-    """daemon.shm_dir is made 0700 and emptied of every file that is not a slot at start-up, so it
-    must be a directory of ckptd's own: never a shared one (sticky or world-writable, like /tmp or
-    /dev/shm), "/", the home directory, or one holding the daemon's root or socket."""
-    p = Path(os.path.abspath(shm))
-    home = Path(os.path.abspath(os.path.expanduser("~")))
-    root, sock = Path(os.path.abspath(cfg.daemon.root)), Path(os.path.abspath(cfg.socket_path))
-    if p in (Path("/"), home) or root.is_relative_to(p) or sock.is_relative_to(p):
-        raise InvalidArgument(f"daemon.shm_dir {shm} must be a directory of ckptd's own (it removes every "
-                              "file there that is not a slot), not /, the home directory or one holding "
-                              "daemon.root or daemon.socket")
-    try:
-        mode = p.stat().st_mode
-    except OSError:
-        return  # created at start-up (or reported there)
-    if mode & (stat.S_ISVTX | stat.S_IWOTH):
-        raise InvalidArgument(f"daemon.shm_dir {shm} is a shared directory (mode {stat.S_IMODE(mode):o}); ckptd "
-                              f"makes it private and removes every file there that is not a slot: use a directory "
-                              f"of its own, e.g. {p / 'ckptd'}")
 
 
 _PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]+")

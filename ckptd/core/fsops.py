@@ -17,16 +17,22 @@ Invariants:
   ``fsync_dir`` a few), with the same errors ``os`` raises. An fsync error is the caller's to
   handle (DESIGN.md section 3: the file is lost, rewrite it).
 With failpoints off the cost over the bare ``os`` call is one method call and one function call.
+
+Two read-only checks of the file system the config validation uses live here too:
+``resolve_group`` (a group name or gid on this host) and ``check_shm_dir`` (the slot directory
+must be ckptd's own, never a shared one).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Final
 
 from ckptd.core import failpoints
+from ckptd.core.errors import InvalidArgument
 
 MUTATION: Final = "fs.mutation"
 
@@ -109,3 +115,34 @@ class FsOps:
 
 #: The implementation every caller uses unless given another one.
 DEFAULT: Final = FsOps()
+
+
+def resolve_group(group: str) -> int:
+    """A group name or numeric gid -> gid; InvalidArgument naming daemon.socket_group if unknown."""
+    import grp
+
+    try:
+        return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+    except (KeyError, OverflowError, ValueError):
+        raise InvalidArgument(f"daemon.socket_group: no group {group!r} on this host") from None
+
+
+def check_shm_dir(shm: Path, root: Path, socket: Path) -> None:
+    """daemon.shm_dir is made 0700 and emptied of every file that is not a slot at start-up, so it
+    must be a directory of ckptd's own: never a shared one (sticky or world-writable, like /tmp or
+    /dev/shm), "/", the home directory, or one holding the daemon's root or socket."""
+    p = Path(os.path.abspath(shm))
+    home = Path(os.path.abspath(os.path.expanduser("~")))
+    root, sock = Path(os.path.abspath(root)), Path(os.path.abspath(socket))
+    if p in (Path("/"), home) or root.is_relative_to(p) or sock.is_relative_to(p):
+        raise InvalidArgument(f"daemon.shm_dir {shm} must be a directory of ckptd's own (it removes every "
+                              "file there that is not a slot), not /, the home directory or one holding "
+                              "daemon.root or daemon.socket")
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return  # created at start-up (or reported there)
+    if mode & (stat.S_ISVTX | stat.S_IWOTH):
+        raise InvalidArgument(f"daemon.shm_dir {shm} is a shared directory (mode {stat.S_IMODE(mode):o}); ckptd "
+                              f"makes it private and removes every file there that is not a slot: use a directory "
+                              f"of its own, e.g. {p / 'ckptd'}")
