@@ -1,8 +1,13 @@
-"""``ckptd`` command line: ``ckptd serve --config ckptd.toml [flags]``.
+"""``ckptd`` command line: ``ckptd serve --config ckptd.toml [flags]`` and ``ckptd health``.
 
 Flags override env (CKPTD_*), which overrides the TOML file. Exit codes: 0 clean stop,
 2 bad config or usage, 1 start-up failure (e.g. another daemon holds the root, or the daemon's
 dependencies are not installed: ``pip install 'ckptd[daemon]'``, plus ``[s3]`` for the object tier).
+
+``ckptd health --socket PATH [--timeout-s S] [--service NAME]`` asks a daemon's standard
+grpc.health.v1 service over its Unix socket (the probe of a Kubernetes exec check, since the daemon
+listens on no TCP port of its own): exit 0 when it answers SERVING, else one line on stderr and
+exit 1. It reads no config.
 """
 
 from __future__ import annotations
@@ -42,7 +47,38 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true",
                    help="validate the config, print it resolved (TOML, or JSON with --json), exit")
     s.add_argument("--json", action="store_true", help="with --check: print the config as JSON")
+    h = sub.add_parser("health", help="exit 0 when the daemon's grpc.health.v1 service says SERVING")
+    h.add_argument("--socket", required=True, help="the daemon's Unix socket (daemon.socket)")
+    h.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the check (default 3 s)")
+    h.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     return p
+
+
+def health(socket_path: str, timeout_s: float, service: str = "") -> int:
+    """Ask grpc.health.v1 on ``socket_path``; 0 when SERVING, else a one-line error and 1."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = socket_path if socket_path.startswith("unix:") else f"unix:{socket_path}"
+    if not timeout_s > 0:
+        print("ckptd: health: --timeout-s must be positive", file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            detail = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
+            name = code.name if code is not None else "error"
+            print(f"ckptd: health: {target}: {name}: {detail.splitlines()[0] if detail else 'no answer'}",
+                  file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        print(f"ckptd: health: {target}: {status}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _flags(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -74,6 +110,14 @@ def _emit(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    if ns.cmd == "health":
+        try:
+            return health(ns.socket, ns.timeout_s, ns.service)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] not in DAEMON_ONLY_MODULES:
+                raise
+            print(f"ckptd: health needs {exc.name}: pip install 'ckptd[daemon]'", file=sys.stderr)
+            return 1
     try:
         cfg = config.load(ns.config, flags=_flags(ns))
     except InvalidArgument as exc:
