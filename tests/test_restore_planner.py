@@ -99,8 +99,14 @@ def test_no_room_ends_the_restore_at_once(tmp_path: Path) -> None:
         with pytest.raises(BudgetExhausted):
             await r.execute(JOB, 0, 2, await r.plan(JOB, 0, 2, 1))
         assert after.reads == 0
-        bad = restorer(tmp_path, [FakeSource(TierName.DISK, 1, {1}, fail=NotFound("gone"))])
-        with pytest.raises(IntegrityError, match="no valid copy.*disk: gone"):
+        # every copy gone when read (removed meanwhile): NotFound, a clear error, not corruption
+        gone = restorer(tmp_path, [FakeSource(TierName.DISK, 1, {1}, fail=NotFound("gone"))])
+        with pytest.raises(NotFound, match="removed while it was restored.*disk: gone"):
+            await gone.execute(JOB, 0, 2, await gone.plan(JOB, 0, 2, 1))
+        # one copy gone, another damaged: the damage is what the caller must hear of
+        bad = restorer(tmp_path, [FakeSource(TierName.DISK, 1, {1}, fail=NotFound("gone")),
+                                  FakeSource(TierName.OBJECT, 3, {1}, fail=IntegrityError("crc32c mismatch"))])
+        with pytest.raises(IntegrityError, match="no valid copy.*disk: gone.*object: crc32c mismatch"):
             await bad.execute(JOB, 0, 2, await bad.plan(JOB, 0, 2, 1))
 
     asyncio.run(run())

@@ -12,7 +12,9 @@ shard (re-warm), so the memory tier holds the step again once every rank has res
 ``on_adopt`` is called after each adoption (the daemon wakes its drainer and replicator).
 
 Invariants: a world size other than the one the step was saved with is FailedPrecondition,
-checked before NotFound; BudgetExhausted (no room for any copy) ends the restore at once.
+checked before NotFound; BudgetExhausted (no room for any copy) ends the restore at once; a step
+whose every planned copy was gone when read (removed meanwhile) is NotFound, and any damaged copy
+among them makes it IntegrityError.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class Restorer:
             return slot
 
         reading = Reading(job, rank, result.step, world_size, progress, lease, self._discard)
+        vanished = 0  # copies that were gone when read (NotFound), not damaged
         for source in result.plan:
             try:
                 filled = await source.origin.read_into(source, reading)
@@ -148,6 +151,7 @@ class Restorer:
                     progress.failed_source(result.rejected[-1])
                 if isinstance(exc, IntegrityError):
                     metrics.CHECKSUM_FAILURES.labels(source.tier.value).inc()
+                vanished += isinstance(exc, NotFound)
                 continue
             result.entry, result.slot = filled.entry, filled.slot
             result.served_from = source.tier
@@ -156,6 +160,9 @@ class Restorer:
             metrics.TIER_READ_BYTES.labels(source.tier.value).inc(filled.entry.nbytes)
             metrics.TIER_OP_SECONDS.labels(source.tier.value, "restore").observe(result.read_s)
             return result
+        if vanished == len(result.plan):  # every copy went while it was read (removed by retention, rm)
+            raise NotFound(f"{job}@{result.step} rank {rank} was removed while it was restored: "
+                           + "; ".join(result.rejected))
         raise IntegrityError(
             f"no valid copy of {job}@{result.step} rank {rank}: " + "; ".join(result.rejected)
         )

@@ -33,6 +33,7 @@ from ckptd.restore.stream import RestoreEvent, RestoreProgress
 from ckptd.save.service import check_ids, pid_alive
 
 log = logging.getLogger("ckptd.daemon")  # the daemon's logger: operators filter on it
+MAX_VANISHED = 3  # "latest" planned again at most this often when the newest step is removed under it
 
 
 Retire: TypeAlias = Callable[[str, int, str, int], Awaitable[None]]  # (job, rank, incarnation, restored step)
@@ -82,6 +83,7 @@ class RestoreService:
         plan already made is used first: every plan surveys the sources, peers and store included)."""
         unusable: list[int] = []
         below = below_step
+        vanished = 0
         first = current[0] if current else None
         while True:
             planned: int | None = None
@@ -103,6 +105,9 @@ class RestoreService:
                           "falling back to an older step", job, rank, planned, exc)
                 below = planned
             except NotFound:
+                if step is None and planned is not None and vanished < MAX_VANISHED:
+                    vanished += 1  # the newest step went while it was read: plan "latest" again
+                    continue
                 if not unusable:
                     raise
                 raise IntegrityError(f"no valid copy of step(s) {unusable} of {job} rank {rank}, and no "
