@@ -10,7 +10,6 @@ SIGTERM/SIGHUP/SIGINT.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import mmap
@@ -220,29 +219,27 @@ def same_filesystem(a: Path, b: Path) -> bool:
 
 
 # -- parent-death guard ------------------------------------------------------------------------
-_PR_SET_PDEATHSIG = 1
-try:
-    _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
-except OSError:
-    _LIBC = None
+# A tiny launcher sets PR_SET_PDEATHSIG in the child after the fork and execs the daemon (the
+# setting survives exec). A preexec_fn would do it in the forked copy of this process instead,
+# where grpc's fork handlers restart their poller on an epoll fd that close_fds has just closed:
+# the child then aborts ("epoll_wait error: Bad file descriptor") before it ever execs.
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)  # the parent died before the guard was set\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when the process that started it dies
-    (Linux ``PR_SET_PDEATHSIG``), so a daemon never outlives a killed test or bench run, also in a
-    session of its own; None off Linux. The signal follows the *thread* that forked: start
-    daemons from a thread that lives as long as they should."""
-    if _LIBC is None:
-        return None
-    parent = os.getpid()
-    libc = _LIBC
-
-    def guard() -> None:  # runs in the child between fork and exec: no allocation-heavy work
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the guard was set
-            os._exit(1)
-
-    return guard
+def die_with_parent(args: list[str]) -> list[str]:
+    """``args`` run so that the command gets SIGKILL when the process that started it dies (Linux
+    ``PR_SET_PDEATHSIG``), so a daemon never outlives a killed test or bench run, also in a
+    session of its own; ``args`` unchanged off Linux. The signal follows the *thread* that
+    started it: start daemons from a thread that lives as long as they should."""
+    if sys.platform != "linux":
+        return list(args)
+    return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *args]
 
 
 class ServeProcess:
@@ -261,8 +258,8 @@ class ServeProcess:
         from ckptd.core.errors import DaemonUnavailable
 
         with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
-                                         start_new_session=True, preexec_fn=die_with_parent())
+            self.proc = subprocess.Popen(die_with_parent(self.args), stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
+                                         start_new_session=True)
         try:
             wait_until_serving(self.socket, timeout_s, exit_code=self.proc.poll)
         except DaemonUnavailable as exc:

@@ -3,13 +3,12 @@
 ``running_daemon`` starts a real ``ckptd serve`` subprocess on a short Unix socket path with a
 private root and /dev/shm directory, waits until it answers, and on exit kills it and removes its
 shm directory. Tests that need a fresh daemon per test use conftest's ``daemon_factory`` instead.
-Both start daemons with ``die_with_parent()`` as ``preexec_fn``: a daemon dies with the test
+Both start daemons through ``die_with_parent(args)``: a daemon dies with the test
 process, even one killed with SIGKILL.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,29 +33,27 @@ PYTHON = sys.executable
 
 
 # -- parent-death guard ------------------------------------------------------------------------
-_PR_SET_PDEATHSIG = 1
-try:
-    _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
-except OSError:
-    _LIBC = None
+# A tiny launcher sets PR_SET_PDEATHSIG in the child after the fork and execs the daemon (the
+# setting survives exec). A preexec_fn would do it in the forked copy of this process instead,
+# where grpc's fork handlers restart their poller on an epoll fd that close_fds has just closed:
+# the child then aborts ("epoll_wait error: Bad file descriptor") before it ever execs.
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)  # the parent died before the guard was set\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when the process that started it dies
-    (Linux ``PR_SET_PDEATHSIG``), so a daemon never outlives a killed test or bench run, also in a
-    session of its own; None off Linux. The signal follows the *thread* that forked: start
-    daemons from a thread that lives as long as they should."""
-    if _LIBC is None:
-        return None
-    parent = os.getpid()
-    libc = _LIBC
-
-    def guard() -> None:  # runs in the child between fork and exec: no allocation-heavy work
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the guard was set
-            os._exit(1)
-
-    return guard
+def die_with_parent(args: list[str]) -> list[str]:
+    """``args`` run so that the command gets SIGKILL when the process that started it dies (Linux
+    ``PR_SET_PDEATHSIG``), so a daemon never outlives a killed test or bench run, also in a
+    session of its own; ``args`` unchanged off Linux. The signal follows the *thread* that
+    started it: start daemons from a thread that lives as long as they should."""
+    if sys.platform != "linux":
+        return list(args)
+    return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *args]
 
 
 def free_port() -> int:
@@ -153,8 +150,7 @@ def running_daemon(
     args = [PYTHON, "-m", "ckptd.daemon.cli", "serve", "--root", str(root), "--socket", str(socket),
             "--shm-dir", str(shm_dir), "--budget-bytes", budget, *extra_args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=clean_env(env),
-                                preexec_fn=die_with_parent())
+        proc = subprocess.Popen(die_with_parent(args), stdout=log, stderr=subprocess.STDOUT, env=clean_env(env))
     d = Daemon(root, shm_dir, socket, proc, log_path)
     try:
         _wait_ready(d)

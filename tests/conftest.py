@@ -105,8 +105,8 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
         args += extra_args or []
         full_env = {**os.environ, **(env or {})}
         log_path = tmp_path / f"daemon-{len(procs)}.log"
-        proc = subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=full_env,
-                                preexec_fn=die_with_parent())
+        proc = subprocess.Popen(die_with_parent(args), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+                                env=full_env)
         d = DaemonProc(root, shm_dir, socket, proc, log_path, full_env, args)
         procs.append(d)
         if wait:
