@@ -2,10 +2,12 @@
 
 Job: make a step durable beyond the cluster, under the bucket layout of ``object_layout``.
 
-``ObjectTier`` implements the Tier and CommitTier protocols (tiers/base.py) on four helpers:
-``object_layout`` (which key holds what), ``object_client`` (the boto3 client, presets, per-key
-deadlines, error classification), ``object_io`` (uploads from a buffer, parallel verified ranged
-GETs) and ``object_commit`` (create-only manifest put, claim fallback, per-rank records).
+``ObjectTier`` implements the Tier and CommitTier protocols (tiers/base.py) on ``object_base``
+(client, listings, manifests, records, probes) and helpers: ``object_layout`` (which key holds
+what), ``object_client`` (the boto3 client, presets, per-key deadlines, error classification),
+``object_chunks`` and ``object_codec`` (chunk uploads and reads, codecs), ``object_io`` (ranged
+GETs of whole-shard objects), ``object_commit`` (create-only manifest put, claim fallback,
+per-rank records) and ``object_gc`` (mark-and-sweep).
 
 Invariants:
 - Data first, manifest last. ``put_shard`` stores a shard as one object per chunk
@@ -37,18 +39,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptd.core import failpoints
-from ckptd.core.config import ObjectSection, validate_object
+from ckptd.core.config import ObjectSection
 from ckptd.core.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
 from ckptd.core.layout import chunk_count
-from ckptd.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry
-from ckptd.core.types import TierName, parse_step_dirname, validate_job
+from ckptd.core.manifest import Manifest, ShardEntry
+from ckptd.core.types import TierName
+from ckptd.tiers.object_base import ObjectBase
 from ckptd.tiers.object_chunks import (
     ChunkBook,
     ChunkUploader,
@@ -63,12 +64,7 @@ from ckptd.tiers.object_client import (
     PRESETS,
     SDK_LOGGERS,
     STORE_ERRORS,
-    Bucket,
-    DeadlineExceeded,
-    Deadlines,
     Preset,
-    endpoint_url,
-    make_client,
     oss_endpoint,
     pin_sdk_loggers,
 )
@@ -77,20 +73,16 @@ from ckptd.tiers.object_commit import (
     COMMIT_TOKEN_META,
     commit_conditional,
     commit_with_claim,
-    parse_shard_record,
-    probe_create_only,
     shard_record,
 )
 from ckptd.tiers.object_gc import job_candidates, sweep
 from ckptd.tiers.object_io import (
     READ_BLOCK_BYTES,
-    abort_stale_uploads,
     byte_view,
     map_all,
-    range_bytes,
     read_whole_into,
 )
-from ckptd.tiers.object_layout import CLAIM_NAME, HASHED_DIR, PROBE_DIR, SHARD_META_SUFFIX, ObjectLayout
+from ckptd.tiers.object_layout import CLAIM_NAME, HASHED_DIR, PROBE_DIR, SHARD_META_SUFFIX
 
 __all__ = [  # the names this module has always offered
     "CLAIM_NAME", "COMMIT_TOKEN_META", "HASHED_DIR", "MAX_BACKOFF_S", "PRESETS", "PROBE_DIR", "READ_BLOCK_BYTES",
@@ -100,7 +92,7 @@ __all__ = [  # the names this module has always offered
 log = logging.getLogger("ckptd.object")
 
 
-class ObjectTier(ObjectLayout):
+class ObjectTier(ObjectBase):
     """Blocking implementation of the Tier protocol on an S3-compatible bucket.
 
     ``ObjectTier(section)`` builds a boto3 client from an ``[object]`` config section;
@@ -110,45 +102,12 @@ class ObjectTier(ObjectLayout):
     name = TierName.OBJECT
 
     def __init__(self, section: ObjectSection, *, client_config: Any = None) -> None:
-        if not section.bucket:
-            raise ValueError("object tier: object.bucket is required")
-        validate_object(section)
-        pin_sdk_loggers()
-        super().__init__(section.bucket, section.prefix, section.hashed_prefixes)
-        self.section = section
-        self.preset = PRESETS[section.preset]
-        self.part_size_bytes = section.part_size_bytes
-        self.total_timeout_s = section.total_timeout_s
-        self.endpoint_url = endpoint_url(section)
-        self.client = make_client(section, self.preset, self.endpoint_url, client_config)
-        self._store = Bucket(self.client, self.bucket)
-        self._pool = ThreadPoolExecutor(section.max_concurrency, thread_name_prefix="ckptd-object")
-        self._deadlines = Deadlines()
-        self._conditional: bool | None = {"on": True, "off": False}.get(section.conditional_put)
-        self._probe_lock = threading.Lock()
-        self._deadlines.register(self.client, forbid_overwrite_header=self.preset.forbid_overwrite_header)
+        super().__init__(section, client_config=client_config)
         self.stats = UploadStats()
         self._uploader = ChunkUploader(
             self._store, self._pool, CodecChooser(section.compression_level, section.compression),
             RateLimiter(section.max_upload_mbit * 1e6 / 8), self.stats, 2 * section.max_concurrency)
         self._book = ChunkBook()
-
-    def close(self) -> None:
-        """Release the pool's threads."""
-        self._pool.shutdown(wait=True)
-
-    # -- requests ---------------------------------------------------------------------------
-    def url(self, key: str) -> str:
-        return self._store.url(key)
-
-    def _failed(self, what: str, exc: BaseException) -> TierFailed:
-        if isinstance(exc, DeadlineExceeded):
-            return TierFailed(f"object tier: {what}: did not finish within {self.total_timeout_s:g}s ({exc})")
-        return TierFailed(f"object tier: {what}: {type(exc).__name__}: {exc}")
-
-    def _head(self, key: str) -> dict[str, Any] | None:
-        """HEAD key; None when it does not exist (store errors raw)."""
-        return self._store.head(key)
 
     # -- Tier protocol ----------------------------------------------------------------------
     def put_shard(self, job: str, step: int, entry: ShardEntry, src: memoryview) -> None:
@@ -239,54 +198,6 @@ class ObjectTier(ObjectLayout):
                 out[self._entry_key(job, manifest.step, s)] = s.nbytes
         return out
 
-    def list_jobs(self) -> list[str]:
-        jobs: list[str] = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.base, Delimiter="/"
-            ):
-                for cp in page.get("CommonPrefixes", ()):
-                    name = str(cp["Prefix"])[len(self.base) :].rstrip("/")
-                    try:
-                        jobs.append(validate_job(name))
-                    except ValueError:
-                        continue  # _shards, _ckptd, foreign prefixes
-        except STORE_ERRORS as exc:
-            raise self._failed("listing jobs", exc) from exc
-        return sorted(jobs)
-
-    def list_committed(self, job: str) -> list[int]:
-        job_prefix = self.job_prefix(job)
-        steps: set[int] = set()
-        try:
-            for key in self._store.list_keys(job_prefix):
-                step_name, sep, name = key[len(job_prefix) :].partition("/")
-                if sep and name == MANIFEST_NAME:
-                    step = parse_step_dirname(step_name)
-                    if step is not None:
-                        steps.add(step)
-        except STORE_ERRORS as exc:
-            raise self._failed(f"listing the steps of {job}", exc) from exc
-        return sorted(steps)
-
-    def read_manifest(self, job: str, step: int) -> Manifest:
-        key = self.manifest_key(job, step)
-        try:
-            data = self._store.get_small(key, MAX_MANIFEST_BYTES)
-        except STORE_ERRORS as exc:
-            raise self._failed(f"reading {self.url(key)}", exc) from exc
-        if data is None:
-            raise NotFound(f"{job}@{step} is not committed in s3://{self.bucket}/{self.base}")
-        try:
-            manifest = Manifest.from_json(data)
-        except ValueError as exc:
-            raise IntegrityError(f"{self.url(key)}: invalid manifest: {exc}") from None
-        if manifest.job != job or manifest.step != step:
-            raise IntegrityError(f"{self.url(key)}: manifest names {manifest.job}@{manifest.step}")
-        for s in manifest.shards:
-            self._entry_key(job, step, s)
-        return manifest
-
     def put_shard_meta(self, job: str, step: int, entry: ShardEntry, world_size: int) -> None:
         """Record that rank's shard is uploaded, with its layout and checksums. The step's
         coordinator builds the manifest from these records once all ``world_size`` are there."""
@@ -301,28 +212,6 @@ class ObjectTier(ObjectLayout):
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json")
             except STORE_ERRORS as exc:
                 raise self._failed(f"recording {job}@{step} rank {entry.rank} at {self.url(key)}", exc) from exc
-
-    def list_shard_metas(self, job: str, step: int, world_size: int) -> dict[int, ShardEntry]:
-        """The per-rank records of a step uploaded so far (rank -> entry); invalid ones raise."""
-        prefix = self.step_prefix(job, step)
-        try:
-            keys = [k for k in self._store.list_keys(prefix) if k.endswith(SHARD_META_SUFFIX)]
-            bodies = map_all(self._pool, lambda k: self._store.get_small(k, MAX_MANIFEST_BYTES), keys)
-        except STORE_ERRORS as exc:
-            raise self._failed(f"listing the shard records of {job}@{step}", exc) from exc
-        out: dict[int, ShardEntry] = {}
-        for key, body in zip(keys, bodies):
-            if body is None:
-                continue
-            entry = parse_shard_record(self.url(key), body, world_size)
-            if key != self.shard_meta_key(job, step, entry.rank):
-                raise IntegrityError(f"{self.url(key)}: record names rank {entry.rank}")
-            out[entry.rank] = entry
-        return out
-
-    def range_bytes(self, chunk_bytes: int) -> int:
-        """Size of one ranged GET: a whole number of chunks, about part_size_bytes."""
-        return range_bytes(chunk_bytes, self.part_size_bytes)
 
     def read_shard_into(self, job: str, step: int, entry: ShardEntry, dst: memoryview) -> None:
         n = entry.nbytes
@@ -410,56 +299,3 @@ class ObjectTier(ObjectLayout):
             return sweep(self._store, self._pool, found, lambda: self.referenced(job))
         except STORE_ERRORS as exc:
             raise self._failed(f"sweeping {job}", exc) from exc
-
-    # -- start-up and probes ----------------------------------------------------------------
-    @property
-    def stale_upload_age_s(self) -> float:
-        """Age past which no live tier still works on a multipart upload or a commit claim."""
-        s = self.section
-        return s.total_timeout_s + s.max_attempts * (s.connect_timeout_s + s.read_timeout_s) + 60.0
-
-    @property
-    def has_failed_uploads(self) -> bool:
-        """Never: chunks are single PUTs, which leave no partial upload behind."""
-        return False
-
-    def abort_failed_uploads(self) -> list[tuple[str, str]]:
-        """Nothing to abort (``has_failed_uploads``); multipart uploads of older versions are
-        aborted by ``cleanup_incomplete``."""
-        return []
-
-    def cleanup_incomplete(self, older_than_s: float) -> list[tuple[str, str]]:
-        """Abort multipart uploads under this tier's prefix initiated more than older_than_s
-        ago (by the store's clock); return the (key, upload_id) pairs aborted.
-
-        Called at daemon start-up with ``stale_upload_age_s`` so that another daemon's live
-        upload to the same prefix is left alone; 0 aborts everything (tests, ``ckptctl gc``).
-        """
-        try:
-            aborted = abort_stale_uploads(self._store, self.base, older_than_s)
-        except STORE_ERRORS as exc:
-            raise self._failed("cleaning incomplete multipart uploads", exc) from exc
-        if aborted:
-            log.info("aborted %d incomplete multipart upload(s) under %s", len(aborted),
-                     f"s3://{self.bucket}/{self.base}", extra={"tier": "object"})
-        return aborted
-
-    def conditional_put_supported(self) -> bool:
-        """Whether the store honours create-only puts; probed once, on first use."""
-        if self._conditional is None:
-            with self._probe_lock:
-                if self._conditional is None:
-                    self._conditional = self.probe_conditional_put()
-        return self._conditional
-
-    def probe_conditional_put(self) -> bool:
-        """Probe whether the store honours create-only puts (``object_commit.probe_create_only``);
-        with ``conditional_put = "auto"`` the answer is kept. TierFailed when the store cannot be
-        reached."""
-        try:
-            supported = probe_create_only(self._store, self.probe_key())
-        except STORE_ERRORS as exc:
-            raise self._failed("probing create-only puts", exc) from exc
-        if self.section.conditional_put == "auto":
-            self._conditional = supported
-        return supported
