@@ -266,16 +266,15 @@ class ObjectTier(ObjectBase):
         manifest: Manifest | None = None
         with contextlib.suppress(NotFound, IntegrityError):
             manifest = self.read_manifest(job, step)
+        # What the step's manifest references, checked against the layout before anything goes.
+        candidates = set(self._object_sizes(job, manifest)) if manifest is not None else set()
         try:
             # Un-commit first: once the manifest is gone the step is not listed, whatever
             # happens to the data below.
             self.client.delete_object(Bucket=self.bucket, Key=mkey)
             self.client.delete_object(Bucket=self.bucket, Key=self.claim_key(job, step))
             failpoints.hit("object.gc.after_uncommit")
-            prefixes = [self.step_prefix(job, step)] if manifest is not None and not any(
-                s.chunks for s in manifest.shards) else self.step_shard_prefixes(job, step)
-            candidates = set(self._object_sizes(job, manifest)) if manifest is not None else set()
-            for found in map_all(self._pool, self._store.list_keys, prefixes):
+            for found in map_all(self._pool, self._store.list_keys, self.step_shard_prefixes(job, step)):
                 candidates.update(found)
             sweep(self._store, self._pool, candidates, lambda: self.referenced(job))
         except STORE_ERRORS as exc:
