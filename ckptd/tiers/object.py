@@ -178,6 +178,7 @@ class ObjectTier(ObjectBase):
                     )
             body = recorded.to_json()
             token = uuid.uuid4().hex
+            failpoints.hit("object.commit.checked")
             try:
                 if self.conditional_put_supported():
                     commit_conditional(self._store, mkey, body, token, deadline)
