@@ -48,7 +48,7 @@ from ckptd.core.config import ObjectSection
 from ckptd.core.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
 from ckptd.core.layout import chunk_count
 from ckptd.core.manifest import Manifest, ShardEntry
-from ckptd.core.types import TierName
+from ckptd.core.types import TierName, shard_key
 from ckptd.tiers.object_base import ObjectBase
 from ckptd.tiers.object_chunks import (
     ChunkBook,
@@ -131,9 +131,9 @@ class ObjectTier(ObjectBase):
                                    exc) from exc
         self._book.stage(job, step, entry.rank, entry.nbytes, refs)
         stored = sum(r.stored_bytes for r in refs if r.object_key in keys)
-        log.debug("uploaded %s@%d rank %d: %d bytes as %d stored in %.3fs", job, step, entry.rank, entry.nbytes,
-                  stored, time.monotonic() - started,
-                  extra={"job": job, "step": step, "rank": entry.rank, "tier": "object"})
+        log.debug("uploaded %s (%d bytes as %d stored, %d chunks) in %.3fs",
+                  self.url(self.step_prefix(job, step) + shard_key(entry.rank)), entry.nbytes, stored, len(refs),
+                  time.monotonic() - started, extra={"job": job, "step": step, "rank": entry.rank, "tier": "object"})
 
     def _known_chunks(self, job: str, step: int) -> Known:
         """The chunks put_shard may reference instead of uploading (``ChunkBook.known``)."""
