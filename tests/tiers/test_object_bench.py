@@ -30,7 +30,8 @@ def test_object_bench_small_run_prints_json() -> None:
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(res["bytes"] - 12 * 2**20) < 64 and res["raw_bytes"] == res["bytes"] and res["link_mbit"] == 800
     assert 0 < res["later_step_upload_fraction"] <= 1 and 0 < res["stored_bytes"] <= res["raw_bytes"]
-    for key in ("ckptd_persist_s", "persist_ratio", "boto3_upload_s", "ckptd_upload_s", "boto3_download_s", "ckptd_restore_s", "upload_ratio",
+    for key in ("ckptd_persist_s", "persist_ratio",
+                "boto3_upload_s", "ckptd_upload_s", "boto3_download_s", "ckptd_restore_s", "upload_ratio",
                 "restore_ratio", "ckptd_daemon_upload_s", "ckptd_daemon_restore_s", "daemon_upload_ratio",
                 "daemon_restore_ratio"):
         assert res[key] > 0, key

@@ -43,26 +43,18 @@ def uploads_under(client: Any, bucket: str, prefix: str) -> list[str]:
     return [u["Key"] for u in resp.get("Uploads", ())]
 
 
-def _is_chunk_put(r: Request) -> bool:
-    return r.method == "PUT" and ".shard.c" in r.target
-
-
-def _is_chunk_get(r: Request) -> bool:
-    return r.method == "GET" and ".shard.c" in r.target
-
-
 def test_retries_ride_through_503s_resets_and_slow_answers(make_tier: TierFactory, proxy: FaultProxy) -> None:
     tier = make_tier(endpoint_url=proxy.url, max_attempts=4, read_timeout_s=2.0)
     faults = [
-        proxy.add("503", times=2, match=_is_chunk_put),
-        proxy.add("reset", times=2, match=_is_chunk_put),
-        proxy.add("reset_after_upstream", times=1, match=_is_chunk_put),
-        proxy.add("slow", times=1, delay_s=0.5, match=_is_chunk_put),
+        proxy.add("503", times=2, match=Request.is_chunk_put),
+        proxy.add("reset", times=2, match=Request.is_chunk_put),
+        proxy.add("reset_after_upstream", times=1, match=Request.is_chunk_put),
+        proxy.add("slow", times=1, delay_s=0.5, match=Request.is_chunk_put),
         proxy.add("reset", times=1, match=lambda r: r.method == "PUT" and r.target.endswith("manifest.json")),
         proxy.add("503", times=1, match=lambda r: r.method == "HEAD"),
-        proxy.add("reset_mid_body", times=2, match=_is_chunk_get),
-        proxy.add("503", times=1, match=_is_chunk_get),
-        proxy.add("slow", times=1, delay_s=3.0, match=_is_chunk_get),  # past read_timeout_s
+        proxy.add("reset_mid_body", times=2, match=Request.is_chunk_get),
+        proxy.add("503", times=1, match=Request.is_chunk_get),
+        proxy.add("slow", times=1, delay_s=3.0, match=Request.is_chunk_get),  # past read_timeout_s
     ]
     big, small = pattern(12 * MiB, 1), pattern(123_457, 2)
     save_step(tier, JOB, 1, [big, small], chunk_bytes=MiB)
@@ -94,7 +86,7 @@ def test_endpoint_down_longer_than_the_retry_budget(
     data = pattern(12 * MiB, 3)
     entry = shard_entry(0, data, chunk_bytes=MiB)
     # the store goes down at the first chunk PUT
-    down = proxy.add("down", down_s=60.0, match=_is_chunk_put)
+    down = proxy.add("down", down_s=60.0, match=Request.is_chunk_put)
     started = time.monotonic()
     with pytest.raises(TierFailed, match="object tier: uploading gpt-neo@3 rank 0") as failed:
         tier.put_shard(JOB, 3, entry, memoryview(data))
@@ -125,7 +117,7 @@ def test_upload_past_its_deadline_on_a_slow_store_is_aborted(
     make_tier: TierFactory, proxy: FaultProxy, s3_client: Any
 ) -> None:
     tier = make_tier(endpoint_url=proxy.url, total_timeout_s=1.5, read_timeout_s=5.0, max_concurrency=3)
-    slow = proxy.add("slow", times=100, delay_s=2.5, match=_is_chunk_put)
+    slow = proxy.add("slow", times=100, delay_s=2.5, match=Request.is_chunk_put)
     data = random.Random(9).randbytes(12 * MiB)  # twelve different chunks: no deduplication
     started = time.monotonic()
     with pytest.raises(TierFailed, match="did not finish within 1.5s"):
@@ -181,7 +173,7 @@ def test_oss_preset_is_virtual_hosted_without_checksum_headers(
     assert reqs and all(r.target.startswith(f"http://{host}/") and r.host == host for r in reqs)
     puts = [r for r in reqs if r.method == "PUT"]
     stored = {ref.object_key for s in tier.read_manifest(JOB, 7).shards for ref in s.chunks}
-    assert sum(_is_chunk_put(r) for r in puts) == len(stored) >= 2  # equal chunks are stored once
+    assert sum(Request.is_chunk_put(r) for r in puts) == len(stored) >= 2  # equal chunks are stored once
     assert not [r for r in reqs if _has_checksum_header(r)]
     manifest_puts = [r for r in puts if r.target.endswith("/manifest.json")]
     assert len(manifest_puts) == 1
