@@ -2,8 +2,8 @@
 
 The child (object_crash_child.py) saves three steps of a fine-tuning job (later steps reference
 step 1's chunks), retention keeping one, then sweeps. It runs once with ``CKPTD_FAILPOINTS_LOG``
-to count the hits of every object failpoint, then killed at the first, a middle and the last
-hit of every point (``kill@N``). After each kill a fresh tier (an empty node) checks:
+to count the hits of every object failpoint, then killed at the first and the last hit of every
+point (``kill@N``). After each kill a fresh tier (an empty node) checks:
 
 - every step whose commit was acknowledged is still committed, unless retention had started
   deleting it (``delete N`` printed);
@@ -61,7 +61,7 @@ def test_sigkill_at_every_object_failpoint(moto_s3: MotoS3, tmp_path: Path) -> N
     client = moto_s3.client()
     runs = 0
     for point in POINTS:
-        for k in sorted({1, (hits[point] + 1) // 2, hits[point]}):  # the first, a middle and the last hit
+        for k in sorted({1, hits[point]}):  # the first and the last hit
             prefix = f"crash-{uuid.uuid4().hex[:8]}"
             proc = run_child(moto_s3, prefix, {"CKPTD_FAILPOINTS": f"{point}=kill@{k}"})
             assert proc.returncode == -9, (point, k, proc.returncode, proc.stderr[-2000:])
