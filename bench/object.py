@@ -96,8 +96,7 @@ from ckptd.core.manifest import Manifest, ShardEntry  # noqa: E402
 from ckptd.ctl.inspect import storage_json  # noqa: E402
 from ckptd.tiers.object import ObjectTier  # noqa: E402
 from tests.linkproxy import LinkProxy  # noqa: E402
-from tests.state_factory import finetune_state, gpt_state  # noqa: E402
-from tests.tiers._moto import state_shard  # noqa: E402
+from tests.state_factory import finetune_state, gpt_state, state_shard  # noqa: E402
 
 MIB = 2**20
 SLOT_ALIGN = 2 * MIB  # ckptd.memory.slots.SLOT_ALIGN_BYTES

@@ -13,7 +13,8 @@ it saved again and compare a restore with it. Each keeps the exact data its call
 - ``blank_like(state)``: the same tree with every array zeroed and every scalar replaced.
 - ``gpt_state(seed, n_params)``: a mixed-precision GPT-like state (bf16 weights, fp32 master
   weights, Adam moments); ``finetune_state(seed, step, n_base)``: a frozen bf16 base (identical at
-  every step) and small trainable adapters with their fp32 Adam state (changed at every step).
+  every step) and small trainable adapters with their fp32 Adam state (changed at every step);
+  ``state_shard(rank, state, chunk_bytes)``: such a state as one shard (entry and bytes), for tier tests.
 
 Only numpy is imported here: the torch builders import torch when called, so trainer processes
 that build numpy states start quickly.
@@ -284,3 +285,34 @@ def finetune_state(seed: int, step: int, n_base: int) -> dict[str, Any]:
     adapter = gpt_state(seed * 100_003 + step, max(1, n_base // 64))
     return {"base": base, "adapter": adapter}
 
+
+def state_shard(rank: int, state: dict[str, Any], chunk_bytes: int) -> tuple[Any, bytes]:
+    """The shard of a (nested) dict of torch tensors, tensors back to back in sorted-path order
+    with their dtypes (what the object tier's codecs look at), and its bytes."""
+    import torch
+
+    from ckptd.core.integrity import chunk_crcs
+    from ckptd.core.layout import TensorEntry
+    from ckptd.core.manifest import ShardEntry
+
+    flat: list[tuple[str, Any]] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        for k in sorted(node):
+            v = node[k]
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            elif hasattr(v, "dtype"):
+                flat.append((prefix + k, v))
+
+    walk("", state)
+    tensors, blobs, offset = [], [], 0
+    for name, t in flat:
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        tensors.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, len(raw)))
+        blobs.append(raw)
+        offset += len(raw)
+    data = b"".join(blobs)
+    tree = {"d": [[name, {"t": i}] for i, (name, _) in enumerate(flat)]}
+    entry = ShardEntry(rank, len(data), chunk_bytes, tuple(chunk_crcs(data, chunk_bytes)), tuple(tensors), tree)
+    return entry, data

@@ -106,28 +106,3 @@ def read_back(tier: ObjectTier, job: str, step: int, rank: int) -> bytes:
     tier.read_shard_into(job, step, e, memoryview(buf))
     return bytes(buf)
 
-
-def state_shard(rank: int, state: dict[str, Any], chunk_bytes: int) -> tuple[ShardEntry, bytes]:
-    """The shard of a (nested) dict of torch tensors, tensors back to back in sorted-path order
-    with their dtypes (what the object tier's codecs look at), and its bytes."""
-    flat: list[tuple[str, Any]] = []
-
-    def walk(prefix: str, node: Any) -> None:
-        for k in sorted(node):
-            v = node[k]
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            elif hasattr(v, "dtype"):
-                flat.append((prefix + k, v))
-
-    walk("", state)
-    tensors, blobs, offset = [], [], 0
-    for name, t in flat:
-        raw = t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
-        tensors.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, len(raw)))
-        blobs.append(raw)
-        offset += len(raw)
-    data = b"".join(blobs)
-    tree = {"d": [[name, {"t": i}] for i, (name, _) in enumerate(flat)]}
-    entry = ShardEntry(rank, len(data), chunk_bytes, tuple(chunk_crcs(data, chunk_bytes)), tuple(tensors), tree)
-    return entry, data

@@ -18,8 +18,8 @@ from ckptd.core.manifest import Manifest
 from ckptd.tiers.object import ObjectTier
 from ckptd.tiers.object_codec import MIN_COMPRESS_BYTES, RAW, CodecChooser, decode_into, encode, shuffle
 from tests.linkproxy import LinkProxy
-from tests.state_factory import finetune_state, gpt_state
-from tests.tiers._moto import MotoS3, TierFactory, manifest_of, pattern, read_back, state_shard
+from tests.state_factory import finetune_state, gpt_state, state_shard
+from tests.tiers._moto import MotoS3, TierFactory, manifest_of, pattern, read_back
 
 JOB = "gpt-tiny"
 CHUNK = 64 * 1024
