@@ -31,37 +31,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import shutil
 import tempfile
 from typing import Any
 
-import numpy as np
-import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptd.core.types import Level
 from ckptd_client.agreement import agree_latest
+from ckptd_client.integrations.rng import rng_states, set_rng_states
 from ckptd_client.integrations.saved import build, saved_shard, saved_value
 from ckptd_client.manager import CheckpointManager
 
 TRAINER_STATE_NAME = "trainer_state.json"
 RESUME_MARK = "ckptd-resume.json"
-
-
-def rng_states() -> dict[str, Any]:
-    """The host RNG states the Trainer itself checkpoints (python, numpy, torch CPU)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-
-
-def set_rng_states(rng: dict[str, Any]) -> None:
-    random.setstate(_tuples(rng["python"]))
-    np.random.set_state(_tuples(rng["numpy"]))
-    torch.random.set_rng_state(rng["cpu"])
-
-
-def _tuples(x: Any) -> Any:
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _optimizer(opt: Any) -> Any:
