@@ -40,7 +40,8 @@ def tiny_model(seed: int) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel, set_seed
 
     set_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=SEQ_LEN, vocab_size=128)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=SEQ_LEN, vocab_size=128, bos_token_id=0,
+                        eos_token_id=0)
     return GPT2LMHeadModel(config)
 
 

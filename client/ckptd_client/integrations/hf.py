@@ -7,9 +7,10 @@
 Saving (``CkptdCallback``): at the trainer's save steps (``save_strategy``/``save_steps``), or at
 every step with ``every_step=True``, ``on_step_end`` saves one step through
 ``CheckpointManager.save``: ``{"model": model.state_dict(), "optimizer": ..., "scheduler": ...,
-"rng": {python, numpy, cpu}, "trainer_state": <TrainerState JSON>}``, and clears
-``control.should_save`` so the Trainer writes no checkpoint files of its own. Every rank saves its
-own shard (its RNG states differ). ``on_train_end`` waits until the newest save is on local disk.
+"rng": {python, numpy, cpu}, "trainer_state": <TrainerState JSON>, "model_config": <config JSON>}``
+(``ckptctl export`` writes the last as ``config.json``), and clears ``control.should_save`` so
+the Trainer writes no checkpoint files of its own. Every rank saves its own shard (its RNG states
+differ). ``on_train_end`` waits until the newest save is on local disk.
 
 Resuming (``CkptdResumeMixin``, or ``CkptdTrainer`` = the mixin on ``Trainer``): the Trainer's
 own resume path runs unchanged (trainer state, epochs and batches skipped, the same data order,
@@ -60,6 +61,9 @@ def trainer_checkpoint(model: Any, optimizer: Any, scheduler: Any, state: Traine
         out["scheduler"] = scheduler.state_dict()
     out["rng"] = rng_states()
     out["trainer_state"] = json.dumps(dataclasses.asdict(state), sort_keys=True)
+    config = getattr(model, "config", None)
+    if config is not None and callable(getattr(config, "to_json_string", None)):
+        out["model_config"] = config.to_json_string()  # `ckptctl export` writes it as config.json
     return out
 
 
