@@ -85,6 +85,12 @@ def test_export_loads_with_safetensors_and_from_pretrained(exported: Any, tmp_pa
     exp_avg = state["ranks"][0]["state"]["optimizer"]["state"]["0"]["exp_avg"]["tensor"]
     assert exp_avg["dtype"] == "float32"
 
+    # Bad input: exit 2 with nothing written (no such key; a limit below one checksum chunk).
+    assert ckptctl(["--addr", d.addr, "export", f"{job}@3", "--to", str(tmp_path / "k"), "--model-key", "nope"]) == 2
+    assert ckptctl(["--root", str(d.root), "export", f"{job}@3", "--to", str(tmp_path / "m"),
+                    "--memory-limit", "1MiB"]) == 2
+    assert not (tmp_path / "k").exists() and list((tmp_path / "m").iterdir()) == []
+
     # Again into the same directory: refused without --force, nothing changed.
     before = (out / "model.safetensors").stat().st_mtime_ns
     assert ckptctl(["--addr", d.addr, "export", f"{job}@3", "--to", str(out)]) == 1
@@ -111,6 +117,17 @@ def test_sharded_safetensors_with_index_and_torch_format(exported: Any, tmp_path
 
 
 #: ckptctl's main with its peak RSS (VmHWM: ru_maxrss would carry the forking test's over exec)
+def test_ranks_with_different_shapes_of_a_tensor_are_refused_until_placements_are_recorded() -> None:
+    from ckptd.core.errors import InvalidArgument
+    from ckptd.core.layout import TensorEntry
+    from ckptd.ctl.consolidate import Piece, full_tensor
+
+    a, b = Piece(0, TensorEntry("w", "float32", (4, 8), 0, 128)), Piece(1, TensorEntry("w", "float32", (4, 8), 0, 128))
+    assert full_tensor("w", [a, b]) is a  # replicated: the lowest rank's copy
+    with pytest.raises(InvalidArgument, match="'w'.*issue 16"):
+        full_tensor("w", [a, Piece(1, TensorEntry("w", "float32", (2, 8), 0, 64))])
+
+
 RSS_PROBE = ("import sys\nfrom ckptd.ctl.main import main\nrc = main(sys.argv[1:])\n"
              "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
              "print('maxrss_kib', hwm, file=sys.stderr)\nsys.exit(rc)\n")
