@@ -38,6 +38,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ckptd.core.errors import InvalidArgument
 from ckptd.core.types import Level
 from ckptd_client.agreement import agree_latest
 from ckptd_client.integrations.rng import rng_states, set_rng_states
@@ -134,9 +135,14 @@ class CkptdResumeMixin:
     def _ckptd_resume_dir(self, step: int) -> str:
         manager = self._ckptd_callback().manager
         shard = saved_shard(manager, step)
+        try:
+            trainer_state = saved_value(shard, "trainer_state")
+        except KeyError:
+            raise InvalidArgument(f"{manager.job}@{step} holds no trainer state: it was not saved by "
+                                  "CkptdCallback") from None
         path = tempfile.mkdtemp(prefix=f"ckptd-resume-{step}-")
         with open(os.path.join(path, TRAINER_STATE_NAME), "w", encoding="utf-8") as f:
-            f.write(saved_value(shard, "trainer_state"))
+            f.write(trainer_state)
         with open(os.path.join(path, RESUME_MARK), "w", encoding="utf-8") as f:
             json.dump({"job": manager.job, "step": step}, f)
         self._ckptd_dir, self._ckptd_step = path, step
@@ -159,8 +165,7 @@ class CkptdResumeMixin:
         shard = saved_shard(manager, self._ckptd_step)
         state = build(shard.tree, shard.tensors)
         state["model"] = self.model.state_dict()  # type: ignore[attr-defined]  # filled in place
-        got = manager.restore(state, step=self._ckptd_step)
-        assert got == self._ckptd_step
+        manager.restore(state, step=self._ckptd_step)  # that step or NotFound, never another
         if "optimizer" in state:
             _optimizer(self.optimizer).load_state_dict(state["optimizer"])  # type: ignore[attr-defined]
         if "scheduler" in state:
