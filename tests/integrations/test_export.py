@@ -137,8 +137,9 @@ def test_export_streams_a_model_larger_than_its_memory_limit(daemon_factory: Any
     d = daemon_factory()
     job = unique_job("big")
     g = torch.Generator().manual_seed(5)
-    state = {"model": {f"layer{i}.weight": torch.randn(6 * 2**20 // 4, generator=g).reshape(1536, 1024)
-                       for i in range(16)}}  # 16 x 6 MiB = 96 MiB, in 16 MiB checksum chunks
+    # Lightning's checkpoint layout (the model under "state_dict"): 16 x 6 MiB = 96 MiB, in 16 MiB checksum chunks
+    state = {"state_dict": {f"layer{i}.weight": torch.randn(6 * 2**20 // 4, generator=g).reshape(1536, 1024)
+                            for i in range(16)}, "global_step": 1, "optimizer_states": [{"param_groups": []}]}
     with CheckpointManager(job, rank=0, world_size=1, addr=d.addr, gather_peers=False) as m:
         m.save(1, state).wait(Level.LOCAL_DURABLE, timeout_s=120)
     out = tmp_path / "big"
@@ -148,6 +149,7 @@ def test_export_streams_a_model_larger_than_its_memory_limit(daemon_factory: Any
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["nbytes"] == 96 * 2**20 and report["served_from"] == {"0": "disk"}
+    assert report["model_key"] == "state_dict"
     assert 0 < report["peak_buffer_bytes"] <= 32 * 2**20
     maxrss = int(res.stderr.split("maxrss_kib")[1].split()[0]) * 1024
     assert maxrss < 96 * 2**20, f"peak RSS {maxrss} bytes: the export did not stream"
@@ -157,7 +159,7 @@ def test_export_streams_a_model_larger_than_its_memory_limit(daemon_factory: Any
     assert len(set(names.values())) == 3
     for f in sorted(set(names.values())):
         for k, t in load_file(out / f).items():
-            assert torch.equal(t, state["model"][k])
+            assert torch.equal(t, state["state_dict"][k])
 
     # A flipped byte in the shard file: exit 5 (integrity), and no file of this run is left.
     shard = d.root / "data" / job / step_dirname(1) / shard_key(0)
