@@ -104,7 +104,7 @@ def worker(args: argparse.Namespace) -> int:
     class CrashAt(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> Any:
             if state.global_step == args.crash_at:
-                report["resumed_from_step"] = trainer._ckptd_step
+                report["resumed_from_step"] = trainer.ckptd_resumed_from
                 report["served_from"] = ckpt.last_restore.served_from if ckpt.last_restore else None
                 print(json.dumps({**report, "crashed_at": state.global_step}), flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no flush of anything
@@ -114,7 +114,7 @@ def worker(args: argparse.Namespace) -> int:
         trainer = CkptdTrainer(model=tiny_model(args.seed), args=training_args(out, args.max_steps, args.seed),
                                train_dataset=Tokens(), callbacks=[CkptdCallback(ckpt), CrashAt()])
         trainer.train(resume_from_checkpoint=True)
-        report["resumed_from_step"] = trainer._ckptd_step
+        report["resumed_from_step"] = trainer.ckptd_resumed_from
         report["served_from"] = ckpt.last_restore.served_from if ckpt.last_restore else None
         report["global_step"] = trainer.state.global_step
         report["digest"] = digest(trainer.model)

@@ -99,7 +99,8 @@ class CkptdCallback(TrainerCallback):
 class CkptdResumeMixin:
     """Serve the Trainer's resume path from ckptd (put it before ``Trainer`` in the bases)."""
 
-    _ckptd_step: int | None = None
+    #: the ckptd step ``train(resume_from_checkpoint=True)`` resumed from (None: a fresh start)
+    ckptd_resumed_from: int | None = None
     _ckptd_rng: dict[str, Any] | None = None
     _ckptd_dir: str | None = None
 
@@ -145,7 +146,7 @@ class CkptdResumeMixin:
             f.write(trainer_state)
         with open(os.path.join(path, RESUME_MARK), "w", encoding="utf-8") as f:
             json.dump({"job": manager.job, "step": step}, f)
-        self._ckptd_dir, self._ckptd_step = path, step
+        self._ckptd_dir, self.ckptd_resumed_from = path, step
         return path
 
     def _is_ckptd(self, checkpoint: str | None) -> bool:
@@ -160,12 +161,12 @@ class CkptdResumeMixin:
         if not self._is_ckptd(checkpoint):
             super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
             return
-        assert self._ckptd_step is not None
+        assert self.ckptd_resumed_from is not None
         manager = self._ckptd_callback().manager
-        shard = saved_shard(manager, self._ckptd_step)
+        shard = saved_shard(manager, self.ckptd_resumed_from)
         state = build(shard.tree, shard.tensors)
         state["model"] = self.model.state_dict()  # type: ignore[attr-defined]  # filled in place
-        manager.restore(state, step=self._ckptd_step)  # that step or NotFound, never another
+        manager.restore(state, step=self.ckptd_resumed_from)  # that step or NotFound, never another
         if "optimizer" in state:
             _optimizer(self.optimizer).load_state_dict(state["optimizer"])  # type: ignore[attr-defined]
         if "scheduler" in state:
