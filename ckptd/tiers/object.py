@@ -127,6 +127,7 @@ class ObjectTier(ObjectBase):
                 known = self._known_chunks(job, step)
                 refs = upload_chunks(self._uploader, entry, view, keys.__getitem__, known)
             except STORE_ERRORS as exc:
+                self._book.forget(job)  # what this upload stored is garbage now: never reference it
                 raise self._failed(f"uploading {job}@{step} rank {entry.rank} to {self.url(keys[0] if keys else mkey)}",
                                    exc) from exc
         self._book.stage(job, step, entry.rank, entry.nbytes, refs)
