@@ -71,7 +71,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         lease = await self.saves.begin_save(request.job, request.step, request.rank, request.world_size,
                                         request.nbytes, wait, timeout_s, request.client_pid,
                                         tuple(request.node_ranks), request.incarnation,
-                                        request.resumed_from if request.resumed else None)
+                                        request.resumed_from if request.resumed else None,
+                                        new_world_size=request.new_world_size)
         return pb.BeginSaveResponse(
             lease_id=lease.lease_id, slot_path=str(lease.slot.path),
             slot_capacity_bytes=lease.slot.capacity, chunk_bytes=self.chunk_bytes,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ckptd_client import CheckpointManager, FailedPrecondition, Level, NotFound
+from ckptd_client import CheckpointManager, FailedPrecondition, Level, NotFound, StateMismatchError
 
 from tests._ckptd_helpers import Daemon, tensor_bytes, unique_job
 from tests.conftest import DaemonProc
@@ -130,7 +130,9 @@ def test_top_level_values_other_than_dicts(manager: CheckpointManager) -> None:
     assert_same([1, (2.5, "x"), None], lst)
     manager.save(3, {}).wait(Level.STAGED, timeout_s=60)  # an empty shard
     out: dict[str, Any] = {"kept": 1}
-    assert manager.restore(out, step=3) == 3
+    with pytest.raises(StateMismatchError, match="missing from the checkpoint: kept"):
+        manager.restore(out, step=3)  # strict: a key the step lacks is named
+    assert manager.restore(out, step=3, strict=False) == 3  # lenient, explicitly: left alone
     assert out == {"kept": 1}
 
 
@@ -283,4 +285,4 @@ def test_round_trip_from_disk_after_daemon_sigkill(daemon_factory: Callable[...,
         assert m.restore(out) == 2
         assert m.last_restore is not None and m.last_restore.served_from == "disk"
         assert_same(state, out)
-        assert m.restore(out, step=1) == 1 and torch.equal(out["x"], torch.zeros(2))
+        assert m.restore(out, step=1, strict=False) == 1 and torch.equal(out["x"], torch.zeros(2))

@@ -186,6 +186,7 @@ class BeginSaveRequest(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
     RESUMED_FROM_FIELD_NUMBER: _builtins.int
+    NEW_WORLD_SIZE_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     step: _builtins.int
     rank: _builtins.int
@@ -208,6 +209,12 @@ class BeginSaveRequest(_message.Message):
     a rank gets AlreadyExists); a reader never saves.
     """
     resumed_from: _builtins.int
+    new_world_size: _builtins.bool
+    """The writer knowingly saves with a world size other than that of the job's committed steps
+    (a job resumed on another number of ranks after a resharded restore, docs/dcp.md). Without
+    it such a save is refused (FailedPrecondition); with it the step must be newer than every
+    step the job holds, and the job's steps from then on have the new world size.
+    """
     @_builtins.property
     def node_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """ranks of the job this daemon serves (multi-node); empty: all"""
@@ -227,10 +234,11 @@ class BeginSaveRequest(_message.Message):
         incarnation: _builtins.str = ...,
         resumed: _builtins.bool = ...,
         resumed_from: _builtins.int = ...,
+        new_world_size: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "incarnation", b"incarnation", "job", b"job", "nbytes", b"nbytes", "node_ranks", b"node_ranks", "policy", b"policy", "rank", b"rank", "resumed", b"resumed", "resumed_from", b"resumed_from", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "incarnation", b"incarnation", "job", b"job", "nbytes", b"nbytes", "new_world_size", b"new_world_size", "node_ranks", b"node_ranks", "policy", b"policy", "rank", b"rank", "resumed", b"resumed", "resumed_from", b"resumed_from", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
