@@ -132,6 +132,8 @@ class Worker:
         rep = {"w": torch.arange(4096, dtype=torch.float32), "b": torch.ones(1024, dtype=torch.float64)}
         with self.manager(f"{job}-rep") as mr:
             dcp.save(rep, storage_writer=CkptdStorageWriter(manager=mr, step=1))
+            # async: staged whole into each rank's slot, the other rank's copy packed away
+            dcp.async_save(rep, storage_writer=CkptdStorageWriter(manager=mr, step=2)).result()
             mr.wait_until_finished(Level.LOCAL_DURABLE, timeout_s=60)
         self.checks.append("replicated-saved")
 

@@ -207,9 +207,10 @@ class SavePath:
         lease = self.leases.get(lease_id)
         if lease is None:
             raise NotFound(f"unknown or expired save lease {lease_id[:16]!r}")
-        if (lease.job, lease.step, lease.rank, lease.world_size, lease.nbytes) != (
-                job, step, rank, world_size, nbytes):
-            raise InvalidArgument("CommitShard does not match its BeginSave (job/step/rank/world_size/nbytes)")
+        if (lease.job, lease.step, lease.rank, lease.world_size) != (job, step, rank, world_size) \
+                or not 0 <= nbytes <= lease.nbytes:
+            raise InvalidArgument("CommitShard does not match its BeginSave (job/step/rank/world_size, "
+                                  "nbytes at most the leased)")
         expected_chunk = self.memory.chunk_bytes
         if client_crcs and (chunk_bytes != expected_chunk
                             or len(client_crcs) != chunk_count(nbytes, expected_chunk)):

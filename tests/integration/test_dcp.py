@@ -68,11 +68,13 @@ def test_fsdp2_and_tensor_parallel_save_reshard_and_resume(mod_daemon: Daemon, t
 
     # DDP-style replicated state (4096 float32 + 1024 float64 = 24576 bytes) by 2 ranks: stored once
     # (DCP's planner spreads the replicated tensors over the ranks, each written by one of them)
-    sizes = shard_sizes(mod_daemon, f"{job}-rep", 1)
-    assert 24576 <= sum(sizes.values()) < 24576 + 4096, sizes
-    step_dir = mod_daemon.data_dir / f"{job}-rep" / step_dirname(1)
-    names = [t.name for s in Manifest.from_json((step_dir / "manifest.json").read_bytes()).shards for t in s.tensors]
-    assert sorted(names) == ["dcp.b@0", "dcp.w@0"], names  # each replicated tensor held by one shard only
+    for step in (1, 2):  # dcp.save, and dcp.async_save (staged into the slot, then packed)
+        sizes = shard_sizes(mod_daemon, f"{job}-rep", step)
+        assert 24576 <= sum(sizes.values()) < 24576 + 4096, sizes
+        step_dir = mod_daemon.data_dir / f"{job}-rep" / step_dirname(step)
+        names = [t.name for s in Manifest.from_json((step_dir / "manifest.json").read_bytes()).shards
+                 for t in s.tensors]
+        assert sorted(names) == ["dcp.b@0", "dcp.w@0"], names  # each replicated tensor held by one shard only
 
     loaded4 = run_phase(mod_daemon, "load4", job, 4, tmp_path)
     for r in loaded4:

@@ -74,6 +74,7 @@ class CkptdStorageReader(StorageReader):
         #: bytes of non-tensor values (every rank takes all of those)
         self.bytes_read: dict[int, int] = {}
         self.object_bytes_read = 0
+        self.served_from: dict[int, str] = {}  # saved rank -> the tier its shard was read from
 
     @property
     def manager(self) -> CheckpointManager:
@@ -186,7 +187,8 @@ class CkptdStorageReader(StorageReader):
                     copied += self._copy(item, kind, buf, entry, planner)
             self.bytes_read[rank] = copied
 
-        read_streamed(m.conn, request, consume, timeout_s=600)
+        _, done = read_streamed(m.conn, request, consume, timeout_s=600)
+        self.served_from[rank] = done.served_from
 
     @staticmethod
     def _copy(item: ReadItem, kind: str, buf: Any, entry: TensorEntry, planner: LoadPlanner) -> int:

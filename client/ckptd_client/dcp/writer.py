@@ -17,6 +17,7 @@ another process), where it opens its own connection (``managers.py``).
 from __future__ import annotations
 
 import io
+import json
 import os
 from typing import Any
 
@@ -27,10 +28,14 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import BudgetExhausted
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.layout import TensorEntry, layout_to_pb
 from ckptd.core.types import Level, validate_step
 from ckptd_client.dcp.codec import ShardRef, encode
 from ckptd_client.dcp.managers import ManagerConfig, manager_for
+from ckptd_client.dcp.stage import StagedSlot, abort, pack, stage_into_slot
 from ckptd_client.manager import CheckpointManager, SaveHandle
 from ckptd_client.ranks import default_rank
 
@@ -66,6 +71,8 @@ class CkptdStorageWriter(StorageWriter):
         self.is_coordinator = False
         self._chunks: dict[str, Any] = {}
         self.handle: SaveHandle | None = None
+        self._staged: StagedSlot | None = None  # the slot async_save staged into (stage.py)
+        self._packed: tuple[list[TensorEntry], dict[str, int], int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -104,7 +111,34 @@ class CkptdStorageWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         return plans
 
+    # -- AsyncStager (dcp.async_save stages through the writer: stage.py) -----------------------
+    _synchronize_after_execute = False
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def synchronize_staging(self) -> None:
+        """Staging is synchronous: nothing to wait for."""
+
+    def close(self) -> None:
+        """The slot mappings belong to the manager."""
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Copy the state into this rank's slot for the step; return views of it (stage.py)."""
+        if self.step is None:
+            raise ValueError("CkptdStorageWriter: no step (pass step=)")
+        self._staged, staged = stage_into_slot(self.manager, self.step, state_dict)
+        return dict(staged)
+
+    # -- writing ----------------------------------------------------------------------------------
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        if self._staged is not None:
+            results = self._write_staged(plan, planner)
+            if results is not None:
+                fut: Future[list[WriteResult]] = Future()
+                fut.set_result(results)
+                return fut
         rank = self.manager.rank
         chunks: dict[str, Any] = {}
         results = []
@@ -127,14 +161,73 @@ class CkptdStorageWriter(StorageWriter):
             self._chunks = chunks  # saved in finish, with the metadata
         else:
             self._save({DATA_KEY: chunks})
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         metadata.storage_data = {r.index: r.storage_data for per_rank in results for r in per_rank}
-        self._save({DATA_KEY: self._chunks, METADATA_KEY: encode(metadata)})
+        if self._packed is not None:
+            self._commit_staged(encode(metadata))
+        else:
+            self._save({DATA_KEY: self._chunks, METADATA_KEY: encode(metadata)})
         self._chunks = {}
+
+    def _write_staged(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult] | None:
+        """The chunks are in the slot already: pack the ones this rank writes, commit (the
+        coordinator in finish). None (lease aborted) when a chunk is not where it was staged."""
+        staged = self._staged
+        assert staged is not None
+        rank = self.manager.rank
+        kept: list[tuple[str, str]] = []
+        values: list[tuple[str, bytes]] = []
+        results = []
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            key = chunk_key(item.index)
+            if item.type == WriteItemType.BYTE_IO:
+                raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
+                values.append((key, raw))
+                size = len(raw)
+            else:
+                assert isinstance(data, torch.Tensor)
+                local = data.to_local() if hasattr(data, "to_local") else data
+                e = staged.entries.get(item.index.fqn)
+                if e is None or tuple(local.shape) != e.shape or str(local.dtype).removeprefix("torch.") != e.dtype:
+                    kept = []
+                    break
+                kept.append((item.index.fqn, key))
+                size = e.nbytes
+            results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=ShardRef(rank, key)))
+        packed = pack(self.manager, staged, kept, values) if kept or not plan.items or values else None
+        if packed is None or len(results) != len(plan.items):
+            self._staged = None
+            abort(self.manager, staged)
+            return None
+        self._packed = packed
+        if not self.is_coordinator:
+            self._commit_staged(None)
+        return results
+
+    def _commit_staged(self, metadata_json: str | None) -> None:
+        staged, packed = self._staged, self._packed
+        assert staged is not None and packed is not None and self.step is not None
+        tensors, index, nbytes = packed
+        tree: list[Any] = [[DATA_KEY, {"d": [[key, {"t": i}] for key, i in index.items()]}]]
+        if metadata_json is not None:
+            tree.append([METADATA_KEY, {"v": metadata_json}])
+        m = self.manager
+        mm = m._maps.get(staged.slot_path, staged.capacity_bytes)
+        crcs = chunk_crcs(memoryview(mm)[:nbytes], staged.chunk_bytes) if m.checksum == "client" else []
+        m.conn.call(m.conn.stub.CommitShard, pb.CommitShardRequest(
+            lease_id=staged.lease_id, job=m.job, step=self.step, rank=m.rank, world_size=m.world_size,
+            nbytes=nbytes, layout=layout_to_pb(tensors, json.dumps({"d": tree}, separators=(",", ":"))),
+            chunk_bytes=staged.chunk_bytes, chunk_crc32c=crcs))
+        self._staged = self._packed = None
+        self.handle = SaveHandle(m, self.step, nbytes=nbytes)
+        m.handles.append(self.handle)
+        if self.wait_level is not None and metadata_json is not None:
+            self.handle.wait(self.wait_level)
 
     # -------------------------------------------------------------------------------------------
     def _save(self, state: dict[str, Any]) -> None:

@@ -298,6 +298,7 @@ class CommitShardRequest(_message.Message):
     rank: _builtins.int
     world_size: _builtins.int
     nbytes: _builtins.int
+    """at most BeginSave's: a shard packed after staging (DCP's planner dropped replicas)"""
     chunk_bytes: _builtins.int
     client_stall_s: _builtins.float
     """time save() has blocked so far (for the metrics)"""
