@@ -16,6 +16,7 @@ the oldest of the ranks' answers (so all ranks load the same step).
 from __future__ import annotations
 
 import io
+import math
 import os
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch.futures import Future
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import NotFound
+from ckptd.core.integrity import covering_chunks
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import Manifest
 from ckptd.core.types import validate_step
@@ -75,6 +77,10 @@ class CkptdStorageReader(StorageReader):
         self.bytes_read: dict[int, int] = {}
         self.object_bytes_read = 0
         self.served_from: dict[int, str] = {}  # saved rank -> the tier its shard was read from
+        #: per saved rank, the bytes of its shard the daemon was asked to read at most (the crc32c
+        #: chunks covering this rank's slices; memory and disk read only those, docs/dcp.md)
+        self.chunk_bytes_asked: dict[int, int] = {}
+        self._manifest: Manifest | None = None
 
     @property
     def manager(self) -> CheckpointManager:
@@ -105,6 +111,7 @@ class CkptdStorageReader(StorageReader):
                                      "(not saved through CkptdStorageWriter?)")
         self.metadata = decode(node["v"])
         self.loaded_step, self.saved_world_size = step, manifest.world_size
+        self._manifest = manifest
         return self.metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -164,7 +171,8 @@ class CkptdStorageReader(StorageReader):
         assert self.metadata is not None and self.loaded_step is not None
         m = self.manager
         request = pb.PrepareRestoreRequest(job=m.job, rank=rank, world_size=self.saved_world_size,
-                                           step=self.loaded_step, client_pid=os.getpid())
+                                           step=self.loaded_step, client_pid=os.getpid(),
+                                           ranges=self._ranges(rank, items))
         storage = self.metadata.storage_data
 
         def consume(buf: Any, tensors: list[TensorEntry], tree: dict[str, Any], wait: Any) -> None:
@@ -190,6 +198,33 @@ class CkptdStorageReader(StorageReader):
         _, done = read_streamed(m.conn, request, consume, timeout_s=600)
         self.served_from[rank] = done.served_from
 
+    def _ranges(self, rank: int, items: list[ReadItem]) -> list[pb.ByteRange]:
+        """The byte ranges of rank's saved shard that hold the slices ``items`` ask for (from the
+        step's manifest; none, i.e. the whole shard, when this node's manifest lacks the rank)."""
+        assert self.metadata is not None
+        manifest = self._manifest
+        if manifest is None or rank not in manifest.ranks:
+            return []
+        entry = manifest.shard(rank)
+        data = _named(entry.tree, DATA_KEY)
+        if data is None:
+            return []
+        index = {k: v for k, v in data["d"]}
+        out: list[pb.ByteRange] = []
+        for item in items:
+            node = index.get(self.metadata.storage_data[item.storage_index].key)
+            if node is None:
+                return []  # read_data names the missing chunk
+            ((_, idx),) = node.items()
+            t = entry.tensors[idx]
+            start, end = _slice_bytes(t, item) if item.type == LoadItemType.TENSOR else (0, t.nbytes)
+            if end > start:
+                out.append(pb.ByteRange(offset=t.offset + start, length=end - start))
+        chunks = covering_chunks([(r.offset, r.length) for r in out], entry.chunk_bytes, entry.nbytes)
+        self.chunk_bytes_asked[rank] = sum(min(entry.chunk_bytes, entry.nbytes - i * entry.chunk_bytes)
+                                           for i in chunks)
+        return out
+
     @staticmethod
     def _copy(item: ReadItem, kind: str, buf: Any, entry: TensorEntry, planner: LoadPlanner) -> int:
         if item.type == LoadItemType.BYTE_IO:
@@ -208,3 +243,15 @@ class CkptdStorageReader(StorageReader):
         planner.commit_tensor(item, target)
         return int(src.numel() * src.element_size())
 
+
+
+def _slice_bytes(t: TensorEntry, item: ReadItem) -> tuple[int, int]:
+    """[start, end) in bytes, inside tensor t (row-major), of the slice item asks for: from its first
+    element to its last (the rows between are read too when the slice is not contiguous)."""
+    if any(n == 0 for n in item.lengths) or not t.nbytes:
+        return 0, 0
+    itemsize = t.nbytes // max(1, math.prod(t.shape))
+    strides = [math.prod(t.shape[d + 1:]) for d in range(len(t.shape))]
+    first = sum(o * st for o, st in zip(item.storage_offsets, strides))
+    last = sum((o + n - 1) * st for o, n, st in zip(item.storage_offsets, item.lengths, strides))
+    return first * itemsize, (last + 1) * itemsize

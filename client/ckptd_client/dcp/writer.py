@@ -72,6 +72,7 @@ class CkptdStorageWriter(StorageWriter):
         self._chunks: dict[str, Any] = {}
         self.handle: SaveHandle | None = None
         self._staged: StagedSlot | None = None  # the slot async_save staged into (stage.py)
+        self._superseded: StagedSlot | None = None  # a staged slot the ordinary path copies from first
         self._packed: tuple[list[TensorEntry], dict[str, int], int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -90,7 +91,13 @@ class CkptdStorageWriter(StorageWriter):
     # -- StorageWriter ------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
-            self.step = validate_step(int(str(checkpoint_id)))
+            step = validate_step(int(str(checkpoint_id)))
+            if self._staged is not None and step != self.step:
+                staged, self._staged = self._staged, None
+                abort(self.manager, staged)
+                raise ValueError(f"async_save staged step {self.step} but names checkpoint_id {step}: "
+                                 "give the step to CkptdStorageWriter(step=...) alone")
+            self.step = step
         self._chunks, self.handle = {}, None
 
     @classmethod
@@ -201,8 +208,9 @@ class CkptdStorageWriter(StorageWriter):
             results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=ShardRef(rank, key)))
         packed = pack(self.manager, staged, kept, values) if kept or not plan.items or values else None
         if packed is None or len(results) != len(plan.items):
-            self._staged = None
-            abort(self.manager, staged)
+            # the ordinary path copies the chunks out of this slot into another; the lease is
+            # aborted only after that copy (_save), so the slot cannot be reused under it
+            self._staged, self._superseded = None, staged
             return None
         self._packed = packed
         if not self.is_coordinator:
@@ -232,8 +240,13 @@ class CkptdStorageWriter(StorageWriter):
     # -------------------------------------------------------------------------------------------
     def _save(self, state: dict[str, Any]) -> None:
         assert self.step is not None
-        with torch.no_grad():
-            handle = self.manager.save(self.step, state)
+        try:
+            with torch.no_grad():
+                handle = self.manager.save(self.step, state)
+        finally:
+            if self._superseded is not None:
+                superseded, self._superseded = self._superseded, None
+                abort(self.manager, superseded)
         self.handle = handle
         if handle.error is not None:
             raise handle.error

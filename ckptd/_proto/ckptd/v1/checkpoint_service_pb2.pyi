@@ -624,6 +624,7 @@ class PrepareRestoreRequest(_message.Message):
     STRICT_LATEST_FIELD_NUMBER: _builtins.int
     BELOW_STEP_FIELD_NUMBER: _builtins.int
     RETIRE_INCARNATION_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     rank: _builtins.int
     world_size: _builtins.int
@@ -644,6 +645,14 @@ class PrepareRestoreRequest(_message.Message):
     back, so that incarnation's shards of uncommitted steps after the restored one are dropped.
     A reader (nothing saved) leaves it empty and changes nothing.
     """
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
+        """Only these byte ranges of the shard are needed (a resharding reader's slices of another rank's
+        shard): the memory and disk sources then verify and read only the crc32c chunks covering them,
+        and the slot is not kept as the shard's memory copy; peers and the object store still read the
+        whole shard. The client may read only the covered chunks, after `done` (no ready_bytes).
+        """
+
     def __init__(
         self,
         *,
@@ -656,14 +665,37 @@ class PrepareRestoreRequest(_message.Message):
         strict_latest: _builtins.bool = ...,
         below_step: _builtins.int = ...,
         retire_incarnation: _builtins.str = ...,
+        ranges: _abc.Iterable[Global___ByteRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_step", b"below_step", "client_pid", b"client_pid", "dry_run", b"dry_run", "job", b"job", "rank", b"rank", "retire_incarnation", b"retire_incarnation", "step", b"step", "strict_latest", b"strict_latest", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_step", b"below_step", "client_pid", b"client_pid", "dry_run", b"dry_run", "job", b"job", "ranges", b"ranges", "rank", b"rank", "retire_incarnation", b"retire_incarnation", "step", b"step", "strict_latest", b"strict_latest", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrepareRestoreRequest: _TypeAlias = PrepareRestoreRequest  # noqa: Y015
+
+@_typing.final
+class ByteRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    length: _builtins.int
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ByteRange: _TypeAlias = ByteRange  # noqa: Y015
 
 @_typing.final
 class PlannedSource(_message.Message):
