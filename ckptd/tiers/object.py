@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -275,7 +276,13 @@ class ObjectTier(ObjectLayout):
         """Size of one ranged GET: a whole number of chunks, about part_size_bytes."""
         return range_bytes(chunk_bytes, self.part_size_bytes)
 
-    def read_shard_into(self, job: str, step: int, entry: ShardEntry, dst: memoryview) -> None:
+    def read_chunks_into(self, job: str, step: int, entry: ShardEntry, dst: memoryview,
+                         chunks: Sequence[int]) -> None:
+        """A ranged restore's read: only ``chunks`` (crc32c chunk indexes) fetched and verified."""
+        self.read_shard_into(job, step, entry, dst, tuple(chunks))
+
+    def read_shard_into(self, job: str, step: int, entry: ShardEntry, dst: memoryview,
+                        chunks: Sequence[int] = ()) -> None:
         key = self._entry_key(job, step, entry)
         url = self.url(key)
         n = entry.nbytes
@@ -298,7 +305,7 @@ class ObjectTier(ObjectLayout):
                 raise IntegrityError(f"{url}: size {size} != {n} recorded in the manifest (truncated or replaced)")
             try:
                 read_ranges_into(self._store, self._pool, key, str(head.get("ETag", "")), view, entry,
-                                 self.range_bytes(entry.chunk_bytes), deadline, self.section.max_attempts)
+                                 self.range_bytes(entry.chunk_bytes), deadline, self.section.max_attempts, chunks)
             except (IntegrityError, NotFound):
                 raise
             except STORE_ERRORS as exc:

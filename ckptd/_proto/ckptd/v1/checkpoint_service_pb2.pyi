@@ -648,9 +648,9 @@ class PrepareRestoreRequest(_message.Message):
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
         """Only these byte ranges of the shard are needed (a resharding reader's slices of another rank's
-        shard): the memory and disk sources then verify and read only the crc32c chunks covering them,
-        and the slot is not kept as the shard's memory copy; peers and the object store still read the
-        whole shard. The client may read only the covered chunks, after `done` (no ready_bytes).
+        shard): the memory, disk and object sources then verify and read only the crc32c chunks
+        covering them, and the slot is not kept as the shard's memory copy; a peer still sends the
+        whole shard. The client may read only the covered chunks, after `done`.
         """
 
     def __init__(
