@@ -168,6 +168,8 @@ def main() -> int:
     for what in ("blocked", "durable"):
         c, d = report[f"ckptd_{what}_s"], report[f"dcp_{what}_s"]
         report[f"{what}_ratio"] = c / d if c is not None and d else None
+        # paired: both backends saved back to back in each repetition, under the same conditions
+        report[f"{what}_ratio_per_rep"] = [x / y for x, y in zip(s[f"ckptd_{what}_s"], s[f"dcp_{what}_s"]) if y]
     if not ns.json:
         for k in ("bytes", "dcp_blocked_s", "ckptd_blocked_s", "blocked_ratio", "dcp_durable_s", "ckptd_durable_s",
                   "durable_ratio"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.manifest import Manifest
 from ckptd.core.types import step_dirname
 from tests._ckptd_helpers import PYTHON, REPO, Daemon, clean_env, free_port, unique_job
@@ -136,3 +138,37 @@ def test_metadata_codec_round_trip_and_bad_records(mod_daemon: Daemon) -> None:
         w = target["w"]
         dcp_load(target, storage_reader=CkptdStorageReader(manager=m, step=1), no_dist=True)
         assert target["w"] is w and torch.equal(w, state["w"]) and target["n"] == 5 and target["s"] == state["s"]
+
+
+def test_async_save_falls_back_when_a_chunk_is_not_where_it_was_staged(mod_daemon: Daemon) -> None:
+    """The staged slot cannot serve the plan (here: a chunk the stage did not record): the writer
+    saves the ordinary way, copying out of the staged slot first, then aborts its lease."""
+    from ckptd_client.dcp import CkptdStorageWriter
+    from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
+
+    job = unique_job("dcpfall")
+    state = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.arange(10), "n": 3}
+    with CheckpointManager(job, rank=0, world_size=1, addr=mod_daemon.addr, on_error="raise") as m:
+        writer = CkptdStorageWriter(manager=m, step=1)
+        stage = writer.stage
+
+        def stage_losing_b(sd: dict[str, Any]) -> dict[str, Any]:
+            out = stage(sd)
+            assert writer._staged is not None
+            del writer._staged.entries["b"]
+            return out
+
+        writer.stage = stage_losing_b  # type: ignore[method-assign]
+        dcp_async_save(state, storage_writer=writer, no_dist=True).result()
+        assert writer.handle is not None and writer.handle.ok and writer._superseded is None
+        writer.handle.wait(Level.LOCAL_DURABLE, timeout_s=60)
+        def busy() -> int:
+            return int(m.conn.call(m.conn.stub.DaemonStatus, pb.DaemonStatusRequest()).slots_busy)
+
+        deadline = time.monotonic() + 20  # the drains end; an aborted lease holds nothing
+        while busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert busy() == 0
+        target = {"a": torch.zeros(1000), "b": torch.zeros(10, dtype=torch.int64), "n": 0}
+        dcp_load(target, storage_reader=CkptdStorageReader(manager=m, step=1), no_dist=True)
+        assert torch.equal(target["a"], state["a"]) and torch.equal(target["b"], state["b"]) and target["n"] == 3

@@ -164,6 +164,10 @@ class CkptdStorageWriter(StorageWriter):
                 chunks[key] = tensor
                 size = tensor.numel() * tensor.element_size()
             results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=ShardRef(rank, key)))
+        if self._superseded is not None:  # the chunks are views of the staged slot: copied out first,
+            superseded, self._superseded = self._superseded, None  # then its lease (this step's) goes
+            chunks = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in chunks.items()}
+            abort(self.manager, superseded)
         if self.is_coordinator:
             self._chunks = chunks  # saved in finish, with the metadata
         else:
@@ -208,8 +212,8 @@ class CkptdStorageWriter(StorageWriter):
             results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=ShardRef(rank, key)))
         packed = pack(self.manager, staged, kept, values) if kept or not plan.items or values else None
         if packed is None or len(results) != len(plan.items):
-            # the ordinary path copies the chunks out of this slot into another; the lease is
-            # aborted only after that copy (_save), so the slot cannot be reused under it
+            # the ordinary path copies the chunks out of this slot before its lease is aborted
+            # (write_data), so the slot cannot be reused under them
             self._staged, self._superseded = None, staged
             return None
         self._packed = packed
@@ -240,13 +244,8 @@ class CkptdStorageWriter(StorageWriter):
     # -------------------------------------------------------------------------------------------
     def _save(self, state: dict[str, Any]) -> None:
         assert self.step is not None
-        try:
-            with torch.no_grad():
-                handle = self.manager.save(self.step, state)
-        finally:
-            if self._superseded is not None:
-                superseded, self._superseded = self._superseded, None
-                abort(self.manager, superseded)
+        with torch.no_grad():
+            handle = self.manager.save(self.step, state)
         self.handle = handle
         if handle.error is not None:
             raise handle.error
