@@ -44,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "client"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _util import MIB, REPO, Cleanup, ServeProcess, die_with_parent, median, raise_on_signals  # noqa: E402
+from _util import MIB, REPO, Cleanup, ServeProcess, median, raise_on_signals  # noqa: E402
+
+from ckptd.core.launch import die_with_parent  # noqa: E402
 
 WIDTH = 1024  # each layer a WIDTH x WIDTH float32 Linear (4 MiB)
 
