@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.core.errors import NotFound
+from ckptd.core.errors import FailedPrecondition, NotFound
 from ckptd.core.integrity import covering_chunks
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import Manifest
@@ -105,6 +105,11 @@ class CkptdStorageReader(StorageReader):
         m = self.manager
         resp = m.conn.call(m.conn.stub.GetManifest, pb.GetManifestRequest(job=m.job, step=step))
         manifest = Manifest.from_json(resp.manifest_json.encode())
+        if 0 not in manifest.ranks:
+            raise FailedPrecondition(
+                f"the manifest of {m.job}@{step} this node's daemon serves lists ranks {list(manifest.ranks)}, not "
+                "rank 0, whose shard holds the DCP metadata: loading a multi-node DCP step from a node "
+                "without rank 0 is not supported yet")
         node = _named(manifest.shard(0).tree, METADATA_KEY)
         if node is None or not isinstance(node.get("v"), str):
             raise DcpMetadataCorrupt(f"step {step} of {m.job!r} holds no DCP metadata record "
