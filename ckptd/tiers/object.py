@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from ckptd.core import failpoints
@@ -56,7 +57,7 @@ from ckptd.tiers.object_chunks import (
     Known,
     RateLimiter,
     UploadStats,
-    read_chunks_into,
+    fetch_chunks_into,
     upload_chunks,
 )
 from ckptd.tiers.object_client import (
@@ -215,7 +216,13 @@ class ObjectTier(ObjectBase):
             except STORE_ERRORS as exc:
                 raise self._failed(f"recording {job}@{step} rank {entry.rank} at {self.url(key)}", exc) from exc
 
-    def read_shard_into(self, job: str, step: int, entry: ShardEntry, dst: memoryview) -> None:
+    def read_chunks_into(self, job: str, step: int, entry: ShardEntry, dst: memoryview,
+                         chunks: Sequence[int]) -> None:
+        """A ranged restore's read: only ``chunks`` (crc32c chunk indexes) fetched and verified."""
+        self.read_shard_into(job, step, entry, dst, tuple(chunks))
+
+    def read_shard_into(self, job: str, step: int, entry: ShardEntry, dst: memoryview,
+                        chunks: Sequence[int] = ()) -> None:
         n = entry.nbytes
         view = byte_view(dst)
         if view.readonly or view.nbytes < n:
@@ -230,13 +237,13 @@ class ObjectTier(ObjectBase):
             deadline = time.monotonic() + self.total_timeout_s
             with self._deadlines.scope(keys, deadline):
                 try:
-                    read_chunks_into(self._store, self._pool, entry, view, deadline)
+                    fetch_chunks_into(self._store, self._pool, entry, view, deadline, chunks)
                 except (IntegrityError, NotFound):
                     raise
                 except STORE_ERRORS as exc:
                     raise self._failed(f"reading {job}@{step} rank {entry.rank}", exc) from exc
             return
-        self._read_whole_into(job, step, entry, view)
+        self._read_whole_into(job, step, entry, view, chunks)
 
     def _stored_entry(self, job: str, step: int, entry: ShardEntry) -> ShardEntry:
         """entry with the chunk records of the store manifest's entry of its rank, when that has
@@ -250,14 +257,15 @@ class ObjectTier(ObjectBase):
             return entry
         return dataclasses.replace(entry, chunks=stored.chunks)
 
-    def _read_whole_into(self, job: str, step: int, entry: ShardEntry, view: memoryview) -> None:
+    def _read_whole_into(self, job: str, step: int, entry: ShardEntry, view: memoryview,
+                         chunks: Sequence[int]) -> None:
         """A shard stored as one object (steps from before chunking): verified ranged GETs."""
         key = self._entry_key(job, step, entry)
         deadline = time.monotonic() + self.total_timeout_s
         with self._deadlines.scope([key], deadline):
             try:
                 read_whole_into(self._store, self._pool, key, view, entry, self.range_bytes(entry.chunk_bytes),
-                                deadline, self.section.max_attempts)
+                                deadline, self.section.max_attempts, chunks)
             except (IntegrityError, NotFound):
                 raise
             except STORE_ERRORS as exc:

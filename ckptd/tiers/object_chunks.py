@@ -15,7 +15,7 @@ Invariants:
 - A read GETs each chunk object on the pool, checks its size against the record, decodes it
   into the caller's buffer and verifies the chunk's crc32c over the decoded bytes before the
   read returns; the first failure stops the others at their next chunk; nothing is written into
-  ``dst`` after ``read_chunks_into`` returns.
+  ``dst`` after ``fetch_chunks_into`` returns.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import hashlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Final
@@ -215,9 +215,10 @@ def upload_chunks(up: ChunkUploader, entry: ShardEntry, view: memoryview, key_of
     return tuple(refs)
 
 
-def read_chunks_into(store: Bucket, pool: ThreadPoolExecutor, entry: ShardEntry, view: memoryview,
-                     deadline: float) -> None:
-    """Fill view[:entry.nbytes] from entry's chunk objects, decoded and crc32c-verified."""
+def fetch_chunks_into(store: Bucket, pool: ThreadPoolExecutor, entry: ShardEntry, view: memoryview,
+                      deadline: float, only: Sequence[int] = ()) -> None:
+    """Fill view[:entry.nbytes] from entry's chunk objects, decoded and crc32c-verified; with
+    ``only`` (a ranged restore's crc32c chunk indexes) just those chunks."""
     cb, n = entry.chunk_bytes, entry.nbytes
     stop = threading.Event()
 
@@ -237,7 +238,7 @@ def read_chunks_into(store: Bucket, pool: ThreadPoolExecutor, entry: ShardEntry,
             stop.set()
             raise
 
-    map_all(pool, one, range(len(entry.chunks)), prefer=IntegrityError)
+    map_all(pool, one, list(only) if only else range(len(entry.chunks)), prefer=IntegrityError)
 
 
 def _get_chunk(store: Bucket, ref: ChunkRef, deadline: float) -> bytes:

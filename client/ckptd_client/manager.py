@@ -35,10 +35,12 @@ from ckptd.core.layout import layout_to_pb
 from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client.agreement import agree_latest, restore_agreed
 from ckptd_client.premap import RestorePremap
+from ckptd_client.ranks import default_node_ranks, default_rank
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
 from ckptd_client.slot_maps import SlotMaps
-from ckptd_client.tree import copy_into, flatten
+from ckptd_client.strict import Strictness
+from ckptd_client.tree import HoldsDTensor, copy_into, flatten, holds_dtensor
 
 log = logging.getLogger("ckptd_client")
 
@@ -86,30 +88,6 @@ class RestoreInfo:
     unusable_steps: list[int] = field(default_factory=list)
 
 
-def _default_rank() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist  # only when torch is present
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _default_node_ranks(rank: int, world_size: int) -> tuple[int, ...]:
-    """The ranks on this node, from torchrun's LOCAL_RANK/LOCAL_WORLD_SIZE (contiguous blocks)."""
-    try:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        local_world = int(os.environ["LOCAL_WORLD_SIZE"])
-    except (KeyError, ValueError):
-        return ()
-    first = rank - local_rank
-    if local_world >= world_size or not 0 <= local_rank < local_world or first < 0 \
-            or first + local_world > world_size:
-        return ()
-    return tuple(range(first, first + local_world))
-
-
 class CheckpointManager:
     """Save and restore one job's sharded state through the node's ckptd daemon."""
 
@@ -129,10 +107,11 @@ class CheckpointManager:
         node_ranks: list[int] | tuple[int, ...] | None = None,
         gather_peers: bool = True,
         premap_restore: bool = True,
+        allow_new_world_size: bool = False,
     ) -> None:
         validate_job(job)
         if rank is None or world_size is None:
-            r, w = _default_rank()
+            r, w = default_rank()
             rank = r if rank is None else rank
             world_size = w if world_size is None else world_size
         if not (1 <= world_size and 0 <= rank < world_size):
@@ -149,7 +128,7 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         # ranks served by this node's daemon; () means every rank (a one-node job)
-        self.node_ranks = tuple(node_ranks) if node_ranks is not None else _default_node_ranks(rank, world_size)
+        self.node_ranks = tuple(node_ranks) if node_ranks is not None else default_node_ranks(rank, world_size)
         if self.node_ranks and rank not in self.node_ranks:
             raise ValueError(f"rank {rank} is not among node_ranks {list(self.node_ranks)}")
         self.save_interval_steps = save_interval_steps
@@ -157,6 +136,10 @@ class CheckpointManager:
         self.wait_timeout_s = wait_timeout_s
         self.checksum = checksum
         self.on_error = on_error
+        #: saves may name a world size other than the job's committed steps (a job resumed on another
+        #: number of ranks, docs/dcp.md); without it the daemon refuses them (FailedPrecondition)
+        self.allow_new_world_size = allow_new_world_size
+        self.addr = None if addr is None else str(addr)
         self.conn = Connection(addr)
         self.conn.wait_ready(connect_timeout_s)
         self._maps = SlotMaps()
@@ -182,7 +165,14 @@ class CheckpointManager:
         validate_step(step)
         t0 = time.perf_counter()
         self._drop_premap()  # a job that saves first restored nothing: the prepared slot goes to saves
-        leaves, tensors, tree_json, nbytes = flatten(state)  # TypeError for unsupported values
+        try:
+            flat = flatten(state)  # TypeError for unsupported values
+        except HoldsDTensor:
+            flat = None
+        if flat is None:  # DTensors: planned by DCP, saved through the same path (dcp/route.py)
+            from ckptd_client.dcp.route import save_via_dcp
+            return save_via_dcp(self, step, state)
+        leaves, tensors, tree_json, nbytes = flat
         policy = {None: pb.BACKPRESSURE_DEFAULT, "wait": pb.BACKPRESSURE_WAIT,
                   "skip": pb.BACKPRESSURE_SKIP}[self.backpressure]
         self._saved_as = self.incarnation
@@ -194,6 +184,7 @@ class CheckpointManager:
                 resumed=self.resumed_from is not None,
                 resumed_from=-1 if self.resumed_from is None else self.resumed_from,
                 wait_timeout_ms=int(self.wait_timeout_s * 1000) if self.wait_timeout_s else 0,
+                new_world_size=self.allow_new_world_size,
             ), timeout_s=(self.wait_timeout_s or 0) + 120)
             handle.waited_s = time.perf_counter() - t0
             try:
@@ -287,8 +278,14 @@ class CheckpointManager:
         return int(resp.step)
 
     # -- restore ----------------------------------------------------------------------------
-    def restore(self, state: Any, step: int | str = "latest", strict_latest: bool = False) -> int | None:
+    def restore(self, state: Any, step: int | str = "latest", strict_latest: bool = False, *,
+                strict: bool = True, convert_dtype: bool = False) -> int | None:
         """Fill ``state`` in place from a committed step; return the step, or None if none exists.
+
+        Strict by default (strict.py): missing or extra keys, or a tensor of another shape or dtype
+        raise StateMismatchError naming them before anything is copied; tensors are filled in place.
+        ``convert_dtype=True`` casts dtypes; ``strict=False`` is the lenient restore. A state holding
+        DTensors is loaded through DCP (dcp/route.py), resharded to the current mesh.
 
         ``step="latest"`` with no checkpoint returns None (a fresh start); an explicit step that
         does not exist raises NotFound. With a torch.distributed process group of this job's
@@ -301,16 +298,22 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self._retire, self._saved_as = self._saved_as, ""  # this writer's past, dropped by the daemon
         self.incarnation = uuid.uuid4().hex  # the state rolls back: later saves start a new past
-        got = self._restore(state, step, strict_latest, t0)
+        strictness = Strictness(strict, convert_dtype)
+        if holds_dtensor(state):
+            from ckptd_client.dcp.route import restore_via_dcp  # needs torch.distributed
+            got = restore_via_dcp(self, state, step, strictness)
+        else:
+            got = self._restore(state, step, strict_latest, t0, strictness)
         self.resumed_from = -1 if got is None else got  # saves from now on belong to the resumed run
         return got
 
-    def _restore(self, state: Any, step: int | str, strict_latest: bool, t0: float) -> int | None:
+    def _restore(self, state: Any, step: int | str, strict_latest: bool, t0: float,
+                 strictness: Strictness) -> int | None:
         if step != "latest":
-            return self._restore_step(state, validate_step(int(step)), False, t0)
+            return self._restore_step(state, validate_step(int(step)), False, t0, strictness)
         dist = self._job_group()
         if dist is None:  # no process group: the daemon picks (and falls back) for this rank alone
-            got = self._restore_step(state, -1, strict_latest, t0)
+            got = self._restore_step(state, -1, strict_latest, t0, strictness)
             if got is not None and self.last_restore is not None and self.last_restore.unusable_steps:
                 log.error("ckptd: %s rank %d: no valid copy of step(s) %s; resumed from step %d",
                           self.job, self.rank, self.last_restore.unusable_steps, got)
@@ -319,18 +322,19 @@ class CheckpointManager:
         if agreed < 0:
             return None
         got, unusable = restore_agreed(dist, self.world_size, self.job, agreed, strict_latest,
-                                       lambda step: self._restore_step(state, step, False, t0),
+                                       lambda step: self._restore_step(state, step, False, t0, strictness),
                                        lambda below: self.latest_step(below=below))
         if self.last_restore is not None:
             self.last_restore.unusable_steps = unusable
         return got
 
-    def _restore_step(self, state: Any, req_step: int, strict_latest: bool, t0: float) -> int | None:
+    def _restore_step(self, state: Any, req_step: int, strict_latest: bool, t0: float, strictness: Strictness,
+                      ) -> int | None:
         request = pb.PrepareRestoreRequest(job=self.job, rank=self.rank, world_size=self.world_size, step=req_step,
                                            client_pid=os.getpid(), strict_latest=strict_latest,
                                            retire_incarnation=self._retire)
         try:
-            start, done = restore_streamed(self.conn, request, state, timeout_s=600, premap=self._premap)
+            start, done = restore_streamed(self.conn, request, state, 600, self._premap, strictness)
         except NotFound:
             if req_step < 0:
                 return None

@@ -21,16 +21,17 @@ import mmap
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError, from_rpc_error
-from ckptd.core.layout import tensors_from_pb
+from ckptd.core.layout import TensorEntry, tensors_from_pb
 from ckptd_client.premap import RestorePremap, close_map
 from ckptd_client.rpc import Connection
+from ckptd_client.strict import Strictness, check_state
 from ckptd_client.tree import Restorer
 
 
@@ -94,11 +95,25 @@ class _Stream:
 
 
 Events = tuple[pb.PrepareRestoreResponse, pb.PrepareRestoreResponse]
+#: consume(buf, tensors, tree, wait): read what it needs of one source's verified shard; wait(n)
+#: returns once bytes [0, n) are verified. Called again from the start after a restart.
+Consumer = Callable[[Any, list[TensorEntry], dict[str, Any], Callable[[int], None]], None]
 
 
 def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state: Any, timeout_s: float,
-                     premap: RestorePremap | None = None) -> Events:
+                     premap: RestorePremap | None = None,
+                     strictness: Strictness | None = None) -> Events:
     """Fill ``state`` through rpc Restore; return (the start of the source used, done)."""
+    def consume(buf: Any, tensors: list[TensorEntry], tree: dict[str, Any], wait: Callable[[int], None]) -> None:
+        strict = strictness or Strictness(strict=False)
+        check_state(tree, tensors, state, strict)  # strict restore: every mismatch named before a copy
+        Restorer(buf, tensors, wait=wait, convert_dtype=strict.convert_dtype).apply(tree, state)
+    return read_streamed(conn, request, consume, timeout_s, premap)
+
+
+def read_streamed(conn: Connection, request: pb.PrepareRestoreRequest, consume: Consumer, timeout_s: float,
+                  premap: RestorePremap | None = None) -> Events:
+    """Stream one shard through rpc Restore into ``consume``; return (start of the source used, done)."""
     call: Any = conn.stub.Restore(request, timeout=timeout_s)
     s = _Stream(call, premap)
     try:
@@ -110,8 +125,7 @@ def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state:
                 buf = s.mm if s.mm is not None else b""
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*not writable.*")
-                    Restorer(buf, tensors_from_pb(start.layout), wait=s.wait).apply(
-                        json.loads(start.layout.tree_json), state)
+                    consume(buf, tensors_from_pb(start.layout), json.loads(start.layout.tree_json), s.wait)
                 while s.done is None:
                     s.next_event()
                 return start, s.done
