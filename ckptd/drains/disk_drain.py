@@ -113,6 +113,10 @@ class DiskDrainer(Worker):
         tier = self.tier
         records = [st.shards[r] for r in sorted(st.shards)]
         slots = [r.slot for r in records]
+        if any(slot is None or slot.content is not rec for rec, slot in zip(records, slots)):
+            # a newer step's save took a slot of this superseded one before the drain got to it
+            await self.catalog.set_tier(st, TierName.DISK, TierState.SKIPPED, "superseded: memory copy reused")
+            return
         for slot in slots:
             assert slot is not None
             slot.readers += 1

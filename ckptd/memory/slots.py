@@ -253,6 +253,8 @@ class SlotPool:
             to_free.append(cand)
         if self.bytes_in_use - sum(s.capacity for s in to_free) + need > self.budget_bytes:
             return None
+        for s in to_free:  # claimed before the first await: no restore or drain starts reading them
+            s.writing, s.content = True, None
         for s in to_free:
             await asyncio.to_thread(self._destroy, s)
         slot = await asyncio.to_thread(self._create, need)

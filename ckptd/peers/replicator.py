@@ -138,6 +138,10 @@ class Replicator(Worker):
         slots = [r.slot for r in recs]
         if any(s is None for s in slots):
             return
+        if any(s is None or s.content is not r for r, s in zip(recs, slots)):
+            # a newer step's save took a slot of this superseded one before it was pushed
+            await self.catalog.set_tier(st, TierName.PEER, TierState.SKIPPED, "superseded: memory copy reused")
+            return
         for s in slots:
             assert s is not None
             s.readers += 1
