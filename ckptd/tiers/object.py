@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -253,11 +254,14 @@ class ObjectTier(ObjectLayout):
             except STORE_ERRORS as exc:
                 raise self._failed(f"recording {job}@{step} rank {entry.rank} at {self.url(key)}", exc) from exc
 
-    def list_shard_metas(self, job: str, step: int, world_size: int) -> dict[int, ShardEntry]:
-        """The per-rank records of a step uploaded so far (rank -> entry); invalid ones raise."""
+    def list_shard_metas(self, job: str, step: int, world_size: int,
+                         skip: Collection[int] = ()) -> dict[int, ShardEntry]:
+        """The per-rank records of a step uploaded so far (rank -> entry), but ``skip``'s, which
+        are not read again; invalid ones raise."""
         prefix = self.step_prefix(job, step)
+        known = {self.shard_meta_key(job, step, r) for r in skip}
         try:
-            keys = [k for k in self._store.list_keys(prefix) if k.endswith(SHARD_META_SUFFIX)]
+            keys = [k for k in self._store.list_keys(prefix) if k.endswith(SHARD_META_SUFFIX) and k not in known]
             bodies = map_all(self._pool, lambda k: self._store.get_small(k, MAX_MANIFEST_BYTES), keys)
         except STORE_ERRORS as exc:
             raise self._failed(f"listing the shard records of {job}@{step}", exc) from exc
@@ -270,6 +274,13 @@ class ObjectTier(ObjectLayout):
                 raise IntegrityError(f"{self.url(key)}: record names rank {entry.rank}")
             out[entry.rank] = entry
         return out
+
+    def is_committed(self, job: str, step: int) -> bool:
+        key = self.manifest_key(job, step)
+        try:
+            return self._store.head(key) is not None
+        except STORE_ERRORS as exc:
+            raise self._failed(f"checking {self.url(key)}", exc) from exc
 
     def range_bytes(self, chunk_bytes: int) -> int:
         """Size of one ranged GET: a whole number of chunks, about part_size_bytes."""

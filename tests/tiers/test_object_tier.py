@@ -344,3 +344,50 @@ def test_debug_logging_never_shows_credentials(make_tier: TierFactory) -> None:
         assert secret not in text
     for name in ("botocore", "boto3", "urllib3", "s3transfer"):
         assert logging.getLogger(name).getEffectiveLevel() >= logging.WARNING
+
+
+def _count_calls(tier: ObjectTier) -> dict[str, int]:
+    """The S3 operations the tier's client sends from now on, by name (botocore's own event)."""
+    calls: dict[str, int] = {}
+
+    def count(model: Any, **_: Any) -> None:
+        calls[model.name] = calls.get(model.name, 0) + 1
+    tier._store.client.meta.events.register("before-call.s3", count)
+    return calls
+
+
+def test_waiting_for_a_commit_costs_one_head_and_each_record_is_read_once(make_tier: TierFactory) -> None:
+    """What every waiting node and the coordinator send per look (docs/scale.md): a node asks for
+    the step's manifest with one HEAD, never a listing of the job's keys; the coordinator lists the
+    step and reads only the rank records it has not read yet."""
+    tier = make_tier()
+    save_step(tier, JOB, 1, [pattern(1000, 1)])  # an older committed step: a job listing would page over it
+    shards = [pattern(3000, r) for r in range(3)]
+    entries = [shard_entry(r, d) for r, d in enumerate(shards)]
+    for e, d in zip(entries, shards):
+        tier.put_shard(JOB, 2, e, memoryview(d))
+    tier.put_shard_meta(JOB, 2, entries[0], 3)
+    tier.put_shard_meta(JOB, 2, entries[1], 3)
+    calls = _count_calls(tier)
+    assert not tier.is_committed(JOB, 2)
+    assert calls == {"HeadObject": 1}
+    calls.clear()
+    first = tier.list_shard_metas(JOB, 2, 3)
+    assert sorted(first) == [0, 1] and calls == {"ListObjectsV2": 1, "GetObject": 2}
+    tier.put_shard_meta(JOB, 2, entries[2], 3)
+    calls.clear()
+    rest = tier.list_shard_metas(JOB, 2, 3, skip=tuple(first))
+    assert sorted(rest) == [2] and rest[2] == entries[2] and calls == {"ListObjectsV2": 1, "GetObject": 1}
+    tier.commit(manifest_of(JOB, 2, entries))
+    calls.clear()
+    assert tier.is_committed(JOB, 2) and tier.is_committed(JOB, 1) and not tier.is_committed(JOB, 3)
+    assert calls == {"HeadObject": 3}
+
+
+def test_waiting_nodes_check_less_often_in_a_large_job() -> None:
+    from ckptd.drains.upload import COMMIT_CHECKS_PER_S, POLL_S, check_interval_s
+
+    assert check_interval_s(8) == POLL_S
+    for world in (8_000, 32_000, 80_000):  # 1 rank per node at most: the job's nodes ask <= the bound
+        nodes = world
+        assert nodes / check_interval_s(world) <= COMMIT_CHECKS_PER_S
