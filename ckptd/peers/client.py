@@ -371,7 +371,7 @@ class PeerClient:
     async def report_ready(self, target: str, report: ReadyReport, deadline_s: float = 10.0) -> ReadyState:
         req = ppb.ReportReadyRequest(job=report.job, step=report.step, world_size=report.world_size,
                                      tier=report.tier, node_id=report.node_id, ranks=list(report.ranks),
-                                     failed=report.failed, message=report.message)
+                                     failed=report.failed, message=report.message, wait_s=report.wait_s)
 
         async def once(remaining_s: float) -> ReadyState:
             method = self._channel(target).unary_unary(
@@ -380,7 +380,7 @@ class PeerClient:
             r = await method(req, timeout=remaining_s, metadata=self._md)
             return ReadyState(r.job, r.step, r.tier, r.world_size, tuple(r.ready_ranks), tuple(r.failed_ranks),
                               r.coordinator_node, tuple(r.ready_nodes))
-        return await self._call(target, deadline_s, "ReportReady", once)
+        return await self._call(target, deadline_s + report.wait_s, "ReportReady", once)
 
     async def ping(self, target: str, deadline_s: float = 5.0, max_attempts: int | None = None) -> PingInfo:
         async def once(remaining_s: float) -> PingInfo:

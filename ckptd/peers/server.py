@@ -256,7 +256,7 @@ class PeerServer:
         if self.on_ready is None:
             raise FailedPrecondition(f"node {self.node_id} does not coordinate readiness")
         report = ReadyReport(request.job, request.step, request.world_size, request.tier, request.node_id,
-                             tuple(request.ranks), request.failed, request.message).validate()
+                             tuple(request.ranks), request.failed, request.message, request.wait_s).validate()
         st = await self.on_ready(report)
         return ppb.ReportReadyResponse(
             job=st.job, step=st.step, tier=st.tier, world_size=st.world_size, ready_ranks=list(st.ready_ranks),
