@@ -266,6 +266,7 @@ def measure(nodes: int, ranks_per_node: int, shard_bytes: int, steps: int, loss:
                               "coordinator_cpu_s_per_report": (proc_cpu_s(c.procs[coord].pid) - before_cpu) / burst}
         if loss and nodes >= 3:
             out["loss"] = _lose_one(c, coord, last)
+        out["temp_paths"] = [str(c.base), *(str(c.shm(n)) for n in c.names)]
         return out
     except BaseException:
         for n in c.names:
@@ -285,7 +286,7 @@ def _holdings(c: Cluster, step: int) -> dict[str, int]:
             out = {}
             for n in c.names:
                 held = await client.list_holdings(f"127.0.0.1:{c.peer_ports[n]}", c.job, 10.0)
-                out[n] = sum(1 for h in held if h.step == step)
+                out[n] = sum(1 for h in held if h.step == step and h.source_node != n)  # replicas, not own
             return out
         finally:
             await client.close()

@@ -9,7 +9,8 @@ arrive, from the measured commit latency). Everything else is the code's own con
 ``commit`` is a discrete-event simulation of the cross-node commit of a series of steps (one per
 ``iteration_s``) at the two tiers that report to the coordinator (peer: REPLICATED, disk:
 LOCAL_DURABLE). The coordinator is one server (one core: a Python event loop) taking one
-ReportReady at a time for ``report_cpu_s``; every node reports its ranks once its part is ready,
+ReportReady at a time for ``report_cpu_s`` (the measured CPU of a whole call, its answer
+included; its own report is a local call); every node reports its ranks once its part is ready,
 and then, per ``design``:
 
   "poll"       (ckptd before this change) re-reports every 0.2 s until the step is complete, and
@@ -107,8 +108,11 @@ def commit(w: Workload, cal: Calibration, design: str, steps: int = 4, long_poll
     ping_rounds: dict[int, int] = {}  # second -> nodes that pinged every silent node in it
     horizon_s = steps * w.iteration_s + 300.0
 
-    def serve(t: float) -> float:
+    def serve(t: float, r: int) -> float:
+        """The coordinator takes one report (reporter 0 is itself: a local call, no RPC)."""
         nonlocal busy_until, busy_s, rpcs
+        if r == 0:
+            return t
         busy_until = max(t, busy_until) + cal.report_cpu_s
         busy_s += cal.report_cpu_s
         rpcs += 1
@@ -125,13 +129,11 @@ def commit(w: Workload, cal: Calibration, design: str, steps: int = 4, long_poll
             heapq.heappush(events, (t, seq, 0, c, r))
             seq += 1
             continue
-        done = serve(t)
+        done = serve(t, r)
         reported[c].add(r)
         if c not in complete_at and len(reported[c]) == len(ready[c]):
             complete_at[c] = done
-            for _ in sorted(held[c]):  # each held report is answered now, one at a time
-                done = serve(done)
-            held[c].clear()
+            held[c].clear()  # every held report is answered now (its CPU was counted when it came)
         if c in complete_at:
             known_at[c] = max(known_at.get(c, 0.0), done)
             continue
