@@ -165,30 +165,30 @@ def _pages(keys: int) -> int:
 
 def object_store(w: Workload, design: str) -> dict[str, Any]:
     """Peak requests per second on the busiest key prefix while a step is persisted (S3), and the
-    account totals (OSS). ``design``: "before" (every node lists the whole job prefix every 0.5 s
-    for the manifest; the coordinator lists the step and reads every rank record each 0.5 s) or
-    "after" (nodes read the manifest key, each every max(0.5 s, world_size / 1000 s); the
-    coordinator reads each record once)."""
+    account totals (OSS). ``design``: "before" (one record per rank; every node lists the whole
+    job prefix every 0.5 s for the manifest; the coordinator lists the step and reads every record
+    each 0.5 s) or "after" (one record per node; nodes HEAD the manifest key, each every
+    max(0.5 s, world_size / 1000 s); the coordinator reads each record once)."""
     upload_s = w.node_bytes / (w.upload_gbit_s_per_node * GBIT)
     oss_floor_s = [w.world * w.rank_bytes / (g * GBIT) for g in OSS_ACCOUNT_GBIT_S]
     persist_s = max(w.iteration_s, upload_s)  # superseded steps are skipped: one step per upload
     parts = math.ceil(w.rank_bytes / w.part_bytes)
     shard_requests = w.world * (parts + 2)  # create, parts, complete
     prefixes = max(1, w.hashed_prefixes)
-    step_keys = w.world * (1 if w.hashed_prefixes else 2)  # rank records (+ shards when not hashed)
-    put_step_prefix = (w.world + (0 if w.hashed_prefixes else shard_requests)) / upload_s
+    records = w.world if design == "before" else w.nodes
+    step_keys = records + (0 if w.hashed_prefixes else w.world)  # records (+ shards when not hashed)
+    put_step_prefix = (records + (0 if w.hashed_prefixes else shard_requests)) / upload_s
     put_shard_prefix = shard_requests / prefixes / upload_s if w.hashed_prefixes else put_step_prefix
     if design == "before":
-        polls_s = UPLOAD_POLL_S
-        get_job_prefix = (w.nodes - 1) / polls_s * _pages(w.steps_kept * step_keys)
-        get_step_prefix = (_pages(step_keys) + w.world) / polls_s
+        get_job_prefix = (w.nodes - 1) / UPLOAD_POLL_S * _pages(w.steps_kept * step_keys)
+        get_step_prefix = (_pages(step_keys) + records) / UPLOAD_POLL_S
     else:
-        polls_s = max(UPLOAD_POLL_S, w.world / 1000.0)
         get_job_prefix = 0.0
-        get_step_prefix = (w.nodes - 1) / polls_s + _pages(step_keys) / UPLOAD_POLL_S + w.world / upload_s
+        get_step_prefix = ((w.nodes - 1) / max(UPLOAD_POLL_S, w.world / 1000.0)
+                           + _pages(step_keys) / UPLOAD_POLL_S + records / upload_s)
     busiest_put = max(put_step_prefix, put_shard_prefix)
     busiest_get = max(get_job_prefix, get_step_prefix)
-    total = (w.world + shard_requests) / upload_s + get_job_prefix + get_step_prefix
+    total = (records + shard_requests) / upload_s + get_job_prefix + get_step_prefix
     return {
         "design": design, "persist_every_s": persist_s, "upload_s": upload_s,
         "put_per_s_busiest_prefix": busiest_put, "get_list_per_s_busiest_prefix": busiest_get,

@@ -8,7 +8,7 @@ tier on, a step is uploaded from its committed disk files (so slow uploads never
 from its memory slots when the disk tier is off or failed for that step.
 
 Every source is verified against the shard's chunk crc32c before it leaves the node. Each node
-uploads its own ranks' shards and one record per rank; the step's coordinator (the daemon that
+uploads its own ranks' shards and then one record for all of them; the step's coordinator (the daemon that
 holds rank 0) writes the manifest with a create-only put once the records of all ``world_size``
 ranks are in the store, then applies object-tier retention. Other nodes mark the step PERSISTED
 when they see the manifest.
@@ -143,6 +143,7 @@ class ObjectUploader(Worker):
             for entry in entries:
                 await self._upload_shard(st, entry)
                 nbytes += entry.nbytes
+            await self._record(st, entries)
         except AlreadyExists:
             # The step is committed in the store: nothing to upload. A step this node restored from
             # another copy (a peer, the store: its shards have no writer) holds the store's content
@@ -208,7 +209,7 @@ class ObjectUploader(Worker):
         if self.disk is not None and st.state(TierName.DISK) == TierState.COMMITTED:
             try:
                 await loop.run_in_executor(self.executor, self._upload_from_disk, st, entry)
-                await self._record(st, entry)
+                failpoints.hit("object.upload.after_shard")
                 return
             except (IntegrityError, OSError) as exc:
                 errors.append(f"disk copy: {exc}")
@@ -227,7 +228,7 @@ class ObjectUploader(Worker):
         finally:
             view.release()
             await self.pool.release_reader(slot)
-        await self._record(st, entry)
+        failpoints.hit("object.upload.after_shard")
 
     def _upload_from_disk(self, st: StepState, entry: ShardEntry) -> None:
         assert self.disk is not None
@@ -260,10 +261,10 @@ class ObjectUploader(Worker):
             except BufferError:  # a view still alive elsewhere: the mapping goes with its last view
                 log.debug("%s: mapping still exported at close; left to the last view", path)
 
-    async def _record(self, st: StepState, entry: ShardEntry) -> None:
+    async def _record(self, st: StepState, entries: list[ShardEntry]) -> None:
+        """One record for all of this node's shards of the step (not one per rank)."""
         loop = asyncio.get_running_loop()
-        failpoints.hit("object.upload.after_shard")
-        await loop.run_in_executor(self.executor, self.tier.put_shard_meta, st.job, st.step, entry,
+        await loop.run_in_executor(self.executor, self.tier.put_shard_meta, st.job, st.step, entries,
                                    st.world_size)
 
     # -- global commit ----------------------------------------------------------------------

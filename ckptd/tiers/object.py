@@ -35,12 +35,12 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptd.core.config import ObjectSection, validate_object
-from ckptd.core.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
+from ckptd.core.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound, TierFailed
 from ckptd.core.layout import chunk_count
 from ckptd.core.logs import ProgressLog
 from ckptd.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry
@@ -242,22 +242,26 @@ class ObjectTier(ObjectLayout):
             self._entry_key(job, step, s)
         return manifest
 
-    def put_shard_meta(self, job: str, step: int, entry: ShardEntry, world_size: int) -> None:
-        """Record that rank's shard is uploaded, with its layout and checksums. The step's
-        coordinator builds the manifest from these records once all ``world_size`` are there."""
-        key = self.shard_meta_key(job, step, entry.rank)
-        body = shard_record(entry, world_size)
+    def put_shard_meta(self, job: str, step: int, entries: Sequence[ShardEntry], world_size: int) -> None:
+        """Record that this node's shards of the step are uploaded, with their layouts and
+        checksums: one object per node, named after its lowest rank. The step's coordinator
+        builds the manifest from these records once they cover all ``world_size`` ranks."""
+        if not entries:
+            raise InvalidArgument("a shard record needs at least one shard")
+        first = min(e.rank for e in entries)
+        key = self.shard_meta_key(job, step, first)
+        body = shard_record(sorted(entries, key=lambda e: e.rank), world_size)
         deadline = time.monotonic() + self.total_timeout_s
         with self._deadlines.scope([key], deadline):
             try:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json")
             except STORE_ERRORS as exc:
-                raise self._failed(f"recording {job}@{step} rank {entry.rank} at {self.url(key)}", exc) from exc
+                raise self._failed(f"recording {job}@{step} ranks from {first} at {self.url(key)}", exc) from exc
 
     def list_shard_metas(self, job: str, step: int, world_size: int,
                          skip: Collection[int] = ()) -> dict[int, ShardEntry]:
-        """The per-rank records of a step uploaded so far (rank -> entry), but ``skip``'s, which
-        are not read again; invalid ones raise."""
+        """The entries of the records uploaded so far (rank -> entry), but those of records named
+        after a rank in ``skip`` (read before: not read again); invalid ones raise."""
         prefix = self.step_prefix(job, step)
         known = {self.shard_meta_key(job, step, r) for r in skip}
         try:
@@ -269,10 +273,11 @@ class ObjectTier(ObjectLayout):
         for key, body in zip(keys, bodies):
             if body is None:
                 continue
-            entry = parse_shard_record(self.url(key), body, world_size)
-            if key != self.shard_meta_key(job, step, entry.rank):
-                raise IntegrityError(f"{self.url(key)}: record names rank {entry.rank}")
-            out[entry.rank] = entry
+            entries = parse_shard_record(self.url(key), body, world_size)
+            if key != self.shard_meta_key(job, step, min(e.rank for e in entries)):
+                raise IntegrityError(f"{self.url(key)}: record names ranks {[e.rank for e in entries]}")
+            for e in entries:
+                out[e.rank] = e
         return out
 
     def is_committed(self, job: str, step: int) -> bool:

@@ -4,7 +4,7 @@ Layout (DESIGN.md section 4) under ``{prefix}/``::
 
     {job}/step-{step:012d}/manifest.json                       the commit record, written last
     {job}/step-{step:012d}/manifest.claim                      a commit claim (stores without create-only puts)
-    {job}/step-{step:012d}/rank-{rank:06d}.shard.meta.json     a rank's record for the coordinator
+    {job}/step-{step:012d}/rank-{rank:06d}.shard.meta.json     a node's record for the coordinator (its lowest rank)
     {job}/step-{step:012d}/rank-{rank:06d}.shard               shard objects (hashed_prefixes = 0)
     _shards/{h:04x}/{job}/step-{step:012d}/rank-{rank:06d}.shard   (hashed_prefixes = N > 0)
     _ckptd/probe-{uuid}                                        the create-only probe, removed after

@@ -358,30 +358,46 @@ def _count_calls(tier: ObjectTier) -> dict[str, int]:
 
 def test_waiting_for_a_commit_costs_one_head_and_each_record_is_read_once(make_tier: TierFactory) -> None:
     """What every waiting node and the coordinator send per look (docs/scale.md): a node asks for
-    the step's manifest with one HEAD, never a listing of the job's keys; the coordinator lists the
-    step and reads only the rank records it has not read yet."""
+    the step's manifest with one HEAD, never a listing of the job's keys; each node writes one
+    record for all its ranks; the coordinator lists the step and reads only the records it has
+    not read yet."""
     tier = make_tier()
     save_step(tier, JOB, 1, [pattern(1000, 1)])  # an older committed step: a job listing would page over it
     shards = [pattern(3000, r) for r in range(3)]
     entries = [shard_entry(r, d) for r, d in enumerate(shards)]
     for e, d in zip(entries, shards):
         tier.put_shard(JOB, 2, e, memoryview(d))
-    tier.put_shard_meta(JOB, 2, entries[0], 3)
-    tier.put_shard_meta(JOB, 2, entries[1], 3)
+    tier.put_shard_meta(JOB, 2, [entries[1], entries[0]], 3)  # a node with ranks 0 and 1: one object
     calls = _count_calls(tier)
     assert not tier.is_committed(JOB, 2)
     assert calls == {"HeadObject": 1}
     calls.clear()
     first = tier.list_shard_metas(JOB, 2, 3)
-    assert sorted(first) == [0, 1] and calls == {"ListObjectsV2": 1, "GetObject": 2}
-    tier.put_shard_meta(JOB, 2, entries[2], 3)
+    assert first == {0: entries[0], 1: entries[1]} and calls == {"ListObjectsV2": 1, "GetObject": 1}
+    tier.put_shard_meta(JOB, 2, [entries[2]], 3)  # the other node
     calls.clear()
     rest = tier.list_shard_metas(JOB, 2, 3, skip=tuple(first))
-    assert sorted(rest) == [2] and rest[2] == entries[2] and calls == {"ListObjectsV2": 1, "GetObject": 1}
+    assert rest == {2: entries[2]} and calls == {"ListObjectsV2": 1, "GetObject": 1}
     tier.commit(manifest_of(JOB, 2, entries))
     calls.clear()
     assert tier.is_committed(JOB, 2) and tier.is_committed(JOB, 1) and not tier.is_committed(JOB, 3)
     assert calls == {"HeadObject": 3}
+
+
+def test_records_are_checked_and_old_rank_records_still_read(make_tier: TierFactory, s3_client: Any) -> None:
+    tier = make_tier()
+    data = pattern(2000, 4)
+    e0, e1 = shard_entry(0, data), shard_entry(1, data)
+    old = json.dumps({"world_size": 2, "shard": e1.to_json()}).encode()  # one record per rank, as before
+    s3_client.put_object(Bucket=tier.bucket, Key=tier.shard_meta_key(JOB, 5, 1), Body=old)
+    tier.put_shard_meta(JOB, 5, [e0], 2)
+    assert tier.list_shard_metas(JOB, 5, 2) == {0: e0, 1: e1}
+    misnamed = json.dumps({"world_size": 2, "shards": [e1.to_json()]}).encode()  # names rank 1, keyed as 0
+    s3_client.put_object(Bucket=tier.bucket, Key=tier.shard_meta_key(JOB, 6, 0), Body=misnamed)
+    with pytest.raises(IntegrityError, match="record names ranks"):
+        tier.list_shard_metas(JOB, 6, 2)
+    with pytest.raises(InvalidArgument):
+        tier.put_shard_meta(JOB, 7, [], 2)
 
 
 def test_waiting_nodes_check_less_often_in_a_large_job() -> None:
