@@ -5,9 +5,10 @@ peer port, as pods behind a headless Service are. Each runs in a private mount n
 /etc/hosts maps one name to the three addresses, so the daemons' own system resolver answers
 the name with three A records (the machine's /etc/hosts is not touched). They find each other,
 replicate a step to REPLICATED, and a SIGKILLed node leaves the membership while its address is
-still in the DNS answer. Below that test, the discovery task with a resolver handed in, against
-the same kind of real daemons: a name that stops resolving keeps the membership, an address that
-leaves the answer leaves at once, an address nobody answers on never joins.
+still in the DNS answer; they refuse the job's SetPeers. Below that test, the discovery task
+with a resolver handed in, against the same kind of real daemons: a name that stops resolving
+keeps the membership, an address that leaves the answer leaves at once, an address nobody
+answers on never joins.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from ckptd_client import CheckpointManager, Level
 
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
 from ckptd.core.peer_config import DnsDiscovery, PeerAddr
 from ckptd.peers.client import PeerClient
 from ckptd.peers.discovery import MISSES_TO_DROP, PeerDiscovery, resolve_dns
@@ -75,6 +79,11 @@ def test_daemons_find_each_other_by_dns_and_drop_a_lost_node(daemon_factory: Cal
     want = ", ".join(f"n{i + 1}={a}:{port}" for i, a in enumerate(ADDRESSES))
     for d in nodes:
         _wait_log(d, f"peer membership discovered from {NAME}: {want}", 30)
+    with grpc.insecure_channel(f"unix:{nodes[0].addr}") as ch:  # the cluster's list, not the job's
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.CheckpointServiceStub(ch).SetPeers(pb.SetPeersRequest(peers=["n1=127.0.0.9:1", "x=h:1"]),
+                                                       timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "discovered" in str(refused.value.details())
     members = [Member(f"n{i + 1}") for i in range(3)]
     job = next(j for j in (f"disc{uuid.uuid4().hex[:6]}" for _ in range(1000))  # n3 holds rank 0's replica
                if coordinator_for(members, j) != "n3" and preference(members, shard_key(j, 0), "n1")[0] == "n3")
