@@ -3,13 +3,17 @@
 ``peers.discovery = "dns:name:port"`` names, typically, a Kubernetes headless Service whose A/AAAA
 records are the ready ckptd pods (deploy/kubernetes/base/peers-service.yaml): no Kubernetes API
 access and no dependency beyond the system resolver. Every ``interval_s`` the ``PeerDiscovery``
-task resolves the name (``loop.getaddrinfo`` by default; the resolver is handed in), pings each
-address on ``port`` to learn its node id and failure domain (PeerService.Ping, token
-authenticated), and hands the resulting member list to ``on_members`` when it changed.
+task resolves the name (``loop.getaddrinfo`` by default; the resolver is handed in; it returns
+IP addresses), pings each new address on ``port`` to learn its node id and failure domain
+(PeerService.Ping, token authenticated) and re-checks at most ``verify_per_round`` known
+members (in turn), and hands the resulting member list to ``on_members`` when it changed. So a
+node sends O(new + verify_per_round) pings a round, not one per member: with every node of a
+10,000-node cluster pinging all the others every 10 s, each would take 1,000 pings a second.
 
 Invariants: a member is dropped only when its address left the DNS answer, or when it failed
-``MISSES_TO_DROP`` refreshes in a row (a node lost before the cluster's readiness probe takes it
-out of the Service); a failed resolution changes nothing (a DNS outage never empties the
+``MISSES_TO_DROP`` of its checks in a row (a node lost before the cluster's readiness probe takes
+it out of the Service; in a cluster larger than ``verify_per_round`` that takes more rounds, and
+the Service's readiness usually drops it first); a failed resolution changes nothing (a DNS outage never empties the
 membership); two addresses answering the same node id keep the lowest address; the task is a
 ``Worker`` owned by ``Membership``, stopped with it.
 """
@@ -31,6 +35,7 @@ log = logging.getLogger("ckptd.daemon")
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 MISSES_TO_DROP = 3
 PING_DEADLINE_S = 2.0
+VERIFY_PER_ROUND = 32  # known members pinged again per round, in turn
 
 
 async def resolve_dns(name: str, port: int) -> list[str]:
@@ -50,16 +55,19 @@ class PeerDiscovery(Worker):
     name = "peer-discovery"
 
     def __init__(self, target: DnsDiscovery, client: PeerClient, interval_s: float,
-                 on_members: Callable[[tuple[PeerAddr, ...]], None], resolve: Resolver = resolve_dns) -> None:
+                 on_members: Callable[[tuple[PeerAddr, ...]], None], resolve: Resolver = resolve_dns,
+                 verify_per_round: int = VERIFY_PER_ROUND) -> None:
         super().__init__()
         self.target = target
         self.client = client
         self.interval_s = interval_s
         self.on_members = on_members
         self.resolve = resolve
+        self.verify_per_round = verify_per_round
         self.members: dict[str, PeerAddr] = {}  # address -> member
-        self._misses: dict[str, int] = {}  # address -> refreshes in a row it did not answer
-        self.refreshes = 0
+        self._misses: dict[str, int] = {}  # address -> checks in a row it did not answer
+        self._turn = 0  # where the next round's re-checks of known members start
+        self.pings = 0  # pings sent so far
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -71,21 +79,26 @@ class PeerDiscovery(Worker):
 
     async def refresh(self) -> bool:
         """One round; True when the membership changed (and was handed to ``on_members``)."""
-        self.refreshes += 1
         try:
             addresses = await self.resolve(self.target.name, self.target.port)
         except OSError as exc:
             log.warning("peer discovery: cannot resolve %s: %s", self.target.name, exc)
             return False
+        known = [a for a in addresses if a in self.members]
+        start = self._turn % len(known) if known else 0
+        recheck = set((known[start:] + known[:start])[:self.verify_per_round])
+        self._turn = start + len(recheck)
+        asked = [a for a in addresses if a not in self.members or a in recheck]
+        self.pings += len(asked)
         answers = await asyncio.gather(*(self.client.ping(dial_target(a, self.target.port), PING_DEADLINE_S, 1)
-                                         for a in addresses), return_exceptions=True)
-        found: dict[str, PeerAddr] = {}
-        for address, answer in zip(addresses, answers):
+                                         for a in asked), return_exceptions=True)
+        found: dict[str, PeerAddr] = {a: self.members[a] for a in known if a not in recheck}
+        for address, answer in zip(asked, answers):
             if isinstance(answer, BaseException):
                 self._misses[address] = self._misses.get(address, 0) + 1
-                known = self.members.get(address)
-                if known is not None and self._misses[address] < MISSES_TO_DROP:
-                    found[address] = known
+                member = self.members.get(address)
+                if member is not None and self._misses[address] < MISSES_TO_DROP:
+                    found[address] = member
                 continue
             self._misses.pop(address, None)
             host = dial_target(address, self.target.port).rpartition(":")[0]

@@ -135,5 +135,22 @@ def test_discovery_rounds_against_real_daemons(daemon_factory: Callable[..., Dae
         finally:
             await client.close()
 
+    async def few_pings() -> None:  # known members are re-checked a few a round, in turn
+        nonlocal answer
+        answer = list(ADDRESSES[:2])
+        client = PeerClient(TOKEN, "observer", max_attempts=1)
+        disc = PeerDiscovery(DnsDiscovery(NAME, port), client, 1.0, seen.append, resolve, verify_per_round=1)
+        try:
+            assert await disc.refresh() and disc.pings == 2  # both new: both asked
+            assert not await disc.refresh() and disc.pings == 3  # known: one of them re-checked
+            nodes[1].kill()
+            for _ in range(2 * MISSES_TO_DROP - 2):  # n2 is checked every other round, from the next
+                assert not await disc.refresh()
+            assert await disc.refresh() and [m.node_id for m in seen[-1]] == ["n1"]
+            assert disc.pings == 2 + 2 * MISSES_TO_DROP  # one a round after the first
+        finally:
+            await client.close()
+
     asyncio.run(rounds())
+    asyncio.run(few_pings())
     assert "127.0.0.1" in asyncio.run(resolve_dns("localhost", port))  # the system resolver, for real
