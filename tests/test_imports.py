@@ -35,7 +35,8 @@ def offending(mods: set[str], prefixes: tuple[str, ...]) -> list[str]:
 
 CLIENT_FORBIDDEN = ("boto3", "botocore", "s3transfer", "aiofiles", "prometheus_client", "ckptd.tiers", "ckptd.daemon",
                     "ckptd.rpc", "ckptd.drains", "ckptd.restore", "ckptd.memory", "ckptd.peers", "ckptd.save",
-                    "ckptd.ctl", "ckptd.core.metrics", "torch")
+                    "ckptd.ctl", "ckptd.core.metrics", "torch", "transformers", "pytorch_lightning",
+                    "lightning_fabric", "safetensors")
 
 
 #: Distributions only the daemon (or the object tier, or the dev tools) uses: never a base dependency.
