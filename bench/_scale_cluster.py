@@ -45,7 +45,9 @@ from typing import Any
 
 import numpy as np
 from _replication_daemons import proc_cpu_s
-from _util import REPO, die_with_parent
+from _util import REPO
+
+from ckptd.core.launch import die_with_parent
 
 STEP_WAIT_S = 120.0
 PUSH_TIMEOUT_S = 2.0  # the lost-node check's bound (peers.push_timeout_s), small so a run stays short
