@@ -229,11 +229,17 @@ def placement(w: Workload, seed: int = 1) -> dict[str, float]:
 
 def restore(w: Workload, cal: Calibration, measured_base_s: float) -> dict[str, Any]:
     """One lost node replaced: its ranks fetched from the peers holding them (spread over up to
-    ranks_per_node * k peers, so the new node's NIC bounds it), after asking every peer what it
-    holds (one ListHoldings each; the restore planner, ckptd/peers/replicator.py ``holdings``).
-    Also the ListHoldings every node serves when the whole job restarts at once."""
-    ask_s = (w.nodes - 1) * cal.report_cpu_s  # the restoring daemon's side of N-1 calls
+    ranks_per_node * k peers, so the new node's NIC bounds it), after asking peers what they hold
+    (ListHoldings; the restore's peer survey, ckptd/restore/sources/peer.py): "before", every
+    other node; "after", each rank's first k + 5 placement candidates once the membership has
+    more than 32 members. Also the ListHoldings every node answers when the whole job restarts."""
+    asked_before = w.nodes - 1
+    asked_after = asked_before if w.nodes - 1 <= 32 else min(asked_before, w.k + 5)
     fetch_s = w.node_bytes / (w.nic_gbit_s * GBIT)
-    return {"restore_s": measured_base_s + ask_s + fetch_s, "ask_peers_s": ask_s, "fetch_s": fetch_s,
-            "job_restart_listholdings_per_node": (w.nodes - 1) * w.ranks_per_node,
-            "job_restart_listholdings_cpu_s_per_node": (w.nodes - 1) * w.ranks_per_node * cal.report_cpu_s}
+    out: dict[str, Any] = {"fetch_s": fetch_s}
+    for tag, asked in (("before", asked_before), ("after", asked_after)):
+        ask_s = asked * w.ranks_per_node * cal.report_cpu_s  # the restoring daemon's side, one survey a rank
+        out[tag] = {"peers_asked_per_rank": asked, "ask_peers_s": ask_s, "restore_s": measured_base_s + ask_s + fetch_s,
+                    "job_restart_listholdings_per_node": asked * w.ranks_per_node,
+                    "job_restart_listholdings_cpu_s_per_node": asked * w.ranks_per_node * cal.report_cpu_s}
+    return out

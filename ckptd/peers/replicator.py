@@ -82,11 +82,12 @@ class PeerDirectory:
         """Placement order of (job, rank)'s replicas from ``source``: targets, then fallbacks."""
         return [self.addrs[n] for n in preference(self.members, shard_key(job, rank), source) if n in self.addrs]
 
-    async def holdings(self, job: str, deadline_s: float = 2.0,
-                       max_attempts: int = HOLDINGS_ATTEMPTS) -> dict[str, list[Holding]]:
-        """What each reachable peer holds of job; an unreachable peer is simply absent. One retry
-        at most: a dead peer must not hold up a restore served from another copy."""
-        nodes = list(self.addrs.values())
+    async def holdings(self, job: str, deadline_s: float = 2.0, max_attempts: int = HOLDINGS_ATTEMPTS,
+                       only: Sequence[str] | None = None) -> dict[str, list[Holding]]:
+        """What each reachable peer (of ``only``, when given) holds of job; an unreachable peer is
+        simply absent. One retry at most: a dead peer must not hold up a restore served from
+        another copy."""
+        nodes = list(self.addrs.values()) if only is None else [self.addrs[n] for n in only if n in self.addrs]
         results = await asyncio.gather(*(self.client.list_holdings(p.target, job, deadline_s, max_attempts)
                                          for p in nodes), return_exceptions=True)
         out: dict[str, list[Holding]] = {}
