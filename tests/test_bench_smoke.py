@@ -54,9 +54,9 @@ def test_scale_bench_small_run_prints_measured_and_model_figures() -> None:
     [m] = res["measured"]
     assert m["nodes"] == 3 and m["commit_replicated_s"] > 0 and m["commit_local_durable_s"] > 0
     rpcs = m["rpcs_per_step"]
-    # long polls: each other node reports once per step at each of the two tiers; nobody pings
-    assert rpcs["coordinator_received_by_method"]["ReportReady"] >= 4
-    assert "Ping" not in rpcs["coordinator_received_by_method"]
+    # long polls: each of the 2 other nodes reports at each of the two tiers, once unless a step
+    # outlasts the 0.5 s long poll on a loaded machine (then again, and it may ping): counted, not 0.2 s polls
+    assert 4 <= rpcs["coordinator_received_by_method"]["ReportReady"] < 4 * 10
     assert sum(m["replicas_per_node"].values()) == 3  # k = 1: one replica of each rank's shard
     assert m["report_cost"]["coordinator_cpu_s_per_report"] > 0
     loss = m["loss"]
