@@ -136,6 +136,24 @@ def range_bytes(chunk_bytes: int, part_size_bytes: int) -> int:
     return part_size_bytes // chunk_bytes * chunk_bytes
 
 
+def read_whole_into(
+    store: Bucket, pool: ThreadPoolExecutor, key: str, view: memoryview, entry: ShardEntry, step_bytes: int,
+    deadline: float, max_attempts: int,
+) -> None:
+    """Fill view[:entry.nbytes] from a shard stored as one object (HEAD for its size and ETag, then
+    ``read_ranges_into``). Raises IntegrityError, NotFound, or a store error (typed by the caller)."""
+    url, n = store.url(key), entry.nbytes
+    if len(entry.chunk_crc32c) != chunk_count(n, entry.chunk_bytes):
+        raise IntegrityError(f"{url}: {len(entry.chunk_crc32c)} chunk checksums do not cover {n} bytes")
+    head = store.head(key)
+    if head is None:
+        raise NotFound(f"{url} is missing")
+    size = int(head["ContentLength"])
+    if size != n:
+        raise IntegrityError(f"{url}: size {size} != {n} recorded in the manifest (truncated or replaced)")
+    read_ranges_into(store, pool, key, str(head.get("ETag", "")), view, entry, step_bytes, deadline, max_attempts)
+
+
 def read_ranges_into(
     store: Bucket, pool: ThreadPoolExecutor, key: str, etag: str, view: memoryview, entry: ShardEntry,
     step_bytes: int, deadline: float, max_attempts: int,
