@@ -21,7 +21,7 @@ import pytest
 from ckptd.core import config
 from ckptd.core.config import ObjectSection
 from ckptd.core.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound, TierFailed
-from ckptd.core.manifest import Manifest
+from ckptd.core.manifest import ChunkRef, Manifest
 from ckptd.tiers.object import ObjectTier
 from ckptd.tiers.object_io import MemoryReader as _MemoryReader
 from tests.tiers._moto import (
@@ -372,11 +372,15 @@ def test_waiting_for_a_commit_costs_one_head_and_each_record_is_read_once(make_t
     assert calls == {"HeadObject": 1}
     calls.clear()
     first = tier.list_shard_metas(JOB, 2, 3)
-    assert first == {0: entries[0], 1: entries[1]} and calls == {"ListObjectsV2": 1, "GetObject": 1}
+    assert calls == {"ListObjectsV2": 1, "GetObject": 1}
+    # The node's one record carries every entry's chunk records (the keys this tier stored).
+    assert {r: dataclasses.replace(e, chunks=()) for r, e in first.items()} == {0: entries[0], 1: entries[1]}
+    for r, e in first.items():
+        assert [c.object_key for c in e.chunks] == [tier.chunk_object_key(JOB, 2, r, 0)]
     tier.put_shard_meta(JOB, 2, [entries[2]], 3)  # the other node
     calls.clear()
     rest = tier.list_shard_metas(JOB, 2, 3, skip=tuple(first))
-    assert rest == {2: entries[2]} and calls == {"ListObjectsV2": 1, "GetObject": 1}
+    assert list(rest) == [2] and rest[2].chunks and calls == {"ListObjectsV2": 1, "GetObject": 1}
     tier.commit(manifest_of(JOB, 2, entries))
     calls.clear()
     assert tier.is_committed(JOB, 2) and tier.is_committed(JOB, 1) and not tier.is_committed(JOB, 3)
@@ -397,6 +401,12 @@ def test_records_are_checked_and_old_rank_records_still_read(make_tier: TierFact
         tier.list_shard_metas(JOB, 6, 2)
     with pytest.raises(InvalidArgument):
         tier.put_shard_meta(JOB, 7, [], 2)
+    # Every entry of a node's record has its chunk keys checked, not only the first one's.
+    foreign = dataclasses.replace(e1, chunks=(ChunkRef("other-job/step-000000000007/rank-000001.shard.c000000",
+                                                       "raw", 2000, "0" * 64),))
+    with pytest.raises(IntegrityError, match="outside"):
+        tier.put_shard_meta(JOB, 7, [e0, foreign], 2)
+    assert tier.list_shard_metas(JOB, 7, 2) == {}
 
 
 def test_waiting_nodes_check_less_often_in_a_large_job() -> None:
