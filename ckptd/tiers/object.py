@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -109,6 +110,8 @@ class ObjectTier(ObjectBase):
             self._store, self._pool, CodecChooser(section.compression_level, section.compression),
             RateLimiter(section.max_upload_mbit * 1e6 / 8), self.stats, 2 * section.max_concurrency)
         self._book = ChunkBook()
+        self._newest: dict[str, tuple[int, int | None]] = {}  # job -> (step uploading, newest committed before it)
+        self._newest_lock = threading.Lock()
 
     # -- Tier protocol ----------------------------------------------------------------------
     def put_shard(self, job: str, step: int, entry: ShardEntry, src: memoryview) -> None:
@@ -128,7 +131,7 @@ class ObjectTier(ObjectBase):
                 known = self._known_chunks(job, step)
                 refs = upload_chunks(self._uploader, entry, view, keys.__getitem__, known)
             except STORE_ERRORS as exc:
-                self._book.forget(job)  # what this upload stored is garbage now: never reference it
+                self._forget(job)  # what this upload stored is garbage now: never reference it
                 raise self._failed(f"uploading {job}@{step} rank {entry.rank} to {self.url(keys[0] if keys else mkey)}",
                                    exc) from exc
         self._book.stage(job, step, entry.rank, entry.nbytes, refs)
@@ -141,8 +144,19 @@ class ObjectTier(ObjectBase):
         """The chunks put_shard may reference instead of uploading (``ChunkBook.known``)."""
         if not self.section.dedup:
             return {}
-        newest = max((s for s in self.list_committed(job) if s < step), default=None)
-        return self._book.known(job, step, newest, lambda s: self.read_manifest(job, s))
+        with self._newest_lock:
+            cached = self._newest.get(job)
+        if cached is None or cached[0] != step:  # once per step and node, not per rank
+            cached = (step, self.newest_committed_before(job, step))
+            with self._newest_lock:
+                self._newest[job] = cached
+        return self._book.known(job, step, cached[1], lambda s: self.read_manifest(job, s))
+
+    def _forget(self, job: str) -> None:
+        """Drop what this tier remembers of job's chunks and steps (a failed upload, a delete)."""
+        self._book.forget(job)
+        with self._newest_lock:
+            self._newest.pop(job, None)
 
     def _as_stored(self, job: str, step: int, entry: ShardEntry) -> ShardEntry:
         """entry with the chunk records of this tier's upload of it (entry itself when it has
@@ -287,7 +301,7 @@ class ObjectTier(ObjectBase):
             sweep(self._store, self._pool, candidates, lambda: self.referenced(job))
         except STORE_ERRORS as exc:
             raise self._failed(f"deleting {job}@{step}", exc) from exc
-        self._book.forget(job)
+        self._forget(job)
 
     def referenced(self, job: str) -> set[str]:
         """Every object key the job's committed manifests reference (the mark of mark-and-sweep)."""

@@ -106,6 +106,28 @@ class ObjectBase(ObjectLayout):
             raise self._failed(f"listing the steps of {job}", exc) from exc
         return sorted(steps)
 
+    def newest_committed_before(self, job: str, step: int) -> int | None:
+        """The newest committed step of job older than step: the job's step folders from a
+        delimited listing (a page per 1,000 steps, never the keys of their chunks), then a HEAD
+        of each one's manifest from the newest down. ``list_committed`` pages over every key of
+        the job instead, which a job of thousands of ranks cannot afford per upload."""
+        job_prefix = self.job_prefix(job)
+        steps: list[int] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=job_prefix, Delimiter="/"
+            ):
+                for cp in page.get("CommonPrefixes", ()):
+                    found = parse_step_dirname(str(cp["Prefix"])[len(job_prefix):].rstrip("/"))
+                    if found is not None and found < step:
+                        steps.append(found)
+            for found in sorted(steps, reverse=True):
+                if self._store.head(self.manifest_key(job, found)) is not None:
+                    return found
+        except STORE_ERRORS as exc:
+            raise self._failed(f"looking for the newest committed step of {job} before {step}", exc) from exc
+        return None
+
     def read_manifest(self, job: str, step: int) -> Manifest:
         key = self.manifest_key(job, step)
         try:

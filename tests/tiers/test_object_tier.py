@@ -416,3 +416,18 @@ def test_waiting_nodes_check_less_often_in_a_large_job() -> None:
     for world in (8_000, 32_000, 80_000):  # 1 rank per node at most: the job's nodes ask <= the bound
         nodes = world
         assert nodes / check_interval_s(world) <= COMMIT_CHECKS_PER_S
+
+
+def test_dedup_finds_the_newest_step_without_listing_the_jobs_chunks(make_tier: TierFactory) -> None:
+    """An upload looks for the step to deduplicate against with one delimited listing of the
+    job's step folders and HEADs of their manifests, once per step for all of a node's ranks:
+    never a listing of every chunk key of the job (docs/scale.md)."""
+    tier = make_tier()
+    shards = [pattern(600 * 1024, r) for r in range(3)]
+    save_step(tier, JOB, 1, shards)
+    tier.put_shard(JOB, 2, shard_entry(0, shards[0]), memoryview(shards[0]))  # uncommitted: skipped below
+    calls = _count_calls(tier)
+    m = save_step(tier, JOB, 3, shards)  # the same bytes: every chunk references step 1's
+    assert calls["ListObjectsV2"] == 1 and calls["PutObject"] == 1  # the manifest; no chunk uploaded
+    assert all("/step-000000000001/" in c.object_key for s in tier.read_manifest(JOB, 3).shards for c in s.chunks)
+    assert [read_back(tier, JOB, 3, r) for r in range(3)] == shards and m.step == 3
