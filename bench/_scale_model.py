@@ -65,7 +65,7 @@ class Workload:
     k: int = 1  # replicas per shard (peers.replication_factor)
     nic_gbit_s: float = 200.0
     upload_gbit_s_per_node: float = 25.0  # what one node sends to the object store
-    part_bytes: int = 16 * 2**20  # object.part_size_bytes
+    chunk_bytes: int = 16 * 2**20  # memory.chunk_bytes: the object tier stores one object (one PUT) per chunk
     hashed_prefixes: int = 0  # object.hashed_prefixes
     steps_kept: int = 5  # object.max_to_keep
 
@@ -165,30 +165,36 @@ def _pages(keys: int) -> int:
 
 def object_store(w: Workload, design: str) -> dict[str, Any]:
     """Peak requests per second on the busiest key prefix while a step is persisted (S3), and the
-    account totals (OSS). ``design``: "before" (one record per rank; every node lists the whole
-    job prefix every 0.5 s for the manifest; the coordinator lists the step and reads every record
-    each 0.5 s) or "after" (one record per node; nodes HEAD the manifest key, each every
-    max(0.5 s, world_size / 1000 s); the coordinator reads each record once)."""
+    account totals (OSS). Every chunk of every shard is one PUT (chunks deduplicated against the
+    previous step are not uploaded: not modelled, every chunk is taken as new; compression changes
+    the bytes, not the requests). ``design``: "before" (one record per rank; every node lists the
+    whole job prefix every 0.5 s for the manifest; the coordinator lists the step and reads every
+    record each 0.5 s; each rank's upload lists the whole job to find the step to deduplicate
+    against) or "after" (one record per node; nodes HEAD the manifest key, each every
+    max(0.5 s, world_size / 1000 s); the coordinator reads each record once; a node finds the step
+    to deduplicate against once per step with a delimited listing of the job's step folders and a
+    HEAD of the newest one's manifest)."""
     upload_s = w.node_bytes / (w.upload_gbit_s_per_node * GBIT)
     oss_floor_s = [w.world * w.rank_bytes / (g * GBIT) for g in OSS_ACCOUNT_GBIT_S]
     persist_s = max(w.iteration_s, upload_s)  # superseded steps are skipped: one step per upload
-    parts = math.ceil(w.rank_bytes / w.part_bytes)
-    shard_requests = w.world * (parts + 2)  # create, parts, complete
+    shard_requests = w.world * math.ceil(w.rank_bytes / w.chunk_bytes)  # one PUT per chunk
     prefixes = max(1, w.hashed_prefixes)
     records = w.world if design == "before" else w.nodes
-    step_keys = records + (0 if w.hashed_prefixes else w.world)  # records (+ shards when not hashed)
+    step_keys = records + (0 if w.hashed_prefixes else shard_requests)  # records (+ chunks when not hashed)
     put_step_prefix = (records + (0 if w.hashed_prefixes else shard_requests)) / upload_s
     put_shard_prefix = shard_requests / prefixes / upload_s if w.hashed_prefixes else put_step_prefix
     if design == "before":
-        get_job_prefix = (w.nodes - 1) / UPLOAD_POLL_S * _pages(w.steps_kept * step_keys)
+        job_pages = _pages(w.steps_kept * step_keys)
+        get_job_prefix = (w.nodes - 1) / UPLOAD_POLL_S * job_pages + w.world * job_pages / upload_s
         get_step_prefix = (_pages(step_keys) + records) / UPLOAD_POLL_S
     else:
-        get_job_prefix = 0.0
+        get_job_prefix = w.nodes / upload_s  # the delimited listing of step folders (< 1,000 of them)
         get_step_prefix = ((w.nodes - 1) / max(UPLOAD_POLL_S, w.world / 1000.0)
                            + _pages(step_keys) / UPLOAD_POLL_S + records / upload_s)
+    head_previous_step = 0.0 if design == "before" else w.nodes / upload_s  # its manifest, a HEAD a node
     busiest_put = max(put_step_prefix, put_shard_prefix)
-    busiest_get = max(get_job_prefix, get_step_prefix)
-    total = (records + shard_requests) / upload_s + get_job_prefix + get_step_prefix
+    busiest_get = max(get_job_prefix, get_step_prefix, head_previous_step)
+    total = (records + shard_requests) / upload_s + get_job_prefix + get_step_prefix + head_previous_step
     return {
         "design": design, "persist_every_s": persist_s, "upload_s": upload_s,
         "put_per_s_busiest_prefix": busiest_put, "get_list_per_s_busiest_prefix": busiest_get,
@@ -199,9 +205,9 @@ def object_store(w: Workload, design: str) -> dict[str, Any]:
 
 
 def prefixes_needed(w: Workload) -> int:
-    """object.hashed_prefixes keeping every shard prefix under S3's PUT rate."""
+    """object.hashed_prefixes keeping every chunk prefix under S3's PUT rate."""
     upload_s = w.node_bytes / (w.upload_gbit_s_per_node * GBIT)
-    shard_requests = w.world * (math.ceil(w.rank_bytes / w.part_bytes) + 2)
+    shard_requests = w.world * math.ceil(w.rank_bytes / w.chunk_bytes)
     return math.ceil(shard_requests / upload_s / S3_PUT_PER_PREFIX_S)
 
 

@@ -79,10 +79,8 @@ def model(nodes: list[int], iterations: list[float], cal: Calibration, restore_b
                 "network": network(w),
             }
         w = Workload(n, rank_bytes=rank_bytes, nic_gbit_s=nic_gbit_s)
-        big_parts = Workload(n, rank_bytes=rank_bytes, part_bytes=128 * 2**20, nic_gbit_s=nic_gbit_s)
-        tuned = Workload(n, rank_bytes=rank_bytes, part_bytes=128 * 2**20, nic_gbit_s=nic_gbit_s,
-                         hashed_prefixes=prefixes_needed(big_parts))
-        per["object_store_tuned"] = {"part_bytes": tuned.part_bytes, "hashed_prefixes": tuned.hashed_prefixes,
+        tuned = Workload(n, rank_bytes=rank_bytes, nic_gbit_s=nic_gbit_s, hashed_prefixes=prefixes_needed(w))
+        per["object_store_tuned"] = {"chunk_bytes": tuned.chunk_bytes, "hashed_prefixes": tuned.hashed_prefixes,
                                      **object_store(tuned, "after")}
         per["placement"] = placement(w)
         per["restore_one_node"] = restore(w, cal, restore_base_s)
