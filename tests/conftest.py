@@ -90,6 +90,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
         env: dict[str, str] | None = None,
         config_text: str | None = None,
         wait: bool = True,
+        prefix: list[str] | None = None,
     ) -> DaemonProc:
         root = root or tmp_path / f"root-{uuid.uuid4().hex[:6]}"
         root.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
             cfg = root.parent / f"ckptd-{uuid.uuid4().hex[:6]}.toml"
             cfg.write_text(config_text)
             args += ["--config", str(cfg)]
-        args += extra_args or []
+        args = [*(prefix or []), *args, *(extra_args or [])]  # prefix: a command that execs the rest
         full_env = {**os.environ, **(env or {})}
         log_path = tmp_path / f"daemon-{len(procs)}.log"
         proc = subprocess.Popen(die_with_parent(args), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,

@@ -1,7 +1,9 @@
-"""Smoke tests of bench/stall.py and bench/dcp.py: a small run completes, prints its JSON and cleans up.
+"""Smoke tests of bench/stall.py, bench/dcp.py and bench/scale.py: a small run completes, prints
+its JSON and cleans up.
 
-It starts a real daemon through the bench, so it also exercises the save and drain paths at
-32 MiB. Timing ratios are machine-dependent and deliberately not asserted here.
+The stall bench starts a real daemon, so it also exercises the save and drain paths at 32 MiB;
+the scale bench starts three daemons that replicate, lose one and restore it. Timing ratios are
+machine-dependent and deliberately not asserted here; call counts are.
 """
 
 from __future__ import annotations
@@ -52,3 +54,34 @@ def test_dcp_bench_small_run_prints_json(tmp_path: Path) -> None:
     for key in ("ckptd_blocked_s", "dcp_blocked_s", "ckptd_durable_s", "dcp_durable_s"):
         assert res[key] > 0 and len(res["samples"][key]) == 1, key
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scale_bench_small_run_prints_measured_and_model_figures() -> None:
+    """bench/scale.py with three real daemons (one lost and restored) and a model of 200 nodes:
+    the JSON has the measured figures, the model's per node count, and nothing is left behind."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "scale.py"), "--nodes", "3", "--steps", "2", "--model-nodes", "200",
+         "--iterations", "1", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    [m] = res["measured"]
+    assert m["nodes"] == 3 and m["commit_replicated_s"] > 0 and m["commit_local_durable_s"] > 0
+    rpcs = m["rpcs_per_step"]
+    # long polls: each of the 2 other nodes reports at each of the two tiers, once unless a step
+    # outlasts the 0.5 s long poll on a loaded machine (then again, and it may ping): counted, not 0.2 s polls
+    assert 4 <= rpcs["coordinator_received_by_method"]["ReportReady"] < 4 * 10
+    assert sum(m["replicas_per_node"].values()) == 3  # k = 1: one replica of each rank's shard
+    assert m["report_cost"]["coordinator_cpu_s_per_report"] > 0
+    loss = m["loss"]
+    assert "unreachable" in loss["reason"] and loss["detect_s"] >= loss["push_timeout_s"]
+    assert loss["restore_served_from"] == ["peer"]
+    model = res["model"]["200"]
+    commit = model["every_1s"]["commit"]
+    assert set(commit) == {"poll", "long_poll", "tree"}
+    assert commit["long_poll"]["coordinator_rpcs_per_s"] < commit["poll"]["coordinator_rpcs_per_s"]
+    store = model["every_1s"]["object_store"]
+    assert store["after"]["get_list_per_s_busiest_prefix"] < store["before"]["get_list_per_s_busiest_prefix"]
+    assert res["model_check"][0]["measured_reports_per_step"] > 0
+    assert not any(Path(p).exists() for p in m["temp_paths"])

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckptd.core import config
+from ckptd.core import sizes
 from ckptd.core.config import MAX_SOCKET_PATH, Config, env_overrides, load, parse_bytes
 from ckptd.core.errors import InvalidArgument
 from tests._ckptd_helpers import clean_env
@@ -128,9 +128,9 @@ def test_parse_bytes_rejects_values(raw: object, why: str) -> None:
         parse_bytes(raw, "disk.write_block_bytes")
 
 
-@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(sorted(config._UNITS)))
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(sorted(sizes._UNITS)))
 def test_parse_bytes_units(n: int, unit: str) -> None:
-    expected = n * config._UNITS[unit]
+    expected = n * sizes._UNITS[unit]
     assert parse_bytes(f"{n}{unit}", "k") == expected
     assert parse_bytes(f"{n} {unit.upper()}", "k") == expected
 

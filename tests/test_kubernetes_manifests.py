@@ -29,7 +29,7 @@ import pytest
 
 from ckptd.core.config import parse_bytes
 from ckptd.core.errors import InvalidArgument
-from ckptd.core.peer_config import PeerSection, load_token
+from ckptd.core.peer_config import PeerSection, load_token, parse_discovery
 from tests._kustomize_kit import load_yaml, render
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def _validate(obj: dict[str, Any]) -> None:
 
 def test_every_object_validates_against_the_schema(dep: Deployment) -> None:
     kinds = sorted(o["kind"] for o in dep.objects)
-    assert kinds == ["ConfigMap", "DaemonSet", "Namespace", "ServiceAccount"]
+    assert kinds == ["ConfigMap", "DaemonSet", "Namespace", "Service", "ServiceAccount"]
     for obj in dep.objects:
         _validate(obj)
     ns = _one(dep.objects, "Namespace")["metadata"]["name"]
@@ -184,6 +184,30 @@ def test_ports_are_the_configs(dep: Deployment) -> None:
     assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == metrics_port
     assert dep.pod["hostNetwork"] is True  # the bulk data port is picked by the kernel: no hostPort can publish it
     assert dep.pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+
+
+def test_peers_service_selects_the_daemons_on_the_peer_port(dep: Deployment) -> None:
+    svc = _one(dep.objects, "Service", "ckptd-peers")
+    spec = svc["spec"]
+    assert spec["clusterIP"] == "None" and not spec.get("publishNotReadyAddresses", False)  # ready daemons only
+    labels = dep.ds["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"] and all(labels.get(k) == v for k, v in spec["selector"].items())
+    assert dep.ds["spec"]["selector"]["matchLabels"] == spec["selector"]
+    [port] = spec["ports"]
+    container = {p["name"]: p["containerPort"] for p in dep.ckptd["ports"]}
+    peer_port = int(dep.cfg["peers"]["listen"].rpartition(":")[2])
+    assert container[port["targetPort"]] == port["port"] == peer_port
+    discovery = dep.cfg["peers"].get("discovery")
+    if discovery:  # the overlay: the daemons' members are this Service's records
+        target = parse_discovery(discovery)
+        ns = _one(dep.objects, "Namespace")["metadata"]["name"]
+        assert target.name == f"{svc['metadata']['name']}.{ns}.svc.cluster.local" and target.port == peer_port
+        assert not dep.cfg["peers"].get("peers")
+
+
+def test_overlay_takes_its_members_from_the_cluster() -> None:
+    assert "discovery" in Deployment(VARIANTS["overlay"]).cfg["peers"]
+    assert "discovery" not in Deployment(VARIANTS["base"]).cfg["peers"]  # the base: from the training job
 
 
 def test_token_file_is_the_secrets_key(dep: Deployment) -> None:

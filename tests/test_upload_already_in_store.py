@@ -33,6 +33,9 @@ class _StoreHolding:
     def list_committed(self, job: str) -> list[int]:
         return []  # the uploader does not know yet: it finds out from put_shard
 
+    def is_committed(self, job: str, step: int) -> bool:
+        return False
+
     def read_manifest(self, job: str, step: int) -> Manifest:
         return self.manifest
 

@@ -28,6 +28,7 @@ from typing import Any, Final
 from ckptd.core.errors import InvalidArgument
 from ckptd.core.fsops import check_shm_dir, resolve_group
 from ckptd.core.peer_config import PeerSection, split_list, validate_peers
+from ckptd.core.sizes import parse_bytes as parse_bytes  # re-exported: the name config offered
 from ckptd.core.types import SLOT_ALIGN_BYTES
 
 MAX_SOCKET_PATH: Final = 100
@@ -36,31 +37,6 @@ SOCKET_MODE_GROUP: Final = "0660"
 RELEASE_MEMORY_MODES: Final = ("off", "durable", "force")
 REDACTED: Final = "<redacted>"
 SECRET_KEYS: Final = frozenset({"token"})  # values never echoed in a repr or an error message
-_UNITS: Final = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-                 "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-
-
-def parse_bytes(value: Any, key: str) -> int:
-    """Parse an int or a "<number><unit>" string into bytes."""
-    if isinstance(value, bool):
-        raise InvalidArgument(f"{key}: expected a size, got a bool")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise InvalidArgument(f"{key}: cannot parse size {value!r} (try 512MiB or 8GiB)")
-        try:
-            n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-        except OverflowError:  # "1000...0MiB" with hundreds of digits is infinite as a float
-            raise InvalidArgument(f"{key}: size {value[:40]!r} is out of range") from None
-    else:
-        raise InvalidArgument(f"{key}: expected a size, got {type(value).__name__}")
-    if n < 0:
-        raise InvalidArgument(f"{key}: size must not be negative")
-    return n
-
-
 @dataclass(frozen=True)
 class DaemonSection:
     root: Path = Path("/var/lib/ckptd")

@@ -43,6 +43,11 @@ OBJECT_RETRIES = Counter(
     registry=REGISTRY)
 PEER_UP = Gauge("ckptd_peer_up", "1 if the peer acknowledged the last replica pushed to it, else 0", ["peer"],
                 registry=REGISTRY)
+PEER_RPCS_RECEIVED = Counter(
+    "ckptd_peer_rpcs_received_total", "PeerService calls received (authenticated or not), by method", ["method"],
+    registry=REGISTRY)
+PEER_RPCS_SENT = Counter(
+    "ckptd_peer_rpcs_sent_total", "PeerService call attempts sent to peers, by method", ["method"], registry=REGISTRY)
 RESTORES_TOTAL = Counter("ckptd_restores_total", "Shard restores by serving tier", ["tier"], registry=REGISTRY)
 RESTORE_FALLBACKS = Counter(
     "ckptd_restore_fallbacks_total", "Restores of 'latest' that skipped a newer step with no valid copy",

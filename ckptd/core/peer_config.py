@@ -15,9 +15,15 @@ Example::
     peers = ["node-a=10.0.0.1:7070@rack-1", "node-b=10.0.0.2:7070@rack-2"]
     replication_factor = 1
 
+or, instead of a static list, membership from the cluster (ckptd/peers/discovery.py)::
+
+    discovery = "dns:ckptd-peers.ckptd.svc.cluster.local:7070"   # a headless Service's name
+    discovery_interval_s = 10
+
 Invariants (``validate_peers``): a token is required (>= 16 characters, from ``token`` or
 ``token_file``, not both) as soon as the service listens or peers are listed; member entries are
-``node_id=host:port[@domain]`` with unique node ids; every error names its key.
+``node_id=host:port[@domain]`` with unique node ids; ``discovery`` is ``dns:name:port``, needs
+``listen`` and excludes a static list; every error names its key.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class PeerSection:
     failure_domain: str = ""  # e.g. "rack-3"; replicas prefer other domains
     peers: tuple[str, ...] | str = ()  # "node_id=host:port[@domain]" entries (list or comma-separated)
     replication_factor: int = 1  # k peers hold each shard; 0: no replication
+    discovery: str = ""  # "dns:name:port": members are the addresses name resolves to (a headless Service)
+    discovery_interval_s: float = 10.0  # how often discovery resolves the name again
     push_timeout_s: float = 60.0  # bound on one shard push (then the next peer in the ring)
     fetch_timeout_s: float = 600.0  # bound on one shard fetch during a restore
     chunk_bytes: int = MAX_TRANSFER_CHUNK_BYTES  # transfer chunk (<= 4 MiB), one crc32c each
@@ -79,6 +87,14 @@ class PeerAddr:
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DnsDiscovery:
+    """``dns:name:port``: every address ``name`` resolves to is a member listening on ``port``."""
+
+    name: str
+    port: int
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,17 @@ def parse_peer(entry: str, key: str = "peers.peers") -> PeerAddr:
                               "digits, '.', '_', '/' or '-'")
     host, port = parse_hostport(addr, f"{key} ({node_id})")
     return PeerAddr(node_id.strip(), host, port, domain)
+
+
+def parse_discovery(value: str, key: str = "peers.discovery") -> DnsDiscovery:
+    """Parse ``dns:name:port`` (the only scheme: a DNS name, e.g. a headless Service's)."""
+    scheme, sep, rest = value.strip().partition(":")
+    if not sep or scheme != "dns":
+        raise InvalidArgument(f"{key}: expected dns:name:port, got {value!r}")
+    host, port = parse_hostport(rest, key)
+    if host.startswith("["):
+        raise InvalidArgument(f"{key}: expected a DNS name, got the address {host!r}")
+    return DnsDiscovery(host, port)
 
 
 def split_list(raw: Any, key: str) -> tuple[str, ...]:
@@ -206,6 +233,15 @@ def validate_peers(p: PeerSection) -> PeerSection:
         raise InvalidArgument(f"peers.failure_domain {p.failure_domain!r} must be 1-128 letters, digits, "
                               "'.', '_', '/' or '-'")
     listed = parse_peers(p.peers)
+    if p.discovery:
+        parse_discovery(p.discovery)
+        if listed:
+            raise InvalidArgument("peers.discovery and peers.peers are exclusive: membership comes from the "
+                                  "cluster or from the list, not both")
+        if not p.listen:
+            raise InvalidArgument("peers.discovery needs peers.listen (discovered members dial this node)")
+    if not 1 <= p.discovery_interval_s <= 3600:
+        raise InvalidArgument(f"peers.discovery_interval_s must be in [1, 3600], got {p.discovery_interval_s}")
     if p.token and p.token_file:
         raise InvalidArgument("peers.token and peers.token_file are exclusive; set one")
     if p.token and (len(p.token) < MIN_TOKEN_CHARS or p.token != p.token.strip()):

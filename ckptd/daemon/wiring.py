@@ -125,8 +125,11 @@ class Daemon:
 
     def _build_peers(self) -> None:
         """Peer replication: this node's membership (directory, replicator) and its replica store."""
-        from ckptd.core.peer_config import load_token, members, node_id, tls_files
+        from functools import partial
+
+        from ckptd.core.peer_config import load_token, members, node_id, parse_discovery, tls_files
         from ckptd.peers.client import PeerClient
+        from ckptd.peers.discovery import PeerDiscovery
         from ckptd.peers.membership import Membership
         from ckptd.peers.replicas import SlotReplicaStore
         from ckptd.peers.replicator import PeerDirectory
@@ -138,8 +141,12 @@ class Daemon:
         static = members(p, os.environ)
         directory = PeerDirectory(me, static, client, p.replication_factor, p.push_timeout_s, p.fetch_timeout_s,
                                   p.commit_timeout_s)
+        if p.discovery and static:
+            raise FailedPrecondition("peers.discovery and CKPTD_PEERS are exclusive: unset one")
         self.membership = Membership(directory, bool(static), p.replication_factor, self.catalog, self.pool,
-                                     self.shutdown, p.drain_wait_s, p.advertise or p.listen, p.failure_domain)
+                                     self.shutdown, p.drain_wait_s, p.advertise or p.listen, p.failure_domain,
+                                     partial(PeerDiscovery, parse_discovery(p.discovery), client,
+                                             p.discovery_interval_s) if p.discovery else None)
         self.replicas = SlotReplicaStore(self.catalog, self.pool, self.disk, self.executor, self.cfg, me)
 
     def _step_staged(self) -> None:

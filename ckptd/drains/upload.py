@@ -8,10 +8,16 @@ tier on, a step is uploaded from its committed disk files (so slow uploads never
 from its memory slots when the disk tier is off or failed for that step.
 
 Every source is verified against the shard's chunk crc32c before it leaves the node. Each node
-uploads its own ranks' shards and one record per rank; the step's coordinator (the daemon that
+uploads its own ranks' shards and then one record for all of them; the step's coordinator (the daemon that
 holds rank 0) writes the manifest with a create-only put once the records of all ``world_size``
 ranks are in the store, then applies object-tier retention. Other nodes mark the step PERSISTED
-when they see the manifest. A step without a manifest does not exist in the store, whatever
+when they see the manifest.
+
+Requests per key prefix stay bounded as the job grows (docs/scale.md): a node waiting for the
+coordinator's commit asks for the step's manifest with one HEAD (never a listing of the job),
+every ``POLL_S`` or, in a large job, every ``world_size / COMMIT_CHECKS_PER_S`` seconds, so the
+job's nodes together ask at most ``COMMIT_CHECKS_PER_S`` times a second; the coordinator reads
+each rank record once, however often it lists the step. A step without a manifest does not exist in the store, whatever
 objects it left behind; cleanup at start-up aborts stale multipart uploads.
 """
 
@@ -23,7 +29,7 @@ import mmap
 import time
 import traceback
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ckptd.core import failpoints, metrics
@@ -42,6 +48,7 @@ from ckptd.tiers.disk import DiskTier
 log = logging.getLogger("ckptd.uploader")
 
 POLL_S = 0.5
+COMMIT_CHECKS_PER_S = 1000.0  # bound on the manifest HEADs a whole job's waiting nodes send per second
 
 
 @dataclass
@@ -49,6 +56,13 @@ class _Awaiting:
     st: StepState
     deadline_s: float
     coordinator: bool
+    next_check_s: float = 0.0
+    records: dict[int, ShardEntry] = field(default_factory=dict)  # coordinator: rank records read so far
+
+
+def check_interval_s(world_size: int) -> float:
+    """Seconds between a waiting node's checks of one step's manifest."""
+    return max(POLL_S, world_size / COMMIT_CHECKS_PER_S)
 
 
 class ObjectUploader(Worker):
@@ -129,6 +143,7 @@ class ObjectUploader(Worker):
             for entry in entries:
                 await self._upload_shard(st, entry)
                 nbytes += entry.nbytes
+            await self._record(st, entries)
         except AlreadyExists:
             # The step is committed in the store: nothing to upload. A step this node restored from
             # another copy (a peer, the store: its shards have no writer) holds the store's content
@@ -194,7 +209,7 @@ class ObjectUploader(Worker):
         if self.disk is not None and st.state(TierName.DISK) == TierState.COMMITTED:
             try:
                 await loop.run_in_executor(self.executor, self._upload_from_disk, st, entry)
-                await self._record(st, entry)
+                failpoints.hit("object.upload.after_shard")
                 return
             except (IntegrityError, OSError) as exc:
                 errors.append(f"disk copy: {exc}")
@@ -213,7 +228,7 @@ class ObjectUploader(Worker):
         finally:
             view.release()
             await self.pool.release_reader(slot)
-        await self._record(st, entry)
+        failpoints.hit("object.upload.after_shard")
 
     def _upload_from_disk(self, st: StepState, entry: ShardEntry) -> None:
         assert self.disk is not None
@@ -246,23 +261,26 @@ class ObjectUploader(Worker):
             except BufferError:  # a view still alive elsewhere: the mapping goes with its last view
                 log.debug("%s: mapping still exported at close; left to the last view", path)
 
-    async def _record(self, st: StepState, entry: ShardEntry) -> None:
+    async def _record(self, st: StepState, entries: list[ShardEntry]) -> None:
+        """One record for all of this node's shards of the step (not one per rank)."""
         loop = asyncio.get_running_loop()
-        failpoints.hit("object.upload.after_shard")
-        await loop.run_in_executor(self.executor, self.tier.put_shard_meta, st.job, st.step, entry,
+        await loop.run_in_executor(self.executor, self.tier.put_shard_meta, st.job, st.step, entries,
                                    st.world_size)
 
     # -- global commit ----------------------------------------------------------------------
     async def _check_commits(self) -> None:
         loop = asyncio.get_running_loop()
+        now = time.monotonic()
         for key, aw in list(self._awaiting.items()):
             st = aw.st
+            if now < aw.next_check_s and now <= aw.deadline_s:
+                continue
+            aw.next_check_s = now + (POLL_S if aw.coordinator else check_interval_s(st.world_size))
             try:
                 if aw.coordinator:
-                    done = await self._try_commit(st)
+                    done = await self._try_commit(aw)
                 else:
-                    done = st.step in await loop.run_in_executor(
-                        self.executor, self.tier.list_committed, st.job)
+                    done = await loop.run_in_executor(self.executor, self.tier.is_committed, st.job, st.step)
             except CkptdError as exc:
                 log.warning("commit check of %s@%d: %s", st.job, st.step, exc)
                 done = False
@@ -280,10 +298,11 @@ class ObjectUploader(Worker):
                     st, TierName.OBJECT, TierState.FAILED,
                     f"{what} did not arrive within object.commit_wait_s={self.cfg.commit_wait_s:g}s")
 
-    async def _try_commit(self, st: StepState) -> bool:
+    async def _try_commit(self, aw: _Awaiting) -> bool:
         loop = asyncio.get_running_loop()
-        records = await loop.run_in_executor(self.executor, self.tier.list_shard_metas, st.job, st.step,
-                                             st.world_size)
+        st, records = aw.st, aw.records
+        records.update(await loop.run_in_executor(self.executor, self.tier.list_shard_metas, st.job, st.step,
+                                                  st.world_size, tuple(records)))
         if len(records) < st.world_size:
             return False
         manifest = Manifest(st.job, st.step, st.world_size,

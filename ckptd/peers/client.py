@@ -30,6 +30,7 @@ from typing import Any, Final, TypeVar
 import grpc
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
+from ckptd.core import metrics
 from ckptd.core.errors import CkptdError, IntegrityError, InvalidArgument, TierFailed, Timeout
 from ckptd.core.integrity import StreamVerifier, crc32c
 from ckptd.core.manifest import ReplicaHeader
@@ -156,9 +157,11 @@ class PeerClient:
             self.executor.shutdown(wait=False)
 
     async def _call(self, target: str, deadline_s: float, what: str,
-                    op: Callable[[float], Awaitable[T]], max_attempts: int | None = None) -> T:
+                    op: Callable[[float], Awaitable[T]], max_attempts: int | None = None, method: str = "") -> T:
         """Run op(remaining_s) with retries on transport failures, bounded by the deadline and by
-        ``max_attempts`` (the client's own when None)."""
+        ``max_attempts`` (the client's own when None). Each attempt counts as one call of
+        ``method`` (default: ``what``) in ``ckptd_peer_rpcs_sent_total``."""
+        sent = metrics.PEER_RPCS_SENT.labels(method or what)
         deadline = time.monotonic() + deadline_s
         attempts = self.max_attempts if max_attempts is None else max(1, max_attempts)
         delay = self.backoff_s
@@ -169,6 +172,7 @@ class PeerClient:
             if remaining <= 0:
                 raise Timeout(f"{what} to peer {target}: no time left after {attempt - 1} attempt(s)")
             channel = self._channel(target)
+            sent.inc()
             try:
                 async with asyncio.timeout(remaining + DEADLINE_GRACE_S):
                     return await op(remaining)
@@ -199,7 +203,8 @@ class PeerClient:
         first = ppb.PushReplicaRequest(header=header_to_pb(header), want_bulk=self.bulk)
         t0 = time.monotonic()
         resp = await self._call(target, deadline_s, f"push of {header.job}@{header.step} rank {header.rank}",
-                                lambda remaining: self._push_once(target, header, first, view, remaining))
+                                lambda remaining: self._push_once(target, header, first, view, remaining),
+                                method="PushReplica")
         return PushResult(resp.node_id, header.nbytes, time.monotonic() - t0, resp.already_held, tuple(resp.tiers))
 
     async def _push_once(self, target: str, header: ReplicaHeader, first: ppb.PushReplicaRequest,
@@ -287,7 +292,7 @@ class PeerClient:
                 call.cancel()
                 raise
 
-        return await self._call(target, deadline_s, f"fetch of {job}@{step} rank {rank}", once)
+        return await self._call(target, deadline_s, f"fetch of {job}@{step} rank {rank}", once, method="FetchShard")
 
     async def _read_shard(self, target: str, call: Any, key: tuple[str, int, int], dst: Destination,
                           resolved: list[memoryview | FileBacked], t0: float, remaining_s: float,
@@ -366,7 +371,7 @@ class PeerClient:
     async def report_ready(self, target: str, report: ReadyReport, deadline_s: float = 10.0) -> ReadyState:
         req = ppb.ReportReadyRequest(job=report.job, step=report.step, world_size=report.world_size,
                                      tier=report.tier, node_id=report.node_id, ranks=list(report.ranks),
-                                     failed=report.failed, message=report.message)
+                                     failed=report.failed, message=report.message, wait_s=report.wait_s)
 
         async def once(remaining_s: float) -> ReadyState:
             method = self._channel(target).unary_unary(
@@ -375,7 +380,7 @@ class PeerClient:
             r = await method(req, timeout=remaining_s, metadata=self._md)
             return ReadyState(r.job, r.step, r.tier, r.world_size, tuple(r.ready_ranks), tuple(r.failed_ranks),
                               r.coordinator_node, tuple(r.ready_nodes))
-        return await self._call(target, deadline_s, "ReportReady", once)
+        return await self._call(target, deadline_s + report.wait_s, "ReportReady", once)
 
     async def ping(self, target: str, deadline_s: float = 5.0, max_attempts: int | None = None) -> PingInfo:
         async def once(remaining_s: float) -> PingInfo:

@@ -5,10 +5,11 @@ hooks the disk drain calls for a step that spans nodes.
 none until the job sends them), whether membership is static, the replication factor, the
 catalog and slot pool the replicator reads, the shutdown flag and the address peers dial. It
 owns the replicator: built at once when there are members to replicate to, else when the job's
-SetPeers first names some. It owns the cross-node commits of LOCAL_DURABLE too
+SetPeers or the cluster's discovery (ckptd/peers/discovery.py, built from the factory handed in,
+owned and stopped here) first names some. It owns the cross-node commits of LOCAL_DURABLE too
 (``disk_across_nodes``), each a task that ``stop`` cancels and awaits.
 
-Invariants: SetPeers is refused while membership is static or when the list does not name this
+Invariants: SetPeers is refused while membership is static or discovered, or when the list does not name this
 node; a step's disk write waits for this node's push of it at most ``drain_wait_s`` and never
 once the daemon is draining (replication first, docs/architecture.md); nothing here outlives
 ``stop``.
@@ -17,13 +18,15 @@ once the daemon is draining (replication first, docs/architecture.md); nothing h
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from ckptd.core.errors import FailedPrecondition, InvalidArgument
-from ckptd.core.peer_config import parse_peers, split_target_host
+from ckptd.core.peer_config import PeerAddr, parse_peers, split_target_host
 from ckptd.core.types import TierName
 from ckptd.drains.tasks import Shutdown, TaskSet
 from ckptd.memory.catalog import Catalog, StepState
 from ckptd.memory.slots import SlotPool
+from ckptd.peers.discovery import PeerDiscovery
 from ckptd.peers.replicator import PeerDirectory, Replicator, commit_across_nodes
 from ckptd.peers.types import ReadyReport
 
@@ -35,9 +38,12 @@ class Membership:
 
     def __init__(self, directory: PeerDirectory, static: bool, replication_factor: int, catalog: Catalog,
                  pool: SlotPool, shutdown: Shutdown, drain_wait_s: float, advertise: str,
-                 failure_domain: str) -> None:
+                 failure_domain: str,
+                 discovery: Callable[[Callable[[tuple[PeerAddr, ...]], None]], PeerDiscovery] | None = None) -> None:
         self.directory = directory
-        self.static = static  # then SetPeers (membership from the job) is refused
+        # membership from the cluster: the factory is handed the callback that applies each new list
+        self.discovery = discovery(self._discovered) if discovery is not None else None
+        self.static = static or self.discovery is not None  # then SetPeers (membership from the job) is refused
         self.replication_factor = replication_factor
         self.catalog = catalog
         self.pool = pool
@@ -61,6 +67,8 @@ class Membership:
 
     def start(self) -> None:
         self._started = True
+        if self.discovery is not None:
+            self.discovery.start()
         if self.replicator is not None:
             self.replicator.start()
             self.replicator.kick()
@@ -73,18 +81,26 @@ class Membership:
     def set_peers(self, entries: list[str]) -> list[str]:
         """The job's membership from its clients (SetPeers); replication starts if it had no peers."""
         if self.static:
-            raise FailedPrecondition("this daemon's peers are configured statically (peers.peers or CKPTD_PEERS)")
+            raise FailedPrecondition("this daemon's peers are configured statically or discovered from the "
+                                     "cluster (peers.peers, CKPTD_PEERS or peers.discovery)")
         addrs = parse_peers(list(entries), "SetPeers.peers")
         if self.node_id not in {a.node_id for a in addrs}:
             raise InvalidArgument(f"SetPeers: the list does not name this node ({self.node_id!r})")
-        self.directory.set_members(addrs)
         log.info("peer membership set by the job: %s", ", ".join(f"{a.node_id}={a.target}" for a in addrs))
+        self._apply(addrs)
+        return sorted(a.node_id for a in addrs)
+
+    def _discovered(self, addrs: tuple[PeerAddr, ...]) -> None:
+        """The cluster's membership changed (peers/discovery.py); this node is always a member."""
+        self._apply(addrs)
+
+    def _apply(self, addrs: tuple[PeerAddr, ...]) -> None:
+        self.directory.set_members(addrs)
         if self.replicator is None and self.replication_factor > 0 and self.directory.addrs:
             self.replicator = Replicator(self.catalog, self.pool, self.directory)
             if self._started:
                 self.replicator.start()
         self.kick()
-        return sorted(a.node_id for a in addrs)
 
     async def before_drain(self, st: StepState) -> None:
         """Replication first: a step's disk write waits (at most ``drain_wait_s``) until this
@@ -116,7 +132,10 @@ class Membership:
         self._commits.spawn(run(), f"disk-across-nodes-{st.job}-{st.step}")
 
     async def stop_replication(self, timeout_s: float) -> None:
-        """Best effort at shutdown (disk durability is not): end the replicator, close the client."""
+        """Best effort at shutdown (disk durability is not): end discovery and the replicator, close
+        the client."""
+        if self.discovery is not None:
+            await self.discovery.stop(timeout_s)
         if self.replicator is not None:
             await self.replicator.stop(timeout_s)
         await self.directory.client.close()

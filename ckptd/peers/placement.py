@@ -134,6 +134,9 @@ class _StepReadiness:
     failed: dict[int, str] = field(default_factory=dict)  # rank -> reason
 
 
+KEEP_STEPS = 64  # steps a coordinator remembers behind the newest reported one, per job
+
+
 class ReadinessBoard:
     """The coordinator's view of which ranks of each step reached which tier."""
 
@@ -141,9 +144,16 @@ class ReadinessBoard:
         self.node_id = node_id
         self._steps: dict[tuple[str, int, str], _StepReadiness] = {}
         self._cond = asyncio.Condition()
+        self._settled: dict[tuple[str, int, str], asyncio.Event] = {}  # long polls wait on these
+
+    def _is_settled(self, key: tuple[str, int, str]) -> bool:
+        e = self._steps.get(key)
+        return e is not None and (len(e.ready) == e.world_size or bool(e.failed))
 
     async def report(self, r: ReadyReport) -> ReadyState:
         r.validate()
+        if (r.job, r.step, r.tier) not in self._steps:
+            self._prune(r.job, r.step)
         entry = self._steps.setdefault((r.job, r.step, r.tier), _StepReadiness(r.world_size))
         if entry.world_size != r.world_size:
             raise FailedPrecondition(f"step {r.step} of {r.job!r} has world_size {entry.world_size}, "
@@ -155,8 +165,17 @@ class ReadinessBoard:
             else:
                 entry.failed.pop(rank, None)
                 entry.ready[rank] = r.node_id
+        key = (r.job, r.step, r.tier)
+        settled = self._settled.setdefault(key, asyncio.Event())
+        if self._is_settled(key):
+            settled.set()  # every report held for this step is answered now, each woken once
         async with self._cond:
             self._cond.notify_all()
+        if r.wait_s > 0 and not settled.is_set():  # a long poll: answer when settled, or after wait_s
+            try:
+                await asyncio.wait_for(settled.wait(), r.wait_s)
+            except TimeoutError:
+                pass
         return self.state(r.job, r.step, r.tier)
 
     def state(self, job: str, step: int, tier: str) -> ReadyState:
@@ -191,6 +210,14 @@ class ReadinessBoard:
                  and len(e.ready) == e.world_size]
         return max(steps) if steps else None
 
+    def _prune(self, job: str, step: int) -> None:
+        """Forget the job's steps more than ``KEEP_STEPS`` older than ``step`` (a board reported
+        to every step of a long job must not grow without bound)."""
+        for key in [k for k in self._steps if k[0] == job and k[1] < step - KEEP_STEPS]:
+            del self._steps[key]
+            self._settled.pop(key, None)
+
     def forget(self, job: str, step: int) -> None:
         for key in [k for k in self._steps if k[0] == job and k[1] == step]:
             del self._steps[key]
+            self._settled.pop(key, None)

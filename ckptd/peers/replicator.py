@@ -28,6 +28,7 @@ and by the overall deadline; a cancelled call cancels and awaits every push it s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -81,11 +82,12 @@ class PeerDirectory:
         """Placement order of (job, rank)'s replicas from ``source``: targets, then fallbacks."""
         return [self.addrs[n] for n in preference(self.members, shard_key(job, rank), source) if n in self.addrs]
 
-    async def holdings(self, job: str, deadline_s: float = 2.0,
-                       max_attempts: int = HOLDINGS_ATTEMPTS) -> dict[str, list[Holding]]:
-        """What each reachable peer holds of job; an unreachable peer is simply absent. One retry
-        at most: a dead peer must not hold up a restore served from another copy."""
-        nodes = list(self.addrs.values())
+    async def holdings(self, job: str, deadline_s: float = 2.0, max_attempts: int = HOLDINGS_ATTEMPTS,
+                       only: Sequence[str] | None = None) -> dict[str, list[Holding]]:
+        """What each reachable peer (of ``only``, when given) holds of job; an unreachable peer is
+        simply absent. One retry at most: a dead peer must not hold up a restore served from
+        another copy."""
+        nodes = list(self.addrs.values()) if only is None else [self.addrs[n] for n in only if n in self.addrs]
         results = await asyncio.gather(*(self.client.list_holdings(p.target, job, deadline_s, max_attempts)
                                          for p in nodes), return_exceptions=True)
         out: dict[str, list[Holding]] = {}
@@ -239,22 +241,37 @@ class SilentNodes:
         return silent if all(now - self.down_since.get(n, now) >= limit_s for n in silent) else []
 
 
+REPORT_WAIT_S = 5.0  # how long the coordinator may hold a report (a long poll) before answering "not yet"
+
+
+def report_wait_s(push_timeout_s: float) -> float:
+    """The long poll of a step's report: short enough that a lost node's check (``SilentNodes``,
+    after ``push_timeout_s``) runs about as often as before, at most ``REPORT_WAIT_S``."""
+    return max(0.2, min(REPORT_WAIT_S, push_timeout_s / 4))
+
+
 async def commit_across_nodes(peers: PeerDirectory, report: ReadyReport, timeout_s: float) -> str | None:
     """Report this node's ranks of a step at a tier to the step's coordinator, then wait until
     every rank is reported (None) or one failed, the coordinator stayed unreachable for
-    ``peers.push_timeout_s`` or ``timeout_s`` passed (the reason). Re-reporting is idempotent:
-    it doubles as the poll. Other nodes may legitimately take long to report (their own pushes,
-    a straggling rank's save), hence the long ``timeout_s``; an unreachable coordinator is failed
-    sooner, or every step of the job would stay in progress and keep a poller for that long. So
-    is a step whose missing ranks can only come from nodes that are gone: when every member that
-    has not reported has answered no Ping for ``peers.push_timeout_s`` (a lost node's ranks are
-    lost with it; a node that answers, however slow, is waited for)."""
+    ``peers.push_timeout_s`` or ``timeout_s`` passed (the reason). The report is a long poll: the
+    coordinator answers when the step settles or after ``report_wait_s`` (then it is sent again:
+    re-reporting is idempotent), so a node sends about one report per step and tier instead of
+    one every 0.2 s (docs/scale.md). Other nodes may legitimately take long to report (their own
+    pushes, a straggling rank's save), hence the long ``timeout_s``; an unreachable coordinator
+    is failed sooner, or every step of the job would stay in progress and keep a poller for that
+    long. So is a step whose missing ranks can only come from nodes that are gone: when every
+    member that has not reported has answered no Ping for ``peers.push_timeout_s`` (a lost node's
+    ranks are lost with it; a node that answers, however slow, is waited for). Pings start only
+    after a long poll came back unsettled, so a step that commits within it pings nobody."""
     deadline = time.monotonic() + timeout_s
     unreachable_since: float | None = None
     silent = SilentNodes(peers)
+    wait_s = 0.0 if report.failed else report_wait_s(peers.push_timeout_s)
     while True:
+        sent = time.monotonic()
         try:
-            state = await peers.report_ready(report)
+            state = await peers.report_ready(dataclasses.replace(report, wait_s=min(wait_s, max(
+                0.0, deadline - sent))))
         except Exception as exc:  # noqa: BLE001 - coordinator unreachable: the reason says so
             why = f"coordinator unreachable: {exc}"
             now = time.monotonic()
@@ -272,7 +289,7 @@ async def commit_across_nodes(peers: PeerDirectory, report: ReadyReport, timeout
                 return f"{why}; node(s) {', '.join(gone)} unreachable for {peers.push_timeout_s:g}s"
         if report.failed or time.monotonic() > deadline:
             return why
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(max(0.0, 0.2 - (time.monotonic() - sent)))  # a coordinator that did not hold it
 
 
 ring_log = logging.getLogger("ckptd.peer")

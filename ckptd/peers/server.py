@@ -31,6 +31,7 @@ import grpc
 
 from ckptd import __version__
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
+from ckptd.core import metrics
 from ckptd.core.errors import (
     ERROR_METADATA_KEY,
     CkptdError,
@@ -75,6 +76,7 @@ log = logging.getLogger("ckptd.peer")
 
 
 _peer_rpc = rpc_handler
+PEER_METHODS = frozenset({"PushReplica", "FetchShard", "ListHoldings", "ReportReady", "Ping"})  # metric labels
 
 
 def _check_ids(job: str, step: int) -> None:
@@ -254,7 +256,7 @@ class PeerServer:
         if self.on_ready is None:
             raise FailedPrecondition(f"node {self.node_id} does not coordinate readiness")
         report = ReadyReport(request.job, request.step, request.world_size, request.tier, request.node_id,
-                             tuple(request.ranks), request.failed, request.message).validate()
+                             tuple(request.ranks), request.failed, request.message, request.wait_s).validate()
         st = await self.on_ready(report)
         return ppb.ReportReadyResponse(
             job=st.job, step=st.step, tier=st.tier, world_size=st.world_size, ready_ranks=list(st.ready_ranks),
@@ -311,6 +313,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = handler_call_details.method.rpartition("/")[2]
+        metrics.PEER_RPCS_RECEIVED.labels(method if method in PEER_METHODS else "other").inc()
         if token_matches(handler_call_details.invocation_metadata, self._token):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)

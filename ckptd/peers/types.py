@@ -65,6 +65,9 @@ class Holding:
     source_node: str
 
 
+MAX_REPORT_WAIT_S = 30.0  # the longest a coordinator holds a report before answering
+
+
 @dataclass(frozen=True)
 class ReadyReport:
     """A node's shards of (job, step) reached (or will never reach) a tier."""
@@ -77,6 +80,7 @@ class ReadyReport:
     ranks: tuple[int, ...]
     failed: bool = False
     message: str = ""
+    wait_s: float = 0.0  # the coordinator answers when the step settles or after this long (a long poll)
 
     def validate(self) -> ReadyReport:
         validate_job(self.job)
@@ -90,6 +94,8 @@ class ReadyReport:
             validate_rank(r, self.world_size)
         if len(set(self.ranks)) != len(self.ranks):
             raise ValueError("a readiness report lists a rank twice")
+        if not 0.0 <= self.wait_s <= MAX_REPORT_WAIT_S:  # NaN fails too
+            raise ValueError(f"a readiness report waits 0 to {MAX_REPORT_WAIT_S:g} s, not {self.wait_s}")
         return self
 
 

@@ -13,9 +13,13 @@ A tier stores shards and commits steps with a manifest. Contract every implement
 
 A ``CommitTier`` (the object store) is written by every node of a job, each for its own ranks;
 one node, the step's coordinator, commits. On top of ``Tier`` it keeps:
-- ``put_shard_meta`` records one rank's entry next to its shard once the shard is stored, and
-  ``list_shard_metas`` returns the recorded entries of a step by rank, so the coordinator builds
-  the manifest from what every node recorded, nothing else;
+- ``put_shard_meta`` records a node's entries (one record per node and step, named after its
+  lowest rank) once its shards are stored, and ``list_shard_metas`` returns the recorded
+  entries of a step by rank, so the coordinator builds the manifest from what every node
+  recorded, nothing else; records named after a rank in ``skip`` (read before) are not read
+  again (one read per record and step, however often the coordinator looks);
+- ``is_committed`` answers for one step with one small request (a HEAD of its manifest), never a
+  listing: every node of a job asks it while it waits for the coordinator's commit;
 - a ``put_shard`` that failed part way may leave partial uploads behind: ``has_failed_uploads``
   says so and ``abort_failed_uploads`` removes them (called between uploads, never during one).
 
@@ -25,6 +29,7 @@ Methods are blocking; the daemon calls them from its I/O thread pool, never on t
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from ckptd.core.manifest import Manifest, ShardEntry
@@ -62,12 +67,17 @@ class Tier(Protocol):
 class CommitTier(Tier, Protocol):
     """A tier written by several nodes whose steps one coordinator commits from per-rank records."""
 
-    def put_shard_meta(self, job: str, step: int, entry: ShardEntry, world_size: int) -> None:
-        """Record entry (rank entry.rank of a world_size step) after its shard was stored."""
+    def put_shard_meta(self, job: str, step: int, entries: Sequence[ShardEntry], world_size: int) -> None:
+        """Record this node's entries (ranks of a world_size step) after their shards were stored."""
         ...
 
-    def list_shard_metas(self, job: str, step: int, world_size: int) -> dict[int, ShardEntry]:
-        """The recorded entries of step, by rank (ranks not recorded yet are absent)."""
+    def list_shard_metas(self, job: str, step: int, world_size: int,
+                         skip: Collection[int] = ()) -> dict[int, ShardEntry]:
+        """The recorded entries of step, by rank (ranks not recorded yet, and ``skip``, are absent)."""
+        ...
+
+    def is_committed(self, job: str, step: int) -> bool:
+        """Whether step's manifest is in the store (one request)."""
         ...
 
     @property

@@ -7,7 +7,7 @@ Job: make a step durable beyond the cluster, under the bucket layout of ``object
 what), ``object_client`` (the boto3 client, presets, per-key deadlines, error classification),
 ``object_chunks`` and ``object_codec`` (chunk uploads and reads, codecs), ``object_io`` (ranged
 GETs of whole-shard objects), ``object_commit`` (create-only manifest put, claim fallback,
-per-rank records) and ``object_gc`` (mark-and-sweep).
+per-node records) and ``object_gc`` (mark-and-sweep).
 
 Invariants:
 - Data first, manifest last. ``put_shard`` stores a shard as one object per chunk
@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -46,7 +47,7 @@ from typing import Any
 
 from ckptd.core import failpoints
 from ckptd.core.config import ObjectSection
-from ckptd.core.errors import AlreadyExists, IntegrityError, NotFound, TierFailed
+from ckptd.core.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound, TierFailed
 from ckptd.core.layout import chunk_count
 from ckptd.core.manifest import Manifest, ShardEntry
 from ckptd.core.types import TierName, shard_key
@@ -109,6 +110,8 @@ class ObjectTier(ObjectBase):
             self._store, self._pool, CodecChooser(section.compression_level, section.compression),
             RateLimiter(section.max_upload_mbit * 1e6 / 8), self.stats, 2 * section.max_concurrency)
         self._book = ChunkBook()
+        self._newest: dict[str, tuple[int, int | None]] = {}  # job -> (step uploading, newest committed before it)
+        self._newest_lock = threading.Lock()
 
     # -- Tier protocol ----------------------------------------------------------------------
     def put_shard(self, job: str, step: int, entry: ShardEntry, src: memoryview) -> None:
@@ -128,7 +131,7 @@ class ObjectTier(ObjectBase):
                 known = self._known_chunks(job, step)
                 refs = upload_chunks(self._uploader, entry, view, keys.__getitem__, known)
             except STORE_ERRORS as exc:
-                self._book.forget(job)  # what this upload stored is garbage now: never reference it
+                self._forget(job)  # what this upload stored is garbage now: never reference it
                 raise self._failed(f"uploading {job}@{step} rank {entry.rank} to {self.url(keys[0] if keys else mkey)}",
                                    exc) from exc
         self._book.stage(job, step, entry.rank, entry.nbytes, refs)
@@ -141,8 +144,19 @@ class ObjectTier(ObjectBase):
         """The chunks put_shard may reference instead of uploading (``ChunkBook.known``)."""
         if not self.section.dedup:
             return {}
-        newest = max((s for s in self.list_committed(job) if s < step), default=None)
-        return self._book.known(job, step, newest, lambda s: self.read_manifest(job, s))
+        with self._newest_lock:
+            cached = self._newest.get(job)
+        if cached is None or cached[0] != step:  # once per step and node, not per rank
+            cached = (step, self.newest_committed_before(job, step))
+            with self._newest_lock:
+                self._newest[job] = cached
+        return self._book.known(job, step, cached[1], lambda s: self.read_manifest(job, s))
+
+    def _forget(self, job: str) -> None:
+        """Drop what this tier remembers of job's chunks and steps (a failed upload, a delete)."""
+        self._book.forget(job)
+        with self._newest_lock:
+            self._newest.pop(job, None)
 
     def _as_stored(self, job: str, step: int, entry: ShardEntry) -> ShardEntry:
         """entry with the chunk records of this tier's upload of it (entry itself when it has
@@ -201,20 +215,25 @@ class ObjectTier(ObjectBase):
                 out[self._entry_key(job, manifest.step, s)] = s.nbytes
         return out
 
-    def put_shard_meta(self, job: str, step: int, entry: ShardEntry, world_size: int) -> None:
-        """Record that rank's shard is uploaded, with its layout and checksums. The step's
-        coordinator builds the manifest from these records once all ``world_size`` are there."""
-        key = self.shard_meta_key(job, step, entry.rank)
-        entry = self._as_stored(job, step, entry)
-        for ref in entry.chunks:
-            self.check_chunk_key(job, ref.object_key)
-        body = shard_record(entry, world_size)
+    def put_shard_meta(self, job: str, step: int, entries: Sequence[ShardEntry], world_size: int) -> None:
+        """Record that this node's shards of the step are uploaded, with their layouts, checksums
+        and chunk records: one object per node, named after its lowest rank. The step's
+        coordinator builds the manifest from these records once they cover all ``world_size`` ranks."""
+        if not entries:
+            raise InvalidArgument("a shard record needs at least one shard")
+        stored = sorted((self._as_stored(job, step, e) for e in entries), key=lambda e: e.rank)
+        for entry in stored:
+            for ref in entry.chunks:
+                self.check_chunk_key(job, ref.object_key)
+        first = stored[0].rank
+        key = self.shard_meta_key(job, step, first)
+        body = shard_record(stored, world_size)
         deadline = time.monotonic() + self.total_timeout_s
         with self._deadlines.scope([key], deadline):
             try:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json")
             except STORE_ERRORS as exc:
-                raise self._failed(f"recording {job}@{step} rank {entry.rank} at {self.url(key)}", exc) from exc
+                raise self._failed(f"recording {job}@{step} ranks from {first} at {self.url(key)}", exc) from exc
 
     def read_chunks_into(self, job: str, step: int, entry: ShardEntry, dst: memoryview,
                          chunks: Sequence[int]) -> None:
@@ -289,7 +308,7 @@ class ObjectTier(ObjectBase):
             sweep(self._store, self._pool, candidates, lambda: self.referenced(job))
         except STORE_ERRORS as exc:
             raise self._failed(f"deleting {job}@{step}", exc) from exc
-        self._book.forget(job)
+        self._forget(job)
 
     def referenced(self, job: str) -> set[str]:
         """Every object key the job's committed manifests reference (the mark of mark-and-sweep)."""

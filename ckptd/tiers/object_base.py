@@ -1,6 +1,6 @@
-"""The object tier's plumbing: client, pool and deadlines, listings and manifests, per-rank
-records, start-up clean-up and the create-only probe. ``ObjectTier`` (object.py) adds the data
-path (chunks, commit, reads, deletes) on top.
+"""The object tier's plumbing: client, pool and deadlines, listings and manifests, per-node
+records (each read once), the one-HEAD commit check, start-up clean-up and the create-only
+probe. ``ObjectTier`` (object.py) adds the data path (chunks, commit, reads, deletes) on top.
 
 Invariants: see object.py; every store error leaves here typed (``_failed``: TierFailed), a
 manifest read is validated (IntegrityError naming its ``s3://bucket/key``), and listings see
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -105,6 +106,28 @@ class ObjectBase(ObjectLayout):
             raise self._failed(f"listing the steps of {job}", exc) from exc
         return sorted(steps)
 
+    def newest_committed_before(self, job: str, step: int) -> int | None:
+        """The newest committed step of job older than step: the job's step folders from a
+        delimited listing (a page per 1,000 steps, never the keys of their chunks), then a HEAD
+        of each one's manifest from the newest down. ``list_committed`` pages over every key of
+        the job instead, which a job of thousands of ranks cannot afford per upload."""
+        job_prefix = self.job_prefix(job)
+        steps: list[int] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=job_prefix, Delimiter="/"
+            ):
+                for cp in page.get("CommonPrefixes", ()):
+                    found = parse_step_dirname(str(cp["Prefix"])[len(job_prefix):].rstrip("/"))
+                    if found is not None and found < step:
+                        steps.append(found)
+            for found in sorted(steps, reverse=True):
+                if self._store.head(self.manifest_key(job, found)) is not None:
+                    return found
+        except STORE_ERRORS as exc:
+            raise self._failed(f"looking for the newest committed step of {job} before {step}", exc) from exc
+        return None
+
     def read_manifest(self, job: str, step: int) -> Manifest:
         key = self.manifest_key(job, step)
         try:
@@ -123,11 +146,14 @@ class ObjectBase(ObjectLayout):
             self._entry_key(job, step, s)
         return manifest
 
-    def list_shard_metas(self, job: str, step: int, world_size: int) -> dict[int, ShardEntry]:
-        """The per-rank records of a step uploaded so far (rank -> entry); invalid ones raise."""
+    def list_shard_metas(self, job: str, step: int, world_size: int,
+                         skip: Collection[int] = ()) -> dict[int, ShardEntry]:
+        """The entries of the records uploaded so far (rank -> entry), but those of records named
+        after a rank in ``skip`` (read before: not read again); invalid ones raise."""
         prefix = self.step_prefix(job, step)
+        known = {self.shard_meta_key(job, step, r) for r in skip}
         try:
-            keys = [k for k in self._store.list_keys(prefix) if k.endswith(SHARD_META_SUFFIX)]
+            keys = [k for k in self._store.list_keys(prefix) if k.endswith(SHARD_META_SUFFIX) and k not in known]
             bodies = map_all(self._pool, lambda k: self._store.get_small(k, MAX_MANIFEST_BYTES), keys)
         except STORE_ERRORS as exc:
             raise self._failed(f"listing the shard records of {job}@{step}", exc) from exc
@@ -135,11 +161,20 @@ class ObjectBase(ObjectLayout):
         for key, body in zip(keys, bodies):
             if body is None:
                 continue
-            entry = parse_shard_record(self.url(key), body, world_size)
-            if key != self.shard_meta_key(job, step, entry.rank):
-                raise IntegrityError(f"{self.url(key)}: record names rank {entry.rank}")
-            out[entry.rank] = entry
+            entries = parse_shard_record(self.url(key), body, world_size)
+            if key != self.shard_meta_key(job, step, min(e.rank for e in entries)):
+                raise IntegrityError(f"{self.url(key)}: record names ranks {[e.rank for e in entries]}")
+            for e in entries:
+                out[e.rank] = e
         return out
+
+    def is_committed(self, job: str, step: int) -> bool:
+        """Whether step's manifest is in the store: one HEAD, never a listing of the job."""
+        key = self.manifest_key(job, step)
+        try:
+            return self._store.head(key) is not None
+        except STORE_ERRORS as exc:
+            raise self._failed(f"checking {self.url(key)}", exc) from exc
 
     def range_bytes(self, chunk_bytes: int) -> int:
         """Size of one ranged GET: a whole number of chunks, about part_size_bytes."""

@@ -1,5 +1,5 @@
 """The object tier's commit: the create-only manifest put, its claim-object fallback, the probe
-that chooses between them, and the per-rank records a step's coordinator builds the manifest from.
+that chooses between them, and the per-node records a step's coordinator builds the manifest from.
 
 Job: make a step visible exactly once, with a manifest written after all its data, on stores
 that honour create-only puts and on stores that do not.
@@ -13,8 +13,10 @@ Invariants:
 - Where the store ignores or rejects the condition (``probe_create_only`` says so), a claim
   object beside the manifest serialises writers; see ``commit_with_claim`` for its race
   semantics. A claim left by a crashed writer blocks the step until it is stale.
-- A per-rank record (``rank-NNNNNN.shard.meta.json``) is trusted only after it parses, names
-  the step's ``world_size`` and a rank in range; a bad one is an IntegrityError naming it.
+- A node's record (``rank-NNNNNN.shard.meta.json``, named after its lowest rank; a rank record of
+  an older version is a record with one shard) is trusted only after it parses, names the
+  step's ``world_size`` and distinct ranks in range, the lowest being the one its key names; a
+  bad one is an IntegrityError naming it.
 - Store errors propagate raw; the tier types them.
 """
 
@@ -24,6 +26,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 import botocore.exceptions
@@ -149,22 +152,28 @@ def _claim_created(raw: bytes) -> float:
     return float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else 0.0
 
 
-# -- multi-node commit: one record per rank beside the (future) manifest ---------------------
-def shard_record(entry: ShardEntry, world_size: int) -> bytes:
-    """The body of rank's record: its layout and checksums, and the step's world_size."""
-    return canonical_json({"world_size": world_size, "shard": entry.to_json()})
+# -- multi-node commit: one record per node beside the (future) manifest ---------------------
+def shard_record(entries: Sequence[ShardEntry], world_size: int) -> bytes:
+    """The body of a node's record: the layout and checksums of each of its ranks' shards, and
+    the step's world_size (one object per node and step, not per rank: docs/scale.md)."""
+    return canonical_json({"world_size": world_size, "shards": [e.to_json() for e in entries]})
 
 
-def parse_shard_record(url: str, body: bytes, world_size: int) -> ShardEntry:
-    """The entry of a record read from url; IntegrityError when it is not a valid record of a
-    rank of a step of world_size ranks."""
+def parse_shard_record(url: str, body: bytes, world_size: int) -> list[ShardEntry]:
+    """The entries of a record read from url (a node's ``shards``, or the one ``shard`` of a rank
+    record written before records were per node); IntegrityError when it is not a valid record
+    of ranks of a step of world_size ranks."""
     try:
         obj = json.loads(body)
         if obj["world_size"] != world_size:
             raise ValueError(f"world_size {obj['world_size']} != {world_size}")
-        entry = _shard_from_obj(obj["shard"])
+        raw = obj["shards"] if "shards" in obj else [obj["shard"]]
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("no shards")
+        entries = [_shard_from_obj(x) for x in raw]
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"{url}: invalid shard record: {exc}") from None
-    if not 0 <= entry.rank < world_size:
-        raise IntegrityError(f"{url}: record names rank {entry.rank}")
-    return entry
+    ranks = [e.rank for e in entries]
+    if len(set(ranks)) != len(ranks) or not all(0 <= r < world_size for r in ranks):
+        raise IntegrityError(f"{url}: record names ranks {ranks}")
+    return entries

@@ -4,7 +4,8 @@ Layout (DESIGN.md section 4) under ``{prefix}/``::
 
     {job}/step-{step:012d}/manifest.json                       the commit record, written last
     {job}/step-{step:012d}/manifest.claim                      a commit claim (stores without create-only puts)
-    {job}/step-{step:012d}/rank-{rank:06d}.shard.meta.json     a rank's record for the coordinator
+    {job}/step-{step:012d}/rank-{rank:06d}.shard.meta.json     a node's record for the coordinator, named after
+                                                               its lowest rank (a rank's record in older versions)
     {job}/step-{step:012d}/rank-{rank:06d}.shard.c{i:06d}      chunk objects (hashed_prefixes = 0)
     _shards/{h:04x}/{job}/step-{step:012d}/rank-{rank:06d}.shard.c{i:06d}   (hashed_prefixes = N > 0)
     {job}/step-{step:012d}/rank-{rank:06d}.shard               whole-shard objects of older steps

@@ -287,11 +287,14 @@ class Checker:
                     rep.fail("serving", f"{node.name} health status {resp.status}")
 
     def check_leaks(self, exp: Expect, rep: Report) -> None:
+        """Temp files that outlive the daemon's work (a disk write in progress, e.g. the re-warm of
+        a step restored from a peer, has one for a moment), uncommitted step dirs after recovery,
+        stray shm files, unfinished multipart uploads."""
         for node in self.nodes:
             if node.name in exp.down or not node.alive():
                 continue
             job_dir = node.data_dir / self.ledger.job
-            for p in sorted(job_dir.glob("**/.tmp-*")) if job_dir.exists() and exp.disk_writable else []:
+            for p in _lasting_temps(job_dir) if job_dir.exists() and exp.disk_writable else []:
                 rep.fail("leaks", f"{node.name}: temp file left: {p}")
             if node.name in exp.recovered and job_dir.exists():
                 for p in sorted(job_dir.iterdir()):
@@ -400,3 +403,16 @@ def check(ledger: Ledger, nodes: list[NodeView], exp: Expect, phase: str, client
     c.check_leaks(exp, rep)
     c.check_deadline(rep)
     return rep
+
+
+TEMP_SETTLE_S = 5.0  # how long a temp file may take to go: a disk write under way when the check starts
+
+
+def _lasting_temps(job_dir: Path) -> list[Path]:
+    """The ``.tmp-*`` entries under job_dir still there after TEMP_SETTLE_S (or [] once none is)."""
+    deadline = time.monotonic() + TEMP_SETTLE_S
+    while True:
+        temps = sorted(job_dir.glob("**/.tmp-*"))
+        if not temps or time.monotonic() > deadline:
+            return temps
+        time.sleep(0.1)

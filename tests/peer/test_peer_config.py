@@ -12,11 +12,13 @@ from ckptd.core import config as config_mod
 from ckptd.core.errors import InvalidArgument
 from ckptd.core.peer_config import (
     PEERS_ENV,
+    DnsDiscovery,
     PeerAddr,
     PeerSection,
     load_token,
     members,
     node_id,
+    parse_discovery,
     parse_peer,
     parse_peers,
     split_list,
@@ -98,6 +100,14 @@ def test_member_lists_from_config_and_env() -> None:
     ({"tls_cert": "/c"}, "peers.tls_cert"),
     ({"tls_ca": "/ca"}, "peers.tls_ca"),
     ({"advertise": "h"}, "peers.advertise"),
+    ({"discovery": "srv:x:1", "listen": "h:1", "token": TOKEN}, "peers.discovery"),
+    ({"discovery": "dns:x", "listen": "h:1", "token": TOKEN}, "peers.discovery"),
+    ({"discovery": "dns:[::1]:7070", "listen": "h:1", "token": TOKEN}, "peers.discovery"),
+    ({"discovery": "dns:x:70000", "listen": "h:1", "token": TOKEN}, "peers.discovery"),
+    ({"discovery": "dns:x:1"}, "peers.discovery needs peers.listen"),
+    ({"discovery": "dns:x:1", "listen": "h:1", "token": TOKEN, "peers": ("a=h:1",)}, "peers.discovery"),
+    ({"discovery_interval_s": 0.5}, "peers.discovery_interval_s"),
+    ({"discovery_interval_s": float("nan")}, "peers.discovery_interval_s"),
 ])
 def test_validation_names_the_key(kw: dict[str, object], key: str) -> None:
     with pytest.raises(InvalidArgument, match=key.replace(".", r"\.")):
@@ -124,6 +134,13 @@ def test_valid_full_section(tmp_path: Path) -> None:
         with pytest.raises(InvalidArgument, match="printable ASCII") as info:
             load_token(PeerSection(token_file=str(tmp_path / "odd")))
         assert bad not in str(info.value)  # the value is never shown
+
+
+def test_discovery_names_a_dns_name_and_port() -> None:
+    p = validate_peers(PeerSection(listen="0.0.0.0:7070", token=TOKEN, discovery_interval_s=5,
+                                   discovery=" dns:ckptd-peers.ckptd.svc.cluster.local:7070 "))
+    assert parse_discovery(p.discovery) == DnsDiscovery("ckptd-peers.ckptd.svc.cluster.local", 7070)
+    assert members(p, {}) == ()  # no static list: the members come from the name
 
 
 def test_node_id_defaults_to_a_grammar_safe_host_name() -> None:

@@ -8,9 +8,9 @@ import pytest
 
 from ckptd.core.errors import AlreadyExists, BudgetExhausted, NotFound, Timeout
 from ckptd.peers.client import ByteBudget
-from ckptd.peers.placement import ReadinessBoard
-from ckptd.peers.types import ReadyReport
-from tests.peer._kit import make_header
+from ckptd.peers.placement import KEEP_STEPS, ReadinessBoard
+from ckptd.peers.types import MAX_REPORT_WAIT_S, ReadyReport
+from tests.peer._kit import make_header, peer_client, peer_node
 from tests.peer.memory_store import MemoryReplicaStore
 
 
@@ -73,6 +73,51 @@ def test_readiness_board() -> None:
         assert board.newest_complete("j", "disk") == 1 and board.newest_complete("j", "peer") is None
         board.forget("j", 1)
         assert board.newest_complete("j", "disk") is None
+    asyncio.run(main())
+
+
+def test_a_report_is_a_long_poll_over_real_grpc() -> None:
+    """A report with wait_s is answered when the step settles (another node's report completes it,
+    or fails a rank), or after wait_s with the step as it is: one call per node and step instead
+    of one every 0.2 s (docs/scale.md). Bad waits are refused."""
+    async def main() -> None:
+        async with peer_node("coord") as coord, peer_client(max_attempts=1) as client:
+            t0 = asyncio.get_running_loop().time()
+            held = asyncio.create_task(client.report_ready(
+                coord.target, ReadyReport("j", 1, 2, "peer", "n1", (0,), wait_s=10.0)))
+            await asyncio.sleep(0.3)
+            assert not held.done()  # held by the coordinator: the step is not complete
+            st = await client.report_ready(coord.target, ReadyReport("j", 1, 2, "peer", "n2", (1,), wait_s=10.0))
+            assert st.complete  # the completing report is answered at once
+            first = await asyncio.wait_for(held, 5)
+            assert first.complete and asyncio.get_running_loop().time() - t0 < 5
+            t1 = asyncio.get_running_loop().time()
+            st = await client.report_ready(coord.target, ReadyReport("j", 2, 2, "peer", "n1", (0,), wait_s=0.4))
+            assert not st.complete and st.ready_ranks == (0,)  # answered after wait_s, not settled
+            assert 0.35 <= asyncio.get_running_loop().time() - t1 < 5
+            held = asyncio.create_task(client.report_ready(
+                coord.target, ReadyReport("j", 3, 2, "peer", "n1", (0,), wait_s=10.0)))
+            await asyncio.sleep(0.2)
+            await client.report_ready(coord.target, ReadyReport("j", 3, 2, "peer", "n2", (1,), failed=True,
+                                                                message="ENOSPC"))
+            assert (await asyncio.wait_for(held, 5)).failed_ranks == (1,)  # a failed rank settles it too
+        for bad in (-1.0, MAX_REPORT_WAIT_S + 1, float("nan")):
+            with pytest.raises(ValueError, match="waits"):
+                ReadyReport("j", 1, 2, "peer", "n1", (0,), wait_s=bad).validate()
+    asyncio.run(main())
+
+
+def test_readiness_board_keeps_a_bounded_window_of_steps() -> None:
+    async def main() -> None:
+        board = ReadinessBoard("coord")
+        for step in range(1, 3 * KEEP_STEPS):
+            await board.report(ReadyReport("j", step, 1, "peer", "n1", (0,)))
+        assert board.newest_complete("j", "peer") == 3 * KEEP_STEPS - 1
+        with pytest.raises(NotFound):
+            board.state("j", KEEP_STEPS, "peer")  # forgotten: more than KEEP_STEPS behind the newest
+        assert board.state("j", 2 * KEEP_STEPS - 1, "peer").complete
+        await board.report(ReadyReport("other", 1, 1, "peer", "n1", (0,)))  # other jobs keep theirs
+        assert board.newest_complete("other", "peer") == 1
     asyncio.run(main())
 
 

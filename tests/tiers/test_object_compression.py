@@ -130,13 +130,22 @@ def test_frozen_base_is_not_uploaded_again_and_survives_the_deletion_of_its_step
 def test_gc_sweep_spares_live_uploads_and_referenced_chunks(make_tier: TierFactory, s3_client: Any) -> None:
     tier = make_tier()
     save(tier, 1, finetune_state(3, 1, 32_000))
-    entry, data = state_shard(0, finetune_state(3, 2, 32_000), CHUNK)
-    tier.put_shard(JOB, 2, entry, memoryview(data))  # uploaded, never committed (a crash before commit)
+    shards = [state_shard(r, finetune_state(3, 2 + r, 32_000), CHUNK) for r in range(2)]
+    for entry, data in shards:  # uploaded with the node's one record, never committed (a crash before commit)
+        tier.put_shard(JOB, 2, entry, memoryview(data))
+    tier.put_shard_meta(JOB, 2, [e for e, _ in shards], 2)
     orphan = set(keys_under(s3_client, tier.bucket, tier.step_prefix(JOB, 2)))
-    assert orphan
+    assert tier.shard_meta_key(JOB, 2, 0) in orphan and tier.shard_meta_key(JOB, 2, 1) not in orphan
     assert tier.sweep(JOB, older_than_s=3600) == []  # young: may be a live upload
     assert sorted(tier.sweep(JOB, older_than_s=0)) == sorted(orphan)
     assert read_back(make_tier(), JOB, 1, 0) == state_shard(0, finetune_state(3, 1, 32_000), CHUNK)[1]
+    # A committed step's per-node record goes with the step (delete lists its prefix).
+    entry, data = state_shard(0, finetune_state(3, 4, 32_000), CHUNK)
+    tier.put_shard(JOB, 3, entry, memoryview(data))
+    tier.put_shard_meta(JOB, 3, [entry], 1)
+    tier.commit(manifest_of(JOB, 3, [entry]))
+    tier.delete(JOB, 3)
+    assert keys_under(s3_client, tier.bucket, tier.step_prefix(JOB, 3)) == {}
 
 
 def test_manifest_naming_a_chunk_of_another_job_is_refused(make_tier: TierFactory, s3_client: Any) -> None:

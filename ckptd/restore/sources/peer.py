@@ -2,10 +2,15 @@
 
 The peer directory may not exist when the source is built and its members change at runtime
 (SetPeers): the source holds a callable that returns the current directory (None while peer
-replication is off, then the source holds nothing). Surveying asks every reachable peer what it
-holds of the job (an unreachable peer is absent) and lists a rank's complete copies in placement
-order. The fetch lands in a scratch slot leased once the peer's header names the size, verified
-by the peer client chunk by chunk, and the slot becomes the shard's memory copy (re-warm).
+replication is off, then the source holds nothing). Surveying asks the reachable peers what they
+hold of the job (an unreachable peer is absent) and lists a rank's complete copies in placement
+order. Up to ``ask_all_up_to`` peers it asks every one; beyond, the rank's first placement
+candidates (k + 1 + ``SPARE_CANDIDATES``: its replicas' targets, its own node seen from another,
+and a few for members that joined since) and everyone only when none of them holds a copy. A
+restore in a 10,000-node cluster would otherwise send 9,999 ListHoldings, and a whole job
+restarting would make every node answer N x ranks of them (docs/scale.md). The fetch lands in a
+scratch slot leased once the peer's header names the size, verified by the peer client chunk by
+chunk, and the slot becomes the shard's memory copy (re-warm).
 """
 
 from __future__ import annotations
@@ -20,21 +25,31 @@ from ckptd.peers.replicator import PeerDirectory
 from ckptd.peers.types import FileBacked
 from ckptd.restore.sources.base import Copy, Filled, PlanDraft, Reading, Source, Survey
 
+ASK_ALL_UP_TO = 32  # members: a survey of a larger membership asks the rank's placement candidates first
+SPARE_CANDIDATES = 4
+
 
 class PeerSource:
     tier = TierName.PEER
     distance = 2
 
-    def __init__(self, peers: Callable[[], PeerDirectory | None], catalog: Catalog) -> None:
+    def __init__(self, peers: Callable[[], PeerDirectory | None], catalog: Catalog,
+                 ask_all_up_to: int = ASK_ALL_UP_TO) -> None:
         self.peers = peers
         self.catalog = catalog
+        self.ask_all_up_to = ask_all_up_to
 
     async def survey(self, job: str, rank: int | None) -> Survey:
         peers = self.peers()
         if peers is None or rank is None:
             return Survey(frozenset())
-        held = await peers.holdings(job)
         order = [p.node_id for p in peers.order(job, rank, peers.node_id)]
+        if len(peers.addrs) > self.ask_all_up_to:
+            held = await peers.holdings(job, only=order[:peers.k + 1 + SPARE_CANDIDATES])
+            if not any(h.rank == rank and h.step_complete for hs in held.values() for h in hs):
+                held = await peers.holdings(job)  # placement moved under it, or a degraded push: ask all
+        else:
+            held = await peers.holdings(job)
         copies: dict[int, list[Copy]] = {}
         for node in sorted(held, key=lambda n: order.index(n) if n in order else len(order)):
             for h in held[node]:

@@ -64,7 +64,7 @@ def trainer_kill_mid_copy(ctx: Ctx) -> None:
         [sys.executable, "-m", "tests.fault.scenarios._trainer", n.addr, ctx.job, str(ctx.seed), str(led.nbytes),
          str(W), str(victim), str(before), str(torn)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "client")])})  # this tree's client
     try:
         for step in range(1, before + 1):
             ctx.save(step, [other])

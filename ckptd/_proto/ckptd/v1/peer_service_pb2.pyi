@@ -393,6 +393,7 @@ class ReportReadyRequest(_message.Message):
     RANKS_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    WAIT_S_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     step: _builtins.int
     world_size: _builtins.int
@@ -402,6 +403,8 @@ class ReportReadyRequest(_message.Message):
     failed: _builtins.bool
     """the ranks will not reach the tier (message says why)"""
     message: _builtins.str
+    wait_s: _builtins.float
+    """> 0: answer once the step settles (complete, or a rank failed)"""
     @_builtins.property
     def ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """the ranks this report covers"""
@@ -417,10 +420,11 @@ class ReportReadyRequest(_message.Message):
         ranks: _abc.Iterable[_builtins.int] | None = ...,
         failed: _builtins.bool = ...,
         message: _builtins.str = ...,
+        wait_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "job", b"job", "message", b"message", "node_id", b"node_id", "ranks", b"ranks", "step", b"step", "tier", b"tier", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "job", b"job", "message", b"message", "node_id", b"node_id", "ranks", b"ranks", "step", b"step", "tier", b"tier", "wait_s", b"wait_s", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
