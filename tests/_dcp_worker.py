@@ -11,6 +11,9 @@ Phases (several cases per launch: a torch process costs seconds to start):
   refused without the opt-in; training continues one step and saves step 4 with the opt-in;
   a 2-D (2×2) tensor-parallel DTensor state saved (job J-tp); strict errors; bad input.
 - ``load2``  (2 ranks): step 4 (saved by 4) onto 2 ranks (4→2); the 2-D state onto a 1×2 mesh.
+- ``export2`` (2 ranks): one FSDP2 step by ``dcp.save`` (plus a column-sharded DTensor in the model's
+  dict: a tiling that is not a row range) for ``ckptctl export``; rank 0 writes every full model
+  tensor to DIR/expected-export.safetensors.
 - ``load1``  (1 rank): step 3 (saved by 2) onto 1 rank (2→1); J-mgr through the manager.
 The last line is one JSON object: {"rank", "checks": [names passed], "errors": [...], ...}.
 """
@@ -241,6 +244,24 @@ class Worker:
         want = json.loads((self.out / "expected-tp.json").read_text())
         self.expect("tp-2d-reshard-4-to-2", digests(tp) == want)
 
+    def export2(self) -> None:
+        from safetensors.torch import save_file
+
+        mesh = init_device_mesh("cpu", (self.world,))
+        model, opt = model_and_optim(0, mesh)
+        train_step(model, opt, 1)
+        state = fsdp_state(model, opt)
+        state["model"]["cols"] = distribute_tensor(torch.arange(40, dtype=torch.float64).reshape(4, 10), mesh,
+                                                   [Shard(1)])
+        full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state["model"].items()}
+        with self.manager(self.ns.job) as m:
+            dcp.save(state, storage_writer=CkptdStorageWriter(manager=m, step=1))
+            m.wait_until_finished(Level.LOCAL_DURABLE, timeout_s=60)
+        if self.rank == 0:
+            save_file({k: v.detach().contiguous() for k, v in full.items()},
+                      str(self.out / "expected-export.safetensors"))
+        self.checks.append("exported-state-saved")
+
     def load1(self) -> None:
         job = self.ns.job
         mesh = init_device_mesh("cpu", (1,))
@@ -260,7 +281,7 @@ class Worker:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("phase", choices=["save2", "load4", "load2", "load1"])
+    p.add_argument("phase", choices=["save2", "load4", "load2", "load1", "export2"])
     for a in ("--addr", "--job", "--out"):
         p.add_argument(a, required=True)
     for a in ("--rank", "--world-size", "--port"):

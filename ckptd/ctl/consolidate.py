@@ -7,9 +7,9 @@ another), named as in the model's ``state_dict``. ``model_tensors`` collects, fo
 copy each rank saved; ``full_tensor`` turns one name's copies into the one full tensor to export:
 the one seam where sharded state is merged. A replicated (DDP) tensor is taken once, from the
 lowest rank. DTensor / FSDP shards (each rank holding a slice with its placement) are recorded by
-issue 16's storage format, which this manifest version does not have: a name whose copies differ
-in shape or dtype raises ``InvalidArgument`` here, and that merge lands in ``full_tensor`` with
-issue 16.
+the DCP plugin's metadata record and merged by ``consolidate_dcp.py`` (a step saved through
+``CheckpointManager.save`` without DCP records no placements: a name whose copies differ in shape
+or dtype raises ``InvalidArgument`` here).
 
 ``ChunkReader`` reads byte ranges of one shard through whole integrity chunks (a source's
 ``chunk_bytes``), verifies every chunk's crc32c against the manifest before handing out any of
@@ -45,18 +45,22 @@ def top_level(tree: Any) -> list[tuple[Any, Any]]:
     return list(node.get("d", []))
 
 
-def pick_model_key(manifest: Manifest, wanted: str | None) -> str:
-    keys = [k for k, _ in top_level(manifest.shards[0].tree)]
+def choose_key(keys: list[str], wanted: str | None, where: str) -> str:
+    """The top-level key holding the model: ``wanted``, else the first of MODEL_KEYS present."""
     if wanted is not None:
         if wanted not in keys:
-            raise InvalidArgument(f"{manifest.job}@{manifest.step} has no top-level key {wanted!r} "
-                                  f"(it has {keys})")
+            raise InvalidArgument(f"{where} has no top-level key {wanted!r} (it has {keys})")
         return wanted
     for k in MODEL_KEYS:
         if k in keys:
             return k
-    raise InvalidArgument(f"{manifest.job}@{manifest.step}: no model found (none of {list(MODEL_KEYS)} among "
+    raise InvalidArgument(f"{where}: no model found (none of {list(MODEL_KEYS)} among "
                           f"the top-level keys {keys}); name it with --model-key")
+
+
+def pick_model_key(manifest: Manifest, wanted: str | None) -> str:
+    keys = [k for k, _ in top_level(manifest.shards[0].tree)]
+    return choose_key(keys, wanted, f"{manifest.job}@{manifest.step}")
 
 
 def _leaves(node: Any, prefix: str, out: list[tuple[str, int]]) -> None:
@@ -97,8 +101,8 @@ def full_tensor(name: str, pieces: list[Piece]) -> Piece:
         if (p.entry.dtype, p.entry.shape) != (first.entry.dtype, first.entry.shape):
             raise InvalidArgument(
                 f"{name!r}: rank {first.rank} saved {first.entry.dtype}{list(first.entry.shape)}, rank {p.rank} "
-                f"{p.entry.dtype}{list(p.entry.shape)}: sharded tensors are consolidated once the checkpoint "
-                "records their placements (DTensor/FSDP state, issue 16); export its replicated keys only")
+                f"{p.entry.dtype}{list(p.entry.shape)}: sharded tensors are consolidated from the placements "
+                "the DCP plugin records (save them through ckptd_client.dcp); export its replicated keys only")
     return first  # replicated (DDP): every rank holds the same tensor; rank order picks the lowest
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import struct
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from ckptd.ctl.consolidate import (
     read_size,
     top_level,
 )
+from ckptd.ctl.consolidate_dcp import DcpTensor, dcp_state, dcp_tensors, is_dcp, record
 from ckptd.ctl.model import Identity
 from ckptd.ctl.output import Progress, emit_json, human_bytes
 from ckptd.ctl.restore import SAFETENSORS_DTYPES
@@ -96,7 +98,17 @@ class Readers:
         return reader
 
 
-def plan_files(names: list[str], pieces: dict[str, Piece], max_shard_bytes: int) -> list[list[str]]:
+Full = Piece | DcpTensor  # a replicated tensor (one rank's copy) or one merged from DCP chunks
+
+
+def _blocks(p: Full, readers: Readers) -> Iterator[memoryview]:
+    """The full tensor's bytes in row-major order, verified."""
+    if isinstance(p, DcpTensor):
+        return p.blocks(readers.get)
+    return readers.get(p.rank).pieces(p.entry.offset, p.entry.nbytes)
+
+
+def plan_files(names: list[str], pieces: dict[str, Full], max_shard_bytes: int) -> list[list[str]]:
     """Names grouped into files of at most max_shard_bytes each (a larger tensor gets its own)."""
     files: list[list[str]] = [[]]
     size = 0
@@ -110,7 +122,7 @@ def plan_files(names: list[str], pieces: dict[str, Piece], max_shard_bytes: int)
     return files
 
 
-def _write_safetensors(f: IO[bytes], names: list[str], pieces: dict[str, Piece], readers: Readers,
+def _write_safetensors(f: IO[bytes], names: list[str], pieces: dict[str, Full], readers: Readers,
                        meta: dict[str, str], bar: Progress) -> None:
     order = sorted(names, key=lambda n: (-DTYPE_ITEMSIZE[pieces[n].entry.dtype], n))
     header: dict[str, Any] = {"__metadata__": meta}
@@ -125,13 +137,12 @@ def _write_safetensors(f: IO[bytes], names: list[str], pieces: dict[str, Piece],
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for name in order:
-        p = pieces[name]
-        for data in readers.get(p.rank).pieces(p.entry.offset, p.entry.nbytes):
+        for data in _blocks(pieces[name], readers):
             f.write(data)
             bar.advance(len(data))
 
 
-def _write_torch(f: IO[bytes], names: list[str], pieces: dict[str, Piece], readers: Readers, bar: Progress) -> None:
+def _write_torch(f: IO[bytes], names: list[str], pieces: dict[str, Full], readers: Readers, bar: Progress) -> None:
     try:
         import torch
     except ImportError:
@@ -140,7 +151,7 @@ def _write_torch(f: IO[bytes], names: list[str], pieces: dict[str, Piece], reade
     for name in names:
         p = pieces[name]
         data = bytearray()
-        for piece in readers.get(p.rank).pieces(p.entry.offset, p.entry.nbytes):
+        for piece in _blocks(p, readers):
             data += piece
             bar.advance(len(piece))
         dtype = getattr(torch, p.entry.dtype)
@@ -168,6 +179,11 @@ def _plain(node: Any, tensors: tuple[Any, ...]) -> Any:
 
 
 def state_json(manifest: Manifest, model_key: str) -> bytes:
+    if is_dcp(manifest):
+        doc = {"schema": "ckptd.export-state/v1", "job": manifest.job, "step": manifest.step,
+               "world_size": manifest.world_size, "model_key": model_key,
+               "dcp": dcp_state(record(manifest), model_key)}
+        return json.dumps(doc, indent=1, sort_keys=False).encode() + b"\n"
     ranks = []
     for shard in sorted(manifest.shards, key=lambda s: s.rank):
         rest = {str(k): _plain(node, shard.tensors) for k, node in top_level(shard.tree) if k != model_key}
@@ -202,9 +218,18 @@ def run_export(source: AnySource, ident: Identity, to: Path, fmt: str, model_key
                progress_enabled: bool) -> int:
     t0 = time.monotonic()
     manifest, _ = source.manifest(ident)
-    key = pick_model_key(manifest, model_key)
-    copies = model_tensors(manifest, key)
-    pieces = {name: full_tensor(name, ps) for name, ps in copies.items()}
+    pieces: dict[str, Full]
+    if is_dcp(manifest):
+        key, merged = dcp_tensors(manifest, model_key)
+        pieces = dict(merged)
+        for name, t in merged.items():
+            if t.assemble_bytes() > memory_limit_bytes:
+                raise InvalidArgument(f"{name!r} is sharded across more than its first dimension and is assembled "
+                                      f"in memory ({human_bytes(t.assemble_bytes())}), above --memory-limit "
+                                      f"{human_bytes(memory_limit_bytes)}")
+    else:
+        key = pick_model_key(manifest, model_key)
+        pieces = {name: full_tensor(name, ps) for name, ps in model_tensors(manifest, key).items()}
     names = list(pieces)
     total = sum(p.entry.nbytes for p in pieces.values())
     if fmt == "safetensors":

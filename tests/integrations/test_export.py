@@ -117,14 +117,14 @@ def test_sharded_safetensors_with_index_and_torch_format(exported: Any, tmp_path
 
 
 #: ckptctl's main with its peak RSS (VmHWM: ru_maxrss would carry the forking test's over exec)
-def test_ranks_with_different_shapes_of_a_tensor_are_refused_until_placements_are_recorded() -> None:
+def test_ranks_with_different_shapes_of_a_tensor_are_refused_without_dcp_placements() -> None:
     from ckptd.core.errors import InvalidArgument
     from ckptd.core.layout import TensorEntry
     from ckptd.ctl.consolidate import Piece, full_tensor
 
     a, b = Piece(0, TensorEntry("w", "float32", (4, 8), 0, 128)), Piece(1, TensorEntry("w", "float32", (4, 8), 0, 128))
     assert full_tensor("w", [a, b]) is a  # replicated: the lowest rank's copy
-    with pytest.raises(InvalidArgument, match="'w'.*issue 16"):
+    with pytest.raises(InvalidArgument, match="'w'.*ckptd_client.dcp"):
         full_tensor("w", [a, Piece(1, TensorEntry("w", "float32", (2, 8), 0, 64))])
 
 
