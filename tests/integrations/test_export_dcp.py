@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from ckptd_client import CheckpointManager, Level
 from safetensors.numpy import load_file
@@ -20,19 +21,26 @@ from tests._ckptd_helpers import Daemon, running_daemon, unique_job
 from tests.integration.test_dcp import run_phase
 
 
-def test_fsdp2_step_exports_full_tensors_bit_identical(tmp_path: Path) -> None:
+def test_fsdp2_step_exports_full_tensors_bit_identical(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with running_daemon(tmp_path / "d") as d:
-        _export_fsdp2(d, tmp_path)
+        _export_fsdp2(d, tmp_path, capsys)
 
 
-def _export_fsdp2(d: Daemon, tmp_path: Path) -> None:
+def _export_fsdp2(d: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = unique_job("xdcp")
     run_phase(d, "export2", job, 2, tmp_path)
     want = load_file(tmp_path / "expected-export.safetensors")
     assert set(want) == {"0.weight", "0.bias", "2.weight", "2.bias", "cols"}
 
+    # 'cols' (Shard(1), 320 bytes) is not a row range: it is assembled in memory, 480 bytes with its
+    # largest chunk, so a 256-byte limit refuses it (exit 2) before any file is written
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    assert ckptctl(["--addr", d.addr, "export", f"{job}@1", "--to", str(refused), "--memory-limit", "256"]) == 2
+    assert "'cols' is sharded across more than its first dimension" in capsys.readouterr().err
+    assert list(refused.iterdir()) == []
+
     out = tmp_path / "out"
-    # 4 KiB: a limit smaller than the model; 'cols' (Shard(1)) is assembled within it
     assert ckptctl(["--addr", d.addr, "--json", "export", f"{job}@1", "--to", str(out),
                     "--memory-limit", "4KiB"]) == 0
     got = load_file(out / "model.safetensors")
