@@ -13,7 +13,8 @@ Phases (several cases per launch: a torch process costs seconds to start):
 - ``load2``  (2 ranks): step 4 (saved by 4) onto 2 ranks (4→2); the 2-D state onto a 1×2 mesh.
 - ``export2`` (2 ranks): one FSDP2 step by ``dcp.save`` (plus a column-sharded DTensor in the model's
   dict: a tiling that is not a row range) for ``ckptctl export``; rank 0 writes every full model
-  tensor to DIR/expected-export.safetensors.
+  tensor to DIR/expected-export.safetensors (a 64 KiB row-sharded tensor makes the model larger
+  than the test's memory limit).
 - ``load1``  (1 rank): step 3 (saved by 2) onto 1 rank (2→1); J-mgr through the manager.
 The last line is one JSON object: {"rank", "checks": [names passed], "errors": [...], ...}.
 """
@@ -251,6 +252,9 @@ class Worker:
         model, opt = model_and_optim(0, mesh)
         train_step(model, opt, 1)
         state = fsdp_state(model, opt)
+        # 64 KiB sharded by rows (32 KiB a rank): larger than the export's memory limit in the test
+        state["model"]["big"] = distribute_tensor(torch.randn(64, 256, generator=torch.Generator().manual_seed(3)),
+                                                  mesh, [Shard(0)])
         state["model"]["cols"] = distribute_tensor(torch.arange(40, dtype=torch.float64).reshape(4, 10), mesh,
                                                    [Shard(1)])
         full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state["model"].items()}

@@ -22,7 +22,8 @@ from tests.integration.test_dcp import run_phase
 
 
 def test_fsdp2_step_exports_full_tensors_bit_identical(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with running_daemon(tmp_path / "d") as d:
+    # 4 KiB checksum chunks: an export can stream within a limit far below the model's size
+    with running_daemon(tmp_path / "d", env={"CKPTD_MEMORY_CHUNK_BYTES": "4096"}) as d:
         _export_fsdp2(d, tmp_path, capsys)
 
 
@@ -30,7 +31,7 @@ def _export_fsdp2(d: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     job = unique_job("xdcp")
     run_phase(d, "export2", job, 2, tmp_path)
     want = load_file(tmp_path / "expected-export.safetensors")
-    assert set(want) == {"0.weight", "0.bias", "2.weight", "2.bias", "cols"}
+    assert set(want) == {"0.weight", "0.bias", "2.weight", "2.bias", "big", "cols"}
 
     # 'cols' (Shard(1), 320 bytes) is not a row range: it is assembled in memory, 480 bytes with its
     # largest chunk, so a 256-byte limit refuses it (exit 2) before any file is written
@@ -50,6 +51,16 @@ def _export_fsdp2(d: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert got[name].tobytes() == t.tobytes(), name
     state = json.loads((out / "ckptd_state.json").read_text())
     assert state["model_key"] == "model" and any(k.startswith("optim.") for k in state["dcp"])
+
+    # from the disk tier by range, 8 KiB at most at once for a model of over 64 KiB
+    streamed = tmp_path / "streamed"
+    capsys.readouterr()
+    assert ckptctl(["--root", str(d.root), "--json", "export", f"{job}@1", "--to", str(streamed),
+                    "--memory-limit", "8KiB"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["nbytes"] > 64 * 2**10 and 0 < report["peak_buffer_bytes"] <= 8 * 2**10, report
+    assert set(report["served_from"].values()) == {"disk"}
+    assert (streamed / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
     # from the disk tier, as torch.save
     pt = tmp_path / "pt"
