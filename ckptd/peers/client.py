@@ -6,7 +6,8 @@ Back-pressure: at most ``max_inflight_bytes`` of all this client's pushes are be
 gRPC at any moment, and each call writes one message at a time under HTTP/2 flow control, so a
 slow peer slows its pushes (never the caller's other work) and a stopped one is abandoned at the
 push's deadline. ``fetch_into`` writes a peer's shard into a caller's buffer and verifies every
-chunk crc32c, the integrity-chunk crc32c list and the size before returning.
+chunk crc32c, the integrity-chunk crc32c list and the size before returning; given byte ranges,
+it fetches and verifies only the integrity chunks covering them (peers/ranged.py).
 
 Errors are typed: Timeout (deadline passed), TierFailed (peer down, reset, cancelled),
 IntegrityError (a copy or stream that does not verify), Unauthenticated, or the servicer's own
@@ -306,6 +307,8 @@ class PeerClient:
             if backing is not None:
                 sink_fd = os.open(backing.path, os.O_WRONLY)  # tmpfs: microseconds
             if first.chunks_only:
+                if not ranges:  # the bytes it would leave out are asked for: never hand them out unsent
+                    raise InvalidArgument("chunks only, in answer to a whole-shard fetch")
                 await read_ranged(call, header, ranges, lambda msg: self._put(msg, buf, sink_fd))
             elif first.HasField("bulk"):
                 verifier = verifier_for_frames(e.nbytes, e.chunk_bytes, e.chunk_crc32c)

@@ -11,7 +11,9 @@ and a bulk listener runs, over a one-time bulk connection (peer_bulk.py); either
 integrity-chunk crc32c list of the header matches the bytes and exactly ``nbytes`` arrive. Only
 then is ``ReplicaWriter.commit`` called. Any failure, a sender silent for ``idle_timeout_s``, or a
 cancelled call aborts the writer (after any bulk worker left its buffer): nothing is kept.
-FetchShard serves a held shard the same two ways; the fetcher verifies it.
+FetchShard serves a held shard the same two ways; the fetcher verifies it. A FetchShard with byte
+ranges is answered ``chunks_only`` with the integrity chunks covering them alone, over the gRPC
+stream (peers/ranged.py). ``ckptd_peer_served_bytes_total`` counts the shard bytes sent.
 Errors map like server.py's ``_rpc``: a CkptdError becomes its status code plus the
 ``ckptd-error`` trailing metadata naming the class; anything unexpected is INTERNAL.
 """

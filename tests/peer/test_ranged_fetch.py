@@ -4,7 +4,8 @@
 verifies only the chunks covering them (the rest of the destination is untouched) and the server
 sends only those bytes; a damaged chunk outside the ranges passes, one inside is IntegrityError
 naming it; a range outside the shard is InvalidArgument; a peer that ignores the ranges (one that
-predates the field) sends the whole shard, which the client then verifies whole.
+predates the field) sends the whole shard, which the client then verifies whole; a peer that
+answers a whole-shard fetch with chunks only is refused (the rest would be handed out unsent).
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ class OldPeer(PeerServer):
         await super().FetchShard(request, context)
 
 
+class PartPeer(PeerServer):
+    """A peer that sends one chunk, whatever it was asked for."""
+
+    async def FetchShard(self, request: ppb.FetchShardRequest, context: Any) -> None:
+        request.ranges.add(offset=0, length=1)
+        await super().FetchShard(request, context)
+
+
 def test_a_peer_that_ignores_the_ranges_sends_the_whole_shard_verified_whole() -> None:
     h = make_header(DATA, chunk_bytes=CHUNK)
 
@@ -68,8 +77,11 @@ def test_a_peer_that_ignores_the_ranges_sends_the_whole_shard_verified_whole() -
         store.add_local(h, DATA)
         running = await start_peer_server(OldPeer("node-old", store, store, store.holdings, chunk_bytes=1000),
                                           "127.0.0.1:0", TOKEN)
+        part = await start_peer_server(PartPeer("node-part", store, store, store.holdings), "127.0.0.1:0", TOKEN)
         try:
             async with peer_client() as c:
+                with pytest.raises(IntegrityError, match="chunks only, in answer to a whole-shard fetch"):
+                    await c.fetch_into(f"127.0.0.1:{part.port}", "job", 1, 0, memoryview(bytearray(len(DATA))), 10)
                 dst = bytearray(len(DATA))
                 await c.fetch_into(f"127.0.0.1:{running.port}", "job", 1, 0, memoryview(dst), 10, ranges=RANGES)
                 assert bytes(dst) == DATA and running.servicer.served_bytes == len(DATA)
@@ -79,4 +91,5 @@ def test_a_peer_that_ignores_the_ranges_sends_the_whole_shard_verified_whole() -
                                        ranges=RANGES)
         finally:
             await running.stop(0)
+            await part.stop(0)
     run(main())
