@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +40,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def peer_nodes(factory: Any, names: Sequence[str], token: str, extra: str = "") -> dict[str, Any]:
+def peer_nodes(factory: Any, names: Sequence[str], token: str, extra: str = "",
+               env: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
     """One daemon per name from conftest's ``daemon_factory``, each with a peer port on loopback and
-    the others as its static peers (``[peers]`` plus ``extra`` lines, e.g. "push_timeout_s = 1.0")."""
+    the others as its static peers (``[peers]`` plus ``extra`` lines, e.g. "push_timeout_s = 1.0");
+    ``env``: per name, CKPTD_* variables of that daemon."""
     ports = {n: free_port() for n in names}
     peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items())
-    return {n: factory(config_text=(
+    return {n: factory(env=dict((env or {}).get(n, {})), config_text=(
         f'[peers]\nlisten = "127.0.0.1:{ports[n]}"\nnode_id = "{n}"\ntoken = "{token}"\npeers = "{peers}"\n'
         f"replication_factor = 1\n{extra}")) for n in names}
 

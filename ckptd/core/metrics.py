@@ -48,6 +48,9 @@ PEER_RPCS_RECEIVED = Counter(
     registry=REGISTRY)
 PEER_RPCS_SENT = Counter(
     "ckptd_peer_rpcs_sent_total", "PeerService call attempts sent to peers, by method", ["method"], registry=REGISTRY)
+PEER_SERVED_BYTES = Counter(
+    "ckptd_peer_served_bytes_total", "Shard bytes this node sent to peers fetching them (FetchShard)",
+    registry=REGISTRY)
 RESTORES_TOTAL = Counter("ckptd_restores_total", "Shard restores by serving tier", ["tier"], registry=REGISTRY)
 RESTORE_FALLBACKS = Counter(
     "ckptd_restore_fallbacks_total", "Restores of 'latest' that skipped a newer step with no valid copy",

@@ -6,7 +6,8 @@ Back-pressure: at most ``max_inflight_bytes`` of all this client's pushes are be
 gRPC at any moment, and each call writes one message at a time under HTTP/2 flow control, so a
 slow peer slows its pushes (never the caller's other work) and a stopped one is abandoned at the
 push's deadline. ``fetch_into`` writes a peer's shard into a caller's buffer and verifies every
-chunk crc32c, the integrity-chunk crc32c list and the size before returning.
+chunk crc32c, the integrity-chunk crc32c list and the size before returning; given byte ranges,
+it fetches and verifies only the integrity chunks covering them (peers/ranged.py).
 
 Errors are typed: Timeout (deadline passed), TierFailed (peer down, reset, cancelled),
 IntegrityError (a copy or stream that does not verify), Unauthenticated, or the servicer's own
@@ -23,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
@@ -36,8 +37,10 @@ from ckptd.core.integrity import StreamVerifier, crc32c
 from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.peer_config import TlsFiles
 from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES
+from ckptd.peers.budget import ByteBudget
 from ckptd.peers.bulk import connect as bulk_connect
 from ckptd.peers.bulk import in_thread, pwrite_all, recv_frames, send_frames, split_target, verifier_for_frames
+from ckptd.peers.ranged import read_ranged
 from ckptd.peers.tls import channel_credentials
 from ckptd.peers.types import (
     FetchResult,
@@ -69,27 +72,6 @@ DEADLINE_GRACE_S: Final = 0.5  # local bound beyond the gRPC deadline, should gR
 RETIRE_GRACE_S: Final = 30.0  # a channel replaced after a transport failure lets its calls run this long
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # end-of-stream marker
 Destination = memoryview | FileBacked | Callable[[ReplicaHeader], Awaitable[memoryview | FileBacked]]
-
-
-class ByteBudget:
-    """Bytes in flight across concurrent writers; ``acquire`` waits while the budget is spent."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self.in_use_bytes = 0
-        self._cond = asyncio.Condition()
-
-    async def acquire(self, nbytes: int) -> int:
-        nbytes = min(nbytes, self.capacity_bytes)  # one oversized chunk may still pass, alone
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.in_use_bytes + nbytes <= self.capacity_bytes)
-            self.in_use_bytes += nbytes
-        return nbytes
-
-    async def release(self, nbytes: int) -> None:
-        async with self._cond:
-            self.in_use_bytes -= nbytes
-            self._cond.notify_all()
 
 
 class PeerClient:
@@ -268,15 +250,20 @@ class PeerClient:
 
     # -- fetch --------------------------------------------------------------------------------
     async def fetch_into(self, target: str, job: str, step: int, rank: int, dst: Destination,
-                         deadline_s: float, on_verified: Callable[[int], None] | None = None) -> FetchResult:
+                         deadline_s: float, on_verified: Callable[[int], None] | None = None,
+                         ranges: Sequence[tuple[int, int]] = ()) -> FetchResult:
         """Fetch a shard into ``dst`` (a buffer of >= nbytes, or an async factory given the header).
 
         Returns the verified header (layout and checksums) and the peer tier that served it.
         ``on_verified(n)`` (called from any thread) reports that the first n bytes of ``dst`` are
         written and matched the shard's checksum list, so a reader may consume them already.
+        ``ranges`` (byte ranges of the shard): only the integrity chunks covering them are fetched
+        and verified (the rest of ``dst`` is left as it was; ``on_verified`` is not called); a
+        peer that predates ranged fetches sends, and this verifies, the whole shard.
         """
         request = ppb.FetchShardRequest(job=job, step=step, rank=rank, requester_node=self.node_id,
-                                        want_bulk=self.bulk)
+                                        want_bulk=self.bulk and not ranges,
+                                        ranges=[ppb.ShardRange(offset=o, length=n) for o, n in ranges])
         resolved: list[memoryview | FileBacked] = []
         t0 = time.monotonic()
 
@@ -287,7 +274,7 @@ class PeerClient:
             call = method(request, timeout=remaining_s, metadata=self._md)
             try:
                 return await self._read_shard(target, call, (job, step, rank), dst, resolved, t0, remaining_s,
-                                              on_verified)
+                                              on_verified, ranges)
             except BaseException:
                 call.cancel()
                 raise
@@ -296,7 +283,8 @@ class PeerClient:
 
     async def _read_shard(self, target: str, call: Any, key: tuple[str, int, int], dst: Destination,
                           resolved: list[memoryview | FileBacked], t0: float, remaining_s: float,
-                          on_verified: Callable[[int], None] | None = None) -> FetchResult:
+                          on_verified: Callable[[int], None] | None = None,
+                          ranges: Sequence[tuple[int, int]] = ()) -> FetchResult:
         first = await call.read()
         sink_fd: int | None = None  # the destination file, when written through it (FileBacked)
         if first is _EOF:
@@ -318,7 +306,11 @@ class PeerClient:
             e = header.entry
             if backing is not None:
                 sink_fd = os.open(backing.path, os.O_WRONLY)  # tmpfs: microseconds
-            if first.HasField("bulk"):
+            if first.chunks_only:
+                if not ranges:  # the bytes it would leave out are asked for: never hand them out unsent
+                    raise InvalidArgument("chunks only, in answer to a whole-shard fetch")
+                await read_ranged(call, header, ranges, lambda msg: self._put(msg, buf, sink_fd))
+            elif first.HasField("bulk"):
                 verifier = verifier_for_frames(e.nbytes, e.chunk_bytes, e.chunk_crc32c)
                 sock = await self._connect_bulk(target, first.bulk, remaining_s)
                 try:
@@ -328,20 +320,17 @@ class PeerClient:
                     sock.close()
                 if await call.read() is not _EOF:
                     raise InvalidArgument("chunks on the gRPC stream after a bulk transfer")
+                verifier.finish()
             else:
                 verifier = StreamVerifier(e.nbytes, e.chunk_bytes, e.chunk_crc32c)
                 while (msg := await call.read()) is not _EOF:
                     if not isinstance(msg, RawChunk):
                         raise InvalidArgument("a second header inside the stream")
                     verifier.feed(msg.offset, msg.data, msg.crc32c)
-                    if sink_fd is None:
-                        buf[msg.offset : msg.offset + len(msg.data)] = msg.data
-                    else:
-                        await asyncio.get_running_loop().run_in_executor(
-                            self.executor, pwrite_all, sink_fd, memoryview(msg.data), msg.offset)
+                    await self._put(msg, buf, sink_fd)
                     if on_verified is not None:
                         on_verified(verifier.verified_bytes)
-            verifier.finish()
+                verifier.finish()
         except InvalidArgument as exc:
             raise IntegrityError(f"peer {target} sent an invalid shard stream: {exc}") from None
         except IntegrityError as exc:
@@ -354,6 +343,14 @@ class PeerClient:
             if sink_fd is not None:
                 os.close(sink_fd)
         return FetchResult(header, first.tier, time.monotonic() - t0)
+
+    async def _put(self, msg: RawChunk, buf: memoryview, sink_fd: int | None) -> None:
+        """Write one verified transfer chunk into the destination (its file when ``sink_fd``)."""
+        if sink_fd is None:
+            buf[msg.offset : msg.offset + len(msg.data)] = msg.data
+        else:
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, pwrite_all, sink_fd, memoryview(msg.data), msg.offset)
 
     # -- small calls --------------------------------------------------------------------------
     async def list_holdings(self, target: str, job: str = "", deadline_s: float = 10.0,

@@ -11,7 +11,9 @@ and a bulk listener runs, over a one-time bulk connection (peer_bulk.py); either
 integrity-chunk crc32c list of the header matches the bytes and exactly ``nbytes`` arrive. Only
 then is ``ReplicaWriter.commit`` called. Any failure, a sender silent for ``idle_timeout_s``, or a
 cancelled call aborts the writer (after any bulk worker left its buffer): nothing is kept.
-FetchShard serves a held shard the same two ways; the fetcher verifies it.
+FetchShard serves a held shard the same two ways; the fetcher verifies it. A FetchShard with byte
+ranges is answered ``chunks_only`` with the integrity chunks covering them alone, over the gRPC
+stream (peers/ranged.py). ``ckptd_peer_served_bytes_total`` counts the shard bytes sent.
 Errors map like server.py's ``_rpc``: a CkptdError becomes its status code plus the
 ``ckptd-error`` trailing metadata naming the class; anything unexpected is INTERNAL.
 """
@@ -49,6 +51,7 @@ from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.peer_config import TlsFiles
 from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES, validate_job, validate_node_id, validate_step
 from ckptd.peers.bulk import BulkListener, in_thread, recv_frames, send_frames, verifier_for_frames
+from ckptd.peers.ranged import ranged_chunks
 from ckptd.peers.tls import server_credentials
 from ckptd.peers.types import (
     HoldingsFn,
@@ -203,17 +206,33 @@ class PeerServer:
         shard = await self.source.open_shard(request.job, request.step, request.rank)
         try:
             first = ppb.FetchShardResponse(header=header_to_pb(shard.header), tier=shard.tier)
-            if request.want_bulk and self.bulk is not None:
+            e = shard.header.entry
+            if request.ranges:  # only the integrity chunks covering them, over the gRPC stream
+                chunks = ranged_chunks([(r.offset, r.length) for r in request.ranges], e.chunk_bytes, e.nbytes)
+                first.chunks_only = True
+                await context.write(first)
+                for i in chunks:
+                    start = i * e.chunk_bytes
+                    await self._serve_span(shard, context, start, min(e.chunk_bytes, e.nbytes - start))
+            elif request.want_bulk and self.bulk is not None:
                 await self._serve_bulk(shard, first, context, self.bulk)
+                self._count_served(e.nbytes)
             else:
                 await context.write(first)
-                n = shard.header.nbytes
-                for off in range(0, n, self.chunk_bytes):
-                    data = await shard.read(off, min(self.chunk_bytes, n - off))
-                    await context.write(RawChunk(off, data, crc32c(data)))
-            self.served_bytes += shard.header.nbytes
+                await self._serve_span(shard, context, 0, e.nbytes)
         finally:
             await shard.release()
+
+    async def _serve_span(self, shard: OpenShard, context: Any, start: int, nbytes: int) -> None:
+        """Send bytes [start, start + nbytes) of shard as transfer chunks, each with its crc32c."""
+        for off in range(start, start + nbytes, self.chunk_bytes):
+            data = await shard.read(off, min(self.chunk_bytes, start + nbytes - off))
+            await context.write(RawChunk(off, data, crc32c(data)))
+            self._count_served(len(data))
+
+    def _count_served(self, nbytes: int) -> None:
+        self.served_bytes += nbytes
+        metrics.PEER_SERVED_BYTES.inc(nbytes)
 
     async def _serve_bulk(self, shard: OpenShard, first: ppb.FetchShardResponse, context: Any,
                           bulk: BulkListener) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from ckptd.core.errors import AlreadyExists, BudgetExhausted, NotFound, Timeout
-from ckptd.peers.client import ByteBudget
+from ckptd.peers.budget import ByteBudget
 from ckptd.peers.placement import KEEP_STEPS, ReadinessBoard
 from ckptd.peers.types import MAX_REPORT_WAIT_S, ReadyReport
 from tests.peer._kit import make_header, peer_client, peer_node

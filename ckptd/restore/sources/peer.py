@@ -10,7 +10,8 @@ and a few for members that joined since) and everyone only when none of them hol
 restore in a 10,000-node cluster would otherwise send 9,999 ListHoldings, and a whole job
 restarting would make every node answer N x ranks of them (docs/scale.md). The fetch lands in a
 scratch slot leased once the peer's header names the size, verified by the peer client chunk by
-chunk, and the slot becomes the shard's memory copy (re-warm).
+chunk, and the slot becomes the shard's memory copy (re-warm). A ranged restore asks the peer for
+the integrity chunks covering its ranges alone (peers/ranged.py); that slot is no memory copy.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class PeerSource:
 
         try:
             res = await peers.client.fetch_into(peer.target, reading.job, reading.step, reading.rank, lease,
-                                                peers.fetch_timeout_s, reading.on_verified)
+                                                peers.fetch_timeout_s, reading.on_verified, reading.ranges)
         except BaseException:
             for s in slots:
                 await reading.discard(s)

@@ -227,12 +227,20 @@ class FetchShardRequest(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     REQUESTER_NODE_FIELD_NUMBER: _builtins.int
     WANT_BULK_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     step: _builtins.int
     rank: _builtins.int
     requester_node: _builtins.str
     want_bulk: _builtins.bool
     """receive the bytes over a bulk connection when offered"""
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardRange]:
+        """A ranged fetch: only the integrity chunks (header.chunk_bytes) covering these byte ranges of
+        the shard are sent, over the gRPC stream (never bulk). Empty: the whole shard. A range outside
+        the shard is INVALID_ARGUMENT. A peer that predates this field sends the whole shard.
+        """
+
     def __init__(
         self,
         *,
@@ -241,18 +249,44 @@ class FetchShardRequest(_message.Message):
         rank: _builtins.int = ...,
         requester_node: _builtins.str = ...,
         want_bulk: _builtins.bool = ...,
+        ranges: _abc.Iterable[Global___ShardRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "rank", b"rank", "requester_node", b"requester_node", "step", b"step", "want_bulk", b"want_bulk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "ranges", b"ranges", "rank", b"rank", "requester_node", b"requester_node", "step", b"step", "want_bulk", b"want_bulk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FetchShardRequest: _TypeAlias = FetchShardRequest  # noqa: Y015
 
 @_typing.final
+class ShardRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    length: _builtins.int
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShardRange: _TypeAlias = ShardRange  # noqa: Y015
+
+@_typing.final
 class FetchShardResponse(_message.Message):
-    """FetchShard stream: one header first, then the chunks covering [0, nbytes)."""
+    """FetchShard stream: one header first, then the chunks covering [0, nbytes), or, when the header
+    message says chunks_only, each integrity chunk covering the request's ranges in ascending order
+    (split into transfer chunks, contiguous within an integrity chunk).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -260,8 +294,11 @@ class FetchShardResponse(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     BULK_FIELD_NUMBER: _builtins.int
+    CHUNKS_ONLY_FIELD_NUMBER: _builtins.int
     tier: _builtins.str
     """on the header message: "memory" or "disk" """
+    chunks_only: _builtins.bool
+    """on the header message: the request's ranges were honoured"""
     @_builtins.property
     def header(self) -> Global___ReplicaHeader: ...
     @_builtins.property
@@ -277,10 +314,11 @@ class FetchShardResponse(_message.Message):
         chunk: Global___ReplicaChunk | None = ...,
         tier: _builtins.str = ...,
         bulk: Global___BulkTicket | None = ...,
+        chunks_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bulk", b"bulk", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bulk", b"bulk", "chunk", b"chunk", "header", b"header", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bulk", b"bulk", "chunk", b"chunk", "chunks_only", b"chunks_only", "header", b"header", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
