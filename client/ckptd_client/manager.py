@@ -31,14 +31,14 @@ from ckptd.core.errors import (
     TierFailed,
 )
 from ckptd.core.integrity import chunk_crcs
-from ckptd.core.layout import layout_to_pb
+from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client.agreement import agree_latest, restore_agreed
 from ckptd_client.premap import RestorePremap
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
+from ckptd_client.save_plan import SavePlanner
 from ckptd_client.slot_maps import SlotMaps
-from ckptd_client.tree import copy_into, flatten
 
 log = logging.getLogger("ckptd_client")
 
@@ -159,7 +159,9 @@ class CheckpointManager:
         self.on_error = on_error
         self.conn = Connection(addr)
         self.conn.wait_ready(connect_timeout_s)
-        self._maps = SlotMaps()
+        self._layouts = LayoutMemo()  # layouts converted once per state shape (saves and restores)
+        self._plans = SavePlanner(self._layouts)
+        self._maps = SlotMaps(on_drop=self._plans.forget)
         self.handles: list[SaveHandle] = []
         #: this writer's incarnation: drawn anew by every restore (the state rolled back), so the
         #: daemon drops what an earlier incarnation of this rank left in uncommitted later steps
@@ -182,7 +184,8 @@ class CheckpointManager:
         validate_step(step)
         t0 = time.perf_counter()
         self._drop_premap()  # a job that saves first restored nothing: the prepared slot goes to saves
-        leaves, tensors, tree_json, nbytes = flatten(state)  # TypeError for unsupported values
+        plan = self._plans.plan(state)  # TypeError for unsupported values
+        nbytes = plan.nbytes
         policy = {None: pb.BACKPRESSURE_DEFAULT, "wait": pb.BACKPRESSURE_WAIT,
                   "skip": pb.BACKPRESSURE_SKIP}[self.backpressure]
         self._saved_as = self.incarnation
@@ -198,14 +201,14 @@ class CheckpointManager:
             handle.waited_s = time.perf_counter() - t0
             try:
                 mm = self._maps.get(begin.slot_path, begin.slot_capacity_bytes)
-                copy_into(mm, leaves, tensors, self._maps.base(begin.slot_path))
+                self._plans.copy(plan, begin.slot_path, mm, self._maps.base(begin.slot_path))
                 crcs = chunk_crcs(memoryview(mm)[:nbytes], begin.chunk_bytes) if self.checksum == "client" else []
             except BaseException:
                 self.conn.call(self.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=begin.lease_id))
                 raise
             self.conn.call(self.conn.stub.CommitShard, pb.CommitShardRequest(
                 lease_id=begin.lease_id, job=self.job, step=step, rank=self.rank,
-                world_size=self.world_size, nbytes=nbytes, layout=layout_to_pb(tensors, tree_json),
+                world_size=self.world_size, nbytes=nbytes, layout=self._plans.layout_pb(plan),
                 chunk_bytes=begin.chunk_bytes, chunk_crc32c=crcs,
                 client_stall_s=time.perf_counter() - t0,
             ))
@@ -330,7 +333,8 @@ class CheckpointManager:
                                            client_pid=os.getpid(), strict_latest=strict_latest,
                                            retire_incarnation=self._retire)
         try:
-            start, done = restore_streamed(self.conn, request, state, timeout_s=600, premap=self._premap)
+            start, done = restore_streamed(self.conn, request, state, timeout_s=600, premap=self._premap,
+                                           layouts=self._layouts)
         except NotFound:
             if req_step < 0:
                 return None

@@ -28,7 +28,7 @@ import grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError, from_rpc_error
-from ckptd.core.layout import tensors_from_pb
+from ckptd.core.layout_memo import LayoutMemo
 from ckptd_client.premap import RestorePremap, close_map
 from ckptd_client.rpc import Connection
 from ckptd_client.tree import Restorer
@@ -97,8 +97,11 @@ Events = tuple[pb.PrepareRestoreResponse, pb.PrepareRestoreResponse]
 
 
 def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state: Any, timeout_s: float,
-                     premap: RestorePremap | None = None) -> Events:
-    """Fill ``state`` through rpc Restore; return (the start of the source used, done)."""
+                     premap: RestorePremap | None = None, layouts: LayoutMemo | None = None) -> Events:
+    """Fill ``state`` through rpc Restore; return (the start of the source used, done).
+
+    ``layouts`` converts the layout once per distinct layout (a manager keeps one)."""
+    layouts = layouts if layouts is not None else LayoutMemo()
     call: Any = conn.stub.Restore(request, timeout=timeout_s)
     s = _Stream(call, premap)
     try:
@@ -110,7 +113,7 @@ def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state:
                 buf = s.mm if s.mm is not None else b""
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*not writable.*")
-                    Restorer(buf, tensors_from_pb(start.layout), wait=s.wait).apply(
+                    Restorer(buf, list(layouts.decode(start.layout)), wait=s.wait).apply(
                         json.loads(start.layout.tree_json), state)
                 while s.done is None:
                     s.next_event()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
@@ -22,7 +23,8 @@ MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
 class SlotMaps:
     """Client-side mappings of the daemon's slots, kept and reused across saves (LRU)."""
 
-    def __init__(self, max_maps: int = 6) -> None:
+    def __init__(self, max_maps: int = 6, on_drop: Callable[[str], None] | None = None) -> None:
+        self.on_drop = on_drop  # told before a mapping goes (views over it must be dropped first)
         self.maps: OrderedDict[str, mmap.mmap] = OrderedDict()
         self.bases: dict[str, Any] = {}  # path -> uint8 torch tensor over the mapping (dropped first)
         self.max_maps = max_maps
@@ -44,7 +46,7 @@ class SlotMaps:
         if mm is not None and len(mm) >= capacity:
             self.maps.move_to_end(path)
             return mm
-        self.bases.pop(path, None)
+        self._drop(path)
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
@@ -58,14 +60,21 @@ class SlotMaps:
         self.maps[path] = mm
         while len(self.maps) > self.max_maps:
             old_path, old = self.maps.popitem(last=False)
-            self.bases.pop(old_path, None)
+            self._drop(old_path)
             try:
                 old.close()
             except BufferError:
                 pass
         return mm
 
+    def _drop(self, path: str) -> None:
+        if self.on_drop is not None:
+            self.on_drop(path)
+        self.bases.pop(path, None)
+
     def close(self) -> None:
+        for path in list(self.maps):
+            self._drop(path)
         self.bases.clear()
         for mm in self.maps.values():
             try:

@@ -26,6 +26,7 @@ import numpy as np
 from ckptd.core.layout import TensorEntry, align_up
 from ckptd.core.types import DTYPE_ITEMSIZE
 from ckptd_client import pcopy
+from ckptd_client.views import TypedViews, copy_all
 
 
 @dataclass
@@ -189,12 +190,39 @@ class Restorer:
         self.tensors = tensors
         self.wait = wait
         self.piece_bytes = piece_bytes
+        self._base: TypedViews | None = None  # over buf, through numpy (which holds the export)
+        self._pending: list[tuple[Any, Any]] = []  # in-place torch copies, done in one batch
 
     def apply(self, node: dict[str, Any], cur: Any, path: str = "") -> Any:
+        """Apply node onto cur; at the top level (path ""), every copy is done when it returns."""
+        out = self._apply(node, cur, path)
+        if not path:
+            self._flush()
+        return out
+
+    def _flush(self) -> None:
+        """Do the in-place copies queued so far, with one ``torch._foreach_copy_``."""
+        if self._pending:
+            torch = _torch()
+            assert torch is not None
+            dsts, srcs = zip(*self._pending)
+            self._pending = []
+            with torch.no_grad():
+                copy_all(torch, list(dsts), list(srcs))
+
+    def _view(self, kind: str, t: TensorEntry) -> Any:
+        torch = _torch()
+        if kind != "t" or torch is None or not t.nbytes:
+            return view_of(self.buf, kind, t)
+        if self._base is None:
+            self._base = TypedViews(torch, torch.from_numpy(np.frombuffer(self.buf, dtype=np.uint8)))
+        return self._base.view(t)
+
+    def _apply(self, node: dict[str, Any], cur: Any, path: str) -> Any:
         ((kind, val),) = node.items()
         if kind in ("t", "a"):
             t = self.tensors[val]
-            src = view_of(self.buf, kind, t)
+            src = self._view(kind, t)
             if self.wait is not None:
                 if t.nbytes > self.piece_bytes and self._in_pieces(t, cur, kind):
                     return cur
@@ -207,23 +235,24 @@ class Restorer:
         if kind == "d":
             target = cur if isinstance(cur, dict) else {}
             for k, child in val:
-                target[k] = self.apply(child, target.get(k), _join(path, k))
+                target[k] = self._apply(child, target.get(k), _join(path, k))
             return target
         if kind == "l":
             items = cur if isinstance(cur, list) and len(cur) == len(val) else [None] * len(val)
             for i, child in enumerate(val):
-                items[i] = self.apply(child, items[i], _join(path, i))
+                items[i] = self._apply(child, items[i], _join(path, i))
             if isinstance(cur, list) and cur is not items:
                 cur[:] = items
                 return cur
             return items
         if kind == "u":
             old = cur if isinstance(cur, tuple) and len(cur) == len(val) else (None,) * len(val)
-            return tuple(self.apply(c, o, _join(path, i)) for i, (c, o) in enumerate(zip(val, old)))
+            return tuple(self._apply(c, o, _join(path, i)) for i, (c, o) in enumerate(zip(val, old)))
         if kind == "s":
             if cur is None or not callable(getattr(cur, "load_state_dict", None)):
-                return self.apply(val, None, path)
-            sd = self.apply(val, cur.state_dict(), path)
+                return self._apply(val, None, path)
+            sd = self._apply(val, cur.state_dict(), path)
+            self._flush()  # load_state_dict reads the values
             cur.load_state_dict(sd)
             return cur
         raise ValueError(f"{path}: unknown tree node {kind!r}")
@@ -261,8 +290,7 @@ class Restorer:
             torch = _torch()
             assert torch is not None
             if (isinstance(cur, torch.Tensor) and cur.shape == src.shape and cur.dtype == src.dtype):
-                with torch.no_grad():
-                    cur.copy_(src)
+                self._pending.append((cur, src))  # copied by _flush, before apply returns
                 return cur
             return src.clone()
         if isinstance(cur, np.ndarray) and cur.shape == src.shape and cur.dtype == src.dtype and cur.flags.writeable:
