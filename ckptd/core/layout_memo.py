@@ -86,6 +86,7 @@ class LayoutMemo:
                 for t in tensors]).SerializeToString(deterministic=True)
             if isinstance(tensors, tuple):
                 _put(self._encoded, id(tensors), (tensors, raw), self.max_entries)
+                _put(self._decoded, raw, tensors, self.max_entries)  # what decode would build
         msg = pb.ShardLayout.FromString(raw)
         msg.tree_json = tree_json
         return msg

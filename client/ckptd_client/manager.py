@@ -33,6 +33,7 @@ from ckptd.core.errors import (
 from ckptd.core.integrity import chunk_crcs
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.types import Level, validate_job, validate_step
+from ckptd_client import gcpause
 from ckptd_client.agreement import agree_latest, restore_agreed
 from ckptd_client.premap import RestorePremap
 from ckptd_client.restore_stream import restore_streamed
@@ -184,7 +185,8 @@ class CheckpointManager:
         validate_step(step)
         t0 = time.perf_counter()
         self._drop_premap()  # a job that saves first restored nothing: the prepared slot goes to saves
-        plan = self._plans.plan(state)  # TypeError for unsupported values
+        with gcpause.paused():  # 10^5 tensors: no collector passes over the live state (gcpause.py)
+            plan = self._plans.plan(state)  # TypeError for unsupported values
         nbytes = plan.nbytes
         policy = {None: pb.BACKPRESSURE_DEFAULT, "wait": pb.BACKPRESSURE_WAIT,
                   "skip": pb.BACKPRESSURE_SKIP}[self.backpressure]
@@ -201,7 +203,8 @@ class CheckpointManager:
             handle.waited_s = time.perf_counter() - t0
             try:
                 mm = self._maps.get(begin.slot_path, begin.slot_capacity_bytes)
-                self._plans.copy(plan, begin.slot_path, mm, self._maps.base(begin.slot_path))
+                with gcpause.paused():
+                    self._plans.copy(plan, begin.slot_path, mm, self._maps.base(begin.slot_path))
                 crcs = chunk_crcs(memoryview(mm)[:nbytes], begin.chunk_bytes) if self.checksum == "client" else []
             except BaseException:
                 self.conn.call(self.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=begin.lease_id))

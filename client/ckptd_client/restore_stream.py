@@ -29,6 +29,7 @@ import grpc
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError, from_rpc_error
 from ckptd.core.layout_memo import LayoutMemo
+from ckptd_client import gcpause
 from ckptd_client.premap import RestorePremap, close_map
 from ckptd_client.rpc import Connection
 from ckptd_client.tree import Restorer
@@ -111,7 +112,7 @@ def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state:
                     s.next_event()
                 start = s.start
                 buf = s.mm if s.mm is not None else b""
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), gcpause.paused():
                     warnings.filterwarnings("ignore", message=".*not writable.*")
                     Restorer(buf, list(layouts.decode(start.layout)), wait=s.wait).apply(
                         json.loads(start.layout.tree_json), state)
