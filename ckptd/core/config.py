@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from ckptd.core import sched
 from ckptd.core.errors import InvalidArgument
 from ckptd.core.fsops import check_shm_dir, resolve_group
 from ckptd.core.peer_config import PeerSection, split_list, validate_peers
@@ -69,6 +70,8 @@ class DaemonSection:
     shutdown_timeout_s: float = 60.0
     io_threads: int = 4
     log_level: str = "INFO"
+    nice: int = 0  # 0..19: yield the CPU to training (ckptd/core/sched.py)
+    cpu_affinity: str = ""  # a CPU list, e.g. "6-7": keep off the training cores ("": any CPU)
     # "0600": the daemon's user only. "0660": also the group socket_group (default: the daemon's
     # primary group), for trainers of another user; the shm dir is then 2750 and slot files 0660
     # in that group (README, "Trainers of another user").
@@ -286,6 +289,7 @@ def validate(cfg: Config) -> Config:
         raise InvalidArgument("disk.write_block_bytes must be a multiple of 4096 in [4KiB, 1GiB]")
     if not 1 <= dm.io_threads <= 256:
         raise InvalidArgument("daemon.io_threads must be in [1, 256]")
+    sched.validate(dm.nice, dm.cpu_affinity)
     if dm.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise InvalidArgument("daemon.log_level must be DEBUG, INFO, WARNING or ERROR")
     if cfg.metrics.address:
