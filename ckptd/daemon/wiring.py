@@ -266,6 +266,8 @@ class Daemon:
             "restore_slots": [{"job": job, "rank": rank, "slot_path": str(slot.path), "capacity_bytes": slot.capacity,
                                "prepared": step is None, "step": step or 0}
                               for job, rank, slot, step in self.restorer.restore_slots()],
+            "save_slots": [{"job": s.owner[0], "rank": s.owner[1], "slot_path": str(s.path),
+                            "capacity_bytes": s.capacity} for s in self.pool.slots.values() if s.owner is not None],
             "draining": self.shutdown.draining,
             "tiers": self.tiers(),
         }

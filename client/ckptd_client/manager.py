@@ -36,10 +36,13 @@ from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client import gcpause
 from ckptd_client.agreement import agree_latest, restore_agreed
 from ckptd_client.premap import RestorePremap
+from ckptd_client.ranks import default_node_ranks as _default_node_ranks
+from ckptd_client.ranks import default_rank as _default_rank
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
 from ckptd_client.save_plan import SavePlanner
 from ckptd_client.slot_maps import SlotMaps
+from ckptd_client.slot_warmer import SlotWarmer
 
 log = logging.getLogger("ckptd_client")
 
@@ -85,30 +88,6 @@ class RestoreInfo:
     rejected: list[str] = field(default_factory=list)
     #: newer steps skipped because no valid copy of this rank's shard was left (restore "latest")
     unusable_steps: list[int] = field(default_factory=list)
-
-
-def _default_rank() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist  # only when torch is present
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _default_node_ranks(rank: int, world_size: int) -> tuple[int, ...]:
-    """The ranks on this node, from torchrun's LOCAL_RANK/LOCAL_WORLD_SIZE (contiguous blocks)."""
-    try:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        local_world = int(os.environ["LOCAL_WORLD_SIZE"])
-    except (KeyError, ValueError):
-        return ()
-    first = rank - local_rank
-    if local_world >= world_size or not 0 <= local_rank < local_world or first < 0 \
-            or first + local_world > world_size:
-        return ()
-    return tuple(range(first, first + local_world))
 
 
 class CheckpointManager:
@@ -163,6 +142,9 @@ class CheckpointManager:
         self._layouts = LayoutMemo()  # layouts converted once per state shape (saves and restores)
         self._plans = SavePlanner(self._layouts)
         self._maps = SlotMaps(on_drop=self._plans.forget)
+        # this rank's next slots mapped (and their views made) before a save needs them
+        self._warmer = SlotWarmer(self.conn, job, rank, self._maps,
+                                  on_mapped=lambda path: self._plans.warm(path, self._maps.base(path)))
         self.handles: list[SaveHandle] = []
         #: this writer's incarnation: drawn anew by every restore (the state rolled back), so the
         #: daemon drops what an earlier incarnation of this rank left in uncommitted later steps
@@ -201,6 +183,7 @@ class CheckpointManager:
                 wait_timeout_ms=int(self.wait_timeout_s * 1000) if self.wait_timeout_s else 0,
             ), timeout_s=(self.wait_timeout_s or 0) + 120)
             handle.waited_s = time.perf_counter() - t0
+            mapped_before = self._maps.mapped_count
             try:
                 mm = self._maps.get(begin.slot_path, begin.slot_capacity_bytes)
                 with gcpause.paused():
@@ -215,6 +198,8 @@ class CheckpointManager:
                 chunk_bytes=begin.chunk_bytes, chunk_crc32c=crcs,
                 client_stall_s=time.perf_counter() - t0,
             ))
+            if self._maps.mapped_count != mapped_before:  # a new slot: its spares may follow
+                self._warmer.kick(nbytes)
         except BudgetExhausted as exc:
             handle.skipped = True
             handle.error = exc
@@ -392,6 +377,7 @@ class CheckpointManager:
 
     def close(self) -> None:
         self._drop_premap()
+        self._warmer.close()
         self._maps.close()
         self.conn.close()
 

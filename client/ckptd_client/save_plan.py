@@ -63,6 +63,7 @@ class SavePlanner:
         self._sig: Signature | None = None
         self._tensors: tuple[TensorEntry, ...] = ()
         self._nbytes = 0
+        self._kinds: list[str] = []
         # slot path -> (base tensor, tensor tuple, destination views of the torch leaves)
         self._views: dict[str, tuple[Any, tuple[TensorEntry, ...], list[Any]]] = {}
 
@@ -76,6 +77,7 @@ class SavePlanner:
         reused = sig == self._sig
         if not reused:
             self._tensors, self._nbytes = _layout(leaves)
+            self._kinds = [leaf.kind for leaf in leaves]
             self._sig = sig
         return SavePlan(leaves, self._tensors, tree_json, self._nbytes, reused)
 
@@ -107,6 +109,17 @@ class SavePlanner:
                 dst = np.frombuffer(mm, dtype=leaf.obj.dtype.newbyteorder("="), count=numel, offset=t.offset)
                 np.copyto(dst.reshape(leaf.shape), leaf.obj, casting="equiv")
                 del dst
+
+    def warm(self, slot_path: str, base: Any) -> None:
+        """Make the views of the last layout over a slot mapped ahead of need (slot_warmer.py),
+        so the first save into it copies at steady speed. Safe beside a save: an entry is used
+        only for the very base and tensor tuple it was made for."""
+        torch, tensors, kinds = _torch(), self._tensors, self._kinds
+        if torch is None or base is None or not tensors or slot_path in self._views:
+            return
+        views = TypedViews(torch, base)
+        dsts = [views.view(t) for t, kind in zip(tensors, kinds) if kind == "t" and t.nbytes]
+        self._views.setdefault(slot_path, (base, tensors, dsts))
 
     def forget(self, slot_path: str | None = None) -> None:
         """Drop the cached views of one slot (all with None), before its mapping is closed."""
