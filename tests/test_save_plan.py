@@ -24,7 +24,8 @@ def _slot(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(nbytes, 1))
 
 
-@pytest.mark.parametrize("make", [lambda: torch_state(3, 1), lambda: every_value_state(7)])
+@pytest.mark.parametrize("make", [lambda: torch_state(3, 1), lambda: every_value_state(7),
+                                  lambda: {"big": torch.randn(600_000).view(600, 1000).t(), "small": torch.ones(3)}])
 def test_plan_and_copy_match_the_uncached_path(make) -> None:  # type: ignore[no-untyped-def]
     state = make()
     leaves, tensors, tree_json, nbytes = flatten(state)

@@ -5,9 +5,11 @@ A trainer saves a state of the same structure every step. ``SavePlanner.plan(sta
 the leaves' (name, dtype, shape) with the previous save's, one list comparison in C; when equal
 it reuses the previous layout: the same ``TensorEntry`` tuple (so the ``LayoutMemo`` hands back
 its serialized message without building 10^4..10^5 protobuf entries again) and the same offsets.
-``copy(plan, slot_path, mm, base)`` copies the tensors into the slot with one
+``copy(plan, slot_path, mm, base)`` copies the small tensors into the slot with one
 ``torch._foreach_copy_`` over destination views made once per (slot, layout) and kept, instead
-of slicing the slot and calling ``copy_`` per tensor; numpy leaves are copied one by one.
+of slicing the slot and calling ``copy_`` per tensor; large ones (``BATCH_MAX_BYTES``) get one
+``copy_`` each over the same kept views (it splits a copy over torch's intra-op threads, the
+batch kernel does not); numpy leaves are copied one by one.
 
 Invariants: a plan's layout is exactly what ``tree.flatten`` would build for the state (same
 names, dtypes, shapes, offsets, tree); cached views are only used for the slot mapping and
@@ -29,7 +31,7 @@ from ckptd.core.layout import TensorEntry, align_up
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.types import DTYPE_ITEMSIZE
 from ckptd_client.tree import Flattener, Leaf, _torch
-from ckptd_client.views import TypedViews, copy_all
+from ckptd_client.views import BATCH_MAX_BYTES, TypedViews, copy_all
 
 Signature = list[tuple[str, str, tuple[int, ...]]]
 
@@ -63,9 +65,11 @@ class SavePlanner:
         self._sig: Signature | None = None
         self._tensors: tuple[TensorEntry, ...] = ()
         self._nbytes = 0
-        self._kinds: list[str] = []
-        # slot path -> (base tensor, tensor tuple, destination views of the torch leaves)
-        self._views: dict[str, tuple[Any, tuple[TensorEntry, ...], list[Any]]] = {}
+        # indices of the torch leaves copied in one batch (small) and one by one (large)
+        self._small: list[int] = []
+        self._large: list[int] = []
+        # slot path -> (base tensor, tensor tuple, views of the small leaves, of the large ones)
+        self._views: dict[str, tuple[Any, tuple[TensorEntry, ...], list[Any], list[Any]]] = {}
 
     def plan(self, state: Any) -> SavePlan:
         """Flatten state (TypeError for unsupported values) and lay it out, reusing the last
@@ -77,49 +81,56 @@ class SavePlanner:
         reused = sig == self._sig
         if not reused:
             self._tensors, self._nbytes = _layout(leaves)
-            self._kinds = [leaf.kind for leaf in leaves]
+            torch_leaves = [i for i, leaf in enumerate(leaves) if leaf.kind == "t" and leaf.nbytes]
+            self._small = [i for i in torch_leaves if leaves[i].nbytes < BATCH_MAX_BYTES]
+            self._large = [i for i in torch_leaves if leaves[i].nbytes >= BATCH_MAX_BYTES]
             self._sig = sig
         return SavePlan(leaves, self._tensors, tree_json, self._nbytes, reused)
 
     def layout_pb(self, plan: SavePlan) -> pb.ShardLayout:
         return self.layouts.encode(plan.tensors, plan.tree_json)
 
+    def _make_views(self, torch: Any, base: Any, tensors: tuple[TensorEntry, ...]) -> tuple[list[Any], list[Any]]:
+        views = TypedViews(torch, base)
+        return [views.view(tensors[i]) for i in self._small], [views.view(tensors[i]) for i in self._large]
+
     def copy(self, plan: SavePlan, slot_path: str, mm: Any, base: Any) -> None:
         """Copy every leaf of plan into the slot mapping mm (``base``: a uint8 tensor over it)."""
         torch = _torch()
-        if torch is None or base is None:
+        if torch is None or base is None or plan.tensors is not self._tensors:
             from ckptd_client.tree import copy_into
 
             copy_into(mm, plan.leaves, list(plan.tensors), base)
             return
         cached = self._views.get(slot_path)
         if cached is not None and cached[0] is base and cached[1] is plan.tensors:
-            dsts = cached[2]
+            small, large = cached[2], cached[3]
         else:
-            views = TypedViews(torch, base)
-            dsts = [views.view(t) for leaf, t in zip(plan.leaves, plan.tensors) if leaf.kind == "t" and t.nbytes]
-            self._views[slot_path] = (base, plan.tensors, dsts)
-        srcs = [leaf.obj for leaf in plan.leaves if leaf.kind == "t" and leaf.nbytes]
+            small, large = self._make_views(torch, base, plan.tensors)
+            self._views[slot_path] = (base, plan.tensors, small, large)
+        leaves = plan.leaves
         with torch.no_grad():
-            if srcs:
-                copy_all(torch, dsts, srcs)
-        for leaf, t in zip(plan.leaves, plan.tensors):
+            if small:
+                copy_all(torch, small, [leaves[i].obj for i in self._small])
+            for dst, i in zip(large, self._large):
+                dst.copy_(leaves[i].obj)  # one tensor over torch's intra-op threads
+        for leaf, t in zip(leaves, plan.tensors):
             if leaf.kind == "a" and t.nbytes:
                 numel = t.nbytes // DTYPE_ITEMSIZE[t.dtype]
-                dst = np.frombuffer(mm, dtype=leaf.obj.dtype.newbyteorder("="), count=numel, offset=t.offset)
-                np.copyto(dst.reshape(leaf.shape), leaf.obj, casting="equiv")
-                del dst
+                dst_a = np.frombuffer(mm, dtype=leaf.obj.dtype.newbyteorder("="), count=numel, offset=t.offset)
+                np.copyto(dst_a.reshape(leaf.shape), leaf.obj, casting="equiv")
+                del dst_a
 
     def warm(self, slot_path: str, base: Any) -> None:
         """Make the views of the last layout over a slot mapped ahead of need (slot_warmer.py),
         so the first save into it copies at steady speed. Safe beside a save: an entry is used
         only for the very base and tensor tuple it was made for."""
-        torch, tensors, kinds = _torch(), self._tensors, self._kinds
+        torch, tensors = _torch(), self._tensors
         if torch is None or base is None or not tensors or slot_path in self._views:
             return
-        views = TypedViews(torch, base)
-        dsts = [views.view(t) for t, kind in zip(tensors, kinds) if kind == "t" and t.nbytes]
-        self._views.setdefault(slot_path, (base, tensors, dsts))
+        small, large = self._make_views(torch, base, tensors)
+        if tensors is self._tensors:  # the layout did not change meanwhile
+            self._views.setdefault(slot_path, (base, tensors, small, large))
 
     def forget(self, slot_path: str | None = None) -> None:
         """Drop the cached views of one slot (all with None), before its mapping is closed."""

@@ -26,7 +26,7 @@ import numpy as np
 from ckptd.core.layout import TensorEntry, align_up
 from ckptd.core.types import DTYPE_ITEMSIZE
 from ckptd_client import pcopy
-from ckptd_client.views import TypedViews, copy_all
+from ckptd_client.views import BATCH_MAX_BYTES, TypedViews, copy_all
 
 
 @dataclass
@@ -227,7 +227,7 @@ class Restorer:
                 if t.nbytes > self.piece_bytes and self._in_pieces(t, cur, kind):
                     return cur
                 self.wait(t.offset + t.nbytes)
-            return self._tensor(src, cur, kind, path)
+            return self._tensor(src, cur, kind, path, t.nbytes < BATCH_MAX_BYTES)
         if kind == "v":
             return val
         if kind == "f":
@@ -285,12 +285,16 @@ class Restorer:
                 pcopy.copyto(dst[a:b], src[a:b])
         return True
 
-    def _tensor(self, src: Any, cur: Any, kind: str, path: str) -> Any:
+    def _tensor(self, src: Any, cur: Any, kind: str, path: str, batch: bool = False) -> Any:
         if kind == "t":
             torch = _torch()
             assert torch is not None
             if (isinstance(cur, torch.Tensor) and cur.shape == src.shape and cur.dtype == src.dtype):
-                self._pending.append((cur, src))  # copied by _flush, before apply returns
+                if batch:
+                    self._pending.append((cur, src))  # copied by _flush, before apply returns
+                else:
+                    with torch.no_grad():
+                        cur.copy_(src)
                 return cur
             return src.clone()
         if isinstance(cur, np.ndarray) and cur.shape == src.shape and cur.dtype == src.dtype and cur.flags.writeable:

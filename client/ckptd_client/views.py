@@ -14,10 +14,15 @@ reference to the base tensor, whose owner keeps the mapping open while they live
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from ckptd.core.layout import TensorEntry
 from ckptd.core.types import DTYPE_ITEMSIZE
+
+#: tensors below this size are copied in one ``torch._foreach_copy_`` batch; larger ones alone with
+#: ``copy_``, which splits one copy over torch's intra-op threads (the foreach kernel copies each
+#: tensor on one thread: 1 GiB in 64 tensors took 0.73-0.77 s batched against 0.2 s alone)
+BATCH_MAX_BYTES: Final = 1 << 20
 
 
 class TypedViews:
@@ -53,4 +58,4 @@ def copy_all(torch: Any, dsts: list[Any], srcs: list[Any]) -> None:
             dst.copy_(src)
 
 
-__all__ = ["TypedViews", "copy_all"]
+__all__ = ["BATCH_MAX_BYTES", "TypedViews", "copy_all"]
