@@ -36,8 +36,7 @@ from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client import gcpause
 from ckptd_client.agreement import agree_latest, restore_agreed
 from ckptd_client.premap import RestorePremap
-from ckptd_client.ranks import default_node_ranks as _default_node_ranks
-from ckptd_client.ranks import default_rank as _default_rank
+from ckptd_client.ranks import default_node_ranks, default_rank
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
 from ckptd_client.save_plan import SavePlanner
@@ -112,7 +111,7 @@ class CheckpointManager:
     ) -> None:
         validate_job(job)
         if rank is None or world_size is None:
-            r, w = _default_rank()
+            r, w = default_rank()
             rank = r if rank is None else rank
             world_size = w if world_size is None else world_size
         if not (1 <= world_size and 0 <= rank < world_size):
@@ -129,7 +128,7 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         # ranks served by this node's daemon; () means every rank (a one-node job)
-        self.node_ranks = tuple(node_ranks) if node_ranks is not None else _default_node_ranks(rank, world_size)
+        self.node_ranks = tuple(node_ranks) if node_ranks is not None else default_node_ranks(rank, world_size)
         if self.node_ranks and rank not in self.node_ranks:
             raise ValueError(f"rank {rank} is not among node_ranks {list(self.node_ranks)}")
         self.save_interval_steps = save_interval_steps

@@ -1,8 +1,7 @@
-"""This process's rank, world size and node ranks, from torch.distributed or torchrun's environment.
+"""Where this process sits in its job: rank and world size, and the ranks on this node.
 
-``CheckpointManager`` asks here when it is not told: the rank and world size of an initialized
-process group (else RANK / WORLD_SIZE, default 0 of 1), and the ranks on this node from
-LOCAL_RANK / LOCAL_WORLD_SIZE (contiguous blocks; () when unknown or inconsistent).
+From an initialized torch.distributed group when there is one, else torchrun's environment
+(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); torch is imported only if present.
 """
 
 from __future__ import annotations
@@ -32,6 +31,3 @@ def default_node_ranks(rank: int, world_size: int) -> tuple[int, ...]:
             or first + local_world > world_size:
         return ()
     return tuple(range(first, first + local_world))
-
-
-__all__ = ["default_node_ranks", "default_rank"]
