@@ -48,14 +48,15 @@ def start_moto() -> tuple[subprocess.Popen[str], str]:
 
 
 # -- real daemons ---------------------------------------------------------------------------------
-def daemon_config(endpoint: str, bucket: str, prefix: str, part: int, concurrency: int) -> str:
+def daemon_config(endpoint: str, bucket: str, prefix: str, part: int, concurrency: int,
+                  compression: str = "auto") -> str:
     """The ``[object]`` section of both daemons: the tier-level side's settings, its own prefix."""
     region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
     return "\n".join([
         "[memory]", f"chunk_bytes = {CHUNK_BYTES}",
         "[object]", "enabled = true", 'preset = "minio"', f'endpoint_url = "{endpoint}"', f'region = "{region}"',
         f'bucket = "{bucket}"', f'prefix = "{prefix}"', f"part_size_bytes = {part}",
-        f"max_concurrency = {concurrency}",
+        f"max_concurrency = {concurrency}", f'compression = "{compression}"',
         "max_to_keep = 1",  # retention keeps the newest step only: the store holds one copy at a time
     ]) + "\n"
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ckptd.core.launch import die_with_parent
+
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
 GIB = 2**30
@@ -235,30 +237,6 @@ def gib_per_s(nbytes: int, seconds: float | None) -> float | None:
 
 def same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
-
-
-# -- parent-death guard ------------------------------------------------------------------------
-# A tiny launcher sets PR_SET_PDEATHSIG in the child after the fork and execs the daemon (the
-# setting survives exec). A preexec_fn would do it in the forked copy of this process instead,
-# where grpc's fork handlers restart their poller on an epoll fd that close_fds has just closed:
-# the child then aborts ("epoll_wait error: Bad file descriptor") before it ever execs.
-_LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    os._exit(1)  # the parent died before the guard was set\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def die_with_parent(args: list[str]) -> list[str]:
-    """``args`` run so that the command gets SIGKILL when the process that started it dies (Linux
-    ``PR_SET_PDEATHSIG``), so a daemon never outlives a killed test or bench run, also in a
-    session of its own; ``args`` unchanged off Linux. The signal follows the *thread* that
-    started it: start daemons from a thread that lives as long as they should."""
-    if sys.platform != "linux":
-        return list(args)
-    return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *args]
 
 
 class ServeProcess:

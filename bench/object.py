@@ -34,6 +34,24 @@ Per daemon step the JSON also splits the upload at the daemon's own log lines ("
 "PERSISTED"): ``daemon_checksum_s`` (save return to STAGED logged), ``daemon_upload_commit_s``
 (STAGED to PERSISTED logged), and gives the daemon's own ``daemon_restore_read_s``.
 
+``--state`` chooses the bytes: ``random`` (incompressible, new bytes every step), ``gpt`` (a
+mixed-precision GPT-like state, tests/state_factory.gpt_state: bf16 weights, fp32 master weights
+and Adam moments, new values every step) or ``finetune`` (a frozen bf16 base and small adapters
+that change every step, tests/state_factory.finetune_state). The tier-level side stores the state
+as one shard with its tensors' dtypes (what the codecs see); the daemons get the torch state.
+``--link-mbit M`` puts a rate-limited link with ``--link-latency-ms`` one-way delay
+(tests/linkproxy.py) between every client (boto3, the tier, the daemons) and the store;
+``--compression`` sets ``object.compression`` on the tier and the daemons.
+
+For ``finetune``, step 1 uploads everything and later steps only what changed: the ckptd medians
+are over steps 2.. (``--reps`` >= 2), boto3 uploads the raw bytes every time. The JSON's last line
+also holds ``raw_bytes`` (one step), ``stored_bytes`` (what the tier-level side's last step
+stored under its own keys), ``ckptd_persist_s`` (the daemon's STAGED -> PERSISTED median) and
+``persist_ratio`` (over ``boto3_upload_s``), ``compress_cpu_s`` (thread CPU seconds the tier-level
+side spent encoding, per step) and, for ``finetune``, ``later_step_upload_fraction`` (bytes the
+daemon's steps 2.. stored under their own keys over their raw bytes; the tier-level side's is
+``tier_later_step_upload_fraction``).
+
 Figures are medians over the reps (every sample is in the JSON); ratios are ckptd / boto3
 (lower is better; the contract is <= 1.25). Every download and restore is checked bit-exact.
 Each rep runs the three sides in a rotated order. A table goes to stderr; the last line of
@@ -64,6 +82,7 @@ if str(REPO) not in sys.path:
 
 import boto3  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from _object_procs import CHUNK_BYTES, JOB, Daemon, daemon_config, start_moto  # noqa: E402
 from _util import Cleanup, raise_on_signals  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
@@ -74,7 +93,10 @@ from ckptd.core.config import ObjectSection  # noqa: E402
 from ckptd.core.integrity import chunk_crcs  # noqa: E402
 from ckptd.core.layout import TensorEntry  # noqa: E402
 from ckptd.core.manifest import Manifest, ShardEntry  # noqa: E402
+from ckptd.ctl.inspect import storage_json  # noqa: E402
 from ckptd.tiers.object import ObjectTier  # noqa: E402
+from tests.linkproxy import LinkProxy  # noqa: E402
+from tests.state_factory import finetune_state, gpt_state, state_shard  # noqa: E402
 
 MIB = 2**20
 SLOT_ALIGN = 2 * MIB  # ckptd.memory.slots.SLOT_ALIGN_BYTES
@@ -83,6 +105,46 @@ def shard_entry(data: memoryview) -> ShardEntry:
     n = data.nbytes
     return ShardEntry(0, n, CHUNK_BYTES, tuple(chunk_crcs(data, CHUNK_BYTES)),
                       (TensorEntry("state", "uint8", (n,), 0, n),), {"d": [["state", {"t": 0}]]})
+
+
+def build_step(kind: str, step: int, nbytes: int) -> tuple[dict[str, Any], ShardEntry, bytes]:
+    """(state for the daemons, tier-level entry, its bytes) of one step of about nbytes."""
+    if kind == "random":
+        data = os.urandom(nbytes)
+        return {"w": np.frombuffer(data, dtype=np.uint8)}, shard_entry(memoryview(data)), data
+    if kind == "gpt":
+        state = gpt_state(step, max(1, nbytes // 14))  # 14 bytes a parameter
+    else:
+        state = finetune_state(1, step, max(64, int(nbytes / (2 + 14 / 64))))
+    entry, data = state_shard(0, state, CHUNK_BYTES)
+    return state, entry, data
+
+
+def tensors_of(state: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(tensors_of(v, f"{prefix}{k}."))
+        elif isinstance(v, (torch.Tensor, np.ndarray)):
+            out[prefix + k] = v
+    return out
+
+
+def raw(t: Any) -> bytes:
+    """The bytes of a torch tensor or numpy array."""
+    if isinstance(t, torch.Tensor):
+        return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return bytes(np.ascontiguousarray(t).tobytes())
+
+
+def zeros_like(state: Any) -> Any:
+    if isinstance(state, dict):
+        return {k: zeros_like(v) for k, v in state.items()}
+    if isinstance(state, torch.Tensor):
+        return torch.zeros_like(state)
+    if isinstance(state, np.ndarray):
+        return np.zeros_like(state)
+    return state
 
 
 def timed(fn: Any) -> float:
@@ -131,7 +193,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="only the JSON line on stdout (the table goes to stderr)")
+    ap.add_argument("--state", choices=("random", "gpt", "finetune"), default="random")
+    ap.add_argument("--link-mbit", type=float, default=0.0, help="a link of this rate to the store (0: loopback)")
+    ap.add_argument("--link-latency-ms", type=float, default=0.5, help="one-way delay of that link")
+    ap.add_argument("--compression", choices=("auto", "on", "off"), default="auto")
     args = ap.parse_args()
+    if args.state == "finetune" and args.reps < 2:
+        ap.error("--state finetune needs --reps >= 2 (step 1 uploads everything)")
     raise_on_signals()
     load_before = [round(x, 2) for x in os.getloadavg()]
 
@@ -142,7 +210,9 @@ def main() -> None:
     run_id = uuid.uuid4().hex[:8]
     samples: dict[str, list[float]] = {k: [] for k in (
         "boto3_upload_s", "ckptd_upload_s", "boto3_download_s", "ckptd_restore_s",
-        "ckptd_daemon_upload_s", "ckptd_daemon_restore_s")}
+        "ckptd_daemon_upload_s", "ckptd_daemon_restore_s", "compress_cpu_s")}
+    fractions: dict[str, list[float]] = {"tier": [], "daemon": []}
+    stored_last = 0
     diag: dict[str, list[float]] = {k: [] for k in (
         "daemon_checksum_s", "daemon_upload_commit_s", "daemon_verify_s", "daemon_put_shard_s", "daemon_commit_s",
         "daemon_wait_return_s", "daemon_restore_read_s", "daemon_restore_rest_s", "daemon_save_stall_s")}
@@ -164,10 +234,21 @@ def main() -> None:
                 p.wait()
 
             cleanup.add("moto server", stop_moto)
+        store_endpoint = endpoint
+        if args.link_mbit > 0:
+            host, _, port = endpoint.removeprefix("http://").rstrip("/").partition(":")
+            link = LinkProxy(host, int(port), args.link_mbit, args.link_latency_ms / 1000).start()
+            cleanup.add("link proxy", link.stop)
+            endpoint = link.url
         tier = ObjectTier(ObjectSection(
             enabled=True, preset="minio", endpoint_url=endpoint, bucket=args.bucket,
             prefix=f"bench-{run_id}", part_size_bytes=part, max_concurrency=args.concurrency,
+            compression=args.compression,
         ))
+        reader = ObjectTier(ObjectSection(
+            enabled=True, preset="minio", endpoint_url=store_endpoint, bucket=args.bucket,
+            prefix=f"bench-{run_id}-daemon"))  # reads the daemons' manifests, off the link
+        cleanup.add("manifest reader", reader.close)
         cleanup.add("object tier", tier.close)
         client = boto3.client("s3", endpoint_url=endpoint, config=BotoConfig(
             s3={"addressing_style": "path"}, max_pool_connections=2 * args.concurrency + 4,
@@ -177,27 +258,25 @@ def main() -> None:
                                   preferred_transfer_client="classic")
         if moto is not None:
             client.create_bucket(Bucket=args.bucket)
-        data = os.urandom(nbytes)
-        view = memoryview(data)
-        entry = shard_entry(view)
-        dst = bytearray(nbytes)
+        steps = {step: build_step(args.state, step, nbytes) for step in range(1, args.reps + 1)}
+        nbytes = len(steps[1][2])
         tier.conditional_put_supported()  # the daemon probes at start-up, not per save
 
         # the daemons: A saves and uploads, a fresh empty B per rep restores
         config = workdir / "ckptd.toml"
-        config.write_text(daemon_config(endpoint, args.bucket, f"bench-{run_id}-daemon", part, args.concurrency))
-        slot = -(-nbytes // SLOT_ALIGN) * SLOT_ALIGN
+        config.write_text(daemon_config(endpoint, args.bucket, f"bench-{run_id}-daemon", part, args.concurrency,
+                                        args.compression))
+        slot = -(-(nbytes + MIB) // SLOT_ALIGN) * SLOT_ALIGN  # + the daemon's own layout (alignment, tree)
         budget = (SLOTS_PER_RANK + 1) * slot
         node_a = Daemon("a", workdir, sockdir, config, budget)
         cleanup.add("daemon a", node_a.stop)
         node_a.start()
         saver = CheckpointManager(JOB, rank=0, world_size=1, addr=node_a.addr, on_error="raise")
         cleanup.add("client of daemon a", saver.close)
-        src_state = {"w": np.frombuffer(data, dtype=np.uint8)}
-        want = np.frombuffer(data, dtype=np.uint8)
-        restored = np.zeros(nbytes, dtype=np.uint8)
 
         def boto3_side(rep: int) -> None:
+            data = steps[rep + 1][2]
+            view = memoryview(data)
             key = f"{tier.base}boto3/{rep}.bin"
             samples["boto3_upload_s"].append(timed(
                 lambda: client.upload_fileobj(io.BytesIO(data), args.bucket, key, Config=transfer)))
@@ -209,7 +288,12 @@ def main() -> None:
             client.delete_object(Bucket=args.bucket, Key=key)
 
         def ckptd_side(rep: int) -> None:
+            nonlocal stored_last
             step = rep + 1
+            _, entry, data = steps[step]
+            view = memoryview(data)
+            dst = bytearray(len(data))
+            cpu0 = tier.stats.compress_cpu_s
 
             def upload() -> None:
                 tier.put_shard(JOB, step, entry, view)
@@ -220,13 +304,22 @@ def main() -> None:
                 tier.read_shard_into(JOB, step, m.shard(0), memoryview(dst))
 
             samples["ckptd_upload_s"].append(timed(upload))
+            samples["compress_cpu_s"].append(tier.stats.compress_cpu_s - cpu0)
+            storage = storage_json(tier.read_manifest(JOB, step))
+            stored_last = storage["own_stored_bytes"]
+            if step > 1:
+                fractions["tier"].append(storage["own_stored_bytes"] / storage["logical_bytes"])
             samples["ckptd_restore_s"].append(timed(restore))
             if memoryview(dst) != view:
                 raise SystemExit("ckptd restore differs")
-            tier.delete(JOB, step)
+            if args.state != "finetune":
+                tier.delete(JOB, step)  # each step stands alone
+            elif step > 1:
+                tier.delete(JOB, step - 1)  # retention keeps the newest; its chunks stay referenced
 
         def daemon_side(rep: int) -> None:
             step = rep + 1
+            src_state = steps[step][0]
             h = saver.save(step, src_state)
             t_staged_wall, t0 = time.time(), time.perf_counter()
             status = h.wait(Level.PERSISTED, timeout_s=1800)
@@ -246,12 +339,14 @@ def main() -> None:
                     diag["daemon_verify_s"].append(put_start - times["staged"])
                     diag["daemon_put_shard_s"].append(times["put_s"])
                     diag["daemon_commit_s"].append(times["persisted"] - times["put_end"])
+            if step > 1:
+                storage = storage_json(reader.read_manifest(JOB, step))
+                fractions["daemon"].append(storage["own_stored_bytes"] / storage["logical_bytes"])
 
             node_b = Daemon(f"b{rep}", workdir, sockdir, config, budget)  # an empty node
             try:
                 node_b.start()
-                restored.fill(0)
-                state = {"w": restored}
+                state = zeros_like(src_state)
                 with CheckpointManager(JOB, rank=0, world_size=1, addr=node_b.addr, on_error="raise") as m:
                     t0 = time.perf_counter()
                     got = m.restore(state)
@@ -260,7 +355,8 @@ def main() -> None:
                 if got != step or info is None or info.served_from != "object":
                     raise SystemExit(f"daemon restore: step {got} served from "
                                      f"{info.served_from if info else None}, expected step {step} from object")
-                if state["w"] is not restored or not np.array_equal(restored, want):
+                got_t, want_t = tensors_of(state), tensors_of(src_state)
+                if got_t.keys() != want_t.keys() or any(raw(got_t[k]) != raw(want_t[k]) for k in want_t):
                     raise SystemExit("daemon restore differs")
                 diag["daemon_restore_read_s"].append(info.daemon_read_s)
                 diag["daemon_restore_rest_s"].append(samples["ckptd_daemon_restore_s"][-1] - info.daemon_read_s)
@@ -280,10 +376,26 @@ def main() -> None:
         raise
     finally:
         cleanup.run()
+    if args.state == "finetune":  # step 1 uploads everything: the ckptd figures are of the later steps
+        for k in ("ckptd_upload_s", "ckptd_restore_s", "ckptd_daemon_upload_s", "ckptd_daemon_restore_s",
+                  "compress_cpu_s"):
+            samples[k] = samples[k][1:]
     medians = {k: statistics.median(v) for k, v in samples.items()}
     result: dict[str, Any] = {
         "bytes": nbytes,
-        "endpoint": "moto (loopback, child process)" if moto is not None else endpoint,
+        "state": args.state,
+        "link_mbit": args.link_mbit,
+        "link_latency_ms": args.link_latency_ms if args.link_mbit > 0 else 0.0,
+        "compression": args.compression,
+        "raw_bytes": nbytes,
+        "stored_bytes": stored_last,
+        "ckptd_persist_s": round(medians["ckptd_daemon_upload_s"], 4),
+        "persist_ratio": round(medians["ckptd_daemon_upload_s"] / medians["boto3_upload_s"], 3),
+        **({"later_step_upload_fraction": round(statistics.mean(fractions["daemon"]), 4),
+            "tier_later_step_upload_fraction": round(statistics.mean(fractions["tier"]), 4)}
+           if args.state == "finetune" else {}),
+        "endpoint": ("moto (loopback, child process)" if moto is not None else store_endpoint)
+        + (f" behind a {args.link_mbit:g} Mbit/s link" if args.link_mbit > 0 else ""),
         "part_size_bytes": part,
         "max_concurrency": args.concurrency,
         "reps": args.reps,

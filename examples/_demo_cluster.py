@@ -21,7 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _demo_util import DemoError, die_with_parent, free_port, say, tail
+from _demo_util import DemoError, free_port, say, tail
+
+from ckptd.core.launch import die_with_parent
 
 DAEMON_START_TIMEOUT_S = 30.0
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes; leave room
@@ -50,8 +52,8 @@ class Daemon:
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+            self.proc = subprocess.Popen(die_with_parent(cmd, signal.SIGTERM), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
 
     def wait_ready(self, timeout_s: float = DAEMON_START_TIMEOUT_S) -> None:
         """Wait until the daemon accepts connections on its socket (it listens once it serves).

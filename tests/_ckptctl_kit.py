@@ -159,9 +159,12 @@ TENSOR = {"name": str, "dtype": str, "shape": [INT], "offset": INT, "nbytes": IN
 SHOW_SCHEMA = {
     "schema": {"ckptctl.show/v1"}, "source": SOURCE, "job": str, "step": INT, "world_size": INT, "nbytes": INT,
     "created_unix_s": float, "tiers": [TIERS], "extra": dict,
+    "storage": {"logical_bytes": INT, "stored_bytes": INT, "own_stored_bytes": INT, "compression_ratio": float,
+                "dedup_shared_fraction": float},
     "shards": [{"rank": INT, "key": str, "nbytes": INT, "tensor_count": INT, "chunk_bytes": INT, "chunks": INT,
                 "chunk_crc32c": [INT], "crc32c_digest": lambda s: isinstance(s, str) and len(s) == 8,
-                "locations": [{"tier": TIERS, "location": str}], "?tensors": [TENSOR]}],
+                "locations": [{"tier": TIERS, "location": str}], "stored_bytes": INT, "codecs": dict,
+                "?tensors": [TENSOR]}],
 }
 PLAN_SCHEMA = {
     "schema": {"ckptctl.restore-plan/v1"}, "source": SOURCE, "job": str, "step": INT, "world_size": INT,

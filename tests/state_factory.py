@@ -11,6 +11,10 @@ it saved again and compare a restore with it. Each keeps the exact data its call
 - ``torch_state(step, rank)``: a mix of torch dtypes (bfloat16, float8, bool, 0-d, empty) and numpy.
 - ``every_value_state(seed)``: every supported dtype, view, container and plain value.
 - ``blank_like(state)``: the same tree with every array zeroed and every scalar replaced.
+- ``gpt_state(seed, n_params)``: a mixed-precision GPT-like state (bf16 weights, fp32 master
+  weights, Adam moments); ``finetune_state(seed, step, n_base)``: a frozen bf16 base (identical at
+  every step) and small trainable adapters with their fp32 Adam state (changed at every step);
+  ``state_shard(rank, state, chunk_bytes)``: such a state as one shard (entry and bytes), for tier tests.
 
 Only numpy is imported here: the torch builders import torch when called, so trainer processes
 that build numpy states start quickly.
@@ -255,3 +259,60 @@ def every_value_state(seed: int) -> dict[str, Any]:
 
     g = torch.Generator().manual_seed(seed)
     return {"dtypes": every_dtype(g), "odd": odd_tensors(g), "numpy": numpy_values(seed), "plain": plain_values()}
+
+
+# -- large-model-like states (torch) ---------------------------------------------------------------
+def gpt_state(seed: int, n_params: int) -> dict[str, Any]:
+    """What a mixed-precision trainer of a GPT holds for n_params parameters: bf16 weights
+    (N(0, 0.02) like an initialised transformer), the fp32 master copy they were rounded from, and
+    Adam's exp_avg (~N(0, 1e-3)) and exp_avg_sq (its square-like, positive) in fp32. 14 bytes a
+    parameter. Random mantissas: no more compressible than real ones."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    master = torch.randn(n_params, generator=g) * 0.02
+    exp_avg = torch.randn(n_params, generator=g) * 1e-3
+    exp_avg_sq = (torch.randn(n_params, generator=g) * 1e-3) ** 2
+    return {"model": {"weight": master.to(torch.bfloat16)},
+            "optimizer": {"master": master, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": 1}}
+
+
+def finetune_state(seed: int, step: int, n_base: int) -> dict[str, Any]:
+    """Fine-tuning with a frozen base model: the base's bf16 weights are the same at every step
+    (built from seed alone); adapters of n_base // 64 parameters and their fp32 master and Adam
+    state change at every step (LoRA-like: about 1.6% of the parameters, 11% of the bytes)."""
+    base = gpt_state(seed, n_base)["model"]
+    adapter = gpt_state(seed * 100_003 + step, max(1, n_base // 64))
+    return {"base": base, "adapter": adapter}
+
+
+def state_shard(rank: int, state: dict[str, Any], chunk_bytes: int) -> tuple[Any, bytes]:
+    """The shard of a (nested) dict of torch tensors, tensors back to back in sorted-path order
+    with their dtypes (what the object tier's codecs look at), and its bytes."""
+    import torch
+
+    from ckptd.core.integrity import chunk_crcs
+    from ckptd.core.layout import TensorEntry
+    from ckptd.core.manifest import ShardEntry
+
+    flat: list[tuple[str, Any]] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        for k in sorted(node):
+            v = node[k]
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            elif hasattr(v, "dtype"):
+                flat.append((prefix + k, v))
+
+    walk("", state)
+    tensors, blobs, offset = [], [], 0
+    for name, t in flat:
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        tensors.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, len(raw)))
+        blobs.append(raw)
+        offset += len(raw)
+    data = b"".join(blobs)
+    tree = {"d": [[name, {"t": i}] for i, (name, _) in enumerate(flat)]}
+    entry = ShardEntry(rank, len(data), chunk_bytes, tuple(chunk_crcs(data, chunk_bytes)), tuple(tensors), tree)
+    return entry, data

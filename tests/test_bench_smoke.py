@@ -1,4 +1,4 @@
-"""Smoke test of bench/stall.py: a small run completes, prints its JSON and cleans up.
+"""Smoke tests of bench/stall.py and bench/dcp.py: a small run completes, prints its JSON and cleans up.
 
 It starts a real daemon through the bench, so it also exercises the save and drain paths at
 32 MiB. Timing ratios are machine-dependent and deliberately not asserted here.
@@ -69,3 +69,18 @@ def test_goodput_bench_tiny_run_reports_every_method(tmp_path: Path) -> None:
     assert methods["dcp_async"]["durable_saves"] == 3  # every upload awaited
     assert methods["dlrover"]["available"] is False and "no-such-python" in methods["dlrover"]["error"]
     assert list(tmp_path.iterdir()) == []  # work dirs removed
+
+
+def test_dcp_bench_small_run_prints_json(tmp_path: Path) -> None:
+    """bench/dcp.py at 8 MiB: both backends save, the JSON names every figure, nothing is left."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "dcp.py"), "--size-mib", "8", "--reps", "1", "--json",
+         "--dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["bytes"] == 8 * 2**20
+    for key in ("ckptd_blocked_s", "dcp_blocked_s", "ckptd_durable_s", "dcp_durable_s"):
+        assert res[key] > 0 and len(res["samples"][key]) == 1, key
+    assert list(tmp_path.iterdir()) == []

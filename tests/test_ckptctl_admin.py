@@ -201,7 +201,11 @@ def test_bucket_target(daemon_factory: Callable[..., DaemonProc], moto_s3: MotoS
     show = ctl_json("show", f"{JOB}@latest", "--tensors", *b)
     assert show["step"] == 2 and show["tiers"] == ["object"]
     keys = [s["locations"][0]["location"] for s in show["shards"]]
-    assert keys == [f"s3://{moto_s3.bucket}/{prefix}/{JOB}/step-000000000002/rank-{r:06d}.shard" for r in (0, 1)]
+    assert keys == [f"s3://{moto_s3.bucket}/{prefix}/{JOB}/step-000000000002/rank-{r:06d}.shard.c*" for r in (0, 1)]
+    storage = show["storage"]
+    assert storage["logical_bytes"] == show["nbytes"] == sum(s["nbytes"] for s in show["shards"])
+    assert storage["stored_bytes"] == sum(s["stored_bytes"] for s in show["shards"]) > 0
+    assert storage["compression_ratio"] == round(storage["logical_bytes"] / storage["stored_bytes"], 3)
     assert ctl_rcs(["show", f"{JOB}@7", *b], ["verify", f"{JOB}@2", "--tier", "disk", *b],
                    ["pin", f"{JOB}@2", *b], ["status", *b]) == [4, 2, 2, 0]
 
@@ -217,9 +221,9 @@ def test_bucket_target(daemon_factory: Callable[..., DaemonProc], moto_s3: MotoS
     ok = ctl_json("verify", f"{JOB}@2", "--read-data", *b)
     assert ok["ok"] and [c["status"] for c in ok["checks"]] == ["ok", "ok", "ok"]
     assert ok["nbytes_read"] == sum(s["nbytes"] for s in show["shards"])
-    # flip one byte of rank 1's shard object
+    # flip one byte of rank 1's first chunk object
     s3 = moto_s3.client()
-    key = keys[1].removeprefix(f"s3://{moto_s3.bucket}/")
+    key = keys[1].removeprefix(f"s3://{moto_s3.bucket}/").removesuffix("*") + "000000"
     body = bytearray(s3.get_object(Bucket=moto_s3.bucket, Key=key)["Body"].read())
     body[1000] ^= 0x40
     s3.put_object(Bucket=moto_s3.bucket, Key=key, Body=bytes(body))

@@ -1,6 +1,6 @@
 """ckptctl on a terminal and as a program, driven as a subprocess.
 
-Protects the progress bar on a terminal only: ``restore`` and ``verify --read-data`` draw it on
+Protects the progress bar on a terminal only: ``restore``, ``export`` and ``verify --read-data`` draw it on
 stderr when that is a terminal, never when piped, never in JSON mode, never with
 ``--no-progress``; styled output is honoured only without ``NO_COLOR``; the ``ckptctl`` console
 script and ``python -m ckptd.ctl.main`` give the same result.
@@ -67,9 +67,11 @@ def test_progress_bar_only_on_a_terminal(saved: Saved, tmp_path: Path) -> None:
     assert rc == 0 and "ETA" not in term and json.loads(out)["step"] == 20
     rc, _, term = run_on_pty(["restore", f"{JOB}@20", "--to", str(tmp_path / "np"), "--no-progress", *saved.addr()])
     assert rc == 0 and "ETA" not in term
-    # verify --read-data draws one too
+    # verify --read-data and export draw one too
     rc, _, term = run_on_pty(["verify", f"{JOB}@20", "--read-data", *saved.addr()])
     assert rc == 0 and "ETA" in term and f"verify {JOB}@20" in term
+    rc, _, term = run_on_pty(["export", f"{JOB}@20", "--to", str(tmp_path / "export"), *saved.addr()])
+    assert rc == 0 and "ETA" in term and f"export {JOB}@20" in term and "100%" in term
 
 
 def test_no_color_honoured(saved: Saved) -> None:

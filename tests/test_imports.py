@@ -33,14 +33,15 @@ def offending(mods: set[str], prefixes: tuple[str, ...]) -> list[str]:
     return sorted(m for m in mods if any(m == p or m.startswith(p + ".") for p in prefixes))
 
 
-CLIENT_FORBIDDEN = ("boto3", "botocore", "s3transfer", "aiofiles", "prometheus_client", "ckptd.tiers", "ckptd.daemon",
-                    "ckptd.rpc", "ckptd.drains", "ckptd.restore", "ckptd.memory", "ckptd.peers", "ckptd.save",
-                    "ckptd.ctl", "ckptd.core.metrics", "torch")
+CLIENT_FORBIDDEN = ("boto3", "botocore", "s3transfer", "zstandard", "aiofiles", "prometheus_client", "ckptd.tiers",
+                    "ckptd.daemon", "ckptd.rpc", "ckptd.drains", "ckptd.restore", "ckptd.memory", "ckptd.peers",
+                    "ckptd.save", "ckptd.ctl", "ckptd.core.metrics", "torch", "transformers", "pytorch_lightning",
+                    "lightning_fabric", "safetensors")
 
 
 #: Distributions only the daemon (or the object tier, or the dev tools) uses: never a base dependency.
-DAEMON_ONLY_DISTS = {"boto3", "botocore", "s3transfer", "urllib3", "prometheus-client", "grpcio-health-checking",
-                     "aiofiles", "torch", "moto"}
+DAEMON_ONLY_DISTS = {"boto3", "botocore", "s3transfer", "urllib3", "zstandard", "prometheus-client",
+                     "grpcio-health-checking", "aiofiles", "torch", "moto"}
 #: Top-level modules of the base dependencies (grpcio, protobuf, numpy, crc32c) and of theirs.
 BASE_MODULES = {"grpc", "google", "numpy", "crc32c", "typing_extensions"}
 #: Modules a client-only install lacks; the probe below makes them unimportable.
@@ -52,8 +53,8 @@ class _Blocked:
             raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
         return None
 sys.meta_path.insert(0, _Blocked())
-""".format(blocked=sorted({"boto3", "botocore", "s3transfer", "prometheus_client", "grpc_health", "aiofiles",
-                           "torch", "grpc_tools"}))
+""".format(blocked=sorted({"boto3", "botocore", "s3transfer", "zstandard", "prometheus_client", "grpc_health",
+                           "aiofiles", "torch", "grpc_tools"}))
 
 
 def _dist_name(requirement: str) -> str:

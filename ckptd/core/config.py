@@ -141,6 +141,10 @@ class ObjectSection:
     keep_period: int = 0  # also keep every step divisible by this (0: off)
     every_n_steps: int = 1
     commit_wait_s: float = 600.0  # how long a step's coordinator waits for other nodes' shards
+    compression: str = "auto"  # auto (per chunk, by measured CPU and link speed) | on | off (raw)
+    compression_level: int = 1  # zstd level when compressing (1 measured best for bf16/fp32 states)
+    dedup: bool = True  # chunks already stored for the job (same sha256) are referenced, not uploaded
+    max_upload_mbit: float = 0.0  # cap on this node's upload rate to the store, Mbit/s (0: none)
 
 
 @dataclass(frozen=True)
@@ -350,6 +354,12 @@ def validate_object(o: ObjectSection) -> None:
                       ("total_timeout_s", o.total_timeout_s), ("commit_wait_s", o.commit_wait_s)):
         if not 0 < secs <= 86400:
             raise InvalidArgument(f"object.{key} must be in (0, 86400], got {secs}")
+    if o.compression not in ("auto", "on", "off"):
+        raise InvalidArgument(f"object.compression must be one of 'auto', 'on', 'off', got {o.compression!r}")
+    if isinstance(o.compression_level, bool) or not 1 <= o.compression_level <= 19:
+        raise InvalidArgument(f"object.compression_level must be in [1, 19], got {o.compression_level}")
+    if not 0 <= o.max_upload_mbit <= 1e6:
+        raise InvalidArgument(f"object.max_upload_mbit must be in [0, 1000000] (0: no cap), got {o.max_upload_mbit}")
     if not 0 <= o.hashed_prefixes <= 65536:
         raise InvalidArgument(f"object.hashed_prefixes must be in [0, 65536], got {o.hashed_prefixes}")
     if o.max_to_keep < 1 or o.keep_period < 0 or o.every_n_steps < 1:

@@ -207,3 +207,15 @@ class StreamVerifier:
 
 
 # -- auth --------------------------------------------------------------------------------------
+
+
+def covering_chunks(ranges: Sequence[tuple[int, int]], chunk_bytes: int, nbytes: int) -> list[int]:
+    """The sorted indexes of the crc32c chunks that cover byte ranges (offset, length) of a shard of
+    nbytes; ValueError for a range outside the shard."""
+    out: set[int] = set()
+    for offset, length in ranges:
+        if offset < 0 or length < 0 or offset + length > nbytes:
+            raise ValueError(f"byte range [{offset}, {offset + length}) outside the shard's {nbytes} bytes")
+        if length:
+            out.update(range(offset // chunk_bytes, (offset + length - 1) // chunk_bytes + 1))
+    return sorted(out)

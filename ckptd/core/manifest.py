@@ -32,6 +32,27 @@ from ckptd.core.types import (
 SCHEMA_VERSION: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
 MAX_MANIFEST_BYTES: Final = 512 * 1024 * 1024
+#: Codecs of a stored chunk (``ChunkRef.codec``): the bytes as they are, zstandard, or zstandard over
+#: the byte planes of 2- or 4-byte elements (every element's byte 0, then every byte 1, ...).
+CODECS: Final = ("raw", "zstd", "zstd-shuf2", "zstd-shuf4")
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """Where one chunk of a shard is stored in the object tier, and how.
+
+    ``object_key`` may belong to an older step of the same job (deduplication: the chunk's content
+    was already stored); ``sha256`` is of the uncompressed bytes, ``stored_bytes`` the object's
+    size. The chunk's crc32c stays in ``ShardEntry.chunk_crc32c``, over the uncompressed bytes."""
+
+    object_key: str
+    codec: str
+    stored_bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.object_key, "codec": self.codec, "stored_bytes": self.stored_bytes,
+                "sha256": self.sha256}
 
 
 _TENSORS_JSON_MAX: Final = 8
@@ -72,6 +93,9 @@ class ShardEntry:
     #: Full object-store key of the shard (object tier only; empty elsewhere). Optional in the
     #: JSON: written only when set, so manifests without it keep their exact bytes.
     object_key: str = ""
+    #: Object tier only: one stored object per chunk (compressed, possibly shared with an older
+    #: step). Empty: the shard is one object (``object_key``), as every step before codecs was.
+    chunks: tuple[ChunkRef, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -89,7 +113,14 @@ class ShardEntry:
         }
         if self.object_key:
             out["object_key"] = self.object_key
+        if self.chunks:
+            out["chunks"] = [c.to_json() for c in self.chunks]
         return out
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this shard's manifest entry points at in the store (its logical size when unchunked)."""
+        return sum(c.stored_bytes for c in self.chunks) if self.chunks else self.nbytes
 
 
 @dataclass(frozen=True)
@@ -233,7 +264,41 @@ def _shard_from_obj(obj: Any) -> ShardEntry:
     object_key = obj.get("object_key", "")
     if not isinstance(object_key, str) or (object_key and not _valid_object_key(object_key, key)):
         raise ValueError(f"shard {rank}: invalid object_key {object_key!r}")
-    return ShardEntry(rank, nbytes, chunk_bytes, crcs, tensors, tree, key, object_key)
+    chunks = _chunks_from_obj(obj.get("chunks", []), rank, nbytes, chunk_bytes)
+    return ShardEntry(rank, nbytes, chunk_bytes, crcs, tensors, tree, key, object_key, chunks)
+
+
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def _chunks_from_obj(raw: Any, rank: int, nbytes: int, chunk_bytes: int) -> tuple[ChunkRef, ...]:
+    """The chunk records of a shard: none (one object), or one per chunk with a known codec, a
+    raw size equal to the chunk's, an allow-listed key and a sha256 digest."""
+    if not isinstance(raw, list):
+        raise ValueError(f"shard {rank}: chunks must be a list")
+    if not raw:
+        return ()
+    if len(raw) != chunk_count(nbytes, chunk_bytes):
+        raise ValueError(f"shard {rank}: {len(raw)} chunk records for {chunk_count(nbytes, chunk_bytes)} chunks")
+    out = []
+    for i, c in enumerate(raw):
+        if not isinstance(c, dict):
+            raise ValueError(f"shard {rank}: chunk record {i} must be an object")
+        key, codec, digest = c.get("key"), c.get("codec"), c.get("sha256")
+        if not (isinstance(key, str) and isinstance(codec, str) and isinstance(digest, str)):
+            raise ValueError(f"shard {rank}: chunk record {i}: key, codec and sha256 must be strings")
+        ref = ChunkRef(key, codec, _int(c.get("stored_bytes"), "stored_bytes"), digest)
+        length = min(chunk_bytes, nbytes - i * chunk_bytes)
+        if (ref.codec not in CODECS or not 0 <= ref.stored_bytes <= 2 * length + 4096
+                or (ref.codec == "raw" and ref.stored_bytes != length)):
+            raise ValueError(f"shard {rank}: chunk {i}: bad codec {ref.codec!r} or size {ref.stored_bytes}")
+        if not _SHA256_RE.fullmatch(ref.sha256):
+            raise ValueError(f"shard {rank}: chunk {i}: bad sha256")
+        if (len(ref.object_key) > 1024 or ".." in ref.object_key
+                or _OBJECT_KEY_RE.fullmatch(ref.object_key) is None):
+            raise ValueError(f"shard {rank}: chunk {i}: invalid key {ref.object_key!r}")
+        out.append(ref)
+    return tuple(out)
 
 
 _OBJECT_KEY_RE: Final = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")

@@ -138,7 +138,23 @@ def _gc_local(source: DiskSource | ObjectSource, job: str | None, dry_run: bool,
                         errors.append(f"{t}: removing {j}@{s} failed: {exc}")
                         continue
                 rows.append(_copy(j, s, t))
+            if t == "object" and not dry_run:
+                _sweep_object(source, j, errors)
     return rows, errors, {t: {"max_to_keep": keep, "keep_period": period}}
+
+
+def _sweep_object(source: DiskSource | ObjectSource, job: str, errors: list[str]) -> None:
+    """Mark-and-sweep the job's objects: what no committed step references and no live upload
+    may still write (older than the tier's stale-upload age) goes."""
+    if isinstance(source, DiskSource):
+        return
+    try:
+        swept = source.tier.sweep(job, older_than_s=source.tier.stale_upload_age_s)
+    except CkptdError as exc:
+        errors.append(f"object: sweeping {job} failed: {exc}")
+        return
+    if swept:
+        message(f"object: removed {len(swept)} unreferenced object(s) of {job}")
 
 
 # -- rm -------------------------------------------------------------------------------------

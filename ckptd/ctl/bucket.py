@@ -165,6 +165,10 @@ class ObjectSource:
         return self.tier.read_manifest(ident.job, step), ["object"]
 
     def shard_url(self, manifest: Manifest, entry: ShardEntry) -> str:
+        """The shard object, or for a chunked shard the pattern of its chunk objects in its step."""
+        if entry.chunks:
+            first = self.tier.chunk_object_key(manifest.job, manifest.step, entry.rank, 0)
+            return self.tier.url(first.removesuffix(".c000000")) + ".c*"
         return self.tier.url(self.tier._entry_key(manifest.job, manifest.step, entry))
 
     def manifest_url(self, manifest: Manifest) -> str:
@@ -174,8 +178,18 @@ class ObjectSource:
         return [Planned("object", self.shard_url(manifest, manifest.shard(rank)))]
 
     def head_size(self, manifest: Manifest, entry: ShardEntry) -> int | None:
-        """The shard object's size, None when it is missing (TierFailed when the store fails)."""
-        key = self.tier._entry_key(manifest.job, manifest.step, entry)
+        """The shard's size, None when its object (or one of its chunk objects) is missing
+        (TierFailed when the store fails). A chunked shard's size is its logical size when every
+        chunk object has its recorded size, and is off by the difference otherwise."""
+        if entry.chunks:
+            want = {self.tier.check_chunk_key(manifest.job, c.object_key): c.stored_bytes for c in entry.chunks}
+            sizes = [self._head_size(k) for k in sorted(want)]
+            if any(n is None for n in sizes):
+                return None
+            return entry.nbytes + sum(n or 0 for n in sizes) - sum(want.values())
+        return self._head_size(self.tier._entry_key(manifest.job, manifest.step, entry))
+
+    def _head_size(self, key: str) -> int | None:
         try:
             head = self.tier._head(key)
         except Exception as exc:  # noqa: BLE001 - botocore's errors, typed here

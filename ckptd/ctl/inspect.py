@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import struct
+from collections import Counter
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from ckptd import __version__
 from ckptd.core.errors import CkptdError, DaemonUnavailable, NotFound
 from ckptd.core.integrity import crc32c
 from ckptd.core.manifest import Manifest, ShardEntry
+from ckptd.core.types import step_dirname
 from ckptd.ctl.model import Identity, StepRow
 from ckptd.ctl.output import emit_json, human_bytes, message, render_fields, render_table
 from ckptd.ctl.source import DaemonSource, DiskSource
@@ -120,23 +122,43 @@ def shard_json(source: AnySource, manifest: Manifest, entry: ShardEntry,
         "rank": entry.rank, "key": entry.key, "nbytes": entry.nbytes, "tensor_count": len(entry.tensors),
         "chunk_bytes": entry.chunk_bytes, "chunks": len(entry.chunk_crc32c),
         "chunk_crc32c": list(entry.chunk_crc32c), "crc32c_digest": crc_digest(entry), "locations": where,
+        "stored_bytes": entry.stored_bytes,
+        "codecs": dict(Counter(c.codec for c in entry.chunks)) if entry.chunks else {"raw": len(entry.chunk_crc32c)},
     }
     if tensors:
         out["tensors"] = [t.to_json() for t in entry.tensors]
     return out
 
 
+def storage_json(manifest: Manifest) -> dict[str, Any]:
+    """What the step takes in its store: logical bytes, stored bytes (every chunk it references,
+    compressed), the bytes of objects its own step stored (the rest is shared with older steps),
+    the compression ratio and the fraction shared with older steps (deduplication). A manifest
+    without chunk records stores its logical bytes."""
+    own = f"/{step_dirname(manifest.step)}/"
+    stored = sum(s.stored_bytes for s in manifest.shards)
+    new = sum(c.stored_bytes for s in manifest.shards for c in s.chunks if own in "/" + c.object_key)
+    new += sum(s.nbytes for s in manifest.shards if not s.chunks)
+    return {"logical_bytes": manifest.nbytes, "stored_bytes": stored, "own_stored_bytes": new,
+            "compression_ratio": round(manifest.nbytes / stored, 3) if stored else 1.0,
+            "dedup_shared_fraction": round(1 - new / stored, 3) if stored else 0.0}
+
+
 def run_show(source: AnySource, ident: Identity, tensors: bool, as_json: bool) -> int:
     manifest, committed = source.manifest(ident)
     shards = [shard_json(source, manifest, e, tensors) for e in sorted(manifest.shards, key=lambda s: s.rank)]
+    storage = storage_json(manifest)
     if as_json:
         emit_json({"schema": "ckptctl.show/v1", "source": source.describe(), "job": manifest.job,
                    "step": manifest.step, "world_size": manifest.world_size, "nbytes": manifest.nbytes,
                    "created_unix_s": manifest.created_unix_s, "tiers": committed, "extra": manifest.extra,
-                   "shards": shards})
+                   "storage": storage, "shards": shards})
         return 0
+    ratio = f"compression {storage['compression_ratio']}x, {storage['dedup_shared_fraction']:.0%} shared by dedup"
     render_fields([("job", manifest.job), ("step", manifest.step), ("world size", manifest.world_size),
                    ("size", f"{human_bytes(manifest.nbytes)} ({manifest.nbytes} bytes)"),
+                   ("stored", f"{human_bytes(storage['stored_bytes'])} ({ratio}); "
+                              f"{human_bytes(storage['own_stored_bytes'])} under this step"),
                    ("tensors", sum(s["tensor_count"] for s in shards)),
                    ("created", _when(manifest.created_unix_s)), ("committed at", ", ".join(committed) or "-")])
     print()

@@ -4,6 +4,8 @@
              [--region R]] [-o table|json] COMMAND ...
     ckptctl version | status | ls [JOB] | show JOB@STEP [--tensors]
     ckptctl restore JOB@STEP --to DIR [--format safetensors|torch] [--dry-run] [--rank R] [--force]
+    ckptctl export JOB@STEP --to DIR [--format safetensors|torch] [--model-key K] [--max-shard-size S]
+             [--memory-limit S] [--force]
     ckptctl verify JOB@STEP [--tier memory|disk|object] [--read-data]
     ckptctl gc [JOB] [--tier disk|object] [--dry-run] [--max-to-keep N] [--keep-period P]
     ckptctl rm JOB@STEP [--tier memory|disk|object] --yes [--force] [--dry-run]
@@ -79,6 +81,18 @@ def _count(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    from ckptd.core.config import parse_bytes
+
+    try:
+        value = parse_bytes(text, "size")
+    except CkptdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
     """Global options, accepted before or after the command (``ckptctl ls -o json`` works)."""
 
@@ -133,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
     s.add_argument("--dry-run", action="store_true", help="print which tier would serve each shard; read nothing")
     s.add_argument("--rank", type=_rank, help="restore only this rank")
+    s.add_argument("--force", action="store_true", help="overwrite existing files in DIR")
+    s = cmd("export", "write a step's model as safetensors (sharded, with an index) or torch files, "
+                      "consolidated across ranks, plus its other state as JSON")
+    s.add_argument("ident", metavar="JOB@STEP", help="JOB@STEP, JOB@latest or JOB (= latest)")
+    s.add_argument("--to", type=Path, metavar="DIR", required=True, help="output directory (created if missing)")
+    s.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
+    s.add_argument("--model-key", metavar="KEY", help="the top-level key holding the model's state_dict "
+                                                       "(default: model, else state_dict)")
+    s.add_argument("--max-shard-size", type=_size, default=5 * 2**30, metavar="SIZE",
+                   help="split safetensors files above this size, with an index JSON (default 5GiB)")
+    s.add_argument("--memory-limit", type=_size, default=256 * 2**20, metavar="SIZE",
+                   help="most bytes held at once while streaming (default 256MiB; at least one checksum chunk)")
     s.add_argument("--force", action="store_true", help="overwrite existing files in DIR")
     s = cmd("verify", "check manifests and (with --read-data) every crc32c chunk of every copy")
     s.add_argument("ident", metavar="JOB@STEP", help="JOB@STEP, JOB@latest or JOB (= latest)")
@@ -223,6 +249,11 @@ def _run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if ns.dry_run:
                 return restore.run_dry_run(source, ident, ns.rank, as_json)
             return restore.run_restore(source, ident, ns.to, ns.format, ns.rank, ns.force, as_json, progress)
+        if ns.cmd == "export":
+            from ckptd.ctl.export import run_export
+
+            return run_export(source, ident, ns.to, ns.format, ns.model_key, ns.max_shard_size, ns.memory_limit,
+                              ns.force, as_json, progress)
         if ns.cmd == "verify":
             from ckptd.ctl.verify import run_verify
 

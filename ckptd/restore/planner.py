@@ -120,9 +120,12 @@ class Restorer:
         return RestoreResult(step=step, plan=draft.entries)
 
     async def execute(self, job: str, rank: int, world_size: int, result: RestoreResult,
-                      progress: RestoreProgress | None = None) -> RestoreResult:
+                      progress: RestoreProgress | None = None,
+                      ranges: Sequence[tuple[int, int]] = ()) -> RestoreResult:
         """Fill a slot from the first valid source of the plan; ``progress`` (streamed restores)
-        hears of each source started, each verified prefix and each source rejected."""
+        hears of each source started, each verified prefix and each source rejected. With
+        ``ranges`` (byte ranges of the shard) the sources that can read only the chunks covering
+        them do, and the slot is not adopted as the shard's memory copy (it is partly filled)."""
         t0 = time.monotonic()
 
         async def lease(tier: TierName, entry: ShardEntry, nbytes: int) -> Slot:
@@ -134,12 +137,12 @@ class Restorer:
                 progress.start(tier, slot, entry)
             return slot
 
-        reading = Reading(job, rank, result.step, world_size, progress, lease, self._discard)
+        reading = Reading(job, rank, result.step, world_size, progress, lease, self._discard, tuple(ranges))
         vanished = 0  # copies that were gone when read (NotFound), not damaged
         for source in result.plan:
             try:
                 filled = await source.origin.read_into(source, reading)
-                if filled.adopt_into is not None:
+                if filled.adopt_into is not None and not reading.ranges:  # a partly read slot is no copy
                     await self._adopt(filled.adopt_into, filled)
             except BudgetExhausted:
                 raise  # no room for any source's copy: say so, not "no valid copy"
@@ -157,7 +160,7 @@ class Restorer:
             result.served_from = source.tier
             result.read_s = time.monotonic() - t0
             metrics.RESTORES_TOTAL.labels(source.tier.value).inc()
-            metrics.TIER_READ_BYTES.labels(source.tier.value).inc(filled.entry.nbytes)
+            metrics.TIER_READ_BYTES.labels(source.tier.value).inc(reading.bytes_read(filled.entry))
             metrics.TIER_OP_SECONDS.labels(source.tier.value, "restore").observe(result.read_s)
             return result
         if vanished == len(result.plan):  # every copy went while it was read (removed by retention, rm)

@@ -62,11 +62,12 @@ class RestoreService:
 
     async def prepare_restore(self, job: str, rank: int, world_size: int, step: int | None,
                               dry_run: bool, client_pid: int, strict_latest: bool = False,
-                              below_step: int | None = None, retire: str = "") -> tuple[RestoreResult, str]:
+                              below_step: int | None = None, retire: str = "",
+                              ranges: tuple[tuple[int, int], ...] = ()) -> tuple[RestoreResult, str]:
         check_ids(job, 0 if step is None else step, rank, world_size, retire)
         if dry_run:
             return await self.restorer.plan(job, rank, world_size, step, below_step), ""
-        result = await self._restore(job, rank, world_size, step, strict_latest, below_step, None, [])
+        result = await self._restore(job, rank, world_size, step, strict_latest, below_step, None, [], ranges)
         await self._retire(job, rank, retire, result.step)
         return result, self._lease_restore(result, client_pid)
 
@@ -76,7 +77,7 @@ class RestoreService:
 
     async def _restore(self, job: str, rank: int, world_size: int, step: int | None, strict_latest: bool,
                        below_step: int | None, progress: RestoreProgress | None,
-                       current: list[RestoreResult]) -> RestoreResult:
+                       current: list[RestoreResult], ranges: tuple[tuple[int, int], ...] = ()) -> RestoreResult:
         """Plan and execute; for "latest" (unless ``strict_latest``) a step with no valid copy of
         this rank's shard is skipped for the next older one, loudly: the job resumes from the
         newest step it can restore instead of stopping. ``current`` holds the plan being read (a
@@ -93,7 +94,7 @@ class RestoreService:
                 planned = result.step
                 result.unusable = list(unusable)
                 current[:] = [result]
-                return await self.restorer.execute(job, rank, world_size, result, progress)
+                return await self.restorer.execute(job, rank, world_size, result, progress, ranges)
             except IntegrityError as exc:
                 if step is not None or strict_latest:
                     raise
@@ -123,6 +124,7 @@ class RestoreService:
 
     async def restore_stream(self, job: str, rank: int, world_size: int, step: int | None, client_pid: int,
                              strict_latest: bool = False, below_step: int | None = None, retire: str = "",
+                             ranges: tuple[tuple[int, int], ...] = (),
                              ) -> AsyncIterator[tuple[RestoreEvent, RestoreResult, str]]:
         """A restore whose progress is streamed (ckptd/restore/stream.py): yields each event with
         the result so far; the last is "done" with the lease id, or an error is raised."""
@@ -136,7 +138,7 @@ class RestoreService:
                 raise  # else the restore below falls back to an older step
         progress = RestoreProgress()
         task = asyncio.create_task(
-            self._restore(job, rank, world_size, step, strict_latest, below_step, progress, current),
+            self._restore(job, rank, world_size, step, strict_latest, below_step, progress, current, ranges),
             name=f"restore-{job}-{rank}")
 
         def finished(t: asyncio.Task[RestoreResult]) -> None:

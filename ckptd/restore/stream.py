@@ -18,7 +18,7 @@ between a ``start`` and the next ``restart``/``done``; events are produced on th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,4 +87,16 @@ def verify_chunks(view: memoryview, entry: ShardEntry, on_verified: Callable[[in
             return index
         if on_verified is not None:
             on_verified(end)
+    return None
+
+
+def verify_chunk_list(view: memoryview, entry: ShardEntry, chunks: Sequence[int]) -> int | None:
+    """Check only ``chunks`` of ``view`` (a shard's bytes) against ``entry``'s crc32c list; the
+    index of the first bad one, or None (a ranged restore: the other chunks are not looked at)."""
+    chunk = entry.chunk_bytes
+    for index in chunks:
+        off = index * chunk
+        end = min(off + chunk, entry.nbytes)
+        if first_bad_chunk(view[off:end], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
+            return index
     return None

@@ -45,6 +45,11 @@ def _step_arg(step: int) -> int | None:
     return step
 
 
+def _ranges(request: pb.PrepareRestoreRequest) -> tuple[tuple[int, int], ...]:
+    """A ranged restore's byte ranges (offset, length); checked against the shard by the source."""
+    return tuple((int(r.offset), int(r.length)) for r in request.ranges)
+
+
 def _below_arg(step: int) -> int | None:
     if step < 0:
         raise InvalidArgument(f"below_step {step} is negative (0: no bound)")
@@ -73,7 +78,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         lease = await self.saves.begin_save(request.job, request.step, request.rank, request.world_size,
                                         request.nbytes, wait, timeout_s, request.client_pid,
                                         tuple(request.node_ranks), request.incarnation,
-                                        request.resumed_from if request.resumed else None)
+                                        request.resumed_from if request.resumed else None,
+                                        new_world_size=request.new_world_size)
         return pb.BeginSaveResponse(
             lease_id=lease.lease_id, slot_path=str(lease.slot.path),
             slot_capacity_bytes=lease.slot.capacity, chunk_bytes=self.chunk_bytes,
@@ -122,7 +128,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def PrepareRestore(self, request: pb.PrepareRestoreRequest, context: Any) -> pb.PrepareRestoreResponse:
         result, lease_id = await self.restores.prepare_restore(
             request.job, request.rank, request.world_size, _step_arg(request.step), request.dry_run,
-            request.client_pid, request.strict_latest, _below_arg(request.below_step), request.retire_incarnation)
+            request.client_pid, request.strict_latest, _below_arg(request.below_step), request.retire_incarnation,
+            _ranges(request))
         resp = pb.PrepareRestoreResponse(
             step=result.step,
             plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan],
@@ -143,7 +150,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             raise InvalidArgument("Restore streams a real restore; plan with PrepareRestore(dry_run=true)")
         async for ev, result, lease_id in self.restores.restore_stream(
                 request.job, request.rank, request.world_size, _step_arg(request.step), request.client_pid,
-                request.strict_latest, _below_arg(request.below_step), request.retire_incarnation):
+                request.strict_latest, _below_arg(request.below_step), request.retire_incarnation, _ranges(request)):
             if ev.kind == "ready":
                 await context.write(pb.RestoreEvent(ready_bytes=ev.ready_bytes))
             elif ev.kind == "restart":

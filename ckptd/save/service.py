@@ -120,7 +120,7 @@ class SavePath:
     async def begin_save(self, job: str, step: int, rank: int, world_size: int, nbytes: int,
                          wait: bool | None, wait_timeout_s: float | None, client_pid: int,
                          node_ranks: tuple[int, ...] = (), incarnation: str = "",
-                         resumed_from: int | None = None) -> SaveLease:
+                         resumed_from: int | None = None, new_world_size: bool = False) -> SaveLease:
         if self.shutdown.draining:
             raise DaemonUnavailable("daemon is draining for shutdown; not accepting saves")
         check_ids(job, step, rank, world_size)
@@ -139,10 +139,12 @@ class SavePath:
                 "(memory.max_shard_bytes)")
         held = [s for s in self.catalog.steps(job)
                 if s.in_memory or any(s.state(t) == TierState.COMMITTED for t in TierName)]
-        if held and held[-1].world_size != world_size:
+        if held and held[-1].world_size != world_size and not (new_world_size and step > held[-1].step):
             raise FailedPrecondition(
                 f"job {job!r} is saved with world_size {held[-1].world_size} (step {held[-1].step}); this save "
-                f"names world_size {world_size}: save under another job name, or remove the job's steps first")
+                f"names world_size {world_size}: save under another job name, remove the job's steps first, "
+                "or (a job resumed on another world size) opt in with allow_new_world_size for a newer step"
+                + (f" (step {step} is not newer than {held[-1].step})" if new_world_size else ""))
         st = self.catalog.get(job, step)
         if st is not None:
             if st.world_size != world_size:
@@ -207,9 +209,10 @@ class SavePath:
         lease = self.leases.get(lease_id)
         if lease is None:
             raise NotFound(f"unknown or expired save lease {lease_id[:16]!r}")
-        if (lease.job, lease.step, lease.rank, lease.world_size, lease.nbytes) != (
-                job, step, rank, world_size, nbytes):
-            raise InvalidArgument("CommitShard does not match its BeginSave (job/step/rank/world_size/nbytes)")
+        if (lease.job, lease.step, lease.rank, lease.world_size) != (job, step, rank, world_size) \
+                or not 0 <= nbytes <= lease.nbytes:
+            raise InvalidArgument("CommitShard does not match its BeginSave (job/step/rank/world_size, "
+                                  "nbytes at most the leased)")
         expected_chunk = self.memory.chunk_bytes
         if client_crcs and (chunk_bytes != expected_chunk
                             or len(client_crcs) != chunk_count(nbytes, expected_chunk)):

@@ -24,7 +24,7 @@ import os
 import shutil  # noqa: F401 - the default FsOps.rmtree calls shutil.rmtree; tests patch it through here
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ckptd.core import failpoints
@@ -301,6 +301,28 @@ class DiskTier:
             if len(removed) > job_removed:
                 self.fs.fsync_dir(job_dir)
         return removed
+
+
+def read_verified_chunks(path: Path, entry: ShardEntry, dst: memoryview, chunks: Sequence[int]) -> None:
+    """Read only ``chunks`` of ``path`` (a shard file) into ``dst`` at their offsets, each verified
+    against its crc32c (a ranged restore; blocking). The other bytes of dst are left as they are."""
+    n, chunk = entry.nbytes, entry.chunk_bytes
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = f.seek(0, 2)
+            if size != n:
+                raise IntegrityError(f"{path}: size {size} != {n} recorded in the manifest")
+            for index in chunks:
+                off, end = index * chunk, min(index * chunk + chunk, n)
+                got = os.preadv(f.fileno(), [dst[off:end]], off)
+                if got != end - off:
+                    raise IntegrityError(f"{path}: truncated in chunk {index}")
+                if first_bad_chunk(dst[off:end], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
+                    raise IntegrityError(f"{path}: crc32c mismatch in chunk {index} (offset {off})")
+    except FileNotFoundError:
+        raise NotFound(f"{path} is missing") from None
+    except OSError as exc:
+        raise TierFailed(f"disk tier: reading {path} failed: {exc}") from exc
 
 
 def read_verified(path: Path, entry: ShardEntry, dst: memoryview, block_bytes: int,

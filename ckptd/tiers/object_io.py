@@ -26,7 +26,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -136,25 +136,46 @@ def range_bytes(chunk_bytes: int, part_size_bytes: int) -> int:
     return part_size_bytes // chunk_bytes * chunk_bytes
 
 
+def read_whole_into(
+    store: Bucket, pool: ThreadPoolExecutor, key: str, view: memoryview, entry: ShardEntry, step_bytes: int,
+    deadline: float, max_attempts: int, chunks: Sequence[int] = (),
+) -> None:
+    """Fill view[:entry.nbytes] from a shard stored as one object (HEAD for its size and ETag, then
+    ``read_ranges_into``). Raises IntegrityError, NotFound, or a store error (typed by the caller)."""
+    url, n = store.url(key), entry.nbytes
+    if len(entry.chunk_crc32c) != chunk_count(n, entry.chunk_bytes):
+        raise IntegrityError(f"{url}: {len(entry.chunk_crc32c)} chunk checksums do not cover {n} bytes")
+    head = store.head(key)
+    if head is None:
+        raise NotFound(f"{url} is missing")
+    size = int(head["ContentLength"])
+    if size != n:
+        raise IntegrityError(f"{url}: size {size} != {n} recorded in the manifest (truncated or replaced)")
+    read_ranges_into(store, pool, key, str(head.get("ETag", "")), view, entry, step_bytes, deadline, max_attempts,
+                     chunks)
+
+
 def read_ranges_into(
     store: Bucket, pool: ThreadPoolExecutor, key: str, etag: str, view: memoryview, entry: ShardEntry,
-    step_bytes: int, deadline: float, max_attempts: int,
+    step_bytes: int, deadline: float, max_attempts: int, chunks: Sequence[int] = (),
 ) -> None:
-    """Fill view[:entry.nbytes] from parallel ranged GETs of step_bytes and verify every chunk.
+    """Fill view[:entry.nbytes] from parallel ranged GETs of step_bytes and verify every chunk;
+    with ``chunks`` (a ranged restore) only those crc32c chunks, one GET each.
 
     Raises IntegrityError, NotFound, or a store error (typed by the caller)."""
-    n = entry.nbytes
+    n, cb = entry.nbytes, entry.chunk_bytes
     stop = threading.Event()
+    spans = [(i * cb, min(i * cb + cb, n)) for i in chunks] if chunks else \
+        [(start, min(start + step_bytes, n)) for start in range(0, n, step_bytes)]
 
-    def fetch(start: int) -> None:
+    def fetch(span: tuple[int, int]) -> None:
         try:
-            _fetch_range(store, key, etag, view, start, min(start + step_bytes, n), entry, deadline, stop,
-                         max_attempts)
+            _fetch_range(store, key, etag, view, span[0], span[1], entry, deadline, stop, max_attempts)
         except BaseException:
             stop.set()  # the others stop at their next block
             raise
 
-    map_all(pool, fetch, range(0, n, step_bytes), prefer=IntegrityError)
+    map_all(pool, fetch, spans, prefer=IntegrityError)
 
 
 def _fetch_range(

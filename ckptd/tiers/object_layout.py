@@ -5,13 +5,18 @@ Layout (DESIGN.md section 4) under ``{prefix}/``::
     {job}/step-{step:012d}/manifest.json                       the commit record, written last
     {job}/step-{step:012d}/manifest.claim                      a commit claim (stores without create-only puts)
     {job}/step-{step:012d}/rank-{rank:06d}.shard.meta.json     a rank's record for the coordinator
-    {job}/step-{step:012d}/rank-{rank:06d}.shard               shard objects (hashed_prefixes = 0)
-    _shards/{h:04x}/{job}/step-{step:012d}/rank-{rank:06d}.shard   (hashed_prefixes = N > 0)
+    {job}/step-{step:012d}/rank-{rank:06d}.shard.c{i:06d}      chunk objects (hashed_prefixes = 0)
+    _shards/{h:04x}/{job}/step-{step:012d}/rank-{rank:06d}.shard.c{i:06d}   (hashed_prefixes = N > 0)
+    {job}/step-{step:012d}/rank-{rank:06d}.shard               whole-shard objects of older steps
+    _shards/{h:04x}/{job}/step-{step:012d}/rank-{rank:06d}.shard   (idem, hashed)
     _ckptd/probe-{uuid}                                        the create-only probe, removed after
 
 Invariants:
-- ``h = sha256("{job}/{step}/{rank}") mod N`` spreads a step's shard writes over N key prefixes
-  (S3 throttles per prefix) while manifests stay under one listable prefix.
+- ``h = sha256("{job}/{step}/{rank}/{i}") mod N`` spreads a step's chunk writes over N key
+  prefixes (S3 throttles per prefix) while manifests stay under one listable prefix; a step's
+  objects are listed under N + 1 prefixes (``step_shard_prefixes``), a job's under N + 1 too.
+- A chunk record may reference a chunk object of another step of the same job (deduplication);
+  ``check_chunk_key`` accepts only keys this layout can produce for that job.
 - The object tier's manifest records each shard's full key (``ShardEntry.object_key``); reads
   use the recorded key, so changing ``hashed_prefixes`` never strands committed steps. A
   recorded key is accepted only if this layout can produce it for that job, step and rank, so a
@@ -74,6 +79,38 @@ class ObjectLayout:
         digest = hashlib.sha256(f"{job}/{step}/{rank}".encode()).digest()
         index = int.from_bytes(digest[:8], "big") % n
         return f"{self.hashed_dir(index)}{validate_job(job)}/{step_dirname(step)}/{shard_key(rank)}"
+
+    def chunk_object_key(self, job: str, step: int, rank: int, index: int) -> str:
+        """Where put_shard stores chunk ``index`` of rank's shard under the current configuration."""
+        name = f"{shard_key(rank)}.c{index:06d}"
+        n = self.hashed_prefixes
+        if n <= 0:
+            return self.step_prefix(job, step) + name
+        digest = hashlib.sha256(f"{job}/{step}/{rank}/{index}".encode()).digest()
+        h = int.from_bytes(digest[:8], "big") % n
+        return f"{self.hashed_dir(h)}{validate_job(job)}/{step_dirname(step)}/{name}"
+
+    def check_chunk_key(self, job: str, key: str) -> str:
+        """key, if this layout can produce it for a chunk of any step of job; else IntegrityError
+        (a hostile manifest cannot point reads or deletes outside the job)."""
+        tail = re.escape(f"{validate_job(job)}/") + r"step-[0-9]{12}/rank-[0-9]{6}\.shard\.c[0-9]{6}"
+        plain = re.escape(self.base) + tail
+        hashed = re.escape(f"{self.base}{HASHED_DIR}/") + r"[0-9a-f]{4}/" + tail
+        if not (re.fullmatch(plain, key) or re.fullmatch(hashed, key)):
+            raise IntegrityError(f"s3://{self.bucket}: a manifest of {job} names chunk key {key!r} outside "
+                                 "this tier's layout")
+        return key
+
+    def job_data_prefixes(self, job: str) -> list[str]:
+        """Every prefix an object of job may live under in this configuration."""
+        return [self.job_prefix(job)] + [self.hashed_dir(i) + f"{validate_job(job)}/"
+                                         for i in range(self.hashed_prefixes)]
+
+    @staticmethod
+    def step_of_key(key: str) -> int | None:
+        """The step a data or record key of the layout belongs to (None: not a step's key)."""
+        m = re.search(r"/step-([0-9]{12})/", "/" + key)
+        return int(m.group(1)) if m else None
 
     def _entry_key(self, job: str, step: int, entry: ShardEntry) -> str:
         """The object key of entry: the recorded one (checked to be one this layout can produce

@@ -27,9 +27,10 @@ from ckptd.core.errors import (
 )
 from ckptd.core.types import Level
 from ckptd_client.manager import CheckpointManager, RestoreInfo, SaveHandle
+from ckptd_client.strict import StateMismatchError
 
 __all__ = [
     "AlreadyExists", "BudgetExhausted", "CheckpointManager", "CkptdError", "DaemonUnavailable",
     "FailedPrecondition", "IntegrityError", "InvalidArgument", "Level", "NotFound", "RestoreInfo",
-    "SaveHandle", "TierFailed", "Timeout",
+    "SaveHandle", "StateMismatchError", "TierFailed", "Timeout",
 ]

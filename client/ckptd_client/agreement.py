@@ -43,13 +43,20 @@ def restore_agreed(dist: Any, world_size: int, job: str, agreed: int, strict_lat
     unusable: list[int] = []
     while True:
         error: IntegrityError | None = None
+        other: Exception | None = None  # e.g. a strict restore's mismatch: no fallback, but every rank hears
         try:
             restore_step(agreed)
         except IntegrityError as exc:
             error = exc
-        oks: list[bool | None] = [None] * world_size
-        dist.all_gather_object(oks, error is None)
-        bad = [r for r, ok in enumerate(oks) if not ok]
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank heard of it
+            other = exc
+        oks: list[str | None] = [None] * world_size
+        dist.all_gather_object(oks, "ok" if error is None and other is None else "integrity" if other is None
+                               else "other")
+        failed = [r for r, ok in enumerate(oks) if ok == "other"]
+        if failed:
+            raise other or FailedPrecondition(f"the restore of step {agreed} of {job!r} failed on rank(s) {failed}")
+        bad = [r for r, ok in enumerate(oks) if ok != "ok"]
         if not bad:
             if unusable:
                 log.error("ckptd: %s: no valid copy of step(s) %s on every rank; all ranks resumed from step %d",

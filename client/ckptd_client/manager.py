@@ -30,18 +30,16 @@ from ckptd.core.errors import (
     NotFound,
     TierFailed,
 )
-from ckptd.core.integrity import chunk_crcs
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.types import Level, validate_job, validate_step
-from ckptd_client import gcpause
 from ckptd_client.agreement import agree_latest, restore_agreed
 from ckptd_client.premap import RestorePremap
 from ckptd_client.ranks import default_node_ranks, default_rank
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
-from ckptd_client.save_plan import SavePlanner
-from ckptd_client.slot_maps import SlotMaps
-from ckptd_client.slot_warmer import SlotWarmer
+from ckptd_client.shard_save import ShardSaver
+from ckptd_client.strict import Strictness
+from ckptd_client.tree import HoldsDTensor, holds_dtensor
 
 log = logging.getLogger("ckptd_client")
 
@@ -108,6 +106,7 @@ class CheckpointManager:
         node_ranks: list[int] | tuple[int, ...] | None = None,
         gather_peers: bool = True,
         premap_restore: bool = True,
+        allow_new_world_size: bool = False,
     ) -> None:
         validate_job(job)
         if rank is None or world_size is None:
@@ -136,14 +135,15 @@ class CheckpointManager:
         self.wait_timeout_s = wait_timeout_s
         self.checksum = checksum
         self.on_error = on_error
+        #: saves may name a world size other than the job's committed steps (a job resumed on another
+        #: number of ranks, docs/dcp.md); without it the daemon refuses them (FailedPrecondition)
+        self.allow_new_world_size = allow_new_world_size
+        self.addr = None if addr is None else str(addr)
         self.conn = Connection(addr)
         self.conn.wait_ready(connect_timeout_s)
         self._layouts = LayoutMemo()  # layouts converted once per state shape (saves and restores)
-        self._plans = SavePlanner(self._layouts)
-        self._maps = SlotMaps(on_drop=self._plans.forget)
-        # this rank's next slots mapped (and their views made) before a save needs them
-        self._warmer = SlotWarmer(self.conn, job, rank, self._maps,
-                                  on_mapped=lambda path: self._plans.warm(path, self._maps.base(path)))
+        self._saver = ShardSaver(self.conn, job, rank, world_size, self._layouts)  # plans, slots, warmer
+        self._maps = self._saver.maps
         self.handles: list[SaveHandle] = []
         #: this writer's incarnation: drawn anew by every restore (the state rolled back), so the
         #: daemon drops what an earlier incarnation of this rank left in uncommitted later steps
@@ -166,8 +166,11 @@ class CheckpointManager:
         validate_step(step)
         t0 = time.perf_counter()
         self._drop_premap()  # a job that saves first restored nothing: the prepared slot goes to saves
-        with gcpause.paused():  # 10^5 tensors: no collector passes over the live state (gcpause.py)
-            plan = self._plans.plan(state)  # TypeError for unsupported values
+        try:
+            plan = self._saver.plan(state)  # TypeError for unsupported values
+        except HoldsDTensor:  # DTensors: planned by DCP, saved through the same path (dcp/route.py)
+            from ckptd_client.dcp.route import save_via_dcp
+            return save_via_dcp(self, step, state)
         nbytes = plan.nbytes
         policy = {None: pb.BACKPRESSURE_DEFAULT, "wait": pb.BACKPRESSURE_WAIT,
                   "skip": pb.BACKPRESSURE_SKIP}[self.backpressure]
@@ -180,25 +183,10 @@ class CheckpointManager:
                 resumed=self.resumed_from is not None,
                 resumed_from=-1 if self.resumed_from is None else self.resumed_from,
                 wait_timeout_ms=int(self.wait_timeout_s * 1000) if self.wait_timeout_s else 0,
+                new_world_size=self.allow_new_world_size,
             ), timeout_s=(self.wait_timeout_s or 0) + 120)
             handle.waited_s = time.perf_counter() - t0
-            mapped_before = self._maps.mapped_count
-            try:
-                mm = self._maps.get(begin.slot_path, begin.slot_capacity_bytes)
-                with gcpause.paused():
-                    self._plans.copy(plan, begin.slot_path, mm, self._maps.base(begin.slot_path))
-                crcs = chunk_crcs(memoryview(mm)[:nbytes], begin.chunk_bytes) if self.checksum == "client" else []
-            except BaseException:
-                self.conn.call(self.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=begin.lease_id))
-                raise
-            self.conn.call(self.conn.stub.CommitShard, pb.CommitShardRequest(
-                lease_id=begin.lease_id, job=self.job, step=step, rank=self.rank,
-                world_size=self.world_size, nbytes=nbytes, layout=self._plans.layout_pb(plan),
-                chunk_bytes=begin.chunk_bytes, chunk_crc32c=crcs,
-                client_stall_s=time.perf_counter() - t0,
-            ))
-            if self._maps.mapped_count != mapped_before:  # a new slot: its spares may follow
-                self._warmer.kick(nbytes)
+            self._saver.fill_and_commit(begin, step, plan, self.checksum == "client", t0)
         except BudgetExhausted as exc:
             handle.skipped = True
             handle.error = exc
@@ -277,8 +265,14 @@ class CheckpointManager:
         return int(resp.step)
 
     # -- restore ----------------------------------------------------------------------------
-    def restore(self, state: Any, step: int | str = "latest", strict_latest: bool = False) -> int | None:
+    def restore(self, state: Any, step: int | str = "latest", strict_latest: bool = False, *,
+                strict: bool = True, convert_dtype: bool = False) -> int | None:
         """Fill ``state`` in place from a committed step; return the step, or None if none exists.
+
+        Strict by default (strict.py): missing or extra keys, or a tensor of another shape or dtype
+        raise StateMismatchError naming them before anything is copied; tensors are filled in place.
+        ``convert_dtype=True`` casts dtypes; ``strict=False`` is the lenient restore. A state holding
+        DTensors is loaded through DCP (dcp/route.py), resharded to the current mesh.
 
         ``step="latest"`` with no checkpoint returns None (a fresh start); an explicit step that
         does not exist raises NotFound. With a torch.distributed process group of this job's
@@ -291,16 +285,22 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self._retire, self._saved_as = self._saved_as, ""  # this writer's past, dropped by the daemon
         self.incarnation = uuid.uuid4().hex  # the state rolls back: later saves start a new past
-        got = self._restore(state, step, strict_latest, t0)
+        strictness = Strictness(strict, convert_dtype)
+        if holds_dtensor(state):
+            from ckptd_client.dcp.route import restore_via_dcp  # needs torch.distributed
+            got = restore_via_dcp(self, state, step, strictness)
+        else:
+            got = self._restore(state, step, strict_latest, t0, strictness)
         self.resumed_from = -1 if got is None else got  # saves from now on belong to the resumed run
         return got
 
-    def _restore(self, state: Any, step: int | str, strict_latest: bool, t0: float) -> int | None:
+    def _restore(self, state: Any, step: int | str, strict_latest: bool, t0: float,
+                 strictness: Strictness) -> int | None:
         if step != "latest":
-            return self._restore_step(state, validate_step(int(step)), False, t0)
+            return self._restore_step(state, validate_step(int(step)), False, t0, strictness)
         dist = self._job_group()
         if dist is None:  # no process group: the daemon picks (and falls back) for this rank alone
-            got = self._restore_step(state, -1, strict_latest, t0)
+            got = self._restore_step(state, -1, strict_latest, t0, strictness)
             if got is not None and self.last_restore is not None and self.last_restore.unusable_steps:
                 log.error("ckptd: %s rank %d: no valid copy of step(s) %s; resumed from step %d",
                           self.job, self.rank, self.last_restore.unusable_steps, got)
@@ -309,19 +309,19 @@ class CheckpointManager:
         if agreed < 0:
             return None
         got, unusable = restore_agreed(dist, self.world_size, self.job, agreed, strict_latest,
-                                       lambda step: self._restore_step(state, step, False, t0),
+                                       lambda step: self._restore_step(state, step, False, t0, strictness),
                                        lambda below: self.latest_step(below=below))
         if self.last_restore is not None:
             self.last_restore.unusable_steps = unusable
         return got
 
-    def _restore_step(self, state: Any, req_step: int, strict_latest: bool, t0: float) -> int | None:
+    def _restore_step(self, state: Any, req_step: int, strict_latest: bool, t0: float, strictness: Strictness,
+                      ) -> int | None:
         request = pb.PrepareRestoreRequest(job=self.job, rank=self.rank, world_size=self.world_size, step=req_step,
                                            client_pid=os.getpid(), strict_latest=strict_latest,
                                            retire_incarnation=self._retire)
         try:
-            start, done = restore_streamed(self.conn, request, state, timeout_s=600, premap=self._premap,
-                                           layouts=self._layouts)
+            start, done = restore_streamed(self.conn, request, state, 600, self._premap, strictness, self._layouts)
         except NotFound:
             if req_step < 0:
                 return None
@@ -376,8 +376,7 @@ class CheckpointManager:
 
     def close(self) -> None:
         self._drop_premap()
-        self._warmer.close()
-        self._maps.close()
+        self._saver.close()
         self.conn.close()
 
     def __enter__(self) -> CheckpointManager:

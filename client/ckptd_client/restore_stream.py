@@ -21,17 +21,19 @@ import mmap
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError, from_rpc_error
+from ckptd.core.layout import TensorEntry
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd_client import gcpause
 from ckptd_client.premap import RestorePremap, close_map
 from ckptd_client.rpc import Connection
+from ckptd_client.strict import Strictness, check_state
 from ckptd_client.tree import Restorer
 
 
@@ -95,11 +97,27 @@ class _Stream:
 
 
 Events = tuple[pb.PrepareRestoreResponse, pb.PrepareRestoreResponse]
+#: consume(buf, tensors, tree, wait): read what it needs of one source's verified shard; wait(n)
+#: returns once bytes [0, n) are verified. Called again from the start after a restart.
+Consumer = Callable[[Any, list[TensorEntry], dict[str, Any], Callable[[int], None]], None]
 
 
 def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state: Any, timeout_s: float,
-                     premap: RestorePremap | None = None, layouts: LayoutMemo | None = None) -> Events:
+                     premap: RestorePremap | None = None,
+                     strictness: Strictness | None = None, layouts: LayoutMemo | None = None) -> Events:
     """Fill ``state`` through rpc Restore; return (the start of the source used, done).
+
+    ``layouts`` converts the layout once per distinct layout (a manager keeps one)."""
+    def consume(buf: Any, tensors: list[TensorEntry], tree: dict[str, Any], wait: Callable[[int], None]) -> None:
+        strict = strictness or Strictness(strict=False)
+        check_state(tree, tensors, state, strict)  # strict restore: every mismatch named before a copy
+        Restorer(buf, tensors, wait=wait, convert_dtype=strict.convert_dtype).apply(tree, state)
+    return read_streamed(conn, request, consume, timeout_s, premap, layouts)
+
+
+def read_streamed(conn: Connection, request: pb.PrepareRestoreRequest, consume: Consumer, timeout_s: float,
+                  premap: RestorePremap | None = None, layouts: LayoutMemo | None = None) -> Events:
+    """Stream one shard through rpc Restore into ``consume``; return (start of the source used, done).
 
     ``layouts`` converts the layout once per distinct layout (a manager keeps one)."""
     layouts = layouts if layouts is not None else LayoutMemo()
@@ -114,8 +132,7 @@ def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state:
                 buf = s.mm if s.mm is not None else b""
                 with warnings.catch_warnings(), gcpause.paused():
                     warnings.filterwarnings("ignore", message=".*not writable.*")
-                    Restorer(buf, list(layouts.decode(start.layout)), wait=s.wait).apply(
-                        json.loads(start.layout.tree_json), state)
+                    consume(buf, list(layouts.decode(start.layout)), json.loads(start.layout.tree_json), s.wait)
                 while s.done is None:
                     s.next_event()
                 return start, s.done

@@ -9,7 +9,8 @@ Restore walks the caller's state beside the saved tree: tensors of matching shap
 overwritten in place (``copy_``), containers are updated in place, stateful objects get
 ``load_state_dict`` with their current state dict updated from the checkpoint, and anything the
 caller does not have yet (e.g. a fresh optimizer's empty state) is created as a copy, never as a
-view into shared memory.
+view into shared memory. What a strict restore refuses is checked before this walk (strict.py);
+the walk itself is the lenient restore.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ def _is_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+class HoldsDTensor(Exception):
+    """The state holds a DTensor: it is saved through DCP's planner (dcp/route.py), not flattened."""
+
+
+def _is_dtensor(x: Any) -> bool:
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(x, cls)
+
+
 def _join(prefix: str, key: Any) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
@@ -74,6 +85,8 @@ class Flattener:
         if depth > 60:
             raise TypeError(f"{path}: state nested too deeply")
         if _is_tensor(obj):
+            if _is_dtensor(obj):
+                raise HoldsDTensor(path or "<root>")
             if obj.is_sparse or obj.is_quantized or getattr(obj, "is_nested", False):
                 raise TypeError(f"{path or '<root>'}: sparse, quantized and nested tensors are not supported")
             dtype = str(obj.dtype).removeprefix("torch.")
@@ -120,6 +133,17 @@ def flatten(state: Any) -> tuple[list[Leaf], list[TensorEntry], str, int]:
         tensors.append(TensorEntry(leaf.name, leaf.dtype, leaf.shape, offset, leaf.nbytes))
         offset += leaf.nbytes
     return f.leaves, tensors, json.dumps(tree, separators=(",", ":")), offset
+
+
+def holds_dtensor(state: Any) -> bool:
+    """Whether the state holds a DTensor anywhere (it then goes through DCP, dcp/route.py)."""
+    try:
+        Flattener().node(state)
+    except HoldsDTensor:
+        return True
+    except TypeError:  # not checkpointable as it is: the restore itself says what is wrong
+        return False
+    return False
 
 
 def copy_into(buf: Any, leaves: list[Leaf], tensors: list[TensorEntry], base: Any = None) -> None:
@@ -185,8 +209,9 @@ class Restorer:
     """
 
     def __init__(self, buf: Any, tensors: list[TensorEntry], wait: Callable[[int], None] | None = None,
-                 piece_bytes: int = 16 * 2**20) -> None:
+                 piece_bytes: int = 16 * 2**20, convert_dtype: bool = False) -> None:
         self.buf = buf
+        self.convert_dtype = convert_dtype  # fill a tensor of another dtype (same shape) in place, cast
         self.tensors = tensors
         self.wait = wait
         self.piece_bytes = piece_bytes
@@ -289,8 +314,9 @@ class Restorer:
         if kind == "t":
             torch = _torch()
             assert torch is not None
-            if (isinstance(cur, torch.Tensor) and cur.shape == src.shape and cur.dtype == src.dtype):
-                if batch:
+            if (isinstance(cur, torch.Tensor) and cur.shape == src.shape
+                    and (cur.dtype == src.dtype or self.convert_dtype)):
+                if batch and cur.dtype == src.dtype:
                     self._pending.append((cur, src))  # copied by _flush, before apply returns
                 else:
                     with torch.no_grad():
@@ -299,6 +325,9 @@ class Restorer:
             return src.clone()
         if isinstance(cur, np.ndarray) and cur.shape == src.shape and cur.dtype == src.dtype and cur.flags.writeable:
             pcopy.copyto(cur, src)
+            return cur
+        if self.convert_dtype and isinstance(cur, np.ndarray) and cur.shape == src.shape and cur.flags.writeable:
+            np.copyto(cur, src, casting="same_kind")
             return cur
         out = np.empty(src.shape, src.dtype)
         pcopy.copyto(out, src)

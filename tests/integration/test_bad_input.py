@@ -191,7 +191,7 @@ def test_world_size_differs_from_the_step_being_saved(stub: pb_grpc.CheckpointSe
 
 
 @pytest.mark.parametrize("field,value", [("job", "other-job"), ("step", 2), ("rank", 1), ("world_size", 3),
-                                         ("nbytes", 128), ("nbytes", 0)])
+                                         ("nbytes", 128), ("nbytes", 65)])
 def test_commit_must_match_its_begin(stub: pb_grpc.CheckpointServiceStub, field: str, value: Any) -> None:
     job = unique_job("match")
     lease = begin(stub, job, 1, world_size=2)
@@ -202,6 +202,14 @@ def test_commit_must_match_its_begin(stub: pb_grpc.CheckpointServiceStub, field:
     write_slot(lease, b"\x02" * 64)
     assert stub.CommitShard(commit_req(lease, job, world_size=2), timeout=20).level == pb.STAGED
     expect(stub.CommitShard, commit_req(lease, job, world_size=2), C.NOT_FOUND, "lease")  # used up
+
+
+def test_commit_may_pack_below_its_begin(stub: pb_grpc.CheckpointServiceStub) -> None:
+    """A shard packed after staging (DCP's planner dropped a replica) commits fewer bytes than leased."""
+    job = unique_job("packed")
+    lease = begin(stub, job, 1, world_size=2)  # 64 bytes leased
+    write_slot(lease, b"\x03" * 64)
+    assert stub.CommitShard(commit_req(lease, job, world_size=2, nbytes=32), timeout=20).level == pb.STAGED
 
 
 def T(name: str, dtype: str, shape: list[int], offset: int, nbytes: int) -> pb.TensorMeta:
@@ -360,3 +368,17 @@ def test_daemon_still_serves_after_all_of_it(mod_daemon: Daemon, stub: pb_grpc.C
     assert mod_daemon.alive()
     log = mod_daemon.log()
     assert "internal error" not in log and "Traceback" not in log, log[-4000:]
+
+
+def test_new_world_size_needs_the_opt_in_and_a_newer_step(stub: pb_grpc.CheckpointServiceStub) -> None:
+    """A job saved by 1 rank: a save by 2 ranks is refused unless it opts in, and then only for a
+    step newer than every step the job holds (a resumed job continues; its history is not rewritten)."""
+    job = unique_job("newws")
+    save_ok(stub, job, 5)
+    expect(stub.BeginSave, pb.BeginSaveRequest(job=job, step=6, rank=0, world_size=2, nbytes=64),
+           C.FAILED_PRECONDITION, "allow_new_world_size")
+    expect(stub.BeginSave, pb.BeginSaveRequest(job=job, step=4, rank=0, world_size=2, nbytes=64, new_world_size=True),
+           C.FAILED_PRECONDITION, "not newer than 5")
+    lease = begin(stub, job, 6, world_size=2, new_world_size=True)
+    write_slot(lease, b"\x04" * 64)
+    assert stub.CommitShard(commit_req(lease, job, 6, world_size=2), timeout=20).level == pb.STAGED

@@ -28,6 +28,7 @@ def _config(endpoint: str, bucket: str, prefix: str, **extra: Any) -> str:
     lines = ["[memory]", 'chunk_bytes = "256KiB"', "[object]", "enabled = true", 'preset = "minio"',
              f'endpoint_url = "{endpoint}"', 'region = "us-east-1"', f'bucket = "{bucket}"',
              f'prefix = "{prefix}"', 'part_size_bytes = "5MiB"', "max_to_keep = 2"]
+    lines = [line for line in lines if line.partition(" = ")[0] not in extra]  # extra overrides
     lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {str(v).lower()}" for k, v in extra.items()]
     return "\n".join(lines).replace("'", '"') + "\n"
 
@@ -195,3 +196,33 @@ def test_daemon_killed_mid_upload_restarts_the_upload(node: Callable[..., Daemon
         assert m.restore(got) == 7 and m.last_restore is not None
         assert m.last_restore.served_from == "object"
         _check(got, 7, 0)
+
+
+def test_empty_node_restores_a_step_whose_chunks_belong_to_a_deleted_step(
+        node: Callable[..., DaemonProc], moto_s3: MotoS3, prefix: str) -> None:
+    """A frozen base (the same bytes at every step) is uploaded once; retention (max_to_keep = 1)
+    deletes the step that stored it, and an empty node still restores the newest step exactly."""
+    a = node(max_to_keep=1)
+
+    def state(step: int) -> dict[str, Any]:
+        return {"base": vector_state(7, N)["w"], "head": _state(step, 0)["w"][: N // 16], "step": step}
+
+    with CheckpointManager("ftjob", rank=0, world_size=1, addr=a.addr) as m:
+        for step in (1, 2, 3):
+            assert m.save(step, state(step)).ok
+            assert m.handles[-1].wait(Level.PERSISTED, timeout_s=120).level == Level.PERSISTED
+    keys = [o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=moto_s3.bucket, Prefix=f"{prefix}/ftjob/")
+            .get("Contents", [])]
+    assert not [k for k in keys if k.endswith("step-000000000001/manifest.json")]  # retention removed step 1
+    chunks = _manifest_in_bucket(moto_s3, prefix, "ftjob", 3).shards[0].chunks
+    shared = {c.object_key for c in chunks if "/step-000000000001/" in c.object_key}
+    assert len(shared) >= len(chunks) // 2 and shared <= set(keys)  # the base's chunks stayed
+    a.kill()
+
+    b = node(max_to_keep=1)
+    with CheckpointManager("ftjob", rank=0, world_size=1, addr=b.addr) as m:
+        got = {"base": np.zeros(N, np.float32), "head": np.zeros(N // 16, np.float32), "step": -1}
+        assert m.restore(got) == 3 and m.last_restore is not None
+        assert m.last_restore.served_from == "object"
+        want = state(3)
+        assert got["base"].tobytes() == want["base"].tobytes() and got["head"].tobytes() == want["head"].tobytes()

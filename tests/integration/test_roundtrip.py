@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ckptd_client import CheckpointManager, FailedPrecondition, Level, NotFound
+from ckptd_client import CheckpointManager, FailedPrecondition, Level, NotFound, StateMismatchError
 
 from tests._ckptd_helpers import Daemon, tensor_bytes, unique_job
 from tests.conftest import DaemonProc
@@ -130,7 +130,9 @@ def test_top_level_values_other_than_dicts(manager: CheckpointManager) -> None:
     assert_same([1, (2.5, "x"), None], lst)
     manager.save(3, {}).wait(Level.STAGED, timeout_s=60)  # an empty shard
     out: dict[str, Any] = {"kept": 1}
-    assert manager.restore(out, step=3) == 3
+    with pytest.raises(StateMismatchError, match="missing from the checkpoint: kept"):
+        manager.restore(out, step=3)  # strict: a key the step lacks is named
+    assert manager.restore(out, step=3, strict=False) == 3  # lenient, explicitly: left alone
     assert out == {"kept": 1}
 
 
@@ -283,4 +285,28 @@ def test_round_trip_from_disk_after_daemon_sigkill(daemon_factory: Callable[...,
         assert m.restore(out) == 2
         assert m.last_restore is not None and m.last_restore.served_from == "disk"
         assert_same(state, out)
-        assert m.restore(out, step=1) == 1 and torch.equal(out["x"], torch.zeros(2))
+        assert m.restore(out, step=1, strict=False) == 1 and torch.equal(out["x"], torch.zeros(2))
+
+
+def test_strict_restore_names_every_mismatch_and_copies_nothing(manager: CheckpointManager) -> None:
+    saved = {"w": torch.arange(6, dtype=torch.float32), "b": torch.ones(2, dtype=torch.bfloat16),
+             "a": np.arange(4, dtype=np.int32), "extra": 5}
+    manager.save(1, saved).wait(Level.STAGED, timeout_s=60)
+    w, b, a = torch.zeros(6, dtype=torch.float64), torch.zeros(3, dtype=torch.bfloat16), np.zeros(4, np.int32)
+    state: dict[str, Any] = {"w": w, "b": b, "a": a, "missing": 1}
+    with pytest.raises(StateMismatchError) as err:
+        manager.restore(state, step=1)
+    e = err.value
+    assert e.missing == ["missing"] and e.unexpected == ["extra"]
+    assert [m.split(" ")[0] for m in e.mismatched] == ["w", "b"]  # dtype of w, shape of b, in the message too
+    assert "w (saved float32[6], state has float64[6])" in str(e) and "b (saved bfloat16[2]" in str(e)
+    assert not w.any() and not b.any() and not a.any() and "extra" not in state  # nothing copied or added
+
+    # dtype conversion, opted into: w (float64) filled in place, the same object; shapes must match
+    state = {"w": w, "b": torch.zeros(2, dtype=torch.bfloat16), "a": a, "extra": 0}
+    assert manager.restore(state, step=1, convert_dtype=True) == 1
+    assert state["w"] is w and torch.equal(w, saved["w"].double()) and state["a"] is a and (a == saved["a"]).all()
+    # lenient, explicitly: missing left alone, extra added, a mismatched tensor replaced
+    loose: dict[str, Any] = {"w": torch.zeros(2), "missing": 1}
+    assert manager.restore(loose, step=1, strict=False) == 1
+    assert loose["missing"] == 1 and loose["extra"] == 5 and torch.equal(loose["w"], saved["w"])

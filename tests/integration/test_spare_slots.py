@@ -73,7 +73,7 @@ def test_the_client_maps_its_spares_ahead_so_no_later_save_maps_a_slot(
     with CheckpointManager(f"warm{uuid.uuid4().hex[:6]}", rank=0, world_size=1, addr=d.addr) as m:
         assert m.save(1, state).ok
         assert m._maps.mapped_count == 1
-        assert _eventually(lambda: m._warmer.warmed == 2), (m._warmer.warmed, _slots(d.shm_dir))
+        assert _eventually(lambda: m._saver.warmer.warmed == 2), (m._saver.warmer.warmed, _slots(d.shm_dir))
         for step in range(2, 7):
             state["w"] += 1
             h = m.save(step, state)

@@ -105,3 +105,4 @@ def read_back(tier: ObjectTier, job: str, step: int, rank: int) -> bytes:
     buf = bytearray(e.nbytes)
     tier.read_shard_into(job, step, e, memoryview(buf))
     return bytes(buf)
+

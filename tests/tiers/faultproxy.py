@@ -64,6 +64,13 @@ class Request:
     def is_get(self) -> bool:
         return self.method == "GET" and "range" in self.headers
 
+    def is_chunk_put(self) -> bool:
+        """A PUT of one chunk object of a shard (``rank-NNNNNN.shard.cNNNNNN``)."""
+        return self.method == "PUT" and ".shard.c" in urlsplit(self.target).path
+
+    def is_chunk_get(self) -> bool:
+        return self.method == "GET" and ".shard.c" in urlsplit(self.target).path
+
 
 @dataclass
 class Fault:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,15 +52,17 @@ def keys_under(client: Any, bucket: str, prefix: str) -> list[str]:
 
 def test_put_commit_then_list_and_read_exact(make_tier: TierFactory) -> None:
     tier = make_tier()
-    shards = [pattern(1_000_003, 1), pattern(300_000, 2), b""]
+    shards = [random.Random(1).randbytes(1_000_003), random.Random(2).randbytes(300_000), b""]  # no equal chunks
     m = save_step(tier, JOB, 7, shards)
     assert tier.list_jobs() == [JOB]
     assert tier.list_committed(JOB) == [7]
     got = tier.read_manifest(JOB, 7)
     assert got.world_size == 3 and got.extra == {"lr": 0.1}
-    for s in got.shards:  # the object tier's manifest records each shard's full key
-        assert s.object_key == tier.shard_object_key(JOB, 7, s.rank)
-        assert s.object_key.endswith(f"{JOB}/step-000000000007/{s.key}")
+    for s in got.shards:  # the object tier's manifest records each chunk's full key (none when empty)
+        assert s.object_key == ""
+        assert [c.object_key for c in s.chunks] == [tier.chunk_object_key(JOB, 7, s.rank, i)
+                                                    for i in range(len(s.chunk_crc32c))]
+        assert all(c.object_key.startswith(f"{tier.base}{JOB}/step-000000000007/{s.key}.c") for c in s.chunks)
     assert [s.chunk_crc32c for s in got.shards] == [s.chunk_crc32c for s in m.shards]
     for rank, data in enumerate(shards):
         assert read_back(tier, JOB, 7, rank) == data
@@ -107,11 +110,11 @@ def test_commit_with_a_missing_or_short_shard_fails(make_tier: TierFactory) -> N
 
 def test_flipped_byte_is_integrity_error_naming_the_key(make_tier: TierFactory, s3_client: Any) -> None:
     tier = make_tier()
-    data = pattern(3 * MiB + 17, 3)
+    data = random.Random(3).randbytes(3 * MiB + 17)  # random: stored raw
     save_step(tier, JOB, 5, [data], chunk_bytes=MiB)
-    key = tier.shard_object_key(JOB, 5, 0)
-    bad = bytearray(data)
-    bad[2 * MiB + 5] ^= 0x01
+    key = tier.chunk_object_key(JOB, 5, 0, 2)
+    bad = bytearray(data[2 * MiB : 3 * MiB])
+    bad[5] ^= 0x01
     s3_client.put_object(Bucket=tier.bucket, Key=key, Body=bytes(bad))
     entry = tier.read_manifest(JOB, 5).shard(0)
     with pytest.raises(IntegrityError, match=rf"{key}: crc32c mismatch in chunk 2 \(offset {2 * MiB}\)"):
@@ -120,9 +123,9 @@ def test_flipped_byte_is_integrity_error_naming_the_key(make_tier: TierFactory, 
 
 def test_truncated_or_missing_object(make_tier: TierFactory, s3_client: Any) -> None:
     tier = make_tier()
-    data = pattern(100_000, 4)
+    data = random.Random(4).randbytes(100_000)  # one raw chunk
     save_step(tier, JOB, 6, [data])
-    key = tier.shard_object_key(JOB, 6, 0)
+    key = tier.chunk_object_key(JOB, 6, 0, 0)
     entry = tier.read_manifest(JOB, 6).shard(0)
     s3_client.put_object(Bucket=tier.bucket, Key=key, Body=data[:-1])
     with pytest.raises(IntegrityError, match=rf"{key}: size 99999 != 100000"):
@@ -159,7 +162,7 @@ def test_delete_removes_the_manifest_first(make_tier: TierFactory, s3_client: An
 
     def record(params: dict[str, Any], **_: Any) -> None:
         deleted.append(params["Key"])
-        if fail_shards["on"] and params["Key"].endswith(".shard"):
+        if fail_shards["on"] and ".shard.c" in params["Key"]:
             raise RuntimeError("injected: shard delete fails")
 
     tier.client.meta.events.register("before-parameter-build.s3.DeleteObject", record)
@@ -176,25 +179,19 @@ def test_delete_removes_the_manifest_first(make_tier: TierFactory, s3_client: An
     assert keys_under(s3_client, tier.bucket, tier.base) == []
 
 
-def test_multipart_upload_of_several_parts(make_tier: TierFactory, s3_client: Any) -> None:
-    tier = make_tier(part_size_bytes=5 * MiB, max_concurrency=3)
-    data = pattern(12 * MiB, 5)
-    parts: list[int] = []
-    tier.client.meta.events.register(
-        "before-parameter-build.s3.UploadPart", lambda params, **_: parts.append(params["PartNumber"])
-    )
+def test_chunks_are_single_puts_and_parallel_gets(make_tier: TierFactory, s3_client: Any) -> None:
+    tier = make_tier(max_concurrency=3)
+    data = random.Random(5).randbytes(12 * MiB)
+    puts: list[str] = []
+    tier.client.meta.events.register("before-parameter-build.s3.PutObject",
+                                     lambda params, **_: puts.append(params["Key"]))
+    tier.client.meta.events.register("before-parameter-build.s3.UploadPart", lambda **_: pytest.fail("multipart"))
     save_step(tier, JOB, 11, [data], chunk_bytes=MiB)
-    assert sorted(parts) == [1, 2, 3]
-    head = s3_client.head_object(Bucket=tier.bucket, Key=tier.shard_object_key(JOB, 11, 0))
-    assert head["ContentLength"] == 12 * MiB and head["ETag"].endswith('-3"')
-    ranges: list[str] = []
-    tier.client.meta.events.register(
-        "before-parameter-build.s3.GetObject", lambda params, **_: ranges.append(params.get("Range", ""))
-    )
+    chunk_puts = sorted(k for k in puts if ".shard.c" in k)
+    assert chunk_puts == [tier.chunk_object_key(JOB, 11, 0, i) for i in range(12)]
+    head = s3_client.head_object(Bucket=tier.bucket, Key=chunk_puts[0])
+    assert head["ContentLength"] == MiB  # random bytes: stored raw
     assert read_back(tier, JOB, 11, 0) == data
-    assert sorted(r for r in ranges if r) == [
-        f"bytes=0-{5 * MiB - 1}", f"bytes={10 * MiB}-{12 * MiB - 1}", f"bytes={5 * MiB}-{10 * MiB - 1}",
-    ]
 
 
 def test_hashed_prefixes_layout(make_tier: TierFactory, s3_client: Any) -> None:
@@ -202,10 +199,12 @@ def test_hashed_prefixes_layout(make_tier: TierFactory, s3_client: Any) -> None:
     shards = [pattern(2000 + r, r) for r in range(6)]
     save_step(tier, JOB, 12, shards)
     m = tier.read_manifest(JOB, 12)
-    hashed = {s.object_key.split("/")[2] for s in m.shards}
+    keys = [c.object_key for s in m.shards for c in s.chunks]
+    hashed = {k.split("/")[2] for k in keys}
     for s in m.shards:
-        assert s.object_key.startswith(f"{tier.base}_shards/")
-        assert s.object_key.endswith(f"/{JOB}/step-000000000012/{s.key}")
+        for c in s.chunks:
+            assert c.object_key.startswith(f"{tier.base}_shards/")
+            assert c.object_key.endswith(f"/{JOB}/step-000000000012/{s.key}.c000000")
     assert len(hashed) > 1  # spread over several prefixes
     # manifests stay under one listable prefix; the hashed directory is not a job
     assert keys_under(s3_client, tier.bucket, f"{tier.base}{JOB}/") == [tier.manifest_key(JOB, 12)]

@@ -12,6 +12,7 @@ recovery, multipart, bucket layout) are in test_disk_tier.py and test_object_tie
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import mmap
 import os
 import random
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from ckptd.core.errors import AlreadyExists, CkptdError, IntegrityError, NotFound
-from ckptd.core.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from ckptd.core.manifest import MANIFEST_NAME, ChunkRef, Manifest, ShardEntry
 from ckptd.tiers.base import Tier
 from ckptd.tiers.disk import DiskTier
 from tests.tiers._moto import TierFactory
@@ -74,24 +75,38 @@ def disk_case(root: Path, direct_io: bool) -> TierCase:
 
 
 def object_case(make_tier: TierFactory) -> TierCase:
+    """The object tier stores one object per chunk (tiny random chunks: stored raw)."""
     tier = make_tier()
     client: Any = tier.client
 
-    def key(job: str, step: int, entry: ShardEntry) -> str:
-        return tier.shard_object_key(job, step, entry.rank)
+    def chunk_key(job: str, step: int, entry: ShardEntry, offset: int) -> str:
+        last = max(0, (entry.nbytes - 1) // entry.chunk_bytes)
+        return tier.chunk_object_key(job, step, entry.rank, min(offset // entry.chunk_bytes, last))
+
+    def name(job: str, step: int, entry: ShardEntry) -> str:  # every chunk key of the shard starts so
+        return chunk_key(job, step, entry, 0).rsplit(".", 1)[0]
 
     def get(k: str) -> bytes:
         body: bytes = client.get_object(Bucket=tier.bucket, Key=k)["Body"].read()
         return body
 
     def flip(job: str, step: int, entry: ShardEntry, offset: int) -> None:
-        data = bytearray(get(key(job, step, entry)))
-        data[offset] ^= 0x01
-        client.put_object(Bucket=tier.bucket, Key=key(job, step, entry), Body=bytes(data))
+        k = chunk_key(job, step, entry, offset)
+        data = bytearray(get(k))
+        data[offset % entry.chunk_bytes] ^= 0x01
+        client.put_object(Bucket=tier.bucket, Key=k, Body=bytes(data))
 
     def truncate(job: str, step: int, entry: ShardEntry, size: int) -> None:
-        data = get(key(job, step, entry))[:size]
-        client.put_object(Bucket=tier.bucket, Key=key(job, step, entry), Body=data.ljust(size, b"\x00"))
+        """The shard as if cut (or extended with zeros) to size: the chunk holding byte size shortened."""
+        k = chunk_key(job, step, entry, size)
+        data = get(k)
+        cb = entry.chunk_bytes
+        body = data[: size - min(size // cb, (entry.nbytes - 1) // cb) * cb].ljust(size - (entry.nbytes - len(data)),
+                                                                                  b"\x00")
+        client.put_object(Bucket=tier.bucket, Key=k, Body=body if size < entry.nbytes else data + b"\x00")
+
+    def remove(job: str, step: int, entry: ShardEntry) -> None:
+        client.delete_object(Bucket=tier.bucket, Key=chunk_key(job, step, entry, 0))
 
     def corrupt_manifest(job: str, step: int, data: bytes) -> None:
         client.put_object(Bucket=tier.bucket, Key=tier.manifest_key(job, step), Body=data)
@@ -100,12 +115,20 @@ def object_case(make_tier: TierFactory) -> TierCase:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=tier.bucket, Prefix=tier.base)
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
+    def as_committed(m: Manifest) -> Manifest:
+        """m with the chunk records of save_step's bytes: raw chunks at this step's keys."""
+        shards = []
+        for s in m.shards:
+            data = bytes(payload(s.nbytes, seed=m.step * 1000 + s.rank))
+            parts = [data[o : o + s.chunk_bytes] for o in range(0, s.nbytes, s.chunk_bytes)]
+            refs = tuple(ChunkRef(tier.chunk_object_key(m.job, m.step, s.rank, i), "raw", len(p),
+                                  hashlib.sha256(p).hexdigest()) for i, p in enumerate(parts))
+            shards.append(dataclasses.replace(s, chunks=refs))
+        return dataclasses.replace(m, shards=tuple(shards))
+
     return TierCase(
-        name="object", tier=tier, flip_byte=flip, truncate=truncate,
-        remove_shard=lambda job, step, entry: client.delete_object(Bucket=tier.bucket, Key=key(job, step, entry)),
-        copy_name=key, corrupt_manifest=corrupt_manifest, stored=stored,
-        as_committed=lambda m: dataclasses.replace(m, shards=tuple(
-            dataclasses.replace(s, object_key=tier.shard_object_key(m.job, m.step, s.rank)) for s in m.shards)),
+        name="object", tier=tier, flip_byte=flip, truncate=truncate, remove_shard=remove,
+        copy_name=name, corrupt_manifest=corrupt_manifest, stored=stored, as_committed=as_committed,
     )
 
 

@@ -28,7 +28,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ckptd.core.errors import CkptdError
+from ckptd.core.errors import CkptdError, InvalidArgument
+from ckptd.core.integrity import covering_chunks
 from ckptd.core.manifest import Manifest, ShardEntry
 from ckptd.core.types import TierName
 from ckptd.memory.catalog import Catalog, StepState, TierState
@@ -100,11 +101,31 @@ class Reading:
     lease: LeaseFn
     #: give back a slot ``lease`` returned (the read failed)
     discard: Callable[[Slot], Awaitable[None]]
+    #: a ranged restore: only these byte ranges (offset, length) of the shard are needed; sources
+    #: that can read the chunks covering them alone do (``chunks_of``), the others read it whole
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    def chunks_of(self, entry: ShardEntry) -> tuple[int, ...]:
+        """The crc32c chunks of entry covering ``ranges`` (empty: not a ranged restore)."""
+        if not self.ranges:
+            return ()
+        try:
+            return tuple(covering_chunks(self.ranges, entry.chunk_bytes, entry.nbytes)) or (0,)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    def bytes_read(self, entry: ShardEntry) -> int:
+        """What a source that reads only the covering chunks reads of entry."""
+        chunks = self.chunks_of(entry)
+        if not chunks:
+            return entry.nbytes
+        return sum(min(entry.chunk_bytes, entry.nbytes - i * entry.chunk_bytes) for i in chunks)
 
     @property
     def on_verified(self) -> Callable[[int], None] | None:
-        """Called from any thread with each verified prefix length (streamed restores)."""
-        return self.progress.ready_threadsafe if self.progress is not None else None
+        """Called from any thread with each verified prefix length (streamed restores; not for a
+        ranged restore, whose client waits for the end)."""
+        return self.progress.ready_threadsafe if self.progress is not None and not self.ranges else None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ckptd.restore.sources.base import (
     list_steps,
     plan_manifest,
 )
-from ckptd.tiers.disk import DiskTier, read_verified
+from ckptd.tiers.disk import DiskTier, read_verified, read_verified_chunks
 
 
 class DiskSource:
@@ -51,7 +51,11 @@ class DiskSource:
         on_verified = reading.on_verified
 
         def read(entry: ShardEntry, dst: memoryview) -> None:
-            read_verified(self.disk.shard_path(reading.job, reading.step, entry), entry, dst,
-                          self.disk.block_bytes, on_verified)
+            path = self.disk.shard_path(reading.job, reading.step, entry)
+            chunks = reading.chunks_of(entry)
+            if chunks:  # a ranged restore: those chunks alone, each verified
+                read_verified_chunks(path, entry, dst, chunks)
+            else:
+                read_verified(path, entry, dst, self.disk.block_bytes, on_verified)
 
         return await fill_from_tier(self.disk, self.catalog, self.executor, reading, read, ready_after=False)

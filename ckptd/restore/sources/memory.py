@@ -16,7 +16,7 @@ from ckptd.core.types import TierName
 from ckptd.memory.catalog import Catalog, TierState
 from ckptd.memory.slots import SlotPool
 from ckptd.restore.sources.base import Filled, PlanDraft, Reading, Source, Survey
-from ckptd.restore.stream import verify_chunks
+from ckptd.restore.stream import verify_chunk_list, verify_chunks
 
 
 class MemorySource:
@@ -51,8 +51,13 @@ class MemorySource:
             entry = rec.entry
             if reading.progress is not None:
                 reading.progress.start(TierName.MEMORY, slot, entry)
-            bad = await asyncio.get_running_loop().run_in_executor(
-                self.executor, verify_chunks, slot.view(entry.nbytes), entry, reading.on_verified)
+            chunks = reading.chunks_of(entry)
+            if chunks:  # a ranged restore: only the chunks it reads are verified
+                bad = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, verify_chunk_list, slot.view(entry.nbytes), entry, chunks)
+            else:
+                bad = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, verify_chunks, slot.view(entry.nbytes), entry, reading.on_verified)
             if bad is not None:
                 slot.content = None  # this copy is invalid: never serve it again
                 await self.catalog.set_tier(st, TierName.MEMORY, TierState.FAILED,

@@ -53,6 +53,11 @@ class ObjectSource:
 
     async def read_into(self, planned: Source, reading: Reading) -> Filled:
         def read(entry: ShardEntry, dst: memoryview) -> None:
-            self.store.read_shard_into(reading.job, reading.step, entry, dst)
+            chunks = reading.chunks_of(entry)
+            read_chunks = getattr(self.store, "read_chunks_into", None)  # the S3 tier has ranged GETs
+            if chunks and read_chunks is not None:  # a ranged restore: those chunks' GETs alone
+                read_chunks(reading.job, reading.step, entry, dst, chunks)
+            else:
+                self.store.read_shard_into(reading.job, reading.step, entry, dst)
 
         return await fill_from_tier(self.store, self.catalog, self.executor, reading, read, ready_after=True)

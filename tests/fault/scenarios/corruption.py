@@ -149,11 +149,21 @@ def corrupt_object(ctx: Ctx) -> None:
     (fs, fr), (ts, tr) = two_targets(ctx, list(range(1, steps + 1)))
     s3 = ctx.env.store()
 
-    def key(step: int, rank: int) -> str:
+    def entries(step: int) -> list[dict[str, Any]]:
         base = f"{s3.prefix}/{ctx.job}/step-{step:012d}/"
         manifest = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=base + "manifest.json")["Body"].read())
-        entry = next(e for e in manifest["shards"] if e["rank"] == rank)
-        return str(entry.get("object_key") or base + entry["key"])
+        return list(manifest["shards"])
+
+    def key(step: int, rank: int) -> str:
+        """The shard object, or a chunk object of it that no other shard of the job references
+        (deduplication shares chunks: damaging a shared one would damage more than this shard)."""
+        entry = next(e for e in entries(step) if e["rank"] == rank)
+        if not entry.get("chunks"):
+            return str(entry.get("object_key") or f"{s3.prefix}/{ctx.job}/step-{step:012d}/" + entry["key"])
+        others = {c["key"] for s in range(1, steps + 1) for e in entries(s) if (s, e["rank"]) != (step, rank)
+                  for c in e.get("chunks", [])}
+        own = [c["key"] for c in entry["chunks"] if c["key"] not in others]
+        return str(own[ctx.randint(f"chunk_{step}_{rank}", 0, len(own) - 1)])
 
     body = bytearray(s3.client.get_object(Bucket=s3.bucket, Key=key(fs, fr))["Body"].read())
     off = ctx.randint("flipped_offset", 0, len(body) - 1)

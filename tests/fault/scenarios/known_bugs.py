@@ -151,9 +151,9 @@ def _multipart_left(env: Env) -> None:
     prefix_job = f"mp{uuid.uuid4().hex[:6]}"
     n = env.node("n1", env.workdir / f"repro-{uuid.uuid4().hex[:6]}", object=env.object_config(
         endpoint=proxy.url, total_timeout_s=4.0, connect_timeout_s=0.5, read_timeout_s=1.0, max_attempts=2)).start()
-    big = {"w": np.ones(6 * MiB // 4, np.float32)}  # above the 5 MiB part size: a multipart upload
+    big = {"w": np.ones(6 * MiB // 4, np.float32)}
     with CheckpointManager(prefix_job, rank=0, world_size=1, addr=n.addr) as m:
-        proxy.add("down", match=Request.is_upload_part, down_s=3600)  # down in the middle of the upload
+        proxy.add("down", match=Request.is_chunk_put, down_s=3600)  # down in the middle of the upload
         m.save(1, big)
         try:
             m._wait(1, Level.PERSISTED, 30)

@@ -33,9 +33,9 @@ def object_503(ctx: Ctx) -> None:
     """The store answers 503 SlowDown to a burst of requests; uploads retry or fail, then persist."""
     node, proxy = _object_node(ctx)
     n503 = ctx.randint("throttled_requests", 1, 8)
-    which = ctx.cycle("throttled", ["any request", "part uploads", "small puts"])
-    match = {"any request": None, "part uploads": Request.is_upload_part,
-             "small puts": lambda r: r.method == "PUT" and "partNumber=" not in r.query}[which]
+    which = ctx.cycle("throttled", ["any request", "chunk uploads", "record and manifest puts"])
+    match = {"any request": None, "chunk uploads": Request.is_chunk_put,
+             "record and manifest puts": lambda r: r.method == "PUT" and not r.is_chunk_put()}[which]
     proxy.add("503", times=n503, match=match)  # type: ignore[attr-defined]
     node.start()
     ctx.fault(f"the next {n503} matching requests ({which}) answered 503 SlowDown")
@@ -53,16 +53,16 @@ def object_503(ctx: Ctx) -> None:
 
 @scenario
 def object_down(ctx: Ctx) -> None:
-    """The store goes down (from a step's start, or in the middle of its multipart upload)."""
+    """The store goes down (from a step's start, or in the middle of its chunk uploads)."""
     node, proxy = _object_node(ctx, total_timeout_s=4.0, connect_timeout_s=0.5, read_timeout_s=1.0, max_attempts=2)
     node.start()
     ctx.save(1)
     ctx.must_ack(1, Level.PERSISTED, timeout_s=60)
-    when = ctx.cycle("down", ["before the upload", "during the multipart upload"])
+    when = ctx.cycle("down", ["before the upload", "during the chunk uploads"])
     if when == "before the upload":
         proxy.down_for(3600)  # type: ignore[attr-defined]
     else:
-        proxy.add("down", match=Request.is_upload_part, down_s=3600)  # type: ignore[attr-defined]
+        proxy.add("down", match=Request.is_chunk_put, down_s=3600)  # type: ignore[attr-defined]
     ctx.fault(f"store down {when} of step 2")
     ctx.save(2)
     ctx.must_ack(2, Level.LOCAL_DURABLE)

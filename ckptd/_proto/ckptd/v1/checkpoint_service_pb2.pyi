@@ -186,6 +186,7 @@ class BeginSaveRequest(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
     RESUMED_FROM_FIELD_NUMBER: _builtins.int
+    NEW_WORLD_SIZE_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     step: _builtins.int
     rank: _builtins.int
@@ -208,6 +209,12 @@ class BeginSaveRequest(_message.Message):
     a rank gets AlreadyExists); a reader never saves.
     """
     resumed_from: _builtins.int
+    new_world_size: _builtins.bool
+    """The writer knowingly saves with a world size other than that of the job's committed steps
+    (a job resumed on another number of ranks after a resharded restore, docs/dcp.md). Without
+    it such a save is refused (FailedPrecondition); with it the step must be newer than every
+    step the job holds, and the job's steps from then on have the new world size.
+    """
     @_builtins.property
     def node_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """ranks of the job this daemon serves (multi-node); empty: all"""
@@ -227,10 +234,11 @@ class BeginSaveRequest(_message.Message):
         incarnation: _builtins.str = ...,
         resumed: _builtins.bool = ...,
         resumed_from: _builtins.int = ...,
+        new_world_size: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "incarnation", b"incarnation", "job", b"job", "nbytes", b"nbytes", "node_ranks", b"node_ranks", "policy", b"policy", "rank", b"rank", "resumed", b"resumed", "resumed_from", b"resumed_from", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_pid", b"client_pid", "incarnation", b"incarnation", "job", b"job", "nbytes", b"nbytes", "new_world_size", b"new_world_size", "node_ranks", b"node_ranks", "policy", b"policy", "rank", b"rank", "resumed", b"resumed", "resumed_from", b"resumed_from", "step", b"step", "wait_timeout_ms", b"wait_timeout_ms", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,6 +298,7 @@ class CommitShardRequest(_message.Message):
     rank: _builtins.int
     world_size: _builtins.int
     nbytes: _builtins.int
+    """at most BeginSave's: a shard packed after staging (DCP's planner dropped replicas)"""
     chunk_bytes: _builtins.int
     client_stall_s: _builtins.float
     """time save() has blocked so far (for the metrics)"""
@@ -615,6 +624,7 @@ class PrepareRestoreRequest(_message.Message):
     STRICT_LATEST_FIELD_NUMBER: _builtins.int
     BELOW_STEP_FIELD_NUMBER: _builtins.int
     RETIRE_INCARNATION_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     rank: _builtins.int
     world_size: _builtins.int
@@ -635,6 +645,14 @@ class PrepareRestoreRequest(_message.Message):
     back, so that incarnation's shards of uncommitted steps after the restored one are dropped.
     A reader (nothing saved) leaves it empty and changes nothing.
     """
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
+        """Only these byte ranges of the shard are needed (a resharding reader's slices of another rank's
+        shard): the memory, disk and object sources then verify and read only the crc32c chunks
+        covering them, and the slot is not kept as the shard's memory copy; a peer still sends the
+        whole shard. The client may read only the covered chunks, after `done`.
+        """
+
     def __init__(
         self,
         *,
@@ -647,14 +665,37 @@ class PrepareRestoreRequest(_message.Message):
         strict_latest: _builtins.bool = ...,
         below_step: _builtins.int = ...,
         retire_incarnation: _builtins.str = ...,
+        ranges: _abc.Iterable[Global___ByteRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_step", b"below_step", "client_pid", b"client_pid", "dry_run", b"dry_run", "job", b"job", "rank", b"rank", "retire_incarnation", b"retire_incarnation", "step", b"step", "strict_latest", b"strict_latest", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_step", b"below_step", "client_pid", b"client_pid", "dry_run", b"dry_run", "job", b"job", "ranges", b"ranges", "rank", b"rank", "retire_incarnation", b"retire_incarnation", "step", b"step", "strict_latest", b"strict_latest", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrepareRestoreRequest: _TypeAlias = PrepareRestoreRequest  # noqa: Y015
+
+@_typing.final
+class ByteRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    length: _builtins.int
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ByteRange: _TypeAlias = ByteRange  # noqa: Y015
 
 @_typing.final
 class PlannedSource(_message.Message):
