@@ -55,10 +55,10 @@ class HoldsDTensor(Exception):
     """The state holds a DTensor: it is saved through DCP's planner (dcp/route.py), not flattened."""
 
 
-def _is_dtensor(x: Any) -> bool:
+def _dtensor_class() -> Any:
+    """DTensor's class, or None while its module is not imported (then no DTensor exists)."""
     mod = sys.modules.get("torch.distributed.tensor")
-    cls = getattr(mod, "DTensor", None) if mod is not None else None
-    return cls is not None and isinstance(x, cls)
+    return getattr(mod, "DTensor", None) if mod is not None else None
 
 
 def _join(prefix: str, key: Any) -> str:
@@ -69,6 +69,7 @@ class Flattener:
     def __init__(self) -> None:
         self.leaves: list[Leaf] = []
         self._names: set[str] = set()
+        self._dtensor = _dtensor_class()  # looked up once per walk, not per tensor
 
     def _leaf(self, path: str, obj: Any, kind: str, dtype: str, shape: tuple[int, ...]) -> dict[str, int]:
         itemsize = DTYPE_ITEMSIZE.get(dtype)
@@ -85,7 +86,7 @@ class Flattener:
         if depth > 60:
             raise TypeError(f"{path}: state nested too deeply")
         if _is_tensor(obj):
-            if _is_dtensor(obj):
+            if self._dtensor is not None and isinstance(obj, self._dtensor):
                 raise HoldsDTensor(path or "<root>")
             if obj.is_sparse or obj.is_quantized or getattr(obj, "is_nested", False):
                 raise TypeError(f"{path or '<root>'}: sparse, quantized and nested tensors are not supported")
@@ -136,13 +137,26 @@ def flatten(state: Any) -> tuple[list[Leaf], list[TensorEntry], str, int]:
 
 
 def holds_dtensor(state: Any) -> bool:
-    """Whether the state holds a DTensor anywhere (it then goes through DCP, dcp/route.py)."""
-    try:
-        Flattener().node(state)
-    except HoldsDTensor:
-        return True
-    except TypeError:  # not checkpointable as it is: the restore itself says what is wrong
+    """Whether the state holds a DTensor anywhere (it then goes through DCP, dcp/route.py).
+
+    Free while ``torch.distributed.tensor`` is not imported; otherwise a walk over the containers
+    and ``state_dict()``s that ``Flattener`` would visit, without building its tree."""
+    cls = _dtensor_class()
+    if cls is None:
         return False
+    stack: list[tuple[Any, int]] = [(state, 0)]
+    while stack:
+        obj, depth = stack.pop()
+        if isinstance(obj, cls):
+            return True
+        if depth > 60 or _is_tensor(obj) or isinstance(obj, (np.ndarray, str, bytes, int, float)):
+            continue
+        if isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((v, depth + 1) for v in obj)
+        elif callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
+            stack.append((obj.state_dict(), depth + 1))
     return False
 
 
