@@ -1,7 +1,8 @@
 """The two floors ``bench/stall.py`` measures ckptd against: a bare memcpy and a bare fsync'd write.
 
 ``FloorCopier`` copies the state's tensors, tensor by tensor, into a pre-faulted /dev/shm mapping
-(ckptd's shard layout) with torch ``Tensor.copy_`` or ``ctypes.memmove``: the save-stall floor.
+(ckptd's shard layout) with torch ``Tensor.copy_`` or ``ctypes.memmove``: the save-stall floor;
+``restore_copy`` copies them back from it into the tensors: the restore floor.
 ``write_buffered`` and ``write_direct`` write the same bytes to a new file in 8 MiB blocks, with
 write(2) or O_DIRECT, then fsync: the disk-drain floor. Each returns the seconds it took.
 """
@@ -42,6 +43,13 @@ class FloorCopier:
     def torch_copy(self) -> float:
         t0 = time.perf_counter()
         for src, dst in self.pairs:
+            dst.copy_(src)
+        return time.perf_counter() - t0
+
+    def restore_copy(self) -> float:
+        """The restore floor: the same bytes copied back from the mapping into the tensors."""
+        t0 = time.perf_counter()
+        for dst, src in self.pairs:
             dst.copy_(src)
         return time.perf_counter() - t0
 

@@ -121,6 +121,20 @@ def summarize_ratios(res: dict[str, Any]) -> None:
     res["ckptd_stall_over_torch_save"] = ratio(res["ckptd_stall_s"], res["torch_save_s"])
 
 
+def summarize_per_tensor(res: dict[str, Any]) -> None:
+    """Restore against its floor, the first saves against a steady one, and the cost per tensor
+    beyond the floor: (ckptd - floor) / tensors, in microseconds."""
+    n = res["tensors"] or 1
+    floor, rfloor = res["floor_s"], res.get("restore_floor_s")
+    res["restore_memory_over_floor"] = (round(res["restore_memory_s"] / rfloor, 4)
+                                        if rfloor and res.get("restore_memory_s") is not None else None)
+    res["per_tensor_save_us"] = round((res["ckptd_stall_s"] - floor) / n * 1e6, 3)
+    res["per_tensor_restore_us"] = (round((res["restore_memory_s"] - rfloor) / n * 1e6, 3)
+                                    if rfloor is not None and res.get("restore_memory_s") is not None else None)
+    warm = res.get("ckptd_warmup_stalls_s") or []
+    res["ckptd_first_save_over_steady"] = round(warm[0] / res["ckptd_stall_s"], 4) if warm else None
+
+
 def table(res: dict[str, Any]) -> str:
     n = res["bytes"]
     floor, disk = res["floor_s"], res["fsync_floor_s"]
@@ -135,6 +149,8 @@ def table(res: dict[str, Any]) -> str:
         ("save stall", "  DCP async_save call return (async staging)", res.get("dcp_async_call_return_s"), floor,
          "dcp"),
         ("save stall", "DLRover flash ckpt (MEMORY)", res["dlrover_stall_s"], floor, "dlrover"),
+        ("restore", "copy floor (shm mapping -> tensors)", res.get("restore_floor_s"), res.get("restore_floor_s"), ""),
+        ("restore", "ckptd restore from memory", res.get("restore_memory_s"), res.get("restore_floor_s"), ""),
         ("disk drain", "fsync floor", disk, disk, ""),
         ("disk drain", "  buffered write + fsync", res["fsync_buffered_s"], disk, ""),
         ("disk drain", "  O_DIRECT write + fsync", res["fsync_direct_s"], disk, "fsync_direct"),
@@ -154,7 +170,11 @@ def table(res: dict[str, Any]) -> str:
             continue
         x = f"{sec / ref:>7.2f}x" if ref else f"{'-':>8}"
         out.append(f"{tier:<11} {name:<46} {sec:>9.4f} {gib_per_s(n, sec) or 0:>7.2f} {x}")
-    out.append("(x floor: save rows against the memcpy floor, disk rows against the fsync floor)")
+    out.append("(x floor: save rows against the memcpy floor, restore rows against the restore copy floor, "
+               "disk rows against the fsync floor)")
+    out.append(f"per tensor beyond the floor: save {res.get('per_tensor_save_us')} us, restore "
+               f"{res.get('per_tensor_restore_us')} us; first save / steady = "
+               f"{res.get('ckptd_first_save_over_steady')}")
     out.append(f"ckptd_stall/floor = {res['ckptd_stall_over_floor']} (paired per rep: "
                f"{_r(res.get('ckptd_stall_over_floor_paired'))}); ckptd_stall/dlrover = "
                f"{res['ckptd_stall_over_dlrover']} (paired: {_r(res.get('ckptd_stall_over_dlrover_paired'))}); "

@@ -116,6 +116,25 @@ def gpt_state(size_bytes: int, seed: int = 0) -> tuple[dict[str, Any], StateInfo
     return state, info
 
 
+def many_tensors_state(n_tensors: int, elems: int, seed: int = 0) -> tuple[dict[str, Any], StateInfo]:
+    """A state of ``n_tensors`` fp32 tensors of ``elems`` elements each, in the shape real states
+    with many small tensors have (per-layer norms and biases, MoE experts, per-parameter moments):
+    a model dict and an optimizer dict of per-parameter moments, one third each of the tensors
+    (the rest in the model), plus plain values."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    n_params = n_tensors - 2 * (n_tensors // 3)
+    model = {f"layer{i // 8}.p{i % 8}": torch.empty(elems).normal_(0.0, 0.02, generator=gen)
+             for i in range(n_params)}
+    opt_state = {i: {"exp_avg": torch.empty(elems).normal_(0.0, 1e-3, generator=gen),
+                     "exp_avg_sq": torch.empty(elems).uniform_(0.0, 1e-6, generator=gen)}
+                 for i in range(n_tensors // 3)}
+    state = {"model": model, "optimizer": {"state": opt_state, "param_groups": [{"lr": 3e-4, "step": 1000}]},
+             "step": 1000}
+    return state, StateInfo(0, 0, 0, n_params, n_tensors, n_tensors * elems * 4)
+
+
 def tensors_of(state: Any) -> list[Any]:
     """Every tensor of a nested state, depth-first in insertion order (dicts, lists, tuples)."""
     import torch

@@ -35,6 +35,19 @@ Save stall (the time the training loop is blocked), against the memcpy floor:
   process groups and a forked saver must not share a process with the gRPC client. The DLRover
   child is driven save by save, so its saves are interleaved with ckptd's (see below).
 
+Restore from the daemon's memory tier, after the save repetitions (``_stall_restore``):
+  restore_floor_s       the same bytes copied back from the floor's pre-faulted mapping into the
+                        state's tensors, tensor by tensor (torch ``copy_``).
+  restore_memory_s      ``CheckpointManager.restore(state)`` of the newest step, in place, served
+                        by the memory tier (``restore_served_from`` says which tier served it).
+
+Per tensor (``--tensors N``: a state of N small fp32 tensors of ``--tensor-elems`` elements
+instead of the GPT-like one; the peers are skipped): ``per_tensor_save_us`` is
+(ckptd_stall_s - floor_s) / tensors and ``per_tensor_restore_us`` (restore_memory_s -
+restore_floor_s) / tensors, in microseconds. ``ckptd_warmup_stalls_s`` are the warm-up saves'
+stalls (the first ones fill new slots); ``ckptd_first_save_over_steady`` the first against the
+median.
+
 Disk drain, against the fsync floor:
   fsync_buffered_s      the same bytes (the shard's size) written sequentially in 8 MiB blocks
                         with write(2) to a new file in ``--dir``, then fsync.
@@ -58,10 +71,12 @@ DLRover; ``--quick`` is ``--size-mib 64 --reps 3 --warmup 2``.
 
     .venv/bin/python bench/stall.py --json
     .venv/bin/python bench/stall.py --size-mib 32 --reps 2 --json --skip-peers
+    .venv/bin/python bench/stall.py --tensors 100000 --reps 3 --json
 
 This file is the command line and the run; the pieces live beside it: ``_stall_floor`` (the
 memcpy and fsync floors), ``_stall_daemon`` (the ckptd daemon), ``_stall_peers`` (DCP, DLRover,
-torch.save) and ``_stall_report`` (summary, table, log); ``_util`` builds the state.
+torch.save) and ``_stall_report`` (summary, table, log), ``_stall_restore`` (the restore series); ``_util``
+builds the state.
 """
 
 from __future__ import annotations
@@ -88,15 +103,18 @@ from _stall_report import (
     summarize_core,
     summarize_dcp,
     summarize_dlrover,
+    summarize_per_tensor,
     summarize_ratios,
     table,
 )
+from _stall_restore import restore_series
 from _util import (
     MIB,
     REPO,
     Cleanup,
     ShmFile,
     gpt_state,
+    many_tensors_state,
     median,
     packed_offsets,
     raise_on_signals,
@@ -125,14 +143,20 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     # DLRover builds its own copy of the state in a child while we build ours
     dl = DlroverPeer(args, workdir, cleanup, tag) if "dlrover" in peers else None
 
-    log(f"building a {args.size_mib} MiB GPT-like state in {workdir}")
-    state, info = gpt_state(args.size_mib * MIB, args.seed)
+    if args.tensors:
+        log(f"building a state of {args.tensors} fp32 tensors of {args.tensor_elems} elements in {workdir}")
+        state, info = many_tensors_state(args.tensors, args.tensor_elems, args.seed)
+    else:
+        log(f"building a {args.size_mib} MiB GPT-like state in {workdir}")
+        state, info = gpt_state(args.size_mib * MIB, args.seed)
     tensors = tensors_of(state)
     offsets, layout_bytes = packed_offsets(tensors)
     res: dict[str, Any] = {
-        "bench": "stall", "bytes": info.nbytes, "layout_bytes": layout_bytes, "size_mib": args.size_mib,
+        "bench": "stall", "bytes": info.nbytes, "layout_bytes": layout_bytes,
+        "size_mib": round(info.nbytes / MIB, 2) if args.tensors else args.size_mib,
         "tensors": len(tensors), "reps": args.reps, "warmup": args.warmup,
-        "state": {"d_model": info.d_model, "vocab": info.vocab, "n_layer": info.n_layer, "params": info.n_params,
+        "state": {"kind": "many_small" if args.tensors else "gpt", "d_model": info.d_model, "vocab": info.vocab,
+                  "n_layer": info.n_layer, "params": info.n_params, "tensor_elems": args.tensor_elems,
                   "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors})},
     }
 
@@ -169,15 +193,19 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     def dlrover_save() -> float | None:
         return dl.save() if dl is not None else None
 
-    durable_timeout = 120 + 2.0 * args.size_mib
+    durable_timeout = 120 + 2.0 * res["size_mib"] + len(tensors) / 1000
     step = 0
     log(f"warm-up: {max(args.warmup, 1)} saves of each in-memory method, one write of each kind")
+    warm_stalls: list[float] = []
     for _ in range(max(args.warmup, 1)):
         step += 1
         copier.torch_copy()
         copier.memmove()
-        mgr.save(step, state).wait(Level.LOCAL_DURABLE, timeout_s=durable_timeout)
+        h = mgr.save(step, state)
+        warm_stalls.append(h.stall_s)
+        h.wait(Level.LOCAL_DURABLE, timeout_s=durable_timeout)
         dlrover_save()
+    res["ckptd_warmup_stalls_s"] = [round(x, 6) for x in warm_stalls]  # the first save into each new slot
     for name, fn in (("buffered", write_buffered), ("direct", write_direct)):
         p = workdir / f"warm-{name}.bin"
         with contextlib.suppress(OSError):
@@ -234,6 +262,7 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     res["ckptd_slots_after_timed"] = daemon_slots()
     if dl is not None:
         dl.close()
+    restore_series(res, s, mgr, state, copier, args.reps)
 
     summarize_core(res, s, stall_diagnostics(mgr, state, daemon_slots), daemon, timed_steps, direct_error)
     res["ckptd_stall_over_floor_paired"] = median(paired_floor)
@@ -249,6 +278,7 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
         summarize_dcp(res, run_child("dcp", args, workdir, cleanup))
 
     summarize_ratios(res)
+    summarize_per_tensor(res)
     ctx["loadavg_end"] = list(os.getloadavg())
     ctx["loadavg_1min_per_rep"] = load_per_rep
     res["machine"] = ctx
@@ -261,6 +291,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per method (default 5)")
     p.add_argument("--warmup", type=int, default=3, help="untimed saves before timing (default 3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensors", type=int, default=0,
+                   help="a state of N small fp32 tensors instead of the GPT-like one (implies --skip-peers)")
+    p.add_argument("--tensor-elems", type=int, default=256, help="elements per tensor with --tensors (default 256)")
     p.add_argument("--dir", help="directory on the disk to measure (default: /tmp if it is on the "
                                  "repository's filesystem, else the repository)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -274,8 +307,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ns = p.parse_args(argv)
     if ns.quick:
         ns.size_mib, ns.reps, ns.warmup = 64, 3, 2
-    if ns.reps < 1 or ns.warmup < 0 or ns.size_mib < 8:
-        p.error("need --reps >= 1, --warmup >= 0 and --size-mib >= 8")
+    if ns.reps < 1 or ns.warmup < 0 or ns.size_mib < 8 or ns.tensors < 0 or ns.tensor_elems < 1:
+        p.error("need --reps >= 1, --warmup >= 0, --size-mib >= 8, --tensors >= 0 and --tensor-elems >= 1")
+    if ns.tensors:
+        ns.skip_peers = True  # the peers' children build the GPT-like state
     unknown = set(ns.peers.split(",")) - set(PEERS) - {""}
     if unknown:
         p.error(f"unknown peers: {', '.join(sorted(unknown))}")

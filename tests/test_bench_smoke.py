@@ -33,12 +33,44 @@ def test_stall_bench_small_run_prints_json(tmp_path: Path) -> None:
     assert res["ckptd_stall_s"] > 0
     assert res["ckptd_drain_s"] > 0
     assert res["fsync_floor_s"] > 0
+    assert res["restore_floor_s"] > 0 and res["restore_memory_s"] > 0
+    assert res["restore_served_from"] == ["memory"]
+    assert isinstance(res["per_tensor_save_us"], float) and isinstance(res["per_tensor_restore_us"], float)
+    assert len(res["ckptd_warmup_stalls_s"]) == 3
     assert res["torch_save_s"] is None and res["dcp_async_blocking_s"] is None and res["dlrover_stall_s"] is None
     assert res["ckptd_slots_after_timed"] == 2  # the two slots were reused, not re-created
     assert res["machine"]["torch_version"]
     # everything the bench created is gone: work dir, the daemon's shm dir and socket dir, the floor file
     assert res["temp_paths"] and not any(Path(p).exists() for p in res["temp_paths"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_goodput_bench_tiny_run_reports_every_method(tmp_path: Path) -> None:
+    """A tiny bench/goodput.py run: real training steps, a real daemon, DCP; DLRover named through an
+    interpreter that does not exist is reported unavailable with its reason, and the run goes on."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "goodput.py"), "--size-mib", "2", "--width", "64", "--batch", "4",
+         "--steps", "3", "--warmup", "1", "--json", "--dir", str(tmp_path),
+         "--dlrover-python", str(tmp_path / "no-such-python")],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["steps"] == 3 and res["threads"] == 1 and res["state_bytes"] >= 2 * 2**20
+    methods = res["methods"]
+    assert set(methods) == {"none", "ckptd_sync", "dcp_async", "dlrover"}
+    for name in ("none", "ckptd_sync", "dcp_async"):
+        m = methods[name]
+        assert "error" not in m, m
+        assert m["wall_s"] > 0 and len(m["blocked_ms_all"]) == 3
+        assert m["blocked_ms_p99"] >= m["blocked_ms_median"] >= 0
+        assert isinstance(m["overhead"], float)
+    assert methods["none"]["overhead"] == 0.0 and methods["none"]["durable_saves"] == 0
+    assert 1 <= methods["ckptd_sync"]["durable_saves"] <= 3 and methods["ckptd_sync"]["daemon_cpu_s"] >= 0
+    assert methods["dcp_async"]["durable_saves"] == 3  # every upload awaited
+    assert methods["dlrover"]["available"] is False and "no-such-python" in methods["dlrover"]["error"]
+    assert list(tmp_path.iterdir()) == []  # work dirs removed
 
 
 def test_dcp_bench_small_run_prints_json(tmp_path: Path) -> None:

@@ -158,6 +158,10 @@ BAD_FILES = [
     ("[daemon]\nshutdown_timeout_s = 100000\n", r"daemon\.shutdown_timeout_s"),
     ("[daemon]\nio_threads = 0\n", r"daemon\.io_threads"),
     ("[daemon]\nlog_level = \"LOUD\"\n", r"daemon\.log_level"),
+    ("[daemon]\nnice = 20\n", r"daemon\.nice"),
+    ("[daemon]\nnice = -1\n", r"daemon\.nice"),
+    ("[daemon]\ncpu_affinity = \"0-x\"\n", r"daemon\.cpu_affinity"),
+    ("[daemon]\ncpu_affinity = \"3-1\"\n", r"daemon\.cpu_affinity"),
     ("[daemon]\nroot = \"\"\n", r"daemon\.root"),
     ("[daemon]\nroot = 5\n", r"daemon\.root"),
     ("[daemon]\nsocket = \"/tmp/" + "s" * 200 + ".sock\"\n", r"daemon\.socket"),
@@ -342,3 +346,19 @@ def test_budget_below_one_slot_is_refused(tmp_path: Path, where: str) -> None:
     with pytest.raises(InvalidArgument, match="memory.budget_bytes"):
         load(env={"CKPTD_MEMORY_BUDGET_BYTES": str(2 * 2**20 - 1)})
     assert load(env={"CKPTD_MEMORY_BUDGET_BYTES": "2MiB"}).memory.budget_bytes == 2 * 2**20
+
+
+def test_daemon_scheduling_options_parse_and_apply_in_a_child() -> None:
+    """daemon.nice and daemon.cpu_affinity: parsed, validated, and applied (in a child process, so
+    this test's own priority and CPUs stay as they are); CPUs the process may not use are refused."""
+    from ckptd.core import sched
+
+    assert sched.parse_cpu_list("0,2-3, 5") == frozenset({0, 2, 3, 5}) and sched.parse_cpu_list("") == frozenset()
+    cfg = load(env={"CKPTD_DAEMON_NICE": "5", "CKPTD_DAEMON_CPU_AFFINITY": "0"})
+    assert (cfg.daemon.nice, cfg.daemon.cpu_affinity) == (5, "0")
+    with pytest.raises(InvalidArgument, match="may not use"):
+        sched.apply(0, "4095")
+    code = ("import os; from ckptd.core import sched; b = os.nice(0); sched.apply(5, '0'); "
+            "print(os.nice(0) - b, sorted(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split(None, 1) == ["5", "[0]\n"]

@@ -25,8 +25,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from ckptd.core import sched
 from ckptd.core.errors import InvalidArgument
 from ckptd.core.fsops import check_shm_dir, resolve_group
+from ckptd.core.object_config import ObjectSection as ObjectSection  # re-exported: [object] is a section here
+from ckptd.core.object_config import validate_object as validate_object
 from ckptd.core.peer_config import PeerSection, split_list, validate_peers
 from ckptd.core.sizes import parse_bytes as parse_bytes  # re-exported: the name config offered
 from ckptd.core.types import SLOT_ALIGN_BYTES
@@ -45,6 +48,8 @@ class DaemonSection:
     shutdown_timeout_s: float = 60.0
     io_threads: int = 4
     log_level: str = "INFO"
+    nice: int = 0  # 0..19: yield the CPU to training (ckptd/core/sched.py)
+    cpu_affinity: str = ""  # a CPU list, e.g. "6-7": keep off the training cores ("": any CPU)
     # "0600": the daemon's user only. "0660": also the group socket_group (default: the daemon's
     # primary group), for trainers of another user; the shm dir is then 2750 and slot files 0660
     # in that group (README, "Trainers of another user").
@@ -79,45 +84,6 @@ class DiskSection:
 @dataclass(frozen=True)
 class MetricsSection:
     address: str = ""  # "host:port" for the Prometheus exporter; empty: off
-
-
-OBJECT_PRESETS: Final = ("aws", "minio", "oss")
-MIN_PART_SIZE_BYTES: Final = 5 * 2**20  # S3's minimum multipart part size (except the last part)
-MAX_PART_SIZE_BYTES: Final = 5 * 2**30
-
-
-@dataclass(frozen=True)
-class ObjectSection:
-    """[object]: the S3-compatible object tier (ckptd/tiers/object.py). Empty strings mean
-    "the preset's default"; credentials never appear here (standard AWS chain or ``profile``)."""
-
-    enabled: bool = False
-    preset: str = "aws"  # aws | minio (path-style) | oss (virtual-hosted, checksums when required)
-    endpoint_url: str = ""  # default: AWS's; oss: https://oss-{region}.aliyuncs.com
-    region: str = ""
-    bucket: str = ""
-    prefix: str = ""  # key prefix inside the bucket, e.g. "ckpt/cluster-a"
-    profile: str = ""  # named profile of the AWS config files; empty: the default chain
-    addressing_style: str = ""  # auto | virtual | path; empty: the preset's
-    request_checksum_calculation: str = ""  # when_supported | when_required; empty: the preset's
-    response_checksum_validation: str = ""  # when_supported | when_required; empty: the preset's
-    part_size_bytes: int = 16 * 2**20  # multipart part size and ranged-GET size
-    max_concurrency: int = 8  # parallel part uploads / ranged GETs per tier
-    max_attempts: int = 5  # attempts per request, the first included
-    retry_mode: str = "standard"  # standard | adaptive
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    total_timeout_s: float = 900.0  # bound on one put_shard / read_shard_into / commit
-    hashed_prefixes: int = 0  # spread shard objects over N hashed prefixes (0: next to the manifest)
-    conditional_put: str = "auto"  # auto (probe) | on | off (claim-object fallback)
-    max_to_keep: int = 3
-    keep_period: int = 0  # also keep every step divisible by this (0: off)
-    every_n_steps: int = 1
-    commit_wait_s: float = 600.0  # how long a step's coordinator waits for other nodes' shards
-    compression: str = "auto"  # auto (per chunk, by measured CPU and link speed) | on | off (raw)
-    compression_level: int = 1  # zstd level when compressing (1 measured best for bf16/fp32 states)
-    dedup: bool = True  # chunks already stored for the job (same sha256) are referenced, not uploaded
-    max_upload_mbit: float = 0.0  # cap on this node's upload rate to the store, Mbit/s (0: none)
 
 
 @dataclass(frozen=True)
@@ -266,6 +232,7 @@ def validate(cfg: Config) -> Config:
         raise InvalidArgument("disk.write_block_bytes must be a multiple of 4096 in [4KiB, 1GiB]")
     if not 1 <= dm.io_threads <= 256:
         raise InvalidArgument("daemon.io_threads must be in [1, 256]")
+    sched.validate(dm.nice, dm.cpu_affinity)
     if dm.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise InvalidArgument("daemon.log_level must be DEBUG, INFO, WARNING or ERROR")
     if cfg.metrics.address:
@@ -298,61 +265,6 @@ def validate(cfg: Config) -> Config:
 
 
 _PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]+")
-_BUCKET_RE: Final = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_PREFIX_RE: Final = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
-
-
-def validate_object(o: ObjectSection) -> None:
-    """Checks of [object]; raise InvalidArgument naming the key. Bucket/endpoint only when enabled."""
-    choices = (("preset", o.preset, OBJECT_PRESETS),
-               ("addressing_style", o.addressing_style, ("", "auto", "virtual", "path")),
-               ("request_checksum_calculation", o.request_checksum_calculation,
-                ("", "when_supported", "when_required")),
-               ("response_checksum_validation", o.response_checksum_validation,
-                ("", "when_supported", "when_required")),
-               ("retry_mode", o.retry_mode, ("standard", "adaptive")),
-               ("conditional_put", o.conditional_put, ("auto", "on", "off")))
-    for key, val, allowed in choices:
-        if val not in allowed:
-            shown = ", ".join(repr(a) for a in allowed if a)
-            raise InvalidArgument(f"object.{key} must be one of {shown}, got {val!r}")
-    if not MIN_PART_SIZE_BYTES <= o.part_size_bytes <= MAX_PART_SIZE_BYTES:
-        raise InvalidArgument(f"object.part_size_bytes must be in [5MiB, 5GiB], got {o.part_size_bytes}")
-    if not 1 <= o.max_concurrency <= 256:
-        raise InvalidArgument(f"object.max_concurrency must be in [1, 256], got {o.max_concurrency}")
-    if not 1 <= o.max_attempts <= 20:
-        raise InvalidArgument(f"object.max_attempts must be in [1, 20], got {o.max_attempts}")
-    for key, secs in (("connect_timeout_s", o.connect_timeout_s), ("read_timeout_s", o.read_timeout_s),
-                      ("total_timeout_s", o.total_timeout_s), ("commit_wait_s", o.commit_wait_s)):
-        if not 0 < secs <= 86400:
-            raise InvalidArgument(f"object.{key} must be in (0, 86400], got {secs}")
-    if o.compression not in ("auto", "on", "off"):
-        raise InvalidArgument(f"object.compression must be one of 'auto', 'on', 'off', got {o.compression!r}")
-    if isinstance(o.compression_level, bool) or not 1 <= o.compression_level <= 19:
-        raise InvalidArgument(f"object.compression_level must be in [1, 19], got {o.compression_level}")
-    if not 0 <= o.max_upload_mbit <= 1e6:
-        raise InvalidArgument(f"object.max_upload_mbit must be in [0, 1000000] (0: no cap), got {o.max_upload_mbit}")
-    if not 0 <= o.hashed_prefixes <= 65536:
-        raise InvalidArgument(f"object.hashed_prefixes must be in [0, 65536], got {o.hashed_prefixes}")
-    if o.max_to_keep < 1 or o.keep_period < 0 or o.every_n_steps < 1:
-        raise InvalidArgument("object.max_to_keep and object.every_n_steps must be >= 1, object.keep_period >= 0")
-    if o.prefix and (".." in o.prefix or not _PREFIX_RE.fullmatch(o.prefix.strip("/"))):
-        raise InvalidArgument(
-            f"object.prefix {o.prefix!r} must be '/'-separated names of letters, digits, '.', '_', '-' "
-            "(no '..', no empty parts)"
-        )
-    if o.endpoint_url and not re.fullmatch(r"https?://[^/\s]+/?", o.endpoint_url):
-        raise InvalidArgument(f"object.endpoint_url must be http(s)://host[:port], got {o.endpoint_url!r}")
-    if o.enabled:
-        if not o.bucket:
-            raise InvalidArgument("object.bucket is required when object.enabled is true")
-        if not _BUCKET_RE.fullmatch(o.bucket) or ".." in o.bucket:
-            raise InvalidArgument(f"object.bucket {o.bucket!r} is not a valid bucket name")
-        if o.preset == "oss" and not (o.endpoint_url or o.region):
-            raise InvalidArgument("object.region (e.g. cn-hangzhou) or object.endpoint_url is required "
-                                  "for preset 'oss'")
-
-
 def load(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -53,6 +55,30 @@ class ChunkRef:
                 "sha256": self.sha256}
 
 
+_TENSORS_JSON_MAX: Final = 8
+_tensors_json: OrderedDict[int, tuple[tuple[TensorEntry, ...], list[dict[str, Any]]]] = OrderedDict()
+_tensors_json_lock = threading.Lock()
+
+
+def tensors_json(tensors: tuple[TensorEntry, ...]) -> list[dict[str, Any]]:
+    """The JSON form of a shard's tensors, built once per tensor tuple: a job's saves share one
+    tuple per layout (core/layout_memo.py) and every save writes its sidecar twice and its
+    manifest once, 10^5 entries each for a large model. The list is shared: read it, never
+    change it. Keyed by identity; the tuple is held, so its id is not reused while cached."""
+    if not isinstance(tensors, tuple):
+        return [t.to_json() for t in tensors]
+    with _tensors_json_lock:
+        got = _tensors_json.get(id(tensors))
+        if got is not None and got[0] is tensors:
+            return got[1]
+    out = [t.to_json() for t in tensors]
+    with _tensors_json_lock:
+        _tensors_json[id(tensors)] = (tensors, out)
+        while len(_tensors_json) > _TENSORS_JSON_MAX:
+            _tensors_json.popitem(last=False)
+    return out
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     """One rank's shard as recorded in a manifest."""
@@ -82,7 +108,7 @@ class ShardEntry:
             "nbytes": self.nbytes,
             "chunk_bytes": self.chunk_bytes,
             "chunk_crc32c": list(self.chunk_crc32c),
-            "tensors": [t.to_json() for t in self.tensors],
+            "tensors": tensors_json(self.tensors),
             "tree": self.tree,
         }
         if self.object_key:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import __version__
-from ckptd.core import config, logs
+from ckptd.core import config, logs, sched
 from ckptd.core.errors import CkptdError, InvalidArgument
 from ckptd.daemon import check
 
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     try:
+        sched.apply(cfg.daemon.nice, cfg.daemon.cpu_affinity)  # before any thread starts: they inherit it
         return asyncio.run(serve(cfg))
     except CkptdError as exc:
         print(f"ckptd: {exc}", file=sys.stderr)

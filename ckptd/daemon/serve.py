@@ -59,7 +59,8 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
     add_checkpoint_servicer(CheckpointServicer(daemon.saves, daemon.restores, daemon.steps, daemon.admin,
-                                               daemon.membership, daemon.status, cfg.memory.chunk_bytes), server)
+                                               daemon.membership, daemon.status, cfg.memory.chunk_bytes,
+                                               daemon.layouts), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     old_umask = os.umask(0o077)  # the socket is born owner-only: no window before the chmod below

@@ -30,6 +30,7 @@ from ckptd import __version__
 from ckptd.core import fsops, metrics
 from ckptd.core.config import Config
 from ckptd.core.errors import FailedPrecondition
+from ckptd.core.layout_memo import LayoutMemo
 from ckptd.daemon import adoption
 from ckptd.drains import retention_record
 from ckptd.drains.admin import StepAdmin
@@ -105,8 +106,9 @@ class Daemon:
             sources.append(ObjectSource(self.object, self.catalog, self.executor))
         self.restorer = Restorer(self.catalog, self.pool, self.executor, cfg.memory.wait_timeout_s, sources,
                                  on_adopt=self._after_adopt)
+        self.layouts = LayoutMemo()  # one job's layout converted and checked once, not every save
         self.saves = SavePath(self.catalog, self.pool, self.disk, self.executor, cfg.memory, self.tasks,
-                              self.shutdown, self.drainer.kick, self._step_staged)
+                              self.shutdown, self.drainer.kick, self._step_staged, self.layouts)
         self.restores = RestoreService(self.catalog, self.pool, self.restorer, self.executor,
                                        cfg.memory.lease_timeout_s, self.saves.retire)
         self.steps = StepQueries(self.catalog, self.restorer, self.disk, self.executor, self.tiers)
@@ -271,6 +273,8 @@ class Daemon:
             "restore_slots": [{"job": job, "rank": rank, "slot_path": str(slot.path), "capacity_bytes": slot.capacity,
                                "prepared": step is None, "step": step or 0}
                               for job, rank, slot, step in self.restorer.restore_slots()],
+            "save_slots": [{"job": s.owner[0], "rank": s.owner[1], "slot_path": str(s.path),
+                            "capacity_bytes": s.capacity} for s in self.pool.slots.values() if s.owner is not None],
             "draining": self.shutdown.draining,
             "tiers": self.tiers(),
         }

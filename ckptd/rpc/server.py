@@ -20,7 +20,7 @@ import grpc
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
 from ckptd.core.errors import FailedPrecondition, InvalidArgument, lenient, rpc_handler
-from ckptd.core.layout import layout_to_pb, tensors_from_pb
+from ckptd.core.layout_memo import LayoutMemo
 from ckptd.drains.admin import StepAdmin
 from ckptd.peers.membership import Membership
 from ckptd.restore.queries import StepQueries
@@ -58,8 +58,10 @@ def _below_arg(step: int) -> int | None:
 
 class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     def __init__(self, saves: SavePath, restores: RestoreService, steps: StepQueries, admin: StepAdmin,
-                 membership: Membership | None, status: Callable[[], dict[str, Any]], chunk_bytes: int) -> None:
+                 membership: Membership | None, status: Callable[[], dict[str, Any]], chunk_bytes: int,
+                 layouts: LayoutMemo | None = None) -> None:
         self.saves = saves
+        self.layouts = layouts if layouts is not None else LayoutMemo()  # layouts converted once
         self.restores = restores
         self.steps = steps
         self.admin = admin
@@ -87,7 +89,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def CommitShard(self, request: pb.CommitShardRequest, context: Any) -> pb.CommitShardResponse:
         level = await self.saves.commit_shard(
             request.lease_id, request.job, request.step, request.rank, request.world_size,
-            request.nbytes, tensors_from_pb(request.layout), request.layout.tree_json,
+            request.nbytes, self.layouts.decode(request.layout), request.layout.tree_json,
             request.chunk_bytes, list(request.chunk_crc32c), request.client_stall_s,
         )
         return pb.CommitShardResponse(level=int(level))  # type: ignore[arg-type]
@@ -137,7 +139,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             resp.lease_id = lease_id
             resp.slot_path = str(result.slot.path)
             resp.nbytes = result.entry.nbytes
-            resp.layout.CopyFrom(layout_to_pb(result.entry.tensors, json.dumps(result.entry.tree)))
+            resp.layout.CopyFrom(self.layouts.encode(result.entry.tensors, json.dumps(result.entry.tree)))
             resp.served_from = result.served_from.value if result.served_from else ""
         return resp
 
@@ -158,7 +160,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 start = pb.PrepareRestoreResponse(
                     step=result.step, slot_path=str(ev.slot.path), nbytes=ev.entry.nbytes, served_from=ev.tier.value,
                     plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan])
-                start.layout.CopyFrom(layout_to_pb(ev.entry.tensors, json.dumps(ev.entry.tree)))
+                start.layout.CopyFrom(self.layouts.encode(ev.entry.tensors, json.dumps(ev.entry.tree)))
                 await context.write(pb.RestoreEvent(start=start))
             else:  # done
                 await context.write(pb.RestoreEvent(done=pb.PrepareRestoreResponse(

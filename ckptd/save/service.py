@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,7 +38,8 @@ from ckptd.core.errors import (
     NotFound,
 )
 from ckptd.core.integrity import parallel_chunk_crcs
-from ckptd.core.layout import TensorEntry, chunk_count, parse_tree, validate_tensors
+from ckptd.core.layout import TensorEntry, chunk_count
+from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.manifest import MANIFEST_NAME, ShardEntry
 from ckptd.core.types import (
     Level,
@@ -102,8 +103,9 @@ class SavePath:
 
     def __init__(self, catalog: Catalog, pool: SlotPool, disk: DiskTier | None, executor: Executor,
                  memory: MemorySection, tasks: TaskSet, shutdown: Shutdown, kick_drain: Callable[[], None],
-                 on_staged: Callable[[], None]) -> None:
+                 on_staged: Callable[[], None], layouts: LayoutMemo | None = None) -> None:
         self.catalog = catalog
+        self.layouts = layouts if layouts is not None else LayoutMemo()  # a job's layout, checked once
         self.pool = pool
         self.disk = disk
         self.executor = executor
@@ -202,7 +204,7 @@ class SavePath:
         return lease
 
     async def commit_shard(self, lease_id: str, job: str, step: int, rank: int, world_size: int,
-                           nbytes: int, tensors: list[TensorEntry], tree_json: str,
+                           nbytes: int, tensors: Sequence[TensorEntry], tree_json: str,
                            chunk_bytes: int, client_crcs: list[int], client_stall_s: float = 0.0) -> Level:
         lease = self.leases.get(lease_id)
         if lease is None:
@@ -216,8 +218,8 @@ class SavePath:
                             or len(client_crcs) != chunk_count(nbytes, expected_chunk)):
             raise InvalidArgument(f"chunk_crc32c must cover {nbytes} bytes in chunks of {expected_chunk}")
         try:
-            validate_tensors(tensors, nbytes)
-            tree = parse_tree(tree_json, len(tensors))
+            tensors = tuple(tensors)
+            tree = self.layouts.check(tensors, nbytes, tree_json)
         except ValueError as exc:
             raise InvalidArgument(f"bad shard layout: {exc}") from None
         del self.leases[lease_id]
@@ -228,7 +230,7 @@ class SavePath:
             lease.slot.content = None
             await self.pool.release_write(lease.slot)
             raise BudgetExhausted(f"step {step} of {job!r} was skipped: {st.tiers[TierName.MEMORY][1]}")
-        entry = ShardEntry(rank, nbytes, expected_chunk, (), tuple(tensors), tree)
+        entry = ShardEntry(rank, nbytes, expected_chunk, (), tensors, tree)
         rec = ShardRecord(job, step, entry, lease.slot, checksummed=False, recorded=False, writer=lease.incarnation,
                           writer_pid=lease.client_pid)
         st.shards[rank] = rec

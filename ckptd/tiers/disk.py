@@ -36,6 +36,8 @@ from ckptd.core.logs import ProgressLog
 from ckptd.core.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from ckptd.core.types import TierName, parse_step_dirname, step_dirname, validate_job
 
+MANIFEST_MEMO_ENTRIES = 8
+
 log = logging.getLogger("ckptd.disk")
 
 DIRECT_ALIGN_BYTES = 4096
@@ -97,6 +99,8 @@ class DiskTier:
         self.block_bytes = block_bytes
         self.fs = fs
         self._dirs_lock = threading.Lock()  # one maker per directory: shards are put concurrently
+        # parsed manifests by (path, dev, inode, size, mtime, ctime), oldest first out
+        self._manifests: dict[tuple[str, int, int, int, int, int], Manifest] = {}
 
     # -- paths ------------------------------------------------------------------------------
     def step_dir(self, job: str, step: int) -> Path:
@@ -167,6 +171,17 @@ class DiskTier:
             raise AlreadyExists(f"{manifest.job}@{manifest.step} is already committed on disk") from None
         except OSError as exc:
             raise TierFailed(f"disk tier: committing {manifest.job}@{manifest.step} failed: {exc}") from exc
+        self._remember(step_dir / MANIFEST_NAME, manifest)  # a restore right after needs no parse
+
+    def _remember(self, path: Path, manifest: Manifest) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        with self._dirs_lock:
+            self._manifests[(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)] = manifest
+            while len(self._manifests) > MANIFEST_MEMO_ENTRIES:
+                del self._manifests[next(iter(self._manifests))]
 
     def list_jobs(self) -> list[str]:
         if not self.root.exists():
@@ -192,9 +207,20 @@ class DiskTier:
         return sorted(steps)
 
     def read_manifest(self, job: str, step: int) -> Manifest:
+        """The committed manifest of job@step. A manifest is parsed once per file version: a
+        restore plans with it and reads with it, and one of a large state holds ~10^5 tensors;
+        the memo is keyed by the file's identity and times (a manifest is replaced by rename,
+        never edited in place), so a changed or replaced file is always parsed anew."""
         path = self.step_dir(job, step) / MANIFEST_NAME
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                with self._dirs_lock:
+                    cached = self._manifests.get(key)
+                if cached is not None:
+                    return cached
+                data = f.read()
         except FileNotFoundError:
             raise NotFound(f"{job}@{step} is not committed on disk") from None
         try:
@@ -203,6 +229,10 @@ class DiskTier:
             raise IntegrityError(f"{path}: invalid manifest: {exc}") from None
         if manifest.job != job or manifest.step != step:
             raise IntegrityError(f"{path}: manifest names {manifest.job}@{manifest.step}")
+        with self._dirs_lock:
+            self._manifests[key] = manifest
+            while len(self._manifests) > MANIFEST_MEMO_ENTRIES:
+                del self._manifests[next(iter(self._manifests))]
         return manifest
 
     def shard_path(self, job: str, step: int, entry: ShardEntry) -> Path:

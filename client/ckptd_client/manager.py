@@ -30,17 +30,16 @@ from ckptd.core.errors import (
     NotFound,
     TierFailed,
 )
-from ckptd.core.integrity import chunk_crcs
-from ckptd.core.layout import layout_to_pb
+from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client.agreement import agree_latest, restore_agreed
 from ckptd_client.premap import RestorePremap
 from ckptd_client.ranks import default_node_ranks, default_rank
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
-from ckptd_client.slot_maps import SlotMaps
+from ckptd_client.shard_save import ShardSaver
 from ckptd_client.strict import Strictness
-from ckptd_client.tree import HoldsDTensor, copy_into, flatten, holds_dtensor
+from ckptd_client.tree import HoldsDTensor, holds_dtensor
 
 log = logging.getLogger("ckptd_client")
 
@@ -142,7 +141,9 @@ class CheckpointManager:
         self.addr = None if addr is None else str(addr)
         self.conn = Connection(addr)
         self.conn.wait_ready(connect_timeout_s)
-        self._maps = SlotMaps()
+        self._layouts = LayoutMemo()  # layouts converted once per state shape (saves and restores)
+        self._saver = ShardSaver(self.conn, job, rank, world_size, self._layouts)  # plans, slots, warmer
+        self._maps = self._saver.maps
         self.handles: list[SaveHandle] = []
         #: this writer's incarnation: drawn anew by every restore (the state rolled back), so the
         #: daemon drops what an earlier incarnation of this rank left in uncommitted later steps
@@ -166,13 +167,11 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self._drop_premap()  # a job that saves first restored nothing: the prepared slot goes to saves
         try:
-            flat = flatten(state)  # TypeError for unsupported values
-        except HoldsDTensor:
-            flat = None
-        if flat is None:  # DTensors: planned by DCP, saved through the same path (dcp/route.py)
+            plan = self._saver.plan(state)  # TypeError for unsupported values
+        except HoldsDTensor:  # DTensors: planned by DCP, saved through the same path (dcp/route.py)
             from ckptd_client.dcp.route import save_via_dcp
             return save_via_dcp(self, step, state)
-        leaves, tensors, tree_json, nbytes = flat
+        nbytes = plan.nbytes
         policy = {None: pb.BACKPRESSURE_DEFAULT, "wait": pb.BACKPRESSURE_WAIT,
                   "skip": pb.BACKPRESSURE_SKIP}[self.backpressure]
         self._saved_as = self.incarnation
@@ -187,19 +186,7 @@ class CheckpointManager:
                 new_world_size=self.allow_new_world_size,
             ), timeout_s=(self.wait_timeout_s or 0) + 120)
             handle.waited_s = time.perf_counter() - t0
-            try:
-                mm = self._maps.get(begin.slot_path, begin.slot_capacity_bytes)
-                copy_into(mm, leaves, tensors, self._maps.base(begin.slot_path))
-                crcs = chunk_crcs(memoryview(mm)[:nbytes], begin.chunk_bytes) if self.checksum == "client" else []
-            except BaseException:
-                self.conn.call(self.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=begin.lease_id))
-                raise
-            self.conn.call(self.conn.stub.CommitShard, pb.CommitShardRequest(
-                lease_id=begin.lease_id, job=self.job, step=step, rank=self.rank,
-                world_size=self.world_size, nbytes=nbytes, layout=layout_to_pb(tensors, tree_json),
-                chunk_bytes=begin.chunk_bytes, chunk_crc32c=crcs,
-                client_stall_s=time.perf_counter() - t0,
-            ))
+            self._saver.fill_and_commit(begin, step, plan, self.checksum == "client", t0)
         except BudgetExhausted as exc:
             handle.skipped = True
             handle.error = exc
@@ -334,7 +321,7 @@ class CheckpointManager:
                                            client_pid=os.getpid(), strict_latest=strict_latest,
                                            retire_incarnation=self._retire)
         try:
-            start, done = restore_streamed(self.conn, request, state, 600, self._premap, strictness)
+            start, done = restore_streamed(self.conn, request, state, 600, self._premap, strictness, self._layouts)
         except NotFound:
             if req_step < 0:
                 return None
@@ -389,7 +376,7 @@ class CheckpointManager:
 
     def close(self) -> None:
         self._drop_premap()
-        self._maps.close()
+        self._saver.close()
         self.conn.close()
 
     def __enter__(self) -> CheckpointManager:

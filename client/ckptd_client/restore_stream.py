@@ -28,7 +28,9 @@ import grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError, from_rpc_error
-from ckptd.core.layout import TensorEntry, tensors_from_pb
+from ckptd.core.layout import TensorEntry
+from ckptd.core.layout_memo import LayoutMemo
+from ckptd_client import gcpause
 from ckptd_client.premap import RestorePremap, close_map
 from ckptd_client.rpc import Connection
 from ckptd_client.strict import Strictness, check_state
@@ -102,18 +104,23 @@ Consumer = Callable[[Any, list[TensorEntry], dict[str, Any], Callable[[int], Non
 
 def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state: Any, timeout_s: float,
                      premap: RestorePremap | None = None,
-                     strictness: Strictness | None = None) -> Events:
-    """Fill ``state`` through rpc Restore; return (the start of the source used, done)."""
+                     strictness: Strictness | None = None, layouts: LayoutMemo | None = None) -> Events:
+    """Fill ``state`` through rpc Restore; return (the start of the source used, done).
+
+    ``layouts`` converts the layout once per distinct layout (a manager keeps one)."""
     def consume(buf: Any, tensors: list[TensorEntry], tree: dict[str, Any], wait: Callable[[int], None]) -> None:
         strict = strictness or Strictness(strict=False)
         check_state(tree, tensors, state, strict)  # strict restore: every mismatch named before a copy
         Restorer(buf, tensors, wait=wait, convert_dtype=strict.convert_dtype).apply(tree, state)
-    return read_streamed(conn, request, consume, timeout_s, premap)
+    return read_streamed(conn, request, consume, timeout_s, premap, layouts)
 
 
 def read_streamed(conn: Connection, request: pb.PrepareRestoreRequest, consume: Consumer, timeout_s: float,
-                  premap: RestorePremap | None = None) -> Events:
-    """Stream one shard through rpc Restore into ``consume``; return (start of the source used, done)."""
+                  premap: RestorePremap | None = None, layouts: LayoutMemo | None = None) -> Events:
+    """Stream one shard through rpc Restore into ``consume``; return (start of the source used, done).
+
+    ``layouts`` converts the layout once per distinct layout (a manager keeps one)."""
+    layouts = layouts if layouts is not None else LayoutMemo()
     call: Any = conn.stub.Restore(request, timeout=timeout_s)
     s = _Stream(call, premap)
     try:
@@ -123,9 +130,9 @@ def read_streamed(conn: Connection, request: pb.PrepareRestoreRequest, consume: 
                     s.next_event()
                 start = s.start
                 buf = s.mm if s.mm is not None else b""
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), gcpause.paused():
                     warnings.filterwarnings("ignore", message=".*not writable.*")
-                    consume(buf, tensors_from_pb(start.layout), json.loads(start.layout.tree_json), s.wait)
+                    consume(buf, list(layouts.decode(start.layout)), json.loads(start.layout.tree_json), s.wait)
                 while s.done is None:
                     s.next_event()
                 return start, s.done

@@ -6,14 +6,18 @@ more than the copy, so each slot path is mapped once, populated writable in one 
 save asks for is made anew from the file's current size.
 
 Invariant: a mapping is closed only when evicted or at ``close``; the torch view over it (when
-torch is loaded) is dropped first, so no view outlives its mapping.
+torch is loaded) is dropped first, so no view outlives its mapping. ``warm`` (a background
+thread mapping a slot ahead of need, slot_warmer.py) adds a mapping only where there is room
+and never evicts one; the map's structure is guarded by a lock.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
@@ -22,8 +26,11 @@ MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
 class SlotMaps:
     """Client-side mappings of the daemon's slots, kept and reused across saves (LRU)."""
 
-    def __init__(self, max_maps: int = 6) -> None:
+    def __init__(self, max_maps: int = 6, on_drop: Callable[[str], None] | None = None) -> None:
+        self.on_drop = on_drop  # told before a mapping goes (views over it must be dropped first)
         self.maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self.mapped_count = 0  # mappings made so far (a save that made one may have new slots ahead)
+        self._lock = threading.RLock()  # the save path and SlotWarmer's thread
         self.bases: dict[str, Any] = {}  # path -> uint8 torch tensor over the mapping (dropped first)
         self.max_maps = max_maps
 
@@ -34,17 +41,52 @@ class SlotMaps:
         torch = sys.modules.get("torch")
         if torch is None:
             return None
-        t = self.bases.get(path)
-        if t is None:
-            t = self.bases[path] = torch.frombuffer(self.maps[path], dtype=torch.uint8)
-        return t
+        with self._lock:
+            t = self.bases.get(path)
+            if t is None:
+                t = self.bases[path] = torch.frombuffer(self.maps[path], dtype=torch.uint8)
+            return t
+
+    def has(self, path: str, capacity: int) -> bool:
+        mm = self.maps.get(path)
+        return mm is not None and len(mm) >= capacity
+
+    def warm(self, path: str) -> bool:
+        """Map path ahead of need (SlotWarmer) unless mapped; never evicts a mapping: False when
+        the map is full. The mapping is made outside the lock, so a save is not held up by it."""
+        with self._lock:
+            if path in self.maps:
+                return True
+            if len(self.maps) >= self.max_maps:
+                return False
+        mm = self._map(path)
+        with self._lock:
+            if path not in self.maps and len(self.maps) < self.max_maps:
+                self.maps[path] = mm
+                return True
+        mm.close()
+        return path in self.maps
 
     def get(self, path: str, capacity: int) -> mmap.mmap:
-        mm = self.maps.get(path)
-        if mm is not None and len(mm) >= capacity:
-            self.maps.move_to_end(path)
+        with self._lock:
+            mm = self.maps.get(path)
+            if mm is not None and len(mm) >= capacity:
+                self.maps.move_to_end(path)
+                return mm
+            self._drop(path)
+            mm = self.maps[path] = self._map(path)
+            self.mapped_count += 1
+            while len(self.maps) > self.max_maps:
+                old_path, old = self.maps.popitem(last=False)
+                self._drop(old_path)
+                try:
+                    old.close()
+                except BufferError:
+                    pass
             return mm
-        self.bases.pop(path, None)
+
+    @staticmethod
+    def _map(path: str) -> mmap.mmap:
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
@@ -55,24 +97,24 @@ class SlotMaps:
             mm.madvise(MADV_POPULATE_WRITE)  # fault the page tables in once, not on every save
         except OSError:
             pass
-        self.maps[path] = mm
-        while len(self.maps) > self.max_maps:
-            old_path, old = self.maps.popitem(last=False)
-            self.bases.pop(old_path, None)
-            try:
-                old.close()
-            except BufferError:
-                pass
         return mm
 
+    def _drop(self, path: str) -> None:
+        if self.on_drop is not None:
+            self.on_drop(path)
+        self.bases.pop(path, None)
+
     def close(self) -> None:
-        self.bases.clear()
-        for mm in self.maps.values():
-            try:
-                mm.close()
-            except BufferError:
-                pass
-        self.maps.clear()
+        with self._lock:
+            for path in list(self.maps):
+                self._drop(path)
+            self.bases.clear()
+            for mm in self.maps.values():
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+            self.maps.clear()
 
 
 __all__ = ["SlotMaps"]

@@ -27,6 +27,7 @@ import numpy as np
 from ckptd.core.layout import TensorEntry, align_up
 from ckptd.core.types import DTYPE_ITEMSIZE
 from ckptd_client import pcopy
+from ckptd_client.views import BATCH_MAX_BYTES, TypedViews, copy_all
 
 
 @dataclass
@@ -54,10 +55,10 @@ class HoldsDTensor(Exception):
     """The state holds a DTensor: it is saved through DCP's planner (dcp/route.py), not flattened."""
 
 
-def _is_dtensor(x: Any) -> bool:
+def _dtensor_class() -> Any:
+    """DTensor's class, or None while its module is not imported (then no DTensor exists)."""
     mod = sys.modules.get("torch.distributed.tensor")
-    cls = getattr(mod, "DTensor", None) if mod is not None else None
-    return cls is not None and isinstance(x, cls)
+    return getattr(mod, "DTensor", None) if mod is not None else None
 
 
 def _join(prefix: str, key: Any) -> str:
@@ -68,6 +69,7 @@ class Flattener:
     def __init__(self) -> None:
         self.leaves: list[Leaf] = []
         self._names: set[str] = set()
+        self._dtensor = _dtensor_class()  # looked up once per walk, not per tensor
 
     def _leaf(self, path: str, obj: Any, kind: str, dtype: str, shape: tuple[int, ...]) -> dict[str, int]:
         itemsize = DTYPE_ITEMSIZE.get(dtype)
@@ -84,7 +86,7 @@ class Flattener:
         if depth > 60:
             raise TypeError(f"{path}: state nested too deeply")
         if _is_tensor(obj):
-            if _is_dtensor(obj):
+            if self._dtensor is not None and isinstance(obj, self._dtensor):
                 raise HoldsDTensor(path or "<root>")
             if obj.is_sparse or obj.is_quantized or getattr(obj, "is_nested", False):
                 raise TypeError(f"{path or '<root>'}: sparse, quantized and nested tensors are not supported")
@@ -135,13 +137,26 @@ def flatten(state: Any) -> tuple[list[Leaf], list[TensorEntry], str, int]:
 
 
 def holds_dtensor(state: Any) -> bool:
-    """Whether the state holds a DTensor anywhere (it then goes through DCP, dcp/route.py)."""
-    try:
-        Flattener().node(state)
-    except HoldsDTensor:
-        return True
-    except TypeError:  # not checkpointable as it is: the restore itself says what is wrong
+    """Whether the state holds a DTensor anywhere (it then goes through DCP, dcp/route.py).
+
+    Free while ``torch.distributed.tensor`` is not imported; otherwise a walk over the containers
+    and ``state_dict()``s that ``Flattener`` would visit, without building its tree."""
+    cls = _dtensor_class()
+    if cls is None:
         return False
+    stack: list[tuple[Any, int]] = [(state, 0)]
+    while stack:
+        obj, depth = stack.pop()
+        if isinstance(obj, cls):
+            return True
+        if depth > 60 or _is_tensor(obj) or isinstance(obj, (np.ndarray, str, bytes, int, float)):
+            continue
+        if isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((v, depth + 1) for v in obj)
+        elif callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
+            stack.append((obj.state_dict(), depth + 1))
     return False
 
 
@@ -214,17 +229,44 @@ class Restorer:
         self.tensors = tensors
         self.wait = wait
         self.piece_bytes = piece_bytes
+        self._base: TypedViews | None = None  # over buf, through numpy (which holds the export)
+        self._pending: list[tuple[Any, Any]] = []  # in-place torch copies, done in one batch
 
     def apply(self, node: dict[str, Any], cur: Any, path: str = "") -> Any:
+        """Apply node onto cur; at the top level (path ""), every copy is done when it returns."""
+        out = self._apply(node, cur, path)
+        if not path:
+            self._flush()
+        return out
+
+    def _flush(self) -> None:
+        """Do the in-place copies queued so far, with one ``torch._foreach_copy_``."""
+        if self._pending:
+            torch = _torch()
+            assert torch is not None
+            dsts, srcs = zip(*self._pending)
+            self._pending = []
+            with torch.no_grad():
+                copy_all(torch, list(dsts), list(srcs))
+
+    def _view(self, kind: str, t: TensorEntry) -> Any:
+        torch = _torch()
+        if kind != "t" or torch is None or not t.nbytes:
+            return view_of(self.buf, kind, t)
+        if self._base is None:
+            self._base = TypedViews(torch, torch.from_numpy(np.frombuffer(self.buf, dtype=np.uint8)))
+        return self._base.view(t)
+
+    def _apply(self, node: dict[str, Any], cur: Any, path: str) -> Any:
         ((kind, val),) = node.items()
         if kind in ("t", "a"):
             t = self.tensors[val]
-            src = view_of(self.buf, kind, t)
+            src = self._view(kind, t)
             if self.wait is not None:
                 if t.nbytes > self.piece_bytes and self._in_pieces(t, cur, kind):
                     return cur
                 self.wait(t.offset + t.nbytes)
-            return self._tensor(src, cur, kind, path)
+            return self._tensor(src, cur, kind, path, t.nbytes < BATCH_MAX_BYTES)
         if kind == "v":
             return val
         if kind == "f":
@@ -232,23 +274,24 @@ class Restorer:
         if kind == "d":
             target = cur if isinstance(cur, dict) else {}
             for k, child in val:
-                target[k] = self.apply(child, target.get(k), _join(path, k))
+                target[k] = self._apply(child, target.get(k), _join(path, k))
             return target
         if kind == "l":
             items = cur if isinstance(cur, list) and len(cur) == len(val) else [None] * len(val)
             for i, child in enumerate(val):
-                items[i] = self.apply(child, items[i], _join(path, i))
+                items[i] = self._apply(child, items[i], _join(path, i))
             if isinstance(cur, list) and cur is not items:
                 cur[:] = items
                 return cur
             return items
         if kind == "u":
             old = cur if isinstance(cur, tuple) and len(cur) == len(val) else (None,) * len(val)
-            return tuple(self.apply(c, o, _join(path, i)) for i, (c, o) in enumerate(zip(val, old)))
+            return tuple(self._apply(c, o, _join(path, i)) for i, (c, o) in enumerate(zip(val, old)))
         if kind == "s":
             if cur is None or not callable(getattr(cur, "load_state_dict", None)):
-                return self.apply(val, None, path)
-            sd = self.apply(val, cur.state_dict(), path)
+                return self._apply(val, None, path)
+            sd = self._apply(val, cur.state_dict(), path)
+            self._flush()  # load_state_dict reads the values
             cur.load_state_dict(sd)
             return cur
         raise ValueError(f"{path}: unknown tree node {kind!r}")
@@ -281,14 +324,17 @@ class Restorer:
                 pcopy.copyto(dst[a:b], src[a:b])
         return True
 
-    def _tensor(self, src: Any, cur: Any, kind: str, path: str) -> Any:
+    def _tensor(self, src: Any, cur: Any, kind: str, path: str, batch: bool = False) -> Any:
         if kind == "t":
             torch = _torch()
             assert torch is not None
             if (isinstance(cur, torch.Tensor) and cur.shape == src.shape
                     and (cur.dtype == src.dtype or self.convert_dtype)):
-                with torch.no_grad():
-                    cur.copy_(src)
+                if batch and cur.dtype == src.dtype:
+                    self._pending.append((cur, src))  # copied by _flush, before apply returns
+                else:
+                    with torch.no_grad():
+                        cur.copy_(src)
                 return cur
             return src.clone()
         if isinstance(cur, np.ndarray) and cur.shape == src.shape and cur.dtype == src.dtype and cur.flags.writeable:

@@ -61,3 +61,24 @@ def test_a_spare_never_takes_room_the_budget_does_not_have(daemon_factory: Calla
             h.wait(Level.LOCAL_DURABLE, timeout_s=60)
             time.sleep(0.2)  # room for a (wrong) third slot to appear
             assert len(_slots(d.shm_dir)) == 2
+
+
+def test_the_client_maps_its_spares_ahead_so_no_later_save_maps_a_slot(
+        daemon_factory: Callable[..., DaemonProc]) -> None:
+    """The first save maps one slot in its stall; the spares the daemon makes after it are mapped
+    by the client's SlotWarmer in the background, so the saves that land in them map nothing,
+    and what they commit is still the state's bytes."""
+    d = daemon_factory(config_text="[memory]\nslots_per_rank = 3\n")
+    state = {"w": np.arange(3 * 2**20 // 8, dtype=np.int64)}
+    with CheckpointManager(f"warm{uuid.uuid4().hex[:6]}", rank=0, world_size=1, addr=d.addr) as m:
+        assert m.save(1, state).ok
+        assert m._maps.mapped_count == 1
+        assert _eventually(lambda: m._saver.warmer.warmed == 2), (m._saver.warmer.warmed, _slots(d.shm_dir))
+        for step in range(2, 7):
+            state["w"] += 1
+            h = m.save(step, state)
+            assert h.ok, h.error
+            h.wait(Level.LOCAL_DURABLE, timeout_s=60)
+        assert m._maps.mapped_count == 1  # every later save found its slot mapped
+        back = {"w": np.zeros_like(state["w"])}
+        assert m.restore(back) == 6 and np.array_equal(back["w"], state["w"])

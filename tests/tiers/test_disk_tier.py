@@ -90,3 +90,27 @@ def test_disk_leaves_no_temp_files(disk: DiskTier) -> None:
     save_step(disk, JOB, 1, [5 * CHUNK + 1, 10])
     leftovers = [p for p in disk.root.rglob(".tmp-*")]
     assert leftovers == []
+
+
+def test_a_manifest_is_parsed_once_per_file_version(disk: DiskTier) -> None:
+    """The committed manifest is served from the memo (the commit seeded it); a manifest replaced
+    on disk (another file, by rename) or damaged in place is read anew, never served stale."""
+    import os
+
+    from ckptd.core.errors import IntegrityError
+    from ckptd.core.manifest import Manifest
+
+    m, _ = save_step(disk, JOB, 3, [100])
+    first = disk.read_manifest(JOB, 3)
+    assert first == m and disk.read_manifest(JOB, 3) is first
+    path = disk.root / JOB / "step-000000000003" / "manifest.json"
+    tmp = path.with_name("manifest.json.new")
+    tmp.write_bytes(path.read_bytes())
+    os.replace(tmp, path)  # the same bytes in another file: parsed again
+    again = disk.read_manifest(JOB, 3)
+    assert again == m and again is not first and Manifest.from_json(path.read_bytes()) == again
+    with open(path, "r+b") as f:  # damaged in place: the new times make it a miss
+        f.seek(0)
+        f.write(b"#")
+    with pytest.raises(IntegrityError, match="invalid manifest"):
+        disk.read_manifest(JOB, 3)

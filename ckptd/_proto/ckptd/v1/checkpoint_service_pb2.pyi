@@ -937,6 +937,7 @@ class DaemonStatusResponse(_message.Message):
     PREPARING_RESTORE_FIELD_NUMBER: _builtins.int
     RESTORE_SLOTS_PREPARED_FIELD_NUMBER: _builtins.int
     RESTORE_SLOTS_FIELD_NUMBER: _builtins.int
+    SAVE_SLOTS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     root: _builtins.str
     shm_dir: _builtins.str
@@ -962,6 +963,12 @@ class DaemonStatusResponse(_message.Message):
     def restore_slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestoreSlot]:
         """slots a restore of each rank would read first"""
 
+    @_builtins.property
+    def save_slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestoreSlot]:
+        """Every slot a rank's saves use (its own and its spares, made ahead of need): the rank's client
+        maps the ones it has not mapped yet in the background, so no save pays for the mapping.
+        """
+
     def __init__(
         self,
         *,
@@ -980,10 +987,11 @@ class DaemonStatusResponse(_message.Message):
         preparing_restore: _builtins.bool = ...,
         restore_slots_prepared: _builtins.int = ...,
         restore_slots: _abc.Iterable[Global___RestoreSlot] | None = ...,
+        save_slots: _abc.Iterable[Global___RestoreSlot] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "failure_domain", b"failure_domain", "node_id", b"node_id", "peer_address", b"peer_address", "preparing_restore", b"preparing_restore", "restore_slots", b"restore_slots", "restore_slots_prepared", b"restore_slots_prepared", "root", b"root", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "slots_busy", b"slots_busy", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "draining", b"draining", "failure_domain", b"failure_domain", "node_id", b"node_id", "peer_address", b"peer_address", "preparing_restore", b"preparing_restore", "restore_slots", b"restore_slots", "restore_slots_prepared", b"restore_slots_prepared", "root", b"root", "save_slots", b"save_slots", "shm_dir", b"shm_dir", "slot_bytes_in_use", b"slot_bytes_in_use", "slots", b"slots", "slots_busy", b"slots_busy", "tiers", b"tiers", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

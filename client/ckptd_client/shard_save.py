@@ -1,0 +1,74 @@
+"""The client's part of one save after BeginSave: copy the planned state into the slot, commit it.
+
+``ShardSaver`` owns a manager's save-side state: the per-shape plans (``SavePlanner`` over the
+manager's ``LayoutMemo``), the slot mappings (``SlotMaps``; a slot's cached views are dropped
+before its mapping is closed) and the background ``SlotWarmer`` that maps this rank's spare slots
+ahead of need. ``plan(state)`` flattens and lays out the state (``tree.HoldsDTensor`` for a state
+DCP must plan, TypeError for unsupported values); ``fill_and_commit(begin, step, plan, ...)``
+copies it into the leased slot, optionally computes the client-side checksums, and commits the
+shard. The collector is paused across both (gcpause.py). The manager builds the BeginSave
+request (it holds the writer's incarnation and options) and owns the error policy.
+
+Invariants: a lease handed to ``fill_and_commit`` is committed, or aborted (AbortSave) when the
+copy or the checksums fail, before the call returns or raises; a save that had to map a new slot
+kicks the warmer, so the slot's spares are mapped before later saves need them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd.core.integrity import chunk_crcs
+from ckptd.core.layout_memo import LayoutMemo
+from ckptd_client import gcpause
+from ckptd_client.rpc import Connection
+from ckptd_client.save_plan import SavePlan, SavePlanner
+from ckptd_client.slot_maps import SlotMaps
+from ckptd_client.slot_warmer import SlotWarmer
+
+
+class ShardSaver:
+    """One rank's save path into the daemon's slots (module docstring)."""
+
+    def __init__(self, conn: Connection, job: str, rank: int, world_size: int, layouts: LayoutMemo) -> None:
+        self.conn, self.job, self.rank, self.world_size = conn, job, rank, world_size
+        self.plans = SavePlanner(layouts)
+        self.maps = SlotMaps(on_drop=self.plans.forget)
+        self.warmer = SlotWarmer(conn, job, rank, self.maps,
+                                 on_mapped=lambda path: self.plans.warm(path, self.maps.base(path)))
+
+    def plan(self, state: Any) -> SavePlan:
+        """Flatten and lay out state; 10^5 tensors: no collector passes over the live state."""
+        with gcpause.paused():
+            return self.plans.plan(state)
+
+    def fill_and_commit(self, begin: pb.BeginSaveResponse, step: int, plan: SavePlan,
+                        client_checksum: bool, t0: float) -> None:
+        """Copy plan into begin's slot and commit the shard (AbortSave if the copy fails);
+        ``t0``: when the save started (the stall the daemon records)."""
+        mapped_before = self.maps.mapped_count
+        try:
+            mm = self.maps.get(begin.slot_path, begin.slot_capacity_bytes)
+            with gcpause.paused():
+                self.plans.copy(plan, begin.slot_path, mm, self.maps.base(begin.slot_path))
+            crcs = chunk_crcs(memoryview(mm)[:plan.nbytes], begin.chunk_bytes) if client_checksum else []
+        except BaseException:
+            self.conn.call(self.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=begin.lease_id))
+            raise
+        self.conn.call(self.conn.stub.CommitShard, pb.CommitShardRequest(
+            lease_id=begin.lease_id, job=self.job, step=step, rank=self.rank,
+            world_size=self.world_size, nbytes=plan.nbytes, layout=self.plans.layout_pb(plan),
+            chunk_bytes=begin.chunk_bytes, chunk_crc32c=crcs,
+            client_stall_s=time.perf_counter() - t0,
+        ))
+        if self.maps.mapped_count != mapped_before:  # a new slot: its spares may follow
+            self.warmer.kick(plan.nbytes)
+
+    def close(self) -> None:
+        self.warmer.close()
+        self.maps.close()
+
+
+__all__ = ["ShardSaver"]
