@@ -241,15 +241,16 @@ class SavePath:
         metrics.TIER_WRITTEN_BYTES.labels("memory").inc(nbytes)
         if 0 < client_stall_s < 86400:
             metrics.SAVE_BLOCKING_SECONDS.observe(client_stall_s)
+        lease.slot.readers += 1  # the crc pass's, taken now: no lease may reuse the slot before it runs
         self.tasks.spawn(self._checksum(st, rec, client_crcs), f"crc-{job}-{step}-{rank}")
         return Level.STAGED
 
     async def _checksum(self, st: StepState, rec: ShardRecord, client_crcs: list[int]) -> None:
-        """Checksum a freshly staged slot off the hot path; verify the client's sums if sent."""
+        """Checksum a freshly staged slot off the hot path; verify the client's sums if sent.
+        The caller took the slot's reader count for this pass; it is given back here."""
         slot = rec.slot
         assert slot is not None
         loop = asyncio.get_running_loop()
-        slot.readers += 1
         try:
             # Record the committed slot first ("crc pending"): from here on a daemon crash keeps
             # it (the next daemon checksums it at adoption), and the disk drain may start while
