@@ -16,7 +16,9 @@ kicks the warmer, so the slot's spares are mapped before later saves need them.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
@@ -45,18 +47,27 @@ class ShardSaver:
             return self.plans.plan(state)
 
     def fill_and_commit(self, begin: pb.BeginSaveResponse, step: int, plan: SavePlan,
-                        client_checksum: bool, t0: float) -> None:
+                        client_checksum: bool, t0: float, after_copy: Callable[[], None] | None = None,
+                        on_copied: Callable[[], None] | None = None) -> None:
         """Copy plan into begin's slot and commit the shard (AbortSave if the copy fails);
-        ``t0``: when the save started (the stall the daemon records)."""
+        ``t0``: when the save started (the stall the daemon records). ``after_copy`` (overlap.py)
+        runs after the copy and may refuse the save by raising (the lease is aborted);
+        ``on_copied`` runs once the bytes are in the slot, before the commit. With either, the
+        call runs off the training thread: the collector is left alone."""
         mapped_before = self.maps.mapped_count
+        background = after_copy is not None or on_copied is not None
         try:
             mm = self.maps.get(begin.slot_path, begin.slot_capacity_bytes)
-            with gcpause.paused():
+            with contextlib.nullcontext() if background else gcpause.paused():
                 self.plans.copy(plan, begin.slot_path, mm, self.maps.base(begin.slot_path))
+            if after_copy is not None:
+                after_copy()
             crcs = chunk_crcs(memoryview(mm)[:plan.nbytes], begin.chunk_bytes) if client_checksum else []
         except BaseException:
             self.conn.call(self.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=begin.lease_id))
             raise
+        if on_copied is not None:
+            on_copied()
         self.conn.call(self.conn.stub.CommitShard, pb.CommitShardRequest(
             lease_id=begin.lease_id, job=self.job, step=step, rank=self.rank,
             world_size=self.world_size, nbytes=plan.nbytes, layout=self.plans.layout_pb(plan),
