@@ -59,8 +59,8 @@ def test_goodput_bench_tiny_run_reports_every_method(tmp_path: Path) -> None:
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["steps"] == 3 and res["threads"] == 1 and res["state_bytes"] >= 2 * 2**20
     methods = res["methods"]
-    assert set(methods) == {"none", "ckptd_sync", "dcp_async", "dlrover"}
-    for name in ("none", "ckptd_sync", "dcp_async"):
+    assert set(methods) == {"none", "ckptd_sync", "ckptd_overlap", "dcp_async", "dlrover"}
+    for name in ("none", "ckptd_sync", "ckptd_overlap", "dcp_async"):
         m = methods[name]
         assert "error" not in m, m
         assert m["wall_s"] > 0 and len(m["blocked_ms_all"]) == 3
@@ -68,6 +68,7 @@ def test_goodput_bench_tiny_run_reports_every_method(tmp_path: Path) -> None:
         assert isinstance(m["overhead"], float)
     assert methods["none"]["overhead"] == 0.0 and methods["none"]["durable_saves"] == 0
     assert 1 <= methods["ckptd_sync"]["durable_saves"] <= 3 and methods["ckptd_sync"]["daemon_cpu_s"] >= 0
+    assert 1 <= methods["ckptd_overlap"]["durable_saves"] <= 3
     assert methods["dcp_async"]["durable_saves"] == 3  # every upload awaited
     assert methods["dlrover"]["available"] is False and "no-such-python" in methods["dlrover"]["error"]
     assert list(tmp_path.iterdir()) == []  # work dirs removed

@@ -262,6 +262,11 @@ class CheckpointManager:
             return handle.step
         return None
 
+    @property
+    def guard_waits_s(self) -> list[float]:
+        """How long each guarded optimizer step waited for an overlapped copy (overlap.py)."""
+        return self._overlap.guard_waits_s
+
     def stall_median_s(self) -> float | None:
         return statistics.median(self.stalls_s) if self.stalls_s else None
 
