@@ -167,7 +167,8 @@ def torch_state(step: int, rank: int) -> dict[str, Any]:
     }
 
 
-def adamw_trainer(seed: int, width: int) -> tuple[Any, Any, Callable[[], dict[str, Any]], Callable[[], None]]:
+def adamw_trainer(seed: int, width: int, device: str = "cpu",
+                  ) -> tuple[Any, Any, Callable[[], dict[str, Any]], Callable[[], None]]:
     """(model, AdamW, state(), backward()): an MLP of two ``width`` x ``width`` layers after one
     AdamW step; ``state()`` is the live state (its tensors are the trained ones, not copies) and
     ``backward()`` computes fresh gradients for the next ``opt.step()``."""
@@ -175,8 +176,9 @@ def adamw_trainer(seed: int, width: int) -> tuple[Any, Any, Callable[[], dict[st
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(8, width)
+    x = torch.randn(8, width, device=device)
 
     def backward() -> None:
         opt.zero_grad()

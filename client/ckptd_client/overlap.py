@@ -22,6 +22,12 @@ The state must not change while it is copied. Two protections, both always on:
   ``StateChangedDuringCopy`` naming the changed tensors. numpy leaves have no version counter:
   only the guard covers them.
 
+A state holding CUDA tensors is copied device to host on a dedicated CUDA stream of this
+manager, made to wait (``wait_stream``, no CPU sync) for the work the training thread had queued
+when ``save`` was called, so the copy sees the state as of ``save`` and the next step's kernels on
+the default stream run beside it; the copy thread's ``copy_`` returns once its stream has moved
+the bytes (into page-locked slots, pinned.py). The guard is a CPU wait for that.
+
 Invariants: a hook waits for the copy only, never for the commit; a copy that failed or was
 refused leaves its handle's ``error`` set before the copy counts as done; the pool thread never
 touches the collector's state (gcpause is for the calling thread).
@@ -29,7 +35,9 @@ touches the collector's state (gcpause is for the calling thread).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +46,7 @@ from typing import Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError
+from ckptd_client.pinned import holds_cuda
 from ckptd_client.save_plan import SavePlan
 from ckptd_client.shard_save import ShardSaver
 
@@ -75,6 +84,7 @@ class OverlapSaver:
         self.job: CopyJob | None = None  # the newest overlapped save, until its commit ended
         self._guarded: dict[int, Any] = {}  # id(optimizer) -> hook handle
         self.guard_waits_s: list[float] = []  # how long each guarded optimizer step waited
+        self._stream: Any = None  # the CUDA copy stream, made on the first CUDA state
 
     def issue(self, begin: pb.BeginSaveResponse, step: int, plan: SavePlan, client_checksum: bool,
               t0: float, on_error: Callable[[BaseException], None]) -> CopyJob:
@@ -83,6 +93,7 @@ class OverlapSaver:
         self.drain()
         job = CopyJob(step)
         before = _versions(plan)
+        stream = self._cuda_stream(plan)
 
         def check() -> None:
             changed = [name for name, t, v in before if int(t._version) != v]
@@ -99,8 +110,9 @@ class OverlapSaver:
 
         def run() -> None:
             try:
-                self.saver.fill_and_commit(begin, step, plan, client_checksum, t0, after_copy=check,
-                                           on_copied=copied)
+                with contextlib.nullcontext() if stream is None else sys.modules["torch"].cuda.stream(stream):
+                    self.saver.fill_and_commit(begin, step, plan, client_checksum, t0, after_copy=check,
+                                               on_copied=copied)
             except BaseException as exc:  # noqa: BLE001 - handed to the handle, not lost
                 job.error = exc
                 on_error(exc)
@@ -113,6 +125,17 @@ class OverlapSaver:
         self.job = job
         self._pool.submit(run)
         return job
+
+    def _cuda_stream(self, plan: SavePlan) -> Any:
+        """The copy stream, ordered after the training thread's queued work; None for a state
+        without CUDA tensors."""
+        if not self.saver.pinned.usable()[0] or not holds_cuda(plan.leaves):
+            return None
+        torch = sys.modules["torch"]
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        return self._stream
 
     def wait_copied(self, timeout_s: float | None = None) -> bool:
         """Block until the outstanding copy (if any) is in the slot; False past ``timeout_s``."""

@@ -41,8 +41,8 @@ def _assert_equal(got: Any, want: Any) -> None:
         assert got == want
 
 
-def _restored(mgr: CheckpointManager, seed: int) -> tuple[int | None, Any]:
-    _, _, state, _ = adamw_trainer(seed + 1, WIDTH)  # same shapes, other values
+def _restored(mgr: CheckpointManager, seed: int, device: str = "cpu") -> tuple[int | None, Any]:
+    _, _, state, _ = adamw_trainer(seed + 1, WIDTH, device)  # same shapes, other values
     into = state()
     return mgr.restore(into), into
 
@@ -91,5 +91,20 @@ def test_unguarded_change_refuses_the_save_and_commits_nothing_torn(mod_daemon: 
         assert not handle.ok
         assert mgr.all_steps() == [1]
         step, got = _restored(mgr, 2)
+    assert step == 1
+    _assert_equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the device-to-host path needs one")
+def test_cuda_state_overlapped_save_is_pinned_and_exact(mod_daemon: Daemon) -> None:
+    _, opt, state, backward = adamw_trainer(3, WIDTH, "cuda")
+    with CheckpointManager("overlap-cuda", rank=0, world_size=1, addr=mod_daemon.addr, on_error="raise") as mgr:
+        backward()
+        want = _snapshot(state())
+        handle = mgr.save(1, state(), overlap=True, optimizers=(opt,))
+        opt.step()  # queued on the default stream only after the guard saw the copy done
+        handle.wait(Level.STAGED, timeout_s=60)
+        assert mgr._saver.pinned.pinned_bytes > 0
+        step, got = _restored(mgr, 3, "cuda")
     assert step == 1
     _assert_equal(got, want)
