@@ -86,15 +86,15 @@ class CkptdSync(NoSave):
 class CkptdOverlap(CkptdSync):
     def __init__(self, ctx: Ctx, t: Trainer) -> None:
         super().__init__(ctx, t)
-        self.seen = 0
+        self.seen = 0.0
         self.handles: list[Any] = []
 
     def after_update(self, step: int) -> None:
         self.handles.append(self.mgr.save(step, self.t.state(), overlap=True, optimizers=(self.t.optimizer,)))
 
     def guard_wait_s(self) -> float:
-        waits = self.mgr.guard_waits_s
-        new, self.seen = sum(waits[self.seen:]), len(waits)
+        total = self.mgr.guard_wait_s
+        new, self.seen = total - self.seen, total
         return new
 
     def finish(self) -> list[int]:

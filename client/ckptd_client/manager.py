@@ -263,9 +263,9 @@ class CheckpointManager:
         return None
 
     @property
-    def guard_waits_s(self) -> list[float]:
-        """How long each guarded optimizer step waited for an overlapped copy (overlap.py)."""
-        return self._overlap.guard_waits_s
+    def guard_wait_s(self) -> float:
+        """Seconds guarded optimizer steps waited for overlapped copies, all together (overlap.py)."""
+        return self._overlap.guard_wait_total_s
 
     def stall_median_s(self) -> float | None:
         return statistics.median(self.stalls_s) if self.stalls_s else None

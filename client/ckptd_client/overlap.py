@@ -40,6 +40,7 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -82,8 +83,9 @@ class OverlapSaver:
         self.saver = saver
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-overlap")
         self.job: CopyJob | None = None  # the newest overlapped save, until its commit ended
-        self._guarded: dict[int, Any] = {}  # id(optimizer) -> hook handle
-        self.guard_waits_s: list[float] = []  # how long each guarded optimizer step waited
+        self._guarded: dict[int, tuple[Any, Any]] = {}  # id(optimizer) -> (optimizer, hook handle)
+        self.guard_waits_s: deque[float] = deque(maxlen=1024)  # the last guarded steps' waits
+        self.guard_wait_total_s = 0.0  # all guarded optimizer steps' waits together
         self._stream: Any = None  # the CUDA copy stream, made on the first CUDA state
 
     def issue(self, begin: pb.BeginSaveResponse, step: int, plan: SavePlan, client_checksum: bool,
@@ -153,7 +155,7 @@ class OverlapSaver:
         """Make each optimizer's step wait for the outstanding copy (hook registered once, kept)."""
         for opt in optimizers:
             if id(opt) not in self._guarded:
-                self._guarded[id(opt)] = opt.register_step_pre_hook(self._pre_step)
+                self._guarded[id(opt)] = (opt, opt.register_step_pre_hook(self._pre_step))
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         job = self.job
@@ -161,11 +163,13 @@ class OverlapSaver:
             return
         t = time.perf_counter()
         job.copied.wait()
-        self.guard_waits_s.append(time.perf_counter() - t)
+        waited_s = time.perf_counter() - t
+        self.guard_waits_s.append(waited_s)
+        self.guard_wait_total_s += waited_s
 
     def close(self) -> None:
         self.drain()
-        for hook in self._guarded.values():
+        for _, hook in self._guarded.values():
             hook.remove()
         self._guarded.clear()
         self._pool.shutdown(wait=True)

@@ -60,6 +60,7 @@ def test_guard_waits_for_the_copy_and_no_longer(mod_daemon: Daemon) -> None:
         assert handle.copy is not None and handle.copy.copied.is_set()
         waits = mgr._overlap.guard_waits_s
         assert len(waits) == 1, "the optimizer step should have found the copy under way"
+        assert mgr.guard_wait_s == waits[0]
         assert handle.copy.copied_at <= t_step + waits[0] + 1e-3  # it waited for the copy...
         assert waits[0] <= handle.copy.copied_at - t_step + 0.02  # ...and not for more
         assert returned_s < handle.copy.copied_at - t0  # save returned before the copy ended
