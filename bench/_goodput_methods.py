@@ -11,6 +11,10 @@ one class and one entry.
 - ``none``: no checkpointing (the baseline).
 - ``ckptd_sync``: ``CheckpointManager.save`` every step, against a ``ckptd serve`` whose disk
   tier drains every step it can (the daemon's log says which steps reached LOCAL_DURABLE).
+- ``ckptd_overlap``: ``CheckpointManager.save(step, state, overlap=True, optimizers=(adamw,))``
+  every step against the same daemon: the save returns once the copy is issued, the copy runs
+  beside the next forward and backward, and the guard hook on AdamW waits for it before the next
+  ``optimizer.step`` (that wait counts as blocked time).
 - ``dcp_async``: ``torch.distributed.checkpoint.async_save`` every step in its strongest CPU
   configuration: one persistent ``DefaultStager`` with ``use_async_staging=True`` (and pinned
   and shared memory asked for; torch ignores pinning without an accelerator), the staging
@@ -52,6 +56,9 @@ class NoSave:
     def finish(self) -> list[int]:
         return []
 
+    def guard_wait_s(self) -> float:
+        return 0.0
+
     def close(self) -> None:
         pass
 
@@ -74,6 +81,29 @@ class CkptdSync(NoSave):
 
     def close(self) -> None:
         self.mgr.close()
+
+
+class CkptdOverlap(CkptdSync):
+    def __init__(self, ctx: Ctx, t: Trainer) -> None:
+        super().__init__(ctx, t)
+        self.seen = 0.0
+        self.handles: list[Any] = []
+
+    def after_update(self, step: int) -> None:
+        self.handles.append(self.mgr.save(step, self.t.state(), overlap=True, optimizers=(self.t.optimizer,)))
+
+    def guard_wait_s(self) -> float:
+        total = self.mgr.guard_wait_s
+        new, self.seen = total - self.seen, total
+        return new
+
+    def finish(self) -> list[int]:
+        if self.handles:
+            self.handles[-1].wait_copied()
+        failed = [h for h in self.handles if h.copy is not None and h.copy.committed.exception() is not None]
+        if failed:
+            raise RuntimeError(f"{len(failed)} overlapped save(s) failed: {failed[0].error}")
+        return super().finish()
 
 
 class DcpAsync(NoSave):
@@ -165,6 +195,7 @@ class Spec:
 METHODS: dict[str, Spec] = {
     "none": Spec(NoSave),
     "ckptd_sync": Spec(CkptdSync, daemon=True),
+    "ckptd_overlap": Spec(CkptdOverlap, daemon=True),
     "dcp_async": Spec(DcpAsync),
     "dlrover": Spec(Dlrover, dlrover=True),
 }

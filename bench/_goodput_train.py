@@ -10,8 +10,10 @@ a fixed random batch, and calls the method's hooks around them:
 
 ``before_update`` is where a method that copies in the background waits until the state may
 change again; ``after_update`` is where a save of the new state starts. The seconds spent in both
-hooks are the step's blocked time. Returns the timed wall seconds, the blocked seconds per step
-and the mean seconds of the compute alone (forward, backward, optimizer).
+hooks, plus what ``guard_wait_s()`` reports (the time a guard hook inside ``optimizer.step``
+waited for a background copy since the last call), are the step's blocked time. Returns the
+timed wall seconds, the blocked seconds per step and the mean seconds of the compute alone
+(forward, backward, optimizer).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Method(Protocol):
     def before_update(self) -> None: ...
 
     def after_update(self, step: int) -> None: ...
+
+    def guard_wait_s(self) -> float: ...
 
 
 @dataclass
@@ -102,6 +106,6 @@ def train(t: Trainer, method: Method, steps: int, warmup: int) -> Timing:
         t0 = time.perf_counter()
         method.after_update(step)
         if i >= warmup:
-            out.blocked_s.append(pre[0] + time.perf_counter() - t0)
+            out.blocked_s.append(pre[0] + time.perf_counter() - t0 + method.guard_wait_s())
     out.wall_s = time.perf_counter() - t_start
     return out

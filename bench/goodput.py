@@ -1,14 +1,15 @@
 """What does checkpointing every step cost a real training loop, beyond the save's stall?
 
 Each method (``--methods``, default every one in ``_goodput_methods.METHODS``: none, ckptd_sync,
-dcp_async, dlrover) runs in a child process of its own, one after another, with the same model
-(``_goodput_train``: an MLP whose parameters plus AdamW moments total at least ``--size-mib``,
+ckptd_overlap, dcp_async, dlrover) runs in a child process of its own, one after another, with
+the same model (``_goodput_train``: an MLP whose parameters plus AdamW moments total at least ``--size-mib``,
 fp32), the same seed, ``--threads`` torch compute threads, ``--warmup`` untimed steps and
 ``--steps`` timed ones, each a real forward, backward and AdamW step with a save every step.
 
 Per method: ``wall_s`` (the timed steps), ``overhead`` (wall_s / none's wall_s - 1),
 ``blocked_ms_median`` / ``blocked_ms_p99`` (per step, the time inside the method's hooks: the
-save call, and for DCP the wait for its staging before the optimizer step), ``durable_saves``
+save call, for DCP the wait for its staging before the optimizer step, for ckptd_overlap the
+guard's wait for the copy inside the optimizer step), ``durable_saves``
 (timed steps that reached local disk: ckptd's from its daemon's LOCAL_DURABLE log lines, DCP's
 completed uploads; DLRover's memory mode writes none), ``daemon_cpu_s`` (ckptd: the daemon's
 CPU seconds over the whole child, warm-up saves included) and ``step_compute_s``. A method

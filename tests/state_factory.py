@@ -15,6 +15,8 @@ it saved again and compare a restore with it. Each keeps the exact data its call
   weights, Adam moments); ``finetune_state(seed, step, n_base)``: a frozen bf16 base (identical at
   every step) and small trainable adapters with their fp32 Adam state (changed at every step);
   ``state_shard(rank, state, chunk_bytes)``: such a state as one shard (entry and bytes), for tier tests.
+- ``adamw_trainer(seed, width)``: a torch MLP with AdamW after one step, and its live state
+  (``model.state_dict()`` and ``opt.state_dict()``, sharing the trained tensors).
 
 Only numpy is imported here: the torch builders import torch when called, so trainer processes
 that build numpy states start quickly.
@@ -163,6 +165,28 @@ def torch_state(step: int, rank: int) -> dict[str, Any]:
         "empty": torch.empty(0, 4),
         "meta": {"epoch": 3, "name": f"rank{rank}"},
     }
+
+
+def adamw_trainer(seed: int, width: int, device: str = "cpu",
+                  ) -> tuple[Any, Any, Callable[[], dict[str, Any]], Callable[[], None]]:
+    """(model, AdamW, state(), backward()): an MLP of two ``width`` x ``width`` layers after one
+    AdamW step; ``state()`` is the live state (its tensors are the trained ones, not copies) and
+    ``backward()`` computes fresh gradients for the next ``opt.step()``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(8, width, device=device)
+
+    def backward() -> None:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+
+    backward()
+    opt.step()
+    return model, opt, lambda: {"model": model.state_dict(), "optim": opt.state_dict()}, backward
 
 
 def torch_dtypes() -> list[Any]:

@@ -59,8 +59,8 @@ def test_goodput_bench_tiny_run_reports_every_method(tmp_path: Path) -> None:
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["steps"] == 3 and res["threads"] == 1 and res["state_bytes"] >= 2 * 2**20
     methods = res["methods"]
-    assert set(methods) == {"none", "ckptd_sync", "dcp_async", "dlrover"}
-    for name in ("none", "ckptd_sync", "dcp_async"):
+    assert set(methods) == {"none", "ckptd_sync", "ckptd_overlap", "dcp_async", "dlrover"}
+    for name in ("none", "ckptd_sync", "ckptd_overlap", "dcp_async"):
         m = methods[name]
         assert "error" not in m, m
         assert m["wall_s"] > 0 and len(m["blocked_ms_all"]) == 3
@@ -68,6 +68,7 @@ def test_goodput_bench_tiny_run_reports_every_method(tmp_path: Path) -> None:
         assert isinstance(m["overhead"], float)
     assert methods["none"]["overhead"] == 0.0 and methods["none"]["durable_saves"] == 0
     assert 1 <= methods["ckptd_sync"]["durable_saves"] <= 3 and methods["ckptd_sync"]["daemon_cpu_s"] >= 0
+    assert 1 <= methods["ckptd_overlap"]["durable_saves"] <= 3
     assert methods["dcp_async"]["durable_saves"] == 3  # every upload awaited
     assert methods["dlrover"]["available"] is False and "no-such-python" in methods["dlrover"]["error"]
     assert list(tmp_path.iterdir()) == []  # work dirs removed
@@ -117,3 +118,25 @@ def test_scale_bench_small_run_prints_measured_and_model_figures() -> None:
     assert store["after"]["get_list_per_s_busiest_prefix"] < store["before"]["get_list_per_s_busiest_prefix"]
     assert res["model_check"][0]["measured_reports_per_step"] > 0
     assert not any(Path(p).exists() for p in m["temp_paths"])
+
+
+def test_gpu_bench_runs_or_says_why_not(tmp_path: Path) -> None:
+    """bench/gpu.py --json: without a CUDA device one JSON line saying so and exit 0; with one, a
+    tiny run that reports every figure."""
+    import torch
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu.py"), "--json", "--size-mib", "8", "--reps", "1",
+         "--dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not torch.cuda.is_available():
+        assert res == {"skipped": "no CUDA device"}
+        return
+    for key in ("pinned_floor_s", "pageable_floor_s", "ckptd_sync_stall_s", "ckptd_overlap_return_s",
+                "ckptd_overlap_copied_s", "dcp_async_blocking_s", "dcp_async_staging_s", "restore_h2d_s"):
+        assert res[key] is not None and res[key] > 0, key
+    assert res["pinned_bytes"] > 0
+    assert list(tmp_path.iterdir()) == []

@@ -27,10 +27,11 @@ from ckptd.core.errors import (
 )
 from ckptd.core.types import Level
 from ckptd_client.manager import CheckpointManager, RestoreInfo, SaveHandle
+from ckptd_client.overlap import StateChangedDuringCopy
 from ckptd_client.strict import StateMismatchError
 
 __all__ = [
     "AlreadyExists", "BudgetExhausted", "CheckpointManager", "CkptdError", "DaemonUnavailable",
     "FailedPrecondition", "IntegrityError", "InvalidArgument", "Level", "NotFound", "RestoreInfo",
-    "SaveHandle", "StateMismatchError", "TierFailed", "Timeout",
+    "SaveHandle", "StateChangedDuringCopy", "StateMismatchError", "TierFailed", "Timeout",
 ]

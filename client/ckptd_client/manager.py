@@ -2,10 +2,10 @@
 
 ``save(step, state)`` flattens the state, leases a daemon-owned shm slot, copies every tensor
 straight into it (the only stall), commits, and returns a ``SaveHandle``; the daemon does the
-rest in the background. ``restore(state)`` fills the state in place from the newest committed
-step (or a given one), served by the nearest valid tier. Blocking gRPC, no event loop; its one
-thread maps a slot the daemon prepared for this rank's restore (premap.py); never imports boto3
-or the daemon's tiers.
+rest in the background. ``overlap=True`` returns once the copy is issued (overlap.py).
+``restore(state)`` fills the state in place from the newest committed step (or a given one),
+served by the nearest valid tier. Blocking gRPC, no event loop; its one thread maps a slot the
+daemon prepared for this rank's restore (premap.py); never imports boto3 or the daemon's tiers.
 
 A save that cannot be taken (daemon down, no room in the byte budget under the skip policy, a
 timeout) does not raise by default: the handle records the error, a warning is logged, and
@@ -33,8 +33,9 @@ from ckptd.core.errors import (
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client.agreement import agree_latest, restore_agreed
+from ckptd_client.overlap import CopyJob, OverlapSaver
 from ckptd_client.premap import RestorePremap
-from ckptd_client.ranks import default_node_ranks, default_rank
+from ckptd_client.ranks import default_node_ranks, default_rank, join_peers
 from ckptd_client.restore_stream import restore_streamed
 from ckptd_client.rpc import Connection
 from ckptd_client.shard_save import ShardSaver
@@ -54,6 +55,11 @@ class SaveHandle:
     nbytes: int = 0
     skipped: bool = False
     error: CkptdError | None = None
+    copy: CopyJob | None = None  # an overlapped save's copy (overlap.py)
+
+    def wait_copied(self, timeout_s: float | None = None) -> bool:
+        """Block until an overlapped save's bytes are in the slot (the state may change then)."""
+        return self.copy is None or self.copy.wait_copied(timeout_s)
 
     @property
     def ok(self) -> bool:
@@ -65,6 +71,8 @@ class SaveHandle:
         Raises the save's own error if it failed, TierFailed if the tier failed or skipped the
         step (e.g. superseded by a newer one), Timeout past ``timeout_s``.
         """
+        if self.copy is not None:
+            self.copy.committed.exception(timeout_s)  # the commit follows the copy
         if self.error is not None:
             raise self.error
         if self.skipped:
@@ -144,6 +152,7 @@ class CheckpointManager:
         self._layouts = LayoutMemo()  # layouts converted once per state shape (saves and restores)
         self._saver = ShardSaver(self.conn, job, rank, world_size, self._layouts)  # plans, slots, warmer
         self._maps = self._saver.maps
+        self._overlap = OverlapSaver(self._saver)
         self.handles: list[SaveHandle] = []
         #: this writer's incarnation: drawn anew by every restore (the state rolled back), so the
         #: daemon drops what an earlier incarnation of this rank left in uncommitted later steps
@@ -161,10 +170,14 @@ class CheckpointManager:
     def should_save(self, step: int) -> bool:
         return step % self.save_interval_steps == 0
 
-    def save(self, step: int, state: Any) -> SaveHandle:
-        """Stage this rank's state for ``step``; returns once the bytes are in the daemon's slot."""
+    def save(self, step: int, state: Any, *, overlap: bool = False, optimizers: tuple[Any, ...] = ()) -> SaveHandle:
+        """Stage this rank's state for ``step``; returns once the bytes are in the daemon's slot,
+        or with ``overlap`` once their copy is issued: ``optimizers`` then wait for it before
+        stepping, and a state changed during it refuses the save (overlap.py)."""
         validate_step(step)
         t0 = time.perf_counter()
+        self._overlap.drain()  # one overlapped save in flight
+        self._overlap.guard(optimizers)
         self._drop_premap()  # a job that saves first restored nothing: the prepared slot goes to saves
         try:
             plan = self._saver.plan(state)  # TypeError for unsupported values
@@ -186,7 +199,11 @@ class CheckpointManager:
                 new_world_size=self.allow_new_world_size,
             ), timeout_s=(self.wait_timeout_s or 0) + 120)
             handle.waited_s = time.perf_counter() - t0
-            self._saver.fill_and_commit(begin, step, plan, self.checksum == "client", t0)
+            if overlap:
+                handle.copy = self._overlap.issue(begin, step, plan, self.checksum == "client", t0,
+                                                  lambda exc: self._copy_failed(handle, exc))
+            else:
+                self._saver.fill_and_commit(begin, step, plan, self.checksum == "client", t0)
         except BudgetExhausted as exc:
             handle.skipped = True
             handle.error = exc
@@ -204,6 +221,10 @@ class CheckpointManager:
         self.handles.append(handle)
         del self.handles[:-64]
         return handle
+
+    def _copy_failed(self, handle: SaveHandle, exc: BaseException) -> None:
+        handle.error = exc if isinstance(exc, CkptdError) else CkptdError(f"overlapped copy failed: {exc!r}")
+        log.warning("ckptd: overlapped save of %s@%d failed: %s", self.job, handle.step, exc)
 
     def _wait(self, step: int, level: Level, timeout_s: float | None) -> pb.StepStatus:
         timeout_s = 3600.0 if timeout_s is None else timeout_s
@@ -240,6 +261,11 @@ class CheckpointManager:
                 handle.wait(Level.STAGED, timeout_s)
             return handle.step
         return None
+
+    @property
+    def guard_wait_s(self) -> float:
+        """Seconds guarded optimizer steps waited for overlapped copies, all together (overlap.py)."""
+        return self._overlap.guard_wait_total_s
 
     def stall_median_s(self) -> float | None:
         return statistics.median(self.stalls_s) if self.stalls_s else None
@@ -343,26 +369,9 @@ class CheckpointManager:
         return dist
 
     def _join_peers(self) -> list[str]:
-        """Membership from the job: gather every rank's daemon identity through the process
-        group and hand the job's list to this rank's daemon (SetPeers). Collective: every rank
-        constructs its manager. A no-op without a group or when the daemon replicates nothing."""
+        """Membership from the job (ranks.join_peers); collective: every rank constructs its manager."""
         dist = self._job_group()
-        if dist is None:
-            return []
-        st = self.conn.call(self.conn.stub.DaemonStatus, pb.DaemonStatusRequest())
-        mine = f"{st.node_id}={st.peer_address}" if st.node_id and st.peer_address else ""
-        if mine and st.failure_domain:
-            mine += f"@{st.failure_domain}"
-        gathered: list[str | None] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        entries = sorted({e for e in gathered if e})
-        if not mine or len(entries) < 2:
-            return []
-        try:
-            return list(self.conn.call(self.conn.stub.SetPeers, pb.SetPeersRequest(peers=entries)).members)
-        except FailedPrecondition as exc:  # static membership configured: the daemon keeps it
-            log.debug("daemon keeps its own peer list: %s", exc)
-            return []
+        return [] if dist is None else join_peers(self.conn, dist, self.world_size)
 
     def warm_restore(self, timeout_s: float = 30.0) -> bool:
         """Wait until the slot the daemon prepared for this rank's restore is mapped here
@@ -375,6 +384,7 @@ class CheckpointManager:
             self._premap = None
 
     def close(self) -> None:
+        self._overlap.close()
         self._drop_premap()
         self._saver.close()
         self.conn.close()
