@@ -90,7 +90,9 @@ def run_method(name: str, args: argparse.Namespace, base: Path, cleanup: Cleanup
             return {"available": False, "error": why}
     workdir = Path(tempfile.mkdtemp(prefix=f"goodput-{name}-", dir=base))
     cleanup.add(f"{name} work dir", lambda: shutil.rmtree(workdir, ignore_errors=True))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # another interpreter (--dlrover-python) finds this checkout's ckptd and client too
+    path = os.pathsep.join([str(REPO), str(REPO / "client"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     daemon: Daemon | None = None
     if spec.daemon:
         slot = (args.size_mib * MIB + 16 * MIB) // SLOT_ALIGN * SLOT_ALIGN + SLOT_ALIGN

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from ckptd_client.manager import CheckpointManager
+from ckptd_client.manager_base import ManagerBase
 
 
 @dataclass(frozen=True)
@@ -25,19 +25,19 @@ class ManagerConfig:
     allow_new_world_size: bool = False
 
     @staticmethod
-    def of(m: CheckpointManager) -> ManagerConfig:
+    def of(m: ManagerBase) -> ManagerConfig:
         return ManagerConfig(m.job, m.addr, m.rank, m.world_size, m.allow_new_world_size)
 
 
-_MANAGERS: dict[ManagerConfig, CheckpointManager] = {}
+_MANAGERS: dict[ManagerConfig, ManagerBase] = {}
 _LOCK = threading.Lock()
 
 
-def manager_for(cfg: ManagerConfig) -> CheckpointManager:
+def manager_for(cfg: ManagerConfig) -> ManagerBase:
     with _LOCK:
         m = _MANAGERS.get(cfg)
         if m is None:
-            m = CheckpointManager(cfg.job, rank=cfg.rank, world_size=cfg.world_size, addr=cfg.addr,
+            m = ManagerBase(cfg.job, rank=cfg.rank, world_size=cfg.world_size, addr=cfg.addr,
                                   on_error="raise", gather_peers=False, premap_restore=False,
                                   allow_new_world_size=cfg.allow_new_world_size)
             _MANAGERS[cfg] = m

@@ -36,7 +36,7 @@ from ckptd.core.types import validate_step
 from ckptd_client.dcp.codec import DcpMetadataCorrupt, ShardRef, decode
 from ckptd_client.dcp.managers import ManagerConfig, manager_for
 from ckptd_client.dcp.writer import DATA_KEY, METADATA_KEY
-from ckptd_client.manager import CheckpointManager
+from ckptd_client.manager_base import ManagerBase
 from ckptd_client.restore_stream import read_streamed
 from ckptd_client.strict import StateMismatchError, Strictness
 from ckptd_client.tree import view_of
@@ -56,7 +56,7 @@ class CkptdStorageReader(StorageReader):
     """A DCP ``StorageReader`` over the DCP steps a ``CkptdStorageWriter`` saved."""
 
     def __init__(self, job: str | None = None, step: int | str = "latest", *,
-                 addr: str | os.PathLike[str] | None = None, manager: CheckpointManager | None = None,
+                 addr: str | os.PathLike[str] | None = None, manager: ManagerBase | None = None,
                  strictness: Strictness | None = None) -> None:
         super().__init__()
         if manager is not None:
@@ -83,7 +83,7 @@ class CkptdStorageReader(StorageReader):
         self._manifest: Manifest | None = None
 
     @property
-    def manager(self) -> CheckpointManager:
+    def manager(self) -> ManagerBase:
         if self._manager is None:
             self._manager = manager_for(self.config)
         return self._manager

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ckptd_client.dcp.reader import CkptdStorageReader
 from ckptd_client.dcp.writer import CkptdStorageWriter
-from ckptd_client.manager import CheckpointManager, SaveHandle
+from ckptd_client.manager_base import ManagerBase, SaveHandle
 from ckptd_client.strict import Strictness
 
 
@@ -35,7 +35,7 @@ def _unwrapped(exc: CheckpointException, rank: int) -> BaseException:
     return inner if isinstance(inner, BaseException) else exc
 
 
-def save_via_dcp(manager: CheckpointManager, step: int, state: Any) -> SaveHandle:
+def save_via_dcp(manager: ManagerBase, step: int, state: Any) -> SaveHandle:
     writer = CkptdStorageWriter(manager=manager, step=step, wait_level=None)  # save()'s contract: staged
     try:
         dcp_save(state, storage_writer=writer)
@@ -45,7 +45,7 @@ def save_via_dcp(manager: CheckpointManager, step: int, state: Any) -> SaveHandl
     return writer.handle
 
 
-def restore_via_dcp(manager: CheckpointManager, state: Any, step: int | str, strictness: Strictness) -> int | None:
+def restore_via_dcp(manager: ManagerBase, state: Any, step: int | str, strictness: Strictness) -> int | None:
     reader = CkptdStorageReader(manager=manager, step=step, strictness=strictness)
     if step == "latest":
         newest = reader.newest_step()  # collective: every rank takes the same step

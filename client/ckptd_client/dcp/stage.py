@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.layout import TensorEntry, align_up
 from ckptd.core.types import DTYPE_ITEMSIZE
-from ckptd_client.manager import CheckpointManager
+from ckptd_client.manager_base import ManagerBase
 from ckptd_client.tree import Leaf, copy_into, view_of
 
 #: room reserved after the tensors for the non-tensor values DCP serializes (torch.save each)
@@ -55,7 +55,7 @@ class StagedSlot:
     entries: dict[str, TensorEntry] = field(default_factory=dict)  # fqn -> where its local tensor is
 
 
-def stage_into_slot(manager: CheckpointManager, step: int, state_dict: dict[str, Any]) -> tuple[StagedSlot, Any]:
+def stage_into_slot(manager: ManagerBase, step: int, state_dict: dict[str, Any]) -> tuple[StagedSlot, Any]:
     """Copy state_dict's tensors into a leased slot; return the lease and the staged state dict."""
     flat, mappings = flatten_state_dict(state_dict)
     leaves: list[Leaf] = []
@@ -103,11 +103,11 @@ def stage_into_slot(manager: CheckpointManager, step: int, state_dict: dict[str,
     return staged, unflatten_state_dict(out, mappings)
 
 
-def abort(manager: CheckpointManager, staged: StagedSlot) -> None:
+def abort(manager: ManagerBase, staged: StagedSlot) -> None:
     manager.conn.call(manager.conn.stub.AbortSave, pb.AbortSaveRequest(lease_id=staged.lease_id))
 
 
-def pack(manager: CheckpointManager, staged: StagedSlot, kept: list[tuple[str, str]],
+def pack(manager: ManagerBase, staged: StagedSlot, kept: list[tuple[str, str]],
          values: list[tuple[str, bytes]]) -> tuple[list[TensorEntry], dict[str, int], int] | None:
     """Pack the kept chunks ((fqn, key) pairs) down in the slot, append the serialized values;
     return (layout entries named by key, key -> entry index, packed nbytes), or None if the

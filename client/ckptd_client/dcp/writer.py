@@ -36,7 +36,7 @@ from ckptd.core.types import Level, validate_step
 from ckptd_client.dcp.codec import ShardRef, encode
 from ckptd_client.dcp.managers import ManagerConfig, manager_for
 from ckptd_client.dcp.stage import StagedSlot, abort, pack, stage_into_slot
-from ckptd_client.manager import CheckpointManager, SaveHandle
+from ckptd_client.manager_base import ManagerBase, SaveHandle
 from ckptd_client.ranks import default_rank
 
 #: the names inside a DCP step's shards
@@ -53,7 +53,7 @@ class CkptdStorageWriter(StorageWriter):
 
     def __init__(self, job: str | None = None, step: int | None = None, *, addr: str | os.PathLike[str] | None = None,
                  rank: int | None = None, world_size: int | None = None, allow_new_world_size: bool = False,
-                 wait_level: Level | None = Level.STAGED, manager: CheckpointManager | None = None) -> None:
+                 wait_level: Level | None = Level.STAGED, manager: ManagerBase | None = None) -> None:
         super().__init__()
         if manager is not None:
             self.config = ManagerConfig.of(manager)
@@ -83,7 +83,7 @@ class CkptdStorageWriter(StorageWriter):
         return state
 
     @property
-    def manager(self) -> CheckpointManager:
+    def manager(self) -> ManagerBase:
         if self._manager is None:
             self._manager = manager_for(self.config)
         return self._manager
