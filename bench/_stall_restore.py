@@ -1,11 +1,13 @@
 """The restore half of ``bench/stall.py``: restore from the local daemon's memory tier, against a
 bare copy of the same bytes.
 
-``restore_series`` runs, after the save repetitions, one untimed restore and then ``reps`` pairs
-of: the restore floor (``FloorCopier.restore_copy``: the shard's bytes copied from a pre-faulted
-/dev/shm mapping into the state's tensors, tensor by tensor) and ``CheckpointManager.restore``
-of the newest step into the same tensors in place (served by the memory tier: the JSON says
-which tier served every sample). Medians go to ``restore_floor_s`` and ``restore_memory_s``.
+``restore_series`` runs, after the save repetitions, one untimed restore and then ``reps`` rounds
+of: the two restore floors (the shard's bytes copied from a pre-faulted /dev/shm mapping into the
+state's tensors: ``FloorCopier.restore_copy``, torch ``copy_`` tensor by tensor, and
+``restore_pooled``, 4 MiB pieces over a thread pool) and ``CheckpointManager.restore`` of the
+newest step into the same tensors in place (served by the memory tier: the JSON says which tier
+served every sample). ``restore_floor_s`` is the faster floor's median (both are in the JSON),
+``restore_memory_s`` the restore's.
 """
 
 from __future__ import annotations
@@ -20,19 +22,23 @@ from _util import median
 def restore_series(res: dict[str, Any], s: dict[str, list[float]], mgr: Any, state: Any, copier: FloorCopier,
                    reps: int) -> None:
     mgr.restore(state)  # warm-up: the restore path's imports and first mapping
-    s["restore_floor"], s["restore_memory"], s["restore_daemon_read"] = [], [], []
+    s["restore_floor_torch"], s["restore_floor_pooled"], s["restore_memory"], s["restore_daemon_read"] = [], [], [], []
     served: list[str] = []
     for _ in range(reps):
-        s["restore_floor"].append(copier.restore_copy())
+        s["restore_floor_torch"].append(copier.restore_copy())
+        s["restore_floor_pooled"].append(copier.restore_pooled())
         t0 = time.perf_counter()
         mgr.restore(state)
         s["restore_memory"].append(time.perf_counter() - t0)
         info = mgr.last_restore
         served.append(info.served_from if info is not None else "")
         s["restore_daemon_read"].append(info.daemon_read_s if info is not None else 0.0)
+    res["restore_floor_torch_s"] = median(s["restore_floor_torch"])
+    res["restore_floor_pooled_s"] = median(s["restore_floor_pooled"])
+    s["restore_floor"] = min((s["restore_floor_torch"], s["restore_floor_pooled"]), key=lambda xs: median(xs) or 0.0)
     res["restore_floor_s"] = median(s["restore_floor"])
     res["restore_memory_s"] = median(s["restore_memory"])
     res["restore_memory_daemon_read_s"] = median(s["restore_daemon_read"])
     res["restore_served_from"] = sorted(set(served))
-    for k in ("restore_floor", "restore_memory"):
+    for k in ("restore_floor_torch", "restore_floor_pooled", "restore_memory"):
         res[f"{k}_all_s"] = [round(x, 6) for x in s[k]]

@@ -121,11 +121,12 @@ class Restorer:
 
     async def execute(self, job: str, rank: int, world_size: int, result: RestoreResult,
                       progress: RestoreProgress | None = None,
-                      ranges: Sequence[tuple[int, int]] = ()) -> RestoreResult:
+                      ranges: Sequence[tuple[int, int]] = (), client_verifies: bool = False) -> RestoreResult:
         """Fill a slot from the first valid source of the plan; ``progress`` (streamed restores)
         hears of each source started, each verified prefix and each source rejected. With
         ``ranges`` (byte ranges of the shard) the sources that can read only the chunks covering
-        them do, and the slot is not adopted as the shard's memory copy (it is partly filled)."""
+        them do, and the slot is not adopted as the shard's memory copy (it is partly filled).
+        ``client_verifies``: the client checks the chunks as it copies (sources/base.py Reading)."""
         t0 = time.monotonic()
 
         async def lease(tier: TierName, entry: ShardEntry, nbytes: int) -> Slot:
@@ -137,7 +138,8 @@ class Restorer:
                 progress.start(tier, slot, entry)
             return slot
 
-        reading = Reading(job, rank, result.step, world_size, progress, lease, self._discard, tuple(ranges))
+        reading = Reading(job, rank, result.step, world_size, progress, lease, self._discard, tuple(ranges),
+                          client_verifies and progress is not None)
         vanished = 0  # copies that were gone when read (NotFound), not damaged
         for source in result.plan:
             try:

@@ -77,7 +77,8 @@ class RestoreService:
 
     async def _restore(self, job: str, rank: int, world_size: int, step: int | None, strict_latest: bool,
                        below_step: int | None, progress: RestoreProgress | None,
-                       current: list[RestoreResult], ranges: tuple[tuple[int, int], ...] = ()) -> RestoreResult:
+                       current: list[RestoreResult], ranges: tuple[tuple[int, int], ...] = (),
+                       client_verifies: bool = False) -> RestoreResult:
         """Plan and execute; for "latest" (unless ``strict_latest``) a step with no valid copy of
         this rank's shard is skipped for the next older one, loudly: the job resumes from the
         newest step it can restore instead of stopping. ``current`` holds the plan being read (a
@@ -94,7 +95,7 @@ class RestoreService:
                 planned = result.step
                 result.unusable = list(unusable)
                 current[:] = [result]
-                return await self.restorer.execute(job, rank, world_size, result, progress, ranges)
+                return await self.restorer.execute(job, rank, world_size, result, progress, ranges, client_verifies)
             except IntegrityError as exc:
                 if step is not None or strict_latest:
                     raise
@@ -124,7 +125,7 @@ class RestoreService:
 
     async def restore_stream(self, job: str, rank: int, world_size: int, step: int | None, client_pid: int,
                              strict_latest: bool = False, below_step: int | None = None, retire: str = "",
-                             ranges: tuple[tuple[int, int], ...] = (),
+                             ranges: tuple[tuple[int, int], ...] = (), client_verifies: bool = False,
                              ) -> AsyncIterator[tuple[RestoreEvent, RestoreResult, str]]:
         """A restore whose progress is streamed (ckptd/restore/stream.py): yields each event with
         the result so far; the last is "done" with the lease id, or an error is raised."""
@@ -138,7 +139,8 @@ class RestoreService:
                 raise  # else the restore below falls back to an older step
         progress = RestoreProgress()
         task = asyncio.create_task(
-            self._restore(job, rank, world_size, step, strict_latest, below_step, progress, current, ranges),
+            self._restore(job, rank, world_size, step, strict_latest, below_step, progress, current, ranges,
+                          client_verifies),
             name=f"restore-{job}-{rank}")
 
         def finished(t: asyncio.Task[RestoreResult]) -> None:

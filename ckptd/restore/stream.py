@@ -5,12 +5,17 @@ so the client's copy into its tensors ran after the transfer instead of beside i
 executor reports progress as it goes and the ``Restore`` RPC streams it:
 
 - ``start``   a source was chosen and its bytes are landing in ``slot`` (the client maps it);
-- ``ready``   bytes ``[0, n)`` of the slot are written and matched the shard's crc32c list;
+              ``client_verifies``: the memory tier's slot is served in place unread, and the
+              client checks every chunk against the crc32c list as it copies (cheaper than
+              reading every byte twice: once here, once in the client's copy);
+- ``ready``   bytes ``[0, n)`` of the slot are written and matched the shard's crc32c list
+              (with ``client_verifies``: written; the client's check is still to come);
 - ``restart`` that source failed after a ``start``: what the client copied from it is void, a new
   ``start`` (another source, another slot) follows;
 - ``done`` / ``error`` the end: the lease to release, or the typed error.
 
-Invariants: ``ready`` never exceeds a prefix whose integrity chunks all verified, and only grows
+Invariants: ``ready`` never exceeds a prefix whose integrity chunks all verified (by the daemon, or,
+for a ``client_verifies`` start, by the client before its restore may return), and only grows
 between a ``start`` and the next ``restart``/``done``; events are produced on the event loop
 (``ready_threadsafe`` hops there from a reader thread), in order, one queue per restore.
 """
@@ -39,6 +44,7 @@ class RestoreEvent:
     entry: ShardEntry | None = None
     reason: str = ""
     error: BaseException | None = None
+    client_verifies: bool = False  # a start: the client checks the chunks (nothing was read here)
 
 
 class RestoreProgress:
@@ -50,10 +56,11 @@ class RestoreProgress:
         self._ready = 0
         self._started = False
 
-    def start(self, tier: TierName, slot: Slot, entry: ShardEntry) -> None:
+    def start(self, tier: TierName, slot: Slot, entry: ShardEntry, client_verifies: bool = False) -> None:
         self._ready = 0
         self._started = True
-        self.queue.put_nowait(RestoreEvent("start", tier=tier, slot=slot, entry=entry))
+        self.queue.put_nowait(RestoreEvent("start", tier=tier, slot=slot, entry=entry,
+                                           client_verifies=client_verifies))
 
     def ready(self, nbytes: int) -> None:
         if self._started and nbytes > self._ready:

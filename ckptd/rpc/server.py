@@ -150,7 +150,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             raise InvalidArgument("Restore streams a real restore; plan with PrepareRestore(dry_run=true)")
         async for ev, result, lease_id in self.restores.restore_stream(
                 request.job, request.rank, request.world_size, _step_arg(request.step), request.client_pid,
-                request.strict_latest, _below_arg(request.below_step), request.retire_incarnation, _ranges(request)):
+                request.strict_latest, _below_arg(request.below_step), request.retire_incarnation, _ranges(request),
+                request.client_verifies):
             if ev.kind == "ready":
                 await context.write(pb.RestoreEvent(ready_bytes=ev.ready_bytes))
             elif ev.kind == "restart":
@@ -161,6 +162,10 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                     step=result.step, slot_path=str(ev.slot.path), nbytes=ev.entry.nbytes, served_from=ev.tier.value,
                     plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan])
                 start.layout.CopyFrom(self.layouts.encode(ev.entry.tensors, json.dumps(ev.entry.tree)))
+                if ev.client_verifies:
+                    start.client_verifies = True
+                    start.chunk_bytes = ev.entry.chunk_bytes
+                    start.chunk_crc32c.extend(ev.entry.chunk_crc32c)
                 await context.write(pb.RestoreEvent(start=start))
             else:  # done
                 await context.write(pb.RestoreEvent(done=pb.PrepareRestoreResponse(

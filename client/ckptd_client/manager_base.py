@@ -343,7 +343,8 @@ class ManagerBase:
                                            client_pid=os.getpid(), strict_latest=strict_latest,
                                            retire_incarnation=self._retire)
         try:
-            start, done = restore_streamed(self.conn, request, state, 600, self._premap, strictness, self._layouts)
+            start, done = restore_streamed(self.conn, request, state, 600, self._premap, strictness, self._layouts,
+                                           self._maps.borrow)
         except NotFound:
             if req_step < 0:
                 return None

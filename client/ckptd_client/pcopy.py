@@ -9,6 +9,8 @@ slot: one thread 0.11 s (16 MiB pieces), two threads 0.065-0.073 s; torch's copy
 Saves do not use it: the save copy writes into pre-faulted slot pages and is bound by memory
 bandwidth, where one thread's non-temporal copy is fastest (0.042 s against 0.050-0.063 s on two).
 
+The same pool (``executor``) runs the restore's chunk copies (slot_copy.py).
+
 Invariants: ``copyto`` returns only after every piece is copied, and raises the first error of
 any piece; copies under ``MIN_PARALLEL_BYTES``, non-contiguous arrays, differing dtypes (byte
 order) and hosts with one cpu stay on the calling thread (plain ``np.copyto``); the pool is
@@ -32,7 +34,8 @@ _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
-def _executor() -> ThreadPoolExecutor:
+def executor() -> ThreadPoolExecutor:
+    """The pool (made on first use; a forked child makes its own)."""
     global _pool
     with _lock:
         if _pool is None:
@@ -57,7 +60,7 @@ def copyto(dst: np.ndarray[Any, Any], src: np.ndarray[Any, Any]) -> None:
         return
     d = dst.reshape(-1).view(np.uint8)
     s = src.reshape(-1).view(np.uint8)
-    pool = _executor()
+    pool = executor()
     futures = [pool.submit(np.copyto, d[a : a + PIECE_BYTES], s[a : a + PIECE_BYTES])
                for a in range(0, n, PIECE_BYTES)]
     for f in futures:  # every piece has ended before this returns, even when one failed
@@ -66,4 +69,4 @@ def copyto(dst: np.ndarray[Any, Any], src: np.ndarray[Any, Any]) -> None:
         f.result()
 
 
-__all__ = ["MIN_PARALLEL_BYTES", "PIECE_BYTES", "THREADS", "copyto"]
+__all__ = ["MIN_PARALLEL_BYTES", "PIECE_BYTES", "THREADS", "copyto", "executor"]

@@ -6,10 +6,19 @@ is verified, so the copy into the caller's tensors overlaps the daemon's read fr
 instead of following it. A ``restart`` (the source failed part-way) voids the copy: the state is
 restored again from the next source's slot. The lease in ``done`` is always released.
 
-Invariant: no byte is copied out of the slot before the daemon reported it verified; the call
-returns only after ``done``, so a restore that returns filled the state from one source alone.
-The slot is mapped ahead when the daemon prepared it for this rank (premap.py). Its mapping is
-closed by a short-lived thread after the copy: unmapping 512 MiB of shared
+A whole-shard restore of a state (``restore_streamed``) asks to check the slot itself
+(``client_verifies``): the daemon then serves its memory copy unread, and the copy checks each
+chunk's crc32c as it goes (slot_copy.py), which reads every byte once instead of twice. A
+mismatch voids that copy: the restore runs again with the daemon checking, which rejects the
+damaged memory copy and serves the next source.
+
+Invariant: no byte is copied out of the slot before the daemon reported it verified, or, where
+the client checks, the call does not return before every chunk matched; the call returns only
+after ``done``, so a restore that returns filled the state from one source alone.
+The slot is mapped ahead when the daemon prepared it for this rank (premap.py), or borrowed from
+the saves' mappings when it is the memory copy of a step this client saved (slot_maps.py: no page
+is faulted in again; a borrowed mapping is never closed here). Its own mapping is closed by a
+short-lived thread after the copy: unmapping 512 MiB of shared
 memory tears down 131072 page entries (20-70 ms measured), which the caller need not wait for;
 nothing reads the mapping after ``apply`` and no view of it escapes (copies are returned).
 """
@@ -17,6 +26,7 @@ nothing reads the mapping after ``apply`` and no view of it escapes (copies are 
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import threading
@@ -32,19 +42,28 @@ from ckptd.core.layout import TensorEntry
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd_client import gcpause
 from ckptd_client.premap import RestorePremap, close_map
+from ckptd_client.restore_tree import Restorer
 from ckptd_client.rpc import Connection
+from ckptd_client.slot_copy import ChunkVerifier, ClientVerifyFailed
 from ckptd_client.strict import Strictness, check_state
-from ckptd_client.tree import Restorer
+
+log = logging.getLogger("ckptd_client")
 
 
 class _Restart(Exception):
     """The daemon rejected the source being copied; start over from the next one."""
 
 
+Borrow = Callable[[int, int], "mmap.mmap | None"]  # (fd, nbytes) -> a mapping the restore must not close
+
+
 class _Stream:
-    def __init__(self, events: Iterator[pb.RestoreEvent], premap: RestorePremap | None = None) -> None:
+    def __init__(self, events: Iterator[pb.RestoreEvent], premap: RestorePremap | None = None,
+                 borrow: Borrow | None = None) -> None:
         self.events = events
         self.premap = premap
+        self.borrow = borrow
+        self.borrowed = False
         self.start: pb.PrepareRestoreResponse | None = None
         self.done: pb.PrepareRestoreResponse | None = None
         self.ready_bytes = 0
@@ -69,7 +88,9 @@ class _Stream:
             try:
                 if ev.start.nbytes:  # the slot mapped ahead, if it is this one (premap.py)
                     premapped = self.premap.take(fd, ev.start.nbytes) if self.premap is not None else None
-                    self.mm = premapped or mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+                    borrowed = self.borrow(fd, ev.start.nbytes) if self.borrow is not None and not premapped else None
+                    self.borrowed = borrowed is not None
+                    self.mm = premapped or borrowed or mmap.mmap(fd, 0, prot=mmap.PROT_READ)
             finally:
                 os.close(fd)
         elif kind == "ready_bytes":
@@ -88,6 +109,8 @@ class _Stream:
             self.next_event()
 
     def unmap(self, background: bool = False) -> None:
+        if self.mm is not None and self.borrowed:
+            self.mm, self.borrowed = None, False  # the saves' mapping: theirs to close
         if self.mm is not None:
             if background:
                 threading.Thread(target=close_map, args=(self.mm,), name="ckptd-unmap", daemon=True).start()
@@ -97,32 +120,48 @@ class _Stream:
 
 
 Events = tuple[pb.PrepareRestoreResponse, pb.PrepareRestoreResponse]
-#: consume(buf, tensors, tree, wait): read what it needs of one source's verified shard; wait(n)
-#: returns once bytes [0, n) are verified. Called again from the start after a restart.
-Consumer = Callable[[Any, list[TensorEntry], dict[str, Any], Callable[[int], None]], None]
+#: consume(buf, tensors, tree, wait, verifier): read what it needs of one source's shard; wait(n)
+#: returns once bytes [0, n) are there (verified, unless ``verifier`` is given: then the consumer
+#: must have every chunk it reads checked by it before it returns). Called again from the start
+#: after a restart.
+Consumer = Callable[[Any, list[TensorEntry], dict[str, Any], Callable[[int], None], ChunkVerifier | None], None]
 
 
 def restore_streamed(conn: Connection, request: pb.PrepareRestoreRequest, state: Any, timeout_s: float,
                      premap: RestorePremap | None = None,
-                     strictness: Strictness | None = None, layouts: LayoutMemo | None = None) -> Events:
+                     strictness: Strictness | None = None, layouts: LayoutMemo | None = None,
+                     borrow: Borrow | None = None) -> Events:
     """Fill ``state`` through rpc Restore; return (the start of the source used, done).
 
-    ``layouts`` converts the layout once per distinct layout (a manager keeps one)."""
-    def consume(buf: Any, tensors: list[TensorEntry], tree: dict[str, Any], wait: Callable[[int], None]) -> None:
+    ``layouts`` converts the layout once per distinct layout (a manager keeps one); ``borrow``
+    finds a mapping the client already holds of the slot named (the saves')."""
+    def consume(buf: Any, tensors: list[TensorEntry], tree: dict[str, Any], wait: Callable[[int], None],
+                verifier: ChunkVerifier | None) -> None:
         strict = strictness or Strictness(strict=False)
         check_state(tree, tensors, state, strict)  # strict restore: every mismatch named before a copy
-        Restorer(buf, tensors, wait=wait, convert_dtype=strict.convert_dtype).apply(tree, state)
-    return read_streamed(conn, request, consume, timeout_s, premap, layouts)
+        Restorer(buf, tensors, wait=wait, convert_dtype=strict.convert_dtype, verifier=verifier).apply(tree, state)
+
+    if not request.ranges:
+        checked = pb.PrepareRestoreRequest()
+        checked.CopyFrom(request)
+        checked.client_verifies = True
+        try:
+            return read_streamed(conn, checked, consume, timeout_s, premap, layouts, borrow)
+        except ClientVerifyFailed as exc:  # the daemon's own check decides which copy is damaged
+            log.warning("restore of %s rank %d: %s; restoring again with the daemon checking",
+                        request.job, request.rank, exc)
+    return read_streamed(conn, request, consume, timeout_s, None, layouts, borrow)
 
 
 def read_streamed(conn: Connection, request: pb.PrepareRestoreRequest, consume: Consumer, timeout_s: float,
-                  premap: RestorePremap | None = None, layouts: LayoutMemo | None = None) -> Events:
+                  premap: RestorePremap | None = None, layouts: LayoutMemo | None = None,
+                  borrow: Borrow | None = None) -> Events:
     """Stream one shard through rpc Restore into ``consume``; return (start of the source used, done).
 
     ``layouts`` converts the layout once per distinct layout (a manager keeps one)."""
     layouts = layouts if layouts is not None else LayoutMemo()
     call: Any = conn.stub.Restore(request, timeout=timeout_s)
-    s = _Stream(call, premap)
+    s = _Stream(call, premap, borrow)
     try:
         while True:
             try:
@@ -130,9 +169,12 @@ def read_streamed(conn: Connection, request: pb.PrepareRestoreRequest, consume: 
                     s.next_event()
                 start = s.start
                 buf = s.mm if s.mm is not None else b""
+                verifier = (ChunkVerifier(buf, start.nbytes, start.chunk_bytes, start.chunk_crc32c)
+                            if start.client_verifies else None)
                 with warnings.catch_warnings(), gcpause.paused():
                     warnings.filterwarnings("ignore", message=".*not writable.*")
-                    consume(buf, list(layouts.decode(start.layout)), json.loads(start.layout.tree_json), s.wait)
+                    consume(buf, list(layouts.decode(start.layout)), json.loads(start.layout.tree_json), s.wait,
+                            verifier)
                 while s.done is None:
                     s.next_event()
                 return start, s.done

@@ -5,12 +5,7 @@ Accepted: nested dicts (str/int keys), lists, tuples; torch tensors (every dtype
 int/float/str/bool/None; and any object with ``state_dict()``/``load_state_dict()`` (model,
 optimizer, LR scheduler). Anything else raises TypeError naming its key. Nothing is pickled.
 
-Restore walks the caller's state beside the saved tree: tensors of matching shape and dtype are
-overwritten in place (``copy_``), containers are updated in place, stateful objects get
-``load_state_dict`` with their current state dict updated from the checkpoint, and anything the
-caller does not have yet (e.g. a fresh optimizer's empty state) is created as a copy, never as a
-view into shared memory. What a strict restore refuses is checked before this walk (strict.py);
-the walk itself is the lenient restore.
+The restore walk (the way back) is ``restore_tree.Restorer``.
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +20,6 @@ import numpy as np
 
 from ckptd.core.layout import TensorEntry, align_up
 from ckptd.core.types import DTYPE_ITEMSIZE
-from ckptd_client import pcopy
-from ckptd_client.views import BATCH_MAX_BYTES, TypedViews, copy_all
 
 
 @dataclass
@@ -213,136 +205,3 @@ def view_of(buf: Any, kind: str, t: TensorEntry) -> Any:
     if numel == 0:
         return np.empty(t.shape, dtype=t.dtype)
     return np.frombuffer(buf, dtype=t.dtype, count=numel, offset=t.offset).reshape(t.shape)
-
-
-class Restorer:
-    """Apply a saved tree onto a live state (see module docstring).
-
-    With ``wait``, the buffer is still being filled: ``wait(n)`` returns once bytes [0, n) are
-    there, and a large tensor restored in place is copied piece by piece behind the fill.
-    """
-
-    def __init__(self, buf: Any, tensors: list[TensorEntry], wait: Callable[[int], None] | None = None,
-                 piece_bytes: int = 16 * 2**20, convert_dtype: bool = False) -> None:
-        self.buf = buf
-        self.convert_dtype = convert_dtype  # fill a tensor of another dtype (same shape) in place, cast
-        self.tensors = tensors
-        self.wait = wait
-        self.piece_bytes = piece_bytes
-        self._base: TypedViews | None = None  # over buf, through numpy (which holds the export)
-        self._pending: list[tuple[Any, Any]] = []  # in-place torch copies, done in one batch
-
-    def apply(self, node: dict[str, Any], cur: Any, path: str = "") -> Any:
-        """Apply node onto cur; at the top level (path ""), every copy is done when it returns."""
-        out = self._apply(node, cur, path)
-        if not path:
-            self._flush()
-        return out
-
-    def _flush(self) -> None:
-        """Do the in-place copies queued so far, with one ``torch._foreach_copy_``."""
-        if self._pending:
-            torch = _torch()
-            assert torch is not None
-            dsts, srcs = zip(*self._pending)
-            self._pending = []
-            with torch.no_grad():
-                copy_all(torch, list(dsts), list(srcs))
-
-    def _view(self, kind: str, t: TensorEntry) -> Any:
-        torch = _torch()
-        if kind != "t" or torch is None or not t.nbytes:
-            return view_of(self.buf, kind, t)
-        if self._base is None:
-            self._base = TypedViews(torch, torch.from_numpy(np.frombuffer(self.buf, dtype=np.uint8)))
-        return self._base.view(t)
-
-    def _apply(self, node: dict[str, Any], cur: Any, path: str) -> Any:
-        ((kind, val),) = node.items()
-        if kind in ("t", "a"):
-            t = self.tensors[val]
-            src = self._view(kind, t)
-            if self.wait is not None:
-                if t.nbytes > self.piece_bytes and self._in_pieces(t, cur, kind):
-                    return cur
-                self.wait(t.offset + t.nbytes)
-            return self._tensor(src, cur, kind, path, t.nbytes < BATCH_MAX_BYTES)
-        if kind == "v":
-            return val
-        if kind == "f":
-            return float.fromhex(val)
-        if kind == "d":
-            target = cur if isinstance(cur, dict) else {}
-            for k, child in val:
-                target[k] = self._apply(child, target.get(k), _join(path, k))
-            return target
-        if kind == "l":
-            items = cur if isinstance(cur, list) and len(cur) == len(val) else [None] * len(val)
-            for i, child in enumerate(val):
-                items[i] = self._apply(child, items[i], _join(path, i))
-            if isinstance(cur, list) and cur is not items:
-                cur[:] = items
-                return cur
-            return items
-        if kind == "u":
-            old = cur if isinstance(cur, tuple) and len(cur) == len(val) else (None,) * len(val)
-            return tuple(self._apply(c, o, _join(path, i)) for i, (c, o) in enumerate(zip(val, old)))
-        if kind == "s":
-            if cur is None or not callable(getattr(cur, "load_state_dict", None)):
-                return self._apply(val, None, path)
-            sd = self._apply(val, cur.state_dict(), path)
-            self._flush()  # load_state_dict reads the values
-            cur.load_state_dict(sd)
-            return cur
-        raise ValueError(f"{path}: unknown tree node {kind!r}")
-
-    def _in_pieces(self, t: TensorEntry, cur: Any, kind: str) -> bool:
-        """Copy t into ``cur`` (same shape and dtype, contiguous) piece by piece as the bytes
-        arrive; False (nothing copied) when cur cannot take a flat byte copy."""
-        shape = tuple(t.shape)
-        if kind == "t":
-            torch = _torch()
-            if torch is None or not isinstance(cur, torch.Tensor) or tuple(cur.shape) != shape \
-                    or str(cur.dtype).removeprefix("torch.") != t.dtype or not cur.is_contiguous() \
-                    or cur.device.type != "cpu":
-                return False
-            dst = cur.detach().view(-1).view(torch.uint8)
-            src = torch.from_numpy(np.frombuffer(self.buf, dtype=np.uint8, count=t.nbytes, offset=t.offset))
-        else:
-            if not isinstance(cur, np.ndarray) or cur.shape != shape or cur.dtype != np.dtype(t.dtype) \
-                    or not cur.flags.c_contiguous or not cur.flags.writeable:
-                return False
-            dst = cur.reshape(-1).view(np.uint8)
-            src = np.frombuffer(self.buf, dtype=np.uint8, count=t.nbytes, offset=t.offset)
-        assert self.wait is not None
-        for a in range(0, t.nbytes, self.piece_bytes):
-            b = min(a + self.piece_bytes, t.nbytes)
-            self.wait(t.offset + b)
-            if kind == "t":
-                dst[a:b].copy_(src[a:b])
-            else:
-                pcopy.copyto(dst[a:b], src[a:b])
-        return True
-
-    def _tensor(self, src: Any, cur: Any, kind: str, path: str, batch: bool = False) -> Any:
-        if kind == "t":
-            torch = _torch()
-            assert torch is not None
-            if (isinstance(cur, torch.Tensor) and cur.shape == src.shape
-                    and (cur.dtype == src.dtype or self.convert_dtype)):
-                if batch and cur.dtype == src.dtype:
-                    self._pending.append((cur, src))  # copied by _flush, before apply returns
-                else:
-                    with torch.no_grad():
-                        cur.copy_(src)
-                return cur
-            return src.clone()
-        if isinstance(cur, np.ndarray) and cur.shape == src.shape and cur.dtype == src.dtype and cur.flags.writeable:
-            pcopy.copyto(cur, src)
-            return cur
-        if self.convert_dtype and isinstance(cur, np.ndarray) and cur.shape == src.shape and cur.flags.writeable:
-            np.copyto(cur, src, casting="same_kind")
-            return cur
-        out = np.empty(src.shape, src.dtype)
-        pcopy.copyto(out, src)
-        return out

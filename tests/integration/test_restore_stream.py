@@ -1,4 +1,5 @@
-"""The streamed restore (rpc Restore): verified prefixes, a source failing part-way, a client leaving.
+"""The streamed restore (rpc Restore): verified prefixes, a source failing part-way, a client leaving,
+and the memory copy the client checks itself.
 
 A 40 MiB shard spans three 16 MiB integrity chunks, so the daemon reports progress more than once
 and the client copies the big tensor piece by piece behind it.
@@ -6,6 +7,7 @@ and the client copies the big tensor piece by piece behind it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -18,12 +20,12 @@ NBYTES = 40 * MiB
 CHUNK = 16 * MiB
 
 
-def _request(step: int) -> pb.PrepareRestoreRequest:
-    return pb.PrepareRestoreRequest(job=JOB, rank=0, world_size=1, step=step, client_pid=os.getpid())
+def _request(step: int, **extra) -> pb.PrepareRestoreRequest:
+    return pb.PrepareRestoreRequest(job=JOB, rank=0, world_size=1, step=step, client_pid=os.getpid(), **extra)
 
 
-def _events(raw: Raw, step: int) -> list[pb.RestoreEvent]:
-    evs = list(raw.stub.Restore(_request(step), timeout=60))
+def _events(raw: Raw, step: int, **extra) -> list[pb.RestoreEvent]:
+    evs = list(raw.stub.Restore(_request(step, **extra), timeout=60))
     assert evs and evs[-1].WhichOneof("event") == "done", evs
     raw.stub.ReleaseRestore(pb.ReleaseRestoreRequest(lease_id=evs[-1].done.lease_id), timeout=10)
     return evs
@@ -78,13 +80,38 @@ def test_memory_copy_failing_part_way_restarts_from_disk(daemon_factory):
     assert evs[-1].done.served_from == "disk" and any("memory" in r for r in evs[-1].done.rejected)
 
 
-def test_client_restart_path_gives_exact_bytes(daemon_factory):
+def test_client_restart_path_gives_exact_bytes(daemon_factory, caplog):
     d = _saved(daemon_factory, steps=(1, 2))
     slot, meta = slot_of(d.shm_dir, 2)
     flip_byte(slot, meta["shard"]["nbytes"] - 3)  # the last chunk: the client has copied most of it already
-    with manager(d.addr) as m:
+    with manager(d.addr) as m, caplog.at_level("WARNING", logger="ckptd_client"):
         restore_checked(m, 2, fault_state(2, 0, NBYTES), "disk")
         assert m.last_restore is not None and any("memory" in r for r in m.last_restore.rejected)
+    # the client's own check caught it (chunk 2), then the daemon's check rejected the memory copy
+    assert any("crc32c mismatch in chunk 2" in r.getMessage() and "daemon checking" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_client_checked_memory_restore_gets_the_slot_unread_with_its_crc32c_list(daemon_factory):
+    d = _saved(daemon_factory, steps=(1,))
+    with Raw(d.addr) as raw:
+        crcs = json.loads(raw.stub.GetManifest(pb.GetManifestRequest(job=JOB, step=1), timeout=10).manifest_json)
+        want = crcs["shards"][0]["chunk_crc32c"]
+        evs = _events(raw, 1, client_verifies=True)
+        kinds = [e.WhichOneof("event") for e in evs]
+        assert kinds == ["start", "ready_bytes", "done"], kinds  # all of it at once: nothing read first
+        start = evs[0].start
+        assert start.served_from == "memory" and start.client_verifies and start.chunk_bytes == CHUNK
+        assert list(start.chunk_crc32c) == want and len(want) == 3
+        assert evs[1].ready_bytes == start.nbytes
+        plain = _events(raw, 1)  # without the flag the daemon checks, chunk by chunk
+        assert not plain[0].start.client_verifies and not plain[0].start.chunk_crc32c
+        ranged = _events(raw, 1, client_verifies=True, ranges=[pb.ByteRange(offset=0, length=4096)])
+        assert not ranged[0].start.client_verifies  # a ranged read is always checked by the daemon
+    d2 = _without_shm(daemon_factory, d)
+    with Raw(d2.addr) as raw:
+        evs = _events(raw, 1, client_verifies=True)
+        assert evs[0].start.served_from == "disk" and not evs[0].start.client_verifies  # only memory skips its read
 
 
 def test_client_leaving_mid_stream_leaks_nothing(daemon_factory):

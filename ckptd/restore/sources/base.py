@@ -104,6 +104,9 @@ class Reading:
     #: a ranged restore: only these byte ranges (offset, length) of the shard are needed; sources
     #: that can read the chunks covering them alone do (``chunks_of``), the others read it whole
     ranges: tuple[tuple[int, int], ...] = ()
+    #: the client checks every chunk's crc32c as it copies (a streamed, whole-shard restore): a
+    #: source serving a slot in place may skip its own read (the memory source does)
+    client_verifies: bool = False
 
     def chunks_of(self, entry: ShardEntry) -> tuple[int, ...]:
         """The crc32c chunks of entry covering ``ranges`` (empty: not a ranged restore)."""

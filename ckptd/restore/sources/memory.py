@@ -4,6 +4,12 @@ Nearest of all sources. The slot is served in place (no copy): ``read_into`` hol
 (``readers`` + 1, given back by the restore lease's release) and verifies every chunk crc32c
 first. A slot that fails verification is never served again: its content is dropped and the
 step's memory tier is marked FAILED. A slot reused meanwhile (evicted) is NotFound.
+
+A streamed whole-shard restore whose client verifies (``reading.client_verifies``) gets the slot
+unread: the client checks every chunk against the crc32c list as it copies, where the bytes are
+in its cache anyway, instead of this source reading all of them first. A client that finds a
+mismatch restores again without the flag, and this source's own check then fails the copy as
+above: every byte served is still checked against its crc32c before the restore returns.
 """
 
 from __future__ import annotations
@@ -49,9 +55,13 @@ class MemorySource:
         slot.readers += 1
         try:
             entry = rec.entry
+            chunks = reading.chunks_of(entry)
+            if reading.client_verifies and not chunks and reading.progress is not None:
+                reading.progress.start(TierName.MEMORY, slot, entry, client_verifies=True)
+                reading.progress.ready(entry.nbytes)  # written: the client checks it as it copies
+                return Filled(entry, slot)
             if reading.progress is not None:
                 reading.progress.start(TierName.MEMORY, slot, entry)
-            chunks = reading.chunks_of(entry)
             if chunks:  # a ranged restore: only the chunks it reads are verified
                 bad = await asyncio.get_running_loop().run_in_executor(
                     self.executor, verify_chunk_list, slot.view(entry.nbytes), entry, chunks)

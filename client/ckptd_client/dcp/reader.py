@@ -180,7 +180,8 @@ class CkptdStorageReader(StorageReader):
                                            ranges=self._ranges(rank, items))
         storage = self.metadata.storage_data
 
-        def consume(buf: Any, tensors: list[TensorEntry], tree: dict[str, Any], wait: Any) -> None:
+        def consume(buf: Any, tensors: list[TensorEntry], tree: dict[str, Any], wait: Any, verifier: Any) -> None:
+            assert verifier is None  # this reader does not ask to check the slot itself
             data = _named(tree, DATA_KEY)
             if data is None:
                 raise DcpMetadataCorrupt(f"rank {rank}'s shard of step {self.loaded_step} holds no DCP data")

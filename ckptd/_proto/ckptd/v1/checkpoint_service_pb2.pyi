@@ -625,6 +625,7 @@ class PrepareRestoreRequest(_message.Message):
     BELOW_STEP_FIELD_NUMBER: _builtins.int
     RETIRE_INCARNATION_FIELD_NUMBER: _builtins.int
     RANGES_FIELD_NUMBER: _builtins.int
+    CLIENT_VERIFIES_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     rank: _builtins.int
     world_size: _builtins.int
@@ -644,6 +645,13 @@ class PrepareRestoreRequest(_message.Message):
     """The restoring manager's previous incarnation, when it saved under it: the writer itself rolls
     back, so that incarnation's shards of uncommitted steps after the restored one are dropped.
     A reader (nothing saved) leaves it empty and changes nothing.
+    """
+    client_verifies: _builtins.bool
+    """The client checks every chunk's crc32c itself as it copies (rpc Restore, not ranged): a shard
+    served in place from the memory tier is then not read by the daemon first; its `start` says
+    so (client_verifies) and carries the crc32c list. Other sources are verified by the daemon as
+    they read, as always. A client that finds a mismatch must restore again without this flag:
+    the daemon's own check then rejects the damaged copy and serves the next source.
     """
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
@@ -666,10 +674,11 @@ class PrepareRestoreRequest(_message.Message):
         below_step: _builtins.int = ...,
         retire_incarnation: _builtins.str = ...,
         ranges: _abc.Iterable[Global___ByteRange] | None = ...,
+        client_verifies: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_step", b"below_step", "client_pid", b"client_pid", "dry_run", b"dry_run", "job", b"job", "ranges", b"ranges", "rank", b"rank", "retire_incarnation", b"retire_incarnation", "step", b"step", "strict_latest", b"strict_latest", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["below_step", b"below_step", "client_pid", b"client_pid", "client_verifies", b"client_verifies", "dry_run", b"dry_run", "job", b"job", "ranges", b"ranges", "rank", b"rank", "retire_incarnation", b"retire_incarnation", "step", b"step", "strict_latest", b"strict_latest", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -733,6 +742,9 @@ class PrepareRestoreResponse(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     READ_S_FIELD_NUMBER: _builtins.int
     UNUSABLE_STEPS_FIELD_NUMBER: _builtins.int
+    CLIENT_VERIFIES_FIELD_NUMBER: _builtins.int
+    CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    CHUNK_CRC32C_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     slot_path: _builtins.str
     step: _builtins.int
@@ -741,6 +753,12 @@ class PrepareRestoreResponse(_message.Message):
     """tier that served the shard"""
     read_s: _builtins.float
     """time the daemon spent filling and verifying the slot"""
+    client_verifies: _builtins.bool
+    """A `start` whose bytes the client verifies (PrepareRestoreRequest.client_verifies was honoured):
+    ready_bytes then means written, not checked, and chunk_crc32c (one per chunk of chunk_bytes,
+    the last one short) is what every chunk must match before the restore may return.
+    """
+    chunk_bytes: _builtins.int
     @_builtins.property
     def layout(self) -> Global___ShardLayout: ...
     @_builtins.property
@@ -755,6 +773,8 @@ class PrepareRestoreResponse(_message.Message):
     def unusable_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """newer steps skipped: no valid copy of this rank's shard"""
 
+    @_builtins.property
+    def chunk_crc32c(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -768,10 +788,13 @@ class PrepareRestoreResponse(_message.Message):
         rejected: _abc.Iterable[_builtins.str] | None = ...,
         read_s: _builtins.float = ...,
         unusable_steps: _abc.Iterable[_builtins.int] | None = ...,
+        client_verifies: _builtins.bool = ...,
+        chunk_bytes: _builtins.int = ...,
+        chunk_crc32c: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout", "lease_id", b"lease_id", "nbytes", b"nbytes", "plan", b"plan", "read_s", b"read_s", "rejected", b"rejected", "served_from", b"served_from", "slot_path", b"slot_path", "step", b"step", "unusable_steps", b"unusable_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "chunk_crc32c", b"chunk_crc32c", "client_verifies", b"client_verifies", "layout", b"layout", "lease_id", b"lease_id", "nbytes", b"nbytes", "plan", b"plan", "read_s", b"read_s", "rejected", b"rejected", "served_from", b"served_from", "slot_path", b"slot_path", "step", b"step", "unusable_steps", b"unusable_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
