@@ -128,6 +128,9 @@ def summarize_per_tensor(res: dict[str, Any]) -> None:
     floor, rfloor = res["floor_s"], res.get("restore_floor_s")
     res["restore_memory_over_floor"] = (round(res["restore_memory_s"] / rfloor, 4)
                                         if rfloor and res.get("restore_memory_s") is not None else None)
+    res["restore_memory_new_manager_over_floor"] = (
+        round(res["restore_memory_new_manager_s"] / rfloor, 4)
+        if rfloor and res.get("restore_memory_new_manager_s") is not None else None)
     res["per_tensor_save_us"] = round((res["ckptd_stall_s"] - floor) / n * 1e6, 3)
     res["per_tensor_restore_us"] = (round((res["restore_memory_s"] - rfloor) / n * 1e6, 3)
                                     if rfloor is not None and res.get("restore_memory_s") is not None else None)
@@ -151,6 +154,8 @@ def table(res: dict[str, Any]) -> str:
         ("save stall", "DLRover flash ckpt (MEMORY)", res["dlrover_stall_s"], floor, "dlrover"),
         ("restore", "copy floor (shm mapping -> tensors)", res.get("restore_floor_s"), res.get("restore_floor_s"), ""),
         ("restore", "ckptd restore from memory", res.get("restore_memory_s"), res.get("restore_floor_s"), ""),
+        ("restore", "ckptd restore from memory, new manager", res.get("restore_memory_new_manager_s"),
+         res.get("restore_floor_s"), ""),
         ("disk drain", "fsync floor", disk, disk, ""),
         ("disk drain", "  buffered write + fsync", res["fsync_buffered_s"], disk, ""),
         ("disk drain", "  O_DIRECT write + fsync", res["fsync_direct_s"], disk, "fsync_direct"),

@@ -12,8 +12,9 @@ import mmap
 import numpy as np
 import pytest
 import torch
+from ckptd_client.restore_tree import Restorer
 from ckptd_client.save_plan import SavePlanner
-from ckptd_client.tree import Restorer, copy_into, flatten
+from ckptd_client.tree import copy_into, flatten
 
 from ckptd.core.layout import layout_to_pb, tensors_from_pb
 from ckptd.core.layout_memo import LayoutMemo
