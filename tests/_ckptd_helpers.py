@@ -4,7 +4,9 @@
 private root and /dev/shm directory, waits until it answers, and on exit kills it and removes its
 shm directory. Tests that need a fresh daemon per test use conftest's ``daemon_factory`` instead.
 Both start daemons through ``die_with_parent(args)``: a daemon dies with the test
-process, even one killed with SIGKILL.
+process, even one killed with SIGKILL. ``run_rank_processes`` runs one worker process per rank
+(test_dcp.py, test_multirank.py) and collects their JSON reports; ``peer_config`` writes the
+ckptd.toml of a one-node daemon with its peer port open (the hostile, property and security tests).
 """
 
 from __future__ import annotations
@@ -140,6 +142,18 @@ def running_daemon(
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+def peer_config(work: Path, port: int, token: str, push_timeout_s: float = 5.0, **memory: str | float | int) -> Path:
+    """work/ckptd.toml: [memory] with 64 KiB chunks (plus ``memory``'s keys) and [peers] listening on
+    127.0.0.1:port as node "n1" with the given token."""
+    mem = {"chunk_bytes": "64KiB", **memory}
+    lines = ["[memory]", *(f"{k} = {json.dumps(v)}" for k, v in mem.items()),
+             "[peers]", f'listen = "127.0.0.1:{port}"', 'node_id = "n1"', f"token = {json.dumps(token)}",
+             f"push_timeout_s = {push_timeout_s}"]
+    cfg = work / "ckptd.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
 def unique_job(prefix: str = "job") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -150,3 +164,25 @@ def tensor_bytes(t: Any) -> bytes:
 
     flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
     return bytes(flat.view(torch.uint8).numpy().tobytes())
+
+
+def run_rank_processes(cmds: Sequence[Sequence[str]], timeout_s: float) -> list[dict[str, Any]]:
+    """Start one process per rank (all at once: they meet in collectives), wait for each, and
+    return each one's last stdout line as JSON, in rank order. A rank that exits non-zero or
+    prints nothing fails the test with its output; whatever is still running then is killed."""
+    procs = [subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+                              cwd=REPO) for cmd in cmds]
+    reports = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=timeout_s)
+            lines = out.strip().splitlines()
+            assert lines and proc.returncode == 0, \
+                f"rank {rank} exited {proc.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
+            reports.append(json.loads(lines[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return reports

@@ -40,7 +40,7 @@ from ckptd.core.integrity import chunk_crcs, crc32c
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import ReplicaHeader, ShardEntry
 from ckptd.peers.wire import header_to_pb
-from tests._ckptd_helpers import clean_env, free_port, unique_job
+from tests._ckptd_helpers import clean_env, free_port, peer_config, unique_job
 
 C = grpc.StatusCode
 PEER = "ckptd.v1.PeerService"
@@ -67,9 +67,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """A disk + peer daemon started under umask 0, its socket in a directory it must create."""
     work = tmp_path_factory.mktemp("security")
     port = free_port()
-    cfg = work / "ckptd.toml"
-    cfg.write_text(f'[memory]\nchunk_bytes = "64KiB"\n[peers]\nlisten = "127.0.0.1:{port}"\nnode_id = "n1"\n'
-                   f'token = "{TOKEN}"\npush_timeout_s = 5.0\n')
+    cfg = peer_config(work, port, TOKEN)
     sock_base = Path(tempfile.mkdtemp(prefix="ckt-sec-", dir="/tmp"))
     os.chmod(sock_base, 0o755)
     sock = sock_base / "run" / "ckptd.sock"  # "run" does not exist yet
