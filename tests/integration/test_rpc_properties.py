@@ -18,10 +18,10 @@ One daemon serves the module (``max_examples`` per RPC keeps the whole module ne
 two cores).
 
 The daemon and its starting state (``props_env``), the calling, checking and invariants live in
-_props_kit.py, the strategies in _props_strategies.py. The tests stay in this one module on purpose: they share one daemon and one
-``Model`` of what it accepted (the invariants hold every committed step against the CommitShards
-this module saw accepted, across all the tests), and ``test_every_rpc_was_exercised`` runs last
-and looks at the calls every other test made.
+_props_kit.py, the strategies in _props_strategies.py. The tests stay in this one module on purpose:
+they share one daemon and one ``Model`` of what it accepted (the invariants hold every committed
+step against the CommitShards this module saw accepted, across all the tests), and
+``test_every_rpc_was_exercised`` runs last and looks at the calls every other test made.
 """
 
 from __future__ import annotations
