@@ -86,9 +86,12 @@ class TorchStage:
         out.flush()
         spec = json.dumps({"schema": SCHEMA, "data": str(self.path), "tensors": self._tensors})
         fd = out.fileno()
-        res = subprocess.run([sys.executable, "-m", CONVERTER, "--out-fd", str(fd)], input=spec.encode(),
-                             pass_fds=(fd,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             timeout=CONVERT_TIMEOUT_S, check=False)
+        try:
+            res = subprocess.run([sys.executable, "-m", CONVERTER, "--out-fd", str(fd)], input=spec.encode(),
+                                 pass_fds=(fd,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 timeout=CONVERT_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise CkptdError(f"writing the torch file took over {CONVERT_TIMEOUT_S:.0f}s") from None
         if res.returncode == NO_TORCH_EXIT:
             raise CkptdError(NO_TORCH_MESSAGE)
         if res.returncode != 0:
