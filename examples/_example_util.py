@@ -4,7 +4,9 @@
 ``ckptd serve`` of its own (``_demo_cluster.Daemon``: private root, socket and /dev/shm
 directory), runs the example's ``worker`` mode once with the arguments that make it SIGKILL
 itself, then once more to resume (and compare with an uninterrupted run), stops the daemon and
-removes what it made. Each worker's last stdout line is its JSON report (``run_worker``).
+removes what it made. Each worker's last stdout line is its JSON report (``run_worker``);
+``run_example`` does all that and prints the example's last line (a JSON object);
+``worker_parser`` is the command line both examples share (their ``worker`` mode's flags added).
 ``model_digest`` is the sha256 of a model's ``state_dict`` (names and bytes); ``state_digests``
 the sha256 of every global tensor of a (DTensor) state, as ``fsdp2_dcp.py`` and
 tests/_dcp_worker.py compare them (collective: every rank calls it, in the same order). torch is
@@ -13,6 +15,7 @@ imported inside the functions, so importing this module costs nothing.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import subprocess
@@ -83,3 +86,23 @@ def crash_and_resume(script: Path, name: str, crash: list[str], resume: list[str
             daemon.stop()
             subprocess.run(["rm", "-rf", str(sock_dir), str(daemon.shm_dir)], check=False)
     return crashed, resumed
+
+
+def run_example(script: Path, name: str, crash: list[str], resume: list[str], crashed_key: str) -> int:
+    """The example's whole run: its last line (JSON) and its exit status (0 if the weights are identical)."""
+    crashed, resumed = crash_and_resume(script, name, crash, resume)
+    print(json.dumps({crashed_key: crashed.get(crashed_key), "crash_returncode": crashed["returncode"],
+                      "resumed_from_step": resumed["resumed_from_step"], "served_from": resumed["served_from"],
+                      "global_step": resumed["global_step"], "identical": resumed["identical"]}))
+    return 0 if resumed["identical"] else 1
+
+
+def worker_parser(doc: str, seed: int) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The example's parser and its ``worker`` subparser with the flags every example's worker has."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    w = p.add_subparsers(dest="mode").add_parser("worker")
+    w.add_argument("--addr", required=True)
+    w.add_argument("--job", required=True)
+    w.add_argument("--seed", type=int, default=seed)
+    w.add_argument("--reference", action="store_true", help="also run uninterrupted and compare the weights")
+    return p, w

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _example_util import crash_and_resume, model_digest
+from _example_util import model_digest, run_example, worker_parser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model from a config: nothing to download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -116,24 +116,14 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    crashed, resumed = crash_and_resume(Path(__file__).resolve(), "hf", ["--max-steps", "6", "--crash-at", "3"],
-                                        ["--max-steps", "6", "--reference"])
-    print(json.dumps({"crashed_at": crashed.get("crashed_at"), "crash_returncode": crashed["returncode"],
-                      "resumed_from_step": resumed["resumed_from_step"], "served_from": resumed["served_from"],
-                      "global_step": resumed["global_step"], "identical": resumed["identical"]}))
-    return 0 if resumed["identical"] else 1
+    return run_example(Path(__file__).resolve(), "hf", ["--max-steps", "6", "--crash-at", "3"],
+                       ["--max-steps", "6", "--reference"], "crashed_at")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="mode")
-    w = sub.add_parser("worker")
-    w.add_argument("--addr", required=True)
-    w.add_argument("--job", required=True)
+    p, w = worker_parser(__doc__, seed=7)
     w.add_argument("--max-steps", type=int, default=6)
     w.add_argument("--crash-at", type=int, default=-1)
-    w.add_argument("--seed", type=int, default=7)
-    w.add_argument("--reference", action="store_true", help="also run uninterrupted and compare the weights")
     return p.parse_args(argv)
 
 

@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from _example_util import crash_and_resume, model_digest
+from _example_util import model_digest, run_example, worker_parser
 
 
 def make_module() -> Any:
@@ -104,23 +104,13 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    crashed, resumed = crash_and_resume(Path(__file__).resolve(), "pl", ["--crash-at-epoch", "2"], ["--reference"])
-    print(json.dumps({"crashed_at_epoch": crashed.get("crashed_at_epoch"), "crash_returncode": crashed["returncode"],
-                      "resumed_from_step": resumed["resumed_from_step"], "served_from": resumed["served_from"],
-                      "global_step": resumed["global_step"], "identical": resumed["identical"]}))
-    return 0 if resumed["identical"] else 1
+    return run_example(Path(__file__).resolve(), "pl", ["--crash-at-epoch", "2"], ["--reference"], "crashed_at_epoch")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="mode")
-    w = sub.add_parser("worker")
-    w.add_argument("--addr", required=True)
-    w.add_argument("--job", required=True)
+    p, w = worker_parser(__doc__, seed=11)
     w.add_argument("--epochs", type=int, default=3)
     w.add_argument("--crash-at-epoch", type=int, default=-1)
-    w.add_argument("--seed", type=int, default=11)
-    w.add_argument("--reference", action="store_true", help="also run uninterrupted and compare the weights")
     return p.parse_args(argv)
 
 

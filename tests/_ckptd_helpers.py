@@ -5,8 +5,9 @@ private root and /dev/shm directory, waits until it answers, and on exit kills i
 shm directory. Tests that need a fresh daemon per test use conftest's ``daemon_factory`` instead.
 Both start daemons through ``die_with_parent(args)``: a daemon dies with the test
 process, even one killed with SIGKILL. ``run_rank_processes`` runs one worker process per rank
-(test_dcp.py, test_multirank.py) and collects their JSON reports; ``peer_config`` writes the
-ckptd.toml of a one-node daemon with its peer port open (the hostile, property and security tests).
+(test_dcp.py, test_multirank.py, the framework examples' tests) and collects their JSON reports;
+``peer_config`` writes the ckptd.toml of a one-node daemon with its peer port open (the hostile,
+property and security tests).
 """
 
 from __future__ import annotations
@@ -166,20 +167,23 @@ def tensor_bytes(t: Any) -> bytes:
     return bytes(flat.view(torch.uint8).numpy().tobytes())
 
 
-def run_rank_processes(cmds: Sequence[Sequence[str]], timeout_s: float) -> list[dict[str, Any]]:
-    """Start one process per rank (all at once: they meet in collectives), wait for each, and
-    return each one's last stdout line as JSON, in rank order. A rank that exits non-zero or
-    prints nothing fails the test with its output; whatever is still running then is killed."""
-    procs = [subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
-                              cwd=REPO) for cmd in cmds]
+def run_rank_processes(cmds: Sequence[Sequence[str]], timeout_s: float,
+                       envs: Sequence[dict[str, str]] | None = None, check: bool = True) -> list[dict[str, Any]]:
+    """Start one process per rank (all at once: they meet in collectives; ``envs[rank]`` or
+    ``clean_env()`` as environment), wait for each, and return each one's last stdout line as JSON
+    plus its ``returncode``, in rank order. A rank that prints nothing (or, with ``check``, exits
+    non-zero) fails the test with its output; whatever is still running then is killed."""
+    procs = [subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=envs[rank] if envs is not None else clean_env(), cwd=REPO)
+             for rank, cmd in enumerate(cmds)]
     reports = []
     try:
         for rank, proc in enumerate(procs):
             out, err = proc.communicate(timeout=timeout_s)
             lines = out.strip().splitlines()
-            assert lines and proc.returncode == 0, \
+            assert lines and (proc.returncode == 0 or not check), \
                 f"rank {rank} exited {proc.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
-            reports.append(json.loads(lines[-1]))
+            reports.append({"returncode": proc.returncode, **json.loads(lines[-1])})
     finally:
         for proc in procs:
             if proc.poll() is None:
