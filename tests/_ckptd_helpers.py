@@ -7,7 +7,7 @@ Both start daemons through ``die_with_parent(args)``: a daemon dies with the tes
 process, even one killed with SIGKILL. ``run_rank_processes`` runs one worker process per rank
 (test_dcp.py, test_multirank.py, the framework examples' tests) and collects their JSON reports;
 ``peer_config`` writes the ckptd.toml of a one-node daemon with its peer port open (the hostile,
-property and security tests).
+property and security tests), ``running_peer_daemon`` runs one.
 """
 
 from __future__ import annotations
@@ -153,6 +153,16 @@ def peer_config(work: Path, port: int, token: str, push_timeout_s: float = 5.0, 
     cfg = work / "ckptd.toml"
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
+
+
+@contextmanager
+def running_peer_daemon(work: Path, token: str, push_timeout_s: float = 5.0,
+                        **memory: str | float | int) -> Iterator[tuple[Daemon, int]]:
+    """``running_daemon`` (64 MiB budget) with ``peer_config``'s peer port open: (daemon, peer port)."""
+    port = free_port()
+    cfg = peer_config(work, port, token, push_timeout_s, **memory)
+    with running_daemon(work, budget="64MiB", extra_args=["--config", str(cfg)]) as d:
+        yield d, port
 
 
 def unique_job(prefix: str = "job") -> str:

@@ -28,7 +28,7 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.manifest import Manifest
 from ckptd.core.types import validate_job
-from tests._ckptd_helpers import Daemon, free_port, peer_config, running_daemon
+from tests._ckptd_helpers import Daemon, running_peer_daemon
 from tests.integration._hostile_kit import CKPT, KNOWN_CLASSES, PEER, PEER_RPCS, C, _layout, error_class
 
 TOKEN = "property-peer-token-51c0de9a"
@@ -179,9 +179,7 @@ def _abort(env: Env, lease_id: str) -> None:
 def props_env(work: Path) -> Iterator[Env]:
     """A daemon with its peer port open (short waits, 2 slots a rank): pa@1 and keep@1 committed,
     pb@1 staged by rank 0 of 2. On exit it must be alive with no traceback in its log."""
-    port = free_port()
-    cfg = peer_config(work, port, TOKEN, push_timeout_s=0.5, wait_timeout_s=0.5, slots_per_rank=2)
-    with running_daemon(work, budget="64MiB", extra_args=["--config", str(cfg)]) as d, \
+    with running_peer_daemon(work, TOKEN, push_timeout_s=0.5, wait_timeout_s=0.5, slots_per_rank=2) as (d, port), \
             grpc.insecure_channel(d.target) as ch, grpc.insecure_channel(f"127.0.0.1:{port}") as peer_ch:
         e = Env(d, ch, peer_ch, Model(), port)
         for job, ws in (("pa", 1), ("pb", 2), (KEEP, 1)):  # pa@1, keep@1 committed; pb@1 with rank 0 only

@@ -37,7 +37,7 @@ from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.integrity import chunk_crcs
 from ckptd.core.manifest import ReplicaHeader
 from ckptd.peers.client import PeerClient
-from tests._ckptd_helpers import free_port, peer_config, running_daemon, unique_job
+from tests._ckptd_helpers import running_peer_daemon, unique_job
 from tests.integration._hostile_ckpt_cases import _ckpt_cases
 from tests.integration._hostile_kit import (
     CKPT_RPCS,
@@ -62,9 +62,7 @@ from tests.integration._hostile_peer_cases import _peer_cases
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("hostile")
-    port = free_port()
-    cfg = peer_config(work, port, TOKEN, wait_timeout_s=2.0)
-    with running_daemon(work, budget="64MiB", extra_args=["--config", str(cfg)]) as d:
+    with running_peer_daemon(work, TOKEN, wait_timeout_s=2.0) as (d, port):
         job, partial = unique_job("known"), unique_job("partial")
         managers = [CheckpointManager(job, rank=r, world_size=2, addr=d.addr, on_error="raise") for r in (0, 1)]
         try:
