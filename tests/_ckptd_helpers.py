@@ -7,11 +7,13 @@ Both start daemons through ``die_with_parent(args)``: a daemon dies with the tes
 process, even one killed with SIGKILL. ``run_rank_processes`` runs one worker process per rank
 (test_dcp.py, test_multirank.py, the framework examples' tests) and collects their JSON reports;
 ``peer_config`` writes the ckptd.toml of a one-node daemon with its peer port open (the hostile,
-property and security tests), ``running_peer_daemon`` runs one.
+property and security tests), ``running_peer_daemon`` runs one; ``replica_round_trip`` pushes a
+replica to a peer port and fetches it back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -163,6 +165,24 @@ def running_peer_daemon(work: Path, token: str, push_timeout_s: float = 5.0,
     cfg = peer_config(work, port, token, push_timeout_s, **memory)
     with running_daemon(work, budget="64MiB", extra_args=["--config", str(cfg)]) as d:
         yield d, port
+
+
+def replica_round_trip(target: str, token: str, header: Any, data: bytes, bulk: bool = False) -> bytes:
+    """Push data to the peer port at target as the ReplicaHeader names it, fetch it back (same job,
+    step, rank) and return what came back; the PeerClient is node "n2"."""
+    from ckptd.peers.client import PeerClient
+
+    async def round_trip() -> bytes:
+        client = PeerClient(token, "n2", bulk=bulk)
+        try:
+            await client.push(target, header, memoryview(data), 10)
+            out = bytearray(len(data))
+            await client.fetch_into(target, header.job, header.step, header.entry.rank, memoryview(out), 10)
+            return bytes(out)
+        finally:
+            await client.close()
+
+    return asyncio.run(round_trip())
 
 
 def unique_job(prefix: str = "job") -> str:
