@@ -4,7 +4,8 @@ Nothing here is timed. ``gpt_state`` builds the state every save method is measu
 seed and shapes in every process, so peers run in subprocesses see identical bytes);
 ``ShmFile`` is a pre-faulted /dev/shm mapping (the memcpy floor's destination and the O_DIRECT
 source); ``Cleanup`` runs registered undo actions in reverse order even after an error or a
-SIGTERM/SIGHUP/SIGINT.
+SIGTERM/SIGHUP/SIGINT; ``cleaned_up`` is every benchmark parent's prologue (signals raise, the
+``Cleanup`` runs when the block ends, however it ends).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import signal
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -213,6 +214,17 @@ class Cleanup:
                 fn()
             except Exception as exc:  # noqa: BLE001 - keep cleaning up the rest
                 print(f"cleanup: {what} failed: {exc}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def cleaned_up() -> Iterator[Cleanup]:
+    """A benchmark parent's run: SIGTERM/SIGHUP raise, and the yielded Cleanup runs at the end."""
+    raise_on_signals()
+    cleanup = Cleanup()
+    try:
+        yield cleanup
+    finally:
+        cleanup.run()
 
 
 def raise_on_signals() -> None:

@@ -41,7 +41,7 @@ from typing import Any
 from _goodput_methods import METHODS, Ctx
 from _stall_daemon import SLOT_ALIGN, Daemon
 from _stall_peers import DLROVER_SOCK_DIR, dlrover_cleanup
-from _util import MIB, REPO, Cleanup, raise_on_signals
+from _util import MIB, REPO, Cleanup, cleaned_up
 
 SCRIPT = Path(__file__).resolve()
 
@@ -209,13 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child(args)
-    raise_on_signals()
-    cleanup = Cleanup()
     base = Path(args.dir) if args.dir else Path(tempfile.gettempdir())
     res: dict[str, Any] = {"bench": "goodput", "state_bytes": 0, "steps": args.steps, "threads": args.threads,
                            "warmup": args.warmup, "width": args.width, "batch": args.batch, "methods": {},
                            "machine": {"cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg())}}
-    try:
+    with cleaned_up() as cleanup:
         for name in args.method_list:
             log(f"{name}: {args.warmup} + {args.steps} steps")
             t0 = time.perf_counter()
@@ -224,8 +222,6 @@ def main(argv: list[str] | None = None) -> int:
             res["methods"][name] = m
             res["state_bytes"] = res["state_bytes"] or m.get("state_bytes", 0)
             res["tensors"] = res.get("tensors") or m.get("tensors")
-    finally:
-        cleanup.run()
     base_wall = res["methods"].get("none", {}).get("wall_s")
     for m in res["methods"].values():
         m["overhead"] = round(m["wall_s"] / base_wall - 1, 4) if base_wall and "wall_s" in m else None

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from _stall_daemon import SLOT_ALIGN, Daemon
-from _util import MIB, Cleanup, gpt_state, median, raise_on_signals
+from _util import MIB, Cleanup, cleaned_up, gpt_state, median
 
 
 def _timed(fn: Any, reps: int, sync: Any) -> float | None:
@@ -163,12 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device"}))
         return 0
-    raise_on_signals()
-    cleanup = Cleanup()
-    try:
+    with cleaned_up() as cleanup:
         res = run(args, cleanup)
-    finally:
-        cleanup.run()
     if args.json:
         print(json.dumps(res))
     else:

@@ -34,7 +34,7 @@ Per daemon step the JSON also splits the upload at the daemon's own log lines ("
 "PERSISTED"): ``daemon_checksum_s`` (save return to STAGED logged), ``daemon_upload_commit_s``
 (STAGED to PERSISTED logged), and gives the daemon's own ``daemon_restore_read_s``.
 
-``--state`` chooses the bytes: ``random`` (incompressible, new bytes every step), ``gpt`` (a
+``--state`` chooses the bytes (bench/_object_state.py): ``random`` (incompressible, new bytes every step), ``gpt`` (a
 mixed-precision GPT-like state, tests/state_factory.gpt_state: bf16 weights, fp32 master weights
 and Adam moments, new values every step) or ``finetune`` (a frozen bf16 base and small adapters
 that change every step, tests/state_factory.finetune_state). The tier-level side stores the state
@@ -81,70 +81,22 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import boto3  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _object_procs import CHUNK_BYTES, JOB, Daemon, daemon_config, start_moto  # noqa: E402
+from _object_procs import JOB, Daemon, daemon_config, start_moto  # noqa: E402
+from _object_state import build_step, raw, tensors_of, zeros_like  # noqa: E402
 from _util import Cleanup, raise_on_signals  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
 from botocore.config import Config as BotoConfig  # noqa: E402
 from ckptd_client import CheckpointManager, Level  # noqa: E402
 
 from ckptd.core.config import ObjectSection  # noqa: E402
-from ckptd.core.integrity import chunk_crcs  # noqa: E402
-from ckptd.core.layout import TensorEntry  # noqa: E402
-from ckptd.core.manifest import Manifest, ShardEntry  # noqa: E402
+from ckptd.core.manifest import Manifest  # noqa: E402
 from ckptd.ctl.inspect import storage_json  # noqa: E402
 from ckptd.tiers.object import ObjectTier  # noqa: E402
 from tests.linkproxy import LinkProxy  # noqa: E402
-from tests.state_factory import finetune_state, gpt_state, state_shard  # noqa: E402
 
 MIB = 2**20
 SLOT_ALIGN = 2 * MIB  # ckptd.memory.slots.SLOT_ALIGN_BYTES
 SLOTS_PER_RANK = 3  # ckptd's default memory.slots_per_rank
-def shard_entry(data: memoryview) -> ShardEntry:
-    n = data.nbytes
-    return ShardEntry(0, n, CHUNK_BYTES, tuple(chunk_crcs(data, CHUNK_BYTES)),
-                      (TensorEntry("state", "uint8", (n,), 0, n),), {"d": [["state", {"t": 0}]]})
-
-
-def build_step(kind: str, step: int, nbytes: int) -> tuple[dict[str, Any], ShardEntry, bytes]:
-    """(state for the daemons, tier-level entry, its bytes) of one step of about nbytes."""
-    if kind == "random":
-        data = os.urandom(nbytes)
-        return {"w": np.frombuffer(data, dtype=np.uint8)}, shard_entry(memoryview(data)), data
-    if kind == "gpt":
-        state = gpt_state(step, max(1, nbytes // 14))  # 14 bytes a parameter
-    else:
-        state = finetune_state(1, step, max(64, int(nbytes / (2 + 14 / 64))))
-    entry, data = state_shard(0, state, CHUNK_BYTES)
-    return state, entry, data
-
-
-def tensors_of(state: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out.update(tensors_of(v, f"{prefix}{k}."))
-        elif isinstance(v, (torch.Tensor, np.ndarray)):
-            out[prefix + k] = v
-    return out
-
-
-def raw(t: Any) -> bytes:
-    """The bytes of a torch tensor or numpy array."""
-    if isinstance(t, torch.Tensor):
-        return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-    return bytes(np.ascontiguousarray(t).tobytes())
-
-
-def zeros_like(state: Any) -> Any:
-    if isinstance(state, dict):
-        return {k: zeros_like(v) for k, v in state.items()}
-    if isinstance(state, torch.Tensor):
-        return torch.zeros_like(state)
-    if isinstance(state, np.ndarray):
-        return np.zeros_like(state)
-    return state
 
 
 def timed(fn: Any) -> float:

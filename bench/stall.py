@@ -113,11 +113,11 @@ from _util import (
     REPO,
     Cleanup,
     ShmFile,
+    cleaned_up,
     gpt_state,
     many_tensors_state,
     median,
     packed_offsets,
-    raise_on_signals,
     same_filesystem,
     tensors_of,
 )
@@ -321,12 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
-    raise_on_signals()
-    cleanup = Cleanup()
-    try:
+    with cleaned_up() as cleanup:
         res = run(args, cleanup)
-    finally:
-        cleanup.run()
     print(table(res), flush=True)
     if args.json:
         print(json.dumps(res, separators=(",", ":")), flush=True)

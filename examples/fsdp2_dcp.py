@@ -24,7 +24,6 @@ Usage: ``python examples/fsdp2_dcp.py [--world-size 2] [--world-size-after 1] [-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,29 +36,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "client")]
 
-
-def digests(state: Any, path: str = "") -> dict[str, str]:
-    import torch
-    from torch.distributed.tensor import DTensor
-
-    out: dict[str, str] = {}
-    if isinstance(state, dict):
-        for k in sorted(state, key=str):
-            out.update(digests(state[k], f"{path}.{k}"))
-    elif isinstance(state, (list, tuple)):
-        for i, v in enumerate(state):
-            out.update(digests(v, f"{path}.{i}"))
-    elif isinstance(state, torch.Tensor):
-        t = state.full_tensor() if isinstance(state, DTensor) else state  # collective
-        out[path] = hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-    else:
-        out[path] = repr(state)
-    return out
+from _example_util import state_digests  # noqa: E402
 
 
 def trainer(ns: argparse.Namespace) -> None:
@@ -99,7 +80,7 @@ def trainer(ns: argparse.Namespace) -> None:
         assert step is not None
         saved = json.loads((out / f"digest-{step}.json").read_text())
         msd, osd = get_state_dict(model, opt)
-        report = {"identical": digests({"model": msd, "optim": osd}) == saved, "restored_step": step,
+        report = {"identical": state_digests({"model": msd, "optim": osd}) == saved, "restored_step": step,
                   "restored_from": sorted(set(reader.served_from.values()))}
         start = step + 1
     stalls, pending = [], None
@@ -113,7 +94,7 @@ def trainer(ns: argparse.Namespace) -> None:
             pending.result()  # DCP allows one async save in flight
         msd, osd = get_state_dict(model, opt)
         state = {"model": msd, "optim": osd}
-        d = digests(state)
+        d = state_digests(state)
         if ns.rank == 0:
             (out / f"digest-{step}.json").write_text(json.dumps(d))
         t0 = time.perf_counter()

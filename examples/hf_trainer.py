@@ -17,21 +17,19 @@ RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
+
+from _example_util import model_digest, run_example, worker_parser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model from a config: nothing to download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-HERE = Path(__file__).resolve().parent
 SEQ_LEN = 16
 SAMPLES = 24
 
@@ -72,14 +70,6 @@ def training_args(out_dir: str, max_steps: int, seed: int) -> Any:
     )
 
 
-def digest(model: Any) -> str:
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().contiguous().reshape(-1).view(-1).numpy().tobytes())
-    return h.hexdigest()
-
-
 def reference(max_steps: int, seed: int) -> str:
     """The weights' digest after an uninterrupted run of the same seed (no ckptd)."""
     from transformers import Trainer
@@ -89,7 +79,7 @@ def reference(max_steps: int, seed: int) -> str:
         args.save_strategy = "no"
         trainer = Trainer(model=tiny_model(seed), args=args, train_dataset=Tokens())
         trainer.train()
-        return digest(trainer.model)
+        return model_digest(trainer.model)
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -117,7 +107,7 @@ def worker(args: argparse.Namespace) -> int:
         report["resumed_from_step"] = trainer.ckptd_resumed_from
         report["served_from"] = ckpt.last_restore.served_from if ckpt.last_restore else None
         report["global_step"] = trainer.state.global_step
-        report["digest"] = digest(trainer.model)
+        report["digest"] = model_digest(trainer.model)
         report["identical"] = None if ref is None else report["digest"] == ref
         report["files_written"] = sorted(os.listdir(out))
     ckpt.close()
@@ -125,50 +115,15 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_worker(addr: str, job: str, max_steps: int, extra: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--addr", addr, "--job", job,
-           "--max-steps", str(max_steps), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    lines = proc.stdout.strip().splitlines()
-    if not lines:
-        raise RuntimeError(f"trainer exited {proc.returncode} without a report:\n{proc.stderr[-3000:]}")
-    return {"returncode": proc.returncode, **json.loads(lines[-1])}
-
-
 def main() -> int:
-    sys.path.insert(0, str(HERE))
-    from _demo_cluster import Daemon
-
-    with tempfile.TemporaryDirectory(prefix="ckptd-hf-") as tmp:
-        base = Path(tmp)
-        sock_dir = Path(tempfile.mkdtemp(prefix="ckhf-", dir="/tmp"))
-        daemon = Daemon(base / "root", sock_dir / "d.sock", Path("/dev/shm") / f"ckptd-hf-{uuid.uuid4().hex[:8]}",
-                        base / "daemon.log")
-        daemon.spawn()
-        try:
-            daemon.wait_ready()
-            job = f"hf-{uuid.uuid4().hex[:6]}"
-            crashed = run_worker(str(daemon.socket), job, 6, ["--crash-at", "3"])
-            resumed = run_worker(str(daemon.socket), job, 6, ["--reference"])
-        finally:
-            daemon.stop()
-            subprocess.run(["rm", "-rf", str(sock_dir), str(daemon.shm_dir)], check=False)
-    print(json.dumps({"crashed_at": crashed.get("crashed_at"), "crash_returncode": crashed["returncode"],
-                      "resumed_from_step": resumed["resumed_from_step"], "served_from": resumed["served_from"],
-                      "global_step": resumed["global_step"], "identical": resumed["identical"]}))
-    return 0 if resumed["identical"] else 1
+    return run_example(Path(__file__).resolve(), "hf", ["--max-steps", "6", "--crash-at", "3"],
+                       ["--max-steps", "6", "--reference"], "crashed_at")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="mode")
-    w = sub.add_parser("worker")
-    w.add_argument("--addr", required=True)
-    w.add_argument("--job", required=True)
+    p, w = worker_parser(__doc__, seed=7)
     w.add_argument("--max-steps", type=int, default=6)
     w.add_argument("--crash-at", type=int, default=-1)
-    w.add_argument("--seed", type=int, default=7)
-    w.add_argument("--reference", action="store_true", help="also run uninterrupted and compare the weights")
     return p.parse_args(argv)
 
 

@@ -17,19 +17,16 @@ The last line: ``{"resumed_from_step": 8, "served_from": ..., "identical": true,
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from _example_util import model_digest, run_example, worker_parser
 
 
 def make_module() -> Any:
@@ -71,14 +68,6 @@ def fit(out: str, epochs: int, seed: int, plugins: list[Any], callbacks: list[An
     return trainer, model
 
 
-def digest(model: Any) -> str:
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().contiguous().reshape(-1).numpy().tobytes())
-    return h.hexdigest()
-
-
 def worker(args: argparse.Namespace) -> int:
     import pytorch_lightning as pl
     from ckptd_client import CheckpointManager
@@ -89,7 +78,7 @@ def worker(args: argparse.Namespace) -> int:
     ref = None
     if args.reference:
         with tempfile.TemporaryDirectory() as out:
-            ref = digest(fit(out, args.epochs, args.seed, [], [], None)[1])
+            ref = model_digest(fit(out, args.epochs, args.seed, [], [], None)[1])
     ckpt = CheckpointManager(args.job, addr=args.addr, rank=0, world_size=1)
     ckpt_io = CkptdCheckpointIO(ckpt)
     report: dict[str, Any] = {}
@@ -107,56 +96,21 @@ def worker(args: argparse.Namespace) -> int:
         report.update(resumed_from_step=ckpt_io.resumed_from, global_step=trainer.global_step,
                       served_from=ckpt.last_restore.served_from if ckpt.last_restore else None,
                       saved_steps=sorted(ckpt_io.paths.values()), files_written=sorted(os.listdir(out)))
-    report["digest"] = digest(model)
+    report["digest"] = model_digest(model)
     report["identical"] = None if ref is None else report["digest"] == ref
     ckpt.close()
     print(json.dumps(report), flush=True)
     return 0
 
 
-def run_worker(addr: str, job: str, extra: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--addr", addr, "--job", job, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    lines = proc.stdout.strip().splitlines()
-    if not lines:
-        raise RuntimeError(f"trainer exited {proc.returncode} without a report:\n{proc.stderr[-3000:]}")
-    return {"returncode": proc.returncode, **json.loads(lines[-1])}
-
-
 def main() -> int:
-    sys.path.insert(0, str(HERE))
-    from _demo_cluster import Daemon
-
-    with tempfile.TemporaryDirectory(prefix="ckptd-pl-") as tmp:
-        base = Path(tmp)
-        sock_dir = Path(tempfile.mkdtemp(prefix="ckpl-", dir="/tmp"))
-        daemon = Daemon(base / "root", sock_dir / "d.sock", Path("/dev/shm") / f"ckptd-pl-{uuid.uuid4().hex[:8]}",
-                        base / "daemon.log")
-        daemon.spawn()
-        try:
-            daemon.wait_ready()
-            job = f"pl-{uuid.uuid4().hex[:6]}"
-            crashed = run_worker(str(daemon.socket), job, ["--crash-at-epoch", "2"])
-            resumed = run_worker(str(daemon.socket), job, ["--reference"])
-        finally:
-            daemon.stop()
-            subprocess.run(["rm", "-rf", str(sock_dir), str(daemon.shm_dir)], check=False)
-    print(json.dumps({"crashed_at_epoch": crashed.get("crashed_at_epoch"), "crash_returncode": crashed["returncode"],
-                      "resumed_from_step": resumed["resumed_from_step"], "served_from": resumed["served_from"],
-                      "global_step": resumed["global_step"], "identical": resumed["identical"]}))
-    return 0 if resumed["identical"] else 1
+    return run_example(Path(__file__).resolve(), "pl", ["--crash-at-epoch", "2"], ["--reference"], "crashed_at_epoch")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="mode")
-    w = sub.add_parser("worker")
-    w.add_argument("--addr", required=True)
-    w.add_argument("--job", required=True)
+    p, w = worker_parser(__doc__, seed=11)
     w.add_argument("--epochs", type=int, default=3)
     w.add_argument("--crash-at-epoch", type=int, default=-1)
-    w.add_argument("--seed", type=int, default=11)
-    w.add_argument("--reference", action="store_true", help="also run uninterrupted and compare the weights")
     return p.parse_args(argv)
 
 

@@ -4,11 +4,16 @@
 private root and /dev/shm directory, waits until it answers, and on exit kills it and removes its
 shm directory. Tests that need a fresh daemon per test use conftest's ``daemon_factory`` instead.
 Both start daemons through ``die_with_parent(args)``: a daemon dies with the test
-process, even one killed with SIGKILL.
+process, even one killed with SIGKILL. ``run_rank_processes`` runs one worker process per rank
+(test_dcp.py, test_multirank.py, the framework examples' tests) and collects their JSON reports;
+``peer_config`` writes the ckptd.toml of a one-node daemon with its peer port open (the hostile,
+property and security tests), ``running_peer_daemon`` runs one; ``replica_round_trip`` pushes a
+replica to a peer port and fetches it back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -140,6 +145,46 @@ def running_daemon(
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+def peer_config(work: Path, port: int, token: str, push_timeout_s: float = 5.0, **memory: str | float | int) -> Path:
+    """work/ckptd.toml: [memory] with 64 KiB chunks (plus ``memory``'s keys) and [peers] listening on
+    127.0.0.1:port as node "n1" with the given token."""
+    mem = {"chunk_bytes": "64KiB", **memory}
+    lines = ["[memory]", *(f"{k} = {json.dumps(v)}" for k, v in mem.items()),
+             "[peers]", f'listen = "127.0.0.1:{port}"', 'node_id = "n1"', f"token = {json.dumps(token)}",
+             f"push_timeout_s = {push_timeout_s}"]
+    cfg = work / "ckptd.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+@contextmanager
+def running_peer_daemon(work: Path, token: str, push_timeout_s: float = 5.0,
+                        **memory: str | float | int) -> Iterator[tuple[Daemon, int]]:
+    """``running_daemon`` (64 MiB budget) with ``peer_config``'s peer port open: (daemon, peer port)."""
+    port = free_port()
+    cfg = peer_config(work, port, token, push_timeout_s, **memory)
+    with running_daemon(work, budget="64MiB", extra_args=["--config", str(cfg)]) as d:
+        yield d, port
+
+
+def replica_round_trip(target: str, token: str, header: Any, data: bytes, bulk: bool = False) -> bytes:
+    """Push data to the peer port at target as the ReplicaHeader names it, fetch it back (same job,
+    step, rank) and return what came back; the PeerClient is node "n2"."""
+    from ckptd.peers.client import PeerClient
+
+    async def round_trip() -> bytes:
+        client = PeerClient(token, "n2", bulk=bulk)
+        try:
+            await client.push(target, header, memoryview(data), 10)
+            out = bytearray(len(data))
+            await client.fetch_into(target, header.job, header.step, header.entry.rank, memoryview(out), 10)
+            return bytes(out)
+        finally:
+            await client.close()
+
+    return asyncio.run(round_trip())
+
+
 def unique_job(prefix: str = "job") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -150,3 +195,28 @@ def tensor_bytes(t: Any) -> bytes:
 
     flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
     return bytes(flat.view(torch.uint8).numpy().tobytes())
+
+
+def run_rank_processes(cmds: Sequence[Sequence[str]], timeout_s: float,
+                       envs: Sequence[dict[str, str]] | None = None, check: bool = True) -> list[dict[str, Any]]:
+    """Start one process per rank (all at once: they meet in collectives; ``envs[rank]`` or
+    ``clean_env()`` as environment), wait for each, and return each one's last stdout line as JSON
+    plus its ``returncode``, in rank order. A rank that prints nothing (or, with ``check``, exits
+    non-zero) fails the test with its output; whatever is still running then is killed."""
+    procs = [subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=envs[rank] if envs is not None else clean_env(), cwd=REPO)
+             for rank, cmd in enumerate(cmds)]
+    reports = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=timeout_s)
+            lines = out.strip().splitlines()
+            assert lines and (proc.returncode == 0 or not check), \
+                f"rank {rank} exited {proc.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
+            reports.append({"returncode": proc.returncode, **json.loads(lines[-1])})
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return reports

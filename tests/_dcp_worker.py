@@ -22,7 +22,6 @@ The last line is one JSON object: {"rank", "checks": [names passed], "errors": [
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -31,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # _example_util: shared with fsdp2_dcp.py
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
+from _example_util import state_digests  # noqa: E402
 from ckptd_client import CheckpointManager, FailedPrecondition, Level, StateMismatchError  # noqa: E402
 from ckptd_client.dcp import CkptdStorageReader, CkptdStorageWriter  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
@@ -65,24 +66,6 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, i: int) -> fl
     return float(loss)
 
 
-def digests(state: Any, path: str = "") -> dict[str, str]:
-    """sha256 of every global tensor (DTensors gathered: collective, same order on every rank)."""
-    out: dict[str, str] = {}
-    if isinstance(state, dict):
-        for k in sorted(state, key=str):
-            out.update(digests(state[k], f"{path}.{k}"))
-    elif isinstance(state, (list, tuple)):
-        for i, v in enumerate(state):
-            out.update(digests(v, f"{path}.{i}"))
-    elif isinstance(state, torch.Tensor):
-        t = state.full_tensor() if isinstance(state, DTensor) else state
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        out[path] = f"{t.dtype}{list(t.shape)}:" + hashlib.sha256(raw).hexdigest()
-    else:
-        out[path] = repr(state)
-    return out
-
-
 def fsdp_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     msd, osd = get_state_dict(model, opt)
     return {"model": msd, "optim": osd}
@@ -107,7 +90,7 @@ class Worker:
 
     def same_as_saved(self, name: str, state: Any, step: int) -> None:
         want = json.loads((self.out / f"expected-{step}.json").read_text())
-        got = digests(state)
+        got = state_digests(state)
         diff = sorted(k for k in want if got.get(k) != want[k]) + sorted(set(got) - set(want))
         self.expect(name, not diff, f"differ: {diff[:5]}")
 
@@ -121,7 +104,7 @@ class Worker:
         for step, kind in kinds.items():
             train_step(model, opt, step)
             state = fsdp_state(model, opt)
-            want = digests(state)
+            want = state_digests(state)
             writer = CkptdStorageWriter(manager=m, step=step)
             if kind is None:
                 dcp.save(state, storage_writer=writer)
@@ -174,7 +157,7 @@ class Worker:
         self.expect("training-continues", loss == loss and loss < 1e6, str(loss))
         with self.manager(job, allow_new_world_size=True) as m4:
             state = fsdp_state(model, opt)
-            want = digests(state)
+            want = state_digests(state)
             dcp.save(state, storage_writer=CkptdStorageWriter(manager=m4, step=4))
             m4.wait_until_finished(Level.LOCAL_DURABLE, timeout_s=60)
         if self.rank == 0:
@@ -186,7 +169,7 @@ class Worker:
         full = torch.arange(48, dtype=torch.float32).reshape(8, 6)
         tp = {"attn": distribute_tensor(full, mesh2, [Replicate(), Shard(0)]),
               "mlp": distribute_tensor(full.t().contiguous() * 2, mesh2, [Shard(1), Shard(0)])}
-        want_tp = digests(tp)
+        want_tp = state_digests(tp)
         with self.manager(f"{job}-tp") as mt:
             dcp.save(tp, storage_writer=CkptdStorageWriter(manager=mt, step=1))
             mt.wait_until_finished(Level.LOCAL_DURABLE, timeout_s=60)
@@ -224,7 +207,7 @@ class Worker:
             self.expect("manager-dtensor-restore", mt.restore(good) == 1)
             self.expect("dtensor-identity-kept", good["attn"] is dt and dt.to_local().data_ptr() == ptr)
             want = json.loads((self.out / "expected-tp.json").read_text())
-            self.expect("tp-2d-round-trip", digests(good) == want)
+            self.expect("tp-2d-round-trip", state_digests(good) == want)
 
     def load2(self) -> None:
         job = self.ns.job
@@ -243,7 +226,7 @@ class Worker:
               "mlp": distribute_tensor(zeros.t().contiguous(), mesh2, [Replicate(), Shard(1)])}
         dcp.load(tp, storage_reader=CkptdStorageReader(f"{job}-tp", addr=self.ns.addr))
         want = json.loads((self.out / "expected-tp.json").read_text())
-        self.expect("tp-2d-reshard-4-to-2", digests(tp) == want)
+        self.expect("tp-2d-reshard-4-to-2", state_digests(tp) == want)
 
     def export2(self) -> None:
         from safetensors.torch import save_file

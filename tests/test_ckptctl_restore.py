@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,73 @@ def test_restore_dry_run_names_a_tier_per_shard(saved: Saved, tmp_path: Path) ->
     conforms(plan, PLAN_SCHEMA)
     assert plan["shards"] == [{"rank": 1, "nbytes": plan["shards"][0]["nbytes"],
                                "plan": [{"tier": "disk", "detail": str(saved.shard(20, 1))}]}]
+
+
+# -- --format torch: the torch side runs in a child process ---------------------------------
+#: ckptctl's main in a process that must not import torch (the converter child does).
+NO_TORCH_PARENT = r"""
+import sys
+{block}
+from ckptd.ctl.main import main
+rc = main(sys.argv[1:])
+assert "torch" not in sys.modules, "ckptctl imported torch"
+sys.exit(rc)
+"""
+#: A finder that refuses torch in this process only (children are not affected).
+PARENT_BLOCKER = r"""
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError("No module named 'torch' (blocked)", name=name)
+        return None
+sys.meta_path.insert(0, _NoTorch())
+"""
+NO_TORCH_MESSAGE = "--format torch needs PyTorch installed; use --format safetensors"
+
+
+def test_torch_format_is_written_by_a_child_and_keeps_what_safetensors_cannot(daemon: Any, tmp_path: Path) -> None:
+    """complex128 and a tensor named ``__metadata__`` (refused by safetensors) come back bit-exact in
+    the .pt file, written while ckptctl's own process never imports torch; without torch (in
+    ckptctl's process, or only in the child's) the documented error, exit 1, and no file left."""
+    from ckptd_client import CheckpointManager, Level
+
+    from tests._ckptctl_kit import expected_tensors
+
+    g = torch.Generator().manual_seed(7)
+    state = {"__metadata__": torch.randn(3, 2, dtype=torch.complex128, generator=g),
+             "w": torch.randn(5, 3, generator=g).to(torch.bfloat16), "flags": torch.tensor([True, False, True]),
+             "empty": torch.empty(0, 4), "scalar": torch.tensor(2.5, dtype=torch.float64)}
+    with CheckpointManager("torchfmt", rank=0, world_size=1, addr=daemon.addr, on_error="raise") as m:
+        m.save(3, state).wait(Level.LOCAL_DURABLE, timeout_s=60)
+    exp = expected_tensors(state)
+    args = ["restore", "torchfmt@3", "--addr", daemon.addr, "--no-progress"]
+
+    refused = ctl("restore", "torchfmt@3", "--to", str(tmp_path / "st"), "--addr", daemon.addr)
+    assert refused.returncode == 2 and "use --format torch" in refused.stderr
+
+    out = tmp_path / "pt"
+    res = subprocess.run([sys.executable, "-c", NO_TORCH_PARENT.format(block=""), *args, "--to", str(out),
+                          "--format", "torch"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rank-000000.pt"]  # no staging file left
+    loaded = torch.load(out / "rank-000000.pt", weights_only=True)
+    assert list(loaded) == list(exp)
+    for name, t in exp.items():
+        assert loaded[name].dtype == t.dtype and loaded[name].shape == t.shape and raw(loaded[name]) == raw(t), name
+    assert loaded["w"].untyped_storage().data_ptr() != loaded["flags"].untyped_storage().data_ptr()
+
+    # torch missing in ckptctl's process: refused before anything is staged
+    early = tmp_path / "early"
+    res = subprocess.run([sys.executable, "-c", NO_TORCH_PARENT.format(block=PARENT_BLOCKER), *args, "--to",
+                          str(early), "--format", "torch"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and NO_TORCH_MESSAGE in res.stderr, res.stderr
+    assert list(early.iterdir()) == []
+    # torch found but not importable in the child (a broken install): the same error, nothing left
+    shadow = tmp_path / "shadow" / "torch"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('this torch is broken')\n")
+    late = tmp_path / "late"
+    pythonpath = os.pathsep.join([str(shadow.parent), os.environ.get("PYTHONPATH", "")])
+    res = ctl(*args[:2], "--to", str(late), "--format", "torch", *args[2:], env={"PYTHONPATH": pythonpath})
+    assert res.returncode == 1 and NO_TORCH_MESSAGE in res.stderr, res.stderr
+    assert list(late.iterdir()) == []

@@ -40,7 +40,7 @@ from ckptd.core.integrity import chunk_crcs, crc32c
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import ReplicaHeader, ShardEntry
 from ckptd.peers.wire import header_to_pb
-from tests._ckptd_helpers import clean_env, free_port, unique_job
+from tests._ckptd_helpers import clean_env, free_port, peer_config, replica_round_trip, unique_job
 
 C = grpc.StatusCode
 PEER = "ckptd.v1.PeerService"
@@ -67,9 +67,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """A disk + peer daemon started under umask 0, its socket in a directory it must create."""
     work = tmp_path_factory.mktemp("security")
     port = free_port()
-    cfg = work / "ckptd.toml"
-    cfg.write_text(f'[memory]\nchunk_bytes = "64KiB"\n[peers]\nlisten = "127.0.0.1:{port}"\nnode_id = "n1"\n'
-                   f'token = "{TOKEN}"\npush_timeout_s = 5.0\n')
+    cfg = peer_config(work, port, TOKEN)
     sock_base = Path(tempfile.mkdtemp(prefix="ckt-sec-", dir="/tmp"))
     os.chmod(sock_base, 0o755)
     sock = sock_base / "run" / "ckptd.sock"  # "run" does not exist yet
@@ -269,11 +267,9 @@ def test_refused_calls_ran_no_handler(node: Node) -> None:
 def test_bulk_port_serves_no_one_without_a_live_ticket(node: Node) -> None:
     """The plain-TCP bulk port (next to the peer port) takes a connection only with a ticket the
     authenticated gRPC call just handed out; guessed, replayed and garbage hellos are cut off."""
-    import asyncio
     import re
 
     from ckptd.peers.bulk import MAGIC, TICKET_BYTES
-    from ckptd.peers.client import PeerClient
 
     m = re.search(r"bulk port (\d+)", node.log())
     assert m, node.log()[-2000:]
@@ -289,19 +285,8 @@ def test_bulk_port_serves_no_one_without_a_live_ticket(node: Node) -> None:
                 got = b""
             assert got == b""  # closed by the daemon, nothing served
     data = os.urandom(300_000)
-
-    async def bulk_roundtrip() -> bytes:
-        client = PeerClient(TOKEN, "n2", bulk=True)
-        try:
-            h = ReplicaHeader("bulk-ok", 1, 1, _entry(0, data), "n2")
-            await client.push(node.peer_target, h, memoryview(data), 10)
-            out = bytearray(len(data))
-            await client.fetch_into(node.peer_target, "bulk-ok", 1, 0, memoryview(out), 10)
-            return bytes(out)
-        finally:
-            await client.close()
-
-    assert asyncio.run(bulk_roundtrip()) == data  # the listener still serves real transfers
+    h = ReplicaHeader("bulk-ok", 1, 1, _entry(0, data), "n2")
+    assert replica_round_trip(node.peer_target, TOKEN, h, data, bulk=True) == data  # the listener still serves
 
 
 # -- a trainer of another user: group access, on request ---------------------------------------

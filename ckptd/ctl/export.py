@@ -5,8 +5,10 @@ Output in ``--to DIR`` (the Hugging Face layout):
   ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``
   (``{"metadata": {"total_size": N}, "weight_map": {name: file}}``); tensor names are the
   model's ``state_dict`` names (consolidate.py), dtypes kept.
-- ``--format torch``: ``pytorch_model.bin``, a ``torch.save`` of ``{name: tensor}``; torch is
-  imported for this format only, and it holds the whole model in memory (torch.save's format).
+- ``--format torch``: ``pytorch_model.bin``, a ``torch.save`` of ``{name: tensor}``: the tensors
+  are streamed into a staging file and a torch-side child process writes the file from a mapping
+  of it (``ckptd/ctl/torch_out.py``; this package never imports torch). A model above
+  ``--memory-limit`` is still refused for this format, as it was when the file was built in memory.
 - ``config.json`` when the step holds the model's config (the Hugging Face callback saves it as
   ``model_config``), so the directory loads with ``from_pretrained``.
 - ``ckptd_state.json`` (``ckptd.export-state/v1``), written last: every rank's non-model state
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from ckptd.core.errors import AlreadyExists, CkptdError, IntegrityError, InvalidArgument, NotFound
+from ckptd.core.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound
 from ckptd.core.manifest import Manifest, ShardEntry
 from ckptd.core.types import DTYPE_ITEMSIZE
 from ckptd.ctl.consolidate import (
@@ -51,6 +53,7 @@ from ckptd.ctl.model import Identity
 from ckptd.ctl.output import Progress, emit_json, human_bytes
 from ckptd.ctl.restore import SAFETENSORS_DTYPES
 from ckptd.ctl.source import DiskSource
+from ckptd.ctl.torch_out import TorchStage
 
 if TYPE_CHECKING:
     from ckptd.ctl.source import AnySource
@@ -143,21 +146,12 @@ def _write_safetensors(f: IO[bytes], names: list[str], pieces: dict[str, Full], 
 
 
 def _write_torch(f: IO[bytes], names: list[str], pieces: dict[str, Full], readers: Readers, bar: Progress) -> None:
-    try:
-        import torch
-    except ImportError:
-        raise CkptdError("--format torch needs PyTorch installed; use --format safetensors") from None
-    out: dict[str, Any] = {}
-    for name in names:
-        p = pieces[name]
-        data = bytearray()
-        for piece in _blocks(p, readers):
-            data += piece
-            bar.advance(len(piece))
-        dtype = getattr(torch, p.entry.dtype)
-        out[name] = torch.frombuffer(data, dtype=dtype).view(p.entry.shape) if data else torch.empty(p.entry.shape,
-                                                                                                     dtype=dtype)
-    torch.save(out, f)
+    with TorchStage(Path(f.name)) as stage:
+        for name in names:
+            t = pieces[name].entry
+            stage.add(name, t.dtype, t.shape, t.nbytes, _blocks(pieces[name], readers), bar.advance)
+        bar.set_detail(f"{bar.detail} (torch.save)")
+        stage.write_to(f)
 
 
 def _plain(node: Any, tensors: tuple[Any, ...]) -> Any:

@@ -2,8 +2,10 @@
 
 Output: one ``rank-NNNNNN.safetensors`` per rank (tensor names are the manifest's names, dtypes
 kept, bfloat16 and float8 included) or, with ``--format torch``, one ``rank-NNNNNN.pt`` holding a
-``{name: tensor}`` dict written by ``torch.save``; plus ``manifest.json`` (the step's manifest,
-with the typed tree of non-tensor values), written last, so a directory without it is incomplete.
+``{name: tensor}`` dict written by ``torch.save`` (staged, then converted by a torch-side child
+process: ``ckptd/ctl/torch_out.py``; this package never imports torch); plus ``manifest.json`` (the
+step's manifest, with the typed tree of non-tensor values), written last, so a directory without
+it is incomplete.
 Each file is written under a temporary name and renamed into place. The safetensors writer is
 built in (format: 8-byte little-endian header length, JSON header, packed data; tensors ordered
 by item size then name so each is aligned), so it needs neither torch nor numpy bfloat16 support.
@@ -17,18 +19,18 @@ import json
 import os
 import struct
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from ckptd.core.errors import AlreadyExists, CkptdError, InvalidArgument
+from ckptd.core.errors import AlreadyExists, InvalidArgument
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import Manifest, ShardEntry
 from ckptd.core.types import DTYPE_ITEMSIZE
 from ckptd.ctl.model import Identity
 from ckptd.ctl.output import Progress, emit_json, human_bytes, render_fields, render_table
+from ckptd.ctl.torch_out import TorchStage
 
 if TYPE_CHECKING:
     from ckptd.ctl.source import AnySource
@@ -58,14 +60,16 @@ def check_safetensors_compatible(entry: ShardEntry) -> None:
                                   "safetensors; use --format torch")
 
 
-def _write_range(f: IO[bytes], buf: memoryview, start: int, nbytes: int, advance: Callable[[int], None]) -> None:
+def _pieces(buf: memoryview, start: int, nbytes: int) -> Iterator[memoryview]:
     end = start + nbytes
-    pos = start
-    while pos < end:
-        n = min(WRITE_PIECE_BYTES, end - pos)
-        f.write(buf[pos : pos + n])
-        advance(n)
-        pos += n
+    for pos in range(start, end, WRITE_PIECE_BYTES):
+        yield buf[pos : min(end, pos + WRITE_PIECE_BYTES)]
+
+
+def _write_range(f: IO[bytes], buf: memoryview, start: int, nbytes: int, advance: Callable[[int], None]) -> None:
+    for piece in _pieces(buf, start, nbytes):
+        f.write(piece)
+        advance(len(piece))
 
 
 def write_safetensors(f: IO[bytes], buf: memoryview, tensors: tuple[TensorEntry, ...], metadata: dict[str, str],
@@ -89,25 +93,12 @@ def write_safetensors(f: IO[bytes], buf: memoryview, tensors: tuple[TensorEntry,
 
 def write_torch(f: IO[bytes], buf: memoryview, tensors: tuple[TensorEntry, ...],
                 advance: Callable[[int], None]) -> int:
-    """torch.save a ``{name: tensor}`` dict (copies, never views of the shard buffer)."""
-    try:
-        import torch
-    except ImportError:
-        raise CkptdError("--format torch needs PyTorch installed; use --format safetensors") from None
-    out: dict[str, Any] = {}
-    total = 0
-    for t in tensors:
-        dtype = getattr(torch, t.dtype)
-        if t.nbytes == 0:
-            out[t.name] = torch.empty(t.shape, dtype=dtype)
-            continue
-        data = bytearray(buf[t.offset : t.offset + t.nbytes])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            out[t.name] = torch.frombuffer(data, dtype=dtype).view(t.shape)
-        advance(t.nbytes)
-        total += t.nbytes
-    torch.save(out, f)
+    """torch.save a ``{name: tensor}`` dict into f, through a staging file and the torch-side child."""
+    with TorchStage(Path(f.name)) as stage:
+        total = 0
+        for t in tensors:
+            total += stage.add(t.name, t.dtype, t.shape, t.nbytes, _pieces(buf, t.offset, t.nbytes), advance)
+        stage.write_to(f)
     return total
 
 

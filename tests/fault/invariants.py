@@ -20,17 +20,17 @@ and calls ``check``. The checker then verifies, against the live daemons and the
   daemon, no unfinished multipart upload;
 * ``deadline``: no save() call blocked training past the configured deadline.
 
-States are numpy trees derived from (seed, step, rank, variant) (tests/fault/scenarios/_ledger.py),
-so any mix-up is detectable.
+What a daemon says of the job's steps (tier states, settling, lasting temp files) is asked in
+tests/fault/_node_state.py. States are numpy trees derived from (seed, step, rank, variant)
+(tests/fault/scenarios/_ledger.py), so any mix-up is detectable.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from ckptd_client import CheckpointManager, CkptdError, IntegrityError, Level, NotFound
@@ -38,29 +38,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
+from tests.fault._node_state import NodeView, failed_drain, lasting_temps, settle, tier_text, tiers_now
 from tests.fault.scenarios._ledger import Ledger, Save, leaves, same
 from tests.state_factory import blank_like
 
-__all__ = ["CHECKS", "Checker", "Expect", "Ledger", "Report", "Save", "Store", "check"]
+__all__ = ["CHECKS", "Checker", "Expect", "Ledger", "NodeView", "Report", "Save", "Store", "check"]
 
 CLEAR_ERRORS = (IntegrityError, NotFound)  # how a destroyed copy must be reported
-IN_FLIGHT = (1, 2)  # TierState PENDING, IN_PROGRESS
 
 
 # -- what a scenario tells the checker -------------------------------------------------------
-class NodeView(Protocol):
-    name: str
-    addr: str
-    ranks: tuple[int, ...]  # () = every rank (a one-node job)
-    data_dir: Path
-    shm_dir: Path
-    budget_bytes: int
-
-    def alive(self) -> bool: ...
-
-    def pid(self) -> int: ...
-
-
 @dataclass
 class Expect:
     """What the fault may destroy, and what must hold afterwards."""
@@ -151,7 +138,8 @@ class Checker:
         except CLEAR_ERRORS as exc:
             if expect_error or may_fail:
                 return True
-            rep.fail(where, f"{step}/{rank} on {node.name}: {type(exc).__name__}: {exc}{_tiers(node, led.job, step)}")
+            rep.fail(where, f"{step}/{rank} on {node.name}: {type(exc).__name__}: {exc}"
+                            f"{tiers_now(node, led.job, step)}")
             return False
         except CkptdError as exc:
             rep.fail(where, f"{step}/{rank} on {node.name}: unclear error {type(exc).__name__}: {exc}")
@@ -244,7 +232,7 @@ class Checker:
                     if err.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
                         rep.fail("serving", f"ListSteps on {node.name}: {err}")
                     continue
-            out += [(node, s.step, _tier_text(s.tiers)) for s in resp.steps if s.committed]
+            out += [(node, s.step, tier_text(s.tiers)) for s in resp.steps if s.committed]
         return out
 
     def check_committed(self, exp: Expect, rep: Report) -> None:
@@ -294,11 +282,11 @@ class Checker:
             if node.name in exp.down or not node.alive():
                 continue
             job_dir = node.data_dir / self.ledger.job
-            for p in _lasting_temps(job_dir) if job_dir.exists() and exp.disk_writable else []:
+            for p in lasting_temps(job_dir) if job_dir.exists() and exp.disk_writable else []:
                 rep.fail("leaks", f"{node.name}: temp file left: {p}")
             if node.name in exp.recovered and job_dir.exists():
                 for p in sorted(job_dir.iterdir()):
-                    if p.is_dir() and not (p / "manifest.json").exists() and not _failed_drain(node, p):
+                    if p.is_dir() and not (p / "manifest.json").exists() and not failed_drain(node, p):
                         rep.fail("leaks", f"{node.name}: uncommitted step dir survived recovery: {p}")
             self._check_shm(node, rep)
         if self.store is not None and exp.store_reachable:
@@ -335,67 +323,11 @@ class Checker:
                                      f"(deadline {self.ledger.deadline_s:.1f}s)")
 
 
-TIER_STATES = {1: "PENDING", 2: "IN_PROGRESS", 3: "COMMITTED", 4: "FAILED", 5: "SKIPPED", 6: "REMOVED"}
-
-
-def _tier_text(tiers: Iterable[Any]) -> str:
-    return ", ".join(f"{t.tier}={TIER_STATES.get(t.state, t.state)}" + (f" ({t.message[:60]})" if t.message else "")
-                     for t in tiers)
-
-
-def _step_status(node: NodeView, job: str, step: int) -> Any:
-    """GetStepStatus of the step on the node, or the RpcError it answered."""
-    with grpc.insecure_channel(f"unix:{node.addr}") as ch:
-        try:
-            return pb_grpc.CheckpointServiceStub(ch).GetStepStatus(
-                pb.GetStepStatusRequest(job=job, step=step), timeout=10)
-        except grpc.RpcError as err:
-            return err
-
-
-def _tiers(node: NodeView, job: str, step: int) -> str:
-    """' [memory=REMOVED (slots reused), disk=SKIPPED (...)]': what the node says of the step now."""
-    st = _step_status(node, job, step)
-    return f" [{st.details()}]" if isinstance(st, grpc.RpcError) else f" [{_tier_text(st.tiers)}]"
-
-
-def _failed_drain(node: NodeView, step_dir: Path) -> bool:
-    """A manifest-less step dir is not a recovery leftover if it holds a drain that failed after
-    the restart (its files stay until the next recovery; the failure is reported) or one in flight."""
-    st = _step_status(node, step_dir.parent.name, int(step_dir.name.removeprefix("step-")))
-    return not isinstance(st, grpc.RpcError) and any(t.tier == "disk" and t.state in (2, 4) for t in st.tiers)
-
-
-def settle(ledger: Ledger, nodes: list[NodeView], down: frozenset[str], timeout_s: float = 20.0) -> bool:
-    """Wait until no daemon has tier work in flight for the job; False if it did not settle."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        busy = False
-        for node in nodes:
-            if node.name in down or not node.alive():
-                continue
-            with grpc.insecure_channel(f"unix:{node.addr}") as ch:
-                try:
-                    resp = pb_grpc.CheckpointServiceStub(ch).ListSteps(pb.ListStepsRequest(job=ledger.job), timeout=10)
-                except grpc.RpcError:
-                    continue
-            for s in resp.steps:
-                states = {t.tier: t.state for t in s.tiers}
-                if states.get("memory") == 3 and any(v in IN_FLIGHT for t, v in states.items() if t != "memory"):
-                    busy = True
-                elif any(v == 2 for t, v in states.items() if t != "memory"):  # a partial step stays 2
-                    busy = True
-        if not busy:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def check(ledger: Ledger, nodes: list[NodeView], exp: Expect, phase: str, client: Client,
           store: Store | None = None, reader: Callable[[], NodeView] | None = None) -> Report:
     """Run every invariant once the daemons settled; the Report lists each failure by check."""
     rep = Report(phase)
-    rep.settled = settle(ledger, nodes, exp.down)
+    rep.settled = settle(ledger.job, nodes, exp.down)
     c = Checker(ledger, nodes, store, reader, client)
     c.check_serving(exp, rep)
     c.check_acked(exp, rep)
@@ -403,16 +335,3 @@ def check(ledger: Ledger, nodes: list[NodeView], exp: Expect, phase: str, client
     c.check_leaks(exp, rep)
     c.check_deadline(rep)
     return rep
-
-
-TEMP_SETTLE_S = 5.0  # how long a temp file may take to go: a disk write under way when the check starts
-
-
-def _lasting_temps(job_dir: Path) -> list[Path]:
-    """The ``.tmp-*`` entries under job_dir still there after TEMP_SETTLE_S (or [] once none is)."""
-    deadline = time.monotonic() + TEMP_SETTLE_S
-    while True:
-        temps = sorted(job_dir.glob("**/.tmp-*"))
-        if not temps or time.monotonic() > deadline:
-            return temps
-        time.sleep(0.1)

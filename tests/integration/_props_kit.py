@@ -8,12 +8,17 @@ class in the ``ckptd-error`` trailing metadata; it also records every call and s
 answers Ping) and no state invariant breaks: every job it lists is a valid name with a valid
 directory; a step COMMITTED at the memory or disk tier has a manifest whose ranks are exactly its
 node's ranks and every one of them had a CommitShard the test saw accepted (a step is never
-committed with a shard missing); slot bytes never exceed the budget.
+committed with a shard missing); slot bytes never exceed the budget. ``props_env`` is the
+module's daemon with the state the tests start from.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,8 +28,8 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.manifest import Manifest
 from ckptd.core.types import validate_job
-from tests._ckptd_helpers import Daemon
-from tests.integration._hostile_kit import CKPT, KNOWN_CLASSES, PEER, PEER_RPCS, C, error_class
+from tests._ckptd_helpers import Daemon, running_peer_daemon
+from tests.integration._hostile_kit import CKPT, KNOWN_CLASSES, PEER, PEER_RPCS, C, _layout, error_class
 
 TOKEN = "property-peer-token-51c0de9a"
 BUDGET = 64 * 2**20
@@ -168,3 +173,24 @@ def invariants(env: Env) -> None:
 def _abort(env: Env, lease_id: str) -> None:
     a = checked(env, "AbortSave", pb.AbortSaveRequest(lease_id=lease_id))
     assert a.code in (C.OK, C.NOT_FOUND)
+
+
+@contextmanager
+def props_env(work: Path) -> Iterator[Env]:
+    """A daemon with its peer port open (short waits, 2 slots a rank): pa@1 and keep@1 committed,
+    pb@1 staged by rank 0 of 2. On exit it must be alive with no traceback in its log."""
+    with running_peer_daemon(work, TOKEN, push_timeout_s=0.5, wait_timeout_s=0.5, slots_per_rank=2) as (d, port), \
+            grpc.insecure_channel(d.target) as ch, grpc.insecure_channel(f"127.0.0.1:{port}") as peer_ch:
+        e = Env(d, ch, peer_ch, Model(), port)
+        for job, ws in (("pa", 1), ("pb", 2), (KEEP, 1)):  # pa@1, keep@1 committed; pb@1 with rank 0 only
+            lease = pb.BeginSaveResponse.FromString(_ok(e, "BeginSave", pb.BeginSaveRequest(
+                job=job, step=1, rank=0, world_size=ws, nbytes=64, client_pid=os.getpid())))
+            _ok(e, "CommitShard", pb.CommitShardRequest(lease_id=lease.lease_id, job=job, step=1, rank=0,
+                                                        world_size=ws, nbytes=64, layout=_layout(64)))
+            e.model.committed[(job, 1)] = {0}
+        for job in ("pa", KEEP):
+            _ok(e, "WaitStep", pb.WaitStepRequest(job=job, step=1, level=pb.LOCAL_DURABLE, timeout_ms=30_000))
+        yield e
+        assert d.alive()
+        log = d.log()
+        assert "Traceback" not in log and "internal error" not in log, log[-4000:]

@@ -11,7 +11,6 @@ gives a typed error and loses nothing.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -28,31 +27,18 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.manifest import Manifest
 from ckptd.core.types import step_dirname
-from tests._ckptd_helpers import PYTHON, REPO, Daemon, clean_env, free_port, unique_job
+from tests._ckptd_helpers import PYTHON, REPO, Daemon, free_port, run_rank_processes, unique_job
 
 WORKER = REPO / "tests" / "_dcp_worker.py"
 
 
 def run_phase(d: Daemon, phase: str, job: str, world_size: int, out: Path) -> list[dict[str, Any]]:
     port = free_port()
-    procs = [subprocess.Popen([PYTHON, str(WORKER), phase, "--addr", d.addr, "--job", job, "--rank", str(r),
-                               "--world-size", str(world_size), "--port", str(port), "--out", str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=REPO)
-             for r in range(world_size)]
-    reports = []
-    try:
-        for rank, proc in enumerate(procs):
-            stdout, stderr = proc.communicate(timeout=180)
-            lines = stdout.strip().splitlines()
-            assert lines, f"{phase} rank {rank} printed nothing ({proc.returncode}):\n{stderr[-3000:]}"
-            report = json.loads(lines[-1])
-            assert report["errors"] == [] and proc.returncode == 0, f"{phase} rank {rank}: {report['errors']}"
-            reports.append(report)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    reports = run_rank_processes([[PYTHON, str(WORKER), phase, "--addr", d.addr, "--job", job, "--rank", str(r),
+                                   "--world-size", str(world_size), "--port", str(port), "--out", str(out)]
+                                  for r in range(world_size)], timeout_s=180)
+    for rank, report in enumerate(reports):
+        assert report["errors"] == [], f"{phase} rank {rank}: {report['errors']}"
     assert d.alive(), d.log()
     return reports
 

@@ -21,7 +21,6 @@ error in the log), so it must run after every case on the same daemon.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import Iterator
@@ -36,8 +35,7 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.integrity import chunk_crcs
 from ckptd.core.manifest import ReplicaHeader
-from ckptd.peers.client import PeerClient
-from tests._ckptd_helpers import free_port, running_daemon, unique_job
+from tests._ckptd_helpers import replica_round_trip, running_peer_daemon, unique_job
 from tests.integration._hostile_ckpt_cases import _ckpt_cases
 from tests.integration._hostile_kit import (
     CKPT_RPCS,
@@ -62,12 +60,7 @@ from tests.integration._hostile_peer_cases import _peer_cases
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("hostile")
-    port = free_port()
-    cfg = work / "ckptd.toml"
-    cfg.write_text(f'[memory]\nchunk_bytes = "64KiB"\nwait_timeout_s = 2.0\n'
-                   f'[peers]\nlisten = "127.0.0.1:{port}"\nnode_id = "n1"\ntoken = "{TOKEN}"\n'
-                   "push_timeout_s = 5.0\n")
-    with running_daemon(work, budget="64MiB", extra_args=["--config", str(cfg)]) as d:
+    with running_peer_daemon(work, TOKEN, wait_timeout_s=2.0) as (d, port):
         job, partial = unique_job("known"), unique_job("partial")
         managers = [CheckpointManager(job, rank=r, world_size=2, addr=d.addr, on_error="raise") for r in (0, 1)]
         try:
@@ -148,19 +141,8 @@ def test_still_serving_after_all_of_it(env: Env) -> None:
     assert {h.source_node for h in held} == {"n1"}, held
     # a valid replica push and fetch
     data = os.urandom(100_000)
-
-    async def peer_roundtrip() -> bytes:
-        client = PeerClient(TOKEN, "n2")
-        try:
-            h = ReplicaHeader("peerok", 4, 1, _entry(0, len(data), crcs=tuple(chunk_crcs(data, 65536))), "n2")
-            await client.push(env.peer_target, h, memoryview(data), 10)
-            out = bytearray(len(data))
-            await client.fetch_into(env.peer_target, "peerok", 4, 0, memoryview(out), 10)
-            return bytes(out)
-        finally:
-            await client.close()
-
-    assert asyncio.run(peer_roundtrip()) == data
+    h = ReplicaHeader("peerok", 4, 1, _entry(0, len(data), crcs=tuple(chunk_crcs(data, 65536))), "n2")
+    assert replica_round_trip(env.peer_target, TOKEN, h, data) == data
     # a valid save and restore
     job = unique_job("after")
     state = {"w": np.arange(1000, dtype=np.float64), "meta": {"k": 7}}

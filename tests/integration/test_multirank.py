@@ -8,8 +8,6 @@ each step bit-exact (tests/_multirank_worker.py does the per-rank work).
 
 from __future__ import annotations
 
-import json
-import subprocess
 from typing import Any
 
 import pytest
@@ -17,7 +15,7 @@ from ckptd_client import CheckpointManager
 
 from ckptd.core.manifest import Manifest
 from ckptd.core.types import shard_key, step_dirname
-from tests._ckptd_helpers import PYTHON, REPO, Daemon, clean_env, unique_job
+from tests._ckptd_helpers import PYTHON, REPO, Daemon, run_rank_processes, unique_job
 
 WORKER = REPO / "tests" / "_multirank_worker.py"
 STEPS = [1, 2, 3]
@@ -25,23 +23,9 @@ STEPS = [1, 2, 3]
 
 def run_ranks(d: Daemon, mode: str, job: str, world_size: int, steps: str, use_torch: bool) -> list[dict[str, Any]]:
     """Run one worker process per rank concurrently; return their JSON reports (rank order)."""
-    procs = []
-    for rank in range(world_size):
-        cmd = [PYTHON, str(WORKER), mode, "--addr", d.addr, "--job", job, "--rank", str(rank),
-               "--world-size", str(world_size), "--steps", steps] + (["--torch"] if use_torch else [])
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=clean_env(), cwd=REPO))
-    reports = []
-    try:
-        for rank, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=240)
-            assert proc.returncode == 0, f"rank {rank} {mode} failed ({proc.returncode}):\n{out}\n{err}"
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    reports = run_rank_processes([[PYTHON, str(WORKER), mode, "--addr", d.addr, "--job", job, "--rank", str(rank),
+                                   "--world-size", str(world_size), "--steps", steps]
+                                  + (["--torch"] if use_torch else []) for rank in range(world_size)], timeout_s=240)
     assert d.alive(), d.log()
     return reports
 

@@ -17,20 +17,18 @@ and mutated bytes). For every example:
 One daemon serves the module (``max_examples`` per RPC keeps the whole module near 35 s on
 two cores).
 
-The calling, checking and invariants live in _props_kit.py, the strategies in
-_props_strategies.py. The tests stay in this one module on purpose: they share one daemon and one
-``Model`` of what it accepted (the invariants hold every committed step against the CommitShards
-this module saw accepted, across all the tests), and ``test_every_rpc_was_exercised`` runs last
-and looks at the calls every other test made.
+The daemon and its starting state (``props_env``), the calling, checking and invariants live in
+_props_kit.py, the strategies in _props_strategies.py. The tests stay in this one module on purpose:
+they share one daemon and one ``Model`` of what it accepted (the invariants hold every committed
+step against the CommitShards this module saw accepted, across all the tests), and
+``test_every_rpc_was_exercised`` runs last and looks at the calls every other test made.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 
-import grpc
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -39,9 +37,8 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core.integrity import chunk_crcs
 from ckptd.core.manifest import Manifest
-from tests._ckptd_helpers import free_port, running_daemon
 from tests.integration._hostile_kit import C, _layout
-from tests.integration._props_kit import ALLOWED, KEEP, TOKEN, Env, Model, _abort, _ok, checked, invariants
+from tests.integration._props_kit import ALLOWED, KEEP, Env, _abort, _ok, checked, invariants, props_env
 from tests.integration._props_strategies import (
     EXAMPLES,
     FEW,
@@ -62,27 +59,8 @@ from tests.integration._props_strategies import (
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    work = tmp_path_factory.mktemp("props")
-    port = free_port()
-    cfg = work / "ckptd.toml"
-    cfg.write_text('[memory]\nchunk_bytes = "64KiB"\nwait_timeout_s = 0.5\nslots_per_rank = 2\n'
-                   f'[peers]\nlisten = "127.0.0.1:{port}"\nnode_id = "n1"\ntoken = "{TOKEN}"\n'
-                   "push_timeout_s = 0.5\n")
-    with running_daemon(work, budget="64MiB", extra_args=["--config", str(cfg)]) as d, \
-            grpc.insecure_channel(d.target) as ch, grpc.insecure_channel(f"127.0.0.1:{port}") as peer_ch:
-        e = Env(d, ch, peer_ch, Model(), port)
-        for job, ws in (("pa", 1), ("pb", 2), (KEEP, 1)):  # pa@1, keep@1 committed; pb@1 with rank 0 only
-            lease = pb.BeginSaveResponse.FromString(_ok(e, "BeginSave", pb.BeginSaveRequest(
-                job=job, step=1, rank=0, world_size=ws, nbytes=64, client_pid=os.getpid())))
-            _ok(e, "CommitShard", pb.CommitShardRequest(lease_id=lease.lease_id, job=job, step=1, rank=0,
-                                                        world_size=ws, nbytes=64, layout=_layout(64)))
-            e.model.committed[(job, 1)] = {0}
-        for job in ("pa", KEEP):
-            _ok(e, "WaitStep", pb.WaitStepRequest(job=job, step=1, level=pb.LOCAL_DURABLE, timeout_ms=30_000))
+    with props_env(tmp_path_factory.mktemp("props")) as e:
         yield e
-        assert d.alive()
-        log = d.log()
-        assert "Traceback" not in log and "internal error" not in log, log[-4000:]
 
 
 # -- CheckpointService -------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 (AWS_ACCESS_KEY_ID etc.; the user's AWS config files and proxies are hidden) and creates one
 bucket; tests/conftest.py's session fixture ``moto_s3`` holds it (tests/tiers/conftest.py's
 ``make_tier`` builds ObjectTiers on that bucket). Shard/manifest builders make valid
-ShardEntry/Manifest values over given bytes.
+ShardEntry/Manifest values over given bytes; ``keys_under`` and ``uploads_under`` list what the
+bucket holds under a prefix (objects, multipart uploads in progress).
 """
 
 from __future__ import annotations
@@ -106,3 +107,17 @@ def read_back(tier: ObjectTier, job: str, step: int, rank: int) -> bytes:
     tier.read_shard_into(job, step, e, memoryview(buf))
     return bytes(buf)
 
+
+
+def keys_under(client: Any, bucket: str, prefix: str) -> list[str]:
+    """Every object key under prefix, sorted (all pages)."""
+    out: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.extend(o["Key"] for o in page.get("Contents", ()))
+    return sorted(out)
+
+
+def uploads_under(client: Any, bucket: str, prefix: str) -> list[str]:
+    """The keys of the multipart uploads in progress under prefix."""
+    resp = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return [u["Key"] for u in resp.get("Uploads", ())]

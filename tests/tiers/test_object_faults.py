@@ -32,15 +32,11 @@ from tests.tiers._moto import (
     read_back,
     save_step,
     shard_entry,
+    uploads_under,
 )
 from tests.tiers.faultproxy import FaultProxy, Request
 
 JOB = "gpt-neo"
-
-
-def uploads_under(client: Any, bucket: str, prefix: str) -> list[str]:
-    resp = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
-    return [u["Key"] for u in resp.get("Uploads", ())]
 
 
 def test_retries_ride_through_503s_resets_and_slow_answers(make_tier: TierFactory, proxy: FaultProxy) -> None:

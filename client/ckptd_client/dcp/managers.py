@@ -4,6 +4,9 @@ The process checkpointer of ``dcp.async_save`` runs the save in another process,
 the writer pickled (its configuration only). There one manager per configuration is opened and
 kept for the life of the process, so its connection and slot mappings serve every later save.
 
+``LazyManager`` is the ``manager`` property both plugins share: the manager handed in, else this
+process's manager for the plugin's configuration.
+
 Invariant: such a manager never takes part in collectives (no peer gathering, no restore premap):
 the process that uses it runs beside the trainer, not in step with the other ranks.
 """
@@ -42,3 +45,16 @@ def manager_for(cfg: ManagerConfig) -> ManagerBase:
                                   allow_new_world_size=cfg.allow_new_world_size)
             _MANAGERS[cfg] = m
         return m
+
+
+class LazyManager:
+    """Mixin of the DCP writer and reader: ``manager`` is the one handed in, else ``manager_for(config)``."""
+
+    config: ManagerConfig
+    _manager: ManagerBase | None
+
+    @property
+    def manager(self) -> ManagerBase:
+        if self._manager is None:
+            self._manager = manager_for(self.config)
+        return self._manager

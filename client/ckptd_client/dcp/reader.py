@@ -34,7 +34,7 @@ from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import Manifest
 from ckptd.core.types import validate_step
 from ckptd_client.dcp.codec import DcpMetadataCorrupt, ShardRef, decode
-from ckptd_client.dcp.managers import ManagerConfig, manager_for
+from ckptd_client.dcp.managers import LazyManager, ManagerConfig
 from ckptd_client.dcp.writer import DATA_KEY, METADATA_KEY
 from ckptd_client.manager_base import ManagerBase
 from ckptd_client.restore_stream import read_streamed
@@ -52,7 +52,7 @@ def _named(tree: dict[str, Any], key: str) -> dict[str, Any] | None:
     return None
 
 
-class CkptdStorageReader(StorageReader):
+class CkptdStorageReader(LazyManager, StorageReader):
     """A DCP ``StorageReader`` over the DCP steps a ``CkptdStorageWriter`` saved."""
 
     def __init__(self, job: str | None = None, step: int | str = "latest", *,
@@ -81,12 +81,6 @@ class CkptdStorageReader(StorageReader):
         #: chunks covering this rank's slices; memory and disk read only those, docs/dcp.md)
         self.chunk_bytes_asked: dict[int, int] = {}
         self._manifest: Manifest | None = None
-
-    @property
-    def manager(self) -> ManagerBase:
-        if self._manager is None:
-            self._manager = manager_for(self.config)
-        return self._manager
 
     # -- StorageReader --------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:

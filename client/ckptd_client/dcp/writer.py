@@ -34,7 +34,7 @@ from ckptd.core.integrity import chunk_crcs
 from ckptd.core.layout import TensorEntry, layout_to_pb
 from ckptd.core.types import Level, validate_step
 from ckptd_client.dcp.codec import ShardRef, encode
-from ckptd_client.dcp.managers import ManagerConfig, manager_for
+from ckptd_client.dcp.managers import LazyManager, ManagerConfig
 from ckptd_client.dcp.stage import StagedSlot, abort, pack, stage_into_slot
 from ckptd_client.manager_base import ManagerBase, SaveHandle
 from ckptd_client.ranks import default_rank
@@ -48,7 +48,7 @@ def chunk_key(index: MetadataIndex) -> str:
     return index.fqn if index.offset is None else f"{index.fqn}@{','.join(map(str, index.offset))}"
 
 
-class CkptdStorageWriter(StorageWriter):
+class CkptdStorageWriter(LazyManager, StorageWriter):
     """A DCP ``StorageWriter`` that saves each rank's chunks as its ckptd shard of ``step``."""
 
     def __init__(self, job: str | None = None, step: int | None = None, *, addr: str | os.PathLike[str] | None = None,
@@ -81,12 +81,6 @@ class CkptdStorageWriter(StorageWriter):
         state["_chunks"] = {}
         state["handle"] = None
         return state
-
-    @property
-    def manager(self) -> ManagerBase:
-        if self._manager is None:
-            self._manager = manager_for(self.config)
-        return self._manager
 
     # -- StorageWriter ------------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ckptd_client import IntegrityError, Level
 
+from tests.fault.faultkit import flip_byte
 from tests.fault.scenarios import scenario
 from tests.fault.scenarios._ctx import Ctx
 from tests.state_factory import blank_like
@@ -27,16 +28,6 @@ def find_slot(shm_dir: Path, job: str, step: int, rank: int, replica: bool = Fal
                 (job, step, rank, replica):
             return meta_path.with_name(meta_path.name.removesuffix(".meta.json") + ".bin"), meta
     raise LookupError(f"no {'replica ' if replica else ''}slot of {job}@{step} rank {rank} in {shm_dir}")
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def truncate(path: Path, size: int) -> None:
@@ -69,7 +60,7 @@ def corrupt_memory(ctx: Ctx) -> None:
     (fs, fr), (ts, tr) = two_targets(ctx, [s for s in range(1, steps + 1) if ctx.in_memory(s)])
     slot, meta = find_slot(n.shm_dir, ctx.job, fs, fr)
     off = ctx.randint("flipped_offset", 0, meta["shard"]["nbytes"] - 1)
-    flip(slot, off)
+    flip_byte(slot, off)
     ctx.fault(f"byte {off} of the live slot of {fs}/{fr} flipped")
     ctx.check("flipped slot", served={(fs, fr): "disk"})
     n.kill()
@@ -92,7 +83,7 @@ def corrupt_disk(ctx: Ctx) -> None:
     # the memory copy serves if the slot was not reused yet; the store next; else nothing can
     fallback = {s: "memory" if ctx.in_memory(s) else "object" if with_store else "" for s in (fs, ts)}
     off = ctx.randint("flipped_offset", 0, ctx.ledger.nbytes - 5000)
-    flip(shard_file(ctx, n, fs, fr), off)
+    flip_byte(shard_file(ctx, n, fs, fr), off)
     size = ctx.randint("truncated_to", 0, ctx.ledger.nbytes - 5000)
     truncate(shard_file(ctx, n, ts, tr), size)
     ctx.fault(f"byte {off} of {fs}/{fr} flipped on disk; {ts}/{tr} truncated to {size} bytes")
@@ -120,7 +111,7 @@ def corrupt_newest_step(ctx: Ctx) -> None:
     saved(ctx, steps, Level.LOCAL_DURABLE)
     n = ctx.restart(n, wipe_shm=True)
     if damage == "flipped byte":
-        flip(shard_file(ctx, n, steps, rank), ctx.randint("flipped_offset", 0, ctx.ledger.nbytes - 5000))
+        flip_byte(shard_file(ctx, n, steps, rank), ctx.randint("flipped_offset", 0, ctx.ledger.nbytes - 5000))
     else:
         truncate(shard_file(ctx, n, steps, rank).with_name("manifest.json"), ctx.randint("truncated_to", 0, 200))
     ctx.fault(f"newest step {steps}: {damage} ({'rank ' + str(rank) if damage == 'flipped byte' else 'manifest'}), "
@@ -200,7 +191,7 @@ def corrupt_peer(ctx: Ctx) -> None:
     ctx.params["flipped_step"], ctx.params["truncated_step"] = fs, ts
     slot, meta = find_slot(holder.shm_dir, ctx.job, fs, rank, replica=True)
     off = ctx.randint("flipped_offset", 0, meta["shard"]["nbytes"] - 1)
-    flip(slot, off)
+    flip_byte(slot, off)
     story = f"byte {off} of the replica of {fs}/{rank} on {holder.name} flipped"
     if ts is not None:
         holder.kill()
