@@ -96,7 +96,7 @@ class MemcpyFloor:
         self.warm = mmap.mmap(self.fd, self.nbytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
 
     def once(self, dst: np.ndarray[Any, Any], fresh: bool) -> float:
-        from ckptd_client import pcopy
+        from ckptd_client.restore import pcopy
 
         t0 = time.perf_counter()
         mm = mmap.mmap(self.fd, self.nbytes, prot=mmap.PROT_READ) if fresh else self.warm
@@ -317,7 +317,7 @@ def daemon_run(ns: argparse.Namespace, nbytes: int,
             d.start("n1")
             with d.manager("n1") as m:  # the trainer connects as it starts, then builds its model:
                 waited, slots = d.wait_prepared("n1")  # what that start-up gives the daemon
-                premapped.append(m.warm_restore())  # and the client (client premap.py)
+                premapped.append(m.warm_restore())  # and the client (client restore/premap.py)
                 samples["daemon_prepare_wait_s"].append(waited)
                 prepared.append(slots)
                 samples["tcp_daemon_phase_s"].append(tcp_probe())

@@ -9,7 +9,7 @@ newest step into the same tensors in place (served by the memory tier: the JSON 
 served every sample). ``restore_floor_s`` is the faster floor's median (both are in the JSON),
 ``restore_memory_s`` the restore's. That manager saved the step, so its restore reads through the
 mapping its saves hold of the slot; a trainer restarted after a crash maps the slot anew (in the
-background from its manager's construction, premap.py): ``restore_memory_new_manager_s`` is the
+background from its manager's construction, restore/premap.py): ``restore_memory_new_manager_s`` is the
 restore of a manager made just before it (construction not timed, its background mapping
 included whatever part of it the restore waits for).
 """

@@ -52,7 +52,7 @@ itself costs:
                          preparing_restore false: it allocated and mapped a slot for each of its
                          shards a peer holds, ckptd/restore/prep.py) and the trainer's manager,
                          created before that wait, mapped its rank's slot (warm_restore,
-                         client premap.py; client_restore_slot_premapped says it did), as a
+                         client restore/premap.py; client_restore_slot_premapped says it did), as a
                          trainer's own start-up would give them; the daemon's wait is reported
                          as daemon_prepare_wait_s
   restore_peer_unprepared_s  the same with peers.prepare_restore = false: the restore also

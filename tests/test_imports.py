@@ -78,7 +78,8 @@ def test_base_dependencies_are_the_clients() -> None:
 def test_client_imports_only_base_dependencies() -> None:
     """With every daemon-only package unimportable, the client's modules import and use only the base set."""
     mods = modules_after(BLOCKER + "import ckptd_client, ckptd_client.tree, ckptd_client.rpc, "
-                                   "ckptd_client.restore_stream, ckptd_client.premap, ckptd_client.pcopy\n"
+                                   "ckptd_client.restore.stream, ckptd_client.restore.premap, "
+                                   "ckptd_client.restore.slot_copy\n"
                                    "from ckptd_client import CheckpointManager, Level")
     third_party = {m.partition(".")[0] for m in mods if not m.startswith("_")} - set(sys.stdlib_module_names)
     third_party -= {"ckptd", "ckptd_client", "cython_runtime"}  # cython_runtime: made by compiled extensions

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ckptd_client.restore_tree import Restorer
+from ckptd_client.restore.walk import Restorer
 from ckptd_client.tree import copy_into, flatten
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -1,4 +1,4 @@
-"""ckptd_client.pcopy: large numpy copies over a few threads are exact, and everything it cannot
+"""ckptd_client.restore.pcopy: large numpy copies over a few threads are exact, and everything it cannot
 split (small, strided, byte-swapped, read-only) behaves exactly like np.copyto."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from ckptd_client import pcopy
+from ckptd_client.restore import pcopy
 
 MIB = 2**20
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ckptd_client.premap import RestorePremap
+from ckptd_client.restore.premap import RestorePremap
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 

@@ -12,7 +12,7 @@ import mmap
 import numpy as np
 import pytest
 import torch
-from ckptd_client.restore_tree import Restorer
+from ckptd_client.restore.walk import Restorer
 from ckptd_client.save_plan import SavePlanner
 from ckptd_client.tree import copy_into, flatten
 

@@ -1,4 +1,4 @@
-"""The restore's slot copier (ckptd_client/slot_copy.py) and the saves' mappings it borrows.
+"""The restore's slot copier (ckptd_client/restore/slot_copy.py) and the saves' mappings it borrows.
 
 Copies that straddle integrity chunks and the copier's 1 MiB pieces land exactly; a chunk that does
 not match its crc32c fails the copy naming it, after every other chunk ended; with the daemon
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ckptd_client.slot_copy import PIECE_BYTES, ChunkVerifier, ClientVerifyFailed, SlotCopier
+from ckptd_client.restore.slot_copy import PIECE_BYTES, ChunkVerifier, ClientVerifyFailed, SlotCopier
 from ckptd_client.slot_maps import SlotMaps
 
 from ckptd.core.errors import CkptdError

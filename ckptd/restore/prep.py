@@ -11,7 +11,7 @@ allocates a scratch slot of that size and faults its pages into its own mapping.
 scratch lease then finds a slot of the right size already mapped, so a peer restore costs the
 transfer. Each prepared slot is remembered for its (job, rank): that rank's restore takes it
 first, and DaemonStatus lists it, so the rank's client can map it ahead of the restore too
-(client/ckptd_client/premap.py) instead of faulting the mapping in during the copy.
+(client/ckptd_client/restore/premap.py) instead of faulting the mapping in during the copy.
 
 Invariants: preparation never waits for room and never takes more than ``MAX_BUDGET_FRACTION``
 of the slot budget, so it cannot starve a save; a prepared slot holds nothing (``content`` is

@@ -3,7 +3,7 @@
 ``save`` copies the state into a daemon-owned shm slot (``overlap=True``: returns once the copy
 is issued, overlap.py) and commits; ``restore`` fills it in place from the nearest valid tier.
 Blocking gRPC, no event loop; a slot the daemon prepared for this rank's restore is mapped ahead
-(premap.py); never imports boto3 or the daemon's tiers. The DCP plugin builds on this class.
+(restore/premap.py); never imports boto3 or the daemon's tiers. The DCP plugin builds on this class.
 
 A save that cannot be taken (daemon down, no room in the byte budget under the skip policy, a
 timeout) does not raise by default: the handle records the error, a warning is logged, and
@@ -32,12 +32,12 @@ from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client.agreement import agree_latest, restore_agreed
 from ckptd_client.overlap import CopyJob, OverlapSaver
-from ckptd_client.premap import RestorePremap
 from ckptd_client.ranks import default_node_ranks, default_rank, join_peers
-from ckptd_client.restore_stream import restore_streamed
+from ckptd_client.restore.premap import RestorePremap
+from ckptd_client.restore.stream import restore_streamed
+from ckptd_client.restore.strict import Strictness
 from ckptd_client.rpc import Connection
 from ckptd_client.shard_save import ShardSaver
-from ckptd_client.strict import Strictness
 from ckptd_client.tree import HoldsDTensor, holds_dtensor
 
 log = logging.getLogger("ckptd_client")
@@ -292,7 +292,7 @@ class ManagerBase:
                 strict: bool = True, convert_dtype: bool = False) -> int | None:
         """Fill ``state`` in place from a committed step; return the step, or None if none exists.
 
-        Strict by default (strict.py): missing or extra keys, or a tensor of another shape or dtype
+        Strict by default (restore/strict.py): missing or extra keys, or a tensor of another shape or dtype
         raise StateMismatchError naming them before anything is copied; tensors are filled in place.
         ``convert_dtype=True`` casts dtypes; ``strict=False`` is the lenient restore. A state holding
         DTensors is loaded through DCP (dcp/route.py), resharded to the current mesh.
@@ -372,7 +372,7 @@ class ManagerBase:
 
     def warm_restore(self, timeout_s: float = 30.0) -> bool:
         """Wait until the slot the daemon prepared for this rank's restore is mapped here
-        (optional: ``restore`` uses it if ready); False when there is none (premap.py)."""
+        (optional: ``restore`` uses it if ready); False when there is none (restore/premap.py)."""
         return self._premap is not None and self._premap.wait(timeout_s)
 
     def _drop_premap(self) -> None:

@@ -5,7 +5,7 @@ Accepted: nested dicts (str/int keys), lists, tuples; torch tensors (every dtype
 int/float/str/bool/None; and any object with ``state_dict()``/``load_state_dict()`` (model,
 optimizer, LR scheduler). Anything else raises TypeError naming its key. Nothing is pickled.
 
-The restore walk (the way back) is ``restore_tree.Restorer``.
+The restore walk (the way back) is ``restore/walk.py``'s ``Restorer``.
 """
 
 from __future__ import annotations

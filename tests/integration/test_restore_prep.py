@@ -5,7 +5,7 @@ Node 2 is lost (daemon SIGKILLed, root and shm dir wiped) and a fresh daemon sta
 before any restore it has allocated one slot per rank of node 2 whose replica a peer holds, of
 that shard's size (DaemonStatus.restore_slots_prepared); the restores then take those slots (no
 new slot is created) and are served from the peers bit-exact. DaemonStatus lists each prepared
-slot with its rank, and each rank's client maps its own ahead (client premap.py): the restore
+slot with its rank, and each rank's client maps its own ahead (client restore/premap.py): the restore
 hands that very mapping over, which proves the daemon filled the rank's own prepared slot. Those
 slots then hold the re-warmed memory copies, listed the same way, so a trainer restarting next
 restores from RAM through a mapping made ahead too. With

@@ -5,7 +5,7 @@ coordinator's shard tree carries it, ``codec.py``), so no shard byte is read to 
 ``DefaultLoadPlanner`` then reshards: each rank asks only for the chunks that overlap what it
 holds now, whatever world size saved them. ``read_data`` groups the rank's read items by the saved
 rank that holds them and reads each of those shards once through the daemon's streamed restore
-(``restore_stream.read_streamed``, the nearest valid tier first: memory, disk, peer, object, every
+(``restore.stream.read_streamed``, the nearest valid tier first: memory, disk, peer, object, every
 chunk crc32c verified before a byte is handed out), copying from each saved chunk only the slice
 the plan asks for. Saved shards no item needs are never read.
 
@@ -37,8 +37,8 @@ from ckptd_client.dcp.codec import DcpMetadataCorrupt, ShardRef, decode
 from ckptd_client.dcp.managers import LazyManager, ManagerConfig
 from ckptd_client.dcp.writer import DATA_KEY, METADATA_KEY
 from ckptd_client.manager_base import ManagerBase
-from ckptd_client.restore_stream import read_streamed
-from ckptd_client.strict import StateMismatchError, Strictness
+from ckptd_client.restore.stream import read_streamed
+from ckptd_client.restore.strict import StateMismatchError, Strictness
 from ckptd_client.tree import view_of
 
 

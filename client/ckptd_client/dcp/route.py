@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from ckptd_client.dcp.reader import CkptdStorageReader
 from ckptd_client.dcp.writer import CkptdStorageWriter
 from ckptd_client.manager_base import ManagerBase, SaveHandle
-from ckptd_client.strict import Strictness
+from ckptd_client.restore.strict import Strictness
 
 
 def _unwrapped(exc: CheckpointException, rank: int) -> BaseException:

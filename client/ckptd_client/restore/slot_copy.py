@@ -33,7 +33,7 @@ import numpy as np
 
 from ckptd.core.errors import CkptdError, IntegrityError
 from ckptd.core.layout import chunk_count
-from ckptd_client import pcopy
+from ckptd_client.restore import pcopy
 
 PIECE_BYTES: Final = 1 << 20  # checked then copied while in a core's cache (L2 holds it)
 

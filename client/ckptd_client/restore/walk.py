@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from ckptd.core.layout import TensorEntry
-from ckptd_client import pcopy
-from ckptd_client.slot_copy import ChunkVerifier, SlotCopier
+from ckptd_client.restore import pcopy
+from ckptd_client.restore.slot_copy import ChunkVerifier, SlotCopier
 from ckptd_client.tree import view_of
 from ckptd_client.views import BATCH_MAX_BYTES, TypedViews, copy_all
 

@@ -41,11 +41,11 @@ from ckptd.core.errors import CkptdError, from_rpc_error
 from ckptd.core.layout import TensorEntry
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd_client import gcpause
-from ckptd_client.premap import RestorePremap, close_map
-from ckptd_client.restore_tree import Restorer
+from ckptd_client.restore.premap import RestorePremap, close_map
+from ckptd_client.restore.slot_copy import ChunkVerifier, ClientVerifyFailed
+from ckptd_client.restore.strict import Strictness, check_state
+from ckptd_client.restore.walk import Restorer
 from ckptd_client.rpc import Connection
-from ckptd_client.slot_copy import ChunkVerifier, ClientVerifyFailed
-from ckptd_client.strict import Strictness, check_state
 
 log = logging.getLogger("ckptd_client")
 
