@@ -18,9 +18,10 @@ A save lease may ask for spares (``spare=True``): when its owner is left with no
 is under its slot cap, the owner's remaining slots are created one by one (fallocate'd and
 faulted in) by a background task the pool owns, so the pool grows during a job's first steps and
 not at whichever later step first finds every slot busy. A lease that would grow the pool while
-its owner's spares are being made waits for the next one instead (unless it may not wait). A
-spare only takes room the budget has free (it never evicts); being empty, any lease may take its
-room back.
+its owner's spares are being made waits for the next one instead (under the skip policy too:
+the slot it would make is being made). ``start_spares`` makes them on request too (PrepareSave,
+ckptd/save/prepare.py: a rank's slots made before its first save). A spare only takes room the
+budget has free (it never evicts); being empty, any lease may take its room back.
 
 The pool keeps ``sum(capacity) + bytes of spares being created <= budget_bytes``. When no slot
 can be had, a lease waits on a condition (back-pressure) up to its timeout, or fails at once
@@ -52,6 +53,11 @@ log = logging.getLogger("ckptd.shm")
 MADV_POPULATE_WRITE: Final = 23  # Linux >= 5.14: fault a range's pages in, writable, in one call
 _SUFFIX = ".bin"
 _META_SUFFIX = ".meta.json"
+
+
+def slot_bytes(nbytes: int) -> int:
+    """The capacity of a slot made for a shard of nbytes (aligned up, one alignment unit at least)."""
+    return max(SLOT_ALIGN_BYTES, (nbytes + SLOT_ALIGN_BYTES - 1) // SLOT_ALIGN_BYTES * SLOT_ALIGN_BYTES)
 
 
 def populate(slot: Slot) -> None:
@@ -175,20 +181,12 @@ class SlotPool:
         return found
 
     # -- leasing ----------------------------------------------------------------------------
-    async def lease(
-        self,
-        owner: tuple[str, int],
-        nbytes: int,
-        reusable: Callable[[Slot], bool],
-        wait: bool,
-        timeout_s: float,
-        max_slots_per_owner: int,
-        spare: bool = False,
-        prefer: str | None = None,
-    ) -> Slot:
+    async def lease(self, owner: tuple[str, int], nbytes: int, reusable: Callable[[Slot], bool], wait: bool,
+                    timeout_s: float, max_slots_per_owner: int, spare: bool = False,
+                    prefer: str | None = None) -> Slot:
         """Return a slot of at least nbytes for owner, marked ``writing``, its sidecar removed;
         with ``spare``, make the owner's remaining slots in the background if it has none free."""
-        need = max(SLOT_ALIGN_BYTES, (nbytes + SLOT_ALIGN_BYTES - 1) // SLOT_ALIGN_BYTES * SLOT_ALIGN_BYTES)
+        need = slot_bytes(nbytes)
         if need > self.budget_bytes:
             raise BudgetExhausted(
                 f"a shard of {nbytes} bytes does not fit the shm budget of {self.budget_bytes} "
@@ -197,16 +195,17 @@ class SlotPool:
         deadline = time.monotonic() + timeout_s
         async with self._cond:
             while True:
-                # While the owner's spares are being made, a waiting lease takes the next one as it
-                # lands (never slower than making another, nor twice the work) instead of growing.
-                grow = not (wait and owner in self._spares)
-                slot = await self._try_lease(owner, nbytes, need, reusable, max_slots_per_owner, grow, prefer)
+                # While the owner's spares are being made (after a save, or asked ahead by
+                # PrepareSave), a lease takes the next one as it lands (never slower than making
+                # another, nor twice the work) instead of growing; under skip too.
+                making = owner in self._spares
+                slot = await self._try_lease(owner, nbytes, need, reusable, max_slots_per_owner, not making, prefer)
                 if slot is not None:
                     if spare:
                         self._plan_spares(owner, need, reusable, max_slots_per_owner)
                     return slot
                 remaining = deadline - time.monotonic()
-                if not wait or remaining <= 0:
+                if (not wait and not making) or remaining <= 0:
                     raise BudgetExhausted(
                         f"no shm slot free for {owner[0]} rank {owner[1]} within the budget of "
                         f"{self.budget_bytes} bytes ({self.bytes_in_use} in use)"
@@ -217,16 +216,8 @@ class SlotPool:
                 except TimeoutError:
                     pass
 
-    async def _try_lease(
-        self,
-        owner: tuple[str, int],
-        nbytes: int,
-        need: int,
-        reusable: Callable[[Slot], bool],
-        max_slots_per_owner: int,
-        grow: bool = True,
-        prefer: str | None = None,
-    ) -> Slot | None:
+    async def _try_lease(self, owner: tuple[str, int], nbytes: int, need: int, reusable: Callable[[Slot], bool],
+                         max_slots_per_owner: int, grow: bool = True, prefer: str | None = None) -> Slot | None:
         mine = [s for s in self.slots.values() if s.owner == owner]
         free = [s for s in mine if not s.writing and s.readers == 0 and reusable(s)]
         fitting = sorted((s for s in free if s.capacity >= nbytes), key=lambda s: (s.slot_id != prefer, s.last_used_s))
@@ -273,12 +264,21 @@ class SlotPool:
             return
         if any(not s.writing and s.readers == 0 and reusable(s) and s.capacity >= need for s in mine):
             return
-        self._spares[owner] = asyncio.create_task(self._make_spares(owner, need, max_slots_per_owner),
-                                                  name=f"spare-slots-{owner[0]}-{owner[1]}")
+        self.start_spares(owner, need, max_slots_per_owner)
 
-    async def _make_spares(self, owner: tuple[str, int], need: int, max_slots_per_owner: int) -> None:
+    def start_spares(self, owner: tuple[str, int], need: int, target: int) -> asyncio.Task[None] | None:
+        """Make slots of ``need`` bytes for owner, populated, in the background until it has ``target``
+        slots or the budget has no free room (never evicting); the task already at it, if any."""
+        task = self._spares.get(owner)
+        if task is None and sum(1 for s in self.slots.values() if s.owner == owner) < target \
+                and self.bytes_in_use + need <= self.budget_bytes:
+            task = self._spares[owner] = asyncio.create_task(self._make_spares(owner, need, target),
+                                                             name=f"spare-slots-{owner[0]}-{owner[1]}")
+        return task
+
+    async def _make_spares(self, owner: tuple[str, int], need: int, target: int) -> None:
         try:
-            while (sum(1 for s in self.slots.values() if s.owner == owner) < max_slots_per_owner
+            while (sum(1 for s in self.slots.values() if s.owner == owner) < target
                    and self.bytes_in_use + need <= self.budget_bytes):
                 self._reserved_bytes += need
                 try:
