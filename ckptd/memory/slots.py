@@ -17,16 +17,15 @@ wrong byte, since both paths write the same pages.
 A save lease may ask for spares (``spare=True``): when its owner is left with no free slot and
 is under its slot cap, the owner's remaining slots are created one by one (fallocate'd and
 faulted in) by a background task the pool owns, so the pool grows during a job's first steps and
-not at whichever later step first finds every slot busy. A lease that would grow the pool while
-its owner's spares are being made waits for the next one instead (under the skip policy too:
-the slot it would make is being made). ``start_spares`` makes them on request too (PrepareSave,
-ckptd/save/prepare.py: a rank's slots made before its first save). A spare only takes room the
-budget has free (it never evicts); being empty, any lease may take its room back.
+not at whichever later step first finds every slot busy; ``start_spares`` does it on request
+(PrepareSave, ckptd/save/prepare.py). A lease that would grow the pool while its owner's spares
+are being made waits for the next one instead (under skip too: that slot is being made). A
+spare only takes room the budget has free (it never evicts); any lease may take an empty one.
 
-The pool keeps ``sum(capacity) + bytes of spares being created <= budget_bytes``. When no slot
+The pool keeps ``sum(capacity) + bytes of slots being created <= budget_bytes``. When no slot
 can be had, a lease waits on a condition (back-pressure) up to its timeout, or fails at once
-under the skip policy: never an unbounded allocation. Which slots may be reused is decided by
-the caller's ``reusable`` predicate (the catalog knows which steps must stay in memory).
+under the skip policy: never an unbounded allocation. The caller's ``reusable`` predicate decides
+which slots may be reused (the catalog knows which steps must stay in memory).
 """
 
 from __future__ import annotations
@@ -129,7 +128,7 @@ class SlotPool:
         self.slots: dict[str, Slot] = {}
         self._cond = asyncio.Condition()
         self._spares: dict[tuple[str, int], asyncio.Task[None]] = {}  # owner -> its spare being made
-        self._reserved_bytes = 0  # capacity of the spares being made
+        self._reserved_bytes = 0  # capacity of the slots being made
         self._populating: dict[str, asyncio.Task[None]] = {}  # slot_id -> populate_soon's task
 
     @property
@@ -248,7 +247,7 @@ class SlotPool:
             s.writing, s.content = True, None
         for s in to_free:
             await asyncio.to_thread(self._destroy, s)
-        slot = await asyncio.to_thread(self._create, need)
+        slot = await self._create_counted(need, self._create)
         slot.owner = owner
         slot.writing = True
         self.slots[slot.slot_id] = slot
@@ -280,11 +279,7 @@ class SlotPool:
         try:
             while (sum(1 for s in self.slots.values() if s.owner == owner) < target
                    and self.bytes_in_use + need <= self.budget_bytes):
-                self._reserved_bytes += need
-                try:
-                    slot = await asyncio.to_thread(self._create_populated, need)
-                finally:
-                    self._reserved_bytes -= need
+                slot = await self._create_counted(need, self._create_populated)
                 slot.owner = owner
                 self.slots[slot.slot_id] = slot
                 await self.notify()
@@ -293,6 +288,14 @@ class SlotPool:
         finally:
             self._spares.pop(owner, None)
             await self.notify()  # a lease waiting for a spare may grow the pool itself now
+
+    async def _create_counted(self, need: int, create: Callable[[int], Slot]) -> Slot:
+        """Make a slot off the loop, its bytes in ``bytes_in_use`` meanwhile (nothing else takes that room)."""
+        self._reserved_bytes += need
+        try:
+            return await asyncio.to_thread(create, need)
+        finally:
+            self._reserved_bytes -= need
 
     def _create_populated(self, capacity: int) -> Slot:
         slot = self._create(capacity)
@@ -309,15 +312,11 @@ class SlotPool:
         task.add_done_callback(lambda _t: self._populating.pop(slot.slot_id, None))
 
     async def stop(self) -> None:
-        """Wait for the spares being created (seconds at most: one fallocate each) and the
-        slots being populated."""
+        """Wait for the spares being created (seconds at most each) and the slots being populated."""
         await asyncio.gather(*self._spares.values(), *self._populating.values(), return_exceptions=True)
 
     async def _take(self, slot: Slot, owner: tuple[str, int]) -> Slot:
-        slot.writing = True
-        slot.owner = owner
-        slot.content = None
-        slot.last_used_s = time.monotonic()
+        slot.writing, slot.owner, slot.content, slot.last_used_s = True, owner, None, time.monotonic()
         slot.meta_path.unlink(missing_ok=True)  # tmpfs: microseconds, no thread hop needed
         return slot
 
