@@ -1,9 +1,9 @@
 """Prepare a rank's save slots before its first save (``CheckpointManager.prepare_save``).
 
 A first save into a slot pays for the slot's memory: the daemon makes the file, every page is
-faulted in (and zeroed) on first touch, and the client maps it and builds its page tables; on a
-2-vCPU VM that was 3-4 s for 1 GiB against 0.1 s for a steady save (docs/architecture.md, "Where
-the time goes"). ``SavePreparer.start(nbytes)`` moves all of it off the training loop: a
+faulted in (and zeroed) on first touch, and the client maps it and builds its page tables, many
+times the copy itself (docs/architecture.md, "Where the time goes", has the figures).
+``SavePreparer.start(nbytes)`` moves all of it off the training loop: a
 background thread asks the daemon to make this rank's slots for a shard of ``nbytes``
 (PrepareSave: made and faulted in by the daemon, within its budget's free room, never more than
 the rank's saves use), then maps and populates each here (``SlotMaps.warm``) and builds the copy
@@ -92,9 +92,10 @@ class SavePreparer:
                 return cur
             if self._closed:
                 return SavePreparation.skipped("the manager is closed", nbytes)
-            if self._thread is not None and self._thread.is_alive():  # another size: the save path copes
-                return SavePreparation.skipped(f"a preparation for {cur.nbytes if cur else 0} bytes is "
-                                               "still running", nbytes)
+            if cur is not None and not cur.done:  # another size: the save path copes
+                return SavePreparation.skipped(f"a preparation for {cur.nbytes} bytes is still running", nbytes)
+            if self._thread is not None:
+                self._thread.join()  # done: the thread is only returning
             prep = self.current = SavePreparation(nbytes)
             self._thread = threading.Thread(target=self._run, args=(prep, slots), name="ckptd-save-prep",
                                             daemon=True)
