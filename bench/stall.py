@@ -49,7 +49,8 @@ stalls (the first ones fill new slots); ``ckptd_first_save_over_steady`` the fir
 median. The same first save with its slots prepared ahead (``_stall_prepared``: a second daemon,
 a new job, ``prepare_save(state)`` waited for, then its first save): ``ckptd_prepare_s`` (the
 wait for the preparation), ``ckptd_prepared_first_save_s`` and
-``ckptd_prepared_first_save_over_steady`` (against the same median).
+``ckptd_prepared_first_save_over_steady`` (against the same median; against that daemon's own
+later saves, taken in the same minute: ``ckptd_prepared_first_save_over_its_later``).
 
 Disk drain, against the fsync floor:
   fsync_buffered_s      the same bytes (the shard's size) written sequentially in 8 MiB blocks
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
 
     summarize_core(res, s, stall_diagnostics(mgr, state, daemon_slots), daemon, timed_steps, direct_error)
     log("prepared first save: prepare_save on a second daemon, then its first save")
-    prepared_first_save(res, state, workdir, sock_dir, tag, budget, durable_timeout)
+    prepared_first_save(res, state, workdir, sock_dir, tag, budget, durable_timeout, args.reps)
     res["ckptd_stall_over_floor_paired"] = median(paired_floor)
     summarize_dlrover(res, s["dlrover_stall"], paired_dl, dl.info if dl is not None else {}, "dlrover" in peers)
 
