@@ -215,9 +215,9 @@ class ManagerBase:
         return handle
 
     def prepare_save(self, state: Any, *, slots: int = 0) -> SavePreparation:
-        """Have the slots saves of ``state`` use made, mapped and populated in the background, so the first
-        save copies at steady speed; returns at once, idempotent (save_prep.py). ``wait()`` on the result
-        raises its error (BudgetExhausted: the shard exceeds the budget); saves are not affected by it."""
+        """Have the slots saves of ``state`` use made and mapped in the background, so the first save copies
+        at steady speed; returns at once, idempotent; ``wait()`` raises its error (save_prep.py)."""
+        self._overlap.drain()  # as save(): the planner's layout must not change under a copy in flight
         return self._saver.prepare(state, slots)
 
     def _copy_failed(self, handle: SaveHandle, exc: BaseException) -> None:
