@@ -45,11 +45,11 @@ from typing import Any, Final
 
 from ckptd.core import failpoints
 from ckptd.core.errors import BudgetExhausted, CkptdError, InvalidArgument
+from ckptd.core.populate import populate as populate_mapping
 from ckptd.core.types import SLOT_ALIGN_BYTES
 
 log = logging.getLogger("ckptd.shm")
 
-MADV_POPULATE_WRITE: Final = 23  # Linux >= 5.14: fault a range's pages in, writable, in one call
 _SUFFIX = ".bin"
 _META_SUFFIX = ".meta.json"
 
@@ -60,10 +60,10 @@ def slot_bytes(nbytes: int) -> int:
 
 
 def populate(slot: Slot) -> None:
-    """Fault the slot's pages into this process's mapping, writable, in one call (blocking); a
+    """Fault the slot's pages into this process's mapping, writable (blocking, ckptd/core/populate.py); a
     kernel without MADV_POPULATE_WRITE (before 5.14) leaves it to the first access."""
     try:
-        slot.mm.madvise(MADV_POPULATE_WRITE)
+        populate_mapping(slot.mm)  # in steps, the GIL released: the event loop is held up one step at most
     except (OSError, ValueError):  # no such advice, or the slot was destroyed meanwhile
         return
     slot.fresh = False  # mapped here now: no reason left to write it through its file

@@ -11,13 +11,13 @@ thread mapping a slot ahead of need: slot_warmer.py, save_prep.py) adds a mappin
 there is room and never evicts one; the map's structure is guarded by a lock. A path is mapped
 by one caller at a time: a save that needs a slot ``warm`` is mapping waits for that mapping
 (begun earlier, so done sooner) instead of mapping it again. After ``close`` nothing is added:
-a mapping under way is closed, and populated in 64 MiB steps, it stops within one. Populating
-releases the GIL (``populate_write``), so a background mapping does not stall the training thread.
+a mapping under way is closed, and populated in steps, it stops within one. The steps release
+the GIL and the memory-map lock between them (ckptd/core/populate.py), so a mapping made in the
+background stalls the training thread one step at most, not the whole slot.
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import threading
@@ -25,23 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
-POPULATE_STEP_BYTES = 64 << 20  # a mapping is populated in steps, so close() need not wait long
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def populate_write(mm: mmap.mmap, start: int, length: int) -> None:
-    """MADV_POPULATE_WRITE over ``mm[start:start + length]`` (start page-aligned) with the GIL
-    released: ``mmap.madvise`` holds it, so a background populate stalled the training thread for
-    its whole length. OSError when the kernel refuses (before 5.14)."""
-    anchor = ctypes.c_char.from_buffer(mm, start)  # an export of the mapping, dropped at once
-    try:
-        if _libc.madvise(ctypes.addressof(anchor), length, MADV_POPULATE_WRITE) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        del anchor
+from ckptd.core.populate import populate
 
 
 class SlotMaps:
@@ -132,10 +116,7 @@ class SlotMaps:
         finally:
             os.close(fd)
         try:  # fault the page tables in once, not on every save
-            for start in range(0, size, POPULATE_STEP_BYTES):
-                if cancelled():
-                    break
-                populate_write(mm, start, min(POPULATE_STEP_BYTES, size - start))
+            populate(mm, cancelled)
         except OSError:
             pass
         return mm
