@@ -4,9 +4,9 @@
 tmpfs slot that is the pages' first touch (cleared then), for one already touched only the page
 tables. One call over a whole slot stops the process's other threads for as long:
 ``mmap.madvise`` holds the GIL through it, and the kernel holds the process's memory-map lock,
-which any thread that maps memory (an allocator growing, a new slot mapped) must wait for. The
-daemon's event loop waited so for a spare being populated (a first save's CommitShard took
-3.7 s once), and a trainer's training thread for a slot mapped in the background.
+which any thread that maps memory (an allocator growing, a new slot mapped) must wait for: the
+daemon's event loop behind a spare being populated, a trainer's training thread behind a slot
+mapped in the background (docs/architecture.md, "Populating in steps").
 ``populate`` makes the call through ctypes (the GIL released) in ``STEP_BYTES`` steps (the
 lock released between them), so another thread waits one step at most.
 
