@@ -179,7 +179,9 @@ def table(res: dict[str, Any]) -> str:
                "disk rows against the fsync floor)")
     out.append(f"per tensor beyond the floor: save {res.get('per_tensor_save_us')} us, restore "
                f"{res.get('per_tensor_restore_us')} us; first save / steady = "
-               f"{res.get('ckptd_first_save_over_steady')}")
+               f"{res.get('ckptd_first_save_over_steady')}, prepared ahead = "
+               f"{res.get('ckptd_prepared_first_save_over_steady')} (over its own later saves "
+               f"{res.get('ckptd_prepared_first_save_over_its_later')}; prepare waited {res.get('ckptd_prepare_s')} s)")
     out.append(f"ckptd_stall/floor = {res['ckptd_stall_over_floor']} (paired per rep: "
                f"{_r(res.get('ckptd_stall_over_floor_paired'))}); ckptd_stall/dlrover = "
                f"{res['ckptd_stall_over_dlrover']} (paired: {_r(res.get('ckptd_stall_over_dlrover_paired'))}); "

@@ -46,7 +46,11 @@ instead of the GPT-like one; the peers are skipped): ``per_tensor_save_us`` is
 (ckptd_stall_s - floor_s) / tensors and ``per_tensor_restore_us`` (restore_memory_s -
 restore_floor_s) / tensors, in microseconds. ``ckptd_warmup_stalls_s`` are the warm-up saves'
 stalls (the first ones fill new slots); ``ckptd_first_save_over_steady`` the first against the
-median.
+median. The same first save with its slots prepared ahead (``_stall_prepared``: a second daemon,
+a new job, ``prepare_save(state)`` waited for, then its first save): ``ckptd_prepare_s`` (the
+wait for the preparation), ``ckptd_prepared_first_save_s`` and
+``ckptd_prepared_first_save_over_steady`` (against the same median; against that daemon's own
+later saves, taken in the same minute: ``ckptd_prepared_first_save_over_its_later``).
 
 Disk drain, against the fsync floor:
   fsync_buffered_s      the same bytes (the shard's size) written sequentially in 8 MiB blocks
@@ -75,8 +79,8 @@ DLRover; ``--quick`` is ``--size-mib 64 --reps 3 --warmup 2``.
 
 This file is the command line and the run; the pieces live beside it: ``_stall_floor`` (the
 memcpy and fsync floors), ``_stall_daemon`` (the ckptd daemon), ``_stall_peers`` (DCP, DLRover,
-torch.save) and ``_stall_report`` (summary, table, log), ``_stall_restore`` (the restore series); ``_util``
-builds the state.
+torch.save) and ``_stall_report`` (summary, table, log), ``_stall_restore`` (the restore series),
+``_stall_prepared`` (the prepared first save); ``_util`` builds the state.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ from typing import Any
 from _stall_daemon import SLOT_ALIGN, Daemon, stall_diagnostics
 from _stall_floor import FloorCopier, write_buffered, write_direct
 from _stall_peers import DlroverPeer, child_main, run_child, torch_save_series
+from _stall_prepared import prepared_first_save
 from _stall_report import (
     log,
     machine_context,
@@ -265,6 +270,8 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     restore_series(res, s, mgr, state, copier, args.reps)
 
     summarize_core(res, s, stall_diagnostics(mgr, state, daemon_slots), daemon, timed_steps, direct_error)
+    log("prepared first save: prepare_save on a second daemon, then its first save")
+    prepared_first_save(res, state, workdir, sock_dir, tag, budget, durable_timeout, args.reps)
     res["ckptd_stall_over_floor_paired"] = median(paired_floor)
     summarize_dlrover(res, s["dlrover_stall"], paired_dl, dl.info if dl is not None else {}, "dlrover" in peers)
 

@@ -6,6 +6,8 @@ Run by ``examples/demo.py`` as ``world_size`` separate processes (torch.distribu
 * at start-up, ``CheckpointManager.restore(state)`` fills the model, optimizer, scheduler and
   RNG state in place from the newest committed step (``None`` on a fresh start), and the loop
   continues from the step after it;
+* after a restore, ``prepare_save(state)`` has the slots of the first save made and mapped in
+  the background (a fresh start has no optimizer state to size them by before its first step);
 * after every optimizer step, ``save(step, state)`` stages this rank's state into the daemon's
   shared memory and returns; the daemon drains it to disk in the background.
 
@@ -190,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             restored = {"step": step, "served_from": info.served_from, "seconds": info.seconds}
             start = step + 1
             log(rank, f"restored step {step} from {info.served_from} in {info.seconds * 1000:.1f} ms")
+            # the state has its saved shapes (the optimizer's too): have the slots of the next
+            # save made and mapped while training resumes (optional; returns at once)
+            manager.prepare_save(state)
         else:
             log(rank, "no checkpoint yet: fresh start")
 

@@ -37,6 +37,9 @@ def test_stall_bench_small_run_prints_json(tmp_path: Path) -> None:
     assert res["restore_served_from"] == ["memory"]
     assert isinstance(res["per_tensor_save_us"], float) and isinstance(res["per_tensor_restore_us"], float)
     assert len(res["ckptd_warmup_stalls_s"]) == 3
+    assert res["ckptd_prepare_s"] > 0 and res["ckptd_prepared_slots"] == 2  # the budget holds two slots
+    assert res["ckptd_prepared_first_save_s"] > 0 and res["ckptd_prepared_first_save_over_steady"] > 0
+    assert len(res["ckptd_prepared_later_saves_s"]) == 2 and res["ckptd_prepared_first_save_over_its_later"] > 0
     assert res["torch_save_s"] is None and res["dcp_async_blocking_s"] is None and res["dlrover_stall_s"] is None
     assert res["ckptd_slots_after_timed"] == 2  # the two slots were reused, not re-created
     assert res["machine"]["torch_version"]

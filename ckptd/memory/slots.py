@@ -17,15 +17,15 @@ wrong byte, since both paths write the same pages.
 A save lease may ask for spares (``spare=True``): when its owner is left with no free slot and
 is under its slot cap, the owner's remaining slots are created one by one (fallocate'd and
 faulted in) by a background task the pool owns, so the pool grows during a job's first steps and
-not at whichever later step first finds every slot busy. A lease that would grow the pool while
-its owner's spares are being made waits for the next one instead (unless it may not wait). A
-spare only takes room the budget has free (it never evicts); being empty, any lease may take its
-room back.
+not at whichever later step first finds every slot busy; ``start_spares`` does it on request
+(PrepareSave, ckptd/save/prepare.py). A lease that would grow the pool while its owner's spares
+are being made waits for the next one instead (under skip too: that slot is being made). A
+spare only takes room the budget has free (it never evicts); any lease may take an empty one.
 
-The pool keeps ``sum(capacity) + bytes of spares being created <= budget_bytes``. When no slot
+The pool keeps ``sum(capacity) + bytes of slots being created <= budget_bytes``. When no slot
 can be had, a lease waits on a condition (back-pressure) up to its timeout, or fails at once
-under the skip policy: never an unbounded allocation. Which slots may be reused is decided by
-the caller's ``reusable`` predicate (the catalog knows which steps must stay in memory).
+under the skip policy: never an unbounded allocation. The caller's ``reusable`` predicate decides
+which slots may be reused (the catalog knows which steps must stay in memory).
 """
 
 from __future__ import annotations
@@ -45,20 +45,25 @@ from typing import Any, Final
 
 from ckptd.core import failpoints
 from ckptd.core.errors import BudgetExhausted, CkptdError, InvalidArgument
+from ckptd.core.populate import populate as populate_mapping
 from ckptd.core.types import SLOT_ALIGN_BYTES
 
 log = logging.getLogger("ckptd.shm")
 
-MADV_POPULATE_WRITE: Final = 23  # Linux >= 5.14: fault a range's pages in, writable, in one call
 _SUFFIX = ".bin"
 _META_SUFFIX = ".meta.json"
 
 
+def slot_bytes(nbytes: int) -> int:
+    """The capacity of a slot made for a shard of nbytes (aligned up, one alignment unit at least)."""
+    return max(SLOT_ALIGN_BYTES, (nbytes + SLOT_ALIGN_BYTES - 1) // SLOT_ALIGN_BYTES * SLOT_ALIGN_BYTES)
+
+
 def populate(slot: Slot) -> None:
-    """Fault the slot's pages into this process's mapping, writable, in one call (blocking); a
+    """Fault the slot's pages into this process's mapping, writable (blocking, ckptd/core/populate.py); a
     kernel without MADV_POPULATE_WRITE (before 5.14) leaves it to the first access."""
     try:
-        slot.mm.madvise(MADV_POPULATE_WRITE)
+        populate_mapping(slot.mm)  # in steps, the GIL released: the event loop is held up one step at most
     except (OSError, ValueError):  # no such advice, or the slot was destroyed meanwhile
         return
     slot.fresh = False  # mapped here now: no reason left to write it through its file
@@ -123,7 +128,7 @@ class SlotPool:
         self.slots: dict[str, Slot] = {}
         self._cond = asyncio.Condition()
         self._spares: dict[tuple[str, int], asyncio.Task[None]] = {}  # owner -> its spare being made
-        self._reserved_bytes = 0  # capacity of the spares being made
+        self._reserved_bytes = 0  # capacity of the slots being made
         self._populating: dict[str, asyncio.Task[None]] = {}  # slot_id -> populate_soon's task
 
     @property
@@ -175,20 +180,12 @@ class SlotPool:
         return found
 
     # -- leasing ----------------------------------------------------------------------------
-    async def lease(
-        self,
-        owner: tuple[str, int],
-        nbytes: int,
-        reusable: Callable[[Slot], bool],
-        wait: bool,
-        timeout_s: float,
-        max_slots_per_owner: int,
-        spare: bool = False,
-        prefer: str | None = None,
-    ) -> Slot:
+    async def lease(self, owner: tuple[str, int], nbytes: int, reusable: Callable[[Slot], bool], wait: bool,
+                    timeout_s: float, max_slots_per_owner: int, spare: bool = False,
+                    prefer: str | None = None) -> Slot:
         """Return a slot of at least nbytes for owner, marked ``writing``, its sidecar removed;
         with ``spare``, make the owner's remaining slots in the background if it has none free."""
-        need = max(SLOT_ALIGN_BYTES, (nbytes + SLOT_ALIGN_BYTES - 1) // SLOT_ALIGN_BYTES * SLOT_ALIGN_BYTES)
+        need = slot_bytes(nbytes)
         if need > self.budget_bytes:
             raise BudgetExhausted(
                 f"a shard of {nbytes} bytes does not fit the shm budget of {self.budget_bytes} "
@@ -197,16 +194,17 @@ class SlotPool:
         deadline = time.monotonic() + timeout_s
         async with self._cond:
             while True:
-                # While the owner's spares are being made, a waiting lease takes the next one as it
-                # lands (never slower than making another, nor twice the work) instead of growing.
-                grow = not (wait and owner in self._spares)
-                slot = await self._try_lease(owner, nbytes, need, reusable, max_slots_per_owner, grow, prefer)
+                # While the owner's spares are being made (after a save, or asked ahead by
+                # PrepareSave), a lease takes the next one as it lands (never slower than making
+                # another, nor twice the work) instead of growing; under skip too.
+                making = owner in self._spares
+                slot = await self._try_lease(owner, nbytes, need, reusable, max_slots_per_owner, not making, prefer)
                 if slot is not None:
                     if spare:
                         self._plan_spares(owner, need, reusable, max_slots_per_owner)
                     return slot
                 remaining = deadline - time.monotonic()
-                if not wait or remaining <= 0:
+                if (not wait and not making) or remaining <= 0:
                     raise BudgetExhausted(
                         f"no shm slot free for {owner[0]} rank {owner[1]} within the budget of "
                         f"{self.budget_bytes} bytes ({self.bytes_in_use} in use)"
@@ -217,16 +215,8 @@ class SlotPool:
                 except TimeoutError:
                     pass
 
-    async def _try_lease(
-        self,
-        owner: tuple[str, int],
-        nbytes: int,
-        need: int,
-        reusable: Callable[[Slot], bool],
-        max_slots_per_owner: int,
-        grow: bool = True,
-        prefer: str | None = None,
-    ) -> Slot | None:
+    async def _try_lease(self, owner: tuple[str, int], nbytes: int, need: int, reusable: Callable[[Slot], bool],
+                         max_slots_per_owner: int, grow: bool = True, prefer: str | None = None) -> Slot | None:
         mine = [s for s in self.slots.values() if s.owner == owner]
         free = [s for s in mine if not s.writing and s.readers == 0 and reusable(s)]
         fitting = sorted((s for s in free if s.capacity >= nbytes), key=lambda s: (s.slot_id != prefer, s.last_used_s))
@@ -257,7 +247,7 @@ class SlotPool:
             s.writing, s.content = True, None
         for s in to_free:
             await asyncio.to_thread(self._destroy, s)
-        slot = await asyncio.to_thread(self._create, need)
+        slot = await self._create_counted(need, self._create)
         slot.owner = owner
         slot.writing = True
         self.slots[slot.slot_id] = slot
@@ -273,18 +263,23 @@ class SlotPool:
             return
         if any(not s.writing and s.readers == 0 and reusable(s) and s.capacity >= need for s in mine):
             return
-        self._spares[owner] = asyncio.create_task(self._make_spares(owner, need, max_slots_per_owner),
-                                                  name=f"spare-slots-{owner[0]}-{owner[1]}")
+        self.start_spares(owner, need, max_slots_per_owner)
 
-    async def _make_spares(self, owner: tuple[str, int], need: int, max_slots_per_owner: int) -> None:
+    def start_spares(self, owner: tuple[str, int], need: int, target: int) -> asyncio.Task[None] | None:
+        """Make slots of ``need`` bytes for owner, populated, in the background until it has ``target``
+        slots or the budget has no free room (never evicting); the task already at it, if any."""
+        task = self._spares.get(owner)
+        if task is None and sum(1 for s in self.slots.values() if s.owner == owner) < target \
+                and self.bytes_in_use + need <= self.budget_bytes:
+            task = self._spares[owner] = asyncio.create_task(self._make_spares(owner, need, target),
+                                                             name=f"spare-slots-{owner[0]}-{owner[1]}")
+        return task
+
+    async def _make_spares(self, owner: tuple[str, int], need: int, target: int) -> None:
         try:
-            while (sum(1 for s in self.slots.values() if s.owner == owner) < max_slots_per_owner
+            while (sum(1 for s in self.slots.values() if s.owner == owner) < target
                    and self.bytes_in_use + need <= self.budget_bytes):
-                self._reserved_bytes += need
-                try:
-                    slot = await asyncio.to_thread(self._create_populated, need)
-                finally:
-                    self._reserved_bytes -= need
+                slot = await self._create_counted(need, self._create_populated)
                 slot.owner = owner
                 self.slots[slot.slot_id] = slot
                 await self.notify()
@@ -293,6 +288,14 @@ class SlotPool:
         finally:
             self._spares.pop(owner, None)
             await self.notify()  # a lease waiting for a spare may grow the pool itself now
+
+    async def _create_counted(self, need: int, create: Callable[[int], Slot]) -> Slot:
+        """Make a slot off the loop, its bytes in ``bytes_in_use`` meanwhile (nothing else takes that room)."""
+        self._reserved_bytes += need
+        try:
+            return await asyncio.to_thread(create, need)
+        finally:
+            self._reserved_bytes -= need
 
     def _create_populated(self, capacity: int) -> Slot:
         slot = self._create(capacity)
@@ -309,15 +312,11 @@ class SlotPool:
         task.add_done_callback(lambda _t: self._populating.pop(slot.slot_id, None))
 
     async def stop(self) -> None:
-        """Wait for the spares being created (seconds at most: one fallocate each) and the
-        slots being populated."""
+        """Wait for the spares being created (seconds at most each) and the slots being populated."""
         await asyncio.gather(*self._spares.values(), *self._populating.values(), return_exceptions=True)
 
     async def _take(self, slot: Slot, owner: tuple[str, int]) -> Slot:
-        slot.writing = True
-        slot.owner = owner
-        slot.content = None
-        slot.last_used_s = time.monotonic()
+        slot.writing, slot.owner, slot.content, slot.last_used_s = True, owner, None, time.monotonic()
         slot.meta_path.unlink(missing_ok=True)  # tmpfs: microseconds, no thread hop needed
         return slot
 

@@ -26,6 +26,7 @@ from ckptd.peers.membership import Membership
 from ckptd.restore.queries import StepQueries
 from ckptd.restore.service import RestoreService
 from ckptd.rpc.convert import level_from_pb, step_status_to_pb, tier_statuses
+from ckptd.save.prepare import prepare_save
 from ckptd.save.service import SavePath
 
 log = logging.getLogger("ckptd.server")
@@ -84,6 +85,13 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             lease_id=lease.lease_id, slot_path=str(lease.slot.path),
             slot_capacity_bytes=lease.slot.capacity, chunk_bytes=self.chunk_bytes,
         )
+
+    @_rpc
+    async def PrepareSave(self, request: pb.PrepareSaveRequest, context: Any) -> pb.PrepareSaveResponse:
+        slots, wanted = await prepare_save(self.saves, request.job, request.rank, request.world_size,
+                                           request.nbytes, request.slots)
+        return pb.PrepareSaveResponse(slots_wanted=wanted, slots=[pb.RestoreSlot(
+            job=request.job, rank=request.rank, slot_path=str(s.path), capacity_bytes=s.capacity) for s in slots])
 
     @_rpc
     async def CommitShard(self, request: pb.CommitShardRequest, context: Any) -> pb.CommitShardResponse:

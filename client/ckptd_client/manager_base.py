@@ -1,9 +1,10 @@
 """ManagerBase: the training-side API of ckptd for plain tensors (``CheckpointManager`` adds DTensors).
 
 ``save`` copies the state into a daemon-owned shm slot (``overlap=True``: returns once the copy
-is issued, overlap.py) and commits; ``restore`` fills it in place from the nearest valid tier.
-Blocking gRPC, no event loop; a slot the daemon prepared for this rank's restore is mapped ahead
-(restore/premap.py); never imports boto3 or the daemon's tiers. The DCP plugin builds on this class.
+is issued, overlap.py; ``prepare_save``: its slots made and mapped ahead, save_prep.py) and
+commits; ``restore`` fills it in place from the nearest valid tier. Blocking gRPC, no event
+loop; a slot the daemon prepared for this rank's restore is mapped ahead (restore/premap.py); never
+imports boto3 or the daemon's tiers. The DCP plugin builds on this class.
 
 A save that cannot be taken (daemon down, no room in the byte budget under the skip policy, a
 timeout) does not raise by default: the handle records the error, a warning is logged, and
@@ -21,13 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
-from ckptd.core.errors import (
-    BudgetExhausted,
-    CkptdError,
-    FailedPrecondition,
-    NotFound,
-    TierFailed,
-)
+from ckptd.core.errors import BudgetExhausted, CkptdError, FailedPrecondition, NotFound, TierFailed
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client.agreement import agree_latest, restore_agreed
@@ -37,6 +32,7 @@ from ckptd_client.restore.premap import RestorePremap
 from ckptd_client.restore.stream import restore_streamed
 from ckptd_client.restore.strict import Strictness
 from ckptd_client.rpc import Connection
+from ckptd_client.save_prep import SavePreparation
 from ckptd_client.shard_save import ShardSaver
 from ckptd_client.tree import HoldsDTensor, holds_dtensor
 
@@ -202,8 +198,7 @@ class ManagerBase:
             else:
                 self._saver.fill_and_commit(begin, step, plan, self.checksum == "client", t0)
         except BudgetExhausted as exc:
-            handle.skipped = True
-            handle.error = exc
+            handle.skipped, handle.error = True, exc
             log.warning("ckptd: save of %s@%d skipped: %s", self.job, step, exc)
             if self.on_error == "raise":
                 raise
@@ -218,6 +213,12 @@ class ManagerBase:
         self.handles.append(handle)
         del self.handles[:-64]
         return handle
+
+    def prepare_save(self, state: Any, *, slots: int = 0) -> SavePreparation:
+        """Have the slots saves of ``state`` use made and mapped in the background, so the first save copies
+        at steady speed; returns at once, idempotent; ``wait()`` raises its error (save_prep.py)."""
+        self._overlap.drain()  # as save(): the planner's layout must not change under a copy in flight
+        return self._saver.prepare(state, slots)
 
     def _copy_failed(self, handle: SaveHandle, exc: BaseException) -> None:
         handle.error = exc if isinstance(exc, CkptdError) else CkptdError(f"overlapped copy failed: {exc!r}")
@@ -378,7 +379,7 @@ class ManagerBase:
     def _drop_premap(self) -> None:
         if self._premap is not None:
             self._premap.close()
-            self._premap = None
+        self._premap = None
 
     def _save_dtensors(self, step: int, state: Any) -> SaveHandle:  # CheckpointManager: through DCP
         raise TypeError("a state holding DTensors needs ckptd_client.CheckpointManager (it goes through DCP)")

@@ -3,7 +3,8 @@
 ``ShardSaver`` owns a manager's save-side state: the per-shape plans (``SavePlanner`` over the
 manager's ``LayoutMemo``), the slot mappings (``SlotMaps``; a slot's cached views are dropped
 before its mapping is closed) and the background ``SlotWarmer`` that maps this rank's spare slots
-ahead of need. ``plan(state)`` flattens and lays out the state (``tree.HoldsDTensor`` for a state
+ahead of need, and the ``SavePreparer`` that has them made and mapped before the first save
+(``prepare``). ``plan(state)`` flattens and lays out the state (``tree.HoldsDTensor`` for a state
 DCP must plan, TypeError for unsupported values); ``fill_and_commit(begin, step, plan, ...)``
 copies it into the leased slot, optionally computes the client-side checksums, and commits the
 shard; a state holding CUDA tensors gets its slot page-locked first (pinned.py). The collector is
@@ -29,8 +30,10 @@ from ckptd_client import gcpause
 from ckptd_client.pinned import PinnedSlots, holds_cuda
 from ckptd_client.rpc import Connection
 from ckptd_client.save_plan import SavePlan, SavePlanner
+from ckptd_client.save_prep import SavePreparation, SavePreparer
 from ckptd_client.slot_maps import SlotMaps
 from ckptd_client.slot_warmer import SlotWarmer
+from ckptd_client.tree import HoldsDTensor
 
 
 class ShardSaver:
@@ -42,8 +45,20 @@ class ShardSaver:
         self.plans = SavePlanner(layouts)
         self.pinned = pinned if pinned is not None else PinnedSlots()
         self.maps = SlotMaps(on_drop=self._drop)
-        self.warmer = SlotWarmer(conn, job, rank, self.maps,
-                                 on_mapped=lambda path: self.plans.warm(path, self.maps.base(path)))
+        self.warmer = SlotWarmer(conn, job, rank, self.maps, on_mapped=self._warm_views)
+        self.preparer = SavePreparer(conn, job, rank, world_size, self.maps, on_mapped=self._warm_views)
+
+    def _warm_views(self, path: str) -> None:  # a slot mapped ahead: the copy views of the layout too
+        self.plans.warm(path, self.maps.base(path))
+
+    def prepare(self, state: Any, slots: int = 0) -> SavePreparation:
+        """Plan state (its layout is reused by the next save) and have this rank's slots for it made,
+        mapped and viewed in the background (save_prep.py); a state of DTensors: nothing to do."""
+        try:
+            plan = self.plan(state)
+        except HoldsDTensor:  # DCP plans those at save time: nothing to size the slots by
+            return SavePreparation.skipped("a state of DTensors is planned by DCP at save time")
+        return self.preparer.start(plan.nbytes, slots)
 
     def plan(self, state: Any) -> SavePlan:
         """Flatten and lay out state; 10^5 tensors: no collector passes over the live state."""
@@ -88,6 +103,7 @@ class ShardSaver:
         self.pinned.forget(slot_path)
 
     def close(self) -> None:
+        self.preparer.close()
         self.warmer.close()
         self.maps.close()
 

@@ -11,8 +11,13 @@ the slot in again; it only reads through it and never closes it.
 
 Invariant: a mapping is closed only when evicted or at ``close``; the torch view over it (when
 torch is loaded) is dropped first, so no view outlives its mapping. ``warm`` (a background
-thread mapping a slot ahead of need, slot_warmer.py) adds a mapping only where there is room
-and never evicts one; the map's structure is guarded by a lock.
+thread mapping a slot ahead of need: slot_warmer.py, save_prep.py) adds a mapping only where
+there is room and never evicts one; the map's structure is guarded by a lock. A path is mapped
+by one caller at a time: a save that needs a slot ``warm`` is mapping waits for that mapping
+(begun earlier, so done sooner) instead of mapping it again. After ``close`` nothing is added:
+a mapping under way is closed, and populated in steps, it stops within one. The steps release
+the GIL and the memory-map lock between them (ckptd/core/populate.py), so a mapping made in the
+background stalls the training thread one step at most, not the whole slot.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap does not name it
+from ckptd.core.populate import populate
 
 
 class SlotMaps:
@@ -38,6 +43,8 @@ class SlotMaps:
         self._lock = threading.RLock()  # the save path and SlotWarmer's thread
         self.bases: dict[str, Any] = {}  # path -> uint8 torch tensor over the mapping (dropped first)
         self.max_maps = max_maps
+        self._mapping: dict[str, threading.Event] = {}  # paths warm() is mapping now (set when done)
+        self._closed = False
 
     def base(self, path: str) -> Any:
         """A uint8 torch tensor over the whole mapping of path, made once (None without torch)."""
@@ -71,47 +78,62 @@ class SlotMaps:
         """Map path ahead of need (SlotWarmer) unless mapped; never evicts a mapping: False when
         the map is full. The mapping is made outside the lock, so a save is not held up by it."""
         with self._lock:
-            if path in self.maps:
-                return True
-            if len(self.maps) >= self.max_maps:
+            if path in self.maps or path in self._mapping:
+                return path in self.maps or not self._closed
+            if self._closed or len(self.maps) >= self.max_maps:
                 return False
-        mm, ids = self._map(path)
-        with self._lock:
-            if path not in self.maps and len(self.maps) < self.max_maps:
-                self.maps[path], self.files[path] = mm, ids
-                return True
-        mm.close()
-        return path in self.maps
+            done = self._mapping[path] = threading.Event()
+        mm: mmap.mmap | None = None
+        try:
+            mm, ids = self._map(path, lambda: self._closed)
+            with self._lock:
+                if not self._closed and path not in self.maps and len(self.maps) < self.max_maps:
+                    self.maps[path], self.files[path], mm = mm, ids, None
+                    return True
+                return path in self.maps
+        finally:
+            with self._lock:
+                del self._mapping[path]
+            done.set()
+            if mm is not None:
+                mm.close()
 
     def get(self, path: str, capacity: int) -> mmap.mmap:
-        with self._lock:
-            mm = self.maps.get(path)
-            if mm is not None and len(mm) >= capacity:
-                self.maps.move_to_end(path)
-                return mm
-            self._drop(path)
-            mm, self.files[path] = self._map(path)
-            self.maps[path] = mm
-            self.mapped_count += 1
-            while len(self.maps) > self.max_maps:
-                old_path, old = self.maps.popitem(last=False)
-                self._drop(old_path)
-                try:
-                    old.close()
-                except BufferError:
-                    pass
+        while True:
+            with self._lock:
+                done = self._mapping.get(path)
+                if done is None:
+                    return self._get(path, capacity)
+            done.wait()  # warm() is mapping it: the mapping it makes is the one this save wants
+
+    def _get(self, path: str, capacity: int) -> mmap.mmap:
+        mm = self.maps.get(path)
+        if mm is not None and len(mm) >= capacity:
+            self.maps.move_to_end(path)
             return mm
+        self._drop(path)
+        mm, self.files[path] = self._map(path)
+        self.maps[path] = mm
+        self.mapped_count += 1
+        while len(self.maps) > self.max_maps:
+            old_path, old = self.maps.popitem(last=False)
+            self._drop(old_path)
+            try:
+                old.close()
+            except BufferError:
+                pass
+        return mm
 
     @staticmethod
-    def _map(path: str) -> tuple[mmap.mmap, tuple[int, int]]:
+    def _map(path: str, cancelled: Callable[[], bool] = lambda: False) -> tuple[mmap.mmap, tuple[int, int]]:
         fd = os.open(path, os.O_RDWR)
         try:
             st = os.fstat(fd)
             mm = mmap.mmap(fd, st.st_size)
         finally:
             os.close(fd)
-        try:
-            mm.madvise(MADV_POPULATE_WRITE)  # fault the page tables in once, not on every save
+        try:  # fault the page tables in once, not on every save
+            populate(mm, cancelled)
         except OSError:
             pass
         return mm, (st.st_dev, st.st_ino)
@@ -124,6 +146,7 @@ class SlotMaps:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for path in list(self.maps):
                 self._drop(path)
             self.bases.clear()

@@ -4,7 +4,7 @@ Each row is one hostile request to one RPC of CheckpointService and the status i
 BeginSave (ranks, node ranks, sizes, world-size mismatches, job names), CommitShard
 (dtype/shape/offset/size combinations, layouts, leases), AbortSave, GetStepStatus, WaitStep,
 ListSteps, ListJobs, PrepareRestore (world-size mismatch, ranks, steps), ReleaseRestore,
-GetManifest, DaemonStatus, DeleteStep, PinStep and RunRetention. Requests that need the daemon's
+GetManifest, DaemonStatus, DeleteStep, PinStep, RunRetention and PrepareSave. Requests that need the daemon's
 state (a committed job, a live or used lease) are built from the module's ``Env`` when the case
 runs; the ``check`` of an accepted request looks at the response (and the disk) to make sure
 nothing was done that should not be (the latest step not deleted, no pin file for an unknown job).
@@ -277,6 +277,21 @@ def _ckpt_cases() -> list[Case]:
         Case("RunRetention", "tier-upper-case", pb.RunRetentionRequest(tier="Disk"), C.INVALID_ARGUMENT, "tier"),
         Case("RunRetention", "tier-not-configured", pb.RunRetentionRequest(tier="object"), C.NOT_FOUND, "object"),
         Case("RunRetention", "unknown-job", pb.RunRetentionRequest(job="never-saved"), C.NOT_FOUND),
+        # PrepareSave (nothing is made for a refused request)
+        Case("PrepareSave", "job-traversal", pb.PrepareSaveRequest(job="../x", world_size=1, nbytes=8),
+             C.INVALID_ARGUMENT, "job name"),
+        Case("PrepareSave", "world-size-zero", pb.PrepareSaveRequest(job="j", nbytes=8), C.INVALID_ARGUMENT, "world"),
+        Case("PrepareSave", "rank-out-of-range", pb.PrepareSaveRequest(job="j", rank=2, world_size=2, nbytes=8),
+             C.INVALID_ARGUMENT, "rank"),
+        Case("PrepareSave", "rank-negative", pb.PrepareSaveRequest(job="j", rank=-1, world_size=2, nbytes=8),
+             C.INVALID_ARGUMENT, "rank"),
+        Case("PrepareSave", "nbytes-over-max-shard", pb.PrepareSaveRequest(job="j", world_size=1, nbytes=2**62),
+             C.INVALID_ARGUMENT, "max_shard_bytes"),
+        Case("PrepareSave", "slots-over-slots-per-rank", pb.PrepareSaveRequest(job="j", world_size=1, nbytes=8,
+                                                                                slots=4), C.INVALID_ARGUMENT,
+             "slots_per_rank"),
+        Case("PrepareSave", "shard-over-budget", pb.PrepareSaveRequest(job="j", world_size=1, nbytes=2**30),
+             C.RESOURCE_EXHAUSTED, "budget"),
     ] + [Case("CommitShard", f"tensor-meta-{i}", _commit([t]), C.INVALID_ARGUMENT, frag) for i, (t, frag) in enumerate([
         (TO(name="w", dtype="complex256", shape=[4], offset=0, nbytes=64), "dtype"),
         (TO(name="w", dtype="float32", shape=[4, 4, -1], offset=0, nbytes=64), "negative"),

@@ -56,6 +56,7 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "PinStep": {_BAD, C.NOT_FOUND},
     "RunRetention": {_BAD, C.NOT_FOUND},
     "SetPeers": {_BAD, C.FAILED_PRECONDITION},
+    "PrepareSave": {_BAD, C.RESOURCE_EXHAUSTED, C.UNAVAILABLE},
     "PushReplica": {_BAD, C.DATA_LOSS, C.ALREADY_EXISTS, C.RESOURCE_EXHAUSTED, C.DEADLINE_EXCEEDED},
     "FetchShard": {_BAD, C.NOT_FOUND, C.RESOURCE_EXHAUSTED, C.DEADLINE_EXCEEDED},
     "ListHoldings": {_BAD},

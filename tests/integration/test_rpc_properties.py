@@ -284,6 +284,22 @@ def test_run_retention(env: Env, req: pb.RunRetentionRequest) -> None:
     invariants(env)
 
 
+@FEW
+@example(req=pb.PrepareSaveRequest(job="pp", rank=0, world_size=1, nbytes=4096))
+@example(req=pb.PrepareSaveRequest(job="pp", rank=0, world_size=1, nbytes=64, slots=3))
+@given(req=st.builds(pb.PrepareSaveRequest, job=jobs, rank=int32s, world_size=int32s, nbytes=uint64s,
+                     slots=st.integers(0, 4)))
+def test_prepare_save(env: Env, req: pb.PrepareSaveRequest) -> None:
+    a = checked(env, "PrepareSave", req, timeout=30.0)
+    if a.code == C.OK:  # the rank's slots that fit, never more than slots_per_rank (2 here)
+        resp = pb.PrepareSaveResponse.FromString(a.responses[0])
+        assert resp.slots_wanted == (req.slots or 2) and len(resp.slots) <= 2
+        assert all(s.capacity_bytes >= req.nbytes and (s.job, s.rank) == (req.job, req.rank) for s in resp.slots)
+    elif req.slots <= 2 and req.nbytes <= 2**30 and req.job == "pp" and req.world_size == 1 and req.rank == 0:
+        assert a.code == C.RESOURCE_EXHAUSTED and req.nbytes > 2**26, a  # only a shard over the budget
+    invariants(env)
+
+
 # -- PeerService -------------------------------------------------------------------------------
 
 

@@ -56,3 +56,29 @@ def test_two_processes_resume_from_disk_after_daemon_restart(daemon_factory: Any
         assert r["identical"] is True, r
     assert [r["rank"] for r in resumed] == [0, 1]
     assert resumed[0]["digest"] == resumed[1]["digest"]  # DDP ranks hold the same weights
+
+
+def test_the_callback_prepares_the_first_save_after_the_first_step(daemon_factory: Any) -> None:
+    """Driven step by step (no Trainer loop): a step that does not save prepares the slots of
+    the state a save would hold (the optimizer's state exists by then); the first save maps
+    nothing: it copies into a slot prepared for its very size."""
+    import torch
+    from ckptd_client.integrations.hf import CkptdCallback
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    d = daemon_factory()
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()  # the optimizer's state is made at its first step
+    args = TrainingArguments(output_dir=str(d.root / "out"), report_to="none", use_cpu=True)
+    with CheckpointManager(unique_job("hfprep"), rank=0, world_size=1, addr=d.addr, on_error="raise") as m:
+        cb = CkptdCallback(m)
+        state = TrainerState(global_step=1)
+        cb.on_step_end(args, state, TrainerControl(should_save=False), model=model, optimizer=opt)
+        assert cb.preparation is not None and cb.preparation.wait(60)
+        assert cb.preparation.slots_mapped == cb.preparation.slots_ready >= 1
+        state.global_step = 2
+        cb.on_step_end(args, state, TrainerControl(should_save=True), model=model, optimizer=opt)
+        assert cb.saved_steps == [2] and m._saver.maps.mapped_count == 0  # into a prepared slot
+        assert cb.preparation.nbytes == m.handles[-1].nbytes

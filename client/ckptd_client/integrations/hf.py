@@ -10,7 +10,11 @@ every step with ``every_step=True``, ``on_step_end`` saves one step through
 "rng": {python, numpy, cpu}, "trainer_state": <TrainerState JSON>, "model_config": <config JSON>}``
 (``ckptctl export`` writes the last as ``config.json``), and clears ``control.should_save`` so
 the Trainer writes no checkpoint files of its own. Every rank saves its own shard (its RNG states
-differ). ``on_train_end`` waits until the newest save is on local disk.
+differ). ``on_train_end`` waits until the newest save is on local disk. At the end of the first
+step that does not save, the callback calls ``CheckpointManager.prepare_save`` with the state a
+save would hold, so the first save finds its slots made and mapped (save_prep.py); not in
+``on_train_begin``: torch optimizers make their state at their first step, so the shard's size
+is known only then (with ``every_step=True`` the first save comes first and takes the cold path).
 
 Resuming (``CkptdResumeMixin``, or ``CkptdTrainer`` = the mixin on ``Trainer``): the Trainer's
 own resume path runs unchanged (trainer state, epochs and batches skipped, the same data order,
@@ -44,6 +48,7 @@ from ckptd_client.agreement import agree_latest
 from ckptd_client.integrations.rng import rng_states, set_rng_states
 from ckptd_client.integrations.saved import build, saved_shard, saved_value
 from ckptd_client.manager import CheckpointManager
+from ckptd_client.save_prep import SavePreparation
 
 TRAINER_STATE_NAME = "trainer_state.json"
 RESUME_MARK = "ckptd-resume.json"
@@ -77,10 +82,14 @@ class CkptdCallback(TrainerCallback):
         self.every_step = every_step
         self.wait_at_end = wait_at_end
         self.saved_steps: list[int] = []
+        self.preparation: SavePreparation | None = None  # the save slots prepared after the first step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl:
         if not (control.should_save or self.every_step):
+            if self.preparation is None:  # the optimizer's state exists now: the shard has its size
+                ckpt = trainer_checkpoint(kwargs["model"], kwargs.get("optimizer"), kwargs.get("lr_scheduler"), state)
+                self.preparation = self.manager.prepare_save(ckpt)
             return control
         ckpt = trainer_checkpoint(kwargs["model"], kwargs.get("optimizer"), kwargs.get("lr_scheduler"), state)
         handle = self.manager.save(state.global_step, ckpt)

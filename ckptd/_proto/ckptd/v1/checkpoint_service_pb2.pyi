@@ -1336,3 +1336,67 @@ class RunRetentionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunRetentionResponse: _TypeAlias = RunRetentionResponse  # noqa: Y015
+
+@_typing.final
+class PrepareSaveRequest(_message.Message):
+    """Ahead of a rank's first save: the daemon makes the slots its saves of a shard of `nbytes` will
+    use (fallocate'd and faulted in, in the daemon), out of the budget's free room only (it never
+    evicts), and answers with them once made; the client maps them before the save needs them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    rank: _builtins.int
+    world_size: _builtins.int
+    nbytes: _builtins.int
+    """the shard's layout size (at most memory.max_shard_bytes)"""
+    slots: _builtins.int
+    """how many slots (0: as many as the rank's saves use; at most memory.slots_per_rank)"""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        world_size: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+        slots: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "nbytes", b"nbytes", "rank", b"rank", "slots", b"slots", "world_size", b"world_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareSaveRequest: _TypeAlias = PrepareSaveRequest  # noqa: Y015
+
+@_typing.final
+class PrepareSaveResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOTS_FIELD_NUMBER: _builtins.int
+    SLOTS_WANTED_FIELD_NUMBER: _builtins.int
+    slots_wanted: _builtins.int
+    """how many were asked for (after resolving 0)"""
+    @_builtins.property
+    def slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestoreSlot]:
+        """the rank's slots of at least nbytes, ready (prepared now or before)"""
+
+    def __init__(
+        self,
+        *,
+        slots: _abc.Iterable[Global___RestoreSlot] | None = ...,
+        slots_wanted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slots", b"slots", "slots_wanted", b"slots_wanted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareSaveResponse: _TypeAlias = PrepareSaveResponse  # noqa: Y015

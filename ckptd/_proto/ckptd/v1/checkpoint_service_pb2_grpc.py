@@ -114,6 +114,11 @@ class CheckpointServiceStub:
                 request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersRequest.SerializeToString,
                 response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersResponse.FromString,
                 _registered_method=True)
+        self.PrepareSave = channel.unary_unary(
+                '/ckptd.v1.CheckpointService/PrepareSave',
+                request_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareSaveRequest.SerializeToString,
+                response_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareSaveResponse.FromString,
+                _registered_method=True)
 
 
 class CheckpointServiceServicer:
@@ -216,6 +221,13 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareSave(self, request, context):
+        """Make (and fault in) this rank's save slots for a shard of nbytes ahead of its first save
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckpointServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +310,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.SetPeers,
                     request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersRequest.FromString,
                     response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersResponse.SerializeToString,
+            ),
+            'PrepareSave': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareSave,
+                    request_deserializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareSaveRequest.FromString,
+                    response_serializer=ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareSaveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -732,6 +749,33 @@ class CheckpointService:
             '/ckptd.v1.CheckpointService/SetPeers',
             ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersRequest.SerializeToString,
             ckptd_dot_v1_dot_checkpoint__service__pb2.SetPeersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareSave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckptd.v1.CheckpointService/PrepareSave',
+            ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareSaveRequest.SerializeToString,
+            ckptd_dot_v1_dot_checkpoint__service__pb2.PrepareSaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

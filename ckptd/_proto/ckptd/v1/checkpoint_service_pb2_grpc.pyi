@@ -54,6 +54,8 @@ class CheckpointServiceStub:
     PinStep: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PinStepRequest, _checkpoint_service_pb2.PinStepResponse]
     RunRetention: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.RunRetentionRequest, _checkpoint_service_pb2.RunRetentionResponse]
     SetPeers: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.SetPeersRequest, _checkpoint_service_pb2.SetPeersResponse]
+    PrepareSave: _grpc.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PrepareSaveRequest, _checkpoint_service_pb2.PrepareSaveResponse]
+    """Make (and fault in) this rank's save slots for a shard of nbytes ahead of its first save"""
 
 @_typing.type_check_only
 class CheckpointServiceAsyncStub(CheckpointServiceStub):
@@ -75,6 +77,8 @@ class CheckpointServiceAsyncStub(CheckpointServiceStub):
     PinStep: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PinStepRequest, _checkpoint_service_pb2.PinStepResponse]  # type: ignore[assignment]
     RunRetention: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.RunRetentionRequest, _checkpoint_service_pb2.RunRetentionResponse]  # type: ignore[assignment]
     SetPeers: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.SetPeersRequest, _checkpoint_service_pb2.SetPeersResponse]  # type: ignore[assignment]
+    PrepareSave: _aio.UnaryUnaryMultiCallable[_checkpoint_service_pb2.PrepareSaveRequest, _checkpoint_service_pb2.PrepareSaveResponse]  # type: ignore[assignment]
+    """Make (and fault in) this rank's save slots for a shard of nbytes ahead of its first save"""
 
 class CheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -189,5 +193,13 @@ class CheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _checkpoint_service_pb2.SetPeersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_checkpoint_service_pb2.SetPeersResponse, _abc.Awaitable[_checkpoint_service_pb2.SetPeersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PrepareSave(
+        self,
+        request: _checkpoint_service_pb2.PrepareSaveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_checkpoint_service_pb2.PrepareSaveResponse, _abc.Awaitable[_checkpoint_service_pb2.PrepareSaveResponse]]:
+        """Make (and fault in) this rank's save slots for a shard of nbytes ahead of its first save"""
 
 def add_CheckpointServiceServicer_to_server(servicer: CheckpointServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
