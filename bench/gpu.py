@@ -7,7 +7,7 @@ device), median of ``--reps`` after one warm-up each:
   buffer (``pin_memory=True``), synchronized: the device-to-host floor.
 - ``pageable_floor_s``: the same into ordinary (pageable) host memory.
 - ``ckptd_sync_stall_s``: ``CheckpointManager.save(step, state)`` into a ``ckptd serve`` daemon
-  (its slots page-locked by the client, client/ckptd_client/pinned.py), and ``pinned_bytes``,
+  (its slots page-locked by the client, client/ckptd_client/save/pinned.py), and ``pinned_bytes``,
   ``pin_register_s`` (registration, once per slot).
 - ``ckptd_overlap_return_s`` / ``ckptd_overlap_copied_s``: ``save(step, state, overlap=True)``:
   the time until it returns, and until ``handle.wait_copied()`` returns.

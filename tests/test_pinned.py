@@ -1,4 +1,4 @@
-"""Pinned slot mappings (client/ckptd_client/pinned.py): on a host without CUDA nothing is
+"""Pinned slot mappings (client/ckptd_client/save/pinned.py): on a host without CUDA nothing is
 pinned and the reason is given; a registration the driver refuses, or one past the budget, leaves
 the slot pageable with a warning, never an error; on a CUDA host a real slot mapping is
 page-locked once, counted, copied into from the device, and unregistered when dropped."""
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from ckptd_client.pinned import PinnedSlots
+from ckptd_client.save.pinned import PinnedSlots
 
 MiB = 2**20
 

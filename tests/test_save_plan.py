@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from ckptd_client.restore.walk import Restorer
-from ckptd_client.save_plan import SavePlanner
+from ckptd_client.save.save_plan import SavePlanner
 from ckptd_client.tree import copy_into, flatten
 
 from ckptd.core.layout import layout_to_pb, tensors_from_pb

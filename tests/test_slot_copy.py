@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ckptd_client.restore.slot_copy import PIECE_BYTES, ChunkVerifier, ClientVerifyFailed, SlotCopier
-from ckptd_client.slot_maps import SlotMaps
+from ckptd_client.save.slot_maps import SlotMaps
 
 from ckptd.core.errors import CkptdError
 from ckptd.core.integrity import chunk_crcs

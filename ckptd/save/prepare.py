@@ -6,7 +6,7 @@ host faults it in as well), and the client's page tables (docs/architecture.md, 
 goes"). ``prepare_save`` has the pool make the rank's slots for a shard of ``nbytes`` ahead of
 need (``SlotPool.start_spares``: fallocate'd and faulted in by the daemon, one after another,
 out of the budget's free room) and answers once they are made; the client maps them in the
-background (ckptd_client/save_prep.py), so its first save only copies.
+background (ckptd_client/save/prep.py), so its first save only copies.
 
 Invariants: never more slots than the rank's saves use (``memory.slots_per_rank``); never evicts
 (a budget without free room prepares fewer, possibly none, and the save path makes room as

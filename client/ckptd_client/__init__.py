@@ -27,8 +27,8 @@ from ckptd.core.errors import (
 )
 from ckptd.core.types import Level
 from ckptd_client.manager import CheckpointManager, RestoreInfo, SaveHandle
-from ckptd_client.overlap import StateChangedDuringCopy
 from ckptd_client.restore.strict import StateMismatchError
+from ckptd_client.save.overlap import StateChangedDuringCopy
 
 __all__ = [
     "AlreadyExists", "BudgetExhausted", "CheckpointManager", "CkptdError", "DaemonUnavailable",

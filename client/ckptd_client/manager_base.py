@@ -1,7 +1,7 @@
 """ManagerBase: the training-side API of ckptd for plain tensors (``CheckpointManager`` adds DTensors).
 
 ``save`` copies the state into a daemon-owned shm slot (``overlap=True``: returns once the copy
-is issued, overlap.py; ``prepare_save``: its slots made and mapped ahead, save_prep.py) and
+is issued, save/overlap.py; ``prepare_save``: its slots made and mapped ahead, save/prep.py) and
 commits; ``restore`` fills it in place from the nearest valid tier. Blocking gRPC, no event
 loop; a slot the daemon prepared for this rank's restore is mapped ahead (restore/premap.py); never
 imports boto3 or the daemon's tiers. The DCP plugin builds on this class.
@@ -26,14 +26,14 @@ from ckptd.core.errors import BudgetExhausted, CkptdError, FailedPrecondition, N
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd.core.types import Level, validate_job, validate_step
 from ckptd_client.agreement import agree_latest, restore_agreed
-from ckptd_client.overlap import CopyJob, OverlapSaver
 from ckptd_client.ranks import default_node_ranks, default_rank, join_peers
 from ckptd_client.restore.premap import RestorePremap
 from ckptd_client.restore.stream import restore_streamed
 from ckptd_client.restore.strict import Strictness
 from ckptd_client.rpc import Connection
-from ckptd_client.save_prep import SavePreparation
-from ckptd_client.shard_save import ShardSaver
+from ckptd_client.save.overlap import CopyJob, OverlapSaver
+from ckptd_client.save.prep import SavePreparation
+from ckptd_client.save.shard_save import ShardSaver
 from ckptd_client.tree import HoldsDTensor, holds_dtensor
 
 log = logging.getLogger("ckptd_client")
@@ -216,7 +216,7 @@ class ManagerBase:
 
     def prepare_save(self, state: Any, *, slots: int = 0) -> SavePreparation:
         """Have the slots saves of ``state`` use made and mapped in the background, so the first save copies
-        at steady speed; returns at once, idempotent; ``wait()`` raises its error (save_prep.py)."""
+        at steady speed; returns at once, idempotent; ``wait()`` raises its error (save/prep.py)."""
         self._overlap.drain()  # as save(): the planner's layout must not change under a copy in flight
         return self._saver.prepare(state, slots)
 

@@ -1,4 +1,4 @@
-"""Overlapped saves (client/ckptd_client/overlap.py): ``save(..., overlap=True)`` returns once the
+"""Overlapped saves (client/ckptd_client/save/overlap.py): ``save(..., overlap=True)`` returns once the
 copy is issued; the optimizer guard makes ``opt.step`` wait for the copy, and no longer; without
 the guard a state changed during the copy refuses the save (StateChangedDuringCopy) and nothing
 of that step is committed, so a restore brings back the step before it, intact."""

@@ -12,7 +12,7 @@ every step with ``every_step=True``, ``on_step_end`` saves one step through
 the Trainer writes no checkpoint files of its own. Every rank saves its own shard (its RNG states
 differ). ``on_train_end`` waits until the newest save is on local disk. At the end of the first
 step that does not save, the callback calls ``CheckpointManager.prepare_save`` with the state a
-save would hold, so the first save finds its slots made and mapped (save_prep.py); not in
+save would hold, so the first save finds its slots made and mapped (save/prep.py); not in
 ``on_train_begin``: torch optimizers make their state at their first step, so the shard's size
 is known only then (with ``every_step=True`` the first save comes first and takes the cold path).
 
@@ -48,7 +48,7 @@ from ckptd_client.agreement import agree_latest
 from ckptd_client.integrations.rng import rng_states, set_rng_states
 from ckptd_client.integrations.saved import build, saved_shard, saved_value
 from ckptd_client.manager import CheckpointManager
-from ckptd_client.save_prep import SavePreparation
+from ckptd_client.save.prep import SavePreparation
 
 TRAINER_STATE_NAME = "trainer_state.json"
 RESUME_MARK = "ckptd-resume.json"

@@ -24,7 +24,7 @@ from typing import Final
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd_client.rpc import Connection
-from ckptd_client.slot_maps import SlotMaps
+from ckptd_client.save.slot_maps import SlotMaps
 
 log = logging.getLogger("ckptd_client")
 POLL_S: Final = 0.05

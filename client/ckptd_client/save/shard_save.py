@@ -27,12 +27,12 @@ from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.integrity import chunk_crcs
 from ckptd.core.layout_memo import LayoutMemo
 from ckptd_client import gcpause
-from ckptd_client.pinned import PinnedSlots, holds_cuda
 from ckptd_client.rpc import Connection
-from ckptd_client.save_plan import SavePlan, SavePlanner
-from ckptd_client.save_prep import SavePreparation, SavePreparer
-from ckptd_client.slot_maps import SlotMaps
-from ckptd_client.slot_warmer import SlotWarmer
+from ckptd_client.save.pinned import PinnedSlots, holds_cuda
+from ckptd_client.save.prep import SavePreparation, SavePreparer
+from ckptd_client.save.save_plan import SavePlan, SavePlanner
+from ckptd_client.save.slot_maps import SlotMaps
+from ckptd_client.save.slot_warmer import SlotWarmer
 from ckptd_client.tree import HoldsDTensor
 
 
@@ -53,7 +53,7 @@ class ShardSaver:
 
     def prepare(self, state: Any, slots: int = 0) -> SavePreparation:
         """Plan state (its layout is reused by the next save) and have this rank's slots for it made,
-        mapped and viewed in the background (save_prep.py); a state of DTensors: nothing to do."""
+        mapped and viewed in the background (save/prep.py); a state of DTensors: nothing to do."""
         try:
             plan = self.plan(state)
         except HoldsDTensor:  # DCP plans those at save time: nothing to size the slots by

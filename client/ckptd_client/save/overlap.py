@@ -47,9 +47,9 @@ from typing import Any
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError
-from ckptd_client.pinned import holds_cuda
-from ckptd_client.save_plan import SavePlan
-from ckptd_client.shard_save import ShardSaver
+from ckptd_client.save.pinned import holds_cuda
+from ckptd_client.save.save_plan import SavePlan
+from ckptd_client.save.shard_save import ShardSaver
 
 log = logging.getLogger("ckptd_client")
 

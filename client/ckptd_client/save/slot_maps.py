@@ -11,7 +11,7 @@ the slot in again; it only reads through it and never closes it.
 
 Invariant: a mapping is closed only when evicted or at ``close``; the torch view over it (when
 torch is loaded) is dropped first, so no view outlives its mapping. ``warm`` (a background
-thread mapping a slot ahead of need: slot_warmer.py, save_prep.py) adds a mapping only where
+thread mapping a slot ahead of need: slot_warmer.py, save/prep.py) adds a mapping only where
 there is room and never evicts one; the map's structure is guarded by a lock. A path is mapped
 by one caller at a time: a save that needs a slot ``warm`` is mapping waits for that mapping
 (begun earlier, so done sooner) instead of mapping it again. After ``close`` nothing is added:

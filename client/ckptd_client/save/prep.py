@@ -32,7 +32,7 @@ import grpc
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd.core.errors import CkptdError, DaemonUnavailable, from_rpc_error
 from ckptd_client.rpc import Connection
-from ckptd_client.slot_maps import SlotMaps
+from ckptd_client.save.slot_maps import SlotMaps
 
 log = logging.getLogger("ckptd_client")
 RPC_TIMEOUT_S = 600.0  # the daemon makes the slots one after another (seconds per GiB at worst)
