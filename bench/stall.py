@@ -37,9 +37,14 @@ Save stall (the time the training loop is blocked), against the memcpy floor:
 
 Restore from the daemon's memory tier, after the save repetitions (``_stall_restore``):
   restore_floor_s       the same bytes copied back from the floor's pre-faulted mapping into the
-                        state's tensors, tensor by tensor (torch ``copy_``).
+                        state's tensors: the faster median of torch ``copy_`` tensor by tensor
+                        (restore_floor_torch_s) and 4 MiB pieces over a thread pool
+                        (restore_floor_pooled_s).
   restore_memory_s      ``CheckpointManager.restore(state)`` of the newest step, in place, served
-                        by the memory tier (``restore_served_from`` says which tier served it).
+                        by the memory tier (``restore_served_from`` says which tier served it),
+                        by the manager that saved it (it reads through its saves' mapping).
+  restore_memory_new_manager_s  the same by a manager made just before (the slot mapped anew, as
+                        by a trainer restarted after a crash).
 
 Per tensor (``--tensors N``: a state of N small fp32 tensors of ``--tensor-elems`` elements
 instead of the GPT-like one; the peers are skipped): ``per_tensor_save_us`` is
