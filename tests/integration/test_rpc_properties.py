@@ -14,14 +14,9 @@ and mutated bytes). For every example:
   every one of them had a CommitShard this test saw accepted (a step is never committed with a
   shard missing); slot bytes never exceed the budget.
 
-One daemon serves the module (``max_examples`` per RPC keeps the whole module near 35 s on
-two cores).
-
-The daemon and its starting state (``props_env``), the calling, checking and invariants live in
-_props_kit.py, the strategies in _props_strategies.py. The tests stay in this one module on purpose:
-they share one daemon and one ``Model`` of what it accepted (the invariants hold every committed
-step against the CommitShards this module saw accepted, across all the tests), and
-``test_every_rpc_was_exercised`` runs last and looks at the calls every other test made.
+One daemon serves the module (~35 s on two cores); its setup, the checks and the invariants are in
+_props_kit.py, the strategies in _props_strategies.py. One module on purpose: the tests share one
+daemon and one ``Model`` of what it accepted, and ``test_every_rpc_was_exercised`` runs last.
 """
 
 from __future__ import annotations
