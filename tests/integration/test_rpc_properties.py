@@ -4,9 +4,8 @@ Hypothesis draws request messages field by field, real values (known jobs, small
 leases) mixed with adversarial ones (any text, integer bounds, NaN, unknown enums, mutated layouts
 and bytes). For every example:
 
-* the call answers OK or one of the statuses the error table (ckptd/core/errors.py) documents for that
-  RPC, never UNKNOWN, INTERNAL or CANCELLED, and a refusal names its error class in the
-  ``ckptd-error`` trailing metadata;
+* the call answers OK or a status ckptd/core/errors.py documents for that RPC (never UNKNOWN,
+  INTERNAL or CANCELLED), a refusal naming its error class in the ``ckptd-error`` trailer;
 * the daemon stays healthy (grpc.health.v1 SERVING, the peer port answers Ping);
 * no state invariant breaks: every job listed is a valid name with a valid directory; a COMMITTED
   step's manifest holds exactly its node's ranks, each with a CommitShard seen accepted (never a
