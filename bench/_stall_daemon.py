@@ -1,6 +1,8 @@
 """ckptd as ``bench/stall.py`` runs it: a ``ckptd serve`` subprocess, and the fixed costs of a save.
 
-``Daemon`` starts the daemon in its own session, waits until it serves, parses its own disk-commit
+``serve_with_manager`` starts one and opens a ``CheckpointManager`` on it, both registered with a
+``Cleanup`` (the main series and the prepared one of ``bench/stall.py`` use it). ``Daemon`` starts
+the daemon in its own session, waits until it serves, parses its own disk-commit
 time per step from its "LOCAL_DURABLE" log lines, and stops it (SIGTERM, then SIGKILL of its
 group). ``stall_diagnostics`` times the client's flatten of the state and one RPC round trip.
 """
@@ -8,12 +10,13 @@ group). ``stall_diagnostics`` times the client's flatten of the state and one RP
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _util import MIB, ServeProcess, median
+from _util import MIB, Cleanup, ServeProcess, median
 
 SLOT_ALIGN = 2 * MIB  # ckptd.memory.slots.SLOT_ALIGN_BYTES
 _DURABLE_RE = re.compile(r"step (?P<job>\S+)@(?P<step>\d+) LOCAL_DURABLE \((?P<bytes>\d+) bytes in (?P<s>[0-9.]+)s\)")
@@ -35,6 +38,21 @@ class Daemon(ServeProcess):
             if m:
                 out[int(m["step"])] = float(m["s"])
         return out
+
+
+def serve_with_manager(cleanup: Cleanup, name: str, root: Path, shm_dir: Path, socket: Path, budget: int,
+                       log_path: Path, job: str) -> tuple[Daemon, Any]:
+    """A started ``Daemon`` (its shm dir removed by ``cleanup``, after the daemon stops) and a
+    ``CheckpointManager`` of ``job`` on it (closed first), each registered as ``name``."""
+    from ckptd_client import CheckpointManager
+
+    cleanup.add(f"{name} shm dir", lambda: shutil.rmtree(shm_dir, ignore_errors=True))
+    daemon = Daemon(root, shm_dir, socket, budget, log_path)
+    cleanup.add(f"{name} daemon", daemon.stop)
+    daemon.start()
+    mgr = CheckpointManager(job, rank=0, world_size=1, addr=str(daemon.socket), on_error="raise")
+    cleanup.add(f"{name} client", mgr.close)
+    return daemon, mgr
 
 
 def stall_diagnostics(mgr: Any, state: Any, rpc: Callable[[], int]) -> dict[str, float | None]:

@@ -15,29 +15,24 @@ The daemon, its files and the manager are removed before it returns, also after 
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from _stall_daemon import Daemon
+from _stall_daemon import serve_with_manager
 from _util import Cleanup, median
 
 
 def prepared_first_save(res: dict[str, Any], state: Any, workdir: Path, sock_dir: Path, tag: str, budget: int,
                         durable_timeout_s: float, reps: int) -> None:
-    from ckptd_client import CheckpointManager, Level
+    from ckptd_client import Level
 
     shm_dir = Path("/dev/shm") / f"ckptd-bench-prep-{tag}"
     res["temp_paths"].append(str(shm_dir))  # removed on return, like the others
     cleanup = Cleanup()
     try:
-        cleanup.add("prepared shm dir", lambda: shutil.rmtree(shm_dir, ignore_errors=True))
-        daemon = Daemon(workdir / "ckptd-root-prep", shm_dir, sock_dir / "prep.sock", budget, workdir / "prep.log")
-        cleanup.add("prepared daemon", daemon.stop)
-        daemon.start()
-        mgr = CheckpointManager("bench-prepared", rank=0, world_size=1, addr=str(daemon.socket), on_error="raise")
-        cleanup.add("prepared client", mgr.close)
+        _, mgr = serve_with_manager(cleanup, "prepared", workdir / "ckptd-root-prep", shm_dir, sock_dir / "prep.sock",
+                                    budget, workdir / "prep.log", "bench-prepared")
         t0 = time.perf_counter()
         prep = mgr.prepare_save(state)
         prep.wait()

@@ -103,7 +103,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _stall_daemon import SLOT_ALIGN, Daemon, stall_diagnostics
+from _stall_daemon import SLOT_ALIGN, serve_with_manager, stall_diagnostics
 from _stall_floor import FloorCopier, write_buffered, write_direct
 from _stall_peers import DlroverPeer, child_main, run_child, torch_save_series
 from _stall_prepared import prepared_first_save
@@ -141,7 +141,7 @@ def default_base_dir() -> Path:
 
 
 def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
-    from ckptd_client import CheckpointManager, Level
+    from ckptd_client import Level
 
     peers = [] if args.skip_peers else [p for p in args.peers.split(",") if p]
     base = Path(args.dir) if args.dir else default_base_dir()
@@ -183,12 +183,8 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     sock_dir = Path(tempfile.mkdtemp(prefix="ckb-", dir="/tmp"))
     cleanup.add("socket dir", lambda: shutil.rmtree(sock_dir, ignore_errors=True))
     shm_dir = Path("/dev/shm") / f"ckptd-bench-{tag}"
-    cleanup.add("ckptd shm dir", lambda: shutil.rmtree(shm_dir, ignore_errors=True))
-    daemon = Daemon(workdir / "ckptd-root", shm_dir, sock_dir / "ckptd.sock", budget, workdir / "ckptd.log")
-    cleanup.add("ckptd daemon", daemon.stop)
-    daemon.start()
-    mgr = CheckpointManager("bench", rank=0, world_size=1, addr=str(daemon.socket), on_error="raise")
-    cleanup.add("ckptd client", mgr.close)
+    daemon, mgr = serve_with_manager(cleanup, "ckptd", workdir / "ckptd-root", shm_dir, sock_dir / "ckptd.sock",
+                                     budget, workdir / "ckptd.log", "bench")
     res["ckptd_budget_bytes"] = budget
     res["temp_paths"] = [str(workdir), str(floor_shm.path), str(shm_dir), str(sock_dir)]  # all removed on exit
 

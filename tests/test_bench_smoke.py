@@ -13,20 +13,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def run_bench(script: str, *args: str) -> dict[str, Any]:
+    """Run ``bench/<script> args``; assert it exits 0 and return the JSON object of its last line."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    res: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return res
+
+
 def test_stall_bench_small_run_prints_json(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "stall.py"), "--size-mib", "32", "--reps", "2", "--json",
-         "--skip-peers", "--dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    last = proc.stdout.strip().splitlines()[-1]
-    res = json.loads(last)
+    res = run_bench("stall.py", "--size-mib", "32", "--reps", "2", "--json", "--skip-peers", "--dir", str(tmp_path))
     assert res["bytes"] > 30 * 2**20
     assert res["tensors"] >= 300
     assert res["floor_s"] > 0
@@ -51,15 +53,8 @@ def test_stall_bench_small_run_prints_json(tmp_path: Path) -> None:
 def test_goodput_bench_tiny_run_reports_every_method(tmp_path: Path) -> None:
     """A tiny bench/goodput.py run: real training steps, a real daemon, DCP; DLRover named through an
     interpreter that does not exist is reported unavailable with its reason, and the run goes on."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "goodput.py"), "--size-mib", "2", "--width", "64", "--batch", "4",
-         "--steps", "3", "--warmup", "1", "--json", "--dir", str(tmp_path),
-         "--dlrover-python", str(tmp_path / "no-such-python")],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_bench("goodput.py", "--size-mib", "2", "--width", "64", "--batch", "4", "--steps", "3", "--warmup", "1",
+                    "--json", "--dir", str(tmp_path), "--dlrover-python", str(tmp_path / "no-such-python"))
     assert res["steps"] == 3 and res["threads"] == 1 and res["state_bytes"] >= 2 * 2**20
     methods = res["methods"]
     assert set(methods) == {"none", "ckptd_sync", "ckptd_overlap", "dcp_async", "dlrover"}
@@ -79,13 +74,7 @@ def test_goodput_bench_tiny_run_reports_every_method(tmp_path: Path) -> None:
 
 def test_dcp_bench_small_run_prints_json(tmp_path: Path) -> None:
     """bench/dcp.py at 8 MiB: both backends save, the JSON names every figure, nothing is left."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "dcp.py"), "--size-mib", "8", "--reps", "1", "--json",
-         "--dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_bench("dcp.py", "--size-mib", "8", "--reps", "1", "--json", "--dir", str(tmp_path))
     assert res["bytes"] == 8 * 2**20
     for key in ("ckptd_blocked_s", "dcp_blocked_s", "ckptd_durable_s", "dcp_durable_s"):
         assert res[key] > 0 and len(res["samples"][key]) == 1, key
@@ -95,13 +84,7 @@ def test_dcp_bench_small_run_prints_json(tmp_path: Path) -> None:
 def test_scale_bench_small_run_prints_measured_and_model_figures() -> None:
     """bench/scale.py with three real daemons (one lost and restored) and a model of 200 nodes:
     the JSON has the measured figures, the model's per node count, and nothing is left behind."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "scale.py"), "--nodes", "3", "--steps", "2", "--model-nodes", "200",
-         "--iterations", "1", "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_bench("scale.py", "--nodes", "3", "--steps", "2", "--model-nodes", "200", "--iterations", "1", "--json")
     [m] = res["measured"]
     assert m["nodes"] == 3 and m["commit_replicated_s"] > 0 and m["commit_local_durable_s"] > 0
     rpcs = m["rpcs_per_step"]
@@ -128,13 +111,7 @@ def test_gpu_bench_runs_or_says_why_not(tmp_path: Path) -> None:
     tiny run that reports every figure."""
     import torch
 
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu.py"), "--json", "--size-mib", "8", "--reps", "1",
-         "--dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_bench("gpu.py", "--json", "--size-mib", "8", "--reps", "1", "--dir", str(tmp_path))
     if not torch.cuda.is_available():
         assert res == {"skipped": "no CUDA device"}
         return

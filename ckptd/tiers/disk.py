@@ -18,13 +18,15 @@ crash-point tests record and that ``fs.mutation`` failpoints count.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import logging
 import os
 import shutil  # noqa: F401 - the default FsOps.rmtree calls shutil.rmtree; tests patch it through here
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ckptd.core import failpoints
@@ -307,22 +309,14 @@ def read_verified_chunks(path: Path, entry: ShardEntry, dst: memoryview, chunks:
     """Read only ``chunks`` of ``path`` (a shard file) into ``dst`` at their offsets, each verified
     against its crc32c (a ranged restore; blocking). The other bytes of dst are left as they are."""
     n, chunk = entry.nbytes, entry.chunk_bytes
-    try:
-        with open(path, "rb", buffering=0) as f:
-            size = f.seek(0, 2)
-            if size != n:
-                raise IntegrityError(f"{path}: size {size} != {n} recorded in the manifest")
-            for index in chunks:
-                off, end = index * chunk, min(index * chunk + chunk, n)
-                got = os.preadv(f.fileno(), [dst[off:end]], off)
-                if got != end - off:
-                    raise IntegrityError(f"{path}: truncated in chunk {index}")
-                if first_bad_chunk(dst[off:end], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
-                    raise IntegrityError(f"{path}: crc32c mismatch in chunk {index} (offset {off})")
-    except FileNotFoundError:
-        raise NotFound(f"{path} is missing") from None
-    except OSError as exc:
-        raise TierFailed(f"disk tier: reading {path} failed: {exc}") from exc
+    with _open_shard(path, n) as f:
+        for index in chunks:
+            off, end = index * chunk, min(index * chunk + chunk, n)
+            got = os.preadv(f.fileno(), [dst[off:end]], off)
+            if got != end - off:
+                raise IntegrityError(f"{path}: truncated in chunk {index}")
+            if first_bad_chunk(dst[off:end], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
+                raise IntegrityError(f"{path}: crc32c mismatch in chunk {index} (offset {off})")
 
 
 def read_verified(path: Path, entry: ShardEntry, dst: memoryview, block_bytes: int,
@@ -330,26 +324,34 @@ def read_verified(path: Path, entry: ShardEntry, dst: memoryview, block_bytes: i
     """Read ``path`` (a shard file) into ``dst``, verifying size and each crc32c chunk as soon as
     it is complete; ``on_verified(n)`` after each chunk (blocking; run it in a worker thread)."""
     n, chunk = entry.nbytes, entry.chunk_bytes
+    with _open_shard(path, n) as f:
+        view = dst[:n]
+        got = verified = 0
+        while got < n:
+            k = f.readinto(view[got : got + min(block_bytes, chunk - got % chunk)])
+            if not k:
+                raise IntegrityError(f"{path}: truncated at {got} of {n} bytes")
+            got += k
+            if got == n or got % chunk == 0:
+                index = verified // chunk
+                if first_bad_chunk(view[verified:got], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
+                    raise IntegrityError(f"{path}: crc32c mismatch in chunk {index} (offset {verified})")
+                verified = got
+                if on_verified is not None:
+                    on_verified(verified)
+
+
+@contextlib.contextmanager
+def _open_shard(path: Path, nbytes: int) -> Iterator[io.FileIO]:
+    """``path`` (a shard file) open for unbuffered reads at offset 0, its size checked against the
+    manifest's; a missing file is NotFound, any other OS error (also while reading) TierFailed."""
     try:
-        with open(path, "rb", buffering=0) as f:
+        with io.FileIO(path, "rb") as f:
             size = f.seek(0, 2)
-            if size != n:
-                raise IntegrityError(f"{path}: size {size} != {n} recorded in the manifest")
+            if size != nbytes:
+                raise IntegrityError(f"{path}: size {size} != {nbytes} recorded in the manifest")
             f.seek(0)
-            view = dst[:n]
-            got = verified = 0
-            while got < n:
-                k = f.readinto(view[got : got + min(block_bytes, chunk - got % chunk)])
-                if not k:
-                    raise IntegrityError(f"{path}: truncated at {got} of {n} bytes")
-                got += k
-                if got == n or got % chunk == 0:
-                    index = verified // chunk
-                    if first_bad_chunk(view[verified:got], chunk, entry.chunk_crc32c[index : index + 1]) is not None:
-                        raise IntegrityError(f"{path}: crc32c mismatch in chunk {index} (offset {verified})")
-                    verified = got
-                    if on_verified is not None:
-                        on_verified(verified)
+            yield f
     except FileNotFoundError:
         raise NotFound(f"{path} is missing") from None
     except OSError as exc:

@@ -147,7 +147,7 @@ class CkptdStorageWriter(LazyManager, StorageWriter):
             data = planner.resolve_data(item)
             key = chunk_key(item.index)
             if item.type == WriteItemType.BYTE_IO:
-                raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
+                raw = _raw_bytes(data)
                 chunks[key] = np.frombuffer(raw, dtype=np.uint8)
                 size = len(raw)
             else:
@@ -191,7 +191,7 @@ class CkptdStorageWriter(LazyManager, StorageWriter):
             data = planner.resolve_data(item)
             key = chunk_key(item.index)
             if item.type == WriteItemType.BYTE_IO:
-                raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
+                raw = _raw_bytes(data)
                 values.append((key, raw))
                 size = len(raw)
             else:
@@ -247,3 +247,8 @@ class CkptdStorageWriter(LazyManager, StorageWriter):
             raise BudgetExhausted(f"DCP save of step {self.step} was skipped (no slot free in the budget)")
         if self.wait_level is not None and METADATA_KEY in state:  # the coordinator, last to save
             handle.wait(self.wait_level)
+
+
+def _raw_bytes(data: Any) -> bytes:
+    """A BYTE_IO write item's bytes (DCP hands a BytesIO, or a bytes-like object)."""
+    return data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
