@@ -42,8 +42,8 @@ CLIENT_FORBIDDEN = ("boto3", "botocore", "s3transfer", "zstandard", "aiofiles", 
 #: Distributions only the daemon (or the object tier, or the dev tools) uses: never a base dependency.
 DAEMON_ONLY_DISTS = {"boto3", "botocore", "s3transfer", "urllib3", "zstandard", "prometheus-client",
                      "grpcio-health-checking", "aiofiles", "torch", "moto"}
-#: Top-level modules of the base dependencies (grpcio, protobuf, numpy, crc32c) and of theirs.
-BASE_MODULES = {"grpc", "google", "numpy", "crc32c", "typing_extensions"}
+#: Top-level modules of the base dependencies (grpcio, protobuf, numpy, awscrt) and of theirs.
+BASE_MODULES = {"grpc", "google", "numpy", "awscrt", "_awscrt", "typing_extensions"}
 #: Modules a client-only install lacks; the probe below makes them unimportable.
 BLOCKER = """
 import sys
@@ -68,7 +68,7 @@ def test_base_dependencies_are_the_clients() -> None:
     """pyproject's base dependencies are what the client needs; the daemon's are in extras."""
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     base = {_dist_name(r) for r in project["dependencies"]}
-    assert base == {"grpcio", "protobuf", "numpy", "crc32c"}
+    assert base == {"grpcio", "protobuf", "numpy", "awscrt"}
     assert not base & DAEMON_ONLY_DISTS
     extras = project["optional-dependencies"]
     assert {"grpcio-health-checking", "prometheus-client"} <= {_dist_name(r) for r in extras["daemon"]}

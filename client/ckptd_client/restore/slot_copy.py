@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Final
 
-import crc32c as _crc32c
 import numpy as np
 
 from ckptd.core.errors import CkptdError, IntegrityError
+from ckptd.core.integrity import crc32c
 from ckptd.core.layout import chunk_count
 from ckptd_client.restore import pcopy
 
@@ -78,7 +78,7 @@ class ChunkVerifier:
         crc = 0
         for p in range(a, b, PIECE_BYTES):
             q = min(p + PIECE_BYTES, b)
-            crc = _crc32c.crc32c(self.buf[p:q], crc)
+            crc = crc32c(self.buf[p:q], crc)
             if on_piece is not None:
                 on_piece(p, q)
         if crc != self.crcs[index]:
