@@ -3,10 +3,15 @@
 Address resolution: explicit argument > ``CKPTD_ADDR`` (``unix:/path`` or a path) >
 ``CKPTD_DAEMON_SOCKET`` > ``{CKPTD_DAEMON_ROOT or /var/lib/ckptd}/run/ckptd.sock``.
 Every call goes through ``call``, which rebuilds the daemon's typed error (``ckptd.core.errors``).
+
+``call_later`` sends a request whose answer nobody waits for (a restore's lease release): the
+next ``call`` on this connection, and ``close``, first wait for it, so this client's calls still
+reach the daemon in the order they were made; a failure of it is logged, not raised.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -17,6 +22,7 @@ import grpc
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
 from ckptd.core.errors import DaemonUnavailable, from_rpc_error
 
+log = logging.getLogger("ckptd_client")
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -72,12 +78,28 @@ class Connection:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ])
         self.stub = pb_grpc.CheckpointServiceStub(self.channel)
+        self._later: list[Any] = []  # futures of call_later, waited for by the next call
 
     def call(self, method: Callable[..., T], request: Any, timeout_s: float | None = None) -> T:
+        if self._later:
+            self.settle()
         try:
             return method(request, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+
+    def call_later(self, method: Any, request: Any, what: str) -> None:
+        """Send ``request`` now and return at once; the next ``call`` or ``close`` waits for it."""
+        self._later.append((method.future(request, timeout=self.timeout_s), what))
+
+    def settle(self) -> None:
+        """Wait for every ``call_later`` sent so far; log (not raise) those that failed."""
+        later, self._later = self._later, []
+        for future, what in later:
+            try:
+                future.result()
+            except grpc.RpcError as err:
+                log.warning("ckptd: %s failed: %s", what, from_rpc_error(err))
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until the daemon answers, or raise DaemonUnavailable."""
@@ -87,4 +109,5 @@ class Connection:
             raise DaemonUnavailable(f"no ckptd daemon answers at {self.address}") from None
 
     def close(self) -> None:
+        self.settle()
         self.channel.close()

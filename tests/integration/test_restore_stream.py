@@ -148,3 +148,19 @@ def test_the_restore_slot_is_unmapped_after_the_restore_returns(daemon_factory):
         for t in [t for t in threading.enumerate() if t.name == "ckptd-unmap"]:
             t.join(10)
         assert mapped() == []
+
+
+def test_the_lease_is_released_behind_the_restore_and_before_the_next_call(daemon_factory, caplog):
+    """The restore returns without waiting for its ReleaseRestore; the client's next call waits
+    for it, so the daemon has freed the scratch slot by then. A release that fails is logged."""
+    d = _without_shm(daemon_factory, _saved(daemon_factory))
+    with manager(d.addr) as m:
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "disk")
+        assert m.conn._later, "the release was sent without waiting for its answer"
+        status = m.conn.call(m.conn.stub.DaemonStatus, pb.DaemonStatusRequest())
+        assert not m.conn._later and status.slots_busy == 0
+        m.conn.call_later(m.conn.stub.ReleaseRestore, pb.ReleaseRestoreRequest(lease_id="no-such-lease"),
+                          "releasing a lease that does not exist")
+        with caplog.at_level("WARNING", logger="ckptd_client"):
+            assert m.latest_step() == 1
+        assert "releasing a lease that does not exist failed" in caplog.text

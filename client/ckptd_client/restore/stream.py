@@ -4,7 +4,8 @@ The daemon announces the slot it is filling (``start``), then how much of it is 
 (``ready_bytes``); this module maps the slot and lets ``Restorer`` copy each piece as soon as it
 is verified, so the copy into the caller's tensors overlaps the daemon's read from disk or a peer
 instead of following it. A ``restart`` (the source failed part-way) voids the copy: the state is
-restored again from the next source's slot. The lease in ``done`` is always released.
+restored again from the next source's slot. The lease in ``done`` is always released, without
+waiting for the answer (rpc.Connection.call_later: the connection's next call waits for it).
 
 A whole-shard restore of a state (``restore_streamed``) asks to check the slot itself
 (``client_verifies``): the daemon then serves its memory copy unread, and the copy checks each
@@ -182,7 +183,8 @@ def read_streamed(conn: Connection, request: pb.PrepareRestoreRequest, consume: 
                 continue
     finally:
         s.unmap(background=True)
-        if s.done is not None and s.done.lease_id:
-            conn.call(conn.stub.ReleaseRestore, pb.ReleaseRestoreRequest(lease_id=s.done.lease_id))
+        if s.done is not None and s.done.lease_id:  # nothing reads the slot any more: no need to wait
+            conn.call_later(conn.stub.ReleaseRestore, pb.ReleaseRestoreRequest(lease_id=s.done.lease_id),
+                            f"releasing restore lease {s.done.lease_id}")
         else:
             call.cancel()
