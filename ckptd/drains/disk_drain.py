@@ -119,7 +119,7 @@ class DiskDrainer(Worker):
             return
         for slot in slots:
             assert slot is not None
-            slot.readers += 1
+            self.pool.hold(slot)
         if self.before_write is not None:
             await self.before_write(st)
         await self.catalog.set_tier(st, TierName.DISK, TierState.IN_PROGRESS)
