@@ -8,7 +8,9 @@ very slot being destroyed, its mapping was closed under it and the acknowledged 
 daemon's own parts (save path, restore service, memory source, step admin, slot pool) on real
 /dev/shm slots; the event loop's worker threads (``asyncio.to_thread``) run through an executor
 that holds the destroy until the save had its chance to lease, so the test does not depend on
-timing.
+timing. The soak's other loss under load, a staged step whose slots newer saves reused before
+the disk drain got to it (left PENDING, then forgotten), is driven the same way: the drain starts
+only after the reuse.
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ from ckptd.core.layout import TensorEntry
 from ckptd.core.object_config import ObjectSection
 from ckptd.core.types import Level, TierName
 from ckptd.drains.admin import StepAdmin
+from ckptd.drains.disk_drain import DiskDrainer
 from ckptd.drains.pins import PinStore
 from ckptd.drains.tasks import Shutdown, TaskSet
-from ckptd.memory.catalog import Catalog
+from ckptd.memory.catalog import Catalog, TierState
 from ckptd.memory.slots import Slot, SlotPool
 from ckptd.restore.planner import Restorer
 from ckptd.restore.service import RestoreService
 from ckptd.restore.sources.memory import MemorySource
 from ckptd.save.service import SaveLease, SavePath
+from ckptd.tiers.disk import DiskTier
 from tests.state_factory import byte_state
 
 MiB = 1 << 20
@@ -85,15 +89,15 @@ class Parts:
     admin: StepAdmin
 
 
-def build(shm_dir: Path, pins_dir: Path, executor: ThreadPoolExecutor) -> Parts:
-    """The daemon's parts as its wiring builds them, memory tier only: one rank, two slots of 2 MiB."""
+def build(shm_dir: Path, pins_dir: Path, executor: ThreadPoolExecutor, disk: DiskTier | None = None) -> Parts:
+    """The daemon's parts as its wiring builds them (no drain running): one rank, two slots of 2 MiB."""
     mem = MemorySection(budget_bytes=4 * MiB, slots_per_rank=2, wait_timeout_s=10.0)
     catalog, pool = Catalog(), SlotPool(shm_dir, mem.budget_bytes)
     pool.scan()
-    saves = SavePath(catalog, pool, None, executor, mem, TaskSet(), Shutdown(), lambda: None, lambda: None)
+    saves = SavePath(catalog, pool, disk, executor, mem, TaskSet(), Shutdown(), lambda: None, lambda: None)
     restorer = Restorer(catalog, pool, executor, mem.wait_timeout_s, [MemorySource(catalog, pool, executor)])
     restores = RestoreService(catalog, pool, restorer, executor, mem.lease_timeout_s)
-    admin = StepAdmin(catalog, pool, None, None, executor, DiskSection(), ObjectSection(), PinStore(pins_dir), {},
+    admin = StepAdmin(catalog, pool, disk, None, executor, DiskSection(), ObjectSection(), PinStore(pins_dir), {},
                       saves.saving)
     return Parts(catalog, pool, saves, restores, admin)
 
@@ -186,5 +190,34 @@ def test_a_slot_freed_while_read_is_destroyed_when_its_last_reader_lets_go(shm_d
         c = await pool.lease(("c", 0), N, lambda s: True, False, 0.0, 2)  # its room is free now
         assert not c.mm.closed and pool.bytes_in_use == 4 * MiB
         pool.close()
+
+    asyncio.run(run())
+
+
+def test_a_step_whose_slots_were_reused_before_its_drain_is_superseded_not_forgotten(shm_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    """The soak's other loss: the drain, busy with an older step, came back to find a staged step's
+    slots taken by newer saves; it never said what became of that step, which stayed PENDING at
+    the disk tier until the catalog forgot it ("acknowledged step 8 lost: ... not known")."""
+    async def run() -> None:
+        io = ThreadPoolExecutor(2)
+        disk = DiskTier(tmp_path / "data", direct_io=False)
+        p = build(shm_dir, tmp_path / "pins", io, disk)
+        for step in range(3):  # the drain is not running yet: step 2 takes step 0's slot (1 is newer)
+            await commit(p, await begin(p, step))
+            await p.pool.stop()
+        assert not p.catalog.require(JOB, 0).staged_in_slots
+        assert p.catalog.require(JOB, 0).state(TierName.DISK) == TierState.PENDING
+        drainer = DiskDrainer(p.catalog, p.pool, disk, DiskSection(direct_io=False), io)
+        drainer.start()
+        drainer.kick()
+        await p.catalog.wait_level(JOB, 2, Level.LOCAL_DURABLE, 30.0)
+        disk_state = {step: p.catalog.require(JOB, step).tiers.get(TierName.DISK) for step in range(3)}
+        assert disk_state[0] == (TierState.SKIPPED, "superseded: memory copy reused")  # before: None (PENDING)
+        assert disk_state[1] == (TierState.SKIPPED, "superseded by step 2")
+        assert disk.list_committed(JOB) == [2]
+        assert await drainer.stop(10.0)
+        p.pool.close()
+        io.shutdown()
 
     asyncio.run(run())
