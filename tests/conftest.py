@@ -2,7 +2,8 @@
 
 ``daemon_factory(**overrides)`` starts ``ckptd serve`` with a fresh root and shm directory (or
 given ones, to restart a node on the same state), waits until it answers, and returns a
-``DaemonProc``; every daemon is killed and its shm directory removed at teardown.
+``DaemonProc``; every daemon is killed and its shm directory removed at teardown. ``shm_dir`` is
+a fresh slot directory for the tests that build a ``SlotPool`` in process.
 
 Fixtures more than one folder uses live here too: ``moto_s3`` (session), a real S3 endpoint on
 127.0.0.1 (tests/tiers/_moto.py), ``proxy``, a fault-injecting proxy in front of it
@@ -120,6 +121,14 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
     for s in shm_dirs:
         shutil.rmtree(s, ignore_errors=True)
     shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A fresh slot directory for an in-process ``SlotPool`` (not created yet), removed at teardown."""
+    path = Path("/dev/shm") / f"ckptd-test-{uuid.uuid4().hex[:10]}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,23 +8,11 @@ budget's room was reserved for it); the spares stop at their target and at the b
 from __future__ import annotations
 
 import asyncio
-import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from ckptd.memory.slots import SlotPool
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    path = Path("/dev/shm") / f"ckptd-test-{uuid.uuid4().hex[:10]}"
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_skip_lease_takes_the_slot_being_made(shm_dir: Path) -> None:

@@ -3,8 +3,12 @@ one place that turns a servicer's exception into a gRPC status (daemon and peer 
 
 Servicers raise these; ``rpc_handler`` turns a ``CkptdError`` into its table code plus a
 ``ckptd-error`` trailing metadata entry naming the class, and the client rebuilds the same class
-with ``from_rpc_error``; a ValueError is an InvalidArgument; anything else is logged and answered
-INTERNAL without a traceback (and rebuilt as ``CkptdError``).
+with ``from_rpc_error``; anything else is logged and answered INTERNAL without a traceback (and
+rebuilt as ``CkptdError``). Only request checks answer INVALID_ARGUMENT: ``InvalidArgument``, and
+``InvalidValue`` from the name and number validators. A bare ValueError reaching here is the
+daemon's own fault (a closed mapping, a bad record), never the caller's bad input: it is INTERNAL
+(before, every ValueError was answered INVALID_ARGUMENT, so a slot's mapping closed under a
+restore reached the client as ``InvalidArgument: mmap closed or invalid``).
 
 Request bytes that do not parse never reach a handler as an exception inside grpc (which would answer
 UNKNOWN and log a traceback): the services register ``lenient`` deserializers, which turn a parse
@@ -37,6 +41,12 @@ class InvalidArgument(CkptdError, ValueError):
 
     code = grpc.StatusCode.INVALID_ARGUMENT
     exit_code = 2
+
+
+class InvalidValue(ValueError):
+    """A name or number outside its grammar (the validators of core/types.py): the caller's bad
+    input, answered INVALID_ARGUMENT like InvalidArgument. Not a CkptdError on purpose: code that
+    takes a CkptdError for a missing or damaged copy (a restore source's survey) lets it through."""
 
 
 class NotFound(CkptdError, LookupError):
@@ -200,7 +210,7 @@ def rpc_handler(
             return await fn(self, request, context)
         except CkptdError as exc:
             err: CkptdError = exc
-        except ValueError as exc:
+        except InvalidValue as exc:
             err = InvalidArgument(str(exc))
         except asyncio.CancelledError:
             raise

@@ -5,6 +5,8 @@ Invariants:
   no control characters, bounded length. Every name that reaches a file path or an object key
   passes ``validate_job`` first.
 - dtypes are named by the strings in ``DTYPE_ITEMSIZE``; nothing else is accepted on the wire.
+- A name or number out of its grammar raises ``InvalidValue`` (a ValueError, core/errors.py): the
+  validators check requests, so their error is the caller's bad input, answered INVALID_ARGUMENT.
 This module is imported by the client: it must stay free of heavy dependencies.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 import enum
 import re
 from typing import Final
+
+from ckptd.core.errors import InvalidValue
 
 
 class Level(enum.IntEnum):
@@ -72,15 +76,15 @@ _JOB_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def validate_job(job: str) -> str:
-    """Return ``job`` if it is a valid job name, else raise ValueError saying why."""
+    """Return ``job`` if it is a valid job name, else raise InvalidValue saying why."""
     if not isinstance(job, str) or not job:
-        raise ValueError("job name must be a non-empty string")
+        raise InvalidValue("job name must be a non-empty string")
     if len(job) > MAX_NAME_LEN:
-        raise ValueError(f"job name longer than {MAX_NAME_LEN} characters")
+        raise InvalidValue(f"job name longer than {MAX_NAME_LEN} characters")
     if ".." in job:
-        raise ValueError(f"job name {job!r} must not contain '..'")
+        raise InvalidValue(f"job name {job!r} must not contain '..'")
     if not _JOB_RE.fullmatch(job):
-        raise ValueError(
+        raise InvalidValue(
             f"job name {job!r} may only use letters, digits, '.', '_' and '-' and must start "
             "with a letter or digit"
         )
@@ -88,20 +92,20 @@ def validate_job(job: str) -> str:
 
 
 def validate_step(step: int) -> int:
-    """Return ``step`` if 0 <= step <= MAX_STEP, else raise ValueError."""
+    """Return ``step`` if 0 <= step <= MAX_STEP, else raise InvalidValue."""
     if isinstance(step, bool) or not isinstance(step, int):
-        raise ValueError(f"step must be an integer, got {type(step).__name__}")
+        raise InvalidValue(f"step must be an integer, got {type(step).__name__}")
     if step < 0 or step > MAX_STEP:
-        raise ValueError(f"step {step} out of range [0, {MAX_STEP}]")
+        raise InvalidValue(f"step {step} out of range [0, {MAX_STEP}]")
     return step
 
 
 def validate_rank(rank: int, world_size: int) -> None:
-    """Raise ValueError unless 1 <= world_size <= MAX_WORLD_SIZE and 0 <= rank < world_size."""
+    """Raise InvalidValue unless 1 <= world_size <= MAX_WORLD_SIZE and 0 <= rank < world_size."""
     if world_size < 1 or world_size > MAX_WORLD_SIZE:
-        raise ValueError(f"world_size {world_size} out of range [1, {MAX_WORLD_SIZE}]")
+        raise InvalidValue(f"world_size {world_size} out of range [1, {MAX_WORLD_SIZE}]")
     if rank < 0 or rank >= world_size:
-        raise ValueError(f"rank {rank} outside world_size {world_size}")
+        raise InvalidValue(f"rank {rank} outside world_size {world_size}")
 
 
 def validate_node_ranks(node_ranks: list[int] | tuple[int, ...], world_size: int,
@@ -112,11 +116,11 @@ def validate_node_ranks(node_ranks: list[int] | tuple[int, ...], world_size: int
     """
     ranks = tuple(sorted({int(r) for r in node_ranks}))
     if len(ranks) != len(node_ranks):
-        raise ValueError("node_ranks lists a rank twice")
+        raise InvalidValue("node_ranks lists a rank twice")
     if ranks and not 0 <= ranks[0] <= ranks[-1] < world_size:
-        raise ValueError(f"node_ranks must lie in [0, {world_size})")
+        raise InvalidValue(f"node_ranks must lie in [0, {world_size})")
     if ranks and rank is not None and rank not in ranks:
-        raise ValueError(f"rank {rank} is not among node_ranks")
+        raise InvalidValue(f"rank {rank} is not among node_ranks")
     return () if len(ranks) == world_size else ranks
 
 
@@ -144,9 +148,9 @@ NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def validate_node_id(node_id: str, what: str = "node id") -> str:
-    """Return node_id if it follows the allow-list grammar, else raise ValueError."""
+    """Return node_id if it follows the allow-list grammar, else raise InvalidValue."""
     if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id) or ".." in node_id:
-        raise ValueError(f"{what} {node_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
+        raise InvalidValue(f"{what} {node_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
                          "starting with a letter or digit (no '..')")
     return node_id
 
@@ -156,7 +160,7 @@ INCARNATION_RE: Final = re.compile(r"[A-Za-z0-9_-]{0,64}")
 def validate_incarnation(token: str) -> str:
     """Return a writer incarnation token ("" means unknown) if it is 0-64 letters, digits, '_' or '-'."""
     if not isinstance(token, str) or not INCARNATION_RE.fullmatch(token):
-        raise ValueError(f"incarnation {token[:80]!r} must be 0-64 letters, digits, '_' or '-'")
+        raise InvalidValue(f"incarnation {token[:80]!r} must be 0-64 letters, digits, '_' or '-'")
     return token
 
 SLOT_ALIGN_BYTES: Final = 2 * 2**20  # shm slots are sized in multiples of this: the smallest slot

@@ -3,7 +3,9 @@
 The drainer owns one task, started with the daemon and awaited on shutdown. It takes, per job,
 the newest step staged in memory that the disk tier has not handled (its shard files are
 written while the daemon still checksums the slots; the manifest waits for the checksums); older pending steps are
-marked SKIPPED (superseded) so a disk slower than the save rate never builds a queue. While a step
+marked SKIPPED (superseded) so a disk slower than the save rate never builds a queue, and so is a
+step whose slots newer saves reused before the drain got to it (the catalog lets a slot go once a
+newer step is committed in memory). While a step
 drains its slots are held for reading (readers), so they cannot be reused under the writer. Disk writes run
 in the daemon's I/O thread pool. After a commit, disk retention runs; it never deletes the newest
 committed step. A failed write marks the step FAILED at the disk tier and is reported; the memory
@@ -84,10 +86,15 @@ class DiskDrainer(Worker):
         """Newest pending in-memory step of any job; supersede older pending ones."""
         best: StepState | None = None
         for job in list(self.catalog.jobs):
-            pending = [
-                s for s in self.catalog.steps(job)
-                if s.staged_in_slots and s.state(TierName.DISK) == TierState.PENDING
-            ]
+            steps = self.catalog.steps(job)
+            for st in steps:
+                if st.state(TierName.DISK) == TierState.PENDING and st.state(TierName.MEMORY) == TierState.COMMITTED \
+                        and not st.staged_in_slots:
+                    # Staged in full once, its slots taken by newer saves (or a restore) before the
+                    # drain got to it: superseded, and said so (before, it stayed PENDING until the
+                    # catalog forgot it: an acknowledged step with no word of what became of it).
+                    await self.catalog.set_tier(st, TierName.DISK, TierState.SKIPPED, "superseded: memory copy reused")
+            pending = [s for s in steps if s.staged_in_slots and s.state(TierName.DISK) == TierState.PENDING]
             if not pending:
                 continue
             newest = pending[-1]
@@ -119,7 +126,7 @@ class DiskDrainer(Worker):
             return
         for slot in slots:
             assert slot is not None
-            slot.readers += 1
+            self.pool.hold(slot)
         if self.before_write is not None:
             await self.before_write(st)
         await self.catalog.set_tier(st, TierName.DISK, TierState.IN_PROGRESS)

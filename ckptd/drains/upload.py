@@ -217,7 +217,7 @@ class ObjectUploader(Worker):
         if rec is None or slot is None or slot.content is not rec:
             raise TierFailed(f"no valid local copy of {st.job}@{st.step} rank {rank} to upload: "
                              + ("; ".join(errors) or "memory copy evicted"))
-        slot.readers += 1
+        self.pool.hold(slot)
         view = slot.view(entry.nbytes)
         try:
             bad = await loop.run_in_executor(self.executor, first_bad_chunk, view, entry.chunk_bytes,

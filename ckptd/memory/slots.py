@@ -22,6 +22,14 @@ not at whichever later step first finds every slot busy; ``start_spares`` does i
 are being made waits for the next one instead (under skip too: that slot is being made). A
 spare only takes room the budget has free (it never evicts); any lease may take an empty one.
 
+Readers pin a slot (``hold``: a drain, a push, a peer serve, a restore, the crc pass) and let go
+with ``release_reader``; a pinned slot is never reused, evicted or closed. ``free`` (and an
+eviction) first *retires* the slot, at once and before any await: a retired slot is never leased
+or pinned again, and its mapping is closed and its file removed only once its last reader let go
+(before, ``free`` handed the slot to a thread to destroy, and a lease arriving meanwhile reused it:
+its save then lost its bytes with "mmap closed or invalid"). A retired slot counts against the
+budget until its bytes are freed.
+
 The pool keeps ``sum(capacity) + bytes of slots being created <= budget_bytes``. When no slot
 can be had, a lease waits on a condition (back-pressure) up to its timeout, or fails at once
 under the skip policy: never an unbounded allocation. The caller's ``reusable`` predicate decides
@@ -35,24 +43,19 @@ import json
 import logging
 import mmap
 import os
-import stat
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-from ckptd.core import failpoints
-from ckptd.core.errors import BudgetExhausted, CkptdError, InvalidArgument
+from ckptd.core.errors import BudgetExhausted, CkptdError, NotFound
 from ckptd.core.populate import populate as populate_mapping
 from ckptd.core.types import SLOT_ALIGN_BYTES
+from ckptd.memory.slot_files import META_SUFFIX, SUFFIX, Slot, create_slot, prepare_dir, remove_slot, write_sidecar
+
+__all__ = ["Slot", "SlotPool", "populate", "slot_bytes"]
 
 log = logging.getLogger("ckptd.shm")
-
-_SUFFIX = ".bin"
-_META_SUFFIX = ".meta.json"
-
 
 def slot_bytes(nbytes: int) -> int:
     """The capacity of a slot made for a shard of nbytes (aligned up, one alignment unit at least)."""
@@ -69,55 +72,6 @@ def populate(slot: Slot) -> None:
     slot.fresh = False  # mapped here now: no reason left to write it through its file
 
 
-@dataclass
-class Slot:
-    """One mapped slot file. ``content`` is the shard it holds (opaque to the pool)."""
-
-    slot_id: str
-    path: Path
-    capacity: int
-    mm: mmap.mmap
-    owner: tuple[str, int] | None = None  # (job, rank) the slot serves
-    writing: bool = False  # leased to a client for a save
-    readers: int = 0  # drains, pushes, peer serves and restores reading it (not reusable meanwhile)
-    content: Any = None
-    last_used_s: float = field(default_factory=time.monotonic)
-    fresh: bool = False  # pages not mapped writable here yet (see the module docstring)
-
-    @property
-    def meta_path(self) -> Path:
-        return self.path.with_name(self.path.name[: -len(_SUFFIX)] + _META_SUFFIX)
-
-    def view(self, nbytes: int) -> memoryview:
-        return memoryview(self.mm)[:nbytes]
-
-
-DIR_MODE_PRIVATE: Final = 0o700
-DIR_MODE_GROUP: Final = 0o2750  # setgid: slot files belong to the group; the group may list, never write
-FILE_MODE_GROUP: Final = 0o660  # trainers of the group map slots read-write (the save copy)
-
-
-def prepare_dir(path: Path, gid: int | None = None) -> None:
-    """Create the slot directory, or check that an existing one is ours; make it private (0700),
-    or, with ``gid`` (daemon.socket_mode "0660"), 2750 in that group."""
-    mode = DIR_MODE_PRIVATE if gid is None else DIR_MODE_GROUP
-    try:
-        path.mkdir(mode=0o700, parents=False)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        raise InvalidArgument(f"shm directory parent {path.parent} does not exist") from None
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise InvalidArgument(f"shm path {path} exists and is not a directory")
-    if st.st_uid != os.getuid():
-        raise InvalidArgument(f"shm directory {path} is owned by uid {st.st_uid}, not us")
-    if gid is not None and st.st_gid != gid:
-        os.chown(path, -1, gid)
-    if stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)
-
-
 class SlotPool:
     """All slots of this daemon, under one byte budget."""
 
@@ -130,6 +84,7 @@ class SlotPool:
         self._spares: dict[tuple[str, int], asyncio.Task[None]] = {}  # owner -> its spare being made
         self._reserved_bytes = 0  # capacity of the slots being made
         self._populating: dict[str, asyncio.Task[None]] = {}  # slot_id -> populate_soon's task
+        self._destroying: set[str] = set()  # retired slots whose mapping and file are being removed
 
     @property
     def bytes_in_use(self) -> int:
@@ -145,15 +100,15 @@ class SlotPool:
         found: list[tuple[Slot, dict[str, Any]]] = []
         for entry in sorted(self.directory.iterdir()):
             name = entry.name
-            if name.endswith(_META_SUFFIX):
-                if not entry.with_name(name[: -len(_META_SUFFIX)] + _SUFFIX).exists():
+            if name.endswith(META_SUFFIX):
+                if not entry.with_name(name[: -len(META_SUFFIX)] + SUFFIX).exists():
                     entry.unlink(missing_ok=True)
                 continue
-            if not (name.startswith("slot-") and name.endswith(_SUFFIX)):
+            if not (name.startswith("slot-") and name.endswith(SUFFIX)):
                 entry.unlink(missing_ok=True)  # temp sidecars and strangers
                 continue
-            slot_id = name[len("slot-") : -len(_SUFFIX)]
-            meta_path = entry.with_name(f"slot-{slot_id}{_META_SUFFIX}")
+            slot_id = name[len("slot-") : -len(SUFFIX)]
+            meta_path = entry.with_name(f"slot-{slot_id}{META_SUFFIX}")
             try:
                 meta = json.loads(meta_path.read_bytes())
                 size = entry.stat().st_size
@@ -218,7 +173,7 @@ class SlotPool:
     async def _try_lease(self, owner: tuple[str, int], nbytes: int, need: int, reusable: Callable[[Slot], bool],
                          max_slots_per_owner: int, grow: bool = True, prefer: str | None = None) -> Slot | None:
         mine = [s for s in self.slots.values() if s.owner == owner]
-        free = [s for s in mine if not s.writing and s.readers == 0 and reusable(s)]
+        free = [s for s in mine if self._idle(s) and reusable(s)]
         fitting = sorted((s for s in free if s.capacity >= nbytes), key=lambda s: (s.slot_id != prefer, s.last_used_s))
         if fitting:
             return await self._take(fitting[0], owner)
@@ -228,7 +183,7 @@ class SlotPool:
         # of ``need`` bytes fits the budget and the per-owner slot cap.
         others = sorted(
             (s for s in self.slots.values()
-             if s.owner != owner and not s.writing and s.readers == 0 and reusable(s)),
+             if s.owner != owner and self._idle(s) and reusable(s)),
             key=lambda s: s.last_used_s,
         )
         candidates = [*sorted(free, key=lambda s: s.last_used_s), *others]
@@ -243,10 +198,10 @@ class SlotPool:
             to_free.append(cand)
         if self.bytes_in_use - sum(s.capacity for s in to_free) + need > self.budget_bytes:
             return None
-        for s in to_free:  # claimed before the first await: no restore or drain starts reading them
-            s.writing, s.content = True, None
+        for s in to_free:  # retired before the first await: no lease, restore or drain takes them
+            self._retire(s)
         for s in to_free:
-            await asyncio.to_thread(self._destroy, s)
+            await self._destroy(s)
         slot = await self._create_counted(need, self._create)
         slot.owner = owner
         slot.writing = True
@@ -261,7 +216,7 @@ class SlotPool:
         mine = [s for s in self.slots.values() if s.owner == owner]
         if len(mine) >= max_slots_per_owner or self.bytes_in_use + need > self.budget_bytes:
             return
-        if any(not s.writing and s.readers == 0 and reusable(s) and s.capacity >= need for s in mine):
+        if any(self._idle(s) and reusable(s) and s.capacity >= need for s in mine):
             return
         self.start_spares(owner, need, max_slots_per_owner)
 
@@ -297,6 +252,9 @@ class SlotPool:
         finally:
             self._reserved_bytes -= need
 
+    def _create(self, capacity: int) -> Slot:
+        return create_slot(self.directory, capacity, self.shared_gid)
+
     def _create_populated(self, capacity: int) -> Slot:
         slot = self._create(capacity)
         populate(slot)  # the daemon's crc pass will not fault it in
@@ -320,39 +278,39 @@ class SlotPool:
         slot.meta_path.unlink(missing_ok=True)  # tmpfs: microseconds, no thread hop needed
         return slot
 
-    def _create(self, capacity: int) -> Slot:
-        slot_id = uuid.uuid4().hex
-        path = self.directory / f"slot-{slot_id}{_SUFFIX}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            if self.shared_gid is not None:  # trainers of another user (daemon.socket_mode "0660")
-                os.fchown(fd, -1, self.shared_gid)
-                os.fchmod(fd, FILE_MODE_GROUP)
-            try:
-                os.posix_fallocate(fd, 0, capacity)  # pages exist before the first copy
-            except OSError as exc:
-                os.close(fd)
-                fd = -1
-                path.unlink(missing_ok=True)
-                raise BudgetExhausted(f"cannot allocate a {capacity}-byte shm slot: {exc}") from None
-            mm = mmap.mmap(fd, capacity)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        return Slot(slot_id, path, capacity, mm, fresh=True)
+    @staticmethod
+    def _idle(slot: Slot) -> bool:
+        """Neither written, read nor retired: a lease may take it (if its content is reusable)."""
+        return not slot.writing and slot.readers == 0 and not slot.retired
 
-    def _destroy(self, slot: Slot) -> None:
-        self.slots.pop(slot.slot_id, None)
-        slot.meta_path.unlink(missing_ok=True)
-        slot.path.unlink(missing_ok=True)
+    @staticmethod
+    def _retire(slot: Slot) -> None:
+        slot.retired, slot.content = True, None
+
+    async def _destroy(self, slot: Slot) -> None:
+        """Remove a retired slot's files and mapping (once); its bytes count until they are freed."""
+        if slot.slot_id in self._destroying:
+            return
+        self._destroying.add(slot.slot_id)
         try:
-            slot.mm.close()
-        except BufferError:
-            log.warning("slot %s still has exported views; leaving its mapping open", slot.slot_id)
+            await asyncio.to_thread(remove_slot, slot)
+        finally:
+            self._destroying.discard(slot.slot_id)
+            self.slots.pop(slot.slot_id, None)
+
+    def hold(self, slot: Slot) -> None:
+        """Pin the slot for one reader until ``release_reader``: meanwhile it is not reused, evicted
+        or closed. NotFound if it was freed (a retired slot is never pinned again)."""
+        if slot.retired:
+            raise NotFound(f"slot {slot.slot_id[:8]} was freed")
+        slot.readers += 1
 
     async def free(self, slot: Slot) -> None:
-        """Delete a slot entirely (its bytes are no longer wanted)."""
-        await asyncio.to_thread(self._destroy, slot)
+        """Delete a slot entirely (its bytes are no longer wanted): retired at once, destroyed now,
+        or when its last reader lets go."""
+        self._retire(slot)
+        if slot.readers == 0:
+            await self._destroy(slot)
         await self.notify()
 
     async def release_write(self, slot: Slot) -> None:
@@ -360,9 +318,14 @@ class SlotPool:
         slot.last_used_s = time.monotonic()
         await self.notify()
 
-    async def release_reader(self, slot: Slot) -> None:
-        """One reader (``readers`` + 1 by a drain, push or restore) is done with the slot."""
+    async def release_reader(self, slot: Slot, free: bool = False) -> None:
+        """One reader (``hold``) is done with the slot; with ``free``, the slot goes too (retired
+        now, destroyed when no other reader holds it)."""
+        if free:
+            self._retire(slot)
         slot.readers = max(0, slot.readers - 1)
+        if slot.retired and slot.readers == 0:
+            await self._destroy(slot)
         await self.notify()
 
     async def notify(self) -> None:
@@ -370,17 +333,7 @@ class SlotPool:
         async with self._cond:
             self._cond.notify_all()
 
-    def write_sidecar(self, slot: Slot, meta: dict[str, Any]) -> None:
-        """Atomically record what a slot holds (blocking). Only checksummed shards get one."""
-        failpoints.hit("shm.sidecar.before_write")
-        tmp = slot.meta_path.with_name(slot.meta_path.name + ".tmp")
-        data = json.dumps(meta, separators=(",", ":")).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, slot.meta_path)
+    write_sidecar = staticmethod(write_sidecar)  # atomically record what a slot holds (blocking)
 
     async def lease_scratch(self, nbytes: int, wait: bool, timeout_s: float,
                             reusable: Callable[[Slot], bool] | None = None, prefer: str | None = None) -> Slot:

@@ -114,7 +114,7 @@ class SlotReplicaStore:
         """Write a replica just received to disk too, in the background (the slot stays held)."""
         if self.disk_replicas is None or rec.header.key in self.on_disk or rec.slot is None:
             return
-        rec.slot.readers += 1
+        self.pool.hold(rec.slot)
         task = asyncio.create_task(self._store(rec, rec.slot), name=f"replica-disk-{rec.header.key}")
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
@@ -151,12 +151,13 @@ class SlotReplicaStore:
         assert self.disk_replicas is not None
         slot = await self.pool.lease_scratch(h.nbytes, True, self.cfg.memory.wait_timeout_s,
                                              self.catalog.slot_reusable)
+        self.pool.hold(slot)  # pinned while it is filled and served: no other lease takes it
         slot.writing = False
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.disk_replicas.read_into, h,
                                                              slot.view(h.nbytes))
         except BaseException:
-            await self.pool.free(slot)
+            await self.pool.release_reader(slot, free=True)
             raise
         view = slot.view(h.nbytes)
 
@@ -165,7 +166,7 @@ class SlotReplicaStore:
 
         async def release() -> None:
             view.release()
-            await self.pool.free(slot)
+            await self.pool.release_reader(slot, free=True)
 
         return OpenShard(h, "disk", read, release, view)
 
@@ -200,7 +201,7 @@ class SlotReplicaStore:
         raise NotFound(f"node {self.node_id} holds no copy of {job}@{step} rank {rank}")
 
     async def _open_slot(self, header: ReplicaHeader, slot: Slot) -> OpenShard:
-        slot.readers += 1
+        self.pool.hold(slot)
         view = slot.view(header.nbytes)
 
         async def read(offset: int, nbytes: int) -> memoryview:
@@ -221,12 +222,13 @@ class SlotReplicaStore:
             raise NotFound(f"node {self.node_id} holds no copy of {job}@{step} rank {rank}") from None
         slot = await self.pool.lease_scratch(entry.nbytes, True, self.cfg.memory.wait_timeout_s,
                                              self.catalog.slot_reusable)
+        self.pool.hold(slot)  # pinned while it is filled and served: no other lease takes it
         slot.writing = False
         try:
             await loop.run_in_executor(self.executor, self.disk.read_shard_into, job, step, entry,
                                        slot.view(entry.nbytes))
         except BaseException:
-            await self.pool.free(slot)
+            await self.pool.release_reader(slot, free=True)
             raise
         view = slot.view(entry.nbytes)
         header = ReplicaHeader(job, step, manifest.world_size, entry, self.node_id, manifest.node_ranks,
@@ -237,7 +239,7 @@ class SlotReplicaStore:
 
         async def release() -> None:
             view.release()
-            await self.pool.free(slot)
+            await self.pool.release_reader(slot, free=True)
 
         return OpenShard(header, "disk", read, release, view)
 

@@ -146,7 +146,7 @@ class Replicator(Worker):
             return
         for s in slots:
             assert s is not None
-            s.readers += 1
+            self.pool.hold(s)
         await self.catalog.set_tier(st, TierName.PEER, TierState.IN_PROGRESS)
         failpoints.hit("peer.replicate.before_push")
         k, d = self.peers.k, self.peers

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
+from ckptd.core.errors import InvalidValue
 from ckptd.core.manifest import ReplicaHeader
 from ckptd.core.types import validate_job, validate_node_id, validate_rank, validate_step
 
@@ -87,15 +88,15 @@ class ReadyReport:
         validate_step(self.step)
         validate_node_id(self.node_id)
         if self.tier not in READY_TIERS:
-            raise ValueError(f"tier {self.tier!r} is not one of {', '.join(READY_TIERS)}")
+            raise InvalidValue(f"tier {self.tier!r} is not one of {', '.join(READY_TIERS)}")
         if not self.ranks:
-            raise ValueError("a readiness report must name at least one rank")
+            raise InvalidValue("a readiness report must name at least one rank")
         for r in self.ranks:
             validate_rank(r, self.world_size)
         if len(set(self.ranks)) != len(self.ranks):
-            raise ValueError("a readiness report lists a rank twice")
+            raise InvalidValue("a readiness report lists a rank twice")
         if not 0.0 <= self.wait_s <= MAX_REPORT_WAIT_S:  # NaN fails too
-            raise ValueError(f"a readiness report waits 0 to {MAX_REPORT_WAIT_S:g} s, not {self.wait_s}")
+            raise InvalidValue(f"a readiness report waits 0 to {MAX_REPORT_WAIT_S:g} s, not {self.wait_s}")
         return self
 
 

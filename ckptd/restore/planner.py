@@ -70,7 +70,8 @@ class Restorer:
         out: list[tuple[str, int, Slot, int | None]] = []
         for (job, rank), slot_id in sorted(self.prepared.items()):
             slot = self.pool.slots.get(slot_id)
-            if slot is not None and slot.content is None and not slot.writing and slot.readers == 0:
+            if slot is not None and slot.content is None and not slot.writing and slot.readers == 0 \
+                    and not slot.retired:
                 out.append((job, rank, slot, None))
         for job in sorted(self.catalog.jobs):
             held = [st for st in self.catalog.steps(job) if st.in_memory]
@@ -132,7 +133,7 @@ class Restorer:
         async def lease(tier: TierName, entry: ShardEntry, nbytes: int) -> Slot:
             slot = await self.pool.lease_scratch(nbytes, True, self.wait_timeout_s, self.catalog.slot_reusable,
                                                  self.prepared.pop((job, rank), None))
-            slot.readers += 1
+            self.pool.hold(slot)
             slot.writing = False
             if progress is not None:
                 progress.start(tier, slot, entry)
@@ -173,9 +174,8 @@ class Restorer:
         )
 
     async def _discard(self, slot: Slot) -> None:
-        """Give back a scratch slot whose read failed."""
-        slot.readers -= 1
-        await self.pool.free(slot)
+        """Give back a scratch slot whose read failed (freed once no reader holds it)."""
+        await self.pool.release_reader(slot, free=True)
 
     async def _adopt(self, st: StepState, filled: Filled) -> None:
         """Make a verified restore slot the memory copy of its shard (re-warm), unless one exists."""

@@ -194,7 +194,8 @@ class RestoreService:
         await self._release_restore_slot(lease.slot)
 
     async def _release_restore_slot(self, slot: Slot) -> None:
-        await self.pool.release_reader(slot)
-        if slot.content is None and slot.readers == 0:
-            await self.pool.free(slot)
+        # A slot nobody adopted (a copy read from a tier) or a memory copy removed meanwhile (ckptctl
+        # rm) goes; retired before any await, so no lease takes it while it is destroyed, and
+        # destroyed only once every reader (another restore of the same memory copy) let go.
+        await self.pool.release_reader(slot, free=slot.content is None and not slot.writing)
 

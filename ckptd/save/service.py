@@ -241,7 +241,7 @@ class SavePath:
         metrics.TIER_WRITTEN_BYTES.labels("memory").inc(nbytes)
         if 0 < client_stall_s < 86400:
             metrics.SAVE_BLOCKING_SECONDS.observe(client_stall_s)
-        lease.slot.readers += 1  # the crc pass's, taken now: no lease may reuse the slot before it runs
+        self.pool.hold(lease.slot)  # the crc pass's, taken now: no lease may reuse the slot before it runs
         self.tasks.spawn(self._checksum(st, rec, client_crcs), f"crc-{job}-{step}-{rank}")
         return Level.STAGED
 

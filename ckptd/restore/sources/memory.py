@@ -52,7 +52,7 @@ class MemorySource:
         slot = rec.slot if rec is not None else None
         if rec is None or slot is None or slot.content is not rec:
             raise NotFound("the memory copy was evicted")
-        slot.readers += 1
+        self.pool.hold(slot)
         try:
             entry = rec.entry
             chunks = reading.chunks_of(entry)
