@@ -76,6 +76,14 @@ def test_layout_memo_decodes_equal_layouts_to_one_tuple() -> None:
         memo.check(a, nbytes - 1, tree_json)  # another shard size is validated again
     with pytest.raises(ValueError):
         memo.check(a, nbytes, '{"v":1}')  # a tree that does not reference the tensors
+    import json
+
+    t1, tree1 = memo.decode_with_tree(msg)  # a restore's client: tensors and parsed tree, once
+    t2, tree2 = memo.decode_with_tree(layout_to_pb(tensors, tree_json))
+    assert t1 is a and t2 is a and tree2 is tree1 and tree1 == json.loads(tree_json)
+    t3, tree3 = memo.decode_with_tree(layout_to_pb(tensors, '{"other":1}'))  # the tree is part of this key
+    assert t3 is a and tree3 == {"other": 1}
+    assert memo.tree_json(tree1) is memo.tree_json(tree1) and json.loads(memo.tree_json(tree1)) == tree1
 
 
 def test_restorer_batches_in_place_copies_and_keeps_identity() -> None:

@@ -8,7 +8,11 @@ once per distinct layout and hands back the very same objects afterwards:
 - ``decode(layout)``: the tensors of a ``ShardLayout`` message as a tuple, keyed by the
   serialized bytes of its tensor list (serializing is C code, ~0.1 us per tensor); equal layouts
   decode to the same tuple object, so identity checks work downstream;
+- ``decode_with_tree(layout)``: ``decode`` plus the parsed ``tree_json``, keyed by the whole
+  layout's serialized bytes (a restore's client: one serialization instead of a tensor-list copy,
+  and the tree's JSON parsed once); the tree is shared between hits, so its users only read it;
 - ``encode(tensors, tree_json)``: the message for a tensor tuple, keyed by the tuple's identity;
+- ``tree_json(tree)``: ``json.dumps`` of a parsed tree (a committed shard's), keyed by identity;
 - ``check(tensors, nbytes, tree_json)``: ``validate_tensors`` and ``parse_tree`` (which raise
   ValueError), skipped for a tensor tuple already validated against the same shard size and a
   tree_json already parsed (its result is kept).
@@ -22,6 +26,7 @@ one owner (the daemon's event loop, or one client) uses it.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final
@@ -56,6 +61,8 @@ class LayoutMemo:
         self._encoded: OrderedDict[int, tuple[tuple[TensorEntry, ...], bytes]] = OrderedDict()
         self._valid: OrderedDict[tuple[int, int], tuple[TensorEntry, ...]] = OrderedDict()
         self._trees: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._whole: OrderedDict[bytes, tuple[tuple[TensorEntry, ...], Any]] = OrderedDict()
+        self._dumped: OrderedDict[int, tuple[Any, str]] = OrderedDict()  # id(tree) -> (tree, its JSON)
         self.hits = 0
         self.misses = 0
 
@@ -72,6 +79,28 @@ class LayoutMemo:
         _put(self._decoded, key, tensors, self.max_entries)
         _put(self._encoded, id(tensors), (tensors, key), self.max_entries)
         return tensors
+
+    def decode_with_tree(self, layout: pb.ShardLayout) -> tuple[tuple[TensorEntry, ...], Any]:
+        """(``decode(layout)``, ``json.loads(layout.tree_json)``), memoized; the tree is shared
+        between calls with equal layouts: read it, never change it."""
+        key = layout.SerializeToString(deterministic=True)
+        got = self._whole.get(key)
+        if got is not None:
+            self.hits += 1
+            self._whole.move_to_end(key)
+            return got
+        out = (self.decode(layout), json.loads(layout.tree_json))
+        _put(self._whole, key, out, self.max_entries)
+        return out
+
+    def tree_json(self, tree: Any) -> str:
+        """``json.dumps(tree)``, once per tree object (the daemon's trees are never changed)."""
+        got = self._dumped.get(id(tree))
+        if got is not None and got[0] is tree:
+            return got[1]
+        text = json.dumps(tree)
+        _put(self._dumped, id(tree), (tree, text), self.max_entries)
+        return text
 
     def encode(self, tensors: Sequence[TensorEntry], tree_json: str) -> pb.ShardLayout:
         """The ``ShardLayout`` of tensors and tree_json; the tensor list is built once per tuple."""

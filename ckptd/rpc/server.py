@@ -10,7 +10,6 @@ without a traceback. ``add_checkpoint_servicer`` registers it with lenient reque
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -147,7 +146,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             resp.lease_id = lease_id
             resp.slot_path = str(result.slot.path)
             resp.nbytes = result.entry.nbytes
-            resp.layout.CopyFrom(self.layouts.encode(result.entry.tensors, json.dumps(result.entry.tree)))
+            resp.layout.CopyFrom(self.layouts.encode(result.entry.tensors, self.layouts.tree_json(result.entry.tree)))
             resp.served_from = result.served_from.value if result.served_from else ""
         return resp
 
@@ -169,7 +168,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 start = pb.PrepareRestoreResponse(
                     step=result.step, slot_path=str(ev.slot.path), nbytes=ev.entry.nbytes, served_from=ev.tier.value,
                     plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan])
-                start.layout.CopyFrom(self.layouts.encode(ev.entry.tensors, json.dumps(ev.entry.tree)))
+                start.layout.CopyFrom(self.layouts.encode(ev.entry.tensors, self.layouts.tree_json(ev.entry.tree)))
                 if ev.client_verifies:
                     start.client_verifies = True
                     start.chunk_bytes = ev.entry.chunk_bytes

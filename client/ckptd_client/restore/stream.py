@@ -26,7 +26,6 @@ nothing reads the mapping after ``apply`` and no view of it escapes (copies are 
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
@@ -174,8 +173,8 @@ def read_streamed(conn: Connection, request: pb.PrepareRestoreRequest, consume: 
                             if start.client_verifies else None)
                 with warnings.catch_warnings(), gcpause.paused():
                     warnings.filterwarnings("ignore", message=".*not writable.*")
-                    consume(buf, list(layouts.decode(start.layout)), json.loads(start.layout.tree_json), s.wait,
-                            verifier)
+                    tensors, tree = layouts.decode_with_tree(start.layout)
+                    consume(buf, list(tensors), tree, s.wait, verifier)
                 while s.done is None:
                     s.next_event()
                 return start, s.done

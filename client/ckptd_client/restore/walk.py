@@ -8,7 +8,7 @@ never as a view into shared memory. What a strict restore refuses is checked bef
 (strict.py); the walk itself is the lenient restore.
 
 How the bytes are copied:
-- a large tensor (``BATCH_MAX_BYTES`` or more) that takes the shard's bytes as they are
+- a tensor of ``COPIER_MIN_BYTES`` or more that takes the shard's bytes as they are
   (contiguous, on the CPU, same dtype and shape) is handed to ``SlotCopier`` (slot_copy.py), which
   copies such tensors chunk by chunk over a few threads when the walk flushes;
 - small tensors restored in place are copied together in one ``torch._foreach_copy_`` at a flush;
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -35,6 +35,10 @@ from ckptd_client.restore import pcopy
 from ckptd_client.restore.slot_copy import ChunkVerifier, SlotCopier
 from ckptd_client.tree import view_of
 from ckptd_client.views import BATCH_MAX_BYTES, TypedViews, copy_all
+
+#: a tensor this large that takes the shard's bytes as they are goes to the copier: it is copied
+#: over the pool, inside its chunk's fused check, instead of after the copier in the small batch
+COPIER_MIN_BYTES: Final = 64 << 10
 
 
 def _torch() -> Any:
@@ -104,7 +108,7 @@ class Restorer:
         ((kind, val),) = node.items()
         if kind in ("t", "a"):
             t = self.tensors[val]
-            if t.nbytes >= BATCH_MAX_BYTES:
+            if t.nbytes >= COPIER_MIN_BYTES:
                 dst = _flat_target(t, cur, kind)
                 if dst is not None:
                     self.copier.add(t.offset, dst)
