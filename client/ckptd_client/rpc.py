@@ -4,9 +4,14 @@ Address resolution: explicit argument > ``CKPTD_ADDR`` (``unix:/path`` or a path
 ``CKPTD_DAEMON_SOCKET`` > ``{CKPTD_DAEMON_ROOT or /var/lib/ckptd}/run/ckptd.sock``.
 Every call goes through ``call``, which rebuilds the daemon's typed error (``ckptd.core.errors``).
 
-``call_later`` sends a request whose answer nobody waits for (a restore's lease release): the
-next ``call`` on this connection, and ``close``, first wait for it, so this client's calls still
-reach the daemon in the order they were made; a failure of it is logged, not raised.
+``call_later`` sends a request whose answer nobody waits for (a restore's lease release) from
+the connection's one worker thread: the next ``call`` on this connection, and ``close``, first
+wait for it, so this client's calls still reach the daemon in the order they were made; a
+failure of it is logged, not raised.
+
+The channel runs a unary-stream call (the streamed Restore) on the calling thread
+(``SingleThreadedUnaryStream``): the default starts a thread to drive the channel whenever no
+call is in flight, which cost 0.6-1.1 ms of a restore measured here.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
@@ -76,9 +82,11 @@ class Connection:
         self.channel = grpc.insecure_channel(self.address, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("SingleThreadedUnaryStream", 1),  # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream
         ])
         self.stub = pb_grpc.CheckpointServiceStub(self.channel)
-        self._later: list[Any] = []  # futures of call_later, waited for by the next call
+        self._later: list[tuple[Future[Any], str]] = []  # call_later's, waited for by the next call
+        self._worker: ThreadPoolExecutor | None = None  # call_later's thread, made at its first use
 
     def call(self, method: Callable[..., T], request: Any, timeout_s: float | None = None) -> T:
         if self._later:
@@ -88,9 +96,12 @@ class Connection:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
-    def call_later(self, method: Any, request: Any, what: str) -> None:
-        """Send ``request`` now and return at once; the next ``call`` or ``close`` waits for it."""
-        self._later.append((method.future(request, timeout=self.timeout_s), what))
+    def call_later(self, method: Callable[..., Any], request: Any, what: str) -> None:
+        """Send ``request`` from the worker thread and return at once; the next ``call`` or
+        ``close`` waits for it."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="ckptd-rpc-later")
+        self._later.append((self._worker.submit(method, request, timeout=self.timeout_s), what))
 
     def settle(self) -> None:
         """Wait for every ``call_later`` sent so far; log (not raise) those that failed."""
@@ -110,4 +121,7 @@ class Connection:
 
     def close(self) -> None:
         self.settle()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         self.channel.close()
