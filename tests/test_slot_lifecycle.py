@@ -10,7 +10,7 @@ daemon's own parts (save path, restore service, memory source, step admin, slot 
 that holds the destroy until the save had its chance to lease, so the test does not depend on
 timing. The soak's other loss under load, a staged step whose slots newer saves reused before
 the disk drain got to it (left PENDING, then forgotten), is driven the same way: the drain starts
-only after the reuse.
+only after the reuse; and so is the replicator's form of it (the step left PENDING at the peer tier).
 """
 
 from __future__ import annotations
@@ -219,5 +219,31 @@ def test_a_step_whose_slots_were_reused_before_its_drain_is_superseded_not_forgo
         assert await drainer.stop(10.0)
         p.pool.close()
         io.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_step_whose_slots_were_reused_before_its_push_is_superseded_not_left_pending(shm_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The replicator's form of the same loss: it picked only steps still in their slots, so a
+    step whose slots newer saves took before its push stayed PENDING at the peer tier, and a
+    REPLICATED wait on it ran to its timeout."""
+    from ckptd.peers.replicator import Replicator
+
+    async def run() -> None:
+        p = build(shm_dir, tmp_path / "pins", ThreadPoolExecutor(2))
+        for step in range(3):  # no replicator running yet: step 2 takes step 0's slot
+            await commit(p, await begin(p, step))
+        await p.catalog.wait_until(lambda: all(p.catalog.require(JOB, s).state(TierName.MEMORY) != TierState.PENDING
+                                               for s in range(3)), 10.0)
+        assert p.catalog.require(JOB, 0).state(TierName.PEER) == TierState.PENDING
+        replicator = Replicator(p.catalog, p.pool, None)  # type: ignore[arg-type]  # _next needs no peers
+        picked = await replicator._next()
+        assert picked is not None and picked.step == 2
+        peer = {step: p.catalog.require(JOB, step).tiers.get(TierName.PEER) for step in range(2)}
+        assert peer[0] == (TierState.SKIPPED, "superseded: memory copy reused")  # before: PENDING for good
+        assert peer[1] == (TierState.SKIPPED, "superseded by step 2")
+        await p.pool.stop()
+        p.pool.close()
 
     asyncio.run(run())

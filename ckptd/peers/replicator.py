@@ -124,9 +124,17 @@ class Replicator(Worker):
                 await self._replicate(st)
 
     async def _next(self) -> StepState | None:
+        """Newest pending in-memory step of any job; supersede older pending ones."""
         for job in list(self.catalog.jobs):
-            pending = [s for s in self.catalog.steps(job)
-                       if s.in_memory and s.state(TierName.PEER) == TierState.PENDING]
+            steps = self.catalog.steps(job)
+            for st in steps:
+                if st.state(TierName.PEER) == TierState.PENDING and st.state(TierName.MEMORY) == TierState.COMMITTED \
+                        and not st.staged_in_slots:
+                    # its slots were taken by newer saves before it was pushed: superseded, and said
+                    # so (a REPLICATED wait on it would otherwise run to its timeout, as the disk
+                    # drain's did before)
+                    await self.catalog.set_tier(st, TierName.PEER, TierState.SKIPPED, "superseded: memory copy reused")
+            pending = [s for s in steps if s.in_memory and s.state(TierName.PEER) == TierState.PENDING]
             if not pending:
                 continue
             for old in pending[:-1]:
