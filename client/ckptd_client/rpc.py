@@ -5,8 +5,8 @@ Address resolution: explicit argument > ``CKPTD_ADDR`` (``unix:/path`` or a path
 Every call goes through ``call``, which rebuilds the daemon's typed error (``ckptd.core.errors``).
 
 ``call_later`` sends a request whose answer nobody waits for (a restore's lease release) from
-the connection's one worker thread: the next ``call`` on this connection, and ``close``, first
-wait for it, so this client's calls still reach the daemon in the order they were made; a
+the connection's one worker thread: the next ``call`` on this connection, the next restore
+stream and ``close`` first wait for it, so this client's calls still reach the daemon in the order they were made; a
 failure of it is logged, not raised.
 
 The channel runs a unary-stream call (the streamed Restore) on the calling thread

@@ -160,6 +160,7 @@ def read_streamed(conn: Connection, request: pb.PrepareRestoreRequest, consume: 
 
     ``layouts`` converts the layout once per distinct layout (a manager keeps one)."""
     layouts = layouts if layouts is not None else LayoutMemo()
+    conn.settle()  # a previous restore's release first: its slot may be what this one needs
     call: Any = conn.stub.Restore(request, timeout=timeout_s)
     s = _Stream(call, premap, borrow)
     try:
