@@ -87,13 +87,7 @@ class DiskDrainer(Worker):
         best: StepState | None = None
         for job in list(self.catalog.jobs):
             steps = self.catalog.steps(job)
-            for st in steps:
-                if st.state(TierName.DISK) == TierState.PENDING and st.state(TierName.MEMORY) == TierState.COMMITTED \
-                        and not st.staged_in_slots:
-                    # Staged in full once, its slots taken by newer saves (or a restore) before the
-                    # drain got to it: superseded, and said so (before, it stayed PENDING until the
-                    # catalog forgot it: an acknowledged step with no word of what became of it).
-                    await self.catalog.set_tier(st, TierName.DISK, TierState.SKIPPED, "superseded: memory copy reused")
+            await self.catalog.supersede_reused(steps, TierName.DISK)
             pending = [s for s in steps if s.staged_in_slots and s.state(TierName.DISK) == TierState.PENDING]
             if not pending:
                 continue

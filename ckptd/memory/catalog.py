@@ -214,6 +214,16 @@ class Catalog:
     def forget(self, job: str, step: int) -> None:
         self.jobs.get(job, {}).pop(step, None)
 
+    async def supersede_reused(self, steps: list[StepState], tier: TierName) -> None:
+        """Mark SKIPPED at ``tier`` each step still PENDING there whose memory copy was committed
+        and whose slots newer saves (or a restore) took before that tier's worker got to it: a
+        worker that picks only steps still in their slots would leave it PENDING until the catalog
+        forgot it, an acknowledged step with no word of what became of it."""
+        for st in steps:
+            if st.state(tier) == TierState.PENDING and st.state(TierName.MEMORY) == TierState.COMMITTED \
+                    and not st.staged_in_slots:
+                await self.set_tier(st, tier, TierState.SKIPPED, "superseded: memory copy reused")
+
     async def set_tier(self, st: StepState, tier: TierName, state: TierState, msg: str = "") -> None:
         if st.tiers.get(tier, (None, ""))[0] != state:  # one log line per state change of a step
             level = logging.WARNING if state == TierState.FAILED else logging.INFO

@@ -127,13 +127,7 @@ class Replicator(Worker):
         """Newest pending in-memory step of any job; supersede older pending ones."""
         for job in list(self.catalog.jobs):
             steps = self.catalog.steps(job)
-            for st in steps:
-                if st.state(TierName.PEER) == TierState.PENDING and st.state(TierName.MEMORY) == TierState.COMMITTED \
-                        and not st.staged_in_slots:
-                    # its slots were taken by newer saves before it was pushed: superseded, and said
-                    # so (a REPLICATED wait on it would otherwise run to its timeout, as the disk
-                    # drain's did before)
-                    await self.catalog.set_tier(st, TierName.PEER, TierState.SKIPPED, "superseded: memory copy reused")
+            await self.catalog.supersede_reused(steps, TierName.PEER)  # else a REPLICATED wait times out
             pending = [s for s in steps if s.in_memory and s.state(TierName.PEER) == TierState.PENDING]
             if not pending:
                 continue
