@@ -6,12 +6,12 @@ Every call goes through ``call``, which rebuilds the daemon's typed error (``ckp
 
 ``call_later`` sends a request whose answer nobody waits for (a restore's lease release) from
 the connection's one worker thread: the next ``call`` on this connection, the next restore
-stream and ``close`` first wait for it, so this client's calls still reach the daemon in the order they were made; a
-failure of it is logged, not raised.
+stream and ``close`` first wait for it, so this client's calls still reach the daemon in the
+order they were made; a failure of it is logged, not raised.
 
 The channel runs a unary-stream call (the streamed Restore) on the calling thread
-(``SingleThreadedUnaryStream``): the default starts a thread to drive the channel whenever no
-call is in flight, which cost 0.6-1.1 ms of a restore measured here.
+(``SingleThreadedUnaryStream``): by default grpc starts a thread to drive the channel whenever no
+call is in flight, which every restore would wait for (docs/architecture.md, the restore path).
 """
 
 from __future__ import annotations

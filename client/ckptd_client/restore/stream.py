@@ -5,7 +5,8 @@ The daemon announces the slot it is filling (``start``), then how much of it is 
 is verified, so the copy into the caller's tensors overlaps the daemon's read from disk or a peer
 instead of following it. A ``restart`` (the source failed part-way) voids the copy: the state is
 restored again from the next source's slot. The lease in ``done`` is always released, without
-waiting for the answer (rpc.Connection.call_later: the connection's next call waits for it).
+waiting for the answer (rpc.Connection.call_later: the connection's next call, or next restore,
+waits for it).
 
 A whole-shard restore of a state (``restore_streamed``) asks to check the slot itself
 (``client_verifies``): the daemon then serves its memory copy unread, and the copy checks each
