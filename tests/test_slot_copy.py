@@ -1,7 +1,8 @@
 """The restore's slot copier (ckptd_client/restore/slot_copy.py) and the saves' mappings it borrows.
 
-Copies that straddle integrity chunks and the copier's 1 MiB pieces land exactly; a chunk that does
-not match its crc32c fails the copy naming it, after every other chunk ended; with the daemon
+Copies that straddle integrity chunks and the copier's pieces land exactly; a chunk that does
+not match its crc32c fails the copy naming it, after every other chunk ended, also when the slot
+was right and a byte went wrong on its way into the destination; with the daemon
 checking, no chunk is copied before ``wait`` said its bytes are there; ``SlotMaps.borrow`` hands
 out a mapping only for the very file mapped (same inode).
 """
@@ -66,6 +67,22 @@ def test_a_flipped_byte_fails_the_copy_naming_its_chunk_after_the_others_ended()
         v.ensure([(CHUNK, CHUNK + 1)])  # a later check of the same chunk fails again
 
 
+def test_a_byte_damaged_on_its_way_into_the_destination_fails_the_copy(monkeypatch: pytest.MonkeyPatch):
+    buf = _slot()
+    v = ChunkVerifier(buf, NBYTES, CHUNK, chunk_crcs(memoryview(buf), CHUNK))
+    c, dsts = _copier(buf, v)
+    copyto = np.copyto
+
+    def lossy(dst: np.ndarray, src: np.ndarray) -> None:  # the slot is intact, one destination is not
+        copyto(dst, src)
+        if dst.base is dsts[3]:  # its last byte: past where COPIES[2] overlaps it
+            dst[-1] ^= 0x01
+
+    monkeypatch.setattr(np, "copyto", lossy)
+    with pytest.raises(ClientVerifyFailed, match="chunk [12] "):  # COPIES[3] spans chunks 1 and 2
+        c.run()
+
+
 def test_ensure_checks_only_the_chunks_under_the_ranges():
     buf = _slot()
     crcs = chunk_crcs(memoryview(buf), CHUNK)
@@ -123,3 +140,4 @@ def test_borrow_hands_out_the_mapping_of_the_same_file_only(tmp_path: Path):
         assert isinstance(mm, mmap.mmap) and mm[:1] == b"\x01"
     finally:
         maps.close()
+

@@ -11,9 +11,11 @@ Who checks the bytes:
 - the daemon (a disk, peer or object read, or a ranged restore): ``run`` hands a chunk to a thread
   only once ``wait`` says the daemon has verified the bytes it needs, so the copy follows the read;
 - the client (``ChunkVerifier``: the memory tier's slot served in place, unread): a chunk not yet
-  checked is read once, ``PIECE_BYTES`` at a time: the piece's crc32c, then its copy while the
-  piece is still in the core's cache. That costs little more than the copy alone, where a check
-  by the daemon followed by the client's copy reads every byte twice.
+  checked is read once, ``PIECE_BYTES`` at a time: the piece is copied, then the crc32c is taken
+  over its bytes where they landed (the destinations, and the slot itself between them where
+  nothing copies it), while they are still in the core's cache. That costs little more than the
+  copy alone, where a check by the daemon followed by the client's copy reads every byte twice,
+  and it checks the bytes the caller gets, not only the ones it was copied from.
 
 Invariants: ``run`` returns only after every task ended; a chunk whose crc32c does not match makes
 it raise ``ClientVerifyFailed`` (naming the chunk) after the others ended: bytes of that chunk may
@@ -24,6 +26,7 @@ under byte ranges that another copy is about to read; each chunk's crc32c is com
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Final
@@ -35,7 +38,7 @@ from ckptd.core.integrity import crc32c
 from ckptd.core.layout import chunk_count
 from ckptd_client.restore import pcopy
 
-PIECE_BYTES: Final = 1 << 20  # checked then copied while in a core's cache (L2 holds it)
+PIECE_BYTES: Final = 512 << 10  # copied then checked while in a core's cache (L2 holds it twice)
 
 
 class ClientVerifyFailed(IntegrityError):
@@ -71,16 +74,21 @@ class ChunkVerifier:
                            if not self._done[i])
         return sorted(out)
 
-    def check(self, index: int, on_piece: Callable[[int, int], None] | None = None) -> None:
-        """Check chunk ``index`` piece by piece, calling ``on_piece(a, b)`` after each piece's
-        crc32c (the bytes are then in cache); raises ClientVerifyFailed on a mismatch."""
+    def check(self, index: int, copy_piece: Callable[[int, int], list[Any]] | None = None) -> None:
+        """Check chunk ``index`` piece by piece; raises ClientVerifyFailed on a mismatch.
+
+        ``copy_piece(a, b)`` copies what the restore takes of slot bytes [a, b) and returns the
+        buffers that hold those bytes now, in slot order and covering [a, b) exactly: the crc32c
+        is taken over them. Without it the slot's own bytes are checked."""
         a, b = self.span(index)
         crc = 0
         for p in range(a, b, PIECE_BYTES):
             q = min(p + PIECE_BYTES, b)
-            crc = crc32c(self.buf[p:q], crc)
-            if on_piece is not None:
-                on_piece(p, q)
+            if copy_piece is None:
+                crc = crc32c(self.buf[p:q], crc)
+                continue
+            for part in copy_piece(p, q):
+                crc = crc32c(part, crc)
         if crc != self.crcs[index]:
             raise ClientVerifyFailed(f"restore slot: crc32c mismatch in chunk {index} (bytes {a}-{b})")
         self._done[index] = 1
@@ -140,19 +148,30 @@ class SlotCopier:
             for off, n, dst, d in chunk:
                 np.copyto(dst[d : d + n], self.src[off : off + n])
             return
-        pending = iter(chunk)
-        cur: _Part | None = next(pending, None)
+        first = 0  # chunk[first:] are the parts not wholly copied yet (sorted by offset)
 
-        def copy_piece(a: int, b: int) -> None:  # the parts' bytes inside [a, b), just checked
-            nonlocal cur
-            while cur is not None:
-                off, n, dst, d = cur
+        def copy_piece(a: int, b: int) -> list[Any]:  # copy the parts' bytes inside [a, b)
+            nonlocal first
+            landed: list[Any] = []  # where bytes [a, b) are now, in slot order, each byte once
+            pos = a
+            for off, n, dst, d in itertools.islice(chunk, first, None):
+                if off >= b:
+                    break
                 lo, hi = max(off, a), min(off + n, b)
-                if hi > lo:
-                    np.copyto(dst[d + lo - off : d + hi - off], self.src[lo:hi])
-                if off + n > b:
-                    return
-                cur = next(pending, None)
+                if hi <= lo:
+                    continue
+                out = dst[d + lo - off : d + hi - off]
+                np.copyto(out, self.src[lo:hi])
+                if hi > pos:  # (parts of a layout never overlap; a copy added twice may)
+                    if lo > pos:
+                        landed.append(self.src[pos:lo])  # between two copies: nothing copies it
+                    landed.append(out[max(0, pos - lo):])
+                    pos = hi
+            while first < len(chunk) and chunk[first][0] + chunk[first][1] <= b:
+                first += 1
+            if pos < b:
+                landed.append(self.src[pos:b])
+            return landed
 
         v.check(index, copy_piece)
 
