@@ -1,5 +1,5 @@
 """The streamed restore (rpc Restore): verified prefixes, a source failing part-way, a client leaving,
-and the memory copy the client checks itself.
+the memory copy the client checks itself, and its slot file removed behind the daemon's back.
 
 A 40 MiB shard spans three 16 MiB integrity chunks, so the daemon reports progress more than once
 and the client copies the big tensor piece by piece behind it.
@@ -10,8 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+
+import pytest
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
+from ckptd.core.errors import CkptdError
 from ckptd.core.types import Level
 from tests.fault.faultkit import JOB, Raw, flip_byte, manager, restore_checked, slot_of, wait_until
 from tests.state_factory import MiB, fault_state
@@ -164,3 +169,20 @@ def test_the_lease_is_released_behind_the_restore_and_before_the_next_call(daemo
         with caplog.at_level("WARNING", logger="ckptd_client"):
             assert m.latest_step() == 1
         assert "releasing a lease that does not exist failed" in caplog.text
+
+
+def test_a_slot_file_removed_behind_the_daemon_fails_the_restore_saying_so_and_rm_clears_the_way(daemon_factory):
+    d = _saved(daemon_factory, steps=(1,))
+    slot, _ = slot_of(d.shm_dir, 1)
+    slot.unlink()  # an operator's cleanup of /dev/shm: the daemon still holds the slot as step 1's memory copy
+    state = fault_state(1, 0, NBYTES)
+    removed = r"was removed before this client could map it.*ckptctl rm"
+    with manager(d.addr) as m, pytest.raises(CkptdError, match=removed):
+        m.restore(state)
+    with Raw(d.addr) as raw:
+        assert raw.status().slots_busy == 0  # the lease of the failed restore was released
+    rm = [sys.executable, "-m", "ckptd.ctl.main", "--addr", d.addr, "rm", f"{JOB}@1", "--tier", "memory", "--yes"]
+    res = subprocess.run(rm, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    with manager(d.addr) as m:  # what the message advises: the disk copy serves the restore
+        restore_checked(m, 1, fault_state(1, 0, NBYTES), "disk")

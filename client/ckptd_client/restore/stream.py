@@ -84,8 +84,13 @@ class _Stream:
             try:
                 fd = os.open(ev.start.slot_path, os.O_RDONLY)
             except FileNotFoundError:  # the daemon already rejected this source and freed its slot:
-                while True:  # its restart (raises _Restart) or the stream's error comes next
+                while self.done is None:  # its restart (raises _Restart) or the stream's error comes next
                     self.next_event()
+                raise CkptdError(  # or the daemon served it: the file went behind its back
+                    f"restore slot {ev.start.slot_path} was removed before this client could map it, while "
+                    "the daemon still holds it as the memory copy (was its shm directory cleaned from "
+                    "outside?); `ckptctl rm` of that step's memory copy lets a restore use the disk copy"
+                ) from None
             try:
                 if ev.start.nbytes:  # the slot mapped ahead, if it is this one (premap.py)
                     premapped = self.premap.take(fd, ev.start.nbytes) if self.premap is not None else None
