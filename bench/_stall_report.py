@@ -177,6 +177,8 @@ def table(res: dict[str, Any]) -> str:
         out.append(f"{tier:<11} {name:<46} {sec:>9.4f} {gib_per_s(n, sec) or 0:>7.2f} {x}")
     out.append("(x floor: save rows against the memcpy floor, restore rows against the restore copy floor, "
                "disk rows against the fsync floor)")
+    out.append(f"restore from memory / floor = {res.get('restore_memory_over_floor')} (paired per round: "
+               f"{_r(res.get('restore_memory_over_floor_paired'))})")
     out.append(f"per tensor beyond the floor: save {res.get('per_tensor_save_us')} us, restore "
                f"{res.get('per_tensor_restore_us')} us; first save / steady = "
                f"{res.get('ckptd_first_save_over_steady')}, prepared ahead = "

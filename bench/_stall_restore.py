@@ -4,14 +4,15 @@ bare copy of the same bytes.
 ``restore_series`` runs, after the save repetitions, one untimed restore and then ``reps`` rounds
 of: the two restore floors (the shard's bytes copied from a pre-faulted /dev/shm mapping into the
 state's tensors: ``FloorCopier.restore_copy``, torch ``copy_`` tensor by tensor, and
-``restore_pooled``, 4 MiB pieces over a thread pool) and ``CheckpointManager.restore`` of the
-newest step into the same tensors in place (served by the memory tier: the JSON says which tier
-served every sample). ``restore_floor_s`` is the faster floor's median (both are in the JSON),
-``restore_memory_s`` the restore's. That manager saved the step, so its restore reads through the
-mapping its saves hold of the slot; a trainer restarted after a crash maps the slot anew (in the
-background from its manager's construction, restore/premap.py): ``restore_memory_new_manager_s`` is the
-restore of a manager made just before it (construction not timed, its background mapping
-included whatever part of it the restore waits for).
+``restore_pooled``, 4 MiB pieces over a thread pool) and ``CheckpointManager.restore`` of the newest
+step into the same tensors in place (served by the memory tier: the JSON says which tier served
+every sample). ``restore_floor_s`` is the faster floor's median (both are in the JSON),
+``restore_memory_s`` the restore's; ``restore_memory_over_floor_paired`` is the median of each
+round's restore over that round's faster floor (the host's slow drifts cancel). That manager saved
+the step, so its restore reads through the mapping its saves hold of the slot; a trainer restarted
+after a crash maps the slot anew (in the background from its manager's construction,
+restore/premap.py): ``restore_memory_new_manager_s`` is the restore of a manager made just before it
+(construction not timed, its background mapping included whatever part of it the restore waits for).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def restore_series(res: dict[str, Any], s: dict[str, list[float]], mgr: Any, sta
     s["restore_floor"] = min((s["restore_floor_torch"], s["restore_floor_pooled"]), key=lambda xs: median(xs) or 0.0)
     res["restore_floor_s"] = median(s["restore_floor"])
     res["restore_memory_s"] = median(s["restore_memory"])
+    rounds = zip(s["restore_memory"], s["restore_floor_torch"], s["restore_floor_pooled"])
+    paired = [r / min(a, b) for r, a, b in rounds]
+    res["restore_memory_over_floor_paired"] = round(median(paired), 4) if paired else None
     res["restore_memory_daemon_read_s"] = median(s["restore_daemon_read"])
     res["restore_memory_new_manager_s"] = median(s["restore_memory_new_manager"])
     res["restore_served_from"] = sorted(set(served))

@@ -42,7 +42,9 @@ Restore from the daemon's memory tier, after the save repetitions (``_stall_rest
                         (restore_floor_pooled_s).
   restore_memory_s      ``CheckpointManager.restore(state)`` of the newest step, in place, served
                         by the memory tier (``restore_served_from`` says which tier served it),
-                        by the manager that saved it (it reads through its saves' mapping).
+                        by the manager that saved it (it reads through its saves' mapping);
+                        restore_memory_over_floor_paired: the median of each round's restore
+                        over that round's faster floor.
   restore_memory_new_manager_s  the same by a manager made just before (the slot mapped anew, as
                         by a trainer restarted after a crash).
 
