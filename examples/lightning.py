@@ -4,7 +4,8 @@
 
 Starts a ``ckptd serve`` of its own, runs a trainer (a small MLP with dropout, Adam, a StepLR
 schedule, a shuffled DataLoader; 4 steps an epoch) whose ``ModelCheckpoint`` saves at every
-epoch's end through ``CkptdCheckpointIO``, kills it (SIGKILL) as its third epoch starts, then
+epoch's end through ``CkptdCheckpointIO`` (``CkptdPrepareSave`` makes the first save's slots
+ahead), kills it (SIGKILL) as its third epoch starts, then
 runs a fresh trainer that resumes with ``trainer.fit(model, ckpt_path=ckpt_io.resume_path())``
 from the daemon's memory, and compares its weights with an uninterrupted run of the same seed.
 The last line: ``{"resumed_from_step": 8, "served_from": ..., "identical": true, ...}``.
@@ -71,7 +72,7 @@ def fit(out: str, epochs: int, seed: int, plugins: list[Any], callbacks: list[An
 def worker(args: argparse.Namespace) -> int:
     import pytorch_lightning as pl
     from ckptd_client import CheckpointManager
-    from ckptd_client.integrations.lightning import CkptdCheckpointIO
+    from ckptd_client.integrations.lightning import CkptdCheckpointIO, CkptdPrepareSave
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -92,7 +93,8 @@ def worker(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as out:
         checkpoints = ModelCheckpoint(dirpath=out, every_n_epochs=1, save_top_k=-1)
-        trainer, model = fit(out, args.epochs, args.seed, [ckpt_io], [checkpoints, CrashAt()], ckpt_io.resume_path())
+        callbacks = [checkpoints, CrashAt(), CkptdPrepareSave(ckpt_io)]  # the last: first save's slots made ahead
+        trainer, model = fit(out, args.epochs, args.seed, [ckpt_io], callbacks, ckpt_io.resume_path())
         report.update(resumed_from_step=ckpt_io.resumed_from, global_step=trainer.global_step,
                       served_from=ckpt.last_restore.served_from if ckpt.last_restore else None,
                       saved_steps=sorted(ckpt_io.paths.values()), files_written=sorted(os.listdir(out)))

@@ -20,6 +20,16 @@ resumed epoch draws its shuffle) and the dict goes back to Lightning, which rest
 ``remove_checkpoint`` keeps the step: ckptd's retention removes steps, not Lightning's top-k.
 Lightning calls ``save_checkpoint`` on global rank 0 only, so the manager is rank 0's
 (``world_size=1`` in a multi-process job).
+
+``CkptdPrepareSave(ckpt_io)``, a callback, has the first save's slots made and mapped ahead
+(``CheckpointManager.prepare_save``), so that save copies at steady speed: at the end of the
+first training batch after an optimizer step (torch optimizers make their state at their first
+step), on global rank 0, it prepares for what a save will hold, built from public state alone:
+the module's ``state_dict``, each optimizer's and scheduler's ``state_dict``, each callback's
+``state_dict`` and the RNG states the plugin adds. Lightning's own checkpoint dict is not built
+for it: that would run the user's ``on_save_checkpoint`` hooks at a step that does not save.
+What those hooks add (and the loops' counters) is left out: a save larger than the slots
+prepared takes the cold path, as without the callback.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import re
 from typing import Any
 
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+from pytorch_lightning.callbacks import Callback
 
 from ckptd.core.errors import InvalidArgument
 from ckptd.core.types import Level
@@ -35,6 +46,7 @@ from ckptd_client.agreement import agree_latest
 from ckptd_client.integrations.rng import rng_states, set_rng_states
 from ckptd_client.integrations.saved import saved_template
 from ckptd_client.manager import CheckpointManager
+from ckptd_client.save.prep import SavePreparation
 
 SCHEME = "ckptd://"
 RNG_KEY = "ckptd_rng"
@@ -105,3 +117,28 @@ class CkptdCheckpointIO(CheckpointIO):
     def teardown(self) -> None:
         if self.wait_at_teardown is not None and self.paths:
             self.manager.wait_until_finished(self.wait_at_teardown)
+
+
+class CkptdPrepareSave(Callback):
+    """Prepare the slots of ``checkpoint_io``'s first save after the first optimizer step (module docstring)."""
+
+    def __init__(self, checkpoint_io: CkptdCheckpointIO) -> None:
+        self.checkpoint_io = checkpoint_io
+        self.preparation: SavePreparation | None = None  # once started: its progress and error
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.preparation is not None or trainer.global_step < 1 or not trainer.is_global_zero:
+            return
+        self.preparation = self.checkpoint_io.manager.prepare_save(self.expected_state(trainer, pl_module))
+
+    def expected_state(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        """What a save will hold, from public state alone: no hook of the user's runs."""
+        state: dict[str, Any] = {
+            "state_dict": pl_module.state_dict(),
+            "optimizer_states": [opt.state_dict() for opt in trainer.optimizers],
+            "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+            "callbacks": {str(cb.state_key): cb.state_dict() for cb in trainer.callbacks},
+        }
+        if self.checkpoint_io.save_rng:
+            state[RNG_KEY] = rng_states()
+        return state
