@@ -24,10 +24,10 @@ from _util import Cleanup, median
 
 
 def prepared_first_save(res: dict[str, Any], state: Any, workdir: Path, sock_dir: Path, tag: str, budget: int,
-                        durable_timeout_s: float, reps: int) -> None:
+                        durable_timeout_s: float, reps: int, shm_base: Path = Path("/dev/shm")) -> None:
     from ckptd_client import Level
 
-    shm_dir = Path("/dev/shm") / f"ckptd-bench-prep-{tag}"
+    shm_dir = shm_base / f"ckptd-bench-prep-{tag}"
     res["temp_paths"].append(str(shm_dir))  # removed on return, like the others
     cleanup = Cleanup()
     try:

@@ -167,6 +167,22 @@ def packed_offsets(tensors: Sequence[Any]) -> tuple[list[int], int]:
     return offsets, off
 
 
+def mount_options(path: Path) -> str:
+    """The mount options of the filesystem holding ``path`` (its longest mount point in /proc/mounts)."""
+    best, opts = "", ""
+    target = str(path.resolve())
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 4 and (target == fields[1] or target.startswith(fields[1].rstrip("/") + "/")):
+                    if len(fields[1]) >= len(best):
+                        best, opts = fields[1], f"{fields[2]} {fields[3]}"
+    except OSError:
+        pass
+    return opts
+
+
 class ShmFile:
     """A file in /dev/shm, allocated with posix_fallocate, mapped and pre-faulted once."""
 

@@ -76,7 +76,9 @@ Disk drain, against the fsync floor:
   and after, and per repetition, is in the JSON.
 
 Output: a table on stdout and, with ``--json``, a last line holding one JSON object (medians,
-every sample, ratios, and the machine context). The daemon, temp files and /dev/shm files are
+every sample, ratios, and the machine context). ``--shm-dir`` puts the daemon's slots and the
+floor's mapping on another tmpfs (its mount options are in the JSON: ``huge=`` says whether huge
+pages back them). The daemon, temp files and shared-memory files are
 removed on exit, also after an error or SIGTERM. ``--skip-peers`` skips torch.save, DCP and
 DLRover; ``--quick`` is ``--size-mib 64 --reps 3 --warmup 2``.
 
@@ -129,6 +131,7 @@ from _util import (
     gpt_state,
     many_tensors_state,
     median,
+    mount_options,
     packed_offsets,
     same_filesystem,
     tensors_of,
@@ -173,7 +176,9 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     }
 
     # the floor's mapping, pre-faulted before any timing
-    floor_shm = ShmFile(Path("/dev/shm") / f"ckptd-bench-floor-{tag}", layout_bytes)
+    shm_base = Path(args.shm_dir)
+    res["shm_dir"], res["shm_mount_options"] = str(shm_base), mount_options(shm_base)
+    floor_shm = ShmFile(shm_base / f"ckptd-bench-floor-{tag}", layout_bytes)
     cleanup.add("floor shm file", floor_shm.close)
     res["floor_prefaulted_with"] = "madvise(MADV_POPULATE_WRITE)" if floor_shm.populated else "touching every page"
     copier = FloorCopier(tensors, offsets, floor_shm)
@@ -184,7 +189,7 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     budget = 2 * slot + 2 * SLOT_ALIGN
     sock_dir = Path(tempfile.mkdtemp(prefix="ckb-", dir="/tmp"))
     cleanup.add("socket dir", lambda: shutil.rmtree(sock_dir, ignore_errors=True))
-    shm_dir = Path("/dev/shm") / f"ckptd-bench-{tag}"
+    shm_dir = shm_base / f"ckptd-bench-{tag}"
     daemon, mgr = serve_with_manager(cleanup, "ckptd", workdir / "ckptd-root", shm_dir, sock_dir / "ckptd.sock",
                                      budget, workdir / "ckptd.log", "bench")
     res["ckptd_budget_bytes"] = budget
@@ -274,7 +279,7 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
 
     summarize_core(res, s, stall_diagnostics(mgr, state, daemon_slots), daemon, timed_steps, direct_error)
     log("prepared first save: prepare_save on a second daemon, then its first save")
-    prepared_first_save(res, state, workdir, sock_dir, tag, budget, durable_timeout, args.reps)
+    prepared_first_save(res, state, workdir, sock_dir, tag, budget, durable_timeout, args.reps, shm_base)
     res["ckptd_stall_over_floor_paired"] = median(paired_floor)
     summarize_dlrover(res, s["dlrover_stall"], paired_dl, dl.info if dl is not None else {}, "dlrover" in peers)
 
@@ -306,6 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tensor-elems", type=int, default=256, help="elements per tensor with --tensors (default 256)")
     p.add_argument("--dir", help="directory on the disk to measure (default: /tmp if it is on the "
                                  "repository's filesystem, else the repository)")
+    p.add_argument("--shm-dir", default="/dev/shm",
+                   help="tmpfs for the daemon's slots and the floor's mapping (default /dev/shm; e.g. one mounted "
+                        "with huge=within_size to measure huge pages)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--quick", action="store_true", help="--size-mib 64 --reps 3 --warmup 2")
     p.add_argument("--skip-peers", action="store_true", help="skip torch.save, DCP and DLRover")
