@@ -85,9 +85,13 @@ def test_silent_listener_exits_6_after_short_timeout(tmp_path: Path) -> None:
         res = ctl("ls", "--addr", str(path))
         assert res.returncode == 6 and 2.5 < time.monotonic() - t0 < 15
         # and Ctrl-C while it waits: 130
+        seen = len(conns)
         p = subprocess.Popen([*CTL, "ls", "--addr", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-        time.sleep(1.5)
+        deadline = time.monotonic() + 60  # its imports take seconds on a loaded host: signal it once it waits
+        while len(conns) == seen and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=30)
         assert p.returncode == 130, err
