@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckptd_client.manager_base import ManagerBase, RestoreInfo, SaveHandle
+from ckptd_client.handles import RestoreInfo, SaveHandle
+from ckptd_client.manager_base import ManagerBase
 from ckptd_client.restore.strict import Strictness
 
 __all__ = ["CheckpointManager", "RestoreInfo", "SaveHandle"]

@@ -23,7 +23,8 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ckptd_client.dcp.reader import CkptdStorageReader
 from ckptd_client.dcp.writer import CkptdStorageWriter
-from ckptd_client.manager_base import ManagerBase, SaveHandle
+from ckptd_client.handles import SaveHandle
+from ckptd_client.manager_base import ManagerBase
 from ckptd_client.restore.strict import Strictness
 
 

@@ -36,7 +36,8 @@ from ckptd.core.types import Level, validate_step
 from ckptd_client.dcp.codec import ShardRef, encode
 from ckptd_client.dcp.managers import LazyManager, ManagerConfig
 from ckptd_client.dcp.stage import StagedSlot, abort, pack, stage_into_slot
-from ckptd_client.manager_base import ManagerBase, SaveHandle
+from ckptd_client.handles import SaveHandle
+from ckptd_client.manager_base import ManagerBase
 from ckptd_client.ranks import default_rank
 
 #: the names inside a DCP step's shards
