@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckptd.core import sizes
-from ckptd.core.config import MAX_SOCKET_PATH, Config, env_overrides, load, parse_bytes
+from ckptd.core.config import MAX_SOCKET_PATH, Config, env_overrides, load, parse_bytes, sizes
 from ckptd.core.errors import InvalidArgument
 from tests._ckptd_helpers import clean_env
 

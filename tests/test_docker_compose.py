@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ckptd.core import config, peer_config
+from ckptd.core import config
+from ckptd.core.config import peers as peer_config
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"

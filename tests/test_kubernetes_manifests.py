@@ -28,8 +28,8 @@ import kubernetes_validate
 import pytest
 
 from ckptd.core.config import parse_bytes
+from ckptd.core.config.peers import PeerSection, load_token, parse_discovery
 from ckptd.core.errors import InvalidArgument
-from ckptd.core.peer_config import PeerSection, load_token, parse_discovery
 from tests._kustomize_kit import load_yaml, render
 
 REPO = Path(__file__).resolve().parent.parent

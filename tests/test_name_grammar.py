@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from ckptd.core import config as config_mod
+from ckptd.core.config.peers import PeerSection, parse_hostport, parse_peers, validate_peers
 from ckptd.core.errors import InvalidArgument
-from ckptd.core.peer_config import PeerSection, parse_hostport, parse_peers, validate_peers
 from ckptd.core.types import parse_step_dirname, validate_job
 from ckptd.ctl.model import parse_identity
 from ckptd.peers.types import validate_node_id

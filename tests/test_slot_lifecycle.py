@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 from ckptd.core.config import DiskSection, MemorySection
+from ckptd.core.config.object import ObjectSection
 from ckptd.core.errors import BudgetExhausted, NotFound
 from ckptd.core.layout import TensorEntry
-from ckptd.core.object_config import ObjectSection
 from ckptd.core.types import Level, TierName
 from ckptd.drains.admin import StepAdmin
 from ckptd.drains.disk_drain import DiskDrainer

@@ -46,7 +46,7 @@ class BucketTarget:
 
 def object_tier(target: BucketTarget, timeout_s: float | None = None) -> ObjectTier:
     """An ObjectTier on the target (InvalidArgument, exit 2, for a bad bucket, prefix or endpoint)."""
-    from ckptd.core.object_config import ObjectSection, validate_object
+    from ckptd.core.config.object import ObjectSection, validate_object
 
     try:
         from ckptd.tiers.object import ObjectTier

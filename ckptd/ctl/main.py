@@ -82,7 +82,7 @@ def _count(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    from ckptd.core.sizes import parse_bytes
+    from ckptd.core.config.sizes import parse_bytes
 
     try:
         value = parse_bytes(text, "size")

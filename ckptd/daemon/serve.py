@@ -45,7 +45,7 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> int:
         serve_http(cfg.metrics.address)
     peer_server = None
     if daemon.membership is not None and daemon.replicas is not None:
-        from ckptd.core.peer_config import load_token, tls_files
+        from ckptd.core.config.peers import load_token, tls_files
         from ckptd.peers.server import PeerServer, start_peer_server
 
         p = cfg.peers

@@ -129,7 +129,7 @@ class Daemon:
         """Peer replication: this node's membership (directory, replicator) and its replica store."""
         from functools import partial
 
-        from ckptd.core.peer_config import load_token, members, node_id, parse_discovery, tls_files
+        from ckptd.core.config.peers import load_token, members, node_id, parse_discovery, tls_files
         from ckptd.peers.client import PeerClient
         from ckptd.peers.discovery import PeerDiscovery
         from ckptd.peers.membership import Membership

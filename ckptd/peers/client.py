@@ -32,10 +32,10 @@ import grpc
 
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core import metrics
+from ckptd.core.config.peers import TlsFiles
 from ckptd.core.errors import CkptdError, IntegrityError, InvalidArgument, TierFailed, Timeout
 from ckptd.core.integrity import StreamVerifier, crc32c
 from ckptd.core.manifest import ReplicaHeader
-from ckptd.core.peer_config import TlsFiles
 from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES
 from ckptd.peers.budget import ByteBudget
 from ckptd.peers.bulk import connect as bulk_connect

@@ -26,7 +26,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from ckptd.core.peer_config import DnsDiscovery, PeerAddr
+from ckptd.core.config.peers import DnsDiscovery, PeerAddr
 from ckptd.drains.worker import Worker
 from ckptd.peers.client import PeerClient
 

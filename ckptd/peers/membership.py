@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ckptd.core.config.peers import PeerAddr, parse_peers, split_target_host
 from ckptd.core.errors import FailedPrecondition, InvalidArgument
-from ckptd.core.peer_config import PeerAddr, parse_peers, split_target_host
 from ckptd.core.types import TierName
 from ckptd.drains.tasks import Shutdown, TaskSet
 from ckptd.memory.catalog import Catalog, StepState

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ckptd.core import failpoints, metrics
+from ckptd.core.config.peers import PeerAddr
 from ckptd.core.manifest import ReplicaHeader
-from ckptd.core.peer_config import PeerAddr
 from ckptd.core.types import TierName
 from ckptd.drains.worker import Worker
 from ckptd.memory.catalog import Catalog, StepState, TierState

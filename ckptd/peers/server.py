@@ -34,6 +34,7 @@ import grpc
 from ckptd import __version__
 from ckptd._proto.ckptd.v1 import peer_service_pb2 as ppb
 from ckptd.core import metrics
+from ckptd.core.config.peers import TlsFiles
 from ckptd.core.errors import (
     ERROR_METADATA_KEY,
     CkptdError,
@@ -48,7 +49,6 @@ from ckptd.core.errors import (
 )
 from ckptd.core.integrity import StreamVerifier, crc32c
 from ckptd.core.manifest import ReplicaHeader
-from ckptd.core.peer_config import TlsFiles
 from ckptd.core.types import MAX_TRANSFER_CHUNK_BYTES, validate_job, validate_node_id, validate_step
 from ckptd.peers.bulk import BulkListener, in_thread, recv_frames, send_frames, verifier_for_frames
 from ckptd.peers.ranged import ranged_chunks

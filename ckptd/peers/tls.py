@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from ckptd.core.peer_config import TlsFiles
+from ckptd.core.config.peers import TlsFiles
 
 
 def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:

@@ -15,9 +15,9 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ckptd.core.config.object import ObjectSection, validate_object
 from ckptd.core.errors import IntegrityError, NotFound, TierFailed
 from ckptd.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry
-from ckptd.core.object_config import ObjectSection, validate_object
 from ckptd.core.types import TierName, parse_step_dirname, validate_job
 from ckptd.tiers.object_client import (
     PRESETS,

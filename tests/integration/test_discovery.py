@@ -27,7 +27,7 @@ from ckptd_client import CheckpointManager, Level
 
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2 as pb
 from ckptd._proto.ckptd.v1 import checkpoint_service_pb2_grpc as pb_grpc
-from ckptd.core.peer_config import DnsDiscovery, PeerAddr
+from ckptd.core.config.peers import DnsDiscovery, PeerAddr
 from ckptd.peers.client import PeerClient
 from ckptd.peers.discovery import MISSES_TO_DROP, PeerDiscovery, resolve_dns
 from ckptd.peers.placement import Member, coordinator_for, preference, shard_key

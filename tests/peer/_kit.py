@@ -16,10 +16,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd.core.config.peers import TlsFiles
 from ckptd.core.integrity import chunk_crcs
 from ckptd.core.layout import TensorEntry
 from ckptd.core.manifest import ReplicaHeader, ShardEntry
-from ckptd.core.peer_config import TlsFiles
 from ckptd.peers.client import PeerClient
 from ckptd.peers.placement import ReadinessBoard
 from ckptd.peers.server import PeerServer, RunningPeerServer, start_peer_server

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from ckptd.core import config as config_mod
-from ckptd.core.errors import InvalidArgument
-from ckptd.core.peer_config import (
+from ckptd.core.config.peers import (
     PEERS_ENV,
     DnsDiscovery,
     PeerAddr,
@@ -25,6 +24,7 @@ from ckptd.core.peer_config import (
     tls_files,
     validate_peers,
 )
+from ckptd.core.errors import InvalidArgument
 
 TOKEN = "a-shared-token-of-24-chars"
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from ckptd.core.config.peers import PeerAddr
 from ckptd.core.errors import TierFailed, Timeout
-from ckptd.core.peer_config import PeerAddr
 from ckptd.peers.replicator import push_to_ring
 from tests.peer._kit import MIB, make_header, peer_client
 

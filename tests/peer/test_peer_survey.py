@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from ckptd.core.peer_config import PeerAddr
+from ckptd.core.config.peers import PeerAddr
 from ckptd.memory.catalog import Catalog
 from ckptd.peers.client import PeerClient
 from ckptd.peers.placement import ReadinessBoard

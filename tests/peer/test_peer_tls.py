@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ckptd.core.config.peers import TlsFiles
 from ckptd.core.errors import TierFailed, Timeout
-from ckptd.core.peer_config import TlsFiles
 from tests.peer._kit import MIB, make_header, peer_client, peer_node
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,9 +13,9 @@ import socket
 
 import pytest
 
+from ckptd.core.config.peers import PeerAddr
 from ckptd.core.errors import TierFailed
 from ckptd.core.manifest import ReplicaHeader
-from ckptd.core.peer_config import PeerAddr
 from ckptd.peers.replicator import push_to_ring
 from ckptd.peers.server import PeerServer, start_peer_server
 from ckptd.peers.types import OpenShard, ReadyReport

@@ -1,9 +1,10 @@
 """The [peers] config section: this node's peer endpoint, the job's static membership, replication.
 
-Registered in config.py like every other section (``"peers": PeerSection`` in ``_SECTIONS`` and a
-``peers`` field on ``Config``), so the TOML file and ``CKPTD_PEERS_<KEY>`` variables set it with
-the usual precedence. The static member list may also come from ``CKPTD_PEERS`` (comma-separated,
-it replaces the configured list), or from the job through ``torch.distributed`` at run time.
+Registered in the package (``__init__.py``) like every other section (``"peers": PeerSection`` in
+``_SECTIONS`` and a ``peers`` field on ``Config``), so the TOML file and ``CKPTD_PEERS_<KEY>``
+variables set it with the usual precedence. The static member list may also come from
+``CKPTD_PEERS`` (comma-separated, it replaces the configured list), or from the job through
+``torch.distributed`` at run time.
 
 Example::
 
@@ -146,7 +147,7 @@ def parse_discovery(value: str, key: str = "peers.discovery") -> DnsDiscovery:
 def split_list(raw: Any, key: str) -> tuple[str, ...]:
     """A TOML list of strings or one comma-separated string -> tuple of non-empty stripped items.
 
-    config.py's ``_coerce`` calls this for tuple-typed keys.
+    the package's ``_coerce`` calls this for tuple-typed keys.
     """
     if isinstance(raw, str):
         items: Sequence[Any] = raw.split(",")

@@ -1,5 +1,8 @@
 """Daemon configuration: a TOML file, overridden by ``CKPTD_<SECTION>_<KEY>`` env, then flags.
 
+This package holds the sections; ``peers.py`` and ``object.py`` are the ``[peers]`` and ``[object]``
+sections, ``sizes.py`` the size grammar every section uses.
+
 Every value is validated here with a message that names the key and the source it came from;
 nothing downstream re-checks types. Sizes accept integers (bytes) or strings with a unit
 ("512MiB", "8GiB"). Unknown keys are errors, not silently ignored. Example::
@@ -26,12 +29,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from ckptd.core import sched
+from ckptd.core.config.object import ObjectSection as ObjectSection  # re-exported: [object] is a section here
+from ckptd.core.config.object import validate_object as validate_object
+from ckptd.core.config.peers import PeerSection, split_list, validate_peers
+from ckptd.core.config.sizes import parse_bytes as parse_bytes  # re-exported: the name config offered
 from ckptd.core.errors import InvalidArgument
 from ckptd.core.fsops import check_shm_dir, resolve_group
-from ckptd.core.object_config import ObjectSection as ObjectSection  # re-exported: [object] is a section here
-from ckptd.core.object_config import validate_object as validate_object
-from ckptd.core.peer_config import PeerSection, split_list, validate_peers
-from ckptd.core.sizes import parse_bytes as parse_bytes  # re-exported: the name config offered
 from ckptd.core.types import SLOT_ALIGN_BYTES
 
 MAX_SOCKET_PATH: Final = 100

@@ -1,9 +1,9 @@
 """The [object] config section: the S3-compatible object tier's settings and their checks.
 
-Registered in config.py like every other section (``"object": ObjectSection`` in ``_SECTIONS``
-and an ``object`` field on ``Config``), so the TOML file and ``CKPTD_OBJECT_<KEY>`` variables set
-it with the usual precedence; ``validate_object`` also checks a section built by hand (ckptctl's
-bucket commands, the tier itself).
+Registered in the package (``__init__.py``) like every other section (``"object": ObjectSection`` in
+``_SECTIONS`` and an ``object`` field on ``Config``), so the TOML file and ``CKPTD_OBJECT_<KEY>``
+variables set it with the usual precedence; ``validate_object`` also checks a section built by hand
+(ckptctl's bucket commands, the tier itself).
 
 Invariants (``validate_object``): every value is in its documented range or set, and an error
 names its key; the bucket (and for preset ``oss`` a region or endpoint) is required only when the
