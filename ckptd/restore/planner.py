@@ -32,7 +32,16 @@ from ckptd.core.manifest import ShardEntry
 from ckptd.core.types import TierName
 from ckptd.memory.catalog import Catalog, ShardRecord, StepState, sidecar_meta
 from ckptd.memory.slots import Slot, SlotPool
-from ckptd.restore.sources.base import Filled, PlanDraft, Reading, RestoreSource, Source, Survey
+from ckptd.restore.sources.base import (
+    WHOLE_SHARD,
+    Filled,
+    PlanDraft,
+    Reading,
+    ReadScope,
+    RestoreSource,
+    Source,
+    Survey,
+)
 from ckptd.restore.stream import RestoreProgress
 
 __all__ = ["RestoreResult", "Restorer", "Source"]
@@ -121,13 +130,13 @@ class Restorer:
         return RestoreResult(step=step, plan=draft.entries)
 
     async def execute(self, job: str, rank: int, world_size: int, result: RestoreResult,
-                      progress: RestoreProgress | None = None,
-                      ranges: Sequence[tuple[int, int]] = (), client_verifies: bool = False) -> RestoreResult:
+                      progress: RestoreProgress | None = None, scope: ReadScope = WHOLE_SHARD) -> RestoreResult:
         """Fill a slot from the first valid source of the plan; ``progress`` (streamed restores)
         hears of each source started, each verified prefix and each source rejected. With
-        ``ranges`` (byte ranges of the shard) the sources that can read only the chunks covering
-        them do, and the slot is not adopted as the shard's memory copy (it is partly filled).
-        ``client_verifies``: the client checks the chunks as it copies (sources/base.py Reading)."""
+        ``scope.ranges`` (byte ranges of the shard) the sources that can read only the chunks
+        covering them do, and the slot is not adopted as the shard's memory copy (it is partly
+        filled); ``scope.client_verifies``: the client checks the chunks as it copies (streamed
+        restores only; sources/base.py Reading)."""
         t0 = time.monotonic()
 
         async def lease(tier: TierName, entry: ShardEntry, nbytes: int) -> Slot:
@@ -139,8 +148,8 @@ class Restorer:
                 progress.start(tier, slot, entry)
             return slot
 
-        reading = Reading(job, rank, result.step, world_size, progress, lease, self._discard, tuple(ranges),
-                          client_verifies and progress is not None)
+        reading = Reading(job, rank, result.step, world_size, progress, lease, self._discard, scope.ranges,
+                          scope.client_verifies and progress is not None)
         vanished = 0  # copies that were gone when read (NotFound), not damaged
         for source in result.plan:
             try:

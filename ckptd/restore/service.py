@@ -29,6 +29,7 @@ from ckptd.core.errors import CkptdError, IntegrityError, NotFound
 from ckptd.memory.catalog import Catalog
 from ckptd.memory.slots import Slot, SlotPool
 from ckptd.restore.planner import Restorer, RestoreResult
+from ckptd.restore.sources.base import WHOLE_SHARD, ReadScope
 from ckptd.restore.stream import RestoreEvent, RestoreProgress
 from ckptd.save.service import check_ids, pid_alive
 
@@ -63,11 +64,11 @@ class RestoreService:
     async def prepare_restore(self, job: str, rank: int, world_size: int, step: int | None,
                               dry_run: bool, client_pid: int, strict_latest: bool = False,
                               below_step: int | None = None, retire: str = "",
-                              ranges: tuple[tuple[int, int], ...] = ()) -> tuple[RestoreResult, str]:
+                              scope: ReadScope = WHOLE_SHARD) -> tuple[RestoreResult, str]:
         check_ids(job, 0 if step is None else step, rank, world_size, retire)
         if dry_run:
             return await self.restorer.plan(job, rank, world_size, step, below_step), ""
-        result = await self._restore(job, rank, world_size, step, strict_latest, below_step, None, [], ranges)
+        result = await self._restore(job, rank, world_size, step, strict_latest, below_step, None, [], scope)
         await self._retire(job, rank, retire, result.step)
         return result, self._lease_restore(result, client_pid)
 
@@ -77,8 +78,7 @@ class RestoreService:
 
     async def _restore(self, job: str, rank: int, world_size: int, step: int | None, strict_latest: bool,
                        below_step: int | None, progress: RestoreProgress | None,
-                       current: list[RestoreResult], ranges: tuple[tuple[int, int], ...] = (),
-                       client_verifies: bool = False) -> RestoreResult:
+                       current: list[RestoreResult], scope: ReadScope = WHOLE_SHARD) -> RestoreResult:
         """Plan and execute; for "latest" (unless ``strict_latest``) a step with no valid copy of
         this rank's shard is skipped for the next older one, loudly: the job resumes from the
         newest step it can restore instead of stopping. ``current`` holds the plan being read (a
@@ -95,7 +95,7 @@ class RestoreService:
                 planned = result.step
                 result.unusable = list(unusable)
                 current[:] = [result]
-                return await self.restorer.execute(job, rank, world_size, result, progress, ranges, client_verifies)
+                return await self.restorer.execute(job, rank, world_size, result, progress, scope)
             except IntegrityError as exc:
                 if step is not None or strict_latest:
                     raise
@@ -125,7 +125,7 @@ class RestoreService:
 
     async def restore_stream(self, job: str, rank: int, world_size: int, step: int | None, client_pid: int,
                              strict_latest: bool = False, below_step: int | None = None, retire: str = "",
-                             ranges: tuple[tuple[int, int], ...] = (), client_verifies: bool = False,
+                             scope: ReadScope = WHOLE_SHARD,
                              ) -> AsyncIterator[tuple[RestoreEvent, RestoreResult, str]]:
         """A restore whose progress is streamed (ckptd/restore/stream.py): yields each event with
         the result so far; the last is "done" with the lease id, or an error is raised."""
@@ -139,8 +139,7 @@ class RestoreService:
                 raise  # else the restore below falls back to an older step
         progress = RestoreProgress()
         task = asyncio.create_task(
-            self._restore(job, rank, world_size, step, strict_latest, below_step, progress, current, ranges,
-                          client_verifies),
+            self._restore(job, rank, world_size, step, strict_latest, below_step, progress, current, scope),
             name=f"restore-{job}-{rank}")
 
         def finished(t: asyncio.Task[RestoreResult]) -> None:

@@ -24,6 +24,7 @@ from ckptd.drains.admin import StepAdmin
 from ckptd.peers.membership import Membership
 from ckptd.restore.queries import StepQueries
 from ckptd.restore.service import RestoreService
+from ckptd.restore.sources.base import ReadScope
 from ckptd.rpc.convert import level_from_pb, step_status_to_pb, tier_statuses
 from ckptd.save.prepare import prepare_save
 from ckptd.save.service import SavePath
@@ -45,9 +46,10 @@ def _step_arg(step: int) -> int | None:
     return step
 
 
-def _ranges(request: pb.PrepareRestoreRequest) -> tuple[tuple[int, int], ...]:
-    """A ranged restore's byte ranges (offset, length); checked against the shard by the source."""
-    return tuple((int(r.offset), int(r.length)) for r in request.ranges)
+def _scope(request: pb.PrepareRestoreRequest, client_verifies: bool = False) -> ReadScope:
+    """What of the shard a restore reads: a ranged restore's byte ranges (offset, length), checked
+    against the shard by the source; whether the client checks the chunks (streamed restores)."""
+    return ReadScope(tuple((int(r.offset), int(r.length)) for r in request.ranges), client_verifies)
 
 
 def _below_arg(step: int) -> int | None:
@@ -136,7 +138,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         result, lease_id = await self.restores.prepare_restore(
             request.job, request.rank, request.world_size, _step_arg(request.step), request.dry_run,
             request.client_pid, request.strict_latest, _below_arg(request.below_step), request.retire_incarnation,
-            _ranges(request))
+            _scope(request))
         resp = pb.PrepareRestoreResponse(
             step=result.step,
             plan=[pb.PlannedSource(tier=s.tier.value, detail=s.detail) for s in result.plan],
@@ -157,8 +159,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             raise InvalidArgument("Restore streams a real restore; plan with PrepareRestore(dry_run=true)")
         async for ev, result, lease_id in self.restores.restore_stream(
                 request.job, request.rank, request.world_size, _step_arg(request.step), request.client_pid,
-                request.strict_latest, _below_arg(request.below_step), request.retire_incarnation, _ranges(request),
-                request.client_verifies):
+                request.strict_latest, _below_arg(request.below_step), request.retire_incarnation,
+                _scope(request, request.client_verifies)):
             if ev.kind == "ready":
                 await context.write(pb.RestoreEvent(ready_bytes=ev.ready_bytes))
             elif ev.kind == "restart":

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from ckptd.core.errors import CkptdError, InvalidArgument
 from ckptd.core.integrity import covering_chunks
@@ -86,6 +86,20 @@ class PlanDraft:
 
 
 LeaseFn = Callable[[TierName, ShardEntry, int], Awaitable[Slot]]
+
+
+@dataclass(frozen=True)
+class ReadScope:
+    """What of a shard one restore reads, and who checks it."""
+
+    #: a ranged restore: only these byte ranges (offset, length) of the shard are needed (the
+    #: daemon checks the chunks covering them); empty: the whole shard
+    ranges: tuple[tuple[int, int], ...] = ()
+    #: the client checks every chunk's crc32c as it copies (a streamed, whole-shard restore)
+    client_verifies: bool = False
+
+
+WHOLE_SHARD: Final = ReadScope()  # the default: every byte, checked by the daemon
 
 
 @dataclass
