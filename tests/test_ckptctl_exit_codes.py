@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -86,8 +87,13 @@ def test_silent_listener_exits_6_after_short_timeout(tmp_path: Path) -> None:
         assert res.returncode == 6 and 2.5 < time.monotonic() - t0 < 15
         # and Ctrl-C while it waits: 130
         seen = len(conns)
-        p = subprocess.Popen([*CTL, "ls", "--addr", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+        # Ctrl-C as a terminal's foreground process gets it: a suite run as a background job of a
+        # non-interactive shell has SIGINT ignored, and a child inherits that (Python then installs
+        # no KeyboardInterrupt handler), so the child puts the default handler back first
+        foreground = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "from ckptd.ctl.main import main; sys.exit(main(sys.argv[1:]))")
+        p = subprocess.Popen([sys.executable, "-c", foreground, "ls", "--addr", str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60  # its imports take seconds on a loaded host: signal it once it waits
         while len(conns) == seen and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
