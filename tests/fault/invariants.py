@@ -27,6 +27,7 @@ tests/fault/_node_state.py. States are numpy trees derived from (seed, step, ran
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from tests.state_factory import blank_like
 __all__ = ["CHECKS", "Checker", "Expect", "Ledger", "NodeView", "Report", "Save", "Store", "check"]
 
 CLEAR_ERRORS = (IntegrityError, NotFound)  # how a destroyed copy must be reported
+SHM_SETTLE_S = 5.0  # the pool and its slot files agree within this once nothing is in flight
 
 
 # -- what a scenario tells the checker -------------------------------------------------------
@@ -296,10 +298,15 @@ class Checker:
                 rep.fail("leaks", f"multipart upload left unfinished: {u['Key']} ({u['UploadId'][:12]})")
 
     def _check_shm(self, node: NodeView, rep: Report) -> None:
-        with grpc.insecure_channel(f"unix:{node.addr}") as ch:
-            status = pb_grpc.CheckpointServiceStub(ch).DaemonStatus(pb.DaemonStatusRequest(), timeout=10)
-        files = sorted(node.shm_dir.iterdir()) if node.shm_dir.exists() else []
-        bins = [p for p in files if p.name.startswith("slot-") and p.name.endswith(".bin")]
+        deadline = time.monotonic() + SHM_SETTLE_S
+        while True:  # a lease release sent without waiting, or a spare being made, lands within moments
+            with grpc.insecure_channel(f"unix:{node.addr}") as ch:
+                status = pb_grpc.CheckpointServiceStub(ch).DaemonStatus(pb.DaemonStatusRequest(), timeout=10)
+            files = sorted(node.shm_dir.iterdir()) if node.shm_dir.exists() else []
+            bins = [p for p in files if p.name.startswith("slot-") and p.name.endswith(".bin")]
+            if len(bins) == status.slots or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         strangers = [p.name for p in files if p not in bins and not
                      (p.name.endswith(".meta.json") and p.with_name(p.name[:-10] + ".bin").exists())]
         if strangers:
