@@ -38,7 +38,8 @@ def test_ranks_agree_on_the_step_every_rank_can_restore(daemon_factory: Callable
             if step == 2 and m.rank == 1:
                 continue  # node 2 never got step 2 (its rank died before saving it)
             assert m.save(step, {"x": np.full(16, step * 10 + m.rank, dtype=np.int64)}).ok
-    ms[0].handles[-1].wait(Level.LOCAL_DURABLE, timeout_s=30)
+    for m in ms:  # each node's newest save committed (its crc pass done) before asking for "latest"
+        m.handles[-1].wait(Level.LOCAL_DURABLE, timeout_s=30)
     assert ms[0].latest_step() == 2 and ms[1].latest_step() == 1
     for m in ms:
         m.close()
